@@ -1,0 +1,190 @@
+"""Typed configuration: `params.yaml` sections -> frozen dataclasses.
+
+This module owns the one config path of the project. Every constant of the recipe lives in
+`params.yaml`; each section maps one-to-one onto a dataclass below, whose field comments say
+where the default comes from (recipe-spec section numbers). Loading checks that every key is
+known and of the right type, and names the offending `section.key` otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params.yaml value that is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    source: str = "embedded"  # embedded | local | fineweb
+    corpus: str = "data/corpus/train"  # file or folder of .jsonl / .jsonl.zst / .txt (source=local)
+    val_source: str = "data/corpus/val"  # validation documents; "" = first `val_docs` docs of corpus
+    val_docs: int = 50000  # used only when val_source is "" (challenge: first 50,000 docs)
+    max_train_docs: int = 0  # 0 = all
+    tokenizer: str = "data/tokenizer_src/fineweb_1024_bpe.model"  # a .model path, or "train"
+    vocab_size: int = 1024  # spec §1.3
+    tokenizer_train_docs: int = 0  # docs used to train the tokenizer (0 = all training docs)
+    shard_tokens: int = 100_000_000  # spec §1.1 SHARD_SIZE
+    fineweb_dir: str = "data/fineweb10B_sp1024"  # local copy of the challenge export (source=fineweb)
+    fineweb_repo: str = "willdepueoai/parameter-golf"  # HF dataset repo of the export
+    fineweb_train_shards: int = 1  # train shards to download when fineweb_dir is missing
+    workers: int = 2  # processes for tokenization
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 1024
+    num_layers: int = 11  # spec §3
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: int = 3
+    leaky_slope: float = 0.5  # LeakyReLU(0.5)^2
+    xsa_last_n: int = 11  # PR #1072: all layers
+    bigram_buckets: int = 4096  # PR #1072 code default (§3.5)
+    bigram_dim: int = 128
+    bigram_proj_gain: float = 1.0  # PR #535 uses 1/sqrt(2*layers)
+    ve_dim: int = 128  # value embeddings (§3.7)
+    ve_last_n: int = 2  # layers 9,10 of 11
+    rope_dims: int = 16  # partial RoPE (§3.4)
+    rope_base: float = 10000.0  # PR #1072; PR #535 effectively 22082
+    qk_gain_init: float = 1.5
+    logit_softcap: float = 30.0
+    tied_embed_init_std: float = 0.005
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = True  # torch.compile on CUDA (ignored on CPU)
+    fused_mlp: bool = True  # Triton fused LeakyReLU^2 MLP on CUDA
+    nproc_per_node: int = 1  # >1: the stage relaunches itself through torchrun
+    batch_tokens: int = 786_432  # global tokens per optimizer step (§4.1)
+    seq_len: int = 2048
+    grad_accum_steps: int = 0  # 0 = 8 // world_size, as the record scripts
+    iterations: int = 20000
+    max_wallclock_seconds: float = 600.0  # 0 = step-based warmdown
+    warmdown_iters: int = 3000  # PR #1072
+    warmup_steps: int = 20  # compile priming steps, then state restored (§4.5)
+    matrix_lr: float = 0.025
+    scalar_lr: float = 0.025
+    tied_embed_lr: float = 0.035
+    muon_momentum: float = 0.99
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_ns_steps: int = 5
+    muon_wd: float = 0.04
+    adam_wd: float = 0.04
+    beta1: float = 0.9
+    beta2: float = 0.99  # PR #1072 (PR #535: 0.95)
+    adam_eps: float = 1.0e-8
+    grad_clip: float = 0.3
+    ema_decay: float = 0.997
+    swa_enabled: bool = False
+    swa_every: int = 50
+    swa_threshold: float = 0.2
+    late_qat_threshold: float = 0.15  # PR #535 (QAT on every block matrix)
+    qat_clip_quantile: float = 0.9995  # the clip rule shared with quantize (§6.6)
+    hessian_every: int = 25  # online Hessians (§6.5)
+    hessian_start_scale: float = 0.8
+    val_tokens: int = 0  # tokens for val_bpb_float (0 = all val tokens)
+    val_batch_seqs: int = 32
+    log_every: int = 50
+    checkpoint_every: int = 500  # steps between resumable checkpoints (0 = off)
+    checkpoint_dir: str = ".checkpoints/train"  # git-ignored, not a DVC output
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    bits: int = 6  # int6 codes in [-31, 31]
+    damp: float = 0.01  # fraction of mean diag(H)
+    block_size: int = 128
+    act_order: bool = True
+    clip_quantiles: str = "0.999,0.9995,0.9999,0.99999,1.0"  # GPTQ-lite set (§6.2)
+    passthrough_max_numel: int = 65536  # §6.1 rule 1
+    embed_mode: str = "int8"  # int8 | fp16 for tok_emb
+    int8_clip_quantile: float = 0.9999984
+    prune: bool = True
+    target_bytes: int = 15_950_000  # artifact + code (§7)
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    codec: str = "auto"  # auto (smaller) | lzma | zstd
+    lzma_preset: int = 9
+    lzma_extreme: bool = False
+    zstd_level: int = 22
+    cap_bytes: int = 16_000_000  # decimal bytes
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    context: int = 2048
+    stride: int = 64  # 0 = non-sliding only
+    batch_seqs: int = 32
+    max_tokens: int = 0  # 0 = whole validation split
+    device: str = "auto"
+    compile: bool = True
+    nproc_per_node: int = 1
+
+
+SECTIONS: dict[str, type] = {
+    "prepare": PrepareConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "quantize": QuantizeConfig,
+    "compress": CompressConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+def _coerce(section: str, key: str, value, typ):
+    """Return `value` as `typ`, or raise ConfigError naming `section.key`."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-8 as a string
+        except ValueError:
+            pass
+    if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(
+        f"params.yaml: {section}.{key} must be {typ.__name__}, got {type(value).__name__} {value!r}"
+    )
+
+
+def from_dict(section: str, data: dict | None):
+    """Build the dataclass of `section` from a dict, checking keys and types."""
+    cls = SECTIONS[section]
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"params.yaml: section '{section}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"params.yaml: unknown key(s) {', '.join(section + '.' + k for k in unknown)}")
+    values = {k: _coerce(section, k, v, hints[k]) for k, v in data.items()}
+    return cls(**values)
+
+
+def load(section: str, path: str | Path = "params.yaml"):
+    """Read one section of a params file into its dataclass."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found")
+    doc = yaml.safe_load(path.read_text()) or {}
+    return from_dict(section, doc.get(section))
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,92 @@
+"""The one place where torch.distributed is set up and torchrun is launched.
+
+`init()` reads the torchrun environment (RANK, LOCAL_RANK, WORLD_SIZE); without it the process
+runs alone. NCCL on CUDA, gloo on CPU. `relaunch_with_torchrun()` lets a stage re-execute itself
+under torchrun when its params ask for more than one process per node; `NCCL_NVLS_ENABLE=0`
+is set in every launched environment.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"device '{name}' requested but CUDA is not available")
+    return torch.device("cuda", local_rank)
+
+
+def init(device: str = "auto") -> DistInfo:
+    """Initialise the process group if launched by torchrun; return this process's place."""
+    for k, v in SAFE_ENV.items():
+        os.environ.setdefault(k, v)
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return DistInfo(rank, local_rank, world, dev)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_(t: torch.Tensor, op=None) -> torch.Tensor:
+    """In-place all-reduce (SUM by default); a no-op without a process group."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def print0(*args, **kwargs) -> None:
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_WORLD_SIZE" in os.environ
+
+
+def relaunch_with_torchrun(module: str, nproc_per_node: int, extra_args: list[str] | None = None) -> int:
+    """Run `python -m torch.distributed.run ... -m module` and return its exit code.
+
+    This launches one node. For several nodes, users start `torchrun` themselves with its
+    rendezvous flags (README); a stage already under torchrun never relaunches.
+    """
+    env = {**os.environ, **SAFE_ENV}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc_per_node}", "-m", module, *(extra_args or [])]
+    return subprocess.call(cmd, env=env)

@@ -1,0 +1,61 @@
+"""The one clipping rule shared by training-time fake quantization (QAT) and export (GPTQ).
+
+Symmetric per-row integer quantization with `qmax = 2**(bits-1) - 1` levels each side
+(int6: codes in [-31, 31]). A row's clip is the `quantile` of its absolute values (1.0 = row
+max), its scale `s = max(clip / qmax, 1 / qmax)` rounded to fp16 (the stored dtype), and
+`q = clamp(round(w / s), -qmax, qmax)`. QAT uses exactly `row_scale` + `fake_quant`, so the
+weights trained under QAT are the weights the exporter sees (recipe-spec §4.8, §6.6).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def qmax_for(bits: int) -> int:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"quantize.bits must be in [2, 8], got {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+def row_quantile_abs(w: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-row `torch.quantile(|w|, q, dim=-1)` (linear interpolation), via a small top-k.
+
+    w: (..., n) -> (...,). Exact match with torch.quantile; costs a top-k of the few largest
+    values instead of a full sort, so it is cheap enough to run inside every QAT step.
+    """
+    if not 0.0 < q <= 1.0:
+        raise ValueError(f"clip quantile must be in (0, 1], got {q}")
+    a = w.abs().float()
+    n = a.shape[-1]
+    pos = q * (n - 1)
+    lo = int(pos)  # floor index in ascending order
+    frac = pos - lo
+    k = n - lo  # values from index `lo` to the max
+    top = torch.topk(a, k, dim=-1, largest=True, sorted=True).values  # (..., k) descending
+    v_lo = top[..., k - 1]
+    v_hi = top[..., max(k - 2, 0)]
+    return v_lo + (v_hi - v_lo) * frac
+
+
+def row_scale(w: torch.Tensor, quantile: float, qmax: int) -> torch.Tensor:
+    """Per-row fp16-representable scale: (..., n) -> (...,) float32."""
+    clip = row_quantile_abs(w, quantile) if quantile < 1.0 else w.abs().float().amax(dim=-1)
+    s = torch.clamp(clip / qmax, min=1.0 / qmax)
+    return s.to(torch.float16).float()
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Integer codes (int8 container): (..., n) with per-row scale (...,)."""
+    return torch.clamp(torch.round(w.float() / scale[..., None]), -qmax, qmax).to(torch.int8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[..., None]
+
+
+def fake_quant(w: torch.Tensor, quantile: float, qmax: int) -> torch.Tensor:
+    """Straight-through fake quantization: forward sees Q(w), gradients flow to w unchanged."""
+    s = row_scale(w.detach(), quantile, qmax)
+    wq = torch.clamp(torch.round(w.detach().float() / s[..., None]), -qmax, qmax) * s[..., None]
+    return w + (wq.to(w.dtype) - w).detach()
