@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from pgolf import data, tokenizer
 from pgolf.config import ConfigError, PrepareConfig
-from pgolf.corpus import CorpusError, iter_documents
+from pgolf.corpus import CorpusError, corpus_files, iter_documents
 from pgolf.io import staged_dir, write_json
 
 SOURCES = ("embedded", "local", "fineweb")
@@ -218,6 +218,9 @@ def _doc_sources(cfg: PrepareConfig, root: Path):
 
 
 def _prepare_text(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> dict:
+    for p in (cfg.corpus, cfg.val_source):  # fail fast on a missing path, before any work
+        if p and not corpus_files(_path(root, p)):
+            raise CorpusError(f"{_path(root, p)}: empty corpus (no .jsonl, .jsonl.zst or .txt files)")
     val_docs, train_docs = _doc_sources(cfg, root)
     model = tdir / "tokenizer.model"
     if cfg.tokenizer == "train":
