@@ -42,7 +42,7 @@ def encode_shard(tokens) -> bytes:
     toks = np.asarray(tokens)
     if toks.ndim != 1:
         raise ShardError(f"tokens must be 1-D, got shape {toks.shape}")
-    if toks.size >= MAX_TOKENS_PER_SHARD + 1:
+    if toks.size > MAX_TOKENS_PER_SHARD:
         raise ShardError(f"{toks.size} tokens do not fit in one shard (limit {MAX_TOKENS_PER_SHARD})")
     if toks.dtype != np.uint16 and toks.size:
         if not np.issubdtype(toks.dtype, np.integer):

@@ -268,6 +268,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _prepare_fineweb(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> dict:
+    """Train shards from cfg.corpus, val shards from cfg.val_source (or cfg.corpus), linked unchanged."""
     folder = _path(root, cfg.corpus)
     if not folder.is_dir():
         raise CorpusError(f"{folder}: challenge shard folder not found (download it with `python -m pgolf.fineweb "
@@ -278,10 +279,11 @@ def _prepare_fineweb(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> 
     sp = tokenizer.load_tokenizer(tdir / "tokenizer.model", cfg.vocab_size)
     sha, tables = _write_tokenizer(tdir, sp, cfg, cfg.tokenizer)
 
+    val_folder = _path(root, cfg.val_source) if cfg.val_source else folder
     stats = {}
     for split in ("val", "train"):
         n_tok = n_docs = 0
-        paths = data.list_shards(folder, split)
+        paths = data.list_shards(val_folder if split == "val" else folder, split)
         for p in tqdm(paths, desc=f"check {split} shards", unit="shard", disable=None):
             toks = data.read_shard(p)
             if toks.size and int(toks.max()) >= cfg.vocab_size:

@@ -376,11 +376,13 @@ def test_prepare_from_challenge_export(tmp_path):
     downloader, lister, _ = _fake_repo(tmp_path)
     export = tmp_path / "export"
     fineweb.download(3, export, "r/r", downloader=downloader, lister=lister)
-    cfg = _cfg(source="fineweb", corpus=str(export), tokenizer=str(export / fineweb.TOKENIZER_FILE))
+    cfg = _cfg(source="fineweb", corpus=str(export), val_source=str(export),
+               tokenizer=str(export / fineweb.TOKENIZER_FILE))
     m = prepare.run(cfg, tmp_path)
     shards = tmp_path / "data" / "shards"
     for p in export.glob("*.bin"):
         assert (shards / p.name).read_bytes() == p.read_bytes()  # unchanged, no retokenizing
+        assert (shards / p.name).stat().st_ino == p.stat().st_ino  # hard-linked, not copied
     fixture = data.read_shard(FIXTURE)
     sp = spm.SentencePieceProcessor(model_file=str(OFFICIAL_MODEL))
     tables = tokenizer.build_byte_tables(sp, 1024)
@@ -398,10 +400,14 @@ def test_prepare_export_rejects_foreign_shard(tmp_path):
     export.mkdir()
     (export / "fineweb_val_000000.bin").write_bytes(FIXTURE.read_bytes())
     data.write_shard(export / "fineweb_train_000000.bin", [1, 2000])  # id beyond vocab 1024
-    cfg = _cfg(source="fineweb", corpus=str(export), tokenizer=str(OFFICIAL_MODEL))
+    cfg = _cfg(source="fineweb", corpus=str(export), val_source="", tokenizer=str(OFFICIAL_MODEL))
     with pytest.raises(data.ShardError, match=r"fineweb_train_000000\.bin: token id 2000 >= prepare\.vocab_size 1024"):
         prepare.run(cfg, tmp_path)
     assert not (tmp_path / "data" / "shards").exists()
+    # val_source pointing at text documents instead of val shards
+    (tmp_path / "val").mkdir()
+    with pytest.raises(data.ShardError, match=r"val: no fineweb_val_\*\.bin shards"):
+        prepare.run(_cfg(source="fineweb", corpus=str(export), tokenizer=str(OFFICIAL_MODEL)), tmp_path)
 
 
 # ----------------------------------------------------------------------------- stage entry point
