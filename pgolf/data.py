@@ -227,6 +227,16 @@ class ByteTables:
         space = self.has_leading_space[tgt] & ~self.is_boundary[prev]
         return base + space.to(torch.int64)
 
+    def stream_bytes(self, tokens: np.ndarray) -> int:
+        """Bytes of a BOS-led token stream: every target tokens[1:] with its prev tokens[:-1]."""
+        if len(tokens) < 2:
+            return 0
+        toks = np.asarray(tokens, dtype=np.int64)
+        tgt, prev = toks[1:], toks[:-1]
+        base = self.base_bytes.cpu().numpy().astype(np.int64)[tgt]
+        space = self.has_leading_space.cpu().numpy()[tgt] & ~self.is_boundary.cpu().numpy()[prev]
+        return int(base.sum() + space.sum())
+
     def save(self, path: str | Path) -> int:
         tensors = {"base_bytes": self.base_bytes, "has_leading_space": self.has_leading_space,
                    "is_boundary": self.is_boundary}

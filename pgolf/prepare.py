@@ -171,16 +171,6 @@ def encode_split(docs: Iterable[str], model_path: Path, writer: ShardWriter, wor
             "table_bytes": tab_bytes, "text_bytes": txt_bytes}
 
 
-def stream_bytes(tokens: np.ndarray, tables: data.ByteTables) -> int:
-    """Bytes of a BOS-led token stream: sum over targets tokens[1:] with prevs tokens[:-1]."""
-    if tokens.size < 2:
-        return 0
-    toks = tokens.astype(np.int64)
-    base = tables.base_bytes.numpy().astype(np.int64)
-    per = base[toks[1:]] + (tables.has_leading_space.numpy()[toks[1:]] & ~tables.is_boundary.numpy()[toks[:-1]])
-    return int(per.sum())
-
-
 # ----------------------------------------------------------------------------- tokenizer output
 
 
@@ -247,7 +237,7 @@ def _prepare_text(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> dic
     if train["docs"] == 0:
         raise CorpusError(f"{cfg.corpus}: no training documents (after taking {cfg.val_docs} for validation)"
                           if not cfg.val_source else f"{cfg.corpus}: no training documents")
-    val_bytes = stream_bytes(data.load_tokens(data.list_shards(sdir, "val")), tables)
+    val_bytes = tables.stream_bytes(data.load_tokens(data.list_shards(sdir, "val")))
     if val_bytes != val["text_bytes"]:
         raise tokenizer.TokenizerError(f"byte check failed: validation shards hold {val_bytes} bytes, "
                                        f"the decoded validation text {val['text_bytes']}")
@@ -292,7 +282,7 @@ def _prepare_fineweb(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> 
             n_docs += int(np.count_nonzero(toks == tokenizer.BOS_ID))
             _link_or_copy(p, sdir / p.name)
         stats[split] = (n_tok, n_docs, len(paths))
-    val_bytes = stream_bytes(data.load_tokens(data.list_shards(sdir, "val")), tables)
+    val_bytes = tables.stream_bytes(data.load_tokens(data.list_shards(sdir, "val")))
     return {"vocab_size": int(sp.vocab_size()), "train_tokens": stats["train"][0], "val_tokens": stats["val"][0],
             "val_bytes": val_bytes, "train_docs": stats["train"][1], "val_docs": stats["val"][1],
             "tokenizer_sha256": sha, "train_shards": stats["train"][2], "val_shards": stats["val"][2],

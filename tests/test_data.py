@@ -249,3 +249,11 @@ def test_read_tokenizer_meta(tmp_path):
         read_tokenizer_meta(tmp_path)
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         read_tokenizer_meta(tmp_path / "none")
+
+
+def test_stream_bytes_matches_count(official_tables):
+    _, t = official_tables
+    toks = read_shard(FIXTURE)
+    x = torch.from_numpy(toks.astype(np.int64))
+    assert t.stream_bytes(toks) == int(t.count(x[:-1], x[1:]).sum()) > 40000
+    assert t.stream_bytes(toks[:1]) == 0

@@ -164,7 +164,7 @@ def test_byte_check_on_val_docs(sp, val_texts):
     assert tab == int(tokenizer.table_bytes_per_doc(ids, tables).sum())
     # the same count over the BOS-led token stream (what the shards hold)
     stream = np.concatenate([np.concatenate([[1], d]) for d in ids])
-    assert prepare.stream_bytes(stream, tables) == tab
+    assert tables.stream_bytes(stream) == tab
 
 
 def test_byte_check_catches_wrong_tables(sp, val_texts):
@@ -387,11 +387,11 @@ def test_prepare_from_challenge_export(tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(OFFICIAL_MODEL))
     tables = tokenizer.build_byte_tables(sp, 1024)
     assert m["val_tokens"] == 20000 and m["val_docs"] == 13
-    assert m["val_bytes"] == prepare.stream_bytes(fixture, tables)
+    assert m["val_bytes"] == tables.stream_bytes(fixture)
     # the 12 complete documents of the fixture hold exactly their normalized text's bytes
     bos = np.nonzero(fixture == 1)[0]
     texts = read_documents(VAL_DOCS, limit=12)
-    assert prepare.stream_bytes(fixture[:bos[12]], tables) == sum(len(t.encode()) for t in texts)
+    assert tables.stream_bytes(fixture[:bos[12]]) == sum(len(t.encode()) for t in texts)
     assert m["train_tokens"] == 3 * 5100 and m["tokenizer_sha256"] == OFFICIAL_SHA
 
 
