@@ -345,6 +345,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i, use_xsa=i >= self.xsa_start) for i in range(L))
         self.register_buffer("qat_enabled", torch.tensor(False), persistent=False)
         self.use_fused_mlp = False
+        self.use_fa3 = HAS_FA3
         self.reset_parameters()
 
     # -- init / flags
@@ -374,6 +375,19 @@ class GPT(nn.Module):
         self._use_fused_mlp = bool(value)
         for block in getattr(self, "blocks", []):
             block.mlp.use_fused = self._use_fused_mlp
+
+    @property
+    def use_fa3(self) -> bool:
+        """FlashAttention-3 on CUDA bf16/fp16 when importable; False forces SDPA."""
+        return self._use_fa3
+
+    @use_fa3.setter
+    def use_fa3(self, value: bool) -> None:
+        if value and not HAS_FA3:
+            raise ValueError("use_fa3=True but flash_attn_interface is not importable")
+        self._use_fa3 = bool(value)
+        for block in self.blocks:
+            block.attn.use_fa3 = self._use_fa3
 
     def set_qat_quantile(self, quantile: float) -> None:
         if not 0.0 < quantile <= 1.0:

@@ -106,6 +106,20 @@ def test_forward_shape_and_initial_loss_near_ln_vocab():
     torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 64), y.reshape(-1)))
 
 
+def test_bf16_autocast_forward_keeps_fp32_loss_and_hessians():
+    m = make_tiny()
+    x, y = batch()
+    H32 = m.zero_hessians()
+    ref = m(x, y, H32)
+    H16 = m.zero_hessians()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m(x, y, H16)
+    assert got.dtype == torch.float32 and all(h.dtype == torch.float32 for h in H16.values())
+    assert abs(got.item() - ref.item()) < 0.05
+    for k in ("blocks.0.attn.c_q.weight", "blocks.2.mlp.proj.weight"):
+        torch.testing.assert_close(H16[k], H32[k], atol=0.1 * H32[k].abs().max().item(), rtol=0.05)
+
+
 def test_softcap_bounds_logits():
     m = make_tiny()
     with torch.no_grad():
@@ -386,7 +400,7 @@ def test_optimizer_groups_partition_parameters():
 def test_fused_mlp_path_matches_eager_on_cuda():
     pytest.importorskip("pgolf.kernels.fused_mlp")
     m = make_tiny(cfg=dataclasses.replace(TINY, model_dim=128, num_heads=4)).cuda()
-    x, y = batch()
+    x, y = batch(T=64)
     x, y = x.cuda(), y.cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         ref = m(x, y)
