@@ -38,11 +38,22 @@ def row_quantile_abs(w: torch.Tensor, q: float) -> torch.Tensor:
     return v_lo + (v_hi - v_lo) * frac
 
 
+def fp16_round(x: torch.Tensor) -> torch.Tensor:
+    """Round fp32 values to the nearest fp16 value (ties to even), kept in fp32.
+
+    Same result as `x.half().float()` for the normal fp16 range (scales here are >= 1/31), but
+    written as mantissa arithmetic because torch.compile's inductor drops a `.half().float()`
+    round trip: QAT under compile would otherwise use scales the exporter never stores.
+    """
+    mant, exp = torch.frexp(x)  # x = mant * 2**exp, 0.5 <= |mant| < 1
+    return torch.ldexp(torch.round(mant * 2048.0) / 2048.0, exp.float())
+
+
 def row_scale(w: torch.Tensor, quantile: float, qmax: int) -> torch.Tensor:
     """Per-row fp16-representable scale: (..., n) -> (...,) float32."""
     clip = row_quantile_abs(w, quantile) if quantile < 1.0 else w.abs().float().amax(dim=-1)
     s = torch.clamp(clip / qmax, min=1.0 / qmax)
-    return s.to(torch.float16).float()
+    return fp16_round(s)
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:

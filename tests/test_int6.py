@@ -39,3 +39,11 @@ def test_fake_quant_forward_is_quantized_and_gradient_straight_through():
 def test_bits_out_of_range():
     with pytest.raises(ValueError, match="quantize.bits"):
         int6.qmax_for(9)
+
+
+def test_fp16_round_matches_half_cast_also_under_compile():
+    x = torch.rand(50000, generator=torch.Generator().manual_seed(3)) * 100 + 1 / 31
+    ref = x.half().float()
+    assert torch.equal(int6.fp16_round(x), ref)
+    compiled = torch.compile(int6.fp16_round, dynamic=False)
+    assert torch.equal(compiled(x), ref)  # inductor would drop a plain .half().float()
