@@ -519,11 +519,23 @@ class Optimizers:
             opt.load_state_dict(_clone_tree(d[name]))  # torch's loaders alias the given tensors
 
 
+_COMM_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _comm_dtype(cfg) -> torch.dtype | None:
+    """`train.muon_comm_dtype` (auto | bf16 | fp32) if the config has it; auto = bf16 on CUDA."""
+    name = getattr(cfg, "muon_comm_dtype", "auto")
+    if name not in _COMM_DTYPES:
+        raise ValueError(f"train.muon_comm_dtype must be one of {sorted(_COMM_DTYPES)}, got {name!r}")
+    return _COMM_DTYPES[name]
+
+
 def build_optimizers(groups: dict[str, list[Tensor]], cfg, dist_info) -> Optimizers:
     """Muon (sharded when world > 1) for groups["matrix"], AdamW for "embed" and "scalar" (§4.2).
 
     `cfg` is a TrainConfig: matrix_lr, muon_wd, muon_ns_steps, muon_momentum, tied_embed_lr,
-    scalar_lr, beta1, beta2, adam_eps, adam_wd, compile.
+    scalar_lr, beta1, beta2, adam_eps, adam_wd, compile (NS5 compiled on CUDA), and optionally
+    muon_comm_dtype. `dist_info` (pgolf.dist.DistInfo or None) gives the world size and device.
     """
     for key in ("matrix", "embed", "scalar"):
         if not groups.get(key):
@@ -533,7 +545,10 @@ def build_optimizers(groups: dict[str, list[Tensor]], cfg, dist_info) -> Optimiz
     compile_ns = bool(getattr(cfg, "compile", False)) and cuda
     mk = dict(lr=cfg.matrix_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_wd,
               ns_steps=cfg.muon_ns_steps, nesterov=True, compile=compile_ns)
-    muon = ParallelMuon(groups["matrix"], **mk) if world > 1 else Muon(groups["matrix"], **mk)
+    if world > 1:
+        muon = ParallelMuon(groups["matrix"], comm_dtype=_comm_dtype(cfg), **mk)
+    else:
+        muon = Muon(groups["matrix"], **mk)
     adam_kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.adam_wd)
     if cuda:
         adam_kw["fused"] = True

@@ -311,13 +311,13 @@ def test_build_optimizers_routes_groups():
 MUON_SHAPES = [(3, 24, 16), (5, 16, 32), (4, 8, 8), (32, 8), (16, 8), (12, 20)]
 
 
-def _muon_scenario(rank, world):
+def _muon_scenario(rank, world, comm_dtype=None):
     """ParallelMuon on per-rank grads == Muon on their average, params and gathered momentum."""
     torch.manual_seed(10)
     p0 = [torch.randn(*s) for s in MUON_SHAPES]
     pd = [torch.nn.Parameter(p.clone()) for p in p0]
     pr = [torch.nn.Parameter(p.clone()) for p in p0]
-    od = ParallelMuon(pd, lr=0.03, momentum=0.9, weight_decay=0.05)
+    od = ParallelMuon(pd, lr=0.03, momentum=0.9, weight_decay=0.05, comm_dtype=comm_dtype)
     orf = Muon(pr, lr=0.03, momentum=0.9, weight_decay=0.05)
     for t in range(3):
         grads = [[torch.randn(*s, generator=torch.Generator().manual_seed(100 * t + 10 * r + i))
@@ -335,7 +335,8 @@ def _muon_scenario(rank, world):
     mom = max((sd["state"][i]["momentum_buffer"] - sr["state"][i]["momentum_buffer"]).abs().max().item()
               for i in range(len(pd)))
     par = max((a - b).abs().max().item() for a, b in zip(pd, pr))
-    return {"muon_param_diff": par, "muon_momentum_diff": mom}
+    rel = max(((a - b).norm() / (b - q).norm()).item() for a, b, q in zip(pd, pr, p0))
+    return {"muon_param_diff": par, "muon_momentum_diff": mom, "muon_rel_step_diff": rel}
 
 
 def _optimizers_scenario(rank, world):
@@ -370,7 +371,8 @@ def _dist_worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        res = {**_muon_scenario(rank, world), **_optimizers_scenario(rank, world)}
+        bf16 = {k + "_bf16comm": v for k, v in _muon_scenario(rank, world, torch.bfloat16).items()}
+        res = {**_muon_scenario(rank, world), **bf16, **_optimizers_scenario(rank, world)}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
     finally:
         dist.destroy_process_group()
@@ -389,6 +391,13 @@ def test_parallel_muon_two_procs_equals_muon_on_averaged_grads(dist_results):
         assert r["muon_momentum_diff"] < 1e-5, r
 
 
+def test_parallel_muon_bf16_communication_stays_close(dist_results):
+    """bf16 reduce-scatter/all-gather (the CUDA default) vs fp32 Muon: bf16-rounding close."""
+    for r in dist_results:
+        assert r["muon_rel_step_diff_bf16comm"] < 0.03, r
+        assert r["muon_rel_step_diff"] < 1e-5, r
+
+
 def test_optimizers_two_procs_half_batches_equal_one_proc_full_batch(dist_results):
     for r in dist_results:
         assert r["max_norm"] > 0.5  # the global clip was active
@@ -400,3 +409,46 @@ def test_state_dict_resumes_across_world_sizes(dist_results):
     for r in dist_results:
         assert r["resume_2proc_diff"] < 1e-6, r
         assert r["resume_1proc_diff"] < 1e-5, r
+
+
+# ------------------------------------------------------------------ GPU (skipped without CUDA)
+@pytest.mark.gpu
+def test_gpu_ns5_bf16_band_and_compiled_matches_eager():
+    from pgolf.optim import compiled_newtonschulz5
+    torch.manual_seed(11)
+    G = torch.randn(3, 256, 512, device="cuda")
+    X = zeropower_via_newtonschulz5(G)
+    assert X.dtype == torch.bfloat16
+    s = torch.linalg.svdvals(X.float())
+    assert s.min() > 0.55 and s.max() < 1.3
+    Xc = compiled_newtonschulz5()(G, 5, 1e-7, torch.bfloat16)
+    assert (Xc.float() - X.float()).abs().max() < 0.03
+
+
+@pytest.mark.gpu
+def test_gpu_parallel_muon_local_equals_muon():
+    torch.manual_seed(12)
+    shapes = [(11, 1536, 512), (22, 256, 512), (512, 128)]
+    pa = [torch.nn.Parameter(torch.randn(*s, device="cuda") * 0.02) for s in shapes]
+    pb = [torch.nn.Parameter(p.detach().clone()) for p in pa]
+    oa = Muon(pa, lr=0.025, momentum=0.95, weight_decay=0.04)
+    ob = ParallelMuon(pb, lr=0.025, momentum=0.95, weight_decay=0.04)
+    for _ in range(3):
+        for x, y in zip(pa, pb):
+            x.grad = torch.randn_like(x) * 1e-3
+            y.grad = x.grad.clone()
+        oa.step()
+        ob.step()
+    for x, y in zip(pa, pb):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+
+
+def test_build_optimizers_comm_dtype_option():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Cfg(TrainConfig):
+        muon_comm_dtype: str = "fp16"
+
+    with pytest.raises(ValueError, match="train.muon_comm_dtype"):
+        build_optimizers(make_model().groups(), Cfg(), DistInfo(0, 0, 2, torch.device("cpu")))
