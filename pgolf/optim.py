@@ -112,7 +112,7 @@ def compiled_newtonschulz5():
     """`zeropower_via_newtonschulz5` under torch.compile (one graph per shape), built once."""
     global _COMPILED_NS
     if _COMPILED_NS is None:
-        _COMPILED_NS = torch.compile(zeropower_via_newtonschulz5, dynamic=False)
+        _COMPILED_NS = torch.compile(zeropower_via_newtonschulz5, dynamic=False, fullgraph=True)
     return _COMPILED_NS
 
 
@@ -508,7 +508,8 @@ class Optimizers:
 
     def state_dict(self) -> dict:
         """{"muon", "embed", "scalar"} optimizer states: full tensors (world-size independent),
-        copied, so later steps do not change a saved state (e.g. the pre-warmup snapshot)."""
+        copied, so later steps do not change a saved state (e.g. the pre-warmup snapshot).
+        A collective when distributed (Muon momentum is gathered): call it on every rank."""
         return {name: _clone_tree(opt.state_dict()) for name, opt in self.named.items()}
 
     def load_state_dict(self, d: dict) -> None:
