@@ -347,6 +347,15 @@ class ParallelMuon(torch.optim.Optimizer):
         self._launched = self._reduced = False
         return loss
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Also drops reductions launched but never stepped (a skipped step), after they finish."""
+        for s in self._slots:
+            if s.handle is not None:
+                s.handle.wait()
+                s.handle = None
+        self._launched = self._reduced = False
+        super().zero_grad(set_to_none=set_to_none)
+
     # -- state ----------------------------------------------------------------------------------
     def _full_momentum(self, s: _Slot) -> Tensor:
         """The whole momentum of one param, identical on every rank (a collective call)."""
@@ -547,6 +556,8 @@ class Optimizers:
         self._communicated = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear all gradients; a step skipped after `clip_grad_norm_` leaves nothing behind."""
+        self._communicated = False
         for opt in self.named.values():
             opt.zero_grad(set_to_none=set_to_none)
 

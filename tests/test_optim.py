@@ -325,10 +325,17 @@ def _muon_scenario(rank, world, comm_dtype=None):
         for o in (od, orf):
             o.param_groups[0]["momentum"] = SCHED[t][1]
             o.param_groups[0]["lr"] = 0.03 * SCHED[t][0]
+        if t == 1:  # a skipped step: garbage grads reduced, then dropped by zero_grad
+            for a in pd:
+                a.grad = torch.full_like(a, 1e3)
+            od.launch_reduce_scatters()
+            od.averaged_grads()
+            od.zero_grad()
         for i, (a, b) in enumerate(zip(pd, pr)):
             a.grad = grads[rank][i].clone()
             b.grad = sum(g[i] for g in grads) / world
-        od.launch_reduce_scatters()
+        if t != 1:  # at t == 1 step() must launch the reductions itself
+            od.launch_reduce_scatters()
         od.step()
         orf.step()
     sd, sr = od.state_dict(), orf.state_dict()
