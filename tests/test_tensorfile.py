@@ -54,3 +54,21 @@ def test_version_mismatch_is_reported():
     hacked = blob.replace(b'"version":1', b'"version":9')
     with pytest.raises(TensorFileError, match="version 9 unsupported"):
         tensorfile.loads(hacked, "f.pgt")
+
+
+def test_atomic_outputs_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from pgolf.io import atomic_write_text, staged_dir
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with staged_dir(tmp_path / "out") as d:
+            (d / "f").write_text("y")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert (tmp_path / "out" / "f").read_text() == "y"
