@@ -21,8 +21,6 @@ This module owns the optimizer math and its distribution:
       size) and `load_state_dict()` re-shards them; restoring after warmup resets momentum.
     - momentum is kept in fp32 on every device; only communication uses `comm_dtype`
       (bf16 on CUDA, fp32 on CPU by default).
-* `state_to_tensors` / `state_from_tensors` — an optimizer state as (named tensors, JSON
-  structure), so checkpoints go through pgolf.tensorfile instead of pickle.
 * `Optimizers` / `build_optimizers` — Muon for "matrix" params plus AdamW for "embed" and
   "scalar" params; one `step(lr_scale, muon_momentum)` does all communication and updates, and
   `clip_grad_norm_` clips by the norm of the *averaged* (global) gradient (PR #1072 clipped the
@@ -440,48 +438,6 @@ def _clone_tree(obj):
     if isinstance(obj, list):
         return [_clone_tree(v) for v in obj]
     return obj
-
-
-def state_to_tensors(state: dict) -> tuple[dict[str, Tensor], dict]:
-    """Split an optimizer state tree into (named tensors, JSON-able structure) for pgolf.tensorfile.
-
-    Dicts keep their key types (optimizer states use int keys), tuples stay tuples; tensors are
-    named by their path. `state_from_tensors` inverts it. Nothing is pickled.
-    """
-    tensors: dict[str, Tensor] = {}
-
-    def enc(obj, path: str):
-        if isinstance(obj, Tensor):
-            tensors[path] = obj.detach()
-            return {"t": path}
-        if isinstance(obj, dict):
-            return {"d": [[k, enc(v, f"{path}.{k}")] for k, v in obj.items()]}
-        if isinstance(obj, (list, tuple)):
-            return {"l" if isinstance(obj, list) else "u": [enc(v, f"{path}.{i}") for i, v in enumerate(obj)]}
-        if obj is None or isinstance(obj, (bool, int, float, str)):
-            return {"v": obj}
-        raise TypeError(f"optimizer state at {path!r}: cannot store a {type(obj).__name__}")
-
-    return tensors, enc(state, "opt")
-
-
-def state_from_tensors(tensors: dict[str, Tensor], structure: dict) -> dict:
-    """Rebuild the tree written by `state_to_tensors`; names a missing tensor clearly."""
-
-    def dec(node):
-        if "t" in node:
-            if node["t"] not in tensors:
-                raise ValueError(f"optimizer state: tensor {node['t']!r} missing from the checkpoint")
-            return tensors[node["t"]]
-        if "d" in node:
-            return {k: dec(v) for k, v in node["d"]}
-        if "l" in node:
-            return [dec(v) for v in node["l"]]
-        if "u" in node:
-            return tuple(dec(v) for v in node["u"])
-        return node["v"]
-
-    return dec(structure)
 
 
 class Optimizers:

@@ -460,28 +460,3 @@ def test_build_optimizers_comm_dtype_option():
     with pytest.raises(ValueError, match="train.muon_comm_dtype"):
         build_optimizers(make_model().groups(), Cfg(), DistInfo(0, 0, 2, torch.device("cpu")))
 
-
-def test_state_through_tensorfile_resumes_identically():
-    """Optimizers.state_dict -> (tensors, JSON) -> pgolf.tensorfile bytes -> back: same run."""
-    from pgolf import tensorfile
-    from pgolf.optim import state_from_tensors, state_to_tensors
-    data, m1 = make_data(), make_model()
-    opt = build_optimizers(m1.groups(), tiny_cfg(), CPU1)
-    train_steps(m1, opt, data, range(2), clip=0.5)
-    tensors, structure = state_to_tensors(opt.state_dict())
-    blob = tensorfile.dumps(tensors, "optimizer_state", {"structure": structure})
-    snap = params_of(m1)
-    train_steps(m1, opt, data, range(2, 4), clip=0.5)
-    back, header = tensorfile.loads(blob, kind="optimizer_state")
-    sd = state_from_tensors(back, json.loads(json.dumps(header["meta"]["structure"])))
-    assert isinstance(sd["muon"]["state"], dict) and 0 in sd["muon"]["state"]
-    assert sd["embed"]["param_groups"][0]["betas"] == (0.9, 0.99)
-    m2 = make_model()
-    m2.load_state_dict(snap)
-    opt2 = build_optimizers(m2.groups(), tiny_cfg(), CPU1)
-    opt2.load_state_dict(sd)
-    train_steps(m2, opt2, data, range(2, 4), clip=0.5)
-    assert max_diff(params_of(m1), params_of(m2)) == 0.0
-    del back[next(iter(back))]
-    with pytest.raises(ValueError, match="missing from the checkpoint"):
-        state_from_tensors(back, structure)
