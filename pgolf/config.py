@@ -81,6 +81,7 @@ class TrainConfig:
     muon_momentum_warmup_steps: int = 1500
     muon_ns_steps: int = 5
     muon_wd: float = 0.04
+    muon_comm_dtype: str = "auto"  # Parallel Muon communication: auto (bf16 on CUDA) | bf16 | fp32
     adam_wd: float = 0.04
     beta1: float = 0.9
     beta2: float = 0.99  # PR #1072 (PR #535: 0.95)

@@ -535,8 +535,8 @@ _COMM_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _comm_dtype(cfg) -> torch.dtype | None:
-    """`train.muon_comm_dtype` (auto | bf16 | fp32) if the config has it; auto = bf16 on CUDA."""
-    name = getattr(cfg, "muon_comm_dtype", "auto")
+    """`train.muon_comm_dtype` (auto | bf16 | fp32); auto = bf16 on CUDA, fp32 on CPU."""
+    name = cfg.muon_comm_dtype
     if name not in _COMM_DTYPES:
         raise ValueError(f"train.muon_comm_dtype must be one of {sorted(_COMM_DTYPES)}, got {name!r}")
     return _COMM_DTYPES[name]
@@ -554,7 +554,7 @@ def build_optimizers(groups: dict[str, list[Tensor]], cfg, dist_info) -> Optimiz
             raise ValueError(f"optimizer group '{key}' is missing or empty (groups: {sorted(groups)})")
     world = dist_info.world_size if dist_info is not None else 1
     cuda = dist_info is not None and dist_info.device.type == "cuda"
-    compile_ns = bool(getattr(cfg, "compile", False)) and cuda
+    compile_ns = cfg.compile and cuda
     mk = dict(lr=cfg.matrix_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_wd,
               ns_steps=cfg.muon_ns_steps, nesterov=True, compile=compile_ns)
     if world > 1:
