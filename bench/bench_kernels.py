@@ -1,0 +1,226 @@
+"""Benchmark the fused LeakyReLU^2 MLP against eager and torch.compile at the record shapes.
+
+GPU:   python bench/bench_kernels.py --out bench_kernels.json      (M=48*2048, D=512, H=1536, bf16)
+Subset:  --variants eager fused fused_128x128
+CPU:   python bench/bench_kernels.py --dry --out /tmp/dry.json      (Triton interpreter, tiny shapes)
+
+Times forward and forward+backward of each variant (triton.testing.do_bench medians on GPU),
+the two fused kernels alone next to a plain cuBLAS GEMM of the same shape, peak extra memory of a
+training step, and relative errors of output and gradients against an fp32 eager reference.
+Every variant runs inside its own try block: a failure is recorded in the JSON and the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+if "--dry" in sys.argv:  # must precede the first import of triton's jit decorators
+    os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from pgolf.io import write_json  # noqa: E402
+from pgolf.kernels import fused_mlp as fm  # noqa: E402
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="JSON results path")
+    ap.add_argument("--dry", action="store_true", help="CPU Triton interpreter at tiny shapes")
+    ap.add_argument("--M", type=int, default=None, help="tokens (default 48*2048; dry 96)")
+    ap.add_argument("--D", type=int, default=None, help="model dim (default 512; dry 64)")
+    ap.add_argument("--H", type=int, default=None, help="hidden dim (default 1536; dry 128)")
+    ap.add_argument("--slope", type=float, default=0.5)
+    ap.add_argument("--variants", nargs="*", default=None,
+                    help="subset of variants to run (default: all)")
+    return ap.parse_args()
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def timer(dry: bool):
+    """Median milliseconds of fn(): do_bench on GPU, a few perf_counter runs on the interpreter."""
+    def run(fn, grad_to_none=None):
+        if not dry:
+            return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none,
+                                           return_mode="median")
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[1]
+    return run
+
+
+def make_inputs(M, D, H, dtype, device):
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(M, D, device=device, generator=gen).to(dtype)  # (M, D)
+    w_up = (torch.randn(H, D, device=device, generator=gen) / D**0.5).to(dtype)  # (H, D)
+    w_down = (torch.randn(D, H, device=device, generator=gen) / H**0.5).to(dtype)  # (D, H)
+    g = torch.randn(M, D, device=device, generator=gen).to(dtype)  # (M, D)
+    return x, w_up, w_down, g
+
+
+def fp32_reference(x, w_up, w_down, g, slope):
+    leaves = [t.detach().float().requires_grad_() for t in (x, w_up, w_down)]
+    out = fm.eager_mlp(*leaves, slope)
+    out.backward(g.float())
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def variants(slope):
+    """name -> (build() -> callable(x, w_up, w_down) -> out, (fwd, bwd) config override or None)."""
+    def fused(save_post=True):
+        return lambda x, a, b: fm.fused_leaky_relu_sq_mlp(x, a, b, slope, save_post)
+
+    def eager(x, a, b):
+        return fm.eager_mlp(x, a, b, slope)
+
+    c128 = fm.LaunchConfig(128, 128, 64, 8, 4), fm.LaunchConfig(128, 128, 64, 8, 3)
+    c256_nosplit = fm.LaunchConfig(128, 256, 64, 8, 4), fm.LaunchConfig(128, 256, 64, 8, 3)
+    c256_s3 = (fm.LaunchConfig(128, 256, 64, 8, 3, split_epilogue=True),) * 2
+    return {
+        "eager": (lambda: eager, None),
+        "eager_compiled": (lambda: torch.compile(eager, fullgraph=True), None),
+        "fused": (fused, None),
+        "fused_recompute_post": (lambda: fused(save_post=False), None),
+        "fused_128x128": (fused, c128),
+        "fused_128x256_nosplit": (fused, c256_nosplit),
+        "fused_128x256_stages3": (fused, c256_s3),
+        "fused_compiled": (lambda: torch.compile(fused(), fullgraph=True), None),
+    }
+
+
+def bench_variant(build, inputs, ref, flops, bench, device):
+    x, w_up, w_down, g = inputs
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w_up, w_down)]
+    fn = build()
+    t0 = time.perf_counter()
+    out = fn(*leaves)  # first call: compile / JIT
+    out.backward(g)
+    with torch.no_grad():
+        fn(*leaves)  # torch.compile specializes on grad mode: compile the no-grad graph too
+    first_s = time.perf_counter() - t0
+    errs = {k: rel(a, b) for k, a, b in zip(("out", "dx", "dw_up", "dw_down"),
+                                          [out.detach()] + [t.grad for t in leaves], ref)}
+    with torch.no_grad():
+        fwd_ms = bench(lambda: fn(*leaves))
+
+    def step():
+        fn(*leaves).backward(g)
+
+    step_ms = bench(step, grad_to_none=leaves)
+    peak = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        for t in leaves:
+            t.grad = None
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    return {"fwd_ms": fwd_ms, "fwd_bwd_ms": step_ms, "fwd_tflops": flops[0] / fwd_ms * 1e-9,
+            "fwd_bwd_tflops": flops[1] / step_ms * 1e-9, "first_call_s": first_s,
+            "peak_extra_bytes": peak, "rel_err": errs}
+
+
+def bench_kernels(inputs, slope, bench):
+    """The two fused kernels alone vs a cuBLAS GEMM of the same shape (epilogue cost)."""
+    x, w_up, w_down, g = inputs
+    M, H = x.shape[0], w_up.shape[0]
+    pre, post, dpre = (torch.empty(M, H, device=x.device, dtype=x.dtype) for _ in range(3))
+    flops = 2 * M * x.shape[1] * H
+    res = {}
+    cases = {
+        "up_act_kernel": lambda: fm.launch_up_act(x, w_up, pre, post, slope),
+        "up_gemm_cublas": lambda: torch.mm(x, w_up.t(), out=pre),
+        "act_bwd_kernel": lambda: fm.launch_act_bwd(g, w_down, pre, dpre, None, slope),
+        "act_bwd_post_kernel": lambda: fm.launch_act_bwd(g, w_down, pre, dpre, post, slope),
+        "bwd_gemm_cublas": lambda: torch.mm(g, w_down, out=dpre),
+    }
+    for name, fn in cases.items():
+        try:
+            ms = bench(fn)
+            res[name] = {"ms": ms, "tflops": flops / ms * 1e-9}
+        except Exception as exc:  # noqa: BLE001 - record and go on
+            res[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    return res
+
+
+def main():
+    args = parse_args()
+    dry = args.dry
+    device = "cpu" if dry else "cuda"
+    if not dry and not torch.cuda.is_available():
+        sys.exit("bench_kernels: no CUDA device (use --dry for the CPU interpreter)")
+    M = args.M or (64 if dry else 48 * 2048)
+    D = args.D or (32 if dry else 512)
+    H = args.H or (96 if dry else 1536)
+    dtype = torch.float32 if dry else torch.bfloat16
+    inputs = make_inputs(M, D, H, dtype, device)
+    ref = fp32_reference(*inputs, args.slope)
+    bench = timer(dry)
+    flops = (4 * M * D * H, 12 * M * D * H)
+    info = {"device": torch.cuda.get_device_name() if not dry else "cpu (TRITON_INTERPRET)",
+            "capability": list(torch.cuda.get_device_capability()) if not dry else None,
+            "torch": torch.__version__, "triton": triton.__version__,
+            "shape": {"M": M, "D": D, "H": H, "dtype": str(dtype), "slope": args.slope},
+            "launch_table": {f"{k[0]}/{k[1]}/{k[2]}": vars(v) for k, v in fm.LAUNCH_TABLE.items()
+                             if k[0] == fm._device_class(torch.device(device))},
+            "flops": {"fwd": flops[0], "fwd_bwd": flops[1]}, "variants": {}}
+    chosen = variants(args.slope)
+    unknown = sorted(set(args.variants or ()) - set(chosen))
+    if unknown:
+        sys.exit(f"bench_kernels: unknown --variants {unknown}; choose from {sorted(chosen)}")
+    t_start = time.perf_counter()
+    for name in args.variants or chosen:
+        build, override = chosen[name]
+        try:
+            with fm.launch_config_override(*(override or ())):
+                info["variants"][name] = bench_variant(build, inputs, ref, flops, bench,
+                                                       device)
+            if override:
+                info["variants"][name]["override"] = [vars(c) for c in override]
+        except Exception as exc:  # noqa: BLE001 - record and go on
+            info["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:2000],
+                                      "traceback": traceback.format_exc()[-4000:]}
+        torch._dynamo.reset()
+    info["kernels"] = bench_kernels(inputs, args.slope, bench)
+    info["wall_s"] = time.perf_counter() - t_start
+    write_json(args.out, info)
+    print_table(info)
+
+
+def print_table(info):
+    print(f"{info['device']}  torch {info['torch']}  triton {info['triton']}  {info['shape']}")
+    print(f"{'variant':24s} {'fwd ms':>8s} {'TF/s':>6s} {'f+b ms':>8s} {'TF/s':>6s} "
+          f"{'peakMB':>7s} {'err out':>8s} {'err dx':>8s} {'err dWu':>8s} {'err dWd':>8s}")
+    for name, r in info["variants"].items():
+        if "error" in r:
+            print(f"{name:24s} FAILED {r['error'][:200]}")
+            continue
+        peak = f"{r['peak_extra_bytes'] / 2**20:7.0f}" if r["peak_extra_bytes"] is not None else "      -"
+        e = r["rel_err"]
+        print(f"{name:24s} {r['fwd_ms']:8.3f} {r['fwd_tflops']:6.0f} {r['fwd_bwd_ms']:8.3f} "
+              f"{r['fwd_bwd_tflops']:6.0f} {peak} {e['out']:8.1e} {e['dx']:8.1e} "
+              f"{e['dw_up']:8.1e} {e['dw_down']:8.1e}")
+    for name, r in info["kernels"].items():
+        print(f"{name:24s} " + (f"{r['ms']:8.3f} ms {r['tflops']:6.0f} TF/s" if "ms" in r
+                                else f"FAILED {r['error'][:200]}"))
+    print(f"wall {info['wall_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
