@@ -86,13 +86,18 @@ CONFIGS = [
     fm.LaunchConfig(32, 32, 32, 4, 1, split_epilogue=False, max_programs=3),
     fm.LaunchConfig(32, 64, 16, 4, 2, split_epilogue=True, max_programs=5),
     fm.LaunchConfig(64, 32, 32, 4, 2, split_epilogue=True, max_programs=0),
+    fm.LaunchConfig(32, 32, 32, 4, 2, max_programs=3, tma=True),
+    fm.LaunchConfig(32, 64, 16, 4, 2, split_epilogue=True, max_programs=5, tma=True),
 ]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=["32x32x32", "32x64x16-split", "64x32x32-split"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["32x32x32", "32x64x16-split", "64x32x32-split",
+                                              "32x32x32-tma", "32x64x16-split-tma"])
 def test_launchers_write_every_element(cfg):
-    """Outputs start as NaN; pre = x@w_up^T, post = act(pre) exactly, dpre = (g@w_down)*act'(pre)."""
-    M, D, H, slope = 70, 48, 100, 0.5
+    """Outputs start as NaN; pre = x@w_up^T, post = act(pre) exactly, dpre = (g@w_down)*act'(pre).
+
+    Shapes fit no block size; H=100 fp32 rows are 400 bytes, so TMA descriptors are legal."""
+    M, D, H, slope = 70, 40, 100, 0.5
     x, w_up, w_down, g = make_inputs(M, D, H, torch.float32, seed=11)
     pre, post, dpre, post2 = (torch.full((M, H), float("nan"), device=DEVICE) for _ in range(4))
     fm.launch_up_act(x, w_up, pre, post, slope, config=cfg)
@@ -102,6 +107,18 @@ def test_launchers_write_every_element(cfg):
     deriv = torch.where(pre > 0, 2 * pre, 2 * slope**2 * pre).double()
     assert rel(dpre, (g.double() @ w_down.double()) * deriv) < TOL[torch.float32]
     assert torch.equal(post2, post)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tma_variant_through_autograd(dtype):
+    """TMA operand loads end to end (fp16 H=100 rows are 200 bytes: falls back to pointers)."""
+    cfg = fm.LaunchConfig(32, 32, 32, 4, 2, split_epilogue=True, max_programs=4, tma=True)
+    for shape in [(96, 64, 128), (70, 40, 100)]:
+        inputs = make_inputs(*shape, dtype, seed=17)
+        with fm.launch_config_override(cfg, cfg):
+            got = fused(*inputs)
+        for a, b in zip(got, reference(*inputs)):
+            assert rel(a, b) < TOL[dtype]
 
 
 def test_leading_dims_and_weight_cast():

@@ -23,12 +23,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 from torch import Tensor
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # older triton: TMA variant unavailable, pointer kernel only
+    TensorDescriptor = None
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernel
@@ -107,6 +114,52 @@ def _gemm_act_kernel(
                           FORWARD, STORE_POST)
 
 
+@triton.jit
+def _gemm_act_kernel_tma(
+    a_desc, b_desc, pre_ptr, post_ptr, dpre_ptr,
+    M, N, K,
+    slope_sq,
+    FORWARD: tl.constexpr, STORE_POST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_PROGS: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT_EPILOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, B_KMAJOR: tl.constexpr,
+):
+    """As _gemm_act_kernel, operands through TMA descriptors (out-of-range boxes read zeros).
+
+    a_desc: (M, K) blocks [BM, BK]; b_desc: (N, K) blocks [BN, BK] if B_KMAJOR else (K, N) [BK, BN]."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = tl.cdiv(M, BLOCK_M) * num_n
+    for tile in tl.range(pid, num_tiles, NUM_PROGS):
+        pid_m = tile // num_n
+        pid_n = tile % num_n
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            off_k = kb * BLOCK_K
+            a = a_desc.load([off_m, off_k])  # (BM, BK)
+            if B_KMAJOR:
+                b = b_desc.load([off_n, off_k]).T  # (BK, BN)
+            else:
+                b = b_desc.load([off_k, off_n])  # (BK, BN)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        if SPLIT_EPILOGUE:
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            offs_n0 = off_n + tl.arange(0, BLOCK_N // 2)
+            _act_epilogue(acc0, offs_m, offs_n0, M, N, pre_ptr, post_ptr, dpre_ptr, slope_sq,
+                          FORWARD, STORE_POST)
+            _act_epilogue(acc1, offs_m, offs_n0 + BLOCK_N // 2, M, N, pre_ptr, post_ptr, dpre_ptr,
+                          slope_sq, FORWARD, STORE_POST)
+        else:
+            _act_epilogue(acc, offs_m, off_n + tl.arange(0, BLOCK_N), M, N, pre_ptr, post_ptr,
+                          dpre_ptr, slope_sq, FORWARD, STORE_POST)
+
+
 INTERPRETED = not isinstance(_gemm_act_kernel, triton.runtime.JITFunction)
 
 # ----------------------------------------------------------------------------------------------
@@ -122,6 +175,7 @@ class LaunchConfig:
     num_stages: int
     split_epilogue: bool = False
     max_programs: int = 0  # 0: one program per SM (persistent grid)
+    tma: bool = False  # operands through TMA descriptors (falls back to pointers if misaligned)
 
 
 # (device class, dtype, direction) -> config. Device classes: "hopper" (sm_90+), "ampere" (sm_80+),
@@ -194,34 +248,86 @@ def _check_runnable(*tensors: Tensor) -> None:
         raise RuntimeError("fused_mlp: TRITON_INTERPRET=1 is set but tensors are on CUDA")
 
 
-def _launch(a: Tensor, b_strides: tuple[int, int], b: Tensor, N: int, pre: Tensor, post: Tensor,
+_FALLBACK: dict[LaunchConfig, LaunchConfig] = {}  # configs that did not fit -> config used
+
+
+def _smaller(cfg: LaunchConfig) -> LaunchConfig | None:
+    if cfg.num_stages > 2:
+        return dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+    if cfg.block_n > 128:
+        return dataclasses.replace(cfg, block_n=128, num_stages=3)
+    return None
+
+
+def _tma_ok(a: Tensor, b: Tensor) -> bool:
+    return TensorDescriptor is not None and all(
+        t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+        for t in (a, b))
+
+
+def _check_outputs(shape: tuple[int, int], dtype: torch.dtype, *outs: Tensor) -> None:
+    for t in outs:
+        if tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous():
+            raise ValueError(f"fused_mlp: (M, H) buffers must be contiguous {shape} {dtype}, "
+                             f"got {tuple(t.shape)} {t.dtype} contiguous={t.is_contiguous()}")
+
+
+def _launch(a: Tensor, b: Tensor, b_kmajor: bool, N: int, pre: Tensor, post: Tensor,
             dpre: Tensor, slope: float, forward: bool, store_post: bool,
             config: LaunchConfig | None) -> None:
-    """acc = a @ B^T with B[n, k] = b.flatten()[n*b_strides[0] + k*b_strides[1]]; epilogue by flags."""
-    M, K = a.shape
+    """acc = a @ B^T, B = b (N, K) if b_kmajor else b^T with b (K, N); epilogue by flags.
+
+    A config that needs more shared memory than the device has is shrunk (fewer stages, then
+    BLOCK_N 128) with a warning; the substitution is remembered in _FALLBACK."""
     cfg = config or launch_config("fwd" if forward else "bwd", a.dtype, a.device)
+    cfg = _FALLBACK.get(cfg, cfg)
+    while True:
+        try:
+            _launch_cfg(a, b, b_kmajor, N, pre, post, dpre, slope, forward, store_post, cfg)
+            return
+        except OutOfResources as exc:
+            smaller = _smaller(cfg)
+            if smaller is None:
+                raise
+            warnings.warn(f"fused_mlp: {cfg} does not fit ({exc}); trying {smaller}")
+            for k, v in list(_FALLBACK.items()):
+                if v == cfg:
+                    _FALLBACK[k] = smaller
+            _FALLBACK[cfg] = smaller
+            cfg = smaller
+
+
+def _launch_cfg(a, b, b_kmajor, N, pre, post, dpre, slope, forward, store_post, cfg):
+    M, K = a.shape
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     progs = cfg.max_programs or (_num_sms(a.device.index or 0) if a.device.type == "cuda" else tiles)
     progs = max(1, min(progs, tiles))
-    _gemm_act_kernel[(progs,)](
-        a, b, pre, post, dpre, M, N, K,
-        a.stride(0), a.stride(1), b_strides[0], b_strides[1],
-        float(slope) ** 2,
+    common = dict(
         FORWARD=forward, STORE_POST=store_post,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        NUM_PROGS=progs, EVEN_K=(K % cfg.block_k == 0),
-        UPCAST=(INTERPRETED and a.dtype == torch.bfloat16),
-        SPLIT_EPILOGUE=cfg.split_epilogue,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_PROGS=progs,
+        UPCAST=(INTERPRETED and a.dtype == torch.bfloat16), SPLIT_EPILOGUE=cfg.split_epilogue,
         INPUT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if cfg.tma and _tma_ok(a, b):
+        a_desc = TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
+        b_block = [cfg.block_n, cfg.block_k] if b_kmajor else [cfg.block_k, cfg.block_n]
+        b_desc = TensorDescriptor.from_tensor(b, b_block)
+        _gemm_act_kernel_tma[(progs,)](a_desc, b_desc, pre, post, dpre, M, N, K,
+                                       float(slope) ** 2, B_KMAJOR=b_kmajor, **common)
+        return
+    # B[n, k] strides: b (N, K) -> (stride0, stride1); b (K, N) -> (stride1, stride0)
+    sbn, sbk = (b.stride(0), b.stride(1)) if b_kmajor else (b.stride(1), b.stride(0))
+    _gemm_act_kernel[(progs,)](a, b, pre, post, dpre, M, N, K, a.stride(0), a.stride(1), sbn, sbk,
+                               float(slope) ** 2, EVEN_K=(K % cfg.block_k == 0), **common)
 
 
 def launch_up_act(x: Tensor, w_up: Tensor, pre: Tensor, post: Tensor, slope: float,
                   config: LaunchConfig | None = None) -> None:
     """pre = x @ w_up^T, post = LeakyReLU_slope(pre)^2. x (M, D), w_up (H, D), pre/post (M, H) contiguous."""
     _check_runnable(x, w_up, pre, post)
-    _launch(x, (w_up.stride(0), w_up.stride(1)), w_up, w_up.shape[0], pre, post, pre, slope,
+    _check_outputs((x.shape[0], w_up.shape[0]), x.dtype, pre, post)
+    _launch(x, w_up, True, w_up.shape[0], pre, post, pre, slope,
             forward=True, store_post=True, config=config)
 
 
@@ -231,10 +337,10 @@ def launch_act_bwd(g: Tensor, w_down: Tensor, pre: Tensor, dpre: Tensor, post: T
 
     g (M, D), w_down (D, H), pre/dpre/post (M, H) contiguous."""
     _check_runnable(g, w_down, pre, dpre)
-    # B[n, k] = w_down[k, n]: B's n-stride is w_down.stride(1), k-stride w_down.stride(0)
-    _launch(g, (w_down.stride(1), w_down.stride(0)), w_down, w_down.shape[1], pre,
-            dpre if post is None else post, dpre, slope, forward=False,
-            store_post=post is not None, config=config)
+    _check_outputs((g.shape[0], w_down.shape[1]), g.dtype, pre, dpre,
+                   *(() if post is None else (post,)))
+    _launch(g, w_down, False, w_down.shape[1], pre, dpre if post is None else post, dpre, slope,
+            forward=False, store_post=post is not None, config=config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,7 +366,8 @@ def _(x, w_up, slope):
 @torch.library.custom_op("pgolf::mlp_act_bwd", mutates_args=())
 def mlp_act_bwd(g: Tensor, w_down: Tensor, pre: Tensor, slope: float) -> Tensor:
     """dpre (M, H)."""
-    dpre = torch.empty_like(pre, memory_format=torch.contiguous_format)
+    pre = pre.contiguous()
+    dpre = torch.empty_like(pre)
     launch_act_bwd(g, w_down, pre, dpre, None, slope)
     return dpre
 
@@ -273,7 +380,8 @@ def _(g, w_down, pre, slope):
 @torch.library.custom_op("pgolf::mlp_act_bwd_post", mutates_args=())
 def mlp_act_bwd_post(g: Tensor, w_down: Tensor, pre: Tensor, slope: float) -> tuple[Tensor, Tensor]:
     """(dpre, post), each (M, H): the backward kernel also recomputes post from pre."""
-    dpre = torch.empty_like(pre, memory_format=torch.contiguous_format)
+    pre = pre.contiguous()
+    dpre = torch.empty_like(pre)
     post = torch.empty_like(dpre)
     launch_act_bwd(g, w_down, pre, dpre, post, slope)
     return dpre, post
