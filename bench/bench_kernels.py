@@ -1,7 +1,7 @@
 """Benchmark the fused LeakyReLU^2 MLP against eager and torch.compile at the record shapes.
 
 GPU:   python bench/bench_kernels.py --out bench_kernels.json      (M=48*2048, D=512, H=1536, bf16)
-Subset:  --variants eager fused fused_128x128
+Subset:  --variants eager fused fused_tma   (each variant compiles its own kernels: ~5-20 s)
 CPU:   python bench/bench_kernels.py --dry --out /tmp/dry.json      (Triton interpreter, tiny shapes)
 
 Times forward and forward+backward of each variant (triton.testing.do_bench medians on GPU),
@@ -79,6 +79,11 @@ def fp32_reference(x, w_up, w_down, g, slope):
     return [out.detach()] + [t.grad for t in leaves]
 
 
+TMA_256 = (fm.LaunchConfig(128, 256, 64, 8, 4, split_epilogue=True, tma=True),
+           fm.LaunchConfig(128, 256, 64, 8, 3, split_epilogue=True, tma=True))
+TMA_128 = (fm.LaunchConfig(128, 128, 64, 8, 4, tma=True), fm.LaunchConfig(128, 128, 64, 8, 3, tma=True))
+
+
 def variants(slope):
     """name -> (build() -> callable(x, w_up, w_down) -> out, (fwd, bwd) config override or None)."""
     def fused(save_post=True):
@@ -89,7 +94,6 @@ def variants(slope):
 
     c128 = fm.LaunchConfig(128, 128, 64, 8, 4), fm.LaunchConfig(128, 128, 64, 8, 3)
     c256_nosplit = fm.LaunchConfig(128, 256, 64, 8, 4), fm.LaunchConfig(128, 256, 64, 8, 3)
-    c256_s3 = (fm.LaunchConfig(128, 256, 64, 8, 3, split_epilogue=True),) * 2
     return {
         "eager": (lambda: eager, None),
         "eager_compiled": (lambda: torch.compile(eager, fullgraph=True), None),
@@ -97,7 +101,8 @@ def variants(slope):
         "fused_recompute_post": (lambda: fused(save_post=False), None),
         "fused_128x128": (fused, c128),
         "fused_128x256_nosplit": (fused, c256_nosplit),
-        "fused_128x256_stages3": (fused, c256_s3),
+        "fused_tma": (fused, TMA_256),
+        "fused_tma_128x128": (fused, TMA_128),
         "fused_compiled": (lambda: torch.compile(fused(), fullgraph=True), None),
     }
 
@@ -145,8 +150,11 @@ def bench_kernels(inputs, slope, bench):
     res = {}
     cases = {
         "up_act_kernel": lambda: fm.launch_up_act(x, w_up, pre, post, slope),
+        "up_act_kernel_tma": lambda: fm.launch_up_act(x, w_up, pre, post, slope, TMA_256[0]),
         "up_gemm_cublas": lambda: torch.mm(x, w_up.t(), out=pre),
         "act_bwd_kernel": lambda: fm.launch_act_bwd(g, w_down, pre, dpre, None, slope),
+        "act_bwd_kernel_tma": lambda: fm.launch_act_bwd(g, w_down, pre, dpre, None, slope,
+                                                        TMA_256[1]),
         "act_bwd_post_kernel": lambda: fm.launch_act_bwd(g, w_down, pre, dpre, post, slope),
         "bwd_gemm_cublas": lambda: torch.mm(g, w_down, out=dpre),
     }
@@ -199,6 +207,7 @@ def main():
         torch._dynamo.reset()
     info["kernels"] = bench_kernels(inputs, args.slope, bench)
     info["wall_s"] = time.perf_counter() - t_start
+    info["shrunk_configs"] = [[vars(k), vars(v)] for k, v in fm._FALLBACK.items()]
     write_json(args.out, info)
     print_table(info)
 

@@ -121,6 +121,35 @@ def test_tma_variant_through_autograd(dtype):
             assert rel(a, b) < TOL[dtype]
 
 
+def test_shared_memory_fallback_shrinks_config(monkeypatch):
+    """A config the device cannot hold is shrunk (stages, then BLOCK_N 128) and remembered."""
+    tried = []
+    real = fm._launch_cfg
+
+    def picky(*args):
+        cfg = args[-1]
+        tried.append(cfg)
+        if cfg.num_stages > 2 or cfg.block_n > 128:
+            raise fm.OutOfResources(300_000, 232_448, "shared memory")
+        return real(*args)
+
+    monkeypatch.setattr(fm, "_launch_cfg", picky)
+    monkeypatch.setattr(fm, "_FALLBACK", {})
+    big = fm.LaunchConfig(32, 256, 32, 4, 4, split_epilogue=True, max_programs=2)
+    x, w_up, _, _ = make_inputs(40, 32, 160, torch.float32, seed=19)
+    pre, post = (torch.full((40, 160), float("nan"), device=DEVICE) for _ in range(2))
+    with pytest.warns(UserWarning, match="does not fit"):
+        fm.launch_up_act(x, w_up, pre, post, 0.5, config=big)
+    final = fm.LaunchConfig(32, 128, 32, 4, 2, split_epilogue=True, max_programs=2)
+    assert [(c.block_n, c.num_stages) for c in tried] == [(256, 4), (256, 3), (256, 2), (128, 3),
+                                                          (128, 2)]
+    assert fm._FALLBACK[big] == final
+    assert rel(pre, x.double() @ w_up.double().T) < TOL[torch.float32]
+    tried.clear()
+    fm.launch_up_act(x, w_up, pre, post, 0.5, config=big)
+    assert tried == [final]
+
+
 def test_leading_dims_and_weight_cast():
     """(B, T, D) input; fp32 master weights are cast to x's dtype and get fp32 grads."""
     x, w_up, w_down, g = make_inputs(96, 32, 64, torch.float32, seed=5)

@@ -69,7 +69,8 @@ def _gemm_act_kernel(
     slope_sq,
     FORWARD: tl.constexpr, STORE_POST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_PROGS: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    NUM_PROGS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
     SPLIT_EPILOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Persistent GEMM acc = A @ B^T (A: (M, K), B: (N, K) by strides) + activation epilogue."""
@@ -82,9 +83,13 @@ def _gemm_act_kernel(
         pid_n = tile % num_n
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        # out-of-range rows/cols read row 0 (always valid) and are dropped at the store
-        offs_am = tl.max_contiguous(tl.multiple_of(tl.where(offs_m < M, offs_m, 0), BLOCK_M), BLOCK_M)
-        offs_bn = tl.max_contiguous(tl.multiple_of(tl.where(offs_n < N, offs_n, 0), BLOCK_N), BLOCK_N)
+        # ragged edges: out-of-range rows/cols read row/col 0 (always valid), dropped at the store
+        offs_am = offs_m
+        if not EVEN_M:
+            offs_am = tl.where(offs_m < M, offs_m, 0)
+        offs_bn = offs_n
+        if not EVEN_N:
+            offs_bn = tl.where(offs_n < N, offs_n, 0)
         a_ptrs = a_ptr + offs_am.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BM, BK)
         b_ptrs = b_ptr + offs_bn.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk  # (BK, BN)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -319,7 +324,9 @@ def _launch_cfg(a, b, b_kmajor, N, pre, post, dpre, slope, forward, store_post, 
     # B[n, k] strides: b (N, K) -> (stride0, stride1); b (K, N) -> (stride1, stride0)
     sbn, sbk = (b.stride(0), b.stride(1)) if b_kmajor else (b.stride(1), b.stride(0))
     _gemm_act_kernel[(progs,)](a, b, pre, post, dpre, M, N, K, a.stride(0), a.stride(1), sbn, sbk,
-                               float(slope) ** 2, EVEN_K=(K % cfg.block_k == 0), **common)
+                               float(slope) ** 2, EVEN_M=(M % cfg.block_m == 0),
+                               EVEN_N=(N % cfg.block_n == 0), EVEN_K=(K % cfg.block_k == 0),
+                               **common)
 
 
 def launch_up_act(x: Tensor, w_up: Tensor, pre: Tensor, post: Tensor, slope: float,
