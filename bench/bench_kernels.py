@@ -3,6 +3,7 @@
 GPU:   python bench/bench_kernels.py --out bench_kernels.json      (M=48*2048, D=512, H=1536, bf16)
 Subset:  --variants eager fused fused_tma   (each variant compiles its own kernels: ~5-20 s)
 CPU:   python bench/bench_kernels.py --dry --out /tmp/dry.json      (Triton interpreter, tiny shapes)
+Static: python bench/bench_kernels.py --resources --out res.json   (sm_90a compile report, no GPU)
 
 Times forward and forward+backward of each variant (triton.testing.do_bench medians on GPU),
 the two fused kernels alone next to a plain cuBLAS GEMM of the same shape, peak extra memory of a
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -34,6 +37,9 @@ def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON results path")
     ap.add_argument("--dry", action="store_true", help="CPU Triton interpreter at tiny shapes")
+    ap.add_argument("--resources", action="store_true",
+                    help="compile the record-shape kernels for sm_90a (no GPU) and report "
+                         "shared memory, registers, spills")
     ap.add_argument("--M", type=int, default=None, help="tokens (default 48*2048; dry 96)")
     ap.add_argument("--D", type=int, default=None, help="model dim (default 512; dry 64)")
     ap.add_argument("--H", type=int, default=None, help="hidden dim (default 1536; dry 128)")
@@ -79,30 +85,33 @@ def fp32_reference(x, w_up, w_down, g, slope):
     return [out.detach()] + [t.grad for t in leaves]
 
 
-TMA_256 = (fm.LaunchConfig(128, 256, 64, 8, 4, split_epilogue=True, tma=True),
-           fm.LaunchConfig(128, 256, 64, 8, 3, split_epilogue=True, tma=True))
+PTR_256 = (fm.LaunchConfig(128, 256, 64, 8, 4, split_epilogue=True),
+           fm.LaunchConfig(128, 256, 64, 8, 3, split_epilogue=True))
+PTR_128 = (fm.LaunchConfig(128, 128, 64, 8, 4), fm.LaunchConfig(128, 128, 64, 8, 3))
 TMA_128 = (fm.LaunchConfig(128, 128, 64, 8, 4, tma=True), fm.LaunchConfig(128, 128, 64, 8, 3, tma=True))
+TMA_256_NOSPLIT = (fm.LaunchConfig(128, 256, 64, 8, 4, tma=True),
+                   fm.LaunchConfig(128, 256, 64, 8, 3, tma=True))
 
 
 def variants(slope):
-    """name -> (build() -> callable(x, w_up, w_down) -> out, (fwd, bwd) config override or None)."""
+    """name -> (build() -> callable(x, w_up, w_down) -> out, (fwd, bwd) config override or None).
+
+    "fused" uses fm.LAUNCH_TABLE (on Hopper: TMA, 128x256x64, split epilogue)."""
     def fused(save_post=True):
         return lambda x, a, b: fm.fused_leaky_relu_sq_mlp(x, a, b, slope, save_post)
 
     def eager(x, a, b):
         return fm.eager_mlp(x, a, b, slope)
 
-    c128 = fm.LaunchConfig(128, 128, 64, 8, 4), fm.LaunchConfig(128, 128, 64, 8, 3)
-    c256_nosplit = fm.LaunchConfig(128, 256, 64, 8, 4), fm.LaunchConfig(128, 256, 64, 8, 3)
     return {
         "eager": (lambda: eager, None),
         "eager_compiled": (lambda: torch.compile(eager, fullgraph=True), None),
         "fused": (fused, None),
         "fused_recompute_post": (lambda: fused(save_post=False), None),
-        "fused_128x128": (fused, c128),
-        "fused_128x256_nosplit": (fused, c256_nosplit),
-        "fused_tma": (fused, TMA_256),
         "fused_tma_128x128": (fused, TMA_128),
+        "fused_tma_128x256_nosplit": (fused, TMA_256_NOSPLIT),
+        "fused_ptr_128x256": (fused, PTR_256),
+        "fused_ptr_128x128": (fused, PTR_128),
         "fused_compiled": (lambda: torch.compile(fused(), fullgraph=True), None),
     }
 
@@ -150,11 +159,11 @@ def bench_kernels(inputs, slope, bench):
     res = {}
     cases = {
         "up_act_kernel": lambda: fm.launch_up_act(x, w_up, pre, post, slope),
-        "up_act_kernel_tma": lambda: fm.launch_up_act(x, w_up, pre, post, slope, TMA_256[0]),
+        "up_act_kernel_ptr": lambda: fm.launch_up_act(x, w_up, pre, post, slope, PTR_256[0]),
         "up_gemm_cublas": lambda: torch.mm(x, w_up.t(), out=pre),
         "act_bwd_kernel": lambda: fm.launch_act_bwd(g, w_down, pre, dpre, None, slope),
-        "act_bwd_kernel_tma": lambda: fm.launch_act_bwd(g, w_down, pre, dpre, None, slope,
-                                                        TMA_256[1]),
+        "act_bwd_kernel_ptr": lambda: fm.launch_act_bwd(g, w_down, pre, dpre, None, slope,
+                                                        PTR_256[1]),
         "act_bwd_post_kernel": lambda: fm.launch_act_bwd(g, w_down, pre, dpre, post, slope),
         "bwd_gemm_cublas": lambda: torch.mm(g, w_down, out=dpre),
     }
@@ -167,8 +176,82 @@ def bench_kernels(inputs, slope, bench):
     return res
 
 
+def compile_report(name, cfg, forward, store_post, K=512, N=1536):
+    """Compile one bf16 kernel for sm_90a without a GPU; shared memory, registers, spills, ops."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    consts = dict(FORWARD=forward, STORE_POST=store_post, BLOCK_M=cfg.block_m,
+                  BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_PROGS=132, UPCAST=False,
+                  SPLIT_EPILOGUE=cfg.split_epilogue, INPUT_PRECISION="tf32")
+    sig = {"pre_ptr": "*bf16", "post_ptr": "*bf16", "dpre_ptr": "*bf16", "M": "i32", "N": "i32",
+           "K": "i32", "slope_sq": "fp32"}
+    if cfg.tma:
+        fn = fm._gemm_act_kernel_tma
+        b_blk = [cfg.block_n, cfg.block_k] if forward else [cfg.block_k, cfg.block_n]
+        sig.update(a_desc=f"tensordesc<bf16[{cfg.block_m}, {cfg.block_k}]>",
+                   b_desc=f"tensordesc<bf16{b_blk}>")
+        consts["B_KMAJOR"] = forward
+    else:  # unit strides are specialized to constexpr 1 at launch, as here
+        fn = fm._gemm_act_kernel
+        sig.update(a_ptr="*bf16", b_ptr="*bf16", stride_am="i32", stride_bn="i32",
+                   stride_bk="i32")
+        consts.update(EVEN_M=True, EVEN_N=True, EVEN_K=True, stride_ak=1,
+                      **({"stride_bk": 1} if forward else {"stride_bn": 1}))
+    sig.update({k: "constexpr" for k in consts})
+    names = [p.name for p in fn.params]
+    sig = {n: sig[n] for n in names}
+    aligned = ["a_ptr", "b_ptr", "pre_ptr", "post_ptr", "dpre_ptr", "M", "N", "K", "stride_am",
+               "stride_bn", "stride_bk"]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned
+             if n in sig and sig[n] != "constexpr"}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    ptx = kernel.asm["ptx"]
+    rep = {"shared_bytes": kernel.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
+           "tma_loads": ptx.count("cp.async.bulk.tensor"), "cp_async": ptx.count("cp.async.cg"),
+           "config": vars(cfg)}
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "k.ptx").write_text(ptx)
+        for exe in ("ptxas-blackwell", "ptxas"):  # the newer one reads triton's newest PTX
+            run = subprocess.run([str(bindir / exe), "-arch=sm_90a", "-v", f"{tmp}/k.ptx", "-o",
+                                  f"{tmp}/k.cubin"], capture_output=True, text=True)
+            if run.returncode == 0:
+                rep["ptxas"] = " | ".join(x.split("info    : ")[-1] for x in run.stderr.splitlines()
+                                          if "registers" in x or "spill" in x)
+                break
+        else:
+            rep["ptxas"] = f"failed: {run.stderr[-300:]}"
+    print(f"{name:28s} smem {rep['shared_bytes']:7d}  wgmma {rep['wgmma']}  tma {rep['tma_loads']}"
+          f"  cp.async {rep['cp_async']}  {rep['ptxas']}")
+    return rep
+
+
+def resources(out):
+    """--resources: compile-only report of the record-shape kernels (no GPU needed)."""
+    if fm.INTERPRETED:
+        sys.exit("bench_kernels: --resources needs TRITON_INTERPRET unset")
+    table = {d: fm.LAUNCH_TABLE[("hopper", torch.bfloat16, d)] for d in ("fwd", "bwd")}
+    cases = {"table": (table["fwd"], table["bwd"]), "tma_128x128": TMA_128,
+             "tma_128x256_nosplit": TMA_256_NOSPLIT, "ptr_128x256": PTR_256, "ptr_128x128": PTR_128}
+    rep = {"triton": triton.__version__}
+    for name, (fwd, bwd) in cases.items():
+        for direction, cfg, store_post in (("fwd", fwd, False), ("bwd", bwd, False),
+                                           ("bwd_post", bwd, True)):
+            key = f"{name}/{direction}"
+            try:
+                rep[key] = compile_report(key, cfg, direction == "fwd", store_post)
+            except Exception as exc:  # noqa: BLE001 - record and go on
+                rep[key] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+                print(f"{key:28s} FAILED {rep[key]['error'][:300]}")
+    write_json(out, rep)
+
+
 def main():
     args = parse_args()
+    if args.resources:
+        return resources(args.out)
     dry = args.dry
     device = "cpu" if dry else "cuda"
     if not dry and not torch.cuda.is_available():
