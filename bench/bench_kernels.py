@@ -150,27 +150,46 @@ def bench_variant(build, inputs, ref, flops, bench, device):
             "peak_extra_bytes": peak, "rel_err": errs}
 
 
-def bench_kernels(inputs, slope, bench):
-    """The two fused kernels alone vs a cuBLAS GEMM of the same shape (epilogue cost)."""
+def ceilings(device, dtype, bench):
+    """Measured device ceilings: copy bandwidth (read+write bytes/s) and a large cuBLAS GEMM rate."""
+    n = (1 << 28) if device == "cuda" else (1 << 16)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = bench(lambda: dst.copy_(src))
+    s = 8192 if device == "cuda" else 128
+    a, b = (torch.randn(s, s, device=device).to(dtype) for _ in range(2))
+    mm_ms = bench(lambda: a @ b)
+    return {"copy_bytes_per_s": 2 * 4 * n / copy_ms * 1e3, "gemm_flops_per_s": 2 * s**3 / mm_ms * 1e3}
+
+
+def bench_kernels(inputs, slope, bench, ceil):
+    """The two fused kernels alone vs a cuBLAS GEMM of the same shape (epilogue cost).
+
+    floor_ms = max(flops / measured GEMM rate, least bytes / measured copy bandwidth)."""
     x, w_up, w_down, g = inputs
-    M, H = x.shape[0], w_up.shape[0]
+    (M, D), H, e = x.shape, w_up.shape[0], x.element_size()
     pre, post, dpre = (torch.empty(M, H, device=x.device, dtype=x.dtype) for _ in range(3))
-    flops = 2 * M * x.shape[1] * H
-    res = {}
-    cases = {
-        "up_act_kernel": lambda: fm.launch_up_act(x, w_up, pre, post, slope),
-        "up_act_kernel_ptr": lambda: fm.launch_up_act(x, w_up, pre, post, slope, PTR_256[0]),
-        "up_gemm_cublas": lambda: torch.mm(x, w_up.t(), out=pre),
-        "act_bwd_kernel": lambda: fm.launch_act_bwd(g, w_down, pre, dpre, None, slope),
-        "act_bwd_kernel_ptr": lambda: fm.launch_act_bwd(g, w_down, pre, dpre, None, slope,
-                                                        PTR_256[1]),
-        "act_bwd_post_kernel": lambda: fm.launch_act_bwd(g, w_down, pre, dpre, post, slope),
-        "bwd_gemm_cublas": lambda: torch.mm(g, w_down, out=dpre),
+    flops = 2 * M * D * H
+    ab = (M * D + D * H) * e  # operand bytes; each (M, H) tensor read or written adds M*H*e
+    cases = {  # name -> (fn, bytes moved at least)
+        "up_act_kernel": (lambda: fm.launch_up_act(x, w_up, pre, post, slope), ab + 2 * M * H * e),
+        "up_act_kernel_ptr": (lambda: fm.launch_up_act(x, w_up, pre, post, slope, PTR_256[0]),
+                              ab + 2 * M * H * e),
+        "up_gemm_cublas": (lambda: torch.mm(x, w_up.t(), out=pre), ab + M * H * e),
+        "act_bwd_kernel": (lambda: fm.launch_act_bwd(g, w_down, pre, dpre, None, slope),
+                           ab + 2 * M * H * e),
+        "act_bwd_kernel_ptr": (lambda: fm.launch_act_bwd(g, w_down, pre, dpre, None, slope,
+                                                         PTR_256[1]), ab + 2 * M * H * e),
+        "act_bwd_post_kernel": (lambda: fm.launch_act_bwd(g, w_down, pre, dpre, post, slope),
+                                ab + 3 * M * H * e),
+        "bwd_gemm_cublas": (lambda: torch.mm(g, w_down, out=dpre), ab + M * H * e),
     }
-    for name, fn in cases.items():
+    res = {}
+    for name, (fn, nbytes) in cases.items():
         try:
             ms = bench(fn)
-            res[name] = {"ms": ms, "tflops": flops / ms * 1e-9}
+            floor = max(flops / ceil["gemm_flops_per_s"], nbytes / ceil["copy_bytes_per_s"]) * 1e3
+            res[name] = {"ms": ms, "tflops": flops / ms * 1e-9, "bytes": nbytes, "floor_ms": floor}
         except Exception as exc:  # noqa: BLE001 - record and go on
             res[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
     return res
@@ -259,7 +278,7 @@ def main():
     M = args.M or (64 if dry else 48 * 2048)
     D = args.D or (32 if dry else 512)
     H = args.H or (96 if dry else 1536)
-    dtype = torch.float32 if dry else torch.bfloat16
+    dtype = torch.float16 if dry else torch.bfloat16
     inputs = make_inputs(M, D, H, dtype, device)
     ref = fp32_reference(*inputs, args.slope)
     bench = timer(dry)
@@ -288,7 +307,11 @@ def main():
             info["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:2000],
                                       "traceback": traceback.format_exc()[-4000:]}
         torch._dynamo.reset()
-    info["kernels"] = bench_kernels(inputs, args.slope, bench)
+    try:
+        info["ceilings"] = ceilings(device, dtype, bench)
+        info["kernels"] = bench_kernels(inputs, args.slope, bench, info["ceilings"])
+    except Exception as exc:  # noqa: BLE001 - record and go on
+        info["kernels"] = {"all": {"error": f"{type(exc).__name__}: {exc}"[:2000]}}
     info["wall_s"] = time.perf_counter() - t_start
     info["shrunk_configs"] = [[vars(k), vars(v)] for k, v in fm._FALLBACK.items()]
     write_json(args.out, info)
@@ -309,8 +332,13 @@ def print_table(info):
               f"{r['fwd_bwd_tflops']:6.0f} {peak} {e['out']:8.1e} {e['dx']:8.1e} "
               f"{e['dw_up']:8.1e} {e['dw_down']:8.1e}")
     for name, r in info["kernels"].items():
-        print(f"{name:24s} " + (f"{r['ms']:8.3f} ms {r['tflops']:6.0f} TF/s" if "ms" in r
+        print(f"{name:24s} " + (f"{r['ms']:8.3f} ms {r['tflops']:6.0f} TF/s  floor "
+                                f"{r['floor_ms']:.3f} ms" if "ms" in r
                                 else f"FAILED {r['error'][:200]}"))
+    if "ceilings" in info:
+        c = info["ceilings"]
+        print(f"ceilings: copy {c['copy_bytes_per_s'] / 1e9:.0f} GB/s, "
+              f"GEMM {c['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s")
     print(f"wall {info['wall_s']:.1f} s")
 
 
