@@ -1,0 +1,32 @@
+"""Stage `prepare`: params.yaml `prepare` section -> data/tokenizer, data/shards, metrics/prepare.json."""
+
+from __future__ import annotations
+
+import sys
+
+from pgolf import config
+from pgolf.corpus import CorpusError
+from pgolf.data import ShardError
+from pgolf.prepare import run
+from pgolf.tensorfile import TensorFileError
+from pgolf.tokenizer import TokenizerError
+
+EXPECTED_ERRORS = (config.ConfigError, CorpusError, ShardError, TokenizerError, TensorFileError, FileNotFoundError)
+
+
+def main() -> int:
+    try:
+        cfg = config.load("prepare")
+        m = run(cfg)
+    except EXPECTED_ERRORS as e:
+        print(f"prepare: error: {e}", file=sys.stderr)
+        return 1
+    print(f"prepare: vocab {m['vocab_size']}, train {m['train_tokens']:,} tokens in {m['train_docs']:,} docs, "
+          f"val {m['val_tokens']:,} tokens in {m['val_docs']:,} docs, val {m['val_bytes']:,} bytes "
+          f"({m['bytes_per_token']:.4f} bytes/token), tokenizer sha256 {m['tokenizer_sha256'][:12]}, "
+          f"{m['seconds']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""params.yaml <-> pgolf/config.py: every field is set explicitly, types are checked."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pgolf import config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_params_yaml_sets_every_field_of_every_section():
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, cls in config.SECTIONS.items():
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert set(doc[section]) == fields, f"params.yaml [{section}] must set exactly the fields of {cls.__name__}"
+        config.load(section, ROOT / "params.yaml")
+
+
+def test_record_profile_sets_every_field_too():
+    doc = yaml.safe_load((ROOT / "profiles" / "record.yaml").read_text())
+    for section, cls in config.SECTIONS.items():
+        assert set(doc[section]) == {f.name for f in dataclasses.fields(cls)}
+        config.from_dict(section, doc[section])
+
+
+def test_wrong_type_names_the_parameter():
+    with pytest.raises(config.ConfigError, match=r"prepare\.vocab_size must be int"):
+        config.from_dict("prepare", {"vocab_size": "big"})
+    with pytest.raises(config.ConfigError, match=r"train\.compile must be bool"):
+        config.from_dict("train", {"compile": 1})
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(config.ConfigError, match=r"quantize\.bitz"):
+        config.from_dict("quantize", {"bitz": 6})
+
+
+def test_floats_accept_ints_and_yaml_exponent_strings():
+    cfg = config.from_dict("train", {"adam_eps": "1e-8", "matrix_lr": 1})
+    assert cfg.adam_eps == 1e-8 and cfg.matrix_lr == 1.0
+
+
+def test_params_yaml_is_the_tiny_profile():
+    assert (ROOT / "params.yaml").read_text() == (ROOT / "profiles" / "tiny.yaml").read_text()
+
+
+def test_profile_apply_round_trip(tmp_path):
+    import shutil
+
+    from pgolf import profiles
+
+    shutil.copytree(ROOT / "profiles", tmp_path / "profiles")
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    changes = profiles.apply("record", tmp_path)
+    assert any(c.startswith("model.num_layers: 4 -> 11") for c in changes)
+    assert config.load("train", tmp_path / "params.yaml").batch_tokens == 786432
+    assert profiles.apply("tiny", tmp_path)  # back again
+    assert (tmp_path / "params.yaml").read_text() == (ROOT / "profiles" / "tiny.yaml").read_text()
+    with pytest.raises(config.ConfigError, match="no such profile"):
+        profiles.apply("nope", tmp_path)

@@ -1,0 +1,410 @@
+"""pgolf.model: parameter inventory, config checks, forward math against hand-written references
+(naive GQA attention, RoPE, XSA, RMSNorm, LeakyReLU^2), Hessian accumulation, QAT (eager and
+under torch.compile without recompiling), export round trip, causality, BigramHash hash."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pgolf.config import ModelConfig
+from pgolf.int6 import fake_quant
+from pgolf.model import GPT, Rotary, bigram_hash, count_params, validate_config, xsa
+
+TINY = ModelConfig(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=3,
+                   xsa_last_n=2, bigram_buckets=31, bigram_dim=8, ve_dim=8, ve_last_n=1, rope_dims=4)
+
+
+def make_tiny(seed=0, cfg=TINY, **kw):
+    """A tiny model with every parameter perturbed (zero-init O/down/gates/tables become live)."""
+    torch.manual_seed(seed)
+    m = GPT(cfg, **kw)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def batch(seed=1, B=2, T=12, V=64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
+
+
+# ----------------------------------------------------------------------------- inventory / config
+
+
+@pytest.mark.parametrize("buckets,expected", [(4096, 27_255_900), (2048, 26_993_756), (3072, 27_124_828)])
+def test_record_param_counts(buckets, expected):
+    assert count_params(dataclasses.replace(ModelConfig(), bigram_buckets=buckets)) == expected
+
+
+def test_record_inventory_shapes():
+    with torch.device("meta"):
+        m = GPT(ModelConfig())
+    shapes = {n: tuple(p.shape) for n, p in m.named_parameters()}
+    assert shapes["qo_bank"] == (22, 512, 512) and shapes["kv_bank"] == (22, 256, 512)
+    assert shapes["mlp_up_bank"] == (11, 1536, 512) and shapes["mlp_down_bank"] == (11, 512, 1536)
+    assert shapes["skip_weights"] == (5, 512) and shapes["smear.gate"] == (512,)
+    assert shapes["bigram.embed.weight"] == (4096, 128) and shapes["bigram.proj.weight"] == (512, 128)
+    assert shapes["bigram.scale"] == () and shapes["ve_shared.scale"] == () and shapes["ve_layer_scales"] == (2,)
+    assert shapes["ve_shared.embed.weight"] == (1024, 128) and shapes["ve_shared.proj.weight"] == (256, 128)
+    per_layer = {k: v for k, v in shapes.items() if k.startswith("blocks.3.")}
+    assert per_layer == {"blocks.3.attn_scale": (512,), "blocks.3.mlp_scale": (512,),
+                         "blocks.3.resid_mix": (2, 512), "blocks.3.attn.q_gain": (8,)}
+    assert sum(math.prod(s) for k, s in shapes.items() if k.startswith("blocks.")) == 22_616
+    assert m.hessian_shapes()["blocks.10.mlp.proj.weight"] == 1536
+    assert len(m.quantizable_names()) == 66
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(num_heads=6), "model.num_heads"),
+    (dict(num_kv_heads=3), "model.num_kv_heads"),
+    (dict(xsa_last_n=12), "model.xsa_last_n"),
+    (dict(xsa_last_n=-1), "model.xsa_last_n"),
+    (dict(ve_last_n=12), "model.ve_last_n"),
+    (dict(rope_dims=15), "model.rope_dims"),
+    (dict(rope_dims=66), "model.rope_dims"),
+    (dict(vocab_size=70000), "model.vocab_size"),
+    (dict(model_dim=0), "model.model_dim"),
+    (dict(bigram_buckets=1), "model.bigram_buckets"),
+])
+def test_config_errors_name_the_field(change, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        validate_config(dataclasses.replace(ModelConfig(), **change))
+
+
+# ----------------------------------------------------------------------------- init + forward
+
+
+def test_init_values_follow_spec():
+    torch.manual_seed(0)
+    m = GPT(TINY)
+    L, eye = TINY.num_layers, torch.eye(32)
+    for i in range(L):
+        torch.testing.assert_close(m.qo_bank[i] @ m.qo_bank[i].T, eye, atol=1e-5, rtol=0)  # orthogonal Q
+        torch.testing.assert_close(m.kv_bank[L + i] @ m.kv_bank[L + i].T, torch.eye(16), atol=1e-5, rtol=0)
+    assert m.qo_bank[L:].abs().max() == 0 and m.mlp_down_bank.abs().max() == 0
+    assert m.bigram.embed.weight.abs().max() == 0 and m.smear.gate.abs().max() == 0
+    assert m.bigram.scale.item() == pytest.approx(0.05) and m.ve_shared.scale.item() == pytest.approx(0.1)
+    assert torch.equal(m.blocks[1].resid_mix, torch.stack([torch.ones(32), torch.zeros(32)]))
+    assert torch.all(m.blocks[0].attn.q_gain == 1.5) and torch.all(m.skip_weights == 1)
+    assert m.tok_emb.weight.std().item() == pytest.approx(0.005, rel=0.1)
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+
+
+def test_forward_shape_and_initial_loss_near_ln_vocab():
+    torch.manual_seed(0)
+    m = GPT(TINY)
+    x, y = batch()
+    logits = m.forward_logits(x)
+    assert logits.shape == (2, 12, 64)
+    loss = m(x, y)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert abs(loss.item() - math.log(64)) < 0.02
+    torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 64), y.reshape(-1)))
+
+
+def test_bf16_autocast_forward_keeps_fp32_loss_and_hessians():
+    m = make_tiny()
+    x, y = batch()
+    H32 = m.zero_hessians()
+    ref = m(x, y, H32)
+    H16 = m.zero_hessians()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m(x, y, H16)
+    assert got.dtype == torch.float32 and all(h.dtype == torch.float32 for h in H16.values())
+    assert abs(got.item() - ref.item()) < 0.05
+    for k in ("blocks.0.attn.c_q.weight", "blocks.2.mlp.proj.weight"):
+        torch.testing.assert_close(H16[k], H32[k], atol=0.1 * H32[k].abs().max().item(), rtol=0.05)
+
+
+def test_softcap_bounds_logits():
+    m = make_tiny()
+    with torch.no_grad():
+        m.tok_emb.weight.mul_(400.0)  # raw logits far beyond the cap
+    x, _ = batch()
+    logits = m.forward_logits(x)
+    assert logits.abs().max() <= TINY.logit_softcap and logits.abs().max() > 0.9 * TINY.logit_softcap
+    raw = m._hidden(x, None) @ m.tok_emb.weight.T
+    torch.testing.assert_close(logits, 30.0 * torch.tanh(raw / 30.0))
+
+
+def test_causality_future_tokens_do_not_change_past_logits():
+    m = make_tiny()
+    x, _ = batch()
+    x2 = x.clone()
+    x2[:, 8] = (x2[:, 8] + 5) % 64
+    a, b = m.forward_logits(x), m.forward_logits(x2)
+    torch.testing.assert_close(a[:, :8], b[:, :8], atol=1e-6, rtol=0)
+    assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- hand references
+
+
+def naive_rope(x, rd, base):
+    """x (B, T, H, hd): rotate pairs (j, j + rd/2) by angle t * base^(-2j/rd)."""
+    T, half = x.size(1), rd // 2
+    out = x.clone()
+    for j in range(half):
+        ang = torch.arange(T, dtype=torch.float32) * base ** (-2 * j / rd)  # (T,)
+        c, s = ang.cos()[None, :, None], ang.sin()[None, :, None]
+        x1, x2 = x[..., j], x[..., j + half]
+        out[..., j] = x1 * c + x2 * s
+        out[..., j + half] = -x1 * s + x2 * c
+    return out
+
+
+def naive_rms(x):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)
+
+
+def naive_attention(m, layer, a, ve):
+    """Reference attention of block `layer` on its input a (B, T, D): repeat K/V, masked softmax."""
+    cfg, L = m.cfg, m.cfg.num_layers
+    B, T, _ = a.shape
+    H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.model_dim // cfg.num_heads
+    q = (a @ m.qo_bank[layer].T).view(B, T, H, hd)
+    k = (a @ m.kv_bank[layer].T).view(B, T, Hkv, hd)
+    v = a @ m.kv_bank[L + layer].T
+    if ve is not None:
+        v = v + ve
+    v = v.view(B, T, Hkv, hd)
+    q, k = naive_rms(q), naive_rms(k)
+    q, k = naive_rope(q, cfg.rope_dims, cfg.rope_base), naive_rope(k, cfg.rope_dims, cfg.rope_base)
+    q = q * m.blocks[layer].attn.q_gain[None, None, :, None]
+    rep = H // Hkv
+    kr, vr = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)  # (B, T, H, hd)
+    scores = torch.einsum("bthd,bshd->bhts", q, kr) / math.sqrt(hd)
+    scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+    y = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), vr)  # (B, T, H, hd)
+    if layer >= L - cfg.xsa_last_n:
+        vn = vr / vr.norm(dim=-1, keepdim=True)
+        y = y - (y * vn).sum(-1, keepdim=True) * vn
+    y = y.reshape(B, T, H * hd)
+    return y @ m.qo_bank[L + layer].T, y
+
+
+def capture_block_inputs(m, layer):
+    seen = {}
+
+    def hook(mod, args, kwargs, out):
+        seen["h"], seen["x0"], seen["ve"] = args[0], args[1], kwargs.get("ve")
+
+    m.blocks[layer].register_forward_hook(hook, with_kwargs=True)
+    return seen
+
+
+@torch.no_grad()
+def test_block_matches_hand_reference_and_hessians_are_xtx():
+    m = make_tiny()
+    L, layer = TINY.num_layers, TINY.num_layers - 1  # last layer: XSA + value embedding
+    seen = capture_block_inputs(m, layer)
+    x, y = batch()
+    H = m.zero_hessians()
+    m(x, y, H)
+    blk = m.blocks[layer]
+    h_in = blk.resid_mix[0] * seen["h"] + blk.resid_mix[1] * seen["x0"]
+    s = 1.0 / math.sqrt(layer + 1)
+    a = naive_rms(h_in) * s  # attention input
+    ve = m.ve_layer_scales[0] * m.ve_shared.scale * (m.ve_shared.embed.weight[x] @ m.ve_shared.proj.weight.T)
+    torch.testing.assert_close(seen["ve"], ve)
+    attn_out, y_attn = naive_attention(m, layer, a, ve)
+    h_mid = h_in + blk.attn_scale * attn_out
+    u = (naive_rms(h_mid) * s) @ m.mlp_up_bank[layer].T
+    act = torch.where(u >= 0, u, 0.5 * u) ** 2  # LeakyReLU(0.5)^2
+    h_out = h_mid + blk.mlp_scale * (act @ m.mlp_down_bank[layer].T)
+    torch.testing.assert_close(m._hidden(x, None), naive_rms(h_out), atol=1e-5, rtol=1e-5)
+
+    def gram(t):
+        t = t.reshape(-1, t.size(-1))
+        return t.T @ t
+
+    p = f"blocks.{layer}"
+    for kind in ("c_q", "c_k", "c_v"):
+        torch.testing.assert_close(H[f"{p}.attn.{kind}.weight"], gram(a), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(H[f"{p}.attn.proj.weight"], gram(y_attn), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(H[f"{p}.mlp.fc.weight"], gram(naive_rms(h_mid) * s), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(H[f"{p}.mlp.proj.weight"], gram(act), atol=1e-4, rtol=1e-5)
+    assert all(H[n].diagonal().min() > 0 for n in m.quantizable_names())
+    before = {k: v.clone() for k, v in H.items()}
+    m(x, y, H)  # accumulates: second pass doubles every matrix
+    for k in H:
+        torch.testing.assert_close(H[k], 2 * before[k])
+    with pytest.raises(ValueError, match="blocks.0.attn.c_q.weight"):
+        m(x, y, {})
+
+
+def test_unet_skips_and_first_layer_match_reference():
+    """Layer 0 (no XSA here) via the naive attention, and the decoder's skip connection."""
+    m = make_tiny()
+    x, _ = batch()
+    seen0, seen1 = capture_block_inputs(m, 0), capture_block_inputs(m, 1)
+    with torch.no_grad():
+        m.forward_logits(x)
+        e = m.tok_emb.weight[x] + m.bigram.scale * (m.bigram.embed.weight[bigram_hash(x, 31)] @ m.bigram.proj.weight.T)
+        en = naive_rms(e)
+        g = torch.sigmoid(m.smear.gate)
+        x0 = (1 - g) * en + g * F.pad(en[:, :-1], (0, 0, 1, 0))
+        torch.testing.assert_close(seen0["x0"], x0)
+        torch.testing.assert_close(seen0["h"], x0)
+        blk = m.blocks[0]
+        h_in = blk.resid_mix[0] * x0 + blk.resid_mix[1] * x0
+        attn_out, _ = naive_attention(m, 0, naive_rms(h_in), None)
+        h_mid = h_in + blk.attn_scale * attn_out
+        u = naive_rms(h_mid) @ m.mlp_up_bank[0].T
+        h_out = h_mid + blk.mlp_scale * ((torch.where(u >= 0, u, 0.5 * u) ** 2) @ m.mlp_down_bank[0].T)
+        # 3 layers: encoder = block 0, decoder = blocks 1, 2; block 1 gets skip_weights[0] * out(block 0)
+        torch.testing.assert_close(seen1["h"], h_out + m.skip_weights[0] * h_out, atol=1e-5, rtol=1e-5)
+
+
+def test_xsa_output_is_orthogonal_to_own_value_per_kv_group():
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(2, 5, 6, 8, generator=g)  # 6 query heads
+    v = torch.randn(2, 5, 3, 8, generator=g)  # 3 KV heads: query head h -> KV head h // 2
+    out = xsa(y, v)
+    for h in range(6):
+        vn = F.normalize(v[:, :, h // 2], dim=-1)
+        assert (out[:, :, h] * vn).sum(-1).abs().max() < 1e-5
+        torch.testing.assert_close(out[:, :, h], y[:, :, h] - (y[:, :, h] * vn).sum(-1, keepdim=True) * vn)
+
+
+def test_rotary_ntk_rule():
+    rot = Rotary(rope_dims=16, base=10000.0, train_seq_len=8)
+    cos, sin = rot(8, torch.device("cpu"))  # T == train_seq_len: plain base
+    j = torch.arange(8, dtype=torch.float32)
+    torch.testing.assert_close(cos, torch.cos(torch.arange(8.0)[:, None] * 10000.0 ** (-2 * j / 16)))
+    cos, sin = rot(16, torch.device("cpu"))  # T = 2 * train_seq_len: base * 2^(16/14)
+    base = 10000.0 * 2.0 ** (16 / 14)
+    torch.testing.assert_close(sin, torch.sin(torch.arange(16.0)[:, None] * base ** (-2 * j / 16)))
+
+
+def test_bigram_hash_hand_example():
+    ids = torch.tensor([[5, 7, 1023, 0], [50000, 60000, 3, 3]])
+    got = bigram_hash(ids, 4096).tolist()
+
+    def i32(v):  # two's-complement wrap of the reference's int32 arithmetic
+        v &= 0xFFFFFFFF
+        return v - (1 << 32) if v >= 1 << 31 else v
+
+    # (36313*7) ^ (27191*5) = 254191 ^ 135955 = 127996 -> mod 4095 = 1051
+    assert got[0][:2] == [4095, 1051]
+    for row, ids_row in zip(got, ids.tolist()):
+        for t in range(1, 4):
+            assert row[t] == (i32(36313 * ids_row[t]) ^ i32(27191 * ids_row[t - 1])) % 4095
+    assert 36313 * 60000 > 2**31 and got[1][0] == 4095
+
+
+# ----------------------------------------------------------------------------- QAT
+
+
+def fake_quantized_copy(m):
+    ref = make_tiny()
+    ref.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        for name in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank"):
+            b = getattr(ref, name)
+            for i in range(b.size(0)):
+                b[i].copy_(fake_quant(b[i], m.qat_quantile, qmax=31))
+    return ref
+
+
+def test_qat_forward_equals_fake_quantized_weights_and_ste_grads():
+    m = make_tiny(qat_quantile=0.9)
+    x, y = batch()
+    off = m(x, y)
+    m.set_qat(True)
+    on = m(x, y)
+    ref = fake_quantized_copy(m)
+    r = ref(x, y)
+    assert abs(on.item() - off.item()) > 1e-5
+    torch.testing.assert_close(on, r, atol=1e-6, rtol=0)
+    on.backward()
+    r.backward()
+    for name in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank", "tok_emb.weight"):
+        g1, g2 = m.get_parameter(name).grad, ref.get_parameter(name).grad
+        torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)  # straight-through
+    m.set_qat(False)
+    torch.testing.assert_close(m(x, y), off, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="qat_clip_quantile"):
+        m.set_qat_quantile(1.5)
+
+
+@pytest.mark.slow  # CPU inductor: ~13 s with a warm cache, ~70 s cold on a loaded 2-core box
+def test_qat_flip_under_compile_changes_output_without_recompiling():
+    """Inductor elides int6.row_scale's fp16 round trip unless emulate_precision_casts is on;
+    with it, the compiled QAT forward matches eager (the trainer must set it too)."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+
+    cfg = dataclasses.replace(TINY, num_layers=1, xsa_last_n=1)
+    m = make_tiny(cfg=cfg, qat_quantile=0.9)
+    x, _ = batch(T=8)
+    torch._dynamo.reset()
+    counters.clear()
+    cm = torch.compile(m.forward_logits, fullgraph=True, dynamic=False)
+    with torch.no_grad(), inductor_config.patch(emulate_precision_casts=True):
+        off = cm(x)
+        m.set_qat(True)
+        on = cm(x)
+        graphs = counters["stats"]["unique_graphs"]
+        eager_on = m.forward_logits(x)
+        m.set_qat(False)
+        off2 = cm(x)
+    assert graphs == 1 and counters["stats"]["unique_graphs"] == 1
+    assert (on - off).abs().max() > 1e-4
+    torch.testing.assert_close(on, eager_on, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(off2, off, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- export / groups
+
+
+def test_export_load_round_trip_is_exact_and_strict():
+    m = make_tiny(seed=0)
+    sd = m.export_state_dict()
+    assert "blocks.2.attn.c_v.weight" in sd and "qo_bank" not in sd
+    assert sd["blocks.2.attn.c_v.weight"].shape == (16, 32) and sd["blocks.1.mlp.proj.weight"].shape == (32, 96)
+    assert torch.equal(sd["blocks.1.attn.proj.weight"], m.qo_bank[TINY.num_layers + 1])
+    assert "blocks.0.attn.q_gain" in sd and "ve_shared.scale" in sd and "bigram.proj.weight" in sd
+    assert sum(v.numel() for v in sd.values()) == m.num_params()
+    other = make_tiny(seed=5)
+    other.load_export_state_dict(sd)
+    for (n, p), (n2, p2) in zip(m.state_dict().items(), other.state_dict().items()):
+        assert n == n2 and torch.equal(p, p2), n
+    x, y = batch()
+    assert torch.equal(m(x, y), other(x, y))
+    bad = dict(sd)
+    del bad["blocks.0.mlp.fc.weight"]
+    with pytest.raises(ValueError, match="missing.*blocks.0.mlp.fc.weight"):
+        other.load_export_state_dict(bad)
+    bad = dict(sd, **{"blocks.0.mlp.fc.weight": torch.zeros(3, 3)})
+    with pytest.raises(ValueError, match="blocks.0.mlp.fc.weight has shape"):
+        other.load_export_state_dict(bad)
+    with pytest.raises(ValueError, match="unexpected.*extra"):
+        other.load_export_state_dict(dict(sd, extra=torch.zeros(1)))
+
+
+def test_optimizer_groups_partition_parameters():
+    m = make_tiny()
+    g = m.optimizer_groups()
+    ids = [id(p) for grp in g.values() for p in grp]
+    assert len(ids) == len(set(ids)) == len(list(m.parameters()))
+    assert [tuple(p.shape) for p in g["matrix"]] == [(6, 32, 32), (6, 16, 32), (3, 96, 32), (3, 32, 96), (32, 8), (16, 8)]
+    assert {id(p) for p in g["embed"]} == {id(m.tok_emb.weight), id(m.bigram.embed.weight), id(m.ve_shared.embed.weight)}
+    assert all(p.dim() <= 2 and p.numel() <= 3 * 32 for p in g["scalar"])
+
+
+@pytest.mark.gpu
+def test_fused_mlp_path_matches_eager_on_cuda():
+    pytest.importorskip("pgolf.kernels.fused_mlp")
+    m = make_tiny(cfg=dataclasses.replace(TINY, model_dim=128, num_heads=4)).cuda()
+    x, y = batch(T=64)
+    x, y = x.cuda(), y.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = m(x, y)
+        m.use_fused_mlp = True
+        got = m(x, y)
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)

@@ -1,0 +1,132 @@
+"""The users' DVC workflows, end to end, in a temporary copy of the repo at a micro config.
+
+- `dvc repro` runs the whole pipeline and writes every contract metric key;
+- `dvc exp run -S quantize.<p>=...` reruns quantize -> compress -> evaluate, never prepare/train;
+  setting the value back restores the earlier results from the run-cache without recomputing;
+- `dvc metrics diff` / `params diff` / `plots diff` between two branches show the expected keys
+  and differences (checked in the --json output: DVC exits 0 even when it cannot read metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+MICRO = {
+    "prepare": {"max_train_docs": 60},
+    "model": {"num_layers": 2, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2, "xsa_last_n": 2,
+              "bigram_buckets": 64, "bigram_dim": 16, "ve_dim": 16, "ve_last_n": 1, "rope_dims": 8},
+    "train": {"batch_tokens": 2048, "seq_len": 128, "iterations": 24, "warmdown_iters": 8,
+              "muon_momentum_warmup_steps": 8, "hessian_every": 4, "val_tokens": 8192, "log_every": 8,
+              "checkpoint_every": 0},
+    "quantize": {"passthrough_max_numel": 1024},
+    "evaluate": {"context": 128, "stride": 64, "max_tokens": 8192},
+}
+CONTRACT = {
+    "prepare": ["vocab_size", "train_tokens", "val_tokens", "val_bytes", "train_docs", "val_docs"],
+    "train": ["steps", "train_seconds", "tokens_per_second", "world_size", "val_bpb_float", "peak_memory_mb"],
+    "quant": ["int6_tensors", "passthrough_tensors", "pruned_values", "quantize_seconds"],
+    "size": ["codec", "lzma_bytes", "zstd_bytes", "model_bytes", "code_bytes", "total_bytes", "cap_bytes", "under_cap"],
+    "eval": ["val_loss", "val_bpb", "stride", "context", "scored_tokens", "scored_bytes", "eval_seconds"],
+}
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    p = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, f"{' '.join(args)} failed ({p.returncode}):\n{out[-4000:]}"
+    return out
+
+
+def _dvc(*args: str, cwd: Path) -> str:
+    return _run([sys.executable, "-m", "dvc", *args], cwd)
+
+
+def _set_params(repo: Path, updates: dict) -> None:
+    path = repo / "params.yaml"
+    doc = yaml.safe_load(path.read_text())
+    for section, kv in updates.items():
+        doc[section].update(kv)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A fresh git+DVC repo holding the tracked files of this checkout, at the micro config."""
+    dst = tmp_path_factory.mktemp("pipeline") / "repo"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dst / rel)
+    _set_params(dst, MICRO)
+    _run(["git", "init", "-q", "-b", "main"], dst)
+    _run(["git", "add", "-A"], dst)
+    _run(["git", "commit", "-qm", "micro"], dst)
+    out = _dvc("repro", cwd=dst)
+    assert "Running stage 'evaluate'" in out
+    _run(["git", "add", "-A"], dst)
+    _run(["git", "commit", "-qm", "repro"], dst)
+    return dst
+
+
+def test_repro_writes_every_contract_metric(repo):
+    for name, keys in CONTRACT.items():
+        data = json.loads((repo / "metrics" / f"{name}.json").read_text())
+        missing = [k for k in keys if k not in data]
+        assert not missing, f"metrics/{name}.json lacks {missing}"
+    ev = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert 0 < ev["val_bpb"] < 10
+    assert "Data and pipelines are up to date" in _dvc("repro", cwd=repo)
+
+
+def test_quantize_param_reruns_only_downstream_and_run_cache_restores(repo):
+    before = json.loads((repo / "metrics" / "size.json").read_text())
+    out = _dvc("exp", "run", "-S", "quantize.damp=0.05", cwd=repo)
+    assert "Stage 'prepare' didn't change, skipping" in out
+    assert "Stage 'train' didn't change, skipping" in out
+    assert "Running stage 'quantize'" in out and "Running stage 'evaluate'" in out
+    out = _dvc("exp", "run", "-S", "quantize.damp=0.01", cwd=repo)
+    assert "Stage 'quantize' is cached - skipping run" in out
+    assert "Running stage" not in out
+    assert json.loads((repo / "metrics" / "size.json").read_text()) == before
+    _run(["git", "checkout", "-q", "--", "."], repo)
+    _dvc("checkout", "-q", cwd=repo)
+
+
+def test_metrics_params_plots_diff_between_branches(repo):
+    _run(["git", "checkout", "-q", "-b", "int5"], repo)
+    _set_params(repo, {"quantize": {"bits": 5}})
+    out = _dvc("repro", cwd=repo)
+    assert "Stage 'train' didn't change, skipping" in out
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "int5"], repo)
+
+    diff = json.loads(_dvc("metrics", "diff", "main", "int5", "--json", cwd=repo))
+    size, ev = diff["metrics/size.json"], diff["metrics/eval.json"]
+    assert size["model_bytes"]["new"] < size["model_bytes"]["old"]
+    assert size["model_bytes"]["diff"] < 0
+    assert ev["val_bpb"]["old"] is not None and ev["val_bpb"]["new"] is not None
+    assert "metrics/train.json" not in diff  # train did not rerun: same numbers on both branches
+
+    params = json.loads(_dvc("params", "diff", "main", "int5", "--json", cwd=repo))
+    assert params["params.yaml"]["quantize.bits"] == {"old": 6, "new": 5}
+
+    plots = json.loads(_dvc("plots", "diff", "main", "int5", "--json", cwd=repo))
+    assert any("plots/train.tsv" in k for k in plots)
+    _run(["git", "checkout", "-q", "main"], repo)
+    _dvc("checkout", "-q", cwd=repo)
