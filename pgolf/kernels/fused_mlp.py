@@ -10,6 +10,12 @@ This module owns the fused MLP used by the model on CUDA (spec §5):
   dW_up = dpre^T x and dx = dpre @ W_up (cuBLAS). With save_post=False the forward keeps only
   `pre` for backward and the backward kernel rewrites `post` from `pre` in the same epilogue.
 
+Saving only `pre` removes no forward write (the down projection must read `post`); it frees one
+(M, H) activation per layer between forward and backward (302 MB per layer at M=98,304, H=1536,
+bf16) and costs one more (M, H) write in the backward kernel (about 0.1 ms at ~3 TB/s). Memory is
+not the limit at the record shapes, so save_post=True is the default; bench/bench_kernels.py
+measures both ("fused" vs "fused_recompute_post").
+
 Launch configurations are fixed per (device class, dtype, direction) in LAUNCH_TABLE (no
 multi-config autotune, which needs a GPU driver). Under TRITON_INTERPRET=1 (set before importing
 this module: the choice is made when the kernel is decorated) the kernels run on CPU tensors for
