@@ -16,7 +16,8 @@ if not torch.cuda.is_available():
 from pgolf.kernels import fused_mlp as fm  # noqa: E402
 
 DEVICE = "cpu" if fm.INTERPRETED else "cuda"
-on_gpu = pytest.mark.skipif(fm.INTERPRETED or not torch.cuda.is_available(), reason="needs CUDA")
+on_gpu = pytest.mark.skipif(fm.INTERPRETED or not torch.cuda.is_available(),
+                            reason="needs CUDA and TRITON_INTERPRET unset")
 
 SHAPES = [(64, 32, 96), (96, 64, 128), (70, 40, 100)]  # (M, D, H); the last fits no block size
 TOL = {torch.float32: 1e-5 if fm.INTERPRETED else 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}

@@ -260,7 +260,8 @@ def _check_runnable(*tensors: Tensor) -> None:
         raise RuntimeError("fused_mlp: needs CUDA tensors, or TRITON_INTERPRET=1 set before "
                            "pgolf.kernels is imported (CPU interpreter)")
     if dev.type == "cuda" and INTERPRETED:
-        raise RuntimeError("fused_mlp: TRITON_INTERPRET=1 is set but tensors are on CUDA")
+        raise RuntimeError("fused_mlp: TRITON_INTERPRET=1 was set when pgolf.kernels was imported "
+                           "but the tensors are on CUDA; set it only on machines without CUDA")
 
 
 _FALLBACK: dict[LaunchConfig, LaunchConfig] = {}  # configs that did not fit -> config used
