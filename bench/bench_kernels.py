@@ -89,6 +89,8 @@ PTR_256 = (fm.LaunchConfig(128, 256, 64, 8, 4, split_epilogue=True),
            fm.LaunchConfig(128, 256, 64, 8, 3, split_epilogue=True))
 PTR_128 = (fm.LaunchConfig(128, 128, 64, 8, 4), fm.LaunchConfig(128, 128, 64, 8, 3))
 TMA_128 = (fm.LaunchConfig(128, 128, 64, 8, 4, tma=True), fm.LaunchConfig(128, 128, 64, 8, 3, tma=True))
+TMA_256_FLAT = (fm.LaunchConfig(128, 256, 64, 8, 4, True, tma=True, flatten=True),
+                fm.LaunchConfig(128, 256, 64, 8, 3, True, tma=True, flatten=True))
 TMA_256_NOSPLIT = (fm.LaunchConfig(128, 256, 64, 8, 4, tma=True),
                    fm.LaunchConfig(128, 256, 64, 8, 3, tma=True))
 
@@ -110,6 +112,7 @@ def variants(slope):
         "fused_recompute_post": (lambda: fused(save_post=False), None),
         "fused_tma_128x128": (fused, TMA_128),
         "fused_tma_128x256_nosplit": (fused, TMA_256_NOSPLIT),
+        "fused_tma_flatten": (fused, TMA_256_FLAT),
         "fused_ptr_128x256": (fused, PTR_256),
         "fused_ptr_128x128": (fused, PTR_128),
         "fused_compiled": (lambda: torch.compile(fused(), fullgraph=True), None),
@@ -209,7 +212,7 @@ def compile_report(name, cfg, forward, store_post, K=512, N=1536):
         b_blk = [cfg.block_n, cfg.block_k] if forward else [cfg.block_k, cfg.block_n]
         sig.update(a_desc=f"tensordesc<bf16[{cfg.block_m}, {cfg.block_k}]>",
                    b_desc=f"tensordesc<bf16{b_blk}>")
-        consts["B_KMAJOR"] = forward
+        consts.update(B_KMAJOR=forward, FLATTEN=cfg.flatten)
     else:  # unit strides are specialized to constexpr 1 at launch, as here
         fn = fm._gemm_act_kernel
         sig.update(a_ptr="*bf16", b_ptr="*bf16", stride_am="i32", stride_bn="i32",
@@ -252,7 +255,8 @@ def resources(out):
     if fm.INTERPRETED:
         sys.exit("bench_kernels: --resources needs TRITON_INTERPRET unset")
     table = {d: fm.LAUNCH_TABLE[("hopper", torch.bfloat16, d)] for d in ("fwd", "bwd")}
-    cases = {"table": (table["fwd"], table["bwd"]), "tma_128x128": TMA_128,
+    cases = {"table": (table["fwd"], table["bwd"]), "tma_flatten": TMA_256_FLAT,
+             "tma_128x128": TMA_128,
              "tma_128x256_nosplit": TMA_256_NOSPLIT, "ptr_128x256": PTR_256, "ptr_128x128": PTR_128}
     rep = {"triton": triton.__version__}
     for name, (fwd, bwd) in cases.items():

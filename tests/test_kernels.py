@@ -89,11 +89,13 @@ CONFIGS = [
     fm.LaunchConfig(64, 32, 32, 4, 2, split_epilogue=True, max_programs=0),
     fm.LaunchConfig(32, 32, 32, 4, 2, max_programs=3, tma=True),
     fm.LaunchConfig(32, 64, 16, 4, 2, split_epilogue=True, max_programs=5, tma=True),
+    fm.LaunchConfig(32, 32, 32, 4, 2, max_programs=4, tma=True, flatten=True),
 ]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["32x32x32", "32x64x16-split", "64x32x32-split",
-                                              "32x32x32-tma", "32x64x16-split-tma"])
+                                              "32x32x32-tma", "32x64x16-split-tma",
+                                              "32x32x32-tma-flatten"])
 def test_launchers_write_every_element(cfg):
     """Outputs start as NaN; pre = x@w_up^T, post = act(pre) exactly, dpre = (g@w_down)*act'(pre).
 

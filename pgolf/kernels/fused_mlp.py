@@ -96,8 +96,9 @@ def _gemm_act_kernel(
         offs_bn = offs_n
         if not EVEN_N:
             offs_bn = tl.where(offs_n < N, offs_n, 0)
-        a_ptrs = a_ptr + offs_am.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BM, BK)
-        b_ptrs = b_ptr + offs_bn.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk  # (BK, BN)
+        # (BM, BK) and (BK, BN) tiles
+        a_ptrs = a_ptr + offs_am.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_bn.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, tl.cdiv(K, BLOCK_K)):
             if EVEN_K:
@@ -134,6 +135,7 @@ def _gemm_act_kernel_tma(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_PROGS: tl.constexpr, UPCAST: tl.constexpr,
     SPLIT_EPILOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, B_KMAJOR: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
     """As _gemm_act_kernel, operands through TMA descriptors (out-of-range boxes read zeros).
 
@@ -141,7 +143,7 @@ def _gemm_act_kernel_tma(
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     num_tiles = tl.cdiv(M, BLOCK_M) * num_n
-    for tile in tl.range(pid, num_tiles, NUM_PROGS):
+    for tile in tl.range(pid, num_tiles, NUM_PROGS, flatten=FLATTEN):
         pid_m = tile // num_n
         pid_n = tile % num_n
         off_m = pid_m * BLOCK_M
@@ -187,6 +189,7 @@ class LaunchConfig:
     split_epilogue: bool = False
     max_programs: int = 0  # 0: one program per SM (persistent grid)
     tma: bool = False  # operands through TMA descriptors (falls back to pointers if misaligned)
+    flatten: bool = False  # TMA kernel only: tl.range(flatten=True) pipelines across tiles
 
 
 # (device class, dtype, direction) -> config. Device classes: "hopper" (sm_90+), "ampere" (sm_80+),
@@ -337,7 +340,8 @@ def _launch_cfg(a, b, b_kmajor, N, pre, post, dpre, slope, forward, store_post, 
         b_block = [cfg.block_n, cfg.block_k] if b_kmajor else [cfg.block_k, cfg.block_n]
         b_desc = TensorDescriptor.from_tensor(b, b_block)
         _gemm_act_kernel_tma[(progs,)](a_desc, b_desc, pre, post, dpre, M, N, K,
-                                       float(slope) ** 2, B_KMAJOR=b_kmajor, **common)
+                                       float(slope) ** 2, B_KMAJOR=b_kmajor,
+                                       FLATTEN=cfg.flatten, **common)
         return
     # B[n, k] strides: b (N, K) -> (stride0, stride1); b (K, N) -> (stride1, stride0)
     sbn, sbk = (b.stride(0), b.stride(1)) if b_kmajor else (b.stride(1), b.stride(0))
@@ -349,7 +353,9 @@ def _launch_cfg(a, b, b_kmajor, N, pre, post, dpre, slope, forward, store_post, 
 
 def launch_up_act(x: Tensor, w_up: Tensor, pre: Tensor, post: Tensor, slope: float,
                   config: LaunchConfig | None = None) -> None:
-    """pre = x @ w_up^T, post = LeakyReLU_slope(pre)^2. x (M, D), w_up (H, D), pre/post (M, H) contiguous."""
+    """pre = x @ w_up^T, post = LeakyReLU_slope(pre)^2.
+
+    x (M, D), w_up (H, D), pre/post (M, H) contiguous."""
     _check_runnable(x, w_up, pre, post)
     _check_outputs((x.shape[0], w_up.shape[0]), x.dtype, pre, post)
     _launch(x, w_up, True, w_up.shape[0], pre, post, pre, slope,
