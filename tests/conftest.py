@@ -1,12 +1,13 @@
-"""Test-wide setup: Triton runs in interpreter mode on CPU (must be set before triton is imported,
-because the choice is made when kernels are decorated), and GPU tests skip without CUDA."""
+"""Test-wide setup: without CUDA, Triton runs in interpreter mode (must be set before kernels are
+defined, because the choice is made when they are decorated); GPU tests skip without CUDA."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
