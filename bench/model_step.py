@@ -45,6 +45,7 @@ def main() -> None:
     model = GPT(ModelConfig()).cuda()
     x = torch.randint(0, 1024, (args.batch, args.seq), device="cuda")
     y = torch.randint(0, 1024, (args.batch, args.seq), device="cuda")
+    model.arm_qat()
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     hess = model.zero_hessians()
 

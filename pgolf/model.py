@@ -344,6 +344,7 @@ class GPT(nn.Module):
         self.mlp_down_bank = nn.Parameter(torch.empty(L, D, self.hidden))
         self.blocks = nn.ModuleList(Block(cfg, i, use_xsa=i >= self.xsa_start) for i in range(L))
         self.register_buffer("qat_enabled", torch.tensor(False), persistent=False)
+        self.qat_armed = False  # python flag: without it the forward skips fake-quant entirely
         self.use_fused_mlp = False
         self.use_fa3 = HAS_FA3
         self.reset_parameters()
@@ -394,19 +395,29 @@ class GPT(nn.Module):
             raise ValueError(f"train.qat_clip_quantile must be in (0, 1], got {quantile}")
         self.qat_quantile = float(quantile)
 
+    def arm_qat(self) -> None:
+        """Put the fake-quant branch into the graph (call before torch.compile when late QAT may
+        switch on); an unarmed model (eval, quantized artifact) never pays for fake-quant."""
+        self.qat_armed = True
+
     def set_qat(self, enabled: bool) -> None:
-        """Flip the QAT buffer in place (a graph input under torch.compile: no recompile)."""
+        """Flip the QAT buffer in place (a graph input under torch.compile: no recompile once
+        armed). Switching on arms the model (a compiled graph built unarmed recompiles once)."""
+        if enabled:
+            self.arm_qat()
         self.qat_enabled.fill_(bool(enabled))
 
     # -- forward
 
     def _banks(self) -> list[torch.Tensor]:
         """The four banks, fake-quantized (STE) where QAT is on: [qo, kv, up, down]."""
-        qmax = qmax_for(QAT_BITS)
         banks = [self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank]
+        if not self.qat_armed:
+            return banks
+        qmax = qmax_for(QAT_BITS)
         return [torch.where(self.qat_enabled, fake_quant(b, self.qat_quantile, qmax), b) for b in banks]
 
-    def _hidden(self, idx: torch.Tensor, hessians: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    def forward_hidden(self, idx: torch.Tensor, hessians: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """idx (B, T) -> final normed hidden states (B, T, D)."""
         L = self.cfg.num_layers
         T = idx.size(1)
@@ -430,9 +441,10 @@ class GPT(nn.Module):
 
     def forward_logits(self, idx: torch.Tensor) -> torch.Tensor:
         """idx (B, T) -> softcapped logits (B, T, V)."""
-        return self._logits(self._hidden(idx, None))
+        return self.logits_from_hidden(self.forward_hidden(idx, None))
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+    def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., D) -> softcapped tied-head logits (..., V); lets callers score only some rows."""
         c = self.cfg.logit_softcap
         logits = F.linear(h, self.tok_emb.weight)  # (B, T, V), tied head
         return c * torch.tanh(logits / c)
@@ -442,7 +454,7 @@ class GPT(nn.Module):
         """idx, targets (B, T) -> mean CE (fp32 scalar); optionally accumulates Hessians."""
         if hessians is not None:
             self._check_hessians(hessians)
-        logits = self._logits(self._hidden(idx, hessians))  # (B, T, V)
+        logits = self.logits_from_hidden(self.forward_hidden(idx, hessians))  # (B, T, V)
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
     # -- names, shapes, export

@@ -127,7 +127,7 @@ def test_softcap_bounds_logits():
     x, _ = batch()
     logits = m.forward_logits(x)
     assert logits.abs().max() <= TINY.logit_softcap and logits.abs().max() > 0.9 * TINY.logit_softcap
-    raw = m._hidden(x, None) @ m.tok_emb.weight.T
+    raw = m.forward_hidden(x) @ m.tok_emb.weight.T
     torch.testing.assert_close(logits, 30.0 * torch.tanh(raw / 30.0))
 
 
@@ -216,7 +216,7 @@ def test_block_matches_hand_reference_and_hessians_are_xtx():
     u = (naive_rms(h_mid) * s) @ m.mlp_up_bank[layer].T
     act = torch.where(u >= 0, u, 0.5 * u) ** 2  # LeakyReLU(0.5)^2
     h_out = h_mid + blk.mlp_scale * (act @ m.mlp_down_bank[layer].T)
-    torch.testing.assert_close(m._hidden(x, None), naive_rms(h_out), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.forward_hidden(x), naive_rms(h_out), atol=1e-5, rtol=1e-5)
 
     def gram(t):
         t = t.reshape(-1, t.size(-1))
@@ -343,6 +343,7 @@ def test_qat_flip_under_compile_changes_output_without_recompiling():
     x, _ = batch(T=8)
     torch._dynamo.reset()
     counters.clear()
+    m.arm_qat()  # what the train loop does before compiling
     cm = torch.compile(m.forward_logits, fullgraph=True, dynamic=False)
     with torch.no_grad():
         off = cm(x)
