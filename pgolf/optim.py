@@ -112,6 +112,12 @@ def compiled_newtonschulz5():
     """`zeropower_via_newtonschulz5` under torch.compile (one graph per shape), built once."""
     global _COMPILED_NS
     if _COMPILED_NS is None:
+        # One code object serves every bank shape (and its transposes, and the per-rank shares of
+        # Parallel Muon): more than dynamo's default of 8 graphs, which under fullgraph=True is a
+        # hard error, not a fallback. Allow one graph per shape this model can produce.
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         _COMPILED_NS = torch.compile(zeropower_via_newtonschulz5, dynamic=False, fullgraph=True)
     return _COMPILED_NS
 
