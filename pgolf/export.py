@@ -51,7 +51,7 @@ def submission(m: dict, name: str, author: str, github_id: str, blurb: str, date
     }
 
 
-def readme(sub: dict, m: dict, params_text: str) -> str:
+def readme(sub: dict, m: dict, params_text: str, metrics_dir: Path) -> str:
     p = m["prepare"]
     return "\n".join([
         f"# {sub['name']}", "", sub["blurb"], "",
@@ -65,7 +65,7 @@ def readme(sub: dict, m: dict, params_text: str) -> str:
         f"| GPTQ + pruning | {sub['quantize_seconds']:.1f} s |",
         f"| data | {p['train_tokens']:,} train tokens ({p['train_docs']:,} docs), {p['val_tokens']:,} val tokens |",
         "", "Produced by the pgolf DVC pipeline (`dvc repro`). Run summary:", "", "```",
-        render(Path("metrics")), "```", "", "Parameters of the run (`params.yaml`):", "", "```yaml",
+        render(metrics_dir), "```", "", "Parameters of the run (`params.yaml`):", "", "```yaml",
         params_text.rstrip(), "```", "",
     ])
 
@@ -82,7 +82,7 @@ def export(root: Path, out: Path, name: str, author: str, github_id: str, blurb:
     out.mkdir(parents=True, exist_ok=True)
     sub = submission(m, name, author, github_id, blurb, dt.date.today().isoformat())
     write_json(out / "submission.json", sub)
-    atomic_write_text(out / "README.md", readme(sub, m, (root / "params.yaml").read_text()))
+    atomic_write_text(out / "README.md", readme(sub, m, (root / "params.yaml").read_text(), root / "metrics"))
     shutil.copy2(final / "model.ptz", out / "model.ptz")
     for entry in code["files"]:
         (out / "code" / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
