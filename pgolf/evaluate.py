@@ -1,0 +1,133 @@
+"""Scoring the submission: rebuild the GPT from the artifact alone, check it against the data,
+run sliding and non-sliding val_bpb (pgolf.bpb), write metrics/eval.json.
+
+The model is rebuilt only from `artifacts/final/model.ptz` (`read_artifact` ->
+`dequantize_state` -> `GPT.load_export_state_dict`); the float checkpoint is never read. Before
+scoring, the artifact's tokenizer (meta["tokenizer"]: sha256, vocab_size) must match the one the
+validation shards were made with (`data/tokenizer/tokenizer.json`, and the byte tables' meta),
+so a model is never scored on tokens of another vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pgolf import bpb, dist
+from pgolf.artifact import ArtifactError, dequantize_state, read_artifact
+from pgolf.config import ConfigError, EvaluateConfig, ModelConfig
+from pgolf.data import ByteTables, load_byte_tables, read_tokenizer_meta
+from pgolf.io import write_json
+from pgolf.model import GPT
+
+
+class EvaluateError(ValueError):
+    """Inputs of the evaluate stage that do not fit together (tokenizer, vocabulary, params)."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    artifact: Path = Path("artifacts/final/model.ptz")
+    shards: Path = Path("data/shards")
+    tokenizer: Path = Path("data/tokenizer")
+    metrics: Path = Path("metrics/eval.json")
+
+
+def validate(cfg: EvaluateConfig) -> None:
+    if cfg.context <= 0:
+        raise ConfigError(f"params.yaml: evaluate.context must be positive, got {cfg.context}")
+    if not 0 <= cfg.stride <= cfg.context:
+        raise ConfigError(f"params.yaml: evaluate.stride must be in [0, evaluate.context={cfg.context}], got {cfg.stride}")
+    if cfg.batch_seqs <= 0:
+        raise ConfigError(f"params.yaml: evaluate.batch_seqs must be positive, got {cfg.batch_seqs}")
+    if cfg.max_tokens < 0:
+        raise ConfigError(f"params.yaml: evaluate.max_tokens must be >= 0, got {cfg.max_tokens}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"params.yaml: evaluate.device must be auto, cpu or cuda; got {cfg.device!r}")
+    if cfg.nproc_per_node < 1:
+        raise ConfigError(f"params.yaml: evaluate.nproc_per_node must be >= 1, got {cfg.nproc_per_node}")
+
+
+def load_model(path: str | Path, device="cpu") -> tuple[GPT, dict]:
+    """GPT rebuilt from an artifact file alone: (model in eval mode on `device`, artifact meta)."""
+    tensors, meta = read_artifact(path)
+    for key in ("model", "train_seq_len", "quant"):
+        if key not in meta:
+            raise ArtifactError(f"{path}: artifact meta lacks {key!r}")
+    try:
+        model = GPT(ModelConfig(**meta["model"]), train_seq_len=int(meta["train_seq_len"]))
+        model.load_export_state_dict(dequantize_state(tensors, meta))
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{path}: cannot rebuild the model: {e}") from None
+    return model.to(device).eval(), meta
+
+
+def check_tokenizer(meta: dict, tables: ByteTables, tokenizer_dir: str | Path, artifact: str | Path) -> None:
+    """The artifact's tokenizer must be the validation data's (sha256 and vocabulary size)."""
+    tok = read_tokenizer_meta(tokenizer_dir)
+    tok_path = Path(tokenizer_dir) / "tokenizer.json"
+    want = meta.get("tokenizer")
+    if not isinstance(want, dict) or "sha256" not in want or "vocab_size" not in want:
+        raise EvaluateError(f"{artifact}: artifact meta lacks tokenizer {{sha256, vocab_size}}")
+    if int(want["vocab_size"]) != int(tok["vocab_size"]):
+        raise EvaluateError(f"{artifact}: model vocab_size {want['vocab_size']} but the validation data's tokenizer "
+                            f"({tok_path}) has vocab_size {tok['vocab_size']}")
+    if want["sha256"] != tok["sha256"]:
+        raise EvaluateError(f"{artifact}: trained with tokenizer sha256 {want['sha256'][:12]}… but the validation "
+                            f"shards were made with {tok['sha256'][:12]}… ({tok_path}); re-run prepare with the "
+                            f"model's tokenizer")
+    table_sha = tables.meta.get("tokenizer_sha256")
+    if table_sha is not None and table_sha != tok["sha256"]:
+        raise EvaluateError(f"{Path(tokenizer_dir) / 'byte_tables.pgt'}: built for tokenizer {table_sha[:12]}…, "
+                            f"not {tok['sha256'][:12]}… ({tok_path})")
+    if tables.vocab_size < int(meta["model"]["vocab_size"]):
+        raise EvaluateError(f"{Path(tokenizer_dir) / 'byte_tables.pgt'}: {tables.vocab_size} entries for a model "
+                            f"vocabulary of {meta['model']['vocab_size']}")
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run(cfg: EvaluateConfig, paths: Paths = Paths(), progress: bool = True) -> dict:
+    """Evaluate the artifact on every rank; rank 0 writes metrics/eval.json. Returns the metrics."""
+    validate(cfg)
+    info = dist.init(cfg.device)
+    t0 = time.perf_counter()
+    model, meta = load_model(paths.artifact, info.device)
+    tables = load_byte_tables(paths.tokenizer)
+    check_tokenizer(meta, tables, paths.tokenizer, paths.artifact)
+    tokens = bpb.load_val_tokens(paths.shards, cfg.max_tokens)
+    if len(tokens) < cfg.context + 1:
+        raise EvaluateError(f"{paths.shards}: {len(tokens) - 1:,} validation targets (evaluate.max_tokens "
+                            f"{cfg.max_tokens}) are fewer than one window of evaluate.context {cfg.context}")
+    tokens = bpb.truncate(tokens, cfg.context)  # spec §2.2, L = context: whole windows of targets
+    common = dict(device=info.device, rank=info.rank, world=info.world_size)
+    compile_ = cfg.compile and info.device.type == "cuda"
+    t1 = time.perf_counter()
+    flat = bpb.eval_nonsliding(model, tokens, tables, cfg.context, cfg.batch_seqs, compile=compile_,
+                               progress=progress and info.is_main, **common)
+    t2 = time.perf_counter()
+    if cfg.stride > 0:
+        ev = bpb.eval_sliding(model, tokens, tables, cfg.context, cfg.stride, cfg.batch_seqs,
+                              progress=progress and info.is_main, compile=compile_, **common)
+    else:
+        ev = {"val_loss": flat["val_loss"], "val_bpb": flat["val_bpb"], "scored_tokens": flat["tokens"],
+              "scored_bytes": flat["bytes"], "windows": flat["tokens"] // cfg.context}
+    metrics = {
+        "val_loss": ev["val_loss"], "val_bpb": ev["val_bpb"], "stride": cfg.stride, "context": cfg.context,
+        "scored_tokens": ev["scored_tokens"], "scored_bytes": ev["scored_bytes"],
+        "eval_seconds": round(time.perf_counter() - t0, 3),  # load + both evaluations
+        "sliding_seconds": round(time.perf_counter() - t2, 3) if cfg.stride > 0 else 0.0,
+        "nonsliding_seconds": round(t2 - t1, 3), "load_seconds": round(t1 - t0, 3),
+        "val_bpb_nonsliding": flat["val_bpb"], "val_loss_nonsliding": flat["val_loss"],
+        "windows": ev["windows"], "world_size": info.world_size, "device": str(info.device),
+        "artifact_sha256": file_sha256(paths.artifact),
+    }
+    if info.is_main:
+        write_json(paths.metrics, metrics)
+    return metrics
