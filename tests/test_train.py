@@ -1,0 +1,598 @@
+"""Tests of pgolf.train / stages.train at a micro config on real FineWeb tokens (the 20k-token
+fixture): schedule numbers against hand computations, state trees, loss going down, outputs and
+metric keys, bit-exact resume after a crash, warmup restore, late QAT, SWA, Hessians against a
+hand X^T X, bad inputs, and the 2-process gloo path (both ranks identical, = 1 process)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+import yaml
+
+from pgolf import config, hessian, tensorfile
+from pgolf import train as T
+from pgolf.config import ConfigError, ModelConfig, TrainConfig
+from pgolf.data import DistributedTokenLoader, ShardError, write_shard
+from pgolf.model import GPT
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "fineweb_val_prefix20k.bin"
+TOKENIZER = ROOT / "data" / "tokenizer_src" / "fineweb_1024_bpe.model"
+
+MICRO_MODEL = {"num_layers": 2, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2, "xsa_last_n": 2,
+               "bigram_buckets": 64, "bigram_dim": 16, "ve_dim": 16, "ve_last_n": 1, "rope_dims": 8}
+MICRO_TRAIN = {"device": "cpu", "batch_tokens": 2048, "seq_len": 128, "iterations": 24, "warmdown_iters": 8,
+               "muon_momentum_warmup_steps": 8, "hessian_every": 4, "val_tokens": 2048, "val_batch_seqs": 8,
+               "log_every": 8, "checkpoint_every": 0, "warmup_steps": 0, "grad_accum_steps": 1,
+               "max_wallclock_seconds": 0.0}
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def _write_data(root: Path) -> None:
+    from pgolf.data import read_shard
+    from pgolf.tokenizer import build_byte_tables, file_sha256, load_tokenizer
+
+    toks = read_shard(FIXTURE)  # 20,000 official val tokens
+    write_shard(root / "shards" / "fineweb_train_000000.bin", toks[:10000])
+    write_shard(root / "shards" / "fineweb_train_000001.bin", toks[10000:16000])
+    write_shard(root / "shards" / "fineweb_val_000000.bin", toks[16000:])
+    tok = root / "tokenizer"
+    tok.mkdir(parents=True)
+    (tok / "tokenizer.json").write_text(json.dumps(
+        {"model_file": "tokenizer.model", "vocab_size": 1024, "sha256": file_sha256(TOKENIZER), "source": "test"}))
+    build_byte_tables(load_tokenizer(TOKENIZER, 1024), 1024).save(tok / "byte_tables.pgt")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: micro shapes gain nothing from two, and a busy second core (another
+    process) would otherwise stall every parallel region."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    _write_data(root)
+    return root
+
+
+def mcfg(**kw) -> ModelConfig:
+    base = config.load("model", ROOT / "profiles" / "tiny.yaml")
+    return dataclasses.replace(base, **{**MICRO_MODEL, **kw})
+
+
+def tcfg(tmp: Path, **kw) -> TrainConfig:
+    base = config.load("train", ROOT / "profiles" / "tiny.yaml")
+    return dataclasses.replace(base, **{**MICRO_TRAIN, "checkpoint_dir": str(tmp / "ckpt"), **kw})
+
+
+def paths(data_root: Path, out: Path) -> T.Paths:
+    return T.Paths(shards=data_root / "shards", tokenizer=data_root / "tokenizer", out_dir=out / "artifacts" / "train",
+                   metrics=out / "metrics" / "train.json", plots=out / "plots" / "train.tsv")
+
+
+def run(data_root, tmp, m=None, on_step=None, **kw) -> T.TrainResult:
+    return T.run(m or mcfg(), tcfg(tmp, **kw), paths(data_root, tmp), on_step=on_step)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_lr_scale_step_based_matches_hand_numbers(tmp_path):
+    cfg = tcfg(tmp_path, iterations=10, warmdown_iters=4, max_wallclock_seconds=0.0)
+    got = [T.lr_scale(s, 1e9, cfg) for s in range(10)]  # elapsed time is ignored without a cap
+    assert got == [1.0] * 7 + [0.75, 0.5, 0.25]
+    assert T.lr_scale(3, 0.0, dataclasses.replace(cfg, warmdown_iters=0)) == 1.0
+    assert T.lr_scale(0, 0.0, dataclasses.replace(cfg, warmdown_iters=20)) == 0.5  # longer than the run
+
+
+def test_lr_scale_wallclock_matches_hand_numbers(tmp_path):
+    cfg = tcfg(tmp_path, max_wallclock_seconds=10.0, warmdown_iters=100)
+    # (step, elapsed ms) -> step_ms = e/s, W = 100*step_ms, R = 10000 - e, scale = R/W if R <= W
+    assert T.lr_scale(0, 0.0, cfg) == 1.0
+    assert T.lr_scale(100, 1000.0, cfg) == 1.0  # W = 1000, R = 9000
+    assert T.lr_scale(10, 1000.0, cfg) == pytest.approx(0.9)  # W = 10000, R = 9000
+    assert T.lr_scale(50, 4000.0, cfg) == pytest.approx(0.75)  # W = 8000, R = 6000
+    assert T.lr_scale(80, 8000.0, cfg) == pytest.approx(0.2)  # W = 10000, R = 2000
+    assert T.lr_scale(100, 10000.0, cfg) == 0.0
+    assert T.lr_scale(120, 12000.0, cfg) == 0.0  # past the cap
+
+
+def test_muon_momentum_ramp(tmp_path):
+    cfg = tcfg(tmp_path, muon_momentum_warmup_start=0.92, muon_momentum=0.99, muon_momentum_warmup_steps=50)
+    assert T.muon_momentum_at(0, cfg) == pytest.approx(0.92)
+    assert T.muon_momentum_at(25, cfg) == pytest.approx(0.955)
+    assert T.muon_momentum_at(50, cfg) == pytest.approx(0.99)
+    assert T.muon_momentum_at(500, cfg) == pytest.approx(0.99)
+    assert T.muon_momentum_at(0, dataclasses.replace(cfg, muon_momentum_warmup_steps=0)) == pytest.approx(0.99)
+
+
+def test_grad_accum_default_and_batch_check(tmp_path):
+    cfg = tcfg(tmp_path, grad_accum_steps=0, batch_tokens=786432, seq_len=2048)
+    assert [T.resolve_grad_accum(cfg, w) for w in (1, 2, 8, 16)] == [8, 4, 1, 1]
+    assert T.check_batch(cfg, 8, 1) == 786432 // 8
+    with pytest.raises(ConfigError, match=r"train.batch_tokens \(786432\) must be divisible .* 5 \* 1 \* 2048"):
+        T.check_batch(cfg, 5, 1)
+
+
+def test_hessian_overhead_from_step_times():
+    ms = [900.0, 100, 101, 99, 130, 100, 5000, 102, 128, 100]  # a slow first step and one stall
+    kinds = ["n", "n", "w", "w", "h", "w", "w", "w", "h", "w"]
+    o = T.hessian_overhead(ms, kinds, every=5)
+    # median h = (128 + 130)/2 = 129, median w of 99,100,100,101,102,5000 = 100.5: 28.5 ms / 5 steps / 100.5 ms
+    assert o == {"hessian_step_ms": 129.0, "normal_step_ms": 100.5,
+                 "hessian_overhead_pct": round(100 * 28.5 / 5 / 100.5, 3)}
+    assert T.hessian_overhead(ms, ["n"] * 10, 5)["hessian_overhead_pct"] is None
+    no_window = T.hessian_overhead([900.0, 100, 100, 150], ["n", "n", "n", "h"], every=0)  # forced one only
+    assert no_window["normal_step_ms"] == 100 and no_window["hessian_overhead_pct"] == round(100 * 50 / 4 / 100, 3)
+
+def test_state_tree_round_trip_through_tensorfile():
+    state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3)}, 5: {}},
+             "param_groups": [{"betas": (0.9, 0.99), "lr": 0.1 / 3, "params": [0, 5], "fused": None,
+                               "eps": 1e-8, "name": "x"}]}
+    tensors, tree = T.encode_tree(state, "opt")
+    blob = tensorfile.dumps(tensors, "t", {"tree": tree})
+    back, header = tensorfile.loads(blob)
+    out = T.decode_tree(back, json.loads(json.dumps(header["meta"]["tree"])))
+    assert set(out["state"]) == {0, 5} and out["param_groups"][0]["betas"] == (0.9, 0.99)
+    assert out["param_groups"][0]["lr"] == 0.1 / 3 and out["param_groups"][0]["fused"] is None
+    assert torch.equal(out["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
+    del back[next(iter(back))]
+    with pytest.raises(T.TrainError, match="missing from the checkpoint"):
+        T.decode_tree(back, tree)
+    with pytest.raises(TypeError):
+        T.encode_tree({(1, 2): 3}, "x")
+
+
+# ----------------------------------------------------------------------------- a whole run
+
+
+def test_run_learns_and_writes_contract_outputs(data_root, tmp_path):
+    r = run(data_root, tmp_path, iterations=40, warmdown_iters=10, log_every=10)
+    losses = [row["train_loss"] for row in r.rows]
+    assert [row["step"] for row in r.rows] == [1, 10, 20, 30, 40]
+    assert losses[0] == pytest.approx(math.log(1024), abs=0.05)  # near-uniform at init
+    assert losses[-1] < losses[0] - 1.0, losses
+    p = paths(data_root, tmp_path)
+    out = Path(p.out_dir)
+    assert sorted(f.name for f in out.iterdir()) == ["hessians.pgt", "model.pgt", "train.log"]
+
+    weights, header = tensorfile.load(out / "model.pgt", kind="float_weights")
+    meta = header["meta"]
+    assert meta["model"] == dataclasses.asdict(mcfg()) and meta["train_seq_len"] == 128
+    assert meta["qat_bits"] == 6 and meta["qat_quantile"] == 0.9995
+    assert meta["tokenizer"]["vocab_size"] == 1024 and len(meta["tokenizer"]["sha256"]) == 64
+    model = GPT(ModelConfig(**meta["model"]), train_seq_len=meta["train_seq_len"])
+    model.load_export_state_dict(weights)
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    for name, t in r.export.items():
+        assert torch.equal(weights[name], t)
+
+    hs, hmeta = hessian.load(out / "hessians.pgt")
+    shapes = model.hessian_shapes()
+    assert sorted(hs) == sorted(model.quantizable_names())
+    assert all(tuple(hs[n].shape) == (k, k) for n, k in shapes.items())
+    hessian.validate(hs, shapes)
+    assert hmeta["world_size"] == 1 and hmeta["rows"] == 2048 * hmeta["accumulations"]
+    assert hmeta["accumulations"] == len([s for s in range(40) if s > 30 and s % 4 == 0])  # scale < 1 from 31
+
+    m = json.loads(Path(p.metrics).read_text())
+    for key in ("steps", "train_seconds", "tokens_per_second", "world_size", "val_bpb_float", "peak_memory_mb",
+                "val_loss_float", "hessian_overhead_pct", "qat_start_step", "swa_snapshots", "grad_accum_steps",
+                "batch_tokens", "config", "versions", "device"):
+        assert key in m, key
+    assert m["steps"] == 40 and m["world_size"] == 1 and m["grad_accum_steps"] == 1 and m["batch_tokens"] == 2048
+    assert 0 < m["val_bpb_float"] < 5 and m["val_loss_float"] > 0
+    assert m["val_bpb_float"] == pytest.approx(m["val_loss_float"] * m["val_tokens_scored"] / math.log(2)
+                                               / _val_bytes(data_root, 2048, 128), rel=1e-9)
+    assert m["config"]["train"]["iterations"] == 40 and set(m["versions"]) == {"torch", "triton", "python"}
+    assert m["qat_start_step"] == 39  # scale (40-s)/10 < 0.15 from s = 39
+    assert m["hessian_overhead_pct"] is not None
+    tsv = Path(p.plots).read_text().splitlines()
+    assert tsv[0] == "step\ttrain_loss\tlr_scale\ttokens_per_second" and len(tsv) == 6
+    log = (out / "train.log").read_text()
+    assert "step:10/40" in log and "eta:" in log and "late_qat: enabled at step 39" in log and "val_bpb_float" in log
+
+
+def _val_bytes(data_root: Path, val_tokens: int, seq_len: int) -> int:
+    from pgolf.data import load_byte_tables, read_shard
+
+    toks = read_shard(data_root / "shards" / "fineweb_val_000000.bin")[:val_tokens + 1]
+    n = (len(toks) - 1) // seq_len * seq_len + 1
+    return load_byte_tables(data_root / "tokenizer").stream_bytes(toks[:n])
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+class Crash(RuntimeError):
+    pass
+
+
+RESUME_KW = dict(iterations=20, warmdown_iters=16, checkpoint_every=4, hessian_every=3, hessian_start_scale=1.0,
+                 swa_enabled=True, swa_every=2, swa_threshold=0.7, late_qat_threshold=0.35, log_every=5)
+
+
+def test_killed_run_resumes_to_identical_weights(data_root, tmp_path):
+    a = run(data_root, tmp_path / "a", **RESUME_KW)
+
+    def crash_at_17(tr):
+        if tr.step == 17:
+            raise Crash("simulated kill")
+
+    b_dir = tmp_path / "b"
+    with pytest.raises(Crash):
+        run(data_root, b_dir, on_step=crash_at_17, **RESUME_KW)
+    ckpt = b_dir / "ckpt" / T.CHECKPOINT_FILE
+    assert ckpt.is_file() and not (b_dir / "artifacts").exists()  # killed: no outputs, a checkpoint at 16
+    _, header = tensorfile.load(ckpt, kind=T.CHECKPOINT_KIND)
+    st = header["meta"]
+    assert st["step"] == 16 and st["qat_on"] and st["swa_count"] == 4 and st["hessian"]["accumulations"] == 4
+
+    b = run(data_root, b_dir, **RESUME_KW)
+    assert b.metrics["resumed_from_step"] == 16 and b.metrics["checkpoint"] == "resumed"
+    assert not ckpt.exists()  # deleted after success
+    assert set(a.export) == set(b.export)
+    for n in a.export:
+        assert torch.equal(a.export[n], b.export[n]), n
+    for n in a.hessians:
+        assert torch.equal(a.hessians[n], b.hessians[n]), n
+    assert a.hessian_meta == b.hessian_meta
+    for k in ("steps", "qat_start_step", "swa_snapshots", "hessian_accumulations", "exported_weights"):
+        assert a.metrics[k] == b.metrics[k], k
+    assert a.metrics["qat_start_step"] == 15 and a.metrics["swa_snapshots"] == 6
+    assert [r["train_loss"] for r in a.rows] == [r["train_loss"] for r in b.rows]
+    assert "resume: from" in b.log_text and "step:15/20" in b.log_text  # log kept across the restart
+
+
+def test_mismatched_or_corrupt_checkpoint_starts_fresh(data_root, tmp_path):
+    kw = dict(iterations=10, checkpoint_every=4)
+
+    def crash_at_5(tr):
+        if tr.step == 5:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        run(data_root, tmp_path, on_step=crash_at_5, **kw)
+    ckpt = tmp_path / "ckpt" / T.CHECKPOINT_FILE
+    assert ckpt.is_file()
+    r = run(data_root, tmp_path, **{**kw, "matrix_lr": 0.02})  # another config: not resumed
+    assert r.metrics["resumed_from_step"] == 0
+    why = r.metrics["checkpoint"]
+    assert "another configuration" in why and "train.matrix_lr: 0.025 -> 0.02" in why
+    assert "starting fresh" in r.log_text
+
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.write_bytes(b"PGOLFTF\x00garbage")
+    r2 = run(data_root, tmp_path, **kw)
+    assert r2.metrics["resumed_from_step"] == 0 and r2.metrics["checkpoint"].startswith("checkpoint unreadable")
+    assert not ckpt.exists()
+    fresh = run(data_root, tmp_path / "fresh", **kw)
+    assert all(torch.equal(fresh.export[n], r2.export[n]) for n in fresh.export)
+
+
+def test_warmup_steps_restore_the_initial_state(data_root, tmp_path):
+    a = run(data_root, tmp_path / "a", iterations=6, warmup_steps=0)
+    b = run(data_root, tmp_path / "b", iterations=6, warmup_steps=3)
+    assert b.metrics["warmup_seconds"] > 0 and "warmup: 3 compile-priming steps" in b.log_text
+    for n in a.export:
+        assert torch.equal(a.export[n], b.export[n]), n
+
+
+# ----------------------------------------------------------------------------- QAT, SWA, Hessians
+
+
+def test_late_qat_switches_on_at_threshold_and_changes_training(data_root, tmp_path):
+    seen = {}
+
+    def watch(tr):
+        weights = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+        seen[tr.step] = (bool(tr.model.qat_enabled.item()), weights)
+
+    # scale = (12 - s)/8 for s >= 4: < 0.5 first at s = 9
+    q = run(data_root, tmp_path / "q", on_step=watch, iterations=12, warmdown_iters=8, late_qat_threshold=0.5)
+    assert q.metrics["qat_start_step"] == 9 and "late_qat: enabled at step 9 (lr scale 0.3750)" in q.log_text
+    assert [seen[s][0] for s in range(1, 13)] == [False] * 9 + [True] * 3
+    qat_weights = {s: w for s, (_, w) in seen.items()}
+    seen.clear()
+    p = run(data_root, tmp_path / "p", on_step=watch, iterations=12, warmdown_iters=8, late_qat_threshold=0.0)
+    assert p.metrics["qat_start_step"] is None
+    for n in qat_weights[9]:  # bit-identical to the run without QAT until QAT starts
+        assert torch.equal(qat_weights[9][n], seen[9][1][n])
+    assert any(not torch.equal(qat_weights[12][n], seen[12][1][n]) for n in qat_weights[12])
+    model = GPT(mcfg(), train_seq_len=128)
+    model.load_export_state_dict(q.export)
+    x = torch.randint(0, 1024, (2, 128))
+    with torch.no_grad():
+        plain = model.forward_logits(x)
+        model.set_qat(True)
+        fake = model.forward_logits(x)
+    assert not torch.allclose(plain, fake)
+
+
+def test_swa_exports_the_mean_of_the_snapshots(data_root, tmp_path):
+    snaps, ema_last = [], {}
+
+    def watch(tr):
+        if tr.avg.swa_count > len(snaps):
+            snaps.append({n: p.detach().clone() for n, p in tr.model.named_parameters()})
+        ema_last.update({n: e.clone() for n, e in zip(tr.avg.names, tr.avg.ema)})
+
+    kw = dict(iterations=16, warmdown_iters=10, swa_enabled=True, swa_every=3, swa_threshold=0.6)
+    r = run(data_root, tmp_path, on_step=watch, **kw)
+    # scale (16 - s)/10 < 0.6 for s >= 11; snapshot after step s when (s + 1) % 3 == 0: 12, 15
+    assert r.metrics["swa_snapshots"] == 2 == len(snaps) and r.metrics["swa_start_step"] == 12
+    assert r.metrics["exported_weights"] == "swa" and "swa: first snapshot at step 12" in r.log_text
+    model = GPT(mcfg(), train_seq_len=128)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_((snaps[0][n] + snaps[1][n]) / 2)
+    ref = model.export_state_dict()
+    for n in ref:
+        assert torch.allclose(r.export[n], ref[n], atol=1e-7, rtol=0), n
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(ema_last[n])
+    ema_export = model.export_state_dict()
+    assert any(not torch.allclose(r.export[n], ema_export[n]) for n in ref)
+    off = run(data_root, tmp_path / "off", **{**kw, "swa_enabled": False})
+    assert off.metrics["swa_snapshots"] == 0 and off.metrics["exported_weights"] == "ema"
+    for n in ema_export:
+        assert torch.equal(off.export[n], ema_export[n]), n  # without SWA the EMA is exported
+
+
+def _capture_linear_inputs(model: GPT, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Reference X^T X (float64) of every bank-slice matmul, by intercepting F.linear."""
+    ptr_to_name = {v.data_ptr(): n for n, v in model._bank_views().items()}
+    grams: dict[str, torch.Tensor] = {}
+    orig = F.linear
+
+    def spy(inp, w, *a, **k):
+        name = ptr_to_name.get(w.data_ptr())
+        if name is not None and tuple(w.shape) == tuple(model._bank_views()[name].shape):
+            x2 = inp.detach().reshape(-1, inp.size(-1)).double()
+            grams[name] = grams.get(name, 0) + x2.T @ x2
+        return orig(inp, w, *a, **k)
+
+    F.linear = spy
+    try:
+        with torch.no_grad():
+            model(x, y)
+    finally:
+        F.linear = orig
+    return grams
+
+
+def test_hessians_equal_hand_xtx_over_rows(data_root, tmp_path):
+    before = {}
+
+    def watch(tr):
+        if tr.step == 2:  # the state the last step (index 2) starts from
+            before["params"] = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+            before["loader"] = json.loads(json.dumps(tr.loader.state_dict()))
+
+    # hessian_every 0: no scheduled capture, so exactly the forced one at the last step
+    r = run(data_root, tmp_path, on_step=watch, iterations=3, hessian_every=0, late_qat_threshold=0.0)
+    assert r.hessian_meta == {"rows": 2048, "accumulations": 1, "world_size": 1}
+    model = GPT(mcfg(), train_seq_len=128)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(before["params"][n])
+    loader = DistributedTokenLoader(sorted((data_root / "shards").glob("fineweb_train_*.bin")))
+    loader.load_state_dict(before["loader"])
+    x, y = loader.next_batch(2048, 128, 1)
+    grams = _capture_linear_inputs(model, x, y)
+    assert sorted(grams) == sorted(model.quantizable_names())
+    for n, g in grams.items():
+        ref = (g / 2048).float()
+        assert torch.allclose(r.hessians[n], ref, rtol=1e-4, atol=1e-6 * ref.abs().max()), n
+
+
+def test_hessian_accumulator_mean_over_rows_and_validation():
+    torch.manual_seed(0)
+    acc = hessian.HessianAccumulator({"a": 3}, every=2, start_scale=0.5, device="cpu")
+    assert not acc.due(2, 0.6) and acc.due(2, 0.4) and not acc.due(3, 0.4) and acc.due(3, 0.9, force=True)
+    x1, x2 = torch.randn(5, 3), torch.randn(7, 3)
+    for x in (x1, x2):
+        acc.sums["a"] += x.T @ x
+        acc.record(len(x))
+    h, meta = acc.finalize()
+    ref = (x1.T @ x1 + x2.T @ x2) / 12
+    assert torch.allclose(h["a"], ref, atol=1e-6) and meta == {"rows": 12, "accumulations": 2, "world_size": 1}
+    hessian.validate(h, {"a": 3})
+    for bad, msg in ((torch.full((3, 3), float("nan")), "non-finite"), (torch.zeros(3, 3), "all-zero"),
+                     (-torch.eye(3), "negative diagonal"), (torch.ones(2, 2), r"expected float32 \(3, 3\)")):
+        with pytest.raises(hessian.HessianError, match=msg):
+            hessian.validate({"a": bad}, {"a": 3})
+    with pytest.raises(hessian.HessianError, match="missing Hessian"):
+        hessian.validate({}, {"a": 3})
+    with pytest.raises(hessian.HessianError, match="0 rows"):
+        hessian.HessianAccumulator({"a": 3}, 1, 1.0, "cpu").finalize()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _old_outputs(tmp: Path, p: T.Paths) -> dict[Path, bytes]:
+    files = {Path(p.out_dir) / "model.pgt": b"old model", Path(p.metrics): b"{}\n", Path(p.plots): b"old\n"}
+    for f, b in files.items():
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b)
+    return files
+
+
+@pytest.mark.parametrize("kw, err, msg", [
+    ({"seq_len": 0}, ConfigError, "train.seq_len must be >= 1"),
+    ({"seq_len": -5}, ConfigError, "train.seq_len"),
+    ({"batch_tokens": 2000}, ConfigError, r"train.batch_tokens \(2000\) must be divisible"),
+    ({"ema_decay": 1.0}, ConfigError, r"train.ema_decay must be in \[0, 1\)"),
+    ({"late_qat_threshold": 1.5}, ConfigError, "train.late_qat_threshold"),
+    ({"swa_threshold": -0.1}, ConfigError, "train.swa_threshold"),
+    ({"matrix_lr": -0.01}, ConfigError, "train.matrix_lr must be >= 0"),
+    ({"qat_clip_quantile": 0.0}, ConfigError, "train.qat_clip_quantile"),
+    ({"muon_comm_dtype": "fp8"}, ConfigError, "train.muon_comm_dtype"),
+    ({"iterations": 0}, ConfigError, "train.iterations"),
+    ({"adam_eps": 0.0}, ConfigError, "train.adam_eps"),
+    ({"device": "tpu"}, ConfigError, "train.device"),
+])
+def test_bad_train_params_fail_before_touching_outputs(data_root, tmp_path, kw, err, msg):
+    p = paths(data_root, tmp_path)
+    old = _old_outputs(tmp_path, p)
+    with pytest.raises(err, match=msg):
+        T.run(mcfg(), tcfg(tmp_path, **kw), p)
+    assert {f: f.read_bytes() for f in old} == old
+
+
+def test_bad_model_param_names_the_key(data_root, tmp_path):
+    with pytest.raises(ConfigError, match="model.num_kv_heads"):
+        T.run(mcfg(num_kv_heads=3), tcfg(tmp_path), paths(data_root, tmp_path))
+
+
+def test_bad_data_fails_with_named_file_and_keeps_outputs(data_root, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(data_root, bad)
+    p = paths(bad, tmp_path)
+    old = _old_outputs(tmp_path, p)
+    m, t = mcfg(), tcfg(tmp_path)
+    with pytest.raises(T.TrainError, match=r"model.vocab_size is 512 but .*tokenizer.json says .* 1024"):
+        T.run(mcfg(vocab_size=512), t, p)
+    meta = json.loads((bad / "tokenizer" / "tokenizer.json").read_text())
+    (bad / "tokenizer" / "tokenizer.json").write_text(json.dumps({**meta, "vocab_size": 2048}))
+    with pytest.raises(T.TrainError, match="says the tokenizer has 2048 tokens"):
+        T.run(m, t, p)
+    (bad / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        T.run(m, t, p)
+    for f in (bad / "shards").glob("fineweb_train_*"):
+        f.unlink()
+    with pytest.raises(ShardError, match="no fineweb_train_"):
+        T.run(m, t, p)
+    with pytest.raises(ShardError, match="shard folder not found"):
+        T.run(m, t, dataclasses.replace(p, shards=tmp_path / "nowhere"))
+    assert {f: f.read_bytes() for f in old} == old
+
+
+def test_stage_prints_clear_error_and_exits_1(tmp_path):
+    doc = yaml.safe_load((ROOT / "profiles" / "tiny.yaml").read_text())
+    doc["train"]["seq_len"] = 0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert p.returncode == 1 and "train: error: params.yaml: train.seq_len must be >= 1" in p.stderr, p.stderr
+    doc["train"]["seq_len"] = 256
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
+    p = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert p.returncode == 1 and "train: error: data/shards: shard folder not found" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_profiles_pass_validation():
+    for name in ("tiny", "record"):
+        m = config.load("model", ROOT / "profiles" / f"{name}.yaml")
+        t = dataclasses.replace(config.load("train", ROOT / "profiles" / f"{name}.yaml"), device="auto")
+        T.validate(t, m)
+    t = config.load("train", ROOT / "profiles" / "record.yaml")
+    assert T.check_batch(t, 8, T.resolve_grad_accum(t, 8)) == 786432 // 8  # 48 sequences of 2048 per rank
+
+
+# ----------------------------------------------------------------------------- 2 processes (gloo)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dist_worker(rank: int, world: int, port: int, data_root: str, tmp: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from pgolf import dist
+
+    for name, kw in (("steps", DIST_KW), ("clock", WALLCLOCK_KW)):
+        out = Path(tmp) / name
+        r = run(Path(data_root), out, **kw)
+        tensorfile.save(out / f"rank{rank}.pgt", r.export, kind="w", meta={"metrics": {
+            k: r.metrics[k] for k in ("steps", "world_size", "val_bpb_float", "hessian_accumulations", "stopped_by")}})
+    dist.shutdown()
+
+
+DIST_KW = dict(iterations=10, warmdown_iters=6, hessian_every=3, checkpoint_every=4, log_every=5)
+
+
+def test_two_gloo_processes_match_each_other_and_one_process(data_root, tmp_path):
+    mp.spawn(_dist_worker, args=(2, _free_port(), str(data_root), str(tmp_path)), nprocs=2, join=True)
+    for name in ("steps", "clock"):
+        w0, h0 = tensorfile.load(tmp_path / name / "rank0.pgt")
+        w1, h1 = tensorfile.load(tmp_path / name / "rank1.pgt")
+        for n in w0:
+            assert torch.equal(w0[n], w1[n]), (name, n)
+        assert h0["meta"]["metrics"] == h1["meta"]["metrics"]  # same steps: the stop is decided together
+    clock = h0["meta"]["metrics"]
+    assert clock["stopped_by"] == "wallclock" and clock["steps"] < WALLCLOCK_KW["iterations"]
+    w0, h0 = tensorfile.load(tmp_path / "steps" / "rank0.pgt")
+    m = h0["meta"]["metrics"]
+    assert m["world_size"] == 2 and m["steps"] == 10 and m["stopped_by"] == "iterations"
+    hs, hmeta = hessian.load(tmp_path / "steps" / "artifacts" / "train" / "hessians.pgt")
+    assert hmeta["world_size"] == 2 and hmeta["rows"] == 2 * 1024 * hmeta["accumulations"]
+    assert not (tmp_path / "steps" / "ckpt" / T.CHECKPOINT_FILE).exists()
+    # one process, 2 micro-batches of the same 1024-token halves: the same run up to fp rounding
+    one = run(data_root, tmp_path / "one", grad_accum_steps=2, **DIST_KW)
+    assert one.metrics["val_bpb_float"] == pytest.approx(m["val_bpb_float"], abs=1e-5)
+    for n in w0:
+        assert torch.allclose(one.export[n], w0[n], atol=1e-5, rtol=0), (n, (one.export[n] - w0[n]).abs().max())
+
+
+def test_wallclock_cap_stops_and_warms_down(data_root, tmp_path):
+    r = run(data_root, tmp_path, **WALLCLOCK_KW)
+    m = r.metrics
+    assert m["stopped_by"] == "wallclock" and 1 < m["steps"] < WALLCLOCK_KW["iterations"]
+    assert m["train_seconds"] >= WALLCLOCK_KW["max_wallclock_seconds"]
+    assert m["hessian_accumulations"] == 1  # none scheduled (hessian_every 1000): the forced last-chance one
+    scales = [row["lr_scale"] for row in r.rows]
+    assert scales[0] == 1.0 and 0 <= scales[-1] < 0.5  # the step that crosses the cap runs at R/W < 1/10-ish
+
+
+WALLCLOCK_KW = dict(iterations=100000, max_wallclock_seconds=1.5, warmdown_iters=10, hessian_every=1000,
+                    hessian_start_scale=1.0, log_every=2)
+
+
+def test_stage_relaunches_itself_under_torchrun(data_root, tmp_path):
+    """`python -m stages.train` with train.nproc_per_node 2: torchrun, 2 gloo ranks, rank 0 writes."""
+    import shutil
+
+    shutil.copytree(data_root, tmp_path / "data")
+    doc = yaml.safe_load((ROOT / "profiles" / "tiny.yaml").read_text())
+    doc["model"].update(MICRO_MODEL)
+    doc["train"].update({**MICRO_TRAIN, "nproc_per_node": 2, "iterations": 8, "checkpoint_every": 4})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    m = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert m["world_size"] == 2 and m["steps"] == 8
+    outs = sorted(f.name for f in (tmp_path / "artifacts" / "train").iterdir())
+    assert outs == ["hessians.pgt", "model.pgt", "train.log"]
+    assert p.stdout.count("step:8/8") == 1  # printed by rank 0 only
+    assert not (tmp_path / ".checkpoints" / "train" / T.CHECKPOINT_FILE).exists()
