@@ -1,0 +1,421 @@
+"""The quantize stage: which tensor gets which treatment, GPTQ over all matrices, pruning, outputs.
+
+This module owns `artifacts/quant/` (quant.pgt, table.json) and `metrics/quant.json`. It reads
+only `artifacts/train/model.pgt` (float weights + model meta) and `artifacts/train/hessians.pgt`.
+
+Treatment of each tensor of the exported state dict, first rule that applies (recipe-spec §6.1):
+
+    1. not a float tensor                          -> passthrough, kept as is        (method "raw")
+    2. numel <= quantize.passthrough_max_numel     -> passthrough fp16               (method "fp16")
+    3. a block matrix (GPT.quantizable_names())    -> int{bits} full GPTQ            (method "gptq")
+    4. tok_emb.weight                              -> int8 per row, or fp16 when quantize.embed_mode
+                                                      is "fp16"                     (method "int8_row" | "fp16")
+    5. any other embedding table (bigram, VE)      -> int8 per row                   (method "int8_row")
+    6. any other 2-D float matrix                  -> int{bits} full GPTQ when hessians.pgt holds a
+                                                      Hessian for it, else GPTQ-lite (method "gptq_lite")
+    7. anything else (e.g. a large 1-D tensor)     -> passthrough fp16               (method "fp16")
+
+The type label of rules 3 and 6 is "int6" whatever quantize.bits is (the contract's name for
+"the low-bit per-row codes"; `bits` says how many). int8 rows use the shared rule of
+`pgolf.int6` with qmax 127 and clip quantile quantize.int8_clip_quantile; unlike the reference
+`quantize_float_tensor`, values beyond the clip are clamped in the code domain (at ±127 s),
+which only differs from clipping the weight first when the 1/127 scale floor binds.
+
+Clip candidates for GPTQ and GPTQ-lite: quantize.clip_quantiles plus the training-time QAT
+quantile from model.pgt's meta, chosen per row (pgolf.gptq). After quantization, selective ±1
+pruning (pgolf.prune) brings artifact + code bytes, measured with pgolf.artifact's own
+serialisation and codec choice, under quantize.target_bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from pgolf import artifact, prune, tensorfile
+from pgolf.config import CompressConfig, ConfigError, ModelConfig, QuantizeConfig
+from pgolf.gptq import GPTQSpec, MatrixResult, gptq_lite_matrices, gptq_matrices
+from pgolf.int6 import fp16_round, qmax_for, quantize, row_scale
+from pgolf.io import staged_dir, write_json
+from pgolf.model import GPT
+
+KIND = "quantized"
+TRAIN_DIR = Path("artifacts/train")
+OUT_DIR = Path("artifacts/quant")
+METRICS = Path("metrics/quant.json")
+EMBED_MODES = ("int8", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+INT8_QMAX = 127
+
+
+class QuantizeError(ValueError):
+    """Bad quantize input (missing or inconsistent weights/Hessians); names the file."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def parse_quantiles(text: str) -> tuple[float, ...]:
+    """"0.999,0.9995,1.0" -> (0.999, 0.9995, 1.0); ConfigError naming quantize.clip_quantiles."""
+    bad = f"params.yaml: quantize.clip_quantiles must be comma-separated numbers in (0, 1], got {text!r}"
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise ConfigError(bad) from None
+    if not values or not all(0.0 < v <= 1.0 for v in values):
+        raise ConfigError(bad)
+    return tuple(dict.fromkeys(values))  # de-duplicated, order kept (ties prefer the earlier one)
+
+
+def check_config(cfg: QuantizeConfig) -> None:
+    """Every quantize.* value usable, else ConfigError naming it (before any file is read)."""
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"params.yaml: quantize.{key} {why}, got {getattr(cfg, key)!r}")
+
+    try:
+        qmax_for(cfg.bits)
+    except ValueError:
+        raise bad("bits", "must be in the supported range [2, 8]") from None
+    if cfg.embed_mode not in EMBED_MODES:
+        raise bad("embed_mode", f"must be one of {', '.join(EMBED_MODES)}")
+    parse_quantiles(cfg.clip_quantiles)
+    if not (cfg.damp > 0 and math.isfinite(cfg.damp)):
+        raise bad("damp", "must be a positive number")
+    if cfg.block_size < 1:
+        raise bad("block_size", "must be >= 1")
+    if cfg.passthrough_max_numel < 0:
+        raise bad("passthrough_max_numel", "must be >= 0")
+    if not 0.0 < cfg.int8_clip_quantile <= 1.0:
+        raise bad("int8_clip_quantile", "must be in (0, 1]")
+    if cfg.target_bytes <= 0:
+        raise bad("target_bytes", "must be positive")
+    if cfg.device not in DEVICES:
+        raise bad("device", f"must be one of {', '.join(DEVICES)}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise bad("device", "is cuda but no CUDA device is available")
+
+
+def resolve_device(cfg: QuantizeConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def candidates(cfg: QuantizeConfig, qat_quantile: float) -> tuple[float, ...]:
+    """Clip candidates: quantize.clip_quantiles, then the QAT quantile if it is not among them."""
+    return tuple(dict.fromkeys(parse_quantiles(cfg.clip_quantiles) + (float(qat_quantile),)))
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Inputs:
+    weights: dict[str, torch.Tensor]
+    meta: dict  # model.pgt meta
+    hessians: dict[str, torch.Tensor]
+    model_cfg: ModelConfig
+    block_names: list[str]  # GPT.quantizable_names()
+    embed_names: list[str]  # every nn.Embedding weight
+
+
+def load_inputs(train_dir: str | Path = TRAIN_DIR) -> Inputs:
+    """Read and check model.pgt + hessians.pgt; QuantizeError / TensorFileError naming the file."""
+    train_dir = Path(train_dir)
+    mpath, hpath = train_dir / "model.pgt", train_dir / "hessians.pgt"
+    for p in (mpath, hpath):
+        if not p.is_file():
+            raise QuantizeError(f"{p}: not found (run the train stage first)")
+    weights, mheader = tensorfile.load(mpath, kind="float_weights")
+    hessians, _ = tensorfile.load(hpath, kind="hessians")
+    meta = mheader["meta"]
+    mcfg = _model_config(meta, mpath)
+    with torch.device("meta"):
+        model = GPT(mcfg)
+    inp = Inputs(weights, meta, hessians, mcfg, model.quantizable_names(),
+                 [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)])
+    _check_weights(inp, model, mpath)
+    _check_hessians(inp, model.hessian_shapes(), hpath)
+    return inp
+
+
+def _model_config(meta: dict, path: Path) -> ModelConfig:
+    for key in ("model", "qat_quantile"):
+        if key not in meta:
+            raise QuantizeError(f"{path}: meta lacks {key!r} (not written by this pipeline's train stage?)")
+    q = meta["qat_quantile"]
+    if not isinstance(q, (int, float)) or not 0.0 < q <= 1.0:
+        raise QuantizeError(f"{path}: meta qat_quantile must be in (0, 1], got {q!r}")
+    try:
+        return ModelConfig(**meta["model"])
+    except TypeError as e:
+        raise QuantizeError(f"{path}: meta 'model' is not a ModelConfig ({e})") from None
+
+
+def _check_weights(inp: Inputs, model: GPT, path: Path) -> None:
+    expected = {n: tuple(t.shape) for n, t in model.export_state_dict().items()}
+    missing = [n for n in expected if n not in inp.weights]
+    if missing:
+        raise QuantizeError(f"{path}: lacks {len(missing)} tensor(s) of the model in its meta, e.g. {missing[0]}")
+    for name, shape in expected.items():
+        t = inp.weights[name]
+        if tuple(t.shape) != shape:
+            raise QuantizeError(f"{path}: {name} has shape {tuple(t.shape)}, expected {shape}")
+    for name, t in inp.weights.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise QuantizeError(f"{path}: {name} has non-finite values")
+
+
+def _check_hessians(inp: Inputs, shapes: dict[str, int], path: Path) -> None:
+    """One finite (n, n) Hessian with a non-negative diagonal per block matrix; extras must fit
+    a 2-D weight of model.pgt (they are then used for that matrix)."""
+    missing = [n for n in inp.block_names if n not in inp.hessians]
+    if missing:
+        raise QuantizeError(f"{path}: no Hessian for {len(missing)} quantizable matrix(es), e.g. {missing[0]}")
+    for name, h in inp.hessians.items():
+        w = inp.weights.get(name)
+        if w is None or w.dim() != 2:
+            raise QuantizeError(f"{path}: Hessian {name!r} matches no 2-D weight of model.pgt")
+        n = shapes.get(name, w.shape[1])
+        if tuple(h.shape) != (n, n):
+            raise QuantizeError(f"{path}: Hessian {name} has shape {tuple(h.shape)}, expected ({n}, {n})")
+        if not h.is_floating_point() or not torch.isfinite(h).all():
+            raise QuantizeError(f"{path}: Hessian {name} has NaN/inf (or non-float) entries")
+        d = torch.diagonal(h.float())
+        if float(d.min()) < -1e-6 * max(float(d.abs().max()), 1e-30):
+            raise QuantizeError(f"{path}: Hessian {name} has a negative diagonal entry {float(d.min()):.3e}")
+
+
+# ----------------------------------------------------------------------------- treatment plan
+
+
+def plan(inp: Inputs, cfg: QuantizeConfig) -> dict[str, tuple[str, str]]:
+    """name -> (treatment, method), in model.pgt order (rules in the module docstring)."""
+    blocks, embeds = set(inp.block_names), set(inp.embed_names)
+    out = {}
+    for name, t in inp.weights.items():
+        if not t.is_floating_point():
+            out[name] = ("passthrough", "raw")
+        elif t.numel() <= cfg.passthrough_max_numel:
+            out[name] = ("passthrough", "fp16")
+        elif name in blocks:
+            out[name] = ("int6", "gptq")
+        elif name == "tok_emb.weight" and cfg.embed_mode == "fp16":
+            out[name] = ("passthrough", "fp16")
+        elif name in embeds and t.dim() == 2:
+            out[name] = ("int8", "int8_row")
+        elif t.dim() == 2:
+            out[name] = ("int6", "gptq" if name in inp.hessians else "gptq_lite")
+        else:
+            out[name] = ("passthrough", "fp16")
+    return out
+
+
+# ----------------------------------------------------------------------------- quantization
+
+
+@dataclass
+class Quantized:
+    tensors: dict[str, torch.Tensor]  # the quant.pgt tensors, in model.pgt order
+    meta: dict  # the quant.pgt meta
+    rows: list[dict]  # table rows, one per source tensor
+    results: dict[str, MatrixResult]  # int6 tensors
+    hdiag: dict[str, torch.Tensor | None]  # int6 tensor -> its Hessian diagonal (None: GPTQ-lite)
+    clip_candidates: tuple[float, ...] = ()
+    stats: dict = field(default_factory=dict)
+
+
+def quantize_model(inp: Inputs, cfg: QuantizeConfig, device: torch.device | str = "cpu") -> Quantized:
+    """Apply the treatment plan: GPTQ / GPTQ-lite for int6, int8 rows, passthrough."""
+    treat = plan(inp, cfg)
+    cands = candidates(cfg, inp.meta["qat_quantile"])
+    spec = GPTQSpec(qmax=qmax_for(cfg.bits), quantiles=cands, damp=cfg.damp, block_size=cfg.block_size,
+                    act_order=cfg.act_order)
+    full = {n: inp.weights[n] for n, (_, m) in treat.items() if m == "gptq"}
+    lite = {n: inp.weights[n] for n, (_, m) in treat.items() if m == "gptq_lite"}
+    results = {**gptq_matrices(full, inp.hessians, spec, device), **gptq_lite_matrices(lite, spec, device)}
+    tensors, quant, rows = {}, {}, []
+    for name, (kind, method) in treat.items():
+        t = inp.weights[name]
+        if kind == "int6":
+            r = results[name]
+            tensors[f"{name}.q"], tensors[f"{name}.scale"] = r.q, r.scale
+            quant[name] = {"type": "int6", "bits": cfg.bits, "method": r.method}
+            rows.append(_row(name, t, "int6", r.method, cfg.bits, r.q, r.scale) | _gptq_row(r, cands, spec.qmax))
+        elif kind == "int8":
+            q, s = int8_rows(t, cfg.int8_clip_quantile)
+            tensors[f"{name}.q"], tensors[f"{name}.scale"] = q, s
+            quant[name] = {"type": "int8", "bits": 8, "method": method}
+            rows.append(_row(name, t, "int8", method, 8, q, s))
+        else:
+            p = t.half() if method == "fp16" else t
+            tensors[name] = p
+            bits = p.element_size() * 8
+            quant[name] = {"type": "passthrough", "bits": bits, "method": method}
+            rows.append(_row(name, t, "passthrough", method, bits, p))
+    meta = {"model": inp.meta["model"], "train_seq_len": inp.meta.get("train_seq_len"),
+            "tokenizer": inp.meta.get("tokenizer"), "quant": quant}
+    hdiag = {n: (torch.diagonal(inp.hessians[n]).float() if results[n].method != "gptq_lite" else None)
+             for n in results}
+    return Quantized(tensors, meta, rows, results, hdiag, cands)
+
+
+def int8_rows(w: torch.Tensor, clip_quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, C) -> int8 codes in [-127, 127] and fp16 per-row scale, with the shared clip rule."""
+    s = row_scale(w.float(), clip_quantile, INT8_QMAX)  # (R,)
+    return quantize(w.float(), s, INT8_QMAX), s.half()
+
+
+def _row(name, t, treatment, method, bits, *stored) -> dict:
+    return {"name": name, "shape": list(t.shape), "numel": t.numel(), "treatment": treatment,
+            "method": method, "bits": bits, "bytes_raw": sum(x.numel() * x.element_size() for x in stored)}
+
+
+def _gptq_row(r: MatrixResult, cands: tuple[float, ...], qmax: int) -> dict:
+    """GPTQ diagnostics. rows_at_scale_floor: rows whose scale is the rule's floor 1/qmax (their
+    clip is below 1, so every clip candidate gives the same scale and the search cannot help)."""
+    ratio = r.err / r.err_rtn if r.err_rtn > 0 else None
+    floor = float(fp16_round(torch.tensor(1.0 / qmax)))
+    return {"damp": r.damp, "damp_retries": r.damp_retries, "dead_columns": r.dead_columns,
+            "rows_at_scale_floor": int((r.scale.float() == floor).sum()),
+            "output_error": r.err, "output_error_rtn": r.err_rtn, "error_ratio_vs_rtn": ratio,
+            "clip_rows": {repr(p): c for p, c in zip(cands, r.choice)}}
+
+
+# ----------------------------------------------------------------------------- pruning
+
+
+@dataclass
+class PruneOutcome:
+    pruned: int
+    candidates: int
+    cost: float  # sum of s^2 H_jj of the pruned values
+    total_bytes: int | None  # model (chosen codec) + code bytes after pruning
+    model_bytes: int | None
+    code_bytes: int | None
+    codec: str | None
+    probes: list[tuple[int, int]]
+
+
+def prune_to_target(qz: Quantized, qcfg: QuantizeConfig, ccfg: CompressConfig, root: str | Path = ".") -> PruneOutcome:
+    """Zero the cheapest ±1 int6 codes until serialize + codec + code bytes <= quantize.target_bytes.
+
+    Updates qz.tensors and the table rows in place; PruneError when the target is unreachable.
+    """
+    qkeys = [f"{n}.q" for n in qz.results]
+    codes = {k: qz.tensors[k] for k in qkeys}
+    cands = prune.collect(codes, {k: qz.tensors[k[:-2] + ".scale"] for k in qkeys},
+                          {f"{n}.q": d for n, d in qz.hdiag.items()})
+    code = artifact.code_bytes(root)
+    chosen: dict[int, tuple[str, int]] = {}
+
+    def size_of(n: int) -> int:
+        tensors = {**qz.tensors, **prune.apply(codes, cands, n)}  # same keys, same order as quant.pgt
+        codec, blob = artifact.choose(artifact.serialize(tensors, qz.meta), ccfg)
+        chosen[n] = (codec, len(blob))
+        return len(blob) + code
+
+    res = prune.search(size_of, cands.total, qcfg.target_bytes)
+    pruned = prune.apply(codes, cands, res.n)
+    qz.tensors.update(pruned)
+    for row in qz.rows:
+        if f"{row['name']}.q" in codes:
+            before = codes[f"{row['name']}.q"]
+            row["pruned"] = int((before != pruned[f"{row['name']}.q"]).sum())
+    codec, model_bytes = chosen[res.n]
+    return PruneOutcome(res.n, cands.total, cands.cost_of_first(res.n), res.size, model_bytes, code, codec,
+                        res.probes)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run(qcfg: QuantizeConfig, ccfg: CompressConfig, train_dir: str | Path = TRAIN_DIR,
+        out_dir: str | Path = OUT_DIR, metrics_path: str | Path = METRICS, root: str | Path = ".") -> dict:
+    """The whole stage; outputs are written only after everything succeeded. -> the metrics dict."""
+    check_config(qcfg)
+    if qcfg.prune:
+        artifact.choose(b"", ccfg)  # ConfigError for a bad compress.* now, not after GPTQ
+    device = resolve_device(qcfg)
+    t0 = time.perf_counter()
+    inp = load_inputs(train_dir)
+    qz = quantize_model(inp, qcfg, device)
+    outcome = prune_to_target(qz, qcfg, ccfg, root) if qcfg.prune else None
+    seconds = time.perf_counter() - t0
+    table = make_table(qz, qcfg, outcome)
+    metrics = make_metrics(qz, qcfg, outcome, seconds, device)
+    with staged_dir(out_dir) as tmp:
+        tensorfile.save(tmp / "quant.pgt", qz.tensors, kind=KIND, meta=qz.meta)
+        write_json(tmp / "table.json", table)
+    write_json(metrics_path, metrics)
+    return metrics
+
+
+def make_table(qz: Quantized, cfg: QuantizeConfig, outcome: PruneOutcome | None) -> dict:
+    """table.json: one row per source tensor, plus the settings and the pruning search (no timings,
+    so the file is a pure function of the inputs)."""
+    prune_info = None
+    if outcome is not None:
+        prune_info = {"pruned": outcome.pruned, "candidates": outcome.candidates, "cost": outcome.cost,
+                      "target_bytes": cfg.target_bytes, "total_bytes": outcome.total_bytes,
+                      "model_bytes": outcome.model_bytes, "code_bytes": outcome.code_bytes, "codec": outcome.codec,
+                      "probes": [{"n": n, "total_bytes": s} for n, s in outcome.probes]}
+    return {"bits": cfg.bits, "clip_candidates": list(qz.clip_candidates),
+            "columns": ["name", "shape", "treatment", "method", "bits", "bytes_raw"],
+            "tensors": qz.rows, "bytes_raw": sum(r["bytes_raw"] for r in qz.rows), "prune": prune_info}
+
+
+def make_metrics(qz: Quantized, cfg: QuantizeConfig, outcome: PruneOutcome | None, seconds: float,
+                 device: torch.device) -> dict:
+    rows = qz.rows
+    count = lambda key, val: sum(1 for r in rows if r[key] == val)  # noqa: E731
+    gptq = [r for r in qz.results.values() if r.method == "gptq"]
+    err, err_rtn = sum(r.err for r in gptq), sum(r.err_rtn for r in gptq)
+    retried = {n: r.damp for n, r in qz.results.items() if r.damp_retries > 0}
+    return {
+        "int6_tensors": count("treatment", "int6"),
+        "passthrough_tensors": count("treatment", "passthrough"),
+        "pruned_values": outcome.pruned if outcome else 0,
+        "quantize_seconds": round(seconds, 3),
+        "int8_tensors": count("treatment", "int8"),
+        "gptq_tensors": len(gptq),
+        "gptq_lite_tensors": count("method", "gptq_lite"),
+        "gptq_fallback_tensors": count("method", "gptq_lite_fallback"),
+        "damping_retries": len(retried),
+        "damping_retried": retried,
+        "gptq_rtn_error_ratio": (err / err_rtn) if err_rtn > 0 else None,
+        "int6_rows_at_scale_floor": _floor_fraction(rows),
+        "bits": cfg.bits,
+        "raw_bytes": sum(r["bytes_raw"] for r in rows),
+        "prune_candidates": outcome.candidates if outcome else None,
+        "prune_compress_calls": len(outcome.probes) if outcome else 0,
+        "model_bytes_estimate": outcome.model_bytes if outcome else None,
+        "code_bytes": outcome.code_bytes if outcome else None,
+        "total_bytes_estimate": outcome.total_bytes if outcome else None,
+        "target_bytes": cfg.target_bytes,
+        "device": device.type,
+    }
+
+
+def _floor_fraction(rows: list[dict]) -> float | None:
+    """Fraction of int6 rows whose scale sits on the 1/qmax floor (see _gptq_row)."""
+    at = sum(r.get("rows_at_scale_floor", 0) for r in rows if r["treatment"] == "int6")
+    total = sum(r["shape"][0] for r in rows if r["treatment"] == "int6")
+    return round(at / total, 4) if total else None
+
+
+def summary_line(m: dict) -> str:
+    est = f", {m['total_bytes_estimate']:,} bytes total (target {m['target_bytes']:,})" \
+        if m["total_bytes_estimate"] is not None else ""
+    ratio = f", GPTQ/RTN output error {m['gptq_rtn_error_ratio']:.3f}" if m["gptq_rtn_error_ratio"] else ""
+    retries = f", {m['damping_retries']} needed more damping" if m["damping_retries"] else ""
+    return (f"quantize: {m['int6_tensors']} int{m['bits']} ({m['gptq_tensors']} GPTQ, {m['gptq_lite_tensors']} "
+            f"GPTQ-lite{retries}), {m['int8_tensors']} int8, {m['passthrough_tensors']} passthrough{ratio}; "
+            f"pruned {m['pruned_values']:,} ±1 values in {m['prune_compress_calls']} compress calls{est}; "
+            f"{m['quantize_seconds']:.1f} s on {m['device']}")

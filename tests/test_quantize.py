@@ -1,0 +1,296 @@
+"""The quantize stage on a really trained tiny model: treatments, outputs, determinism, pruning with
+the real serialisation and codecs, and every bad input (clear error, previous outputs intact)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from _quant_model import MICRO, eval_loss, trained, write_train_dir
+from pgolf import artifact, config, int6, prune, tensorfile
+from pgolf import quantize as Q
+from stages import quantize as stage
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTRACT = ["int6_tensors", "passthrough_tensors", "pruned_values", "quantize_seconds"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def qcfg(**kw):
+    return config.from_dict("quantize", {"passthrough_max_numel": 512, "target_bytes": 10 ** 9, **kw})
+
+
+def ccfg(**kw):
+    return config.from_dict("compress", kw)
+
+
+def run_in(root: Path, q=None, c=None, out="quant"):
+    return Q.run(q or qcfg(), c or ccfg(), root / "artifacts" / "train", root / "artifacts" / out,
+                 root / "metrics" / f"{out}.json", root=ROOT)
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    write_train_dir(root)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    m = run_in(root)
+    torch.set_num_threads(n)
+    return root, m
+
+
+def load_quant(root: Path, out="quant"):
+    tensors, header = tensorfile.load(root / "artifacts" / out / "quant.pgt", kind="quantized")
+    return tensors, header["meta"]
+
+
+def test_treatments_and_contract_files(done):
+    root, m = done
+    tensors, meta = load_quant(root)
+    quant = meta["quant"]
+    for i in range(MICRO.num_layers):
+        for k in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj"):
+            assert quant[f"blocks.{i}.{k}.weight"] == {"type": "int6", "bits": 6, "method": "gptq"}
+    assert quant["tok_emb.weight"]["type"] == "int8"
+    assert quant["bigram.embed.weight"]["type"] == "int8"  # 64 x 16 = 1024 > 512
+    assert quant["ve_shared.embed.weight"]["type"] == "int8"
+    assert quant["bigram.proj.weight"] == {"type": "int6", "bits": 6, "method": "gptq_lite"}  # no Hessian
+    assert quant["ve_shared.proj.weight"] == {"type": "passthrough", "bits": 16, "method": "fp16"}  # 512 numel
+    assert quant["smear.gate"]["type"] == "passthrough"
+    for name, info in quant.items():
+        if info["type"] == "passthrough":
+            assert tensors[name].dtype == torch.float16
+        else:
+            q, s = tensors[f"{name}.q"], tensors[f"{name}.scale"]
+            qmax = 31 if info["type"] == "int6" else 127
+            assert q.dtype == torch.int8 and int(q.abs().max()) <= qmax
+            assert s.dtype == torch.float16 and s.shape == (q.shape[0],)
+    assert set(meta) == {"model", "train_seq_len", "tokenizer", "quant"}
+    assert meta["model"]["num_layers"] == MICRO.num_layers
+    assert all(k in m for k in CONTRACT)
+    assert m["int6_tensors"] == 13 and m["gptq_tensors"] == 12 and m["gptq_lite_tensors"] == 1
+    assert m["int8_tensors"] == 3 and m["int6_tensors"] + m["int8_tensors"] + m["passthrough_tensors"] == len(quant)
+    assert m["damping_retries"] == 0 and m["pruned_values"] == 0 and m["prune_compress_calls"] == 1
+    assert 0 < m["gptq_rtn_error_ratio"] < 0.5  # measured 0.31
+    assert json.loads((root / "metrics" / "quant.json").read_text()) == m
+    table = json.loads((root / "artifacts" / "quant" / "table.json").read_text())
+    assert [r["name"] for r in table["tensors"]] == list(trained()[0])  # model.pgt order
+    assert sorted(quant) == sorted(trained()[0])
+    for r in table["tensors"]:
+        assert {"name", "shape", "treatment", "method", "bytes_raw"} <= set(r)
+    assert table["clip_candidates"] == [0.999, 0.9995, 0.9999, 0.99999, 1.0]  # QAT 0.9995 already in
+    assert table["bytes_raw"] == m["raw_bytes"]
+
+
+def test_artifact_round_trip_loads_into_the_model_and_stays_close(done):
+    """Loss on held-out chain tokens: float 3.7407, quantized (int6 GPTQ + int8 embeddings) 3.7458."""
+    root, _ = done
+    tensors, meta = load_quant(root)
+    back, meta2 = artifact.deserialize(artifact.serialize(tensors, meta))
+    sd = artifact.dequantize_state(back, meta2)
+    w, _, _ = trained()
+    assert abs(eval_loss(sd) - eval_loss(w)) < 0.02
+
+
+def test_clip_candidates_include_the_qat_quantile(tmp_path):
+    from _quant_model import model_meta
+
+    meta = model_meta() | {"qat_quantile": 0.99}
+    write_train_dir(tmp_path, meta=meta)
+    run_in(tmp_path, qcfg(prune=False))
+    table = json.loads((tmp_path / "artifacts" / "quant" / "table.json").read_text())
+    assert table["clip_candidates"][-1] == 0.99
+    assert all("0.99" in r["clip_rows"] for r in table["tensors"] if r["method"] == "gptq")
+
+
+def test_same_inputs_give_byte_identical_outputs(done, tmp_path):
+    root, _ = done
+    shutil.copytree(root / "artifacts" / "train", tmp_path / "artifacts" / "train")
+    run_in(tmp_path)
+    for f in ("quant.pgt", "table.json"):
+        assert (tmp_path / "artifacts" / "quant" / f).read_bytes() == (root / "artifacts" / "quant" / f).read_bytes()
+
+
+def test_embed_mode_fp16_and_prune_off(done, tmp_path):
+    root, _ = done
+    shutil.copytree(root / "artifacts" / "train", tmp_path / "artifacts" / "train")
+    m = run_in(tmp_path, qcfg(embed_mode="fp16", prune=False))
+    _, meta = load_quant(tmp_path)
+    assert meta["quant"]["tok_emb.weight"] == {"type": "passthrough", "bits": 16, "method": "fp16"}
+    assert meta["quant"]["bigram.embed.weight"]["type"] == "int8"
+    assert m["pruned_values"] == 0 and m["prune_compress_calls"] == 0 and m["total_bytes_estimate"] is None
+
+
+def size_with(tensors, meta, c) -> int:
+    """What the compress stage will measure: serialize + codec choice + code bytes."""
+    return len(artifact.choose(artifact.serialize(tensors, meta), c)[1]) + artifact.code_bytes(ROOT)
+
+
+@pytest.mark.parametrize("codec", ["auto", "lzma"])
+def test_pruning_lands_under_target_and_is_minimal(done, tmp_path, codec):
+    root, m0 = done
+    c = ccfg(codec=codec)
+    shutil.copytree(root / "artifacts" / "train", tmp_path / "artifacts" / "train")
+    base, meta = load_quant(root)  # unpruned (target 1e9)
+    full = size_with(base, meta, c)
+    target = full - 1500
+    m = run_in(tmp_path, qcfg(target_bytes=target), c)
+    tensors, meta2 = load_quant(tmp_path)
+    n = m["pruned_values"]
+    assert 0 < n < m["prune_candidates"]
+    assert size_with(tensors, meta2, c) == m["total_bytes_estimate"] <= target  # the file that was written
+    # minimal: pruning one value fewer (same cost order) does not fit
+    names = [k[:-2] for k in base if k.endswith(".q") and meta["quant"][k[:-2]]["type"] == "int6"]
+    _, h, _ = trained()
+    codes = {f"{k}.q": base[f"{k}.q"] for k in names}
+    cands = prune.collect(codes, {f"{k}.q": base[f"{k}.scale"] for k in names},
+                          {f"{k}.q": (torch.diagonal(h[k]) if k in h else None) for k in names})
+    assert all(torch.equal(tensors[k], v) for k, v in prune.apply(codes, cands, n).items())
+    fewer = {**base, **prune.apply(codes, cands, n - 1)}
+    assert size_with(fewer, meta, c) > target
+    assert m["prune_compress_calls"] <= 20
+    table = json.loads((tmp_path / "artifacts" / "quant" / "table.json").read_text())
+    assert sum(r.get("pruned", 0) for r in table["tensors"]) == n
+    probed = {p["n"] for p in table["prune"]["probes"]}
+    assert {0, m["prune_candidates"], n, n - 1} <= probed  # both ends of the final bracket were measured
+
+
+def test_damping_retries_are_reported(done, tmp_path):
+    root, _ = done
+    w, h, _ = trained()
+    bad = dict(h)
+    name = "blocks.1.attn.proj.weight"
+    C = h[name].shape[0]
+    bad[name] = torch.kron(torch.eye(C // 2), torch.tensor([[1.0, 2.5], [2.5, 1.0]]))  # indefinite
+    write_train_dir(tmp_path, hessians=bad)
+    m = run_in(tmp_path, qcfg(prune=False))
+    assert m["damping_retries"] == 1 and m["damping_retried"] == {name: pytest.approx(10.0)}
+    table = json.loads((tmp_path / "artifacts" / "quant" / "table.json").read_text())
+    row = next(r for r in table["tensors"] if r["name"] == name)
+    assert row["damp_retries"] == 3 and row["damp"] == pytest.approx(10.0) and row["method"] == "gptq"
+
+
+# ----------------------------------------------------------------------------- the stage, bad inputs
+
+
+@pytest.fixture
+def stage_dir(tmp_path, monkeypatch):
+    """A cwd like the repo root: params.yaml, artifacts/train, the counted code files, and previous
+    outputs (sentinels) that a failing run must leave exactly as they were."""
+    write_train_dir(tmp_path)
+    for rel in artifact.CODE_FILES:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, tmp_path / rel)
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    doc["quantize"].update(passthrough_max_numel=512)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    (tmp_path / "artifacts" / "quant").mkdir(parents=True)
+    (tmp_path / "artifacts" / "quant" / "quant.pgt").write_bytes(b"previous")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "quant.json").write_text('{"previous": true}\n')
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def set_params(root: Path, **kw):
+    doc = yaml.safe_load((root / "params.yaml").read_text())
+    doc["quantize"].update(kw)
+    (root / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def fails_cleanly(root: Path, capsys, match: str):
+    assert stage.main() == 1
+    err = capsys.readouterr().err
+    assert err.startswith("quantize: error: ") and match in err, err
+    assert (root / "artifacts" / "quant" / "quant.pgt").read_bytes() == b"previous"
+    assert sorted(p.name for p in (root / "artifacts" / "quant").iterdir()) == ["quant.pgt"]
+    assert (root / "metrics" / "quant.json").read_text() == '{"previous": true}\n'
+    assert sorted(p.name for p in (root / "artifacts").iterdir()) == ["quant", "train"]  # no temp dirs left
+    return err
+
+
+def test_stage_success_replaces_previous_outputs(stage_dir, capsys):
+    assert stage.main() == 0
+    out = capsys.readouterr().out
+    assert out.startswith("quantize: 13 int6 (12 GPTQ, 1 GPTQ-lite), 3 int8") and out.count("\n") == 1
+    assert (stage_dir / "artifacts" / "quant" / "quant.pgt").read_bytes()[:8] == tensorfile.MAGIC
+    assert all(k in json.loads((stage_dir / "metrics" / "quant.json").read_text()) for k in CONTRACT)
+
+
+@pytest.mark.parametrize("missing", ["hessians.pgt", "model.pgt"])
+def test_missing_input_file(stage_dir, capsys, missing):
+    (stage_dir / "artifacts" / "train" / missing).unlink()
+    fails_cleanly(stage_dir, capsys, f"artifacts/train/{missing}: not found")
+
+
+def test_hessian_missing_for_a_matrix(stage_dir, capsys):
+    _, h, _ = trained()
+    write_train_dir(stage_dir, hessians={k: v for k, v in h.items() if k != "blocks.1.mlp.fc.weight"})
+    fails_cleanly(stage_dir, capsys,
+                  "hessians.pgt: no Hessian for 1 quantizable matrix(es), e.g. blocks.1.mlp.fc.weight")
+
+
+def test_hessian_wrong_shape(stage_dir, capsys):
+    _, h, _ = trained()
+    write_train_dir(stage_dir, hessians={**h, "blocks.0.mlp.proj.weight": torch.eye(64)})
+    fails_cleanly(stage_dir, capsys, "Hessian blocks.0.mlp.proj.weight has shape (64, 64), expected (192, 192)")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_hessian_not_finite(stage_dir, capsys, value):
+    _, h, _ = trained()
+    bad = h["blocks.0.attn.c_k.weight"].clone()
+    bad[3, 5] = value
+    write_train_dir(stage_dir, hessians={**h, "blocks.0.attn.c_k.weight": bad})
+    fails_cleanly(stage_dir, capsys, "Hessian blocks.0.attn.c_k.weight has NaN/inf")
+
+
+def test_unreachable_target_states_smallest_size(stage_dir, capsys):
+    set_params(stage_dir, target_bytes=50_000)  # the code files alone are larger
+    err = fails_cleanly(stage_dir, capsys, "quantize.target_bytes=50,000 is unreachable")
+    assert "smallest reachable size" in err and "gives" in err
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("bits", 9, "quantize.bits must be in the supported range [2, 8], got 9"),
+    ("bits", 1, "quantize.bits must be in the supported range [2, 8], got 1"),
+    ("embed_mode", "int4", "quantize.embed_mode must be one of int8, fp16, got 'int4'"),
+    ("clip_quantiles", "0.999,abc", "quantize.clip_quantiles must be comma-separated numbers in (0, 1]"),
+    ("clip_quantiles", "0.999,1.5", "quantize.clip_quantiles must be comma-separated numbers in (0, 1]"),
+    ("clip_quantiles", "", "quantize.clip_quantiles"),
+])
+def test_bad_params(stage_dir, capsys, key, value, match):
+    set_params(stage_dir, **{key: value})
+    fails_cleanly(stage_dir, capsys, match)
+
+
+def test_other_bits_work(stage_dir, capsys):
+    set_params(stage_dir, bits=4, prune=False)
+    assert stage.main() == 0
+    tensors, meta = load_quant(stage_dir)
+    assert meta["quant"]["blocks.0.mlp.fc.weight"]["bits"] == 4
+    assert int(tensors["blocks.0.mlp.fc.weight.q"].abs().max()) <= int6.qmax_for(4)
+
+
+def test_python_dash_m_entry_point(stage_dir):
+    for pkg in ("pgolf", "stages"):  # `python -m` imports from the cwd first: give it the whole packages
+        shutil.copytree(ROOT / pkg, stage_dir / pkg, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "stages.quantize"], cwd=stage_dir, env=env, capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("quantize: ")
