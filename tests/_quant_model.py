@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from conftest import single_thread
 from pgolf import tensorfile
 from pgolf.config import ModelConfig
 from pgolf.model import GPT
@@ -48,12 +49,8 @@ def trained() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[st
     One thread: these ops are far too small to gain from two, and a second busy process on the
     same two cores makes OpenMP's spinning threads 50x slower.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         return _train()
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train():

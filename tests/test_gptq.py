@@ -11,13 +11,7 @@ from pgolf.gptq import GPTQSpec, gptq_batch, gptq_lite_batch, gptq_matrices, row
 QS = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is as fast, and immune to a second busy process on the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated(rows: int, cols: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

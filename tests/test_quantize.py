@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from _quant_model import MICRO, eval_loss, trained, write_train_dir
+from conftest import single_thread
 from pgolf import artifact, config, int6, prune, tensorfile
 from pgolf import quantize as Q
 from stages import quantize as stage
@@ -21,12 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTRACT = ["int6_tensors", "passthrough_tensors", "pruned_values", "quantize_seconds"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def qcfg(**kw):
@@ -46,10 +42,8 @@ def run_in(root: Path, q=None, c=None, out="quant"):
 def done(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
     write_train_dir(root)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    m = run_in(root)
-    torch.set_num_threads(n)
+    with single_thread():
+        m = run_in(root)
     return root, m
 
 

@@ -56,14 +56,7 @@ def _write_data(root: Path) -> None:
     build_byte_tables(load_tokenizer(TOKENIZER, 1024), 1024).save(tok / "byte_tables.pgt")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: micro shapes gain nothing from two, and a busy second core (another
-    process) would otherwise stall every parallel region."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
