@@ -679,6 +679,7 @@ class Trainer:
                 self._log_step(loss, scale)
             if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0 and not last:
                 self.clock.pause()
+                self._check_finite(self._mean_over_ranks(loss))  # never overwrite a good checkpoint with NaNs
                 self.save_checkpoint()
                 self.clock.start()
             if on_step is not None:
@@ -687,11 +688,17 @@ class Trainer:
                 break
         self.clock.pause()
 
+    def _check_finite(self, loss_v: float) -> None:
+        """Stop on a NaN/inf loss; the last checkpoint written (a finite state) is kept."""
+        if not math.isfinite(loss_v):
+            kept = checkpoint_path(self.cfg)
+            kept = f"; the last good checkpoint {kept} is kept" if kept.is_file() else ""
+            raise TrainError(f"training diverged at step {self.step}: loss {loss_v} (try lower train.*_lr){kept}")
+
     def _log_step(self, loss: Tensor, scale: float) -> None:
         cfg = self.cfg
         loss_v = self._mean_over_ranks(loss)
-        if not math.isfinite(loss_v):
-            raise TrainError(f"training diverged at step {self.step}: loss {loss_v} (try lower train.*_lr)")
+        self._check_finite(loss_v)
         step_avg = self.elapsed_ms / self.step
         tps = cfg.batch_tokens * self.step / max(self.elapsed_ms / 1000.0, 1e-9)
         eta = (cfg.iterations - self.step) * step_avg / 1000.0

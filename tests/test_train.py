@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -482,6 +483,51 @@ def test_bad_data_fails_with_named_file_and_keeps_outputs(data_root, tmp_path):
     with pytest.raises(ShardError, match="shard folder not found"):
         T.run(m, t, dataclasses.replace(p, shards=tmp_path / "nowhere"))
     assert {f: f.read_bytes() for f in old} == old
+
+
+def test_nan_loss_stops_clearly_and_keeps_the_last_good_checkpoint(data_root, tmp_path):
+    def poison_after_9(tr):
+        if tr.step == 9:
+            with torch.no_grad():
+                tr.model.tok_emb.weight.fill_(float("nan"))
+
+    p = paths(data_root, tmp_path)
+    old = _old_outputs(tmp_path, p)
+    with pytest.raises(T.TrainError, match=r"diverged at step 12: loss nan .*last good checkpoint .* is kept"):
+        run(data_root, tmp_path, on_step=poison_after_9, checkpoint_every=4, log_every=0)
+    tensors, header = tensorfile.load(tmp_path / "ckpt" / T.CHECKPOINT_FILE, kind=T.CHECKPOINT_KIND)
+    assert header["meta"]["step"] == 8  # the step-12 checkpoint was not written over it
+    assert all(torch.isfinite(t).all() for n, t in tensors.items() if n.startswith("model/"))
+    assert {f: f.read_bytes() for f in old} == old
+
+
+def test_short_or_out_of_vocab_data_is_named(data_root, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(data_root, bad)
+    p = paths(bad, tmp_path)
+    with pytest.raises(T.TrainError, match="validation tokens, fewer than one sequence"):
+        T.run(mcfg(), tcfg(tmp_path, seq_len=4096, batch_tokens=8192), p)
+    with pytest.raises(T.TrainError, match="fewer than one batch"):
+        T.run(mcfg(), tcfg(tmp_path, batch_tokens=16384, seq_len=128), p)
+    toks = np.full(4000, 1000, dtype=np.uint16)
+    write_shard(bad / "shards" / "fineweb_train_000000.bin", toks)
+    with pytest.raises(T.TrainError, match=r"fineweb_train_000000.bin: token id 1000 >= model.vocab_size 512"):
+        T.run(mcfg(vocab_size=512), tcfg(tmp_path), dataclasses.replace(p, tokenizer=_vocab512(bad)))
+
+
+def _vocab512(root: Path) -> Path:
+    """A tokenizer folder that claims 512 tokens (so only the shard check can fail)."""
+    from pgolf.data import ByteTables
+
+    tok = root / "tok512"
+    tok.mkdir()
+    meta = json.loads((root / "tokenizer" / "tokenizer.json").read_text())
+    (tok / "tokenizer.json").write_text(json.dumps({**meta, "vocab_size": 512}))
+    ByteTables(torch.ones(512, dtype=torch.int16), torch.zeros(512, dtype=torch.bool),
+               torch.zeros(512, dtype=torch.bool)).save(tok / "byte_tables.pgt")
+    return tok
 
 
 def test_stage_prints_clear_error_and_exits_1(tmp_path):
