@@ -31,7 +31,7 @@ from pgolf.data import ByteTables, read_shard  # noqa: E402
 from pgolf.io import write_json  # noqa: E402
 from pgolf.model import GPT  # noqa: E402
 
-OFFICIAL = Path("/work/shared/data/fineweb_sp1024_val_prefix/fineweb_val_000000.bin")
+OFFICIAL = ROOT.parent / "shared/data/fineweb_sp1024_val_prefix/fineweb_val_000000.bin"  # beside the checkout
 FIXTURE = ROOT / "tests/fixtures/fineweb_val_prefix20k.bin"
 TINY = ModelConfig(num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, xsa_last_n=4, bigram_buckets=512,
                    bigram_dim=32, ve_dim=32, rope_dims=8)
