@@ -56,6 +56,7 @@ from __future__ import annotations
 import lzma
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -287,15 +288,23 @@ def decompress(blob: bytes, source: str = "<bytes>") -> tuple[str, bytes]:
     return codec, raw
 
 
+def compress_all(raw: bytes, cfg: CompressConfig) -> dict[str, bytes]:
+    """Every codec's file bytes, computed concurrently: lzma and zstd both release the GIL, so on
+    a record-size body (~27 MB, ~40 s each on one core) this halves the wall time of a probe."""
+    with ThreadPoolExecutor(max_workers=len(CODEC_IDS)) as pool:
+        futures = {c: pool.submit(compress, raw, c, cfg) for c in CODEC_IDS}
+        return {c: f.result() for c, f in futures.items()}
+
+
 def sizes(raw: bytes, cfg: CompressConfig) -> dict[str, int]:
     """Compressed file size per codec: {"lzma": n, "zstd": n} (header included)."""
-    return {c: len(compress(raw, c, cfg)) for c in CODEC_IDS}
+    return {c: len(b) for c, b in compress_all(raw, cfg).items()}
 
 
 def choose(raw: bytes, cfg: CompressConfig) -> tuple[str, bytes]:
     """(codec, file bytes): cfg.codec "auto" keeps the smaller (lzma on a tie), else the forced one."""
     if cfg.codec == "auto":
-        blobs = {c: compress(raw, c, cfg) for c in CODEC_IDS}
+        blobs = compress_all(raw, cfg)
         codec = min(blobs, key=lambda c: (len(blobs[c]), c))
         return codec, blobs[codec]
     _check_codec(cfg.codec)
