@@ -10,18 +10,16 @@ so a model is never scored on tokens of another vocabulary.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from pgolf import bpb, dist
 from pgolf.artifact import ArtifactError, dequantize_state, read_artifact
 from pgolf.config import ConfigError, EvaluateConfig, ModelConfig
 from pgolf.data import ByteTables, load_byte_tables, read_tokenizer_meta
-from pgolf.io import write_json
+from pgolf.io import file_sha256, write_json
 from pgolf.model import GPT
 
 
@@ -87,10 +85,6 @@ def check_tokenizer(meta: dict, tables: ByteTables, tokenizer_dir: str | Path, a
     if tables.vocab_size < int(meta["model"]["vocab_size"]):
         raise EvaluateError(f"{Path(tokenizer_dir) / 'byte_tables.pgt'}: {tables.vocab_size} entries for a model "
                             f"vocabulary of {meta['model']['vocab_size']}")
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def run(cfg: EvaluateConfig, paths: Paths = Paths(), progress: bool = True) -> dict:

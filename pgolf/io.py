@@ -1,4 +1,4 @@
-"""Small I/O helpers shared by every stage: atomic writes, metrics JSON, logging to a file.
+"""Small I/O helpers shared by every stage: atomic writes, metrics JSON, file checksums.
 
 Every output goes through a temp name and a rename, so a crash never leaves a half-written
 file behind, and a failed stage never destroys the previous good output it was replacing.
@@ -6,6 +6,7 @@ file behind, and a failed stage never destroys the previous good output it was r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +19,15 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

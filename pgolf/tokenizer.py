@@ -9,7 +9,6 @@ ties them to the tokenizer's normalized text.
 
 from __future__ import annotations
 
-import hashlib
 import io
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import sentencepiece as spm
 import torch
 
 from pgolf.data import ByteTables
-from pgolf.io import atomic_write_bytes
+from pgolf.io import atomic_write_bytes, file_sha256  # noqa: F401 - file_sha256 is part of this API
 
 MAX_VOCAB = 65536  # uint16 shards
 SPACE = "\u2581"  # SentencePiece's "▁"
@@ -68,14 +67,6 @@ def load_tokenizer(path: str | Path, vocab_size: int) -> spm.SentencePieceProces
         raise TokenizerError(f"{path}: cannot load SentencePiece model: {e}") from None
     check_vocab_size(int(sp.vocab_size()), vocab_size, str(path))
     return sp
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def training_sentences(docs: Iterable[str]) -> Iterator[str]:
