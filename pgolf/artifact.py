@@ -118,13 +118,6 @@ def _as_bytes(t: torch.Tensor) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8).reshape(t.numel(), t.element_size())
 
 
-def _from_bytes(b: np.ndarray, dtype_name: str, shape: list[int]) -> torch.Tensor:
-    tdtype, npdtype = tensorfile._DTYPES[dtype_name]
-    arr = np.frombuffer(np.ascontiguousarray(b).tobytes(), dtype=npdtype).reshape(shape)
-    t = torch.from_numpy(arr.copy())
-    return t.view(torch.bfloat16) if tdtype == torch.bfloat16 else t
-
-
 def _encode(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Original tensors -> (stored tensors in layout order, layout table in original order)."""
     layout, codes, others = [], {}, {}
@@ -166,7 +159,8 @@ def _decode(stored: dict[str, torch.Tensor], layout: list[dict], source: str) ->
                 out[name] = _unzigzag(stored[name])
             elif e["enc"] == "planes":
                 n = int(np.prod(shape, dtype=np.int64))
-                out[name] = _from_bytes(planes[e["dtype"]][e["offset"]:e["offset"] + n], e["dtype"], shape)
+                out[name] = tensorfile.from_buffer(np.ascontiguousarray(planes[e["dtype"]][e["offset"]:e["offset"] + n]),
+                                                   e["dtype"], shape)
             elif e["enc"] == "raw":
                 out[name] = stored[name]
             else:

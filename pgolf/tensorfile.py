@@ -56,6 +56,14 @@ def _to_bytes(t: torch.Tensor) -> bytes:
     return t.numpy().astype(t.numpy().dtype.newbyteorder("<"), copy=False).tobytes()
 
 
+def from_buffer(buf, dtype: str, shape: list[int], offset: int = 0) -> torch.Tensor:
+    """A tensor (own copy) of `dtype` (a name of the table above) and `shape`, read from `buf`."""
+    tdtype, npdtype = _DTYPES[dtype]
+    arr = np.frombuffer(buf, dtype=npdtype, count=int(np.prod(shape, dtype=np.int64)), offset=offset).reshape(shape)
+    t = torch.from_numpy(arr.copy())
+    return t.view(torch.bfloat16) if tdtype == torch.bfloat16 else t
+
+
 def dumps(tensors: dict[str, torch.Tensor], kind: str, meta: dict | None = None) -> bytes:
     """Serialise named tensors (any order kept) into the container format."""
     table, chunks, offset = [], [], 0
@@ -102,13 +110,7 @@ def loads(blob: bytes, source: str = "<bytes>", kind: str | None = None) -> tupl
         raise TensorFileError(f"{source}: truncated payload ({len(payload)} of {header['payload_bytes']} bytes)")
     if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
         raise TensorFileError(f"{source}: checksum mismatch (payload modified or corrupt)")
-    out = {}
-    for e in header["tensors"]:
-        tdtype, npdtype = _DTYPES[e["dtype"]]
-        arr = np.frombuffer(payload, dtype=npdtype, count=int(np.prod(e["shape"], dtype=np.int64)),
-                            offset=e["offset"]).reshape(e["shape"])
-        t = torch.from_numpy(arr.copy())
-        out[e["name"]] = t.view(torch.bfloat16) if tdtype == torch.bfloat16 else t
+    out = {e["name"]: from_buffer(payload, e["dtype"], e["shape"], e["offset"]) for e in header["tensors"]}
     return out, header
 
 
