@@ -10,6 +10,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from pgolf.config import ModelConfig  # noqa: E402 - after TRITON_INTERPRET, before any kernel module
+from pgolf.model import GPT  # noqa: E402
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -18,6 +21,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+MICRO_CFG = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2,
+                        xsa_last_n=1, bigram_buckets=31, bigram_dim=8, ve_dim=8, ve_last_n=1, rope_dims=4)
+
+
+def tiny_model(seed=0, cfg=MICRO_CFG, train_seq_len=64) -> GPT:
+    """A micro GPT in eval mode whose every parameter is perturbed (no zero-initialised weights)."""
+    torch.manual_seed(seed)
+    m = GPT(cfg, train_seq_len=train_seq_len)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m.eval()
 
 
 @contextmanager

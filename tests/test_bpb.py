@@ -9,22 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_model
 from pgolf import bpb
-from pgolf.config import ModelConfig
 from pgolf.data import ByteTables, write_shard
-from pgolf.model import GPT
 
-TINY = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2,
-                   xsa_last_n=1, bigram_buckets=31, bigram_dim=8, ve_dim=8, ve_last_n=1, rope_dims=4)
-
-
-def tiny_model(seed=0, train_seq_len=64):
-    torch.manual_seed(seed)
-    m = GPT(TINY, train_seq_len=train_seq_len)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return m.eval()
 
 
 def tiny_tables(V=64, seed=0):

@@ -10,26 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import MICRO_CFG, tiny_model
 from pgolf import artifact, tensorfile
-from pgolf.config import CompressConfig, ModelConfig
+from pgolf.config import CompressConfig
 from pgolf.int6 import qmax_for, quantize, row_scale
 from pgolf.model import GPT
 from stages import compress
 
 ROOT = Path(__file__).resolve().parents[1]
-MICRO = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2,
-                    xsa_last_n=1, bigram_buckets=31, bigram_dim=8, ve_dim=8, ve_last_n=1, rope_dims=4)
+MICRO = MICRO_CFG
 TOKENIZER = {"sha256": "5" * 64, "vocab_size": 64}
 FAST = CompressConfig(lzma_preset=6, zstd_level=19)
 
 
-def tiny_model(seed=0, cfg=MICRO, train_seq_len=64):
-    torch.manual_seed(seed)
-    m = GPT(cfg, train_seq_len=train_seq_len)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return m.eval()
 
 
 def quantized(model: GPT, lossless: bool = False) -> tuple[dict, dict]:

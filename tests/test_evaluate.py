@@ -20,7 +20,8 @@ from pgolf.data import ByteTables, write_shard
 from pgolf.evaluate import Paths, load_model, run
 from pgolf.model import GPT
 from stages import evaluate as stage
-from test_compress import TOKENIZER, quantized, tiny_model
+from conftest import tiny_model
+from test_compress import TOKENIZER, quantized
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = EvaluateConfig(context=16, stride=4, batch_seqs=4, max_tokens=200, device="cpu", compile=True,
