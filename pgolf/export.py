@@ -96,7 +96,7 @@ def check_params_locked(root: Path) -> None:
         recorded = (entry.get("params") or {}).get("params.yaml") or {}
         for key, value in _flat(recorded).items():
             now = _lookup(params, key)
-            if now != value:
+            if _norm(now) != _norm(value):
                 raise ExportError(f"params.yaml: {key} is {now!r} but the run was made with {value!r} (dvc.lock, "
                                   f"stage {stage}); rerun `dvc repro` or restore params.yaml")
 
@@ -109,6 +109,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _norm(value):
+    """YAML 1.1 (PyYAML) reads DVC's `1e-08` as a string: compare such values as numbers."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _lookup(doc: dict, dotted: str):

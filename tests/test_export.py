@@ -167,3 +167,11 @@ def test_export_readme_summarises_the_exported_run_not_the_cwd(run, tmp_path, mo
     monkeypatch.chdir(tmp_path)  # no metrics/ here
     out = _export(run, tmp_path / "rec")
     assert "12,345 tokens/s" in (out / "README.md").read_text()
+
+
+def test_dvc_lock_floats_written_as_yaml_1_2_match_params(run, tmp_path):
+    """DVC writes 1e-08 in dvc.lock, which PyYAML reads as a string: still the same value."""
+    lock = run / "dvc.lock"
+    lock.write_text(lock.read_text().replace("adam_eps: 1.0e-08", "adam_eps: '1e-08'"))
+    assert "'1e-08'" in lock.read_text()
+    assert _export(run, tmp_path / "rec").is_dir()
