@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -33,6 +32,7 @@ import yaml
 from pgolf import artifact, pack, rules
 from pgolf.config import ConfigError
 from pgolf.io import atomic_write_text, file_sha256, staged_dir, write_json
+from pgolf.seeds import flatten, render as render_seeds
 from pgolf.summary import render
 
 NEEDED = {
@@ -54,6 +54,13 @@ class ExportError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- checks (nothing written)
+
+
+def _read_json(path: Path):
+    try:
+        return rules.read_json(path)
+    except rules.RulesError as e:
+        raise ExportError(str(e)) from None
 
 
 def load_metrics(root: Path) -> dict:
@@ -94,21 +101,11 @@ def check_params_locked(root: Path) -> None:
         raise ExportError(f"{lock_path} or {params_path}: not valid YAML ({e})") from None
     for stage, entry in (lock.get("stages") or {}).items():
         recorded = (entry.get("params") or {}).get("params.yaml") or {}
-        for key, value in _flat(recorded).items():
+        for key, value in flatten(recorded).items():
             now = _lookup(params, key)
             if _norm(now) != _norm(value):
                 raise ExportError(f"params.yaml: {key} is {now!r} but the run was made with {value!r} (dvc.lock, "
                                   f"stage {stage}); rerun `dvc repro` or restore params.yaml")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _norm(value):
@@ -158,12 +155,7 @@ def _sha(data: bytes) -> str:
 
 def check_code_list(path: Path) -> dict:
     """code_files.json names the packed script and only files of the counted evaluation set."""
-    if not path.is_file():
-        raise ExportError(f"{path}: missing (rerun `dvc repro`)")
-    try:
-        listing = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{path}: not valid JSON ({e})") from None
+    listing = _read_json(path)
     if not isinstance(listing, dict) or listing.get("script") != pack.SCRIPT_NAME:
         raise ExportError(f"{path}: does not name the packed {pack.SCRIPT_NAME} (written by an older compress stage?)")
     files = (listing.get("eval_files_raw") or {}).get("files") or []
@@ -177,13 +169,10 @@ def check_code_list(path: Path) -> dict:
 def check_seeds(folder: Path) -> tuple[dict, list[Path]]:
     """seeds.json of `python -m pgolf.seeds --out` and every seed's train log beside it."""
     path = folder / "seeds.json"
-    if not path.is_file():
-        raise ExportError(f"{path}: missing (write it with `python -m pgolf.seeds --baseline-bpb B --out {folder}`)")
-    try:
-        summary = json.loads(path.read_text())
-        runs = summary["runs"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise ExportError(f"{path}: not a seed summary ({type(e).__name__}: {e})") from None
+    summary = _read_json(path)
+    runs = summary.get("runs") if isinstance(summary, dict) else None
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and "seed" in r for r in runs):
+        raise ExportError(f"{path}: not a seed summary of `python -m pgolf.seeds --out` (no runs with seeds)")
     logs = [folder / f"train_seed{r['seed']}.log" for r in runs]
     missing = [str(p) for p in logs if not p.is_file()]
     if missing:
@@ -275,8 +264,6 @@ def export(root: Path, out: Path, name: str, author: str, github_id: str, blurb:
     meta = {"author": author, "github_id": github_id, "name": name, "blurb": blurb}
     sub = submission(m, meta, dt.date.today().isoformat(), seed_summary)
     params_text = (root / "params.yaml").read_text()
-    from pgolf.seeds import render as render_seeds
-
     text = readme(sub, m, params_text, root / "metrics", rules.report(checked),
                   render_seeds(seed_summary) if seed_summary else None)
     _write(out, force, lambda tmp: _fill(tmp, root, sub, text, script, model, log, m, checked, seed_summary, seed_logs))

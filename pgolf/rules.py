@@ -54,14 +54,19 @@ class RulesError(ValueError):
     """A run file the check needs is missing or unreadable; names the file."""
 
 
-def read_metrics(root: Path, name: str, keys: tuple[str, ...]) -> dict:
-    path = root / "metrics" / f"{name}.json"
+def read_json(path: Path):
+    """The JSON document at `path`; RulesError naming the file when it is missing or not JSON."""
     if not path.is_file():
         raise RulesError(f"{path}: missing (run `dvc repro` first)")
     try:
-        m = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RulesError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_metrics(root: Path, name: str, keys: tuple[str, ...]) -> dict:
+    path = root / "metrics" / f"{name}.json"
+    m = read_json(path)
     missing = [k for k in keys if not isinstance(m, dict) or k not in m]
     if missing:
         raise RulesError(f"{path}: lacks {', '.join(missing)} (run `dvc repro` first)")

@@ -140,6 +140,9 @@ def test_seed_summary_and_logs_are_included(run, tmp_path):
                 "val_loss_mean": 4.0, "val_loss_std": 0.01,
                 "runs": [{"name": "a", "rev": "r1", "seed": 1, "val_bpb": 2.4, "val_loss": 4.0},
                          {"name": "b", "rev": "r2", "seed": 2, "val_bpb": 2.42, "val_loss": 4.02}]}
+    refused(run, tmp_path / "rec" / "x", "seeds/seeds.json: missing", seeds=seeds)
+    (seeds / "seeds.json").write_text("{}")
+    refused(run, tmp_path / "rec" / "x", "seeds.json: not a seed summary", seeds=seeds)
     (seeds / "seeds.json").write_text(json.dumps(summary_))
     (seeds / "train_seed1.log").write_text("seed 1\n")
     refused(run, tmp_path / "rec" / "x", "train_seed2.log: train log of a seed missing", seeds=seeds)
@@ -160,6 +163,7 @@ def test_cli_reports_errors_without_traceback(run, tmp_path, monkeypatch, capsys
 def test_summary_renders_every_figure(run):
     text = summary.render(run / "metrics")
     assert "val_bpb        2.4000" in text and "under the 16,000,000-byte cap" in text and "(lzma)" in text
+    assert " (packed train_gpt.py); under" in text
     assert "12,345 tokens/s" in text
 
 

@@ -122,3 +122,23 @@ def test_runs_from_exp_show_reads_experiments_not_baselines():
     assert [r.name for r in S.runs_from_exp_show(doc, ["s2"])] == ["s2"]
     with pytest.raises(S.SeedsError, match="nope: not found"):
         S.runs_from_exp_show(doc, ["s1", "nope"])
+
+
+def test_missing_train_log_of_an_experiment_is_named(monkeypatch, tmp_path):
+    import dvc.api
+
+    def gone(path, repo=None, rev=None):
+        raise FileNotFoundError(f"{path} at {rev}")
+
+    monkeypatch.setattr(dvc.api, "read", gone)
+    run = _runs([0.01])[0]
+    with pytest.raises(S.SeedsError, match="experiment exp-0: train log artifacts/train/train.log not readable"):
+        S.read_log(tmp_path, run)
+
+
+def test_out_folder_is_written_whole(tmp_path):
+    s = S.summarize(_runs([0.010, 0.011]), 1.2)
+    S.write_out(tmp_path / "seeds", s, {"train_seed100.log": "a\n", "train_seed101.log": "b\n"})
+    assert sorted(p.name for p in (tmp_path / "seeds").iterdir()) == ["seeds.json", "train_seed100.log",
+                                                                      "train_seed101.log"]
+    assert json.loads((tmp_path / "seeds" / "seeds.json").read_text())["n"] == 2

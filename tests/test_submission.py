@@ -6,6 +6,7 @@
   tolerance is zero: the same code and params on the same CPU give bit-identical weights, so the
   artifact's sha256, the byte counts and val_bpb must be equal;
 - export refuses the run once params.yaml changed after it;
+- the same script with train.nproc_per_node = 2 relaunches itself under torchrun (2 CPU ranks);
 - N seeds as DVC experiments, summarised by `python -m pgolf.seeds` from `dvc exp show`, with
   every seed's train log, and exported with the run.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from _dvc_repo import dvc, micro_repo, run
-from pgolf import export, seeds
+from pgolf import export, pack, seeds
 
 pytestmark = pytest.mark.slow
 
@@ -35,15 +36,17 @@ def _metrics(root: Path, name: str) -> dict:
     return json.loads((root / "metrics" / f"{name}.json").read_text())
 
 
-def challenge_folder(dst: Path, records: Path, repo: Path) -> Path:
-    """A fresh folder laid out like the challenge's, holding the exported script and the run's data."""
+def challenge_folder(dst: Path, records: Path | None, repo: Path) -> Path:
+    """A fresh folder laid out like the challenge's, holding the run's data and the exported script
+    (when `records` is given)."""
     shards = dst / "data" / "datasets" / "fineweb10B_sp1024"
     shards.mkdir(parents=True)
     for p in (repo / "data" / "shards").glob("fineweb_*.bin"):
         shutil.copy2(p, shards / p.name)
     (dst / "data" / "tokenizers").mkdir()
     shutil.copy2(repo / "data" / "tokenizer" / "tokenizer.model", dst / "data" / "tokenizers" / "fineweb_1024_bpe.model")
-    shutil.copy2(records / "train_gpt.py", dst / "train_gpt.py")
+    if records is not None:
+        shutil.copy2(records / "train_gpt.py", dst / "train_gpt.py")
     return dst
 
 
@@ -101,3 +104,20 @@ def test_seeds_as_dvc_experiments_then_summary_and_export(repo, tmp_path):
     assert (records / "train_seed8.log").exists() and (records / "seeds.json").exists()
     one = run([sys.executable, "-m", "pgolf.seeds", "--baseline-bpb", "9", "--exp", "seed7"], repo, check=False)
     assert "seeds: error: 1 run(s) with metrics/eval.json; a seed summary needs at least 2" in one
+
+
+def test_script_relaunches_itself_under_torchrun_with_two_ranks(repo, tmp_path):
+    """train.nproc_per_node = 2 baked in, started with plain python: the script relaunches itself
+    through torchrun (gloo on CPU); rank 0 prepares, quantizes and compresses, both ranks train and
+    evaluate, and only rank 0 prints."""
+    params = pack.baked_params(repo / "params.yaml")
+    params["train"]["nproc_per_node"] = 2
+    folder = challenge_folder(tmp_path / "challenge", None, repo)
+    (folder / "train_gpt.py").write_bytes(pack.build_script(repo, params))
+    p = subprocess.run([sys.executable, "train_gpt.py"], cwd=folder, capture_output=True, text=True)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    out = folder / "pgolf_run"
+    assert _metrics(out, "train")["world_size"] == 2 and _metrics(out, "eval")["world_size"] == 2
+    assert _metrics(out, "size")["code_bytes"] == (folder / "train_gpt.py").stat().st_size
+    assert abs(_metrics(out, "eval")["val_bpb"] - _metrics(repo, "eval")["val_bpb"]) < 0.05
+    assert p.stdout.count("Total submission size") == 1 and p.stdout.count("final_int6_sliding_window_exact") == 1
