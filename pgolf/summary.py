@@ -27,8 +27,9 @@ def render(metrics_dir: str | Path = "metrics") -> str:
         lines.append(f"  float val_bpb  {train['val_bpb_float']:.4f}  (non-sliding, before quantization)")
     if size:
         verdict = "under" if size["under_cap"] else "OVER"
+        how = " (packed train_gpt.py)" if str(size.get("code_count", "")).startswith("packed") else ""
         lines.append(f"  artifact       {size['total_bytes']:,} bytes = model {size['model_bytes']:,} ({size['codec']}) "
-                     f"+ code {size['code_bytes']:,}; {verdict} the {size['cap_bytes']:,}-byte cap")
+                     f"+ code {size['code_bytes']:,}{how}; {verdict} the {size['cap_bytes']:,}-byte cap")
     if quant:
         lines.append(f"  quantized      {quant['int6_tensors']} int6 tensors, {quant['pruned_values']:,} ±1 values pruned")
     if train:
