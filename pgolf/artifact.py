@@ -90,6 +90,7 @@ CODE_FILES: tuple[str, ...] = (
     "pgolf/model.py",
     "pgolf/summary.py",
     "pgolf/tensorfile.py",
+    "pgolf/ttt.py",
 )
 
 

@@ -125,6 +125,53 @@ def _batch(tok: torch.Tensor, win: torch.Tensor, width: int):
     return x, rows_b, rows_p, tgt, prev
 
 
+def check_vocab(model, tokens: np.ndarray, tables: ByteTables) -> None:
+    """ValueError when a token id is outside the model's or the byte tables' vocabulary."""
+    if int(tokens.max()) >= tables.vocab_size or int(tokens.max()) >= model.cfg.vocab_size:
+        raise ValueError(f"validation token id {int(tokens.max())} outside the vocabulary "
+                         f"(model {model.cfg.vocab_size}, byte tables {tables.vocab_size})")
+
+
+def autocast_ctx(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA, nothing elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else nullcontext()
+
+
+def local_sums(model, tok: torch.Tensor, windows: torch.Tensor, width: int, tab: ByteTables, batch_seqs: int,
+               fwd, amp, progress: bool = False, per_target: torch.Tensor | None = None) -> torch.Tensor:
+    """This process's float64 sums (nll, tokens, bytes, windows) over `windows` (n, 3), no all-reduce.
+
+    tok (N,) int64 and `tab` on the model's device; `fwd` the hidden-state function; `per_target`
+    (N-1,) float64, when given, gets every scored target's NLL added at its target index (checks).
+    """
+    sums = torch.zeros(4, dtype=torch.float64, device=tok.device)  # nll, tokens, bytes, windows
+    steps = range(0, len(windows), batch_seqs)
+    if progress:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc="eval", unit="batch", disable=None, mininterval=2.0)  # off when not a TTY
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for i in steps:
+            win = windows[i:i + batch_seqs]  # (b, 3)
+            x, rows_b, rows_p, tgt, prev = _batch(tok, win, width)
+            if len(win) < batch_seqs:  # keep one shape for the compiled graph
+                x = torch.cat([x, x.new_zeros(batch_seqs - len(win), width)])
+            with amp:
+                h = fwd(x)  # (B, width, D)
+                logits = model.logits_from_hidden(h[rows_b, rows_p])  # (M, V)
+            if per_target is not None:
+                nll_t = F.cross_entropy(logits.float(), tgt, reduction="none")  # (M,)
+                per_target.index_add_(0, win[rows_b, 0] + rows_p, nll_t.double())
+            nll = F.cross_entropy(logits.float(), tgt, reduction="sum")
+            sums[0] += nll.double()
+            sums[1] += tgt.numel()
+            sums[2] += tab.count(prev, tgt).sum().double()
+            sums[3] += len(win)
+    model.train(was_training)
+    return sums
+
+
 def score_windows(model, tokens: np.ndarray, windows: np.ndarray, width: int, tables: ByteTables,
                   batch_seqs: int, device, rank: int = 0, world: int = 1, autocast: bool = True,
                   compile: bool = False, progress: bool = False) -> dict:
@@ -133,37 +180,12 @@ def score_windows(model, tokens: np.ndarray, windows: np.ndarray, width: int, ta
     Returns float64 sums all-reduced over the process group: nll, tokens, bytes, windows.
     """
     device = torch.device(device)
-    if int(tokens.max()) >= tables.vocab_size or int(tokens.max()) >= model.cfg.vocab_size:
-        raise ValueError(f"validation token id {int(tokens.max())} outside the vocabulary "
-                         f"(model {model.cfg.vocab_size}, byte tables {tables.vocab_size})")
+    check_vocab(model, tokens, tables)
     lo, hi = len(windows) * rank // world, len(windows) * (rank + 1) // world
     mine = torch.from_numpy(windows[lo:hi]).to(device)  # (n, 3)
     tok = torch.from_numpy(tokens.astype(np.int64)).to(device)  # (N,)
-    tab = tables.to(device)
-    fwd = _hidden_fn(model, device, compile)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if autocast and device.type == "cuda" else nullcontext()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nll, tokens, bytes, windows
-    steps = range(0, len(mine), batch_seqs)
-    if progress and rank == 0:
-        from tqdm import tqdm
-        steps = tqdm(steps, desc="eval", unit="batch", disable=None, mininterval=2.0)  # off when not a TTY
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for i in steps:
-            win = mine[i:i + batch_seqs]  # (b, 3)
-            x, rows_b, rows_p, tgt, prev = _batch(tok, win, width)
-            if len(win) < batch_seqs:  # keep one shape for the compiled graph
-                x = torch.cat([x, x.new_zeros(batch_seqs - len(win), width)])
-            with amp:
-                h = fwd(x)  # (B, width, D)
-                logits = model.logits_from_hidden(h[rows_b, rows_p])  # (M, V)
-            nll = F.cross_entropy(logits.float(), tgt, reduction="sum")
-            sums[0] += nll.double()
-            sums[1] += tgt.numel()
-            sums[2] += tab.count(prev, tgt).sum().double()
-            sums[3] += len(win)
-    model.train(was_training)
+    sums = local_sums(model, tok, mine, width, tables.to(device), batch_seqs, _hidden_fn(model, device, compile),
+                      autocast_ctx(device, autocast), progress=progress and rank == 0)
     all_reduce_(sums)
     nll, ntok, nbytes, nwin = sums.tolist()
     return {"nll": nll, "tokens": int(ntok), "bytes": int(nbytes), "windows": int(nwin)}

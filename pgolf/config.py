@@ -137,6 +137,23 @@ class EvaluateConfig:
     device: str = "auto"
     compile: bool = True
     nproc_per_node: int = 1
+    # score-first test-time training (pgolf.ttt); facts from the records PR #549 / #1855
+    ttt_enabled: bool = False  # off: val_bpb is the plain sliding score
+    ttt_mode: str = "lora"  # lora (rank-r adapters) | full (the chosen matrices themselves)
+    ttt_targets: str = "attn.c_q,attn.c_k,attn.c_v,attn.proj,mlp.fc,mlp.proj"  # matrix kinds adapted
+    ttt_first_layer: int = 0  # adapt layers >= this (PR #549: 0, all blocks)
+    ttt_rank: int = 8  # LoRA rank (ttt_mode lora)
+    ttt_optimizer: str = "sgd"  # sgd (momentum) | adam (AdamW)
+    ttt_lr: float = 0.002  # PR #549
+    ttt_momentum: float = 0.9  # SGD momentum / Adam beta1
+    ttt_beta2: float = 0.999  # Adam beta2
+    ttt_weight_decay: float = 0.0
+    ttt_epochs: int = 3  # passes over each scored chunk
+    ttt_chunk_tokens: int = 32768  # targets per chunk (PR #549: 32K)
+    ttt_batch_seqs: int = 32  # sequences of evaluate.context per adaptation step
+    ttt_grad_clip: float = 1.0  # 0 = off
+    ttt_lr_schedule: str = "cosine"  # cosine (over a rank's chunks) | constant
+    ttt_seed: int = 1337  # LoRA init
 
 
 SECTIONS: dict[str, type] = {

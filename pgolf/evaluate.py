@@ -6,6 +6,10 @@ The model is rebuilt only from `artifacts/final/model.ptz` (`read_artifact` ->
 scoring, the artifact's tokenizer (meta["tokenizer"]: sha256, vocab_size) must match the one the
 validation shards were made with (`data/tokenizer/tokenizer.json`, and the byte tables' meta),
 so a model is never scored on tokens of another vocabulary.
+
+With evaluate.ttt_enabled, score-first test-time training (pgolf.ttt) runs last, on the same
+tokens and windows; its score becomes val_bpb / val_loss (the plain sliding score stays as
+val_bpb_pre_ttt) and its time is ttt_seconds.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from pgolf import bpb, dist
+from pgolf import bpb, dist, ttt
 from pgolf.artifact import ArtifactError, dequantize_state, read_artifact
 from pgolf.config import ConfigError, EvaluateConfig, ModelConfig
 from pgolf.data import ByteTables, load_byte_tables, read_tokenizer_meta
@@ -48,6 +52,7 @@ def validate(cfg: EvaluateConfig) -> None:
         raise ConfigError(f"params.yaml: evaluate.device must be auto, cpu or cuda; got {cfg.device!r}")
     if cfg.nproc_per_node < 1:
         raise ConfigError(f"params.yaml: evaluate.nproc_per_node must be >= 1, got {cfg.nproc_per_node}")
+    ttt.validate(cfg)
 
 
 def load_model(path: str | Path, device="cpu") -> tuple[GPT, dict]:
@@ -122,6 +127,22 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths(), progress: bool = True) -> d
         "windows": ev["windows"], "world_size": info.world_size, "device": str(info.device),
         "artifact_sha256": file_sha256(paths.artifact),
     }
+    if cfg.ttt_enabled:
+        metrics.update(_ttt_metrics(model, tokens, tables, cfg, info, progress, metrics))
+        metrics["eval_seconds"] = round(time.perf_counter() - t0, 3)
     if info.is_main:
         write_json(paths.metrics, metrics)
     return metrics
+
+
+def _ttt_metrics(model, tokens, tables, cfg: EvaluateConfig, info, progress: bool, plain: dict) -> dict:
+    """Score-first TTT (adapts `model`): its score as val_loss / val_bpb, the plain one kept beside."""
+    t0 = time.perf_counter()
+    r = ttt.eval_ttt(model, tokens, tables, cfg, info.device, info.rank, info.world_size,
+                     progress=progress and info.is_main)
+    if (r.scored_tokens, r.scored_bytes) != (plain["scored_tokens"], plain["scored_bytes"]):
+        raise EvaluateError(f"TTT scored {r.scored_tokens} targets / {r.scored_bytes} bytes, the plain evaluation "
+                            f"{plain['scored_tokens']} / {plain['scored_bytes']}")
+    return {"val_loss": r.val_loss, "val_bpb": r.val_bpb, "val_loss_pre_ttt": plain["val_loss"],
+            "val_bpb_pre_ttt": plain["val_bpb"], "ttt_seconds": round(time.perf_counter() - t0, 3),
+            "ttt_chunks": r.chunks, "ttt_mode": cfg.ttt_mode, "ttt_trainable_params": r.trainable_params}

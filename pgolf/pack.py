@@ -49,6 +49,7 @@ PACKED_FILES: tuple[str, ...] = (
     "pgolf/tensorfile.py",
     "pgolf/tokenizer.py",
     "pgolf/train.py",
+    "pgolf/ttt.py",
 )
 BAKED_SECTIONS: tuple[str, ...] = ("model", "train", "quantize", "compress", "evaluate")
 SCRIPT_NAME = "train_gpt.py"

@@ -113,10 +113,14 @@ def _evaluate(cfgs: dict, log: Log) -> dict:
     log(f"{name}_roundtrip val_loss:{e['val_loss_nonsliding']:.4f} val_bpb:{e['val_bpb_nonsliding']:.4f} "
         f"eval_time:{e['nonsliding_seconds'] * 1000:.0f}ms")
     log(f"{name}_roundtrip_exact val_loss:{e['val_loss_nonsliding']:.8f} val_bpb:{e['val_bpb_nonsliding']:.8f}")
+    loss, val_bpb = e.get("val_loss_pre_ttt", e["val_loss"]), e.get("val_bpb_pre_ttt", e["val_bpb"])
     if e["stride"] > 0:
-        log(f"{name}_sliding_window val_loss:{e['val_loss']:.4f} val_bpb:{e['val_bpb']:.4f} stride:{e['stride']} "
+        log(f"{name}_sliding_window val_loss:{loss:.4f} val_bpb:{val_bpb:.4f} stride:{e['stride']} "
             f"eval_time:{e['sliding_seconds'] * 1000:.0f}ms")
-        log(f"{name}_sliding_window_exact val_loss:{e['val_loss']:.8f} val_bpb:{e['val_bpb']:.8f}")
+        log(f"{name}_sliding_window_exact val_loss:{loss:.8f} val_bpb:{val_bpb:.8f}")
+    if "ttt_seconds" in e:
+        log(f"legal_ttt val_loss:{e['val_loss']:.4f} val_bpb:{e['val_bpb']:.4f} eval_time:{e['ttt_seconds'] * 1000:.0f}ms")
+        log(f"legal_ttt_exact val_loss:{e['val_loss']:.8f} val_bpb:{e['val_bpb']:.8f}")
     return e
 
 
