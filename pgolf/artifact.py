@@ -4,7 +4,7 @@ This module owns `artifacts/final/model.ptz`. A file is
 
     6 bytes  magic b"PGOLFZ"
     1 byte   FORMAT_VERSION
-    1 byte   codec id (1 = lzma raw LZMA2 stream, 2 = zstd frame)
+    1 byte   codec id (1 = lzma raw LZMA2 stream, 2 = zstd frame, 3 = brotli stream)
     4 bytes  uint32 CRC-32 of the uncompressed tensorfile (its JSON header is covered too;
              the container's own sha256 covers only the payload)
     rest     the compressed body
@@ -70,7 +70,7 @@ from pgolf.tensorfile import TensorFileError
 MAGIC = b"PGOLFZ"
 FORMAT_VERSION = 1
 KIND = "artifact"
-CODEC_IDS = {"lzma": 1, "zstd": 2}
+CODEC_IDS = {"lzma": 1, "zstd": 2, "brotli": 3}
 CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 HEADER_BYTES = len(MAGIC) + 6
 PLANES = ".planes."  # stored-name prefix of a float byte-plane group
@@ -210,6 +210,30 @@ def _check_codec(codec: str) -> None:
         raise ConfigError(f"params.yaml: compress.codec must be one of auto, {', '.join(CODEC_IDS)}; got {codec!r}")
 
 
+def codecs(cfg: CompressConfig) -> tuple[str, ...]:
+    """The codecs a run computes (and "auto" chooses among): lzma and zstd, plus brotli when
+    compress.brotli is on or compress.codec forces it."""
+    return ("lzma", "zstd") + (("brotli",) if cfg.brotli or cfg.codec == "brotli" else ())
+
+
+def _brotli(source: str):
+    """The brotli module, imported only for a brotli artifact (the evaluation image may lack it)."""
+    try:
+        import brotli
+    except ImportError:
+        raise ArtifactError(f"{source}: compressed with brotli, but the Python module 'brotli' is not installed "
+                            f"(pip install brotli)") from None
+    return brotli
+
+
+def _brotli_compress(raw: bytes, cfg: CompressConfig) -> bytes:
+    if not 0 <= cfg.brotli_quality <= 11:
+        raise ConfigError(f"params.yaml: compress.brotli_quality must be in [0, 11], got {cfg.brotli_quality}")
+    if not 10 <= cfg.brotli_window <= 24:
+        raise ConfigError(f"params.yaml: compress.brotli_window must be in [10, 24], got {cfg.brotli_window}")
+    return _brotli("compress.codec brotli").compress(raw, quality=cfg.brotli_quality, lgwin=cfg.brotli_window)
+
+
 def _lzma_filters(cfg: CompressConfig) -> list[dict]:
     if not 0 <= cfg.lzma_preset <= 9:
         raise ConfigError(f"params.yaml: compress.lzma_preset must be in [0, 9], got {cfg.lzma_preset}")
@@ -240,12 +264,15 @@ def _head_first(plain: bytes, source: str) -> bytes:
 
 def compress(raw: bytes, codec: str, cfg: CompressConfig) -> bytes:
     """Header (magic, version, codec) + the compressed body. lzma: a raw LZMA2 stream (no xz
-    container: the inner sha256 already guards integrity); zstd: one frame with its size."""
+    container: the inner sha256 already guards integrity); zstd: one frame with its size;
+    brotli: one stream at compress.brotli_quality, window 2**compress.brotli_window."""
     _check_codec(codec)
     crc = struct.pack("<I", zlib.crc32(raw))
     raw = _head_last(raw)
     if codec == "lzma":
         body = lzma.compress(raw, format=lzma.FORMAT_RAW, filters=_lzma_filters(cfg))
+    elif codec == "brotli":
+        body = _brotli_compress(raw, cfg)
     else:
         import zstandard
 
@@ -270,11 +297,15 @@ def decompress(blob: bytes, source: str = "<bytes>") -> tuple[str, bytes]:
     try:
         if codec == "lzma":
             raw = lzma.decompress(body, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9}])
+        elif codec == "brotli":
+            raw = _brotli(source).decompress(body)
         else:
             import zstandard
 
             raw = zstandard.ZstdDecompressor().decompress(body)
-    except Exception as e:  # noqa: BLE001 - lzma.LZMAError / zstd.ZstdError / EOF: all mean corrupt
+    except ArtifactError:
+        raise
+    except Exception as e:  # noqa: BLE001 - lzma.LZMAError / zstd.ZstdError / brotli.error / EOF: all mean corrupt
         raise ArtifactError(f"{source}: {codec} body is truncated or corrupt ({type(e).__name__}: {e})") from None
     raw = _head_first(raw, source)
     if zlib.crc32(raw) != crc:
@@ -284,20 +315,21 @@ def decompress(blob: bytes, source: str = "<bytes>") -> tuple[str, bytes]:
 
 
 def compress_all(raw: bytes, cfg: CompressConfig) -> dict[str, bytes]:
-    """Every codec's file bytes, computed concurrently: lzma and zstd both release the GIL, so on
-    a record-size body (~27 MB, ~40 s each on one core) this halves the wall time of a probe."""
-    with ThreadPoolExecutor(max_workers=len(CODEC_IDS)) as pool:
-        futures = {c: pool.submit(compress, raw, c, cfg) for c in CODEC_IDS}
+    """Every codec's file bytes (`codecs(cfg)`), computed concurrently: the coders release the GIL,
+    so on a record-size body (~27 MB, ~40 s each on one core) this divides the wall time of a probe."""
+    names = codecs(cfg)
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        futures = {c: pool.submit(compress, raw, c, cfg) for c in names}
         return {c: f.result() for c, f in futures.items()}
 
 
 def sizes(raw: bytes, cfg: CompressConfig) -> dict[str, int]:
-    """Compressed file size per codec: {"lzma": n, "zstd": n} (header included)."""
+    """Compressed file size per codec of `codecs(cfg)`: {"lzma": n, "zstd": n, ...} (header included)."""
     return {c: len(b) for c, b in compress_all(raw, cfg).items()}
 
 
 def choose(raw: bytes, cfg: CompressConfig) -> tuple[str, bytes]:
-    """(codec, file bytes): cfg.codec "auto" keeps the smaller (lzma on a tie), else the forced one."""
+    """(codec, file bytes): cfg.codec "auto" keeps the smallest (ties by name), else the forced one."""
     if cfg.codec == "auto":
         blobs = compress_all(raw, cfg)
         codec = min(blobs, key=lambda c: (len(blobs[c]), c))

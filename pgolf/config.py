@@ -121,10 +121,13 @@ class QuantizeConfig:
 
 @dataclass(frozen=True)
 class CompressConfig:
-    codec: str = "auto"  # auto (smaller) | lzma | zstd
+    codec: str = "auto"  # auto (smallest) | lzma | zstd | brotli
     lzma_preset: int = 9
     lzma_extreme: bool = False
     zstd_level: int = 22
+    brotli: bool = False  # also try brotli (auto keeps the smallest; size.json brotli_bytes)
+    brotli_quality: int = 11  # 0..11
+    brotli_window: int = 24  # log2 of the window, 10..24 (PR #1855: 24)
     cap_bytes: int = 16_000_000  # decimal bytes
 
 
