@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf import tensorfile
+from pgolf import lqer, tensorfile
 from pgolf.config import CompressConfig, ConfigError
 from pgolf.int6 import dequantize
 from pgolf.tensorfile import TensorFileError
@@ -87,6 +87,7 @@ CODE_FILES: tuple[str, ...] = (
     "pgolf/evaluate.py",
     "pgolf/int6.py",
     "pgolf/io.py",
+    "pgolf/lqer.py",
     "pgolf/model.py",
     "pgolf/summary.py",
     "pgolf/tensorfile.py",
@@ -370,6 +371,9 @@ def dequantize_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, 
                 raise ArtifactError(f"artifact: {name!r} codes {tuple(q.shape)} / scale {tuple(s.shape)} mismatch")
             out[name] = dequantize(q, s)
             used.update((f"{name}.q", f"{name}.scale"))
+            if isinstance(info, dict) and "lqer" in info:
+                out[name] = out[name] + _lqer_correction(tensors, name, tuple(q.shape), info["lqer"])
+                used.update(name + x for x in lqer.SUFFIXES)
         elif kind in ("passthrough", "passthrough_ctrl"):
             if name not in tensors:
                 raise ArtifactError(f"artifact: passthrough tensor {name!r} missing")
@@ -381,6 +385,17 @@ def dequantize_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, 
     if extra:
         raise ArtifactError(f"artifact: tensors without a quant entry: {extra[:5]}")
     return out
+
+
+def _lqer_correction(tensors: dict[str, torch.Tensor], name: str, shape: tuple, info) -> torch.Tensor:
+    """The LQER term of `name` (pgolf.lqer) named by its quant entry's {"rank", "bits"}."""
+    rank = info.get("rank") if isinstance(info, dict) else None
+    if not isinstance(rank, int) or rank < 1:
+        raise ArtifactError(f"artifact: tensor {name!r} has a bad LQER entry {info!r}")
+    try:
+        return lqer.correction(tensors, name, shape, rank)
+    except lqer.LQERError as e:
+        raise ArtifactError(f"artifact: {e}") from None
 
 
 # ----------------------------------------------------------------------------- code bytes

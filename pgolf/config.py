@@ -117,6 +117,10 @@ class QuantizeConfig:
     prune: bool = True
     target_bytes: int = 15_950_000  # artifact + code (§7)
     device: str = "auto"
+    lqer_enabled: bool = False  # low-rank correction of the quantization error (pgolf.lqer)
+    lqer_top_k: int = 3  # matrices corrected: the K of largest ||W - Ŵ||_F (PR #1855: 3)
+    lqer_rank: int = 4  # PR #1855: 4
+    lqer_bits: int = 4  # factor codes, symmetric per row, fp16 scales (PR #1855: 4)
 
 
 @dataclass(frozen=True)

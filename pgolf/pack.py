@@ -40,6 +40,7 @@ PACKED_FILES: tuple[str, ...] = (
     "pgolf/io.py",
     "pgolf/kernels/__init__.py",
     "pgolf/kernels/fused_mlp.py",
+    "pgolf/lqer.py",
     "pgolf/model.py",
     "pgolf/optim.py",
     "pgolf/prepare.py",

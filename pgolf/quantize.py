@@ -25,6 +25,12 @@ Clip candidates for GPTQ and GPTQ-lite: quantize.clip_quantiles plus the trainin
 quantile from model.pgt's meta, chosen per row (pgolf.gptq). After quantization, selective ±1
 pruning (pgolf.prune) brings artifact + code bytes, measured with pgolf.artifact's own
 serialisation and codec choice, plus the packed train_gpt.py's bytes, under quantize.target_bytes.
+
+LQER (quantize.lqer_enabled, pgolf.lqer): after quantization and before pruning, the
+quantize.lqer_top_k int6/int8 matrices of largest ||W - Q(W)||_F get a rank-quantize.lqer_rank
+correction of that error in quantize.lqer_bits-bit factors; its tensors are part of quant.pgt and
+of the artifact, so pruning's size target counts them (the correction is of the error before
+pruning: pruning then zeroes some ±1 codes of those matrices as of any other).
 """
 
 from __future__ import annotations
@@ -37,10 +43,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pgolf import artifact, prune, tensorfile
+from pgolf import artifact, lqer, prune, tensorfile
 from pgolf.config import CompressConfig, ConfigError, ModelConfig, QuantizeConfig
 from pgolf.gptq import GPTQSpec, MatrixResult, gptq_lite_matrices, gptq_matrices
-from pgolf.int6 import fp16_round, qmax_for, quantize, row_scale
+from pgolf.int6 import dequantize, fp16_round, qmax_for, quantize, row_scale
 from pgolf.io import staged_dir, write_json
 from pgolf.model import GPT
 
@@ -99,6 +105,12 @@ def check_config(cfg: QuantizeConfig) -> None:
         raise bad("device", f"must be one of {', '.join(DEVICES)}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise bad("device", "is cuda but no CUDA device is available")
+    if cfg.lqer_top_k < 1:
+        raise bad("lqer_top_k", "must be >= 1")
+    if cfg.lqer_rank < 1:
+        raise bad("lqer_rank", "must be >= 1")
+    if not 2 <= cfg.lqer_bits <= 8:
+        raise bad("lqer_bits", "must be in [2, 8]")
 
 
 def resolve_device(cfg: QuantizeConfig) -> torch.device:
@@ -263,7 +275,31 @@ def quantize_model(inp: Inputs, cfg: QuantizeConfig, device: torch.device | str 
             "tokenizer": inp.meta.get("tokenizer"), "quant": quant}
     hdiag = {n: (torch.diagonal(inp.hessians[n]).float() if results[n].method != "gptq_lite" else None)
              for n in results}
-    return Quantized(tensors, meta, rows, results, hdiag, cands)
+    qz = Quantized(tensors, meta, rows, results, hdiag, cands)
+    if cfg.lqer_enabled:
+        add_lqer(qz, inp.weights, cfg)
+    return qz
+
+
+def add_lqer(qz: Quantized, weights: dict[str, torch.Tensor], cfg: QuantizeConfig) -> None:
+    """Rank-r corrections of the top-K quantization errors (module docstring), in place:
+    tensors, quant entries ({"lqer": {"rank", "bits"}}) and table rows (lqer_rank, error norms)."""
+    errs = {}
+    for name, info in qz.meta["quant"].items():
+        if info["type"] in ("int6", "int8"):
+            errs[name] = weights[name].float() - dequantize(qz.tensors[f"{name}.q"], qz.tensors[f"{name}.scale"])
+    norms = {n: float(e.norm()) for n, e in errs.items()}
+    chosen = lqer.select(norms, cfg.lqer_top_k)
+    rows = {r["name"]: r for r in qz.rows}
+    for name in chosen:
+        block = lqer.pack(name, errs[name], cfg.lqer_rank, cfg.lqer_bits)
+        qz.tensors.update(block)
+        rank = block[name + ".lqer_b"].shape[0]
+        qz.meta["quant"][name]["lqer"] = {"rank": rank, "bits": cfg.lqer_bits}
+        left = errs[name] - lqer.correction(block, name, tuple(errs[name].shape), rank)
+        rows[name].update(lqer_rank=rank, lqer_error=norms[name], lqer_error_after=float(left.norm()),
+                          lqer_bytes_raw=sum(t.numel() * t.element_size() for t in block.values()))
+        rows[name]["bytes_raw"] += rows[name]["lqer_bytes_raw"]
 
 
 def int8_rows(w: torch.Tensor, clip_quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,7 +415,11 @@ def make_metrics(qz: Quantized, cfg: QuantizeConfig, outcome: PruneOutcome | Non
     gptq = [r for r in qz.results.values() if r.method == "gptq"]
     err, err_rtn = sum(r.err for r in gptq), sum(r.err_rtn for r in gptq)
     retried = {n: r.damp for n, r in qz.results.items() if r.damp_retries > 0}
-    return {
+    lq = [r for r in rows if "lqer_rank" in r]
+    extra = {"lqer_tensors": len(lq), "lqer_bytes_raw": sum(r["lqer_bytes_raw"] for r in lq),
+             "lqer_error_before": sum(r["lqer_error"] for r in lq),
+             "lqer_error_after": sum(r["lqer_error_after"] for r in lq)} if cfg.lqer_enabled else {}
+    return extra | {
         "int6_tensors": count("treatment", "int6"),
         "passthrough_tensors": count("treatment", "passthrough"),
         "pruned_values": outcome.pruned if outcome else 0,
