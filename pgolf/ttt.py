@@ -66,34 +66,22 @@ def validate(cfg: EvaluateConfig) -> None:
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"params.yaml: evaluate.{key} {why}, got {getattr(cfg, key)!r}")
 
-    if cfg.ttt_mode not in MODES:
-        raise bad("ttt_mode", f"must be one of {', '.join(MODES)}")
+    for key, allowed in (("ttt_mode", MODES), ("ttt_optimizer", OPTIMIZERS), ("ttt_lr_schedule", SCHEDULES)):
+        if getattr(cfg, key) not in allowed:
+            raise bad(key, f"must be one of {', '.join(allowed)}")
     parse_targets(cfg.ttt_targets)
-    if cfg.ttt_first_layer < 0:
-        raise bad("ttt_first_layer", "must be >= 0")
-    if cfg.ttt_rank < 1:
-        raise bad("ttt_rank", "must be >= 1")
-    if cfg.ttt_optimizer not in OPTIMIZERS:
-        raise bad("ttt_optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+    for key, low in (("ttt_first_layer", 0), ("ttt_rank", 1), ("ttt_epochs", 1), ("ttt_batch_seqs", 1),
+                     ("ttt_weight_decay", 0), ("ttt_grad_clip", 0)):
+        if getattr(cfg, key) < low:
+            raise bad(key, f"must be >= {low}")
+    for key in ("ttt_momentum", "ttt_beta2"):
+        if not 0.0 <= getattr(cfg, key) < 1.0:
+            raise bad(key, "must be in [0, 1)")
     if not (cfg.ttt_lr > 0 and math.isfinite(cfg.ttt_lr)):
         raise bad("ttt_lr", "must be a positive number")
-    if not 0.0 <= cfg.ttt_momentum < 1.0:
-        raise bad("ttt_momentum", "must be in [0, 1)")
-    if not 0.0 <= cfg.ttt_beta2 < 1.0:
-        raise bad("ttt_beta2", "must be in [0, 1)")
-    if cfg.ttt_weight_decay < 0:
-        raise bad("ttt_weight_decay", "must be >= 0")
-    if cfg.ttt_epochs < 1:
-        raise bad("ttt_epochs", "must be >= 1")
     if cfg.ttt_chunk_tokens < max(cfg.stride, 1):
         raise bad("ttt_chunk_tokens", f"must be >= evaluate.stride ({cfg.stride}) and >= 1 (a chunk shorter "
                                       f"than the stride would split one window's scored targets)")
-    if cfg.ttt_batch_seqs < 1:
-        raise bad("ttt_batch_seqs", "must be >= 1")
-    if cfg.ttt_grad_clip < 0:
-        raise bad("ttt_grad_clip", "must be >= 0 (0 = off)")
-    if cfg.ttt_lr_schedule not in SCHEDULES:
-        raise bad("ttt_lr_schedule", f"must be one of {', '.join(SCHEDULES)}")
 
 
 # ----------------------------------------------------------------------------- chunks
