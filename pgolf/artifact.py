@@ -217,13 +217,13 @@ def codecs(cfg: CompressConfig) -> tuple[str, ...]:
     return ("lzma", "zstd") + (("brotli",) if cfg.brotli or cfg.codec == "brotli" else ())
 
 
-def _brotli(source: str):
-    """The brotli module, imported only for a brotli artifact (the evaluation image may lack it)."""
+def _brotli(missing: Exception):
+    """The brotli module, imported only when a run or an artifact uses it (the evaluation image may
+    lack it); `missing` is raised otherwise."""
     try:
         import brotli
     except ImportError:
-        raise ArtifactError(f"{source}: compressed with brotli, but the Python module 'brotli' is not installed "
-                            f"(pip install brotli)") from None
+        raise missing from None
     return brotli
 
 
@@ -232,7 +232,9 @@ def _brotli_compress(raw: bytes, cfg: CompressConfig) -> bytes:
         raise ConfigError(f"params.yaml: compress.brotli_quality must be in [0, 11], got {cfg.brotli_quality}")
     if not 10 <= cfg.brotli_window <= 24:
         raise ConfigError(f"params.yaml: compress.brotli_window must be in [10, 24], got {cfg.brotli_window}")
-    return _brotli("compress.codec brotli").compress(raw, quality=cfg.brotli_quality, lgwin=cfg.brotli_window)
+    missing = ConfigError("params.yaml: compress.brotli / compress.codec brotli need the Python module 'brotli' "
+                          "(pip install brotli)")
+    return _brotli(missing).compress(raw, quality=cfg.brotli_quality, lgwin=cfg.brotli_window)
 
 
 def _lzma_filters(cfg: CompressConfig) -> list[dict]:
@@ -299,7 +301,8 @@ def decompress(blob: bytes, source: str = "<bytes>") -> tuple[str, bytes]:
         if codec == "lzma":
             raw = lzma.decompress(body, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9}])
         elif codec == "brotli":
-            raw = _brotli(source).decompress(body)
+            raw = _brotli(ArtifactError(f"{source}: compressed with brotli, but the Python module 'brotli' is not "
+                                        f"installed (pip install brotli)")).decompress(body)
         else:
             import zstandard
 

@@ -3,10 +3,9 @@
 This module owns `artifacts/final/` (model.ptz, train_gpt.py, code_files.json) and
 `metrics/size.json`. It serializes the quantized tensors in the artifact layout (pgolf.artifact),
 compresses with lzma and zstd (and brotli with compress.brotli) and keeps the smallest (or
-compress.codec). Code bytes are the bytes
-of the packed `train_gpt.py` (pgolf.pack), as the challenge counts them: model + that script
-against compress.cap_bytes. The older count (the raw evaluation files of
-pgolf.artifact.CODE_FILES) stays as the extra key `code_bytes_eval_files_raw`.
+compress.codec). Code bytes are the bytes of the packed `train_gpt.py` (pgolf.pack), as the
+challenge counts them: model + that script against compress.cap_bytes. The older count (the raw
+evaluation files of pgolf.artifact.CODE_FILES) stays as the extra key `code_bytes_eval_files_raw`.
 """
 
 from __future__ import annotations
@@ -51,10 +50,11 @@ def build(cfg: CompressConfig, script: bytes, quant: Path = QUANT, final: Path =
         if key not in header["meta"]:
             raise CompressError(f"{quant}: meta lacks {key!r} (written by an older quantize stage?)")
     raw = artifact.serialize(tensors, header["meta"])
-    blobs = {c: artifact.compress(raw, c, cfg) for c in artifact.codecs(cfg)}
+    blobs = artifact.compress_all(raw, cfg)
     codec = min(blobs, key=lambda c: (len(blobs[c]), c)) if cfg.codec == "auto" else cfg.codec
     model, code = len(blobs[codec]), len(script)
-    m = {"codec": codec, **{f"{c}_bytes": len(b) for c, b in blobs.items()}, "model_bytes": model, "code_bytes": code, "total_bytes": model + code, "cap_bytes": cfg.cap_bytes,
+    m = {"codec": codec, **{f"{c}_bytes": len(b) for c, b in blobs.items()}, "model_bytes": model,
+         "code_bytes": code, "total_bytes": model + code, "cap_bytes": cfg.cap_bytes,
          "under_cap": model + code <= cfg.cap_bytes, "raw_bytes": len(raw), "code_count": f"packed {SCRIPT}",
          "code_sha256": hashlib.sha256(script).hexdigest()}
     listing = {"script": SCRIPT, "bytes": code, "sha256": m["code_sha256"]}

@@ -21,7 +21,9 @@ def render(metrics_dir: str | Path = "metrics") -> str:
     ev, size, train, quant = (_read(d, n) for n in ("eval", "size", "train", "quant"))
     lines = ["pgolf summary"]
     if ev:
-        lines.append(f"  val_bpb        {ev['val_bpb']:.4f}  (sliding, context {ev['context']}, stride {ev['stride']}, "
+        how = (f"score-first TTT, {ev['ttt_seconds']:.1f} s; {ev['val_bpb_pre_ttt']:.4f} before" if "ttt_seconds" in ev
+               else "sliding")
+        lines.append(f"  val_bpb        {ev['val_bpb']:.4f}  ({how}, context {ev['context']}, stride {ev['stride']}, "
                      f"{ev['scored_tokens']:,} tokens)")
     if train.get("val_bpb_float") is not None:
         lines.append(f"  float val_bpb  {train['val_bpb_float']:.4f}  (non-sliding, before quantization)")

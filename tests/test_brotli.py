@@ -74,6 +74,8 @@ def test_missing_brotli_module_is_a_clear_error_only_for_brotli_artifacts(monkey
     with pytest.raises(A.ArtifactError, match=r"model\.ptz: compressed with brotli, but the Python module 'brotli' "
                                               r"is not installed \(pip install brotli\)"):
         A.decompress(blob, "model.ptz")
+    with pytest.raises(ConfigError, match=r"compress\.brotli / compress\.codec brotli need the Python module 'brotli'"):
+        A.compress(raw, "brotli", FAST)
 
 
 def test_corrupt_brotli_body_names_the_file():

@@ -194,6 +194,8 @@ def test_run_reports_ttt_score_time_and_the_plain_score(tmp_path):
     assert m["val_bpb"] == pytest.approx(ref.val_bpb, abs=1e-12) and m["val_bpb"] != m["val_bpb_pre_ttt"]
     assert m["ttt_chunks"] == 4 and m["ttt_seconds"] > 0 and m["scored_tokens"] == 192
     assert json.loads((root / "metrics/eval.json").read_text()) == m
+    from pgolf.summary import render
+    assert f"val_bpb        {m['val_bpb']:.4f}  (score-first TTT, " in render(root / "metrics")
 
 
 BAD = {
