@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf import lqer, tensorfile
+from pgolf import grouping, lqer, tensorfile
 from pgolf.config import CompressConfig, ConfigError
 from pgolf.int6 import dequantize
 from pgolf.tensorfile import TensorFileError
@@ -74,6 +74,7 @@ CODEC_IDS = {"lzma": 1, "zstd": 2, "brotli": 3}
 CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 HEADER_BYTES = len(MAGIC) + 6
 PLANES = ".planes."  # stored-name prefix of a float byte-plane group
+LAYOUTS = ("flat", "grouped")
 
 CODE_FILES: tuple[str, ...] = (
     "stages/__init__.py",
@@ -85,6 +86,7 @@ CODE_FILES: tuple[str, ...] = (
     "pgolf/data.py",
     "pgolf/dist.py",
     "pgolf/evaluate.py",
+    "pgolf/grouping.py",
     "pgolf/int6.py",
     "pgolf/io.py",
     "pgolf/lqer.py",
@@ -120,8 +122,9 @@ def _as_bytes(t: torch.Tensor) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8).reshape(t.numel(), t.element_size())
 
 
-def _encode(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Original tensors -> (stored tensors in layout order, layout table in original order)."""
+def _encode(tensors: dict[str, torch.Tensor], grouped: bool = False) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Original tensors -> (stored tensors in layout order, layout table in original order);
+    grouped: the 2-D codes go through pgolf.grouping (their permutations are stored last)."""
     layout, codes, others = [], {}, {}
     groups: dict[str, list[np.ndarray]] = {}
     sizes: dict[str, int] = {}
@@ -142,10 +145,18 @@ def _encode(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
             entry["enc"] = "raw"
             others[name] = t.contiguous()
         layout.append(entry)
-    stored = dict(codes)
+    stored, perms = dict(codes), {}
+    if grouped:
+        blocks, entries = grouping.group(codes)
+        for e in layout:
+            e.update(entries.get(e["name"], {}))
+        perms = {k: v for k, v in blocks.items() if k.startswith(grouping.PERM)}
+        stored = {**{k: v for k, v in blocks.items() if k not in perms},
+                  **{n: c for n, c in codes.items() if n not in entries}}
     for dname, chunks in groups.items():
         stored[PLANES + dname] = torch.from_numpy(np.ascontiguousarray(np.concatenate(chunks).T))  # (itemsize, n)
     stored.update(others)
+    stored.update(perms)
     order = {n: i for i, n in enumerate(tensors)}
     layout.sort(key=lambda e: order[e["name"]])
     return stored, layout
@@ -159,6 +170,8 @@ def _decode(stored: dict[str, torch.Tensor], layout: list[dict], source: str) ->
             name, shape = e["name"], e["shape"]
             if e["enc"] == "zigzag":
                 out[name] = _unzigzag(stored[name])
+            elif e["enc"] == "group":
+                out[name] = _unzigzag(grouping.ungroup(stored, e, shape))
             elif e["enc"] == "planes":
                 n = int(np.prod(shape, dtype=np.int64))
                 out[name] = tensorfile.from_buffer(np.ascontiguousarray(planes[e["dtype"]][e["offset"]:e["offset"] + n]),
@@ -176,13 +189,16 @@ def _decode(stored: dict[str, torch.Tensor], layout: list[dict], source: str) ->
     return out
 
 
-def serialize(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
-    """The raw (uncompressed) artifact body: a tensorfile of kind "artifact" in the packing layout.
+def serialize(tensors: dict[str, torch.Tensor], meta: dict, layout: str = "flat") -> bytes:
+    """The raw (uncompressed) artifact body: a tensorfile of kind "artifact" in the packing layout
+    (`layout` = compress.layout: "flat", or "grouped" by pgolf.grouping).
 
     `meta` is the quantized file's meta (model, train_seq_len, tokenizer, quant); it is stored
     whole, plus the artifact version and the layout table.
     """
-    stored, layout = _encode(tensors)
+    if layout not in LAYOUTS:
+        raise ConfigError(f"params.yaml: compress.layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+    stored, layout = _encode(tensors, grouped=layout == "grouped")
     full = {**meta, "artifact_version": FORMAT_VERSION, "layout": layout}
     return tensorfile.dumps(stored, kind=KIND, meta=full)
 

@@ -49,7 +49,7 @@ def build(cfg: CompressConfig, script: bytes, quant: Path = QUANT, final: Path =
     for key in ("model", "train_seq_len", "tokenizer", "quant"):
         if key not in header["meta"]:
             raise CompressError(f"{quant}: meta lacks {key!r} (written by an older quantize stage?)")
-    raw = artifact.serialize(tensors, header["meta"])
+    raw = artifact.serialize(tensors, header["meta"], cfg.layout)
     blobs = artifact.compress_all(raw, cfg)
     codec = min(blobs, key=lambda c: (len(blobs[c]), c)) if cfg.codec == "auto" else cfg.codec
     model, code = len(blobs[codec]), len(script)

@@ -132,6 +132,7 @@ class CompressConfig:
     brotli: bool = False  # also try brotli (auto keeps the smallest; size.json brotli_bytes)
     brotli_quality: int = 11  # 0..11
     brotli_window: int = 24  # log2 of the window, 10..24 (PR #1855: 24)
+    layout: str = "flat"  # flat | grouped (pgolf.grouping: codes by role, rows ordered, undone at load)
     cap_bytes: int = 16_000_000  # decimal bytes
 
 

@@ -35,6 +35,7 @@ PACKED_FILES: tuple[str, ...] = (
     "pgolf/dist.py",
     "pgolf/evaluate.py",
     "pgolf/gptq.py",
+    "pgolf/grouping.py",
     "pgolf/hessian.py",
     "pgolf/int6.py",
     "pgolf/io.py",

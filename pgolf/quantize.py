@@ -353,7 +353,7 @@ def prune_to_target(qz: Quantized, qcfg: QuantizeConfig, ccfg: CompressConfig, c
 
     def size_of(n: int) -> int:
         tensors = {**qz.tensors, **prune.apply(codes, cands, n)}  # same keys, same order as quant.pgt
-        codec, blob = artifact.choose(artifact.serialize(tensors, qz.meta), ccfg)
+        codec, blob = artifact.choose(artifact.serialize(tensors, qz.meta, ccfg.layout), ccfg)
         chosen[n] = (codec, len(blob))
         return len(blob) + code
 
