@@ -3,7 +3,8 @@
 This module owns the one config path of the project. Every constant of the recipe lives in
 `params.yaml`; each section maps one-to-one onto a dataclass below, whose field comments say
 where the default comes from (recipe-spec section numbers). Loading checks that every key is
-known and of the right type, and names the offending `section.key` otherwise.
+known and of the right type, that no section or key is missing (a run never starts on a default
+it did not ask for), and names the file and the offending `section.key` otherwise.
 """
 
 from __future__ import annotations
@@ -147,8 +148,8 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def _coerce(section: str, key: str, value, typ):
-    """Return `value` as `typ`, or raise ConfigError naming `section.key`."""
+def _coerce(section: str, key: str, value, typ, source: str = "params.yaml"):
+    """Return `value` as `typ`, or raise ConfigError naming `source` and `section.key`."""
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):
@@ -158,33 +159,76 @@ def _coerce(section: str, key: str, value, typ):
             pass
     if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
         return value
-    raise ConfigError(
-        f"params.yaml: {section}.{key} must be {typ.__name__}, got {type(value).__name__} {value!r}"
-    )
+    raise ConfigError(f"{source}: {section}.{key} must be {typ.__name__}, got {type(value).__name__} {value!r}")
 
 
-def from_dict(section: str, data: dict | None):
-    """Build the dataclass of `section` from a dict, checking keys and types."""
+def from_dict(section: str, data: dict | None, source: str = "params.yaml"):
+    """Build the dataclass of `section` from a (possibly partial) dict, checking keys and types.
+
+    Keys left out take the dataclass defaults: for tests and tools that override a few values.
+    A params file goes through `from_doc`, which requires every key.
+    """
     cls = SECTIONS[section]
-    data = data or {}
+    data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"params.yaml: section '{section}' must be a mapping")
+        raise ConfigError(f"{source}: section '{section}' must be a mapping of keys to values")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"params.yaml: unknown key(s) {', '.join(section + '.' + k for k in unknown)}")
-    values = {k: _coerce(section, k, v, hints[k]) for k, v in data.items()}
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(section + '.' + k for k in unknown)}")
+    values = {k: _coerce(section, k, v, hints[k], source) for k, v in data.items()}
     return cls(**values)
 
 
-def load(section: str, path: str | Path = "params.yaml"):
-    """Read one section of a params file into its dataclass."""
+def from_doc(doc: dict, section: str, source: str = "params.yaml"):
+    """The dataclass of `section` from a whole params document: the section and every one of its
+    keys must be there (no run may start on a default it did not ask for)."""
+    if section not in doc:
+        raise ConfigError(f"{source}: section '{section}' is missing (every section of profiles/tiny.yaml "
+                          f"must be present)")
+    data = {} if doc[section] is None else doc[section]
+    if isinstance(data, dict):
+        fields = [f.name for f in dataclasses.fields(SECTIONS[section])]
+        unknown = sorted(set(data) - set(fields))
+        missing = [k for k in fields if k not in data]
+        problems = [f"{what} key(s) {', '.join(section + '.' + k for k in keys)}"
+                    for what, keys in (("unknown", unknown), ("missing", missing)) if keys]
+        if problems:
+            raise ConfigError(f"{source}: {'; '.join(problems)}")
+    return from_dict(section, data, source)
+
+
+def read_doc(path: str | Path = "params.yaml") -> dict:
+    """The parsed params file; ConfigError naming it when it is missing, not YAML or not a mapping."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: params file not found")
-    doc = yaml.safe_load(path.read_text()) or {}
-    return from_dict(section, doc.get(section))
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the params file ({e})") from None
+    return parse_doc(text, str(path))
+
+
+def parse_doc(text: str, source: str) -> dict:
+    """YAML text of a params file -> its top-level mapping; ConfigError naming `source` otherwise."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML{at}: {why}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: must be a mapping of sections (prepare, model, train, ...), "
+                          f"got {type(doc).__name__}")
+    return doc
+
+
+def load(section: str, path: str | Path = "params.yaml"):
+    """Read one section of a params file into its dataclass (every key required)."""
+    return from_doc(read_doc(path), section, str(path))
 
 
 def to_dict(cfg) -> dict:

@@ -3,9 +3,11 @@ defined, because the choice is made when they are decorated); GPU tests skip wit
 
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -53,3 +55,14 @@ def single_thread():
 def one_thread():
     with single_thread():
         yield
+
+
+TINY_PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "tiny.yaml"
+
+
+def params_yaml(**sections: dict) -> str:
+    """The tiny profile (every section and key, as a params file must have) with some values replaced."""
+    doc = yaml.safe_load(TINY_PROFILE.read_text())
+    for section, values in sections.items():
+        doc[section].update(values)
+    return yaml.safe_dump(doc, sort_keys=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import MICRO_CFG, tiny_model
+from conftest import MICRO_CFG, params_yaml, tiny_model
 from pgolf import artifact, tensorfile
 from pgolf.config import CompressConfig
 from pgolf.int6 import qmax_for, quantize, row_scale
@@ -98,8 +98,7 @@ def test_forced_codec(workdir, codec):
 def test_over_cap_writes_metrics_and_exits_nonzero(workdir, monkeypatch, capsys):
     monkeypatch.chdir(workdir)
     copy_code(workdir)
-    (workdir / "params.yaml").write_text("compress:\n  codec: auto\n  lzma_preset: 6\n  lzma_extreme: false\n"
-                                         "  zstd_level: 19\n  cap_bytes: 50000\n")
+    (workdir / "params.yaml").write_text(params_yaml(compress={"lzma_preset": 6, "zstd_level": 19, "cap_bytes": 50000}))
     assert compress.main() == 1
     size = json.loads((workdir / "metrics/size.json").read_text())
     over = size["total_bytes"] - 50000
@@ -113,7 +112,7 @@ def test_stage_cli_and_bad_input(workdir):
     def run():
         return subprocess.run([sys.executable, "-m", "stages.compress"], cwd=workdir, capture_output=True, text=True,
                               env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-    (workdir / "params.yaml").write_text("compress:\n  codec: zstd\n  cap_bytes: 16000000\n")
+    (workdir / "params.yaml").write_text(params_yaml(compress={"codec": "zstd"}))
     copy_code(workdir)
     quant = workdir / "artifacts/quant/quant.pgt"
     good = quant.read_bytes()

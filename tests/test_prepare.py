@@ -12,6 +12,7 @@ import pytest
 import sentencepiece as spm
 import zstandard
 
+from conftest import params_yaml
 from pgolf import config, data, fineweb, prepare, tokenizer
 from pgolf.config import ConfigError, PrepareConfig
 from pgolf.corpus import CorpusError, corpus_files, read_documents
@@ -417,10 +418,10 @@ def test_stage_reports_bad_params_without_traceback(tmp_path, monkeypatch, capsy
     from stages import prepare as stage
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text("prepare:\n  workers: two\n")
+    (tmp_path / "params.yaml").write_text(params_yaml(prepare={"workers": "two"}))
     assert stage.main() == 1
     err = capsys.readouterr().err
     assert "prepare.workers must be int" in err and "Traceback" not in err
-    (tmp_path / "params.yaml").write_text("prepare:\n  corpus: nowhere\n  tokenizer: x.model\n")
+    (tmp_path / "params.yaml").write_text(params_yaml(prepare={"corpus": "nowhere", "tokenizer": "x.model"}))
     assert stage.main() == 1
     assert "nowhere: corpus path not found" in capsys.readouterr().err
