@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from pgolf import artifact, config, tensorfile
-from pgolf.io import atomic_write_bytes, staged_dir, write_json
+from pgolf.io import OutputError, atomic_write_bytes, staged_dir, write_json
 
 QUANT = Path("artifacts/quant/quant.pgt")
 FINAL = Path("artifacts/final")
@@ -58,7 +58,7 @@ def main() -> int:
     try:
         cfg = config.load("compress")
         m = build(cfg)
-    except (config.ConfigError, tensorfile.TensorFileError, CompressError, FileNotFoundError) as e:
+    except (config.ConfigError, tensorfile.TensorFileError, CompressError, FileNotFoundError, OutputError) as e:
         print(f"compress: error: {e}", file=sys.stderr)
         return 1
     print(f"compress: {m['codec']} {m['model_bytes']:,} bytes (lzma {m['lzma_bytes']:,}, zstd {m['zstd_bytes']:,}, "

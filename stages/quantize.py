@@ -9,8 +9,9 @@ from pgolf import config
 from pgolf.prune import PruneError
 from pgolf.quantize import QuantizeError, run, summary_line
 from pgolf.tensorfile import TensorFileError
+from pgolf.io import OutputError
 
-EXPECTED_ERRORS = (config.ConfigError, QuantizeError, PruneError, TensorFileError, FileNotFoundError)
+EXPECTED_ERRORS = (OutputError, config.ConfigError, QuantizeError, PruneError, TensorFileError, FileNotFoundError)
 
 
 def main() -> int:

@@ -137,3 +137,28 @@ def test_quant_meta_missing_key(workdir):
     tensorfile.save(workdir / "artifacts/quant/quant.pgt", tensors, kind="quantized", meta=meta)
     with pytest.raises(compress.CompressError, match="quant.pgt: meta lacks 'tokenizer'"):
         build(workdir)
+
+
+def test_disk_full_is_an_error_naming_the_file_and_outputs_stay(workdir):
+    """A write the system refuses (here: the file-size limit, errno 27 EFBIG, the error a full or
+    size-limited disk gives) ends the stage with an error naming the file; no traceback, and the
+    previous artifact and metrics are untouched."""
+    import resource
+    import signal
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+
+    (workdir / "params.yaml").write_text(params_yaml(compress={"codec": "zstd"}))
+    copy_code(workdir)
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    run = [sys.executable, "-m", "stages.compress"]
+    assert subprocess.run(run, cwd=workdir, capture_output=True, env=env).returncode == 0
+    before = {p: (workdir / p).read_bytes() for p in ("artifacts/final/model.ptz", "metrics/size.json")}
+    p = subprocess.run(run, cwd=workdir, capture_output=True, text=True, env=env, preexec_fn=limited)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.startswith("compress: error: artifacts/") and "model.ptz: cannot write (File too large" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert {p: (workdir / p).read_bytes() for p in before} == before
+    assert sorted(q.name for q in (workdir / "artifacts").iterdir()) == ["final", "quant"]  # no temp folder left
