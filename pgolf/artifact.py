@@ -88,7 +88,7 @@ CODE_FILES: tuple[str, ...] = (
     "pgolf/int6.py",
     "pgolf/io.py",
     "pgolf/model.py",
-    "pgolf/summary.py",
+    "pgolf/progress.py",
     "pgolf/tensorfile.py",
 )
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from pgolf.data import ByteTables, list_shards, load_tokens
 from pgolf.dist import all_reduce_
+from pgolf.progress import track
 
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -145,8 +146,7 @@ def score_windows(model, tokens: np.ndarray, windows: np.ndarray, width: int, ta
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nll, tokens, bytes, windows
     steps = range(0, len(mine), batch_seqs)
     if progress and rank == 0:
-        from tqdm import tqdm
-        steps = tqdm(steps, desc="eval", unit="batch", disable=None, mininterval=2.0)  # off when not a TTY
+        steps = track(steps, desc="eval", unit="batch")  # a bar on a TTY, else a line every 30 s
     was_training = model.training
     model.eval()
     with torch.inference_mode():

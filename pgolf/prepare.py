@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
-from tqdm import tqdm
 
 from pgolf import data, tokenizer
 from pgolf.config import ConfigError, PrepareConfig
 from pgolf.corpus import CorpusError, corpus_files, iter_documents
 from pgolf.io import staged_dir, write_json
+from pgolf.progress import Progress, track
 
 SOURCES = ("embedded", "local", "fineweb")
 CHUNK_DOCS = 256  # documents per encoding task
@@ -155,7 +155,7 @@ def encode_split(docs: Iterable[str], model_path: Path, writer: ShardWriter, wor
                  tables: data.ByteTables | None = None, desc: str = "") -> dict:
     """Encode documents as [BOS] + ids into `writer`; with `tables`, byte-check every document."""
     n_docs = tab_bytes = txt_bytes = 0
-    bar = tqdm(desc=f"encode {desc}", unit="doc", disable=None)
+    bar = Progress(f"encode {desc}", unit="doc")
     for ids, nbytes in _encoded(docs, model_path, workers, want_bytes=tables is not None):
         if tables is not None:
             t, x = tokenizer.byte_check(ids, nbytes, tables, name=desc, first_index=n_docs)
@@ -274,7 +274,7 @@ def _prepare_fineweb(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> 
     for split in ("val", "train"):
         n_tok = n_docs = 0
         paths = data.list_shards(val_folder if split == "val" else folder, split)
-        for p in tqdm(paths, desc=f"check {split} shards", unit="shard", disable=None):
+        for p in track(paths, desc=f"check {split} shards", unit="shard"):
             toks = data.read_shard(p)
             if toks.size and int(toks.max()) >= cfg.vocab_size:
                 raise data.ShardError(f"{p}: token id {int(toks.max())} >= prepare.vocab_size {cfg.vocab_size}")
