@@ -209,6 +209,18 @@ def _check_codec(codec: str) -> None:
         raise ConfigError(f"params.yaml: compress.codec must be one of auto, {', '.join(CODEC_IDS)}; got {codec!r}")
 
 
+def check_config(cfg: CompressConfig) -> None:
+    """Every compress.* value usable, else ConfigError naming it (before anything is compressed)."""
+    if cfg.codec != "auto":
+        _check_codec(cfg.codec)
+    if not 0 <= cfg.lzma_preset <= 9:
+        raise ConfigError(f"params.yaml: compress.lzma_preset must be in [0, 9], got {cfg.lzma_preset}")
+    if not 1 <= cfg.zstd_level <= 22:
+        raise ConfigError(f"params.yaml: compress.zstd_level must be in [1, 22], got {cfg.zstd_level}")
+    if cfg.cap_bytes <= 0:
+        raise ConfigError(f"params.yaml: compress.cap_bytes must be positive, got {cfg.cap_bytes}")
+
+
 def _lzma_filters(cfg: CompressConfig) -> list[dict]:
     if not 0 <= cfg.lzma_preset <= 9:
         raise ConfigError(f"params.yaml: compress.lzma_preset must be in [0, 9], got {cfg.lzma_preset}")

@@ -340,8 +340,7 @@ def run(qcfg: QuantizeConfig, ccfg: CompressConfig, train_dir: str | Path = TRAI
         out_dir: str | Path = OUT_DIR, metrics_path: str | Path = METRICS, root: str | Path = ".") -> dict:
     """The whole stage; outputs are written only after everything succeeded. -> the metrics dict."""
     check_config(qcfg)
-    if qcfg.prune:
-        artifact.choose(b"", ccfg)  # ConfigError for a bad compress.* now, not after GPTQ
+    artifact.check_config(ccfg)  # ConfigError for a bad compress.* now, not after GPTQ
     device = resolve_device(qcfg)
     t0 = time.perf_counter()
     inp = load_inputs(train_dir)

@@ -28,10 +28,7 @@ class CompressError(ValueError):
 def build(cfg: config.CompressConfig, quant: Path = QUANT, final: Path = FINAL, metrics: Path = METRICS,
           root: Path = Path(".")) -> dict:
     """Write the artifact folder and metrics/size.json; returns the size metrics."""
-    if cfg.codec not in ("auto", *artifact.CODEC_IDS):
-        raise config.ConfigError(f"params.yaml: compress.codec must be auto, lzma or zstd; got {cfg.codec!r}")
-    if cfg.cap_bytes <= 0:
-        raise config.ConfigError(f"params.yaml: compress.cap_bytes must be positive, got {cfg.cap_bytes}")
+    artifact.check_config(cfg)
     t0 = time.perf_counter()
     tensors, header = tensorfile.load(quant, kind="quantized")
     for key in ("model", "train_seq_len", "tokenizer", "quant"):

@@ -4,7 +4,9 @@
 - `dvc exp run -S quantize.<p>=...` reruns quantize -> compress -> evaluate, never prepare/train;
   setting the value back restores the earlier results from the run-cache without recomputing;
 - `dvc metrics diff` / `params diff` / `plots diff` between two branches show the expected keys
-  and differences (checked in the --json output: DVC exits 0 even when it cannot read metrics).
+  and differences (checked in the --json output: DVC exits 0 even when it cannot read metrics);
+- a bad param stops `dvc repro` / `dvc exp run` at the `params` gate: the outputs of the stage it
+  belongs to are not deleted.
 """
 
 from __future__ import annotations
@@ -41,18 +43,19 @@ CONTRACT = {
 }
 
 
-def _run(args: list[str], cwd: Path) -> str:
+def _run(args: list[str], cwd: Path, ok: bool = True) -> str:
+    """Output of a command that must succeed (ok) or must fail (not ok)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     p = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     out = p.stdout + p.stderr
-    assert p.returncode == 0, f"{' '.join(args)} failed ({p.returncode}):\n{out[-4000:]}"
+    assert (p.returncode == 0) == ok, f"{' '.join(args)} exited {p.returncode}:\n{out[-4000:]}"
     return out
 
 
-def _dvc(*args: str, cwd: Path) -> str:
-    return _run([sys.executable, "-m", "dvc", *args], cwd)
+def _dvc(*args: str, cwd: Path, ok: bool = True) -> str:
+    return _run([sys.executable, "-m", "dvc", *args], cwd, ok)
 
 
 def _set_params(repo: Path, updates: dict) -> None:
@@ -137,3 +140,28 @@ def test_metrics_params_plots_diff_between_branches(repo):
     assert {r["rev"] for r in rows} == {"main", "int5"} and all("train_loss" in r for r in rows)
     _run(["git", "checkout", "-q", "main"], repo)
     _dvc("checkout", "-q", cwd=repo)
+
+
+
+QUANT_OUTPUTS = ("artifacts/quant/quant.pgt", "artifacts/quant/table.json", "metrics/quant.json",
+                 "artifacts/final/model.ptz", "metrics/size.json", "metrics/eval.json")
+
+
+@pytest.mark.parametrize("how", ["repro", "exp run"])
+def test_bad_param_stops_at_the_gate_and_loses_no_output(repo, how):
+    before = {p: (repo / p).read_bytes() for p in QUANT_OUTPUTS}
+    params = (repo / "params.yaml").read_text()
+    if how == "repro":
+        _set_params(repo, {"quantize": {"bits": 9}})
+        out = _dvc("repro", cwd=repo, ok=False)
+    else:
+        out = _dvc("exp", "run", "-S", "quantize.bits=9", cwd=repo, ok=False)
+    assert "params: error: params.yaml: quantize.bits must be in the supported range [2, 8], got 9" in out
+    assert "Running stage 'quantize'" not in out
+    assert {p: (repo / p).read_bytes() for p in QUANT_OUTPUTS} == before
+    (repo / "params.yaml").write_text(params)  # (git checkout can miss it: DVC restores the mtime)
+    out = _dvc("repro", cwd=repo)  # the gate reruns (or comes from the run-cache); nothing else
+    assert "Running stage" not in out.replace("Running stage 'params'", "")
+    assert {p: (repo / p).read_bytes() for p in QUANT_OUTPUTS} == before
+    assert "Data and pipelines are up to date" in _dvc("repro", cwd=repo)
+
