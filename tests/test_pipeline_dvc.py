@@ -5,6 +5,7 @@
   setting the value back restores the earlier results from the run-cache without recomputing;
 - `dvc metrics diff` / `params diff` / `plots diff` between two branches show the expected keys
   and differences (checked in the --json output: DVC exits 0 even when it cannot read metrics);
+  the training curves are also an image plot (plots/train.png);
 - a bad param stops `dvc repro` / `dvc exp run` at the `params` gate: the outputs of the stage it
   belongs to are not deleted.
 """
@@ -141,6 +142,12 @@ def test_metrics_params_plots_diff_between_branches(repo):
     _run(["git", "checkout", "-q", "main"], repo)
     _dvc("checkout", "-q", cwd=repo)
 
+
+def test_training_curves_are_also_a_png_plot(repo):
+    png = repo / "plots" / "train.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shown = json.loads(_dvc("plots", "show", "--json", cwd=repo))["data"]
+    assert [p["type"] for p in shown["plots/train.png"]] == ["image"]
 
 
 QUANT_OUTPUTS = ("artifacts/quant/quant.pgt", "artifacts/quant/table.json", "metrics/quant.json",
