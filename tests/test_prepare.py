@@ -425,3 +425,16 @@ def test_stage_reports_bad_params_without_traceback(tmp_path, monkeypatch, capsy
     (tmp_path / "params.yaml").write_text(params_yaml(prepare={"corpus": "nowhere", "tokenizer": "x.model"}))
     assert stage.main() == 1
     assert "nowhere: corpus path not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["", "   \n", "hi"], ids=["empty", "whitespace", "near-empty"])
+def test_empty_or_near_empty_corpus_is_an_error_naming_it_and_keeps_good_shards(tmp_path, train_texts, val_texts, text):
+    _setup_text(tmp_path, train_texts, val_texts)
+    prepare.run(_cfg(), tmp_path)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data" / "shards").iterdir()}
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "corpus.txt").write_text(text)
+    with pytest.raises(CorpusError, match=r"small: empty or near-empty corpus: 1 training document\(s\) hold \d+ "
+                                          r"tokens of text \(at least 256 needed\)"):
+        prepare.run(_cfg(corpus="small"), tmp_path)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data" / "shards").iterdir()} == before
