@@ -92,6 +92,15 @@ def read_shard(path: str | Path) -> np.ndarray:
     return toks.astype(np.uint16, copy=False)
 
 
+def max_token_id(path: str | Path) -> int:
+    """The largest token id in a shard (-1 if it is empty), read through a memory map: a cheap
+    check of a whole shard before training starts."""
+    n = read_shard_header(path)
+    if n == 0:
+        return -1
+    return int(np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,)).max())
+
+
 def list_shards(folder: str | Path, split: str) -> list[Path]:
     """Sorted `fineweb_{split}_*.bin` files of a folder; ShardError if there are none."""
     if split not in ("train", "val"):

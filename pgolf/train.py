@@ -47,7 +47,7 @@ from torch import Tensor
 
 from pgolf import dist, hessian, tensorfile
 from pgolf.config import ConfigError, ModelConfig, TrainConfig
-from pgolf.data import (DistributedTokenLoader, list_shards, load_byte_tables,
+from pgolf.data import (DistributedTokenLoader, list_shards, load_byte_tables, max_token_id,
                         read_shard, read_shard_header, read_tokenizer_meta)
 from pgolf.io import atomic_write_text, staged_dir, write_json
 from pgolf.model import GPT, QAT_BITS, validate_config
@@ -382,9 +382,10 @@ def check_inputs(paths: Paths, mcfg: ModelConfig, cfg: TrainConfig) -> Inputs:
     if tables.vocab_size != mcfg.vocab_size:
         raise TrainError(f"{Path(paths.tokenizer) / 'byte_tables.pgt'}: byte tables cover {tables.vocab_size} "
                          f"tokens, model.vocab_size is {mcfg.vocab_size}")
-    first = read_shard(train[0])
-    if first.size and int(first.max()) >= mcfg.vocab_size:
-        raise TrainError(f"{train[0]}: token id {int(first.max())} >= model.vocab_size {mcfg.vocab_size}")
+    for shard in train:  # every shard, before step 1 (a bad id would otherwise fail at its step)
+        top = max_token_id(shard)
+        if top >= mcfg.vocab_size:
+            raise TrainError(f"{shard}: token id {top} >= model.vocab_size {mcfg.vocab_size}")
     from pgolf.bpb import load_val_tokens
 
     try:

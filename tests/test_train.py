@@ -24,7 +24,7 @@ import yaml
 from pgolf import config, hessian, tensorfile
 from pgolf import train as T
 from pgolf.config import ConfigError, ModelConfig, TrainConfig
-from pgolf.data import DistributedTokenLoader, ShardError, write_shard
+from pgolf.data import DistributedTokenLoader, ShardError, read_shard, write_shard
 from pgolf.model import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -511,10 +511,19 @@ def test_short_or_out_of_vocab_data_is_named(data_root, tmp_path):
         T.run(mcfg(), tcfg(tmp_path, seq_len=4096, batch_tokens=8192), p)
     with pytest.raises(T.TrainError, match="fewer than one batch"):
         T.run(mcfg(), tcfg(tmp_path, batch_tokens=16384, seq_len=128), p)
+    good = read_shard(bad / "shards" / "fineweb_train_000000.bin")
+    tok512 = _vocab512(bad)
+    ok = np.minimum(good, 511).astype(np.uint16)
+    write_shard(bad / "shards" / "fineweb_train_000000.bin", ok)
+    late = ok.copy()
+    late[-1] = 700  # the one bad id at the end of the second shard: reached only late in training
+    write_shard(bad / "shards" / "fineweb_train_000001.bin", late)
+    with pytest.raises(T.TrainError, match=r"fineweb_train_000001.bin: token id 700 >= model.vocab_size 512"):
+        T.run(mcfg(vocab_size=512), tcfg(tmp_path), dataclasses.replace(p, tokenizer=tok512))
     toks = np.full(4000, 1000, dtype=np.uint16)
     write_shard(bad / "shards" / "fineweb_train_000000.bin", toks)
     with pytest.raises(T.TrainError, match=r"fineweb_train_000000.bin: token id 1000 >= model.vocab_size 512"):
-        T.run(mcfg(vocab_size=512), tcfg(tmp_path), dataclasses.replace(p, tokenizer=_vocab512(bad)))
+        T.run(mcfg(vocab_size=512), tcfg(tmp_path), dataclasses.replace(p, tokenizer=tok512))
 
 
 def _vocab512(root: Path) -> Path:
