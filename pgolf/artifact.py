@@ -73,6 +73,7 @@ KIND = "artifact"
 CODEC_IDS = {"lzma": 1, "zstd": 2}
 CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 HEADER_BYTES = len(MAGIC) + 6
+MAX_RAW_BYTES = 1 << 28  # 256 MiB: decompressed-body bound (a record artifact body is ~27 MB)
 PLANES = ".planes."  # stored-name prefix of a float byte-plane group
 
 CODE_FILES: tuple[str, ...] = (
@@ -267,6 +268,28 @@ def compress(raw: bytes, codec: str, cfg: CompressConfig) -> bytes:
     return MAGIC + bytes([FORMAT_VERSION, CODEC_IDS[codec]]) + crc + body
 
 
+def _inflate(codec: str, body: bytes, limit: int) -> bytes:
+    """The decompressed body, read in bounded steps: ArtifactError once it would pass `limit`
+    bytes (a small crafted file must not expand without bound), or when the stream is incomplete."""
+    too_big = ArtifactError(f"{codec} body expands to more than {limit:,} bytes (the limit for an artifact body)")
+    if codec == "lzma":
+        d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9}])
+        raw = d.decompress(body, max_length=limit + 1)
+        if len(raw) > limit:
+            raise too_big
+        if not d.eof or d.unused_data:
+            raise ArtifactError(f"{codec} body is truncated or corrupt (stream incomplete or followed by extra bytes)")
+        return raw
+    import zstandard
+
+    size = zstandard.frame_content_size(body)  # compress() always records it in the frame header
+    if size < 0:
+        raise ArtifactError(f"{codec} body does not record its decompressed size")
+    if size > limit:
+        raise too_big
+    return zstandard.ZstdDecompressor().decompress(body, max_output_size=limit)
+
+
 def decompress(blob: bytes, source: str = "<bytes>") -> tuple[str, bytes]:
     """(codec, raw body) of a compressed artifact; ArtifactError naming `source` otherwise."""
     if len(blob) < HEADER_BYTES or blob[:len(MAGIC)] != MAGIC:
@@ -279,12 +302,9 @@ def decompress(blob: bytes, source: str = "<bytes>") -> tuple[str, bytes]:
     codec, body = CODEC_NAMES[cid], blob[HEADER_BYTES:]
     (crc,) = struct.unpack("<I", blob[len(MAGIC) + 2:HEADER_BYTES])
     try:
-        if codec == "lzma":
-            raw = lzma.decompress(body, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9}])
-        else:
-            import zstandard
-
-            raw = zstandard.ZstdDecompressor().decompress(body)
+        raw = _inflate(codec, body, MAX_RAW_BYTES)
+    except ArtifactError as e:
+        raise ArtifactError(f"{source}: {e}") from None
     except Exception as e:  # noqa: BLE001 - lzma.LZMAError / zstd.ZstdError / EOF: all mean corrupt
         raise ArtifactError(f"{source}: {codec} body is truncated or corrupt ({type(e).__name__}: {e})") from None
     raw = _head_first(raw, source)
