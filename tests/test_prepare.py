@@ -438,3 +438,13 @@ def test_empty_or_near_empty_corpus_is_an_error_naming_it_and_keeps_good_shards(
                                           r"tokens of text \(at least 256 needed\)"):
         prepare.run(_cfg(corpus="small"), tmp_path)
     assert {p.name: p.read_bytes() for p in (tmp_path / "data" / "shards").iterdir()} == before
+
+
+def test_fineweb_cli_reports_a_broken_params_file_without_traceback(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("prepare:\n  source: [fineweb\n")
+    assert fineweb.main(["--train-shards", "1"]) == 1
+    assert capsys.readouterr().err.startswith("fineweb: error: params.yaml: not valid YAML")
+    (tmp_path / "params.yaml").write_text("prepare:\n  source: fineweb\n")
+    assert fineweb.main(["--train-shards", "1"]) == 1
+    assert "fineweb: error: params.yaml: missing key(s) prepare.corpus" in capsys.readouterr().err
