@@ -20,14 +20,25 @@ from pathlib import Path
 class OutputError(OSError):
     """An output that could not be written; the message names it and says why."""
 
+    def __init__(self, path: Path, why: str, errno_: int | None = None):
+        self.path, self.why = Path(path), why
+        super().__init__(f"{path}: cannot write ({why}, errno {errno_}); the previous version, if any, is unchanged")
+        self.errno = errno_
+
+    def moved(self, src: Path, dst: Path) -> OutputError:
+        """The same error for the file's final place `dst/...` when it was written under `src/`."""
+        try:
+            return OutputError(dst / self.path.relative_to(src), self.why, self.errno)
+        except ValueError:
+            return self
+
 
 class MetricsError(ValueError):
     """A JSON file (metrics, tables) that is missing or not valid JSON; names the file."""
 
 
 def _cannot_write(path: Path, e: OSError) -> OutputError:
-    why = e.strerror or str(e)
-    return OutputError(f"{path}: cannot write ({why}, errno {e.errno}); the previous version, if any, is unchanged")
+    return OutputError(path, e.strerror or str(e), e.errno)
 
 
 def _umask() -> int:
@@ -102,12 +113,20 @@ def staged_dir(final: str | Path):
         raise _cannot_write(final, e) from None
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OutputError):  # name the file's final place, not the temp folder
+            raise e.moved(tmp, final) from None
         raise
     old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
+    try:
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+    except OSError as e:
+        if old.exists() and not final.exists():
+            old.rename(final)  # put the previous output back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _cannot_write(final, e) from None
     shutil.rmtree(old, ignore_errors=True)

@@ -158,7 +158,7 @@ def test_disk_full_is_an_error_naming_the_file_and_outputs_stay(workdir):
     before = {p: (workdir / p).read_bytes() for p in ("artifacts/final/model.ptz", "metrics/size.json")}
     p = subprocess.run(run, cwd=workdir, capture_output=True, text=True, env=env, preexec_fn=limited)
     assert p.returncode == 1, p.stderr
-    assert p.stderr.startswith("compress: error: artifacts/") and "model.ptz: cannot write (File too large" in p.stderr
+    assert p.stderr.startswith("compress: error: artifacts/final/model.ptz: cannot write (File too large"), p.stderr
     assert "Traceback" not in p.stderr
     assert {p: (workdir / p).read_bytes() for p in before} == before
     assert sorted(q.name for q in (workdir / "artifacts").iterdir()) == ["final", "quant"]  # no temp folder left
