@@ -44,11 +44,18 @@ SP_MODEL = Path(__file__).resolve().parents[1] / "data" / "tokenizer_src" / "fin
 def synthetic_data(root: Path, mcfg: ModelConfig, train_tokens: int, seed: int = 0) -> Paths:
     """Random-token train/val shards + the sp1024 tokenizer files, in challenge layout."""
     rng = np.random.default_rng(seed)
-    shards, tok = root / "shards", root / "tokenizer"
+    shards = root / "shards"
     shards.mkdir(parents=True)
-    tok.mkdir()
     write_shard(shards / "fineweb_train_000000.bin", rng.integers(0, mcfg.vocab_size, train_tokens, dtype=np.uint16))
     write_shard(shards / "fineweb_val_000000.bin", rng.integers(0, mcfg.vocab_size, 1 << 16, dtype=np.uint16))
+    return shard_paths(root, shards, mcfg)
+
+
+def shard_paths(root: Path, shards: Path, mcfg: ModelConfig) -> Paths:
+    """Paths for training on the challenge-format `shards` folder, with the sp1024 tokenizer
+    files (tokenizer.json, byte tables) written under `root`."""
+    tok = root / "tokenizer"
+    tok.mkdir(parents=True)
     sp = tokenizer.load_tokenizer(SP_MODEL, mcfg.vocab_size)
     tokenizer.build_byte_tables(sp, mcfg.vocab_size).save(tok / BYTE_TABLES_FILE)
     meta = {"model_file": SP_MODEL.name, "vocab_size": mcfg.vocab_size, "sha256": tokenizer.file_sha256(SP_MODEL)}

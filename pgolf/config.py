@@ -58,6 +58,8 @@ class ModelConfig:
     qk_gain_init: float = 1.5
     logit_softcap: float = 30.0
     tied_embed_init_std: float = 0.005
+    residual_dtype: str = "fp32"  # fp32 | bf16: the residual stream / embeddings under autocast (CUDA)
+    attn_backend: str = "auto"  # auto (FA3 if importable, else SDPA's choice) | flash | cudnn | efficient
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ is set in every launched environment.
 
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 import sys
@@ -43,8 +44,9 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init(device: str = "auto") -> DistInfo:
-    """Initialise the process group if launched by torchrun; return this process's place."""
+def init(device: str = "auto", timeout_s: float | None = None) -> DistInfo:
+    """Initialise the process group if launched by torchrun; return this process's place.
+    `timeout_s` bounds collectives (torch's default, 10 min, when None)."""
     for k, v in SAFE_ENV.items():
         os.environ.setdefault(k, v)
     rank = int(os.environ.get("RANK", 0))
@@ -54,7 +56,9 @@ def init(device: str = "auto") -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        extra = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                device_id=dev if dev.type == "cuda" else None, **extra)
     return DistInfo(rank, local_rank, world, dev)
 
 
@@ -84,9 +88,11 @@ def relaunch_with_torchrun(module: str, nproc_per_node: int, extra_args: list[st
     """Run `python -m torch.distributed.run ... -m module` and return its exit code.
 
     This launches one node. For several nodes, users start `torchrun` themselves with its
-    rendezvous flags (README); a stage already under torchrun never relaunches.
+    rendezvous flags (README); a stage already under torchrun never relaunches. A `module`
+    ending in ".py" is a script path (the packed train_gpt.py) and is run as a file.
     """
     env = {**os.environ, **SAFE_ENV}
+    target = [module] if module.endswith(".py") else ["-m", module]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc_per_node}", "-m", module, *(extra_args or [])]
+           f"--nproc_per_node={nproc_per_node}", *target, *(extra_args or [])]
     return subprocess.call(cmd, env=env)

@@ -3,7 +3,7 @@
 Symmetric per-row integer quantization with `qmax = 2**(bits-1) - 1` levels each side
 (int6: codes in [-31, 31]). A row's clip is the `quantile` of its absolute values (1.0 = row
 max), its scale `s = max(clip / qmax, 1 / qmax)` rounded to fp16 (the stored dtype), and
-`q = clamp(round(w / s), -qmax, qmax)`. QAT uses exactly `row_scale` + `fake_quant`, so the
+`q = clamp(round(w / s), -qmax, qmax)`. QAT uses exactly `row_scale` + `fake_quant_values`, so the
 weights trained under QAT are the weights the exporter sees (recipe-spec §4.8, §6.6).
 """
 
@@ -65,8 +65,13 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()[..., None]
 
 
+def fake_quant_values(w: torch.Tensor, quantile: float, qmax: int) -> torch.Tensor:
+    """Q(w) = dequantize(quantize(w)) with the export's per-row scales, in w's dtype (no grad)."""
+    w = w.detach()
+    s = row_scale(w, quantile, qmax)
+    return (torch.clamp(torch.round(w.float() / s[..., None]), -qmax, qmax) * s[..., None]).to(w.dtype)
+
+
 def fake_quant(w: torch.Tensor, quantile: float, qmax: int) -> torch.Tensor:
     """Straight-through fake quantization: forward sees Q(w), gradients flow to w unchanged."""
-    s = row_scale(w.detach(), quantile, qmax)
-    wq = torch.clamp(torch.round(w.detach().float() / s[..., None]), -qmax, qmax) * s[..., None]
-    return w + (wq.to(w.dtype) - w).detach()
+    return w + (fake_quant_values(w, quantile, qmax) - w).detach()

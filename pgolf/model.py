@@ -7,22 +7,28 @@ matrices live in four 3-D fp32 parameter banks (spec §3.9); `export_state_dict`
 `load_export_state_dict` convert to and from the per-layer names used by quantization.
 
 Precision: every parameter is fp32; the training loop runs the forward under bf16 autocast on
-CUDA (the model never casts itself). Late QAT is a registered bool buffer read with
-`torch.where`, so toggling it never recompiles a `torch.compile`d model (spec §4.8, §12.3).
+CUDA; `model.residual_dtype: bf16` casts the residual stream (embeddings onward) to the autocast
+dtype, as the record script's bf16 model does. Late QAT (spec §4.8, §12.3) is not in the graph:
+`qat_weights()` swaps Q(w) into the banks for one optimizer step's forwards and backwards and
+restores w before the update, which is the straight-through estimator exactly (the forward sees
+Q(w), the gradient lands unchanged on w) at the cost of one fake-quantisation per step instead of
+one per micro-batch, and switching it on never recompiles a `torch.compile`d model.
 When `forward` gets a `hessians` dict it adds x^T x (fp32) of every quantizable matrix's input
-into it in place (spec §6.5), which also works inside a compiled graph.
+into it in place (spec §6.5).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pgolf.config import ModelConfig
-from pgolf.int6 import fake_quant, qmax_for
+from pgolf.int6 import fake_quant_values, qmax_for
 
 try:  # FlashAttention-3 (Hopper); optional, SDPA otherwise (spec §11)
     from flash_attn_interface import flash_attn_func as _fa3_func
@@ -36,6 +42,9 @@ QAT_BITS = 6
 BIGRAM_MUL_CUR = 36313
 BIGRAM_MUL_PREV = 27191
 MATRIX_KINDS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")
+RESIDUAL_DTYPES = ("fp32", "bf16")
+ATTN_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -71,6 +80,10 @@ def validate_config(cfg: ModelConfig) -> None:
         raise ValueError(f"model.logit_softcap must be positive, got {cfg.logit_softcap}")
     if cfg.leaky_slope < 0:
         raise ValueError(f"model.leaky_slope must be >= 0, got {cfg.leaky_slope}")
+    if cfg.residual_dtype not in RESIDUAL_DTYPES:
+        raise ValueError(f"model.residual_dtype must be one of {sorted(RESIDUAL_DTYPES)}, got {cfg.residual_dtype!r}")
+    if cfg.attn_backend not in ATTN_BACKENDS:
+        raise ValueError(f"model.attn_backend must be one of {sorted(ATTN_BACKENDS)}, got {cfg.attn_backend!r}")
 
 
 # ----------------------------------------------------------------------------- small pieces
@@ -213,7 +226,8 @@ class CausalSelfAttention(nn.Module):
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
         self.use_xsa = use_xsa
-        self.use_fa3 = HAS_FA3
+        self.backend = ATTN_BACKENDS[cfg.attn_backend]
+        self.use_fa3 = HAS_FA3 and self.backend is None
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), float(cfg.qk_gain_init)))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -221,9 +235,16 @@ class CausalSelfAttention(nn.Module):
         if self.use_fa3 and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
             out = _fa3_func(q, k, v, causal=True)
             return out[0] if isinstance(out, tuple) else out  # some builds return (out, lse)
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
-        )  # (B, H, T, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, hd)
+        if self.backend is None or not q.is_cuda:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, hd)
+            return y.transpose(1, 2)
+        if self.backend != SDPBackend.FLASH_ATTENTION:  # cuDNN / efficient: K/V repeated to H heads
+            rep = q.size(1) // k.size(1)
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        with sdpa_kernel(self.backend):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               enable_gqa=self.backend == SDPBackend.FLASH_ATTENTION)
         return y.transpose(1, 2)
 
     def forward(self, x, w_q, w_k, w_v, w_o, cos, sin, ve=None, hessians=None, prefix=""):
@@ -343,10 +364,9 @@ class GPT(nn.Module):
         self.mlp_up_bank = nn.Parameter(torch.empty(L, self.hidden, D))
         self.mlp_down_bank = nn.Parameter(torch.empty(L, D, self.hidden))
         self.blocks = nn.ModuleList(Block(cfg, i, use_xsa=i >= self.xsa_start) for i in range(L))
-        self.register_buffer("qat_enabled", torch.tensor(False), persistent=False)
-        self.qat_armed = False  # python flag: without it the forward skips fake-quant entirely
+        self.qat_on = False  # late QAT: `qat_weights()` fake-quantizes the banks while this is set
         self.use_fused_mlp = False
-        self.use_fa3 = HAS_FA3
+        self.use_fa3 = HAS_FA3 and cfg.attn_backend == "auto"
         self.reset_parameters()
 
     # -- init / flags
@@ -395,35 +415,46 @@ class GPT(nn.Module):
             raise ValueError(f"train.qat_clip_quantile must be in (0, 1], got {quantile}")
         self.qat_quantile = float(quantile)
 
-    def arm_qat(self) -> None:
-        """Put the fake-quant branch into the graph (call before torch.compile when late QAT may
-        switch on); an unarmed model (eval, quantized artifact) never pays for fake-quant."""
-        self.qat_armed = True
-
     def set_qat(self, enabled: bool) -> None:
-        """Flip the QAT buffer in place (a graph input under torch.compile: no recompile once
-        armed). Switching on arms the model (a compiled graph built unarmed recompiles once)."""
-        if enabled:
-            self.arm_qat()
-        self.qat_enabled.fill_(bool(enabled))
+        """Late QAT on/off: from now on `qat_weights()` fake-quantizes the banks (or not)."""
+        self.qat_on = bool(enabled)
+
+    def _banks(self) -> list[nn.Parameter]:
+        return [self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank]
+
+    @contextmanager
+    def qat_weights(self):
+        """While QAT is on, the banks hold Q(w) inside the block and w again after it.
+
+        Wrap one optimizer step's forwards and backwards (not the update): they see the int6
+        fake-quantized weights and their gradients land on the banks unchanged, i.e. the
+        straight-through estimator. A no-op while QAT is off."""
+        if not self.qat_on:
+            yield
+            return
+        qmax = qmax_for(QAT_BITS)
+        with torch.no_grad():
+            saved = [b.detach().clone() for b in self._banks()]
+            for b in self._banks():
+                b.copy_(fake_quant_values(b, self.qat_quantile, qmax))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, w in zip(self._banks(), saved):
+                    b.copy_(w)
 
     # -- forward
-
-    def _banks(self) -> list[torch.Tensor]:
-        """The four banks, fake-quantized (STE) where QAT is on: [qo, kv, up, down]."""
-        banks = [self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank]
-        if not self.qat_armed:
-            return banks
-        qmax = qmax_for(QAT_BITS)
-        return [torch.where(self.qat_enabled, fake_quant(b, self.qat_quantile, qmax), b) for b in banks]
 
     def forward_hidden(self, idx: torch.Tensor, hessians: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """idx (B, T) -> final normed hidden states (B, T, D)."""
         L = self.cfg.num_layers
         T = idx.size(1)
         qo, kv, up, down = self._banks()
-        e = self.tok_emb(idx) + self.bigram(idx)  # (B, T, D)
+        e = self.tok_emb(idx) + self.bigram(idx)  # (B, T, D) fp32 (the tables are fp32)
         x0 = self.smear(rms_norm(e))  # (B, T, D)
+        if self.cfg.residual_dtype == "bf16":  # the whole residual stream in the autocast dtype
+            x0 = x0.to(_autocast_dtype(x0))
         cos, sin = self.rotary(T, idx.device)  # (T, rd/2) each
         ve = self.ve_shared(idx) if self.ve_shared is not None else None  # (B, T, kvD)
         h = x0

@@ -24,7 +24,7 @@ which only differs from clipping the weight first when the 1/127 scale floor bin
 Clip candidates for GPTQ and GPTQ-lite: quantize.clip_quantiles plus the training-time QAT
 quantile from model.pgt's meta, chosen per row (pgolf.gptq). After quantization, selective ±1
 pruning (pgolf.prune) brings artifact + code bytes, measured with pgolf.artifact's own
-serialisation and codec choice, under quantize.target_bytes.
+serialisation and codec choice, plus the packed train_gpt.py's bytes, under quantize.target_bytes.
 """
 
 from __future__ import annotations
@@ -303,8 +303,9 @@ class PruneOutcome:
     probes: list[tuple[int, int]]
 
 
-def prune_to_target(qz: Quantized, qcfg: QuantizeConfig, ccfg: CompressConfig, root: str | Path = ".") -> PruneOutcome:
-    """Zero the cheapest ±1 int6 codes until serialize + codec + code bytes <= quantize.target_bytes.
+def prune_to_target(qz: Quantized, qcfg: QuantizeConfig, ccfg: CompressConfig, code: int) -> PruneOutcome:
+    """Zero the cheapest ±1 int6 codes until serialize + codec + `code` bytes (the packed
+    train_gpt.py, pgolf.pack) <= quantize.target_bytes.
 
     Updates qz.tensors and the table rows in place; PruneError when the target is unreachable.
     """
@@ -312,7 +313,6 @@ def prune_to_target(qz: Quantized, qcfg: QuantizeConfig, ccfg: CompressConfig, r
     codes = {k: qz.tensors[k] for k in qkeys}
     cands = prune.collect(codes, {k: qz.tensors[k[:-2] + ".scale"] for k in qkeys},
                           {f"{n}.q": d for n, d in qz.hdiag.items()})
-    code = artifact.code_bytes(root)
     chosen: dict[int, tuple[str, int]] = {}
 
     def size_of(n: int) -> int:
@@ -337,15 +337,16 @@ def prune_to_target(qz: Quantized, qcfg: QuantizeConfig, ccfg: CompressConfig, r
 
 
 def run(qcfg: QuantizeConfig, ccfg: CompressConfig, train_dir: str | Path = TRAIN_DIR,
-        out_dir: str | Path = OUT_DIR, metrics_path: str | Path = METRICS, root: str | Path = ".") -> dict:
-    """The whole stage; outputs are written only after everything succeeded. -> the metrics dict."""
+        out_dir: str | Path = OUT_DIR, metrics_path: str | Path = METRICS, *, code_bytes: int) -> dict:
+    """The whole stage; outputs are written only after everything succeeded. -> the metrics dict.
+    `code_bytes`: the code counted toward quantize.target_bytes (the packed train_gpt.py's size)."""
     check_config(qcfg)
     artifact.check_config(ccfg)  # ConfigError for a bad compress.* now, not after GPTQ
     device = resolve_device(qcfg)
     t0 = time.perf_counter()
     inp = load_inputs(train_dir)
     qz = quantize_model(inp, qcfg, device)
-    outcome = prune_to_target(qz, qcfg, ccfg, root) if qcfg.prune else None
+    outcome = prune_to_target(qz, qcfg, ccfg, code_bytes) if qcfg.prune else None
     seconds = time.perf_counter() - t0
     table = make_table(qz, qcfg, outcome)
     metrics = make_metrics(qz, qcfg, outcome, seconds, device)

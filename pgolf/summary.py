@@ -31,8 +31,9 @@ def _float(train: dict) -> list[str]:
 
 def _size(size: dict) -> list[str]:
     verdict = "under" if size["under_cap"] else "OVER"
+    how = " (packed train_gpt.py)" if str(size.get("code_count", "")).startswith("packed") else ""
     return [f"  artifact       {size['total_bytes']:,} bytes = model {size['model_bytes']:,} ({size['codec']}) "
-            f"+ code {size['code_bytes']:,}; {verdict} the {size['cap_bytes']:,}-byte cap"]
+            f"+ code {size['code_bytes']:,}{how}; {verdict} the {size['cap_bytes']:,}-byte cap"]
 
 
 def _quant(quant: dict) -> list[str]:

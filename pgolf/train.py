@@ -9,14 +9,19 @@ the train stage:
   `warmdown_iters` of `iterations` when `max_wallclock_seconds` is 0. Muon momentum ramps
   linearly from `muon_momentum_warmup_start` to `muon_momentum` over its warmup steps.
 * a step: `grad_accum_steps` micro-batches (bf16 autocast + torch.compile on CUDA, fp32 eager on
-  CPU), clip by the global grad norm, Muon + AdamW (pgolf.optim), then the EMA update.
-  The elapsed time is all-reduced (MAX) after every step, so every rank computes the same lr
-  scale and stops on the same step when the wallclock cap is reached.
-* compile priming (§4.5): `warmup_steps` real steps (one with Hessian capture, so that graph is
-  compiled too), then the model, optimizer state and loader are restored.
-* late QAT: `model.set_qat(True)` the first time the scale drops below `late_qat_threshold`
-  (the model is armed before compiling, so the switch never recompiles).
-* online Hessians (pgolf.hessian): captured in the forward of a step's first micro-batch.
+  CPU), clip by the global grad norm, Muon + AdamW
+  (pgolf.optim), then the EMA update. Nothing in a step waits for the device: step times come
+  from CUDA events read lazily (`StepTimer`), the wallclock from the host clock (bounded ahead of
+  the device by the launch queue; the clock stops only after a final synchronisation). The
+  elapsed time is all-reduced (MAX) after every step, so every rank computes the same lr scale
+  and stops on the same step when the wallclock cap is reached.
+* compile priming (§4.5): `warmup_steps` real steps (the last one with a Hessian capture), then
+  the model, optimizer state and loader are restored.
+* late QAT: `model.set_qat(True)` the first time the scale drops below `late_qat_threshold`;
+  each step's forwards/backwards then run inside `model.qat_weights()` (Q(w) swapped into the
+  banks, straight-through gradients), so the compiled graph never changes.
+* online Hessians (pgolf.hessian): on a capture step, one extra no-grad forward of the step's
+  first micro-batch through the uncompiled model, with the weights that step trains on.
 * weight averages (`WeightAverages`): the EMA (fp32, every step) of all parameters; SWA, when
   enabled, averages the *live* training weights (not the EMA) at every step s with
   s % swa_every == 0 whose lr scale was < swa_threshold. The exported weights are the SWA
@@ -44,6 +49,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 from torch import Tensor
+from torch.profiler import record_function
 
 from pgolf import dist, hessian, tensorfile
 from pgolf.config import ConfigError, ModelConfig, TrainConfig
@@ -351,6 +357,47 @@ class Clock:
         return self.base_ms + extra
 
 
+class StepTimer:
+    """Per-step durations (ms) without a device synchronisation per step.
+
+    On CUDA each step is bracketed by two events recorded on the stream; their durations are read
+    only when `ms` is asked for (a log line, a checkpoint, the end), so the host can queue the next
+    step while the device still runs this one. On CPU the host clock is exact.
+    """
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self._done: list[float] = []
+        self._pending: list[tuple] = []
+        self._start = None
+
+    def start(self) -> None:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pending.append((self._start, end))
+        else:
+            self._done.append(round((time.perf_counter() - self._start) * 1000.0, 4))
+
+    @property
+    def ms(self) -> list[float]:
+        for start, end in self._pending:
+            end.synchronize()
+            self._done.append(round(start.elapsed_time(end), 4))
+        self._pending = []
+        return self._done
+
+    def load(self, ms: list[float]) -> None:
+        self._done, self._pending = list(ms), []
+
+
 # ----------------------------------------------------------------------------- inputs
 
 
@@ -462,9 +509,6 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             self.model.use_fused_mlp = cfg.fused_mlp
-        if self.compiled and cfg.late_qat_threshold > 0:
-            self.model.arm_qat()  # fake-quant in the graph from the start: the QAT switch never recompiles
-        # (eager: set_qat(True) arms at the switch; until then no step pays for fake-quant)
         self.fwd = torch.compile(self.model, dynamic=False, fullgraph=True) if self.compiled else self.model
         self.opt = build_optimizers(self.model.optimizer_groups(), cfg, info)
         self.avg = WeightAverages(self.model, cfg.ema_decay, cfg)
@@ -477,7 +521,7 @@ class Trainer:
         self.elapsed_ms = 0.0
         self.stopped_by = "iterations"
         self.qat_start_step: int | None = None
-        self.step_ms: list[float] = []  # per step, for the Hessian overhead
+        self.timer = StepTimer(self.cuda)  # per-step device time, for the Hessian overhead
         self.step_kind: list[str] = []  # "h" Hessian step, "w" normal step inside the Hessian window, "n" other
         self.resumed_from = 0
         self.checkpoint_status = "no checkpoint"
@@ -517,19 +561,34 @@ class Trainer:
         """Forward/backward over the micro-batches, clip, optimizer step, EMA -> mean loss (device)."""
         self.opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.dev)
-        for micro in range(self.accum):
-            x, y = self.loader.next_batch(self.cfg.batch_tokens, self.cfg.seq_len, self.accum)  # (B, T)
-            with self._autocast():
-                loss = self.fwd(x, y, hessians=hessians if micro == 0 else None)
-            (loss / self.accum).backward()
-            total += loss.detach()
-        if self.cfg.grad_clip > 0:
-            self.opt.clip_grad_norm_(self.cfg.grad_clip)
-        self.opt.step(scale, muon_momentum_at(step, self.cfg))
-        self.opt.zero_grad(set_to_none=True)
+        with self.model.qat_weights():  # late QAT: the banks hold Q(w) until the update
+            for micro in range(self.accum):
+                with record_function("pgolf.data"):
+                    x, y = self.loader.next_batch(self.cfg.batch_tokens, self.cfg.seq_len, self.accum)  # (B, T)
+                if micro == 0 and hessians is not None:
+                    self._capture_hessians(x, y, hessians)
+                with record_function("pgolf.fwd"), self._autocast():
+                    loss = self.fwd(x, y)
+                with record_function("pgolf.bwd"):
+                    (loss / self.accum).backward()
+                total += loss.detach()
+        with record_function("pgolf.optimizer"):
+            if self.cfg.grad_clip > 0:
+                self.opt.clip_grad_norm_(self.cfg.grad_clip)
+            self.opt.step(scale, muon_momentum_at(step, self.cfg))
+            self.opt.zero_grad(set_to_none=True)
         if ema:
-            self.avg.update_ema()
+            with record_function("pgolf.ema"):
+                self.avg.update_ema()
         return total / self.accum
+
+    @torch.no_grad()
+    def _capture_hessians(self, x: Tensor, y: Tensor, hessians: dict[str, Tensor]) -> None:
+        """Add x^T x of this micro-batch's inputs to every quantizable matrix into `hessians`: one
+        extra no-grad forward of the uncompiled model (the same weights the step's forward sees),
+        so no second graph is ever compiled and the training graph stays capture-free."""
+        with record_function("pgolf.hessian"), self._autocast():
+            self.model(x, y, hessians=hessians)
 
     # -- resume
 
@@ -583,7 +642,8 @@ class Trainer:
         self.qat_start_step = meta["qat_start_step"]
         if meta["qat_on"]:
             self.model.set_qat(True)
-        self.step_ms, self.step_kind = list(meta["step_ms"]), list(meta["step_kind"])
+        self.timer.load(meta["step_ms"])
+        self.step_kind = list(meta["step_kind"])
         self.log.lines = list(meta["log_lines"])
         self.log.rows = list(meta["rows"])
         self._loader_state = meta["loader"]
@@ -602,7 +662,7 @@ class Trainer:
         if not self.info.is_main:
             return
         meta = {"fingerprint": self.fp, "step": self.step, "elapsed_ms": self.elapsed_ms,
-                "qat_on": bool(self.model.qat_enabled.item()), "qat_start_step": self.qat_start_step,
+                "qat_on": self.model.qat_on, "qat_start_step": self.qat_start_step,
                 "swa_count": self.avg.swa_count, "swa_first_step": self.avg.swa_first_step,
                 "hessian": hess_meta, "optimizer": opt_tree, "loader": self.loader.state_dict(),
                 "step_ms": self.step_ms, "step_kind": self.step_kind,
@@ -612,7 +672,7 @@ class Trainer:
     # -- compile priming
 
     def warmup(self) -> None:
-        """`warmup_steps` real steps to compile every graph (the last one with Hessian capture),
+        """`warmup_steps` real steps to compile the graphs (the last one with a Hessian capture),
         then restore the model and optimizer state and re-create the loader (§4.5)."""
         n = self.cfg.warmup_steps
         if n > 0:
@@ -662,12 +722,11 @@ class Trainer:
                 self.qat_start_step = step
                 self.log(f"late_qat: enabled at step {step} (lr scale {scale:.4f})")
             capture = self.hess.due(step, scale, force=self._force_hessian())
-            t0 = time.perf_counter()
+            self.timer.start()
             loss = self._step(step, scale, self.hess.sums if capture else None)
             if capture:
                 self.hess.record(self.local_tokens)
-            self._sync()
-            self.step_ms.append(round((time.perf_counter() - t0) * 1000.0, 4))
+            self.timer.stop()  # no sync: the host queues the next step while the device works
             self.step_kind.append("h" if capture else ("w" if scale < cfg.hessian_start_scale else "n"))
             self.step += 1
             self.elapsed_ms = self._shared_max(self.clock.ms())
@@ -679,6 +738,7 @@ class Trainer:
             if self.step == 1 or last or (cfg.log_every > 0 and self.step % cfg.log_every == 0):
                 self._log_step(loss, scale)
             if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0 and not last:
+                self._sync()
                 self.clock.pause()
                 self._check_finite(self._mean_over_ranks(loss))  # never overwrite a good checkpoint with NaNs
                 self.save_checkpoint()
@@ -687,7 +747,9 @@ class Trainer:
                 on_step(self)
             if last:
                 break
+        self._sync()  # the training time includes the device finishing the queued work
         self.clock.pause()
+        self.elapsed_ms = self._shared_max(self.clock.ms())
 
     def _check_finite(self, loss_v: float) -> None:
         """Stop on a NaN/inf loss; the last checkpoint written (a finite state) is kept."""
@@ -714,6 +776,10 @@ class Trainer:
     def hessian_overhead(self) -> dict:
         return hessian_overhead(self.step_ms, self.step_kind, self.cfg.hessian_every)
 
+    @property
+    def step_ms(self) -> list[float]:
+        return self.timer.ms
+
     @torch.no_grad()
     def _fallback_hessian(self) -> None:
         """Only when no step captured one (cannot happen on the step-based schedule): one
@@ -738,7 +804,6 @@ class Trainer:
             for n, p in self.model.named_parameters():
                 p.copy_(final[n])
         self.model.set_qat(False)  # val_bpb_float scores the float weights as exported
-        self.model.qat_armed = False
         t0 = time.perf_counter()
         ev = eval_nonsliding(self.model, self.inputs.val_tokens, self.inputs.tables, cfg.seq_len,
                              cfg.val_batch_seqs, self.dev, self.info.rank, self.info.world_size,

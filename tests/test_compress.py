@@ -1,5 +1,6 @@
-"""stages.compress: quant.pgt -> model.ptz + code_files.json + metrics/size.json; codec choice,
-code bytes, the cap check (over the cap: metrics written, exit 1 with the excess), bad input."""
+"""stages.compress / pgolf.compress: quant.pgt -> model.ptz + train_gpt.py + code_files.json +
+metrics/size.json; codec choice, code bytes (the packed script's), the cap check (over the cap:
+metrics written, exit 1 with the excess), bad input."""
 
 import dataclasses
 import json
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from conftest import MICRO_CFG, params_yaml, tiny_model
-from pgolf import artifact, tensorfile
+from pgolf import artifact, pack, tensorfile
 from pgolf.config import CompressConfig
 from pgolf.int6 import qmax_for, quantize, row_scale
 from pgolf.model import GPT
@@ -51,8 +52,9 @@ def write_quant(path: Path, model: GPT, lossless: bool = False) -> Path:
 
 
 def copy_code(dst: Path) -> None:
-    """The counted code files + this stage into a scratch repo (code bytes are counted from cwd)."""
-    for rel in (*artifact.CODE_FILES, "stages/compress.py"):
+    """The packed sources, the raw evaluation files + this stage into a scratch repo (code bytes
+    are counted from cwd)."""
+    for rel in {*pack.PACKED_FILES, *artifact.CODE_FILES, "pgolf/pack.py", "stages/compress.py"}:
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         (dst / rel).write_bytes((ROOT / rel).read_bytes())
 
@@ -63,22 +65,33 @@ def workdir(tmp_path):
     return tmp_path
 
 
+SCRIPT = b"# a stand-in for the packed train_gpt.py\n" * 10
+
+
 def build(workdir, cfg=FAST):
-    return compress.build(cfg, workdir / "artifacts/quant/quant.pgt", workdir / "artifacts/final",
-                          workdir / "metrics/size.json", ROOT)
+    return compress.build(cfg, SCRIPT, workdir / "artifacts/quant/quant.pgt", workdir / "artifacts/final",
+                          workdir / "metrics/size.json", artifact.code_files(ROOT))
+
+
+def write_params(workdir: Path, **compress_kv) -> None:
+    """The repo's params.yaml with compress.* overridden (the packed script bakes every section)."""
+    (workdir / "params.yaml").write_text(params_yaml(compress=compress_kv))
 
 
 def test_build_writes_artifact_code_list_and_metrics(workdir):
     m = build(workdir)
     final = workdir / "artifacts/final"
-    assert sorted(p.name for p in final.iterdir()) == ["code_files.json", "model.ptz"]
+    assert sorted(p.name for p in final.iterdir()) == ["code_files.json", "model.ptz", "train_gpt.py"]
     size = json.loads((workdir / "metrics/size.json").read_text())
     assert size == m
     assert m["model_bytes"] == (final / "model.ptz").stat().st_size == min(m["lzma_bytes"], m["zstd_bytes"])
     assert m["codec"] == ("lzma" if m["lzma_bytes"] <= m["zstd_bytes"] else "zstd")
     code = json.loads((final / "code_files.json").read_text())
-    assert [f["path"] for f in code["files"]] == list(artifact.CODE_FILES)
-    assert code["total"] == m["code_bytes"] == artifact.code_bytes(ROOT)
+    assert (final / "train_gpt.py").read_bytes() == SCRIPT and m["code_bytes"] == len(SCRIPT) == code["bytes"]
+    assert m["code_count"] == "packed train_gpt.py" and code["sha256"] == m["code_sha256"]
+    raw = code["eval_files_raw"]
+    assert [f["path"] for f in raw["files"]] == list(artifact.CODE_FILES)
+    assert raw["total"] == m["code_bytes_eval_files_raw"] == artifact.code_bytes(ROOT)
     assert m["total_bytes"] == m["model_bytes"] + m["code_bytes"] and m["under_cap"] is True
     assert m["cap_bytes"] == 16_000_000
     # the artifact holds exactly the quantized tensors and meta
@@ -98,13 +111,15 @@ def test_forced_codec(workdir, codec):
 def test_over_cap_writes_metrics_and_exits_nonzero(workdir, monkeypatch, capsys):
     monkeypatch.chdir(workdir)
     copy_code(workdir)
-    (workdir / "params.yaml").write_text(params_yaml(compress={"lzma_preset": 6, "zstd_level": 19, "cap_bytes": 50000}))
+    write_params(workdir, codec="auto", lzma_preset=6, zstd_level=19, cap_bytes=50000)
     assert compress.main() == 1
     size = json.loads((workdir / "metrics/size.json").read_text())
     over = size["total_bytes"] - 50000
     assert size["under_cap"] is False and size["cap_bytes"] == 50000 and over > 0
+    assert size["code_bytes"] == len(pack.build_script(workdir)) == (workdir / "artifacts/final/train_gpt.py").stat().st_size
     err = capsys.readouterr().err
     assert f"compress: error: artifact is over the cap by {over:,} bytes" in err
+    assert f"+ packed code {size['code_bytes']:,}" in err
 
 
 def test_stage_cli_and_bad_input(workdir):
@@ -112,7 +127,7 @@ def test_stage_cli_and_bad_input(workdir):
     def run():
         return subprocess.run([sys.executable, "-m", "stages.compress"], cwd=workdir, capture_output=True, text=True,
                               env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-    (workdir / "params.yaml").write_text(params_yaml(compress={"codec": "zstd"}))
+    write_params(workdir, codec="zstd")
     copy_code(workdir)
     quant = workdir / "artifacts/quant/quant.pgt"
     good = quant.read_bytes()
@@ -150,7 +165,7 @@ def test_disk_full_is_an_error_naming_the_file_and_outputs_stay(workdir):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
         resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
 
-    (workdir / "params.yaml").write_text(params_yaml(compress={"codec": "zstd"}))
+    write_params(workdir, codec="zstd")
     copy_code(workdir)
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     run = [sys.executable, "-m", "stages.compress"]

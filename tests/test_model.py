@@ -69,6 +69,8 @@ def test_record_inventory_shapes():
     (dict(vocab_size=70000), "model.vocab_size"),
     (dict(model_dim=0), "model.model_dim"),
     (dict(bigram_buckets=1), "model.bigram_buckets"),
+    (dict(residual_dtype="fp16"), "model.residual_dtype"),
+    (dict(attn_backend="flex"), "model.attn_backend"),
 ])
 def test_config_errors_name_the_field(change, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -118,6 +120,29 @@ def test_bf16_autocast_forward_keeps_fp32_loss_and_hessians():
     assert abs(got.item() - ref.item()) < 0.05
     for k in ("blocks.0.attn.c_q.weight", "blocks.2.mlp.proj.weight"):
         torch.testing.assert_close(H16[k], H32[k], atol=0.1 * H32[k].abs().max().item(), rtol=0.05)
+
+
+def test_residual_dtype_bf16_carries_the_stream_in_the_autocast_dtype():
+    """residual_dtype bf16: the hidden states leave the blocks in bf16 under autocast (fp32 with
+    residual_dtype fp32); without autocast both are the same fp32 model, bit for bit."""
+    x, y = batch()
+    m32 = make_tiny()
+    m16 = make_tiny(cfg=dataclasses.replace(TINY, residual_dtype="bf16"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h32, h16 = m32.forward_hidden(x), m16.forward_hidden(x)
+        loss16 = m16(x, y)
+    assert h32.dtype == torch.float32 and h16.dtype == torch.bfloat16
+    assert loss16.dtype == torch.float32 and abs(loss16.item() - m32(x, y).item()) < 0.05
+    torch.testing.assert_close(m16(x, y), m32(x, y), atol=0, rtol=0)
+
+
+def test_attn_backend_choice_gives_the_same_attention_on_cpu():
+    """A named SDPA backend only applies on CUDA; on CPU every choice is the same maths."""
+    x, y = batch()
+    ref = make_tiny()(x, y)
+    for name in ("flash", "cudnn", "efficient"):
+        got = make_tiny(cfg=dataclasses.replace(TINY, attn_backend=name))(x, y)
+        torch.testing.assert_close(got, ref, atol=0, rtol=0)
 
 
 def test_softcap_bounds_logits():
@@ -312,30 +337,50 @@ def fake_quantized_copy(m):
 
 
 def test_qat_forward_equals_fake_quantized_weights_and_ste_grads():
+    """Inside qat_weights() the forward is the fake-quantized model's and the gradients are the
+    straight-through ones; afterwards the banks hold w again, bit for bit."""
     m = make_tiny(qat_quantile=0.9)
     x, y = batch()
+    w0 = {n: p.detach().clone() for n, p in m.named_parameters()}
     off = m(x, y)
     m.set_qat(True)
-    on = m(x, y)
+    with m.qat_weights():
+        on = m(x, y)
+        on.backward()
     ref = fake_quantized_copy(m)
     r = ref(x, y)
+    r.backward()
     assert abs(on.item() - off.item()) > 1e-5
     torch.testing.assert_close(on, r, atol=1e-6, rtol=0)
-    on.backward()
-    r.backward()
     for name in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank", "tok_emb.weight"):
         g1, g2 = m.get_parameter(name).grad, ref.get_parameter(name).grad
         torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)  # straight-through
+    for n, p in m.named_parameters():
+        assert torch.equal(p, w0[n]), n  # w restored after the block
+    with m.qat_weights():  # QAT still on: the same fake-quantized forward again
+        torch.testing.assert_close(m(x, y), on, atol=0, rtol=0)
     m.set_qat(False)
-    torch.testing.assert_close(m(x, y), off, atol=0, rtol=0)
+    with m.qat_weights():  # a no-op once QAT is off
+        torch.testing.assert_close(m(x, y), off, atol=0, rtol=0)
     with pytest.raises(ValueError, match="qat_clip_quantile"):
         m.set_qat_quantile(1.5)
 
 
+def test_qat_weights_restores_w_when_the_block_raises():
+    m = make_tiny(qat_quantile=0.9)
+    w0 = m.qo_bank.detach().clone()
+    m.set_qat(True)
+    with pytest.raises(RuntimeError, match="boom"):
+        with m.qat_weights():
+            assert not torch.equal(m.qo_bank, w0)
+            raise RuntimeError("boom")
+    assert torch.equal(m.qo_bank, w0)
+
+
 @pytest.mark.slow  # CPU inductor: ~13 s with a warm cache, ~70 s cold on a loaded 2-core box
 def test_qat_flip_under_compile_changes_output_without_recompiling():
-    """The compiled QAT forward matches eager exactly enough (int6.fp16_round keeps the fp16
-    scale rounding that inductor would drop from a .half().float() round trip)."""
+    """QAT lives outside the graph: switching it on changes the compiled model's output (the banks
+    hold Q(w)) without a second graph, and matches the eager fake-quantized forward."""
     from torch._dynamo.utils import counters
 
     cfg = dataclasses.replace(TINY, num_layers=1, xsa_last_n=1)
@@ -343,14 +388,14 @@ def test_qat_flip_under_compile_changes_output_without_recompiling():
     x, _ = batch(T=8)
     torch._dynamo.reset()
     counters.clear()
-    m.arm_qat()  # what the train loop does before compiling
     cm = torch.compile(m.forward_logits, fullgraph=True, dynamic=False)
     with torch.no_grad():
         off = cm(x)
         m.set_qat(True)
-        on = cm(x)
+        with m.qat_weights():
+            on = cm(x)
+            eager_on = m.forward_logits(x)
         graphs = counters["stats"]["unique_graphs"]
-        eager_on = m.forward_logits(x)
         m.set_qat(False)
         off2 = cm(x)
     assert graphs == 1 and counters["stats"]["unique_graphs"] == 1

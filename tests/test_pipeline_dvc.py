@@ -17,29 +17,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shlex
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from _dvc_repo import ROOT, dvc as _dvc, micro_repo, run as _run, set_params as _set_params
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-MICRO = {
-    "prepare": {"max_train_docs": 60},
-    "model": {"num_layers": 2, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2, "xsa_last_n": 2,
-              "bigram_buckets": 64, "bigram_dim": 16, "ve_dim": 16, "ve_last_n": 1, "rope_dims": 8},
-    "train": {"batch_tokens": 2048, "seq_len": 128, "iterations": 24, "warmdown_iters": 8,
-              "muon_momentum_warmup_steps": 8, "hessian_every": 4, "val_tokens": 8192, "log_every": 8,
-              "checkpoint_every": 0},
-    "quantize": {"passthrough_max_numel": 1024},
-    "evaluate": {"context": 128, "stride": 64, "max_tokens": 8192},
-}
 CONTRACT = {
     "prepare": ["vocab_size", "train_tokens", "val_tokens", "val_bytes", "train_docs", "val_docs"],
     "train": ["steps", "train_seconds", "tokens_per_second", "world_size", "val_bpb_float", "peak_memory_mb"],
@@ -49,48 +34,10 @@ CONTRACT = {
 }
 
 
-def _run(args: list[str], cwd: Path, ok: bool = True) -> str:
-    """Output of a command that must succeed (ok) or must fail (not ok)."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    p = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    out = p.stdout + p.stderr
-    assert (p.returncode == 0) == ok, f"{' '.join(args)} exited {p.returncode}:\n{out[-4000:]}"
-    return out
-
-
-def _dvc(*args: str, cwd: Path, ok: bool = True) -> str:
-    return _run([sys.executable, "-m", "dvc", *args], cwd, ok)
-
-
-def _set_params(repo: Path, updates: dict) -> None:
-    path = repo / "params.yaml"
-    doc = yaml.safe_load(path.read_text())
-    for section, kv in updates.items():
-        doc[section].update(kv)
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     """A fresh git+DVC repo holding the tracked files of this checkout, at the micro config."""
-    dst = tmp_path_factory.mktemp("pipeline") / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dst / rel)
-    _set_params(dst, MICRO)
-    _run(["git", "init", "-q", "-b", "main"], dst)
-    _run(["git", "add", "-A"], dst)
-    _run(["git", "commit", "-qm", "micro"], dst)
-    out = _dvc("repro", cwd=dst)
-    assert "Running stage 'evaluate'" in out
-    _run(["git", "add", "-A"], dst)
-    _run(["git", "commit", "-qm", "repro"], dst)
-    return dst
+    return micro_repo(tmp_path_factory.mktemp("pipeline") / "repo")
 
 
 def test_repro_writes_every_contract_metric(repo):
@@ -165,9 +112,9 @@ def test_bad_param_stops_at_the_gate_and_loses_no_output(repo, how):
     params = (repo / "params.yaml").read_text()
     if how == "repro":
         _set_params(repo, {"quantize": {"bits": 9}})
-        out = _dvc("repro", cwd=repo, ok=False)
+        out = _dvc("repro", cwd=repo, fail=True)
     else:
-        out = _dvc("exp", "run", "-S", "quantize.bits=9", cwd=repo, ok=False)
+        out = _dvc("exp", "run", "-S", "quantize.bits=9", cwd=repo, fail=True)
     assert "params: error: params.yaml: quantize.bits must be in the supported range [2, 8], got 9" in out
     assert "Running stage 'quantize'" not in out
     assert {p: (repo / p).read_bytes() for p in QUANT_OUTPUTS} == before

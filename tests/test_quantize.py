@@ -14,11 +14,12 @@ import yaml
 
 from _quant_model import MICRO, eval_loss, trained, write_train_dir
 from conftest import single_thread
-from pgolf import artifact, config, int6, prune, tensorfile
+from pgolf import artifact, config, int6, pack, prune, tensorfile
 from pgolf import quantize as Q
 from stages import quantize as stage
 
 ROOT = Path(__file__).resolve().parents[1]
+CODE = 88_000  # code bytes counted toward quantize.target_bytes (about the packed train_gpt.py's)
 CONTRACT = ["int6_tensors", "passthrough_tensors", "pruned_values", "quantize_seconds"]
 
 
@@ -35,7 +36,7 @@ def ccfg(**kw):
 
 def run_in(root: Path, q=None, c=None, out="quant"):
     return Q.run(q or qcfg(), c or ccfg(), root / "artifacts" / "train", root / "artifacts" / out,
-                 root / "metrics" / f"{out}.json", root=ROOT)
+                 root / "metrics" / f"{out}.json", code_bytes=CODE)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,7 @@ def test_embed_mode_fp16_and_prune_off(done, tmp_path):
 
 def size_with(tensors, meta, c) -> int:
     """What the compress stage will measure: serialize + codec choice + code bytes."""
-    return len(artifact.choose(artifact.serialize(tensors, meta), c)[1]) + artifact.code_bytes(ROOT)
+    return len(artifact.choose(artifact.serialize(tensors, meta), c)[1]) + CODE
 
 
 @pytest.mark.parametrize("codec", ["auto", "lzma"])
@@ -183,10 +184,10 @@ def test_damping_retries_are_reported(done, tmp_path):
 
 @pytest.fixture
 def stage_dir(tmp_path, monkeypatch):
-    """A cwd like the repo root: params.yaml, artifacts/train, the counted code files, and previous
+    """A cwd like the repo root: params.yaml, artifacts/train, the packed script's sources, and previous
     outputs (sentinels) that a failing run must leave exactly as they were."""
     write_train_dir(tmp_path)
-    for rel in artifact.CODE_FILES:
+    for rel in pack.PACKED_FILES:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, tmp_path / rel)
     doc = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -222,7 +223,9 @@ def test_stage_success_replaces_previous_outputs(stage_dir, capsys):
     out = capsys.readouterr().out
     assert out.startswith("quantize: 13 int6 (12 GPTQ, 1 GPTQ-lite), 3 int8") and out.count("\n") == 1
     assert (stage_dir / "artifacts" / "quant" / "quant.pgt").read_bytes()[:8] == tensorfile.MAGIC
-    assert all(k in json.loads((stage_dir / "metrics" / "quant.json").read_text()) for k in CONTRACT)
+    m = json.loads((stage_dir / "metrics" / "quant.json").read_text())
+    assert all(k in m for k in CONTRACT)
+    assert m["code_bytes"] == len(pack.build_script(stage_dir))  # pruning targets model + the packed script
 
 
 @pytest.mark.parametrize("missing", ["hessians.pgt", "model.pgt"])

@@ -126,6 +126,19 @@ def test_grad_accum_default_and_batch_check(tmp_path):
         T.check_batch(cfg, 5, 1)
 
 
+def test_step_timer_on_cpu_times_each_step_and_reloads():
+    timer = T.StepTimer(cuda=False)
+    for _ in range(3):
+        timer.start()
+        sum(range(20000))
+        timer.stop()
+    assert len(timer.ms) == 3 and all(t > 0 for t in timer.ms)
+    timer.load([1.0, 2.0])
+    timer.start()
+    timer.stop()
+    assert timer.ms[:2] == [1.0, 2.0] and len(timer.ms) == 3
+
+
 def test_hessian_overhead_from_step_times():
     ms = [900.0, 100, 101, 99, 130, 100, 5000, 102, 128, 100]  # a slow first step and one stall
     kinds = ["n", "n", "w", "w", "h", "w", "w", "w", "h", "w"]
@@ -298,7 +311,7 @@ def test_late_qat_switches_on_at_threshold_and_changes_training(data_root, tmp_p
 
     def watch(tr):
         weights = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
-        seen[tr.step] = (bool(tr.model.qat_enabled.item()), weights)
+        seen[tr.step] = (tr.model.qat_on, weights)
 
     # scale = (12 - s)/8 for s >= 4: < 0.5 first at s = 9
     q = run(data_root, tmp_path / "q", on_step=watch, iterations=12, warmdown_iters=8, late_qat_threshold=0.5)
@@ -317,7 +330,8 @@ def test_late_qat_switches_on_at_threshold_and_changes_training(data_root, tmp_p
     with torch.no_grad():
         plain = model.forward_logits(x)
         model.set_qat(True)
-        fake = model.forward_logits(x)
+        with model.qat_weights():
+            fake = model.forward_logits(x)
     assert not torch.allclose(plain, fake)
 
 

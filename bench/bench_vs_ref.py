@@ -1,0 +1,214 @@
+"""Side-by-side training throughput: the PR #1072 record script and pgolf, one GPU, one run.
+
+    python -m bench.bench_vs_ref --data DIR --out bench/results/vs_ref_h200.json \\
+        [--ref ../shared/anchors/pr1072/train_gpt.py] [--trace-dir DIR]
+
+Both programs train the record model (11L, d 512) on the same challenge-format shards in `DIR`
+(`fineweb_train_*.bin`, `fineweb_val_*.bin`; the sp1024 tokenizer is pgolf's vendored copy),
+at 786,432 and 196,608 tokens per step (8 micro-batches of 48 or 12 x 2048), lr scale 1 (no
+warmdown, so neither switches late QAT on), 3 compile-priming steps, logging every 5 steps.
+Each run is its own process, one after the other on the same GPU (the reference as a
+subprocess of its unmodified script, pgolf through bench.profile_train on its real training
+loop). Steady state for both: the median over logged intervals from step 10 on of
+(train clock at the end - at the start) / steps, so stalls (compiles, Hessian passes) are
+excluded and listed separately. Runs, in order of importance: pgolf 786k (cold compile cache,
+profiled), reference 786k, pgolf 196k (profiled), reference 196k, then pgolf 786k again with a
+warm compile cache. The JSON is rewritten after every run, so a run cut by `--budget` keeps the
+ones before it. Every path is resolved first: the reference runs in a scratch folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_REF = REPO.parent / "shared" / "anchors" / "pr1072" / "train_gpt.py"
+SP_MODEL = REPO / "data" / "tokenizer_src" / "fineweb_1024_bpe.model"
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+            "PYTHONUNBUFFERED": "1"}
+STEPS = {786432: 40, 196608: 100}  # other batch sizes (smoke runs): 100 steps
+LOG_EVERY = 5
+FIRST_STEADY = 10
+REF_STEP = re.compile(r"^step:(\d+)/(\d+) train_loss:([\d.]+) train_time:(\d+)ms")
+FIRST_STEP = re.compile(r"^step:1/\d+ ")
+
+
+def ref_steady(marks: list[tuple[int, float]]) -> tuple[float, list[float]]:
+    """Median ms/step over the reference's logged intervals from step FIRST_STEADY on; an interval
+    more than 1.5x the median is a stall and is dropped (its own log has no step kinds)."""
+    rates = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(marks, marks[1:]) if s0 >= FIRST_STEADY]
+    if not rates:
+        return float("nan"), []
+    med = statistics.median(rates)
+    return statistics.median([r for r in rates if r <= 1.5 * med]), [round(r, 2) for r in rates]
+
+
+def steps_for(batch: int) -> int:
+    return STEPS.get(batch, 100)
+
+
+def run_ref(script: Path, data: Path, batch: int, timeout: float) -> dict:
+    """The unmodified record script on one GPU; stopped once its last training step is logged."""
+    env = {**os.environ, **SAFE_ENV, "DATA_PATH": str(data), "TOKENIZER_PATH": str(SP_MODEL),
+           "TRAIN_BATCH_TOKENS": str(batch), "ITERATIONS": str(steps_for(batch)), "WARMDOWN_ITERS": "0",
+           "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_LOG_EVERY": str(LOG_EVERY), "VAL_LOSS_EVERY": "0",
+           "WARMUP_STEPS": "3", "SEED": "1337", "RUN_ID": f"bench{batch}"}
+    marks, losses, first, lines = [], [], None, []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as cwd:
+        proc = subprocess.Popen([sys.executable, str(script)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            for line in proc.stdout:
+                lines.append(line.rstrip())
+                if first is None and FIRST_STEP.match(line):
+                    first = time.perf_counter() - t0
+                m = REF_STEP.match(line)
+                if m:
+                    step = int(m.group(1))
+                    marks.append((step, float(m.group(4))))
+                    losses.append([step, float(m.group(3))])
+                    if step >= steps_for(batch):
+                        break
+                if time.perf_counter() - t0 > timeout:
+                    break
+        finally:
+            proc.kill()
+            proc.wait()
+    med, rates = ref_steady(marks)
+    return {"program": "reference", "batch_tokens": batch, "step_ms_steady": round(med, 2),
+            "interval_ms_per_step": rates, "tokens_per_second": round(batch / med * 1000.0) if rates else None,
+            "seconds_to_first_step": round(first, 1) if first else None, "steps_logged": len(marks),
+            "loss_curve": losses, "log_tail": lines[-6:] if not rates else []}
+
+
+def run_pgolf(batch: int, timeout: float, data: Path, out: Path, extra: list[str], trace_dir: str | None) -> dict:
+    """bench.profile_train in its own process; the time to its first logged step measured here."""
+    cmd = [sys.executable, "-m", "bench.profile_train", "--batch-tokens", str(batch), "--steps", str(steps_for(batch)),
+           "--log-every", str(LOG_EVERY), "--data", str(data), "--out", str(out), *extra]
+    if trace_dir:
+        cmd += ["--trace-dir", trace_dir]
+    t0, first, lines = time.perf_counter(), None, []
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **SAFE_ENV}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if first is None and FIRST_STEP.match(line):
+                first = time.perf_counter() - t0
+            if time.perf_counter() - t0 > timeout:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    if not out.is_file():
+        return {"program": "pgolf", "batch_tokens": batch, "error": "no result", "log_tail": lines[-8:]}
+    res = json.loads(out.read_text())["results"][0]
+    res.update(program="pgolf", variant=" ".join(extra) or "default", seconds_to_first_step_outside=round(first, 1))
+    return res
+
+
+def device_info() -> dict:
+    import torch
+    import triton
+
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"device": dev, "torch": torch.__version__, "triton": triton.__version__}
+
+
+def add_mfu(r: dict, fpt: float) -> None:
+    """MFU as bench_train counts it (same model, same FLOPs per token for both programs)."""
+    from bench.bench_train import PEAK_BF16
+
+    if r.get("tokens_per_second"):
+        r["mfu"] = round(fpt * r["tokens_per_second"] / PEAK_BF16, 4)
+
+
+def record_flops_per_token() -> float:
+    import torch
+
+    from bench.bench_train import flops_per_token
+    from bench.profile_train import record_configs
+    from pgolf.model import GPT
+
+    mcfg, tcfg = record_configs([])
+    with torch.device("meta"):
+        return flops_per_token(GPT(mcfg), mcfg, tcfg.seq_len)
+
+
+def ratios(results: list[dict], batches: list[int]) -> dict:
+    """Each pgolf variant's tokens/s over the reference's, per batch size."""
+    out = {}
+    for batch in batches:
+        ref = [r for r in results if r["program"] == "reference" and r["batch_tokens"] == batch and r.get("tokens_per_second")]
+        pg = [r for r in results if r["program"] == "pgolf" and r["batch_tokens"] == batch and r.get("tokens_per_second")]
+        if ref:
+            out[str(batch)] = {v["variant"]: round(v["tokens_per_second"] / ref[0]["tokens_per_second"], 3) for v in pg}
+    return out
+
+
+def plan(args) -> list[tuple]:
+    """pgolf and the reference at each batch size, then pgolf again with a warm compile cache."""
+    big, small = args.batches
+    x = args.pgolf_extra
+    runs = [("pgolf", big, x), ("reference", big, None), ("pgolf", small, x), ("reference", small, None)]
+    return runs + [("pgolf", big, x + ["--profile-steps", "0"])][:args.variants]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="folder of fineweb_train_*.bin / fineweb_val_*.bin shards")
+    ap.add_argument("--ref", default=str(DEFAULT_REF), help="the PR #1072 train_gpt.py")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--trace-dir", default=None)
+    ap.add_argument("--budget", type=float, default=560.0, help="seconds for all runs; later runs are skipped")
+    ap.add_argument("--variants", type=int, default=1, help="1: end with a warm-compile-cache pgolf run")
+    ap.add_argument("--batches", type=int, nargs=2, default=[786432, 196608])
+    ap.add_argument("--pgolf-extra", nargs="*", default=[], help="more bench.profile_train arguments")
+    args = ap.parse_args()
+    args.data, args.ref = str(Path(args.data).resolve()), str(Path(args.ref).resolve())  # both run elsewhere
+    for path in (Path(args.data), Path(args.ref)):
+        if not path.exists():
+            ap.error(f"{path} does not exist")
+    t_all = time.perf_counter()
+    head = {"what": "training step throughput, PR #1072 record script vs pgolf, same GPU, same shards, one run",
+            **device_info(), "data": str(args.data), "steps": {b: steps_for(b) for b in args.batches},
+            "log_every": LOG_EVERY,
+            "steady_state": f"median over logged intervals from step {FIRST_STEADY}, stalls excluded"}
+    results = []
+    fpt = record_flops_per_token()
+    scratch = Path(tempfile.mkdtemp())
+    for i, (prog, batch, extra) in enumerate(plan(args)):
+        left = args.budget - (time.perf_counter() - t_all)
+        if left < 30:
+            results.append({"program": prog, "batch_tokens": batch, "variant": " ".join(extra or []), "skipped": "budget"})
+            continue
+        t0 = time.perf_counter()
+        if prog == "reference":
+            r = run_ref(Path(args.ref), Path(args.data), batch, left)
+        else:
+            trace = args.trace_dir if (i < 4 and args.trace_dir) else None
+            r = run_pgolf(batch, left, Path(args.data), scratch / f"run{i}.json", extra, trace)
+        r["run_seconds"] = round(time.perf_counter() - t0, 1)
+        add_mfu(r, fpt)
+        results.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k in ("program", "batch_tokens", "variant", "step_ms_steady",
+                                                               "tokens_per_second", "seconds_to_first_step",
+                                                               "seconds_to_first_step_outside", "warmup_seconds",
+                                                               "run_seconds", "error", "log_tail", "stalls")}), flush=True)
+        summary = {**head, "ratio_tokens_per_second": ratios(results, args.batches), "results": results}
+        Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(ratios(results, args.batches)))
+
+
+if __name__ == "__main__":
+    main()

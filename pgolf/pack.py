@@ -1,0 +1,116 @@
+"""The packed submission script: pgolf's code + a run's params in one self-extracting `train_gpt.py`.
+
+The challenge counts the bytes of one file, `train_gpt.py`, that trains, quantizes, compresses and
+evaluates. This module owns that file: `build_script(root, params)` puts every source file of
+`PACKED_FILES` (read from `root`) and the run's baked params (the `model`, `train`, `quantize`,
+`compress` and `evaluate` sections, typed and checked by pgolf.config) into one JSON archive,
+compresses it with raw LZMA2 (preset 9 extreme), encodes it in base85 and wraps it in a short
+bootstrap. Run, the bootstrap unpacks the sources into a temp folder, puts it first on
+`sys.path` and calls `pgolf.recipe.main` (which runs the whole recipe; see that module).
+
+The output is a pure function of the sources and the params (sorted keys, no timestamps), so the
+compress stage's count (`metrics/size.json` `code_bytes`) and the exported file are the same bytes;
+the export regenerates it and compares sha256s. A test keeps `PACKED_FILES` equal to the pgolf
+modules `pgolf.recipe` imports, and another keeps them among the DVC deps of the stages that count
+code bytes (quantize, compress).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import lzma
+from pathlib import Path
+
+from pgolf import config
+
+PACKED_FILES: tuple[str, ...] = (
+    "pgolf/__init__.py",
+    "pgolf/artifact.py",
+    "pgolf/bpb.py",
+    "pgolf/compress.py",
+    "pgolf/config.py",
+    "pgolf/corpus.py",
+    "pgolf/data.py",
+    "pgolf/dist.py",
+    "pgolf/evaluate.py",
+    "pgolf/gptq.py",
+    "pgolf/hessian.py",
+    "pgolf/int6.py",
+    "pgolf/io.py",
+    "pgolf/kernels/__init__.py",
+    "pgolf/kernels/fused_mlp.py",
+    "pgolf/model.py",
+    "pgolf/optim.py",
+    "pgolf/prepare.py",
+    "pgolf/progress.py",
+    "pgolf/prune.py",
+    "pgolf/quantize.py",
+    "pgolf/recipe.py",
+    "pgolf/tensorfile.py",
+    "pgolf/tokenizer.py",
+    "pgolf/train.py",
+)
+BAKED_SECTIONS: tuple[str, ...] = ("model", "train", "quantize", "compress", "evaluate")
+SCRIPT_NAME = "train_gpt.py"
+_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+
+# The bootstrap: stdlib only; {blob} is base85 text (no quotes or backslashes in its alphabet).
+_BOOTSTRAP = '''\
+"""pgolf parameter-golf submission: the pgolf recipe (prepare, train, quantize, compress, evaluate) with
+its params, packed. Run `python train_gpt.py` or `torchrun --standalone --nproc_per_node=8 train_gpt.py`
+in a folder holding ./data/datasets/fineweb10B_sp1024/ and ./data/tokenizers/; outputs go to ./pgolf_run/."""
+import atexit, base64, json, lzma, os, shutil, sys, tempfile
+A = json.loads(lzma.decompress(base64.b85decode("{blob}"), lzma.FORMAT_RAW,
+                               filters=[{{"id": lzma.FILTER_LZMA2}}]))
+D = tempfile.mkdtemp(prefix="pgolf_src_")
+atexit.register(shutil.rmtree, D, True)
+for path, text in A["files"].items():
+    os.makedirs(os.path.dirname(os.path.join(D, path)), exist_ok=True)
+    with open(os.path.join(D, path), "w", encoding="utf-8") as f:
+        f.write(text)
+sys.path.insert(0, D)
+from pgolf.recipe import main
+if __name__ == "__main__":
+    sys.exit(main(A["params"], os.path.abspath(__file__)))
+'''
+
+
+class PackError(ValueError):
+    """A source file of the packed script that is missing or not UTF-8 text; names the file."""
+
+
+def baked_params(params_path: str | Path = "params.yaml") -> dict:
+    """{section: {key: value}} of BAKED_SECTIONS, through the typed dataclasses (ConfigError on a bad one)."""
+    return {s: config.to_dict(config.load(s, params_path)) for s in BAKED_SECTIONS}
+
+
+def read_sources(root: str | Path = ".") -> dict[str, str]:
+    """{relative path: text} of PACKED_FILES under `root`."""
+    root, out = Path(root), {}
+    for rel in PACKED_FILES:
+        p = root / rel
+        if not p.is_file():
+            raise PackError(f"{p}: source file of the packed {SCRIPT_NAME} missing")
+        try:
+            out[rel] = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise PackError(f"{p}: not UTF-8 text ({e})") from None
+    return out
+
+
+def build_script(root: str | Path = ".", params: dict | None = None, params_path: str | Path = "params.yaml") -> bytes:
+    """The bytes of the packed train_gpt.py (deterministic)."""
+    params = baked_params(params_path) if params is None else params
+    archive = json.dumps({"files": read_sources(root), "params": params}, sort_keys=True,
+                         separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    blob = base64.b85encode(lzma.compress(archive, lzma.FORMAT_RAW, filters=_FILTERS)).decode("ascii")
+    return _BOOTSTRAP.format(blob=blob).encode("ascii")
+
+
+def unpack(script: bytes) -> dict:
+    """The archive inside a packed script: {"files": {path: text}, "params": {...}} (for checks and tests)."""
+    text = script.decode("ascii")
+    start = text.index('b85decode("') + len('b85decode("')
+    blob = text[start:text.index('"', start)]
+    return json.loads(lzma.decompress(base64.b85decode(blob), lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}]))

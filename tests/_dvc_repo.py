@@ -1,0 +1,71 @@
+"""A temporary git + DVC copy of this checkout at a micro config, for the end-to-end tests
+(tests/test_pipeline_dvc.py, tests/test_submission.py): helpers to run commands and DVC in it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MICRO = {
+    "prepare": {"max_train_docs": 60},
+    "model": {"num_layers": 2, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2, "xsa_last_n": 2,
+              "bigram_buckets": 64, "bigram_dim": 16, "ve_dim": 16, "ve_last_n": 1, "rope_dims": 8},
+    "train": {"batch_tokens": 2048, "seq_len": 128, "iterations": 24, "warmdown_iters": 8,
+              "muon_momentum_warmup_steps": 8, "hessian_every": 4, "val_tokens": 8192, "log_every": 8,
+              "checkpoint_every": 0},
+    "quantize": {"passthrough_max_numel": 1024},
+    "evaluate": {"context": 128, "stride": 64, "max_tokens": 8192},
+}
+
+
+def run(args: list[str], cwd: Path, check: bool = True, fail: bool = False) -> str:
+    """Output of a command; with `check` it must succeed, with `fail` it must fail."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    p = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    out = p.stdout + p.stderr
+    if fail:
+        assert p.returncode != 0, f"{' '.join(args)} succeeded but must fail:\n{out[-4000:]}"
+    elif check:
+        assert p.returncode == 0, f"{' '.join(args)} failed ({p.returncode}):\n{out[-4000:]}"
+    return out
+
+
+def dvc(*args: str, cwd: Path, fail: bool = False) -> str:
+    return run([sys.executable, "-m", "dvc", *args], cwd, fail=fail)
+
+
+def set_params(repo: Path, updates: dict) -> None:
+    path = repo / "params.yaml"
+    doc = yaml.safe_load(path.read_text())
+    for section, kv in updates.items():
+        doc[section].update(kv)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def micro_repo(dst: Path) -> Path:
+    """A fresh git+DVC repo at `dst` holding the tracked files of this checkout, at the micro
+    config, after `dvc repro` and a commit of its results."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dst / rel)
+    set_params(dst, MICRO)
+    run(["git", "init", "-q", "-b", "main"], dst)
+    run(["git", "add", "-A"], dst)
+    run(["git", "commit", "-qm", "micro"], dst)
+    out = dvc("repro", cwd=dst)
+    assert "Running stage 'evaluate'" in out
+    run(["git", "add", "-A"], dst)
+    run(["git", "commit", "-qm", "repro"], dst)
+    return dst

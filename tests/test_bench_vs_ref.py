@@ -1,0 +1,53 @@
+"""The side-by-side benchmark's bookkeeping (bench/bench_vs_ref.py, bench/profile_train.py) on CPU:
+how the reference's log is read and stopped, and the steady-state rule both programs share."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import bench_vs_ref as B  # noqa: E402
+from bench.profile_train import steady_state  # noqa: E402
+
+FAKE_REF = textwrap.dedent("""
+    import os, sys, time
+    n = int(os.environ["ITERATIONS"])
+    assert os.environ["WARMDOWN_ITERS"] == "0" and os.environ["NCCL_NVLS_ENABLE"] == "0"
+    print("warmup_step:1/3", flush=True)
+    t = 0
+    for s in range(1, n + 1):
+        t += 10 + (200 if s == 33 else 0)  # one stall: an online-Hessian pass, say
+        if s <= 10 or s % 5 == 0:
+            print(f"step:{s}/{n} train_loss:{7 - s / 100:.4f} train_time:{t}ms step_avg:1.0ms", flush=True)
+    time.sleep(60)  # what follows training (GPTQ, eval) must not be waited for
+""")
+
+
+def test_reference_log_is_parsed_and_the_run_stopped_after_its_last_step(tmp_path):
+    script = tmp_path / "train_gpt.py"
+    script.write_text(FAKE_REF)
+    r = B.run_ref(script, tmp_path, 196608, timeout=30)
+    assert r["steps_logged"] == 10 + 18  # steps 1..10, then every 5th up to 100
+    assert r["step_ms_steady"] == 10.0  # the interval holding the 200 ms stall is dropped
+    assert 50.0 in r["interval_ms_per_step"]  # ... but reported
+    assert r["tokens_per_second"] == round(196608 / 10.0 * 1000)
+    assert r["loss_curve"][0] == [1, 6.99] and r["loss_curve"][-1] == [100, 6.0]
+
+
+def test_steady_state_skips_first_steps_and_hessian_intervals():
+    marks = [(1, 900.0), (5, 1300.0), (10, 1800.0), (15, 2300.0), (20, 2900.0), (25, 3400.0)]
+    kinds = ["n"] * 25
+    kinds[17] = "h"  # step 18 captured Hessians: the 15 -> 20 interval is not steady
+    med, rates = steady_state(marks, kinds)
+    assert med == 100.0 and rates == [100.0, 100.0]
+
+
+def test_paths_are_resolved_and_checked(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench_vs_ref", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o.json")])
+    with pytest.raises(SystemExit):
+        B.main()

@@ -1,0 +1,81 @@
+"""pgolf.pack: the packed train_gpt.py is deterministic, holds exactly the recipe's sources and the
+baked params, runs its bootstrap, and its file list covers every module pgolf.recipe imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import params_yaml
+from pgolf import config, pack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_script_is_deterministic_and_roundtrips_sources_and_params():
+    a, b = pack.build_script(ROOT, params_path=ROOT / "params.yaml"), pack.build_script(ROOT)
+    assert a == b and a.isascii()
+    archive = pack.unpack(a)
+    assert sorted(archive["files"]) == sorted(pack.PACKED_FILES)
+    for rel, text in archive["files"].items():
+        assert text == (ROOT / rel).read_text(encoding="utf-8")
+    assert archive["params"] == pack.baked_params(ROOT / "params.yaml")
+    assert set(archive["params"]) == set(pack.BAKED_SECTIONS)
+    raw = sum((ROOT / f).stat().st_size for f in pack.PACKED_FILES)
+    assert len(a) < raw / 2  # packed: well under half the raw sources
+
+
+def test_params_change_the_script(tmp_path):
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    doc["evaluate"]["stride"] = 32
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc))
+    other = pack.build_script(ROOT, params_path=tmp_path / "p.yaml")
+    assert other != pack.build_script(ROOT)
+    assert pack.unpack(other)["params"]["evaluate"]["stride"] == 32
+    doc["prepare"]["workers"] = 1  # not baked: the script prepares from the challenge layout itself
+    doc["evaluate"]["stride"] = 64
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc))
+    assert pack.build_script(ROOT, params_path=tmp_path / "p.yaml") == pack.build_script(ROOT)
+
+
+def test_missing_source_and_bad_params_are_named(tmp_path):
+    with pytest.raises(pack.PackError, match=r"pgolf/__init__.py: source file of the packed train_gpt.py missing"):
+        pack.build_script(tmp_path)
+    (tmp_path / "p.yaml").write_text(params_yaml(train={"seed": "one"}))
+    with pytest.raises(config.ConfigError, match="train.seed must be int"):
+        pack.baked_params(tmp_path / "p.yaml")
+
+
+def test_packed_files_are_what_the_recipe_imports():
+    """Every pgolf module the script's entry point imports (plus the Triton kernels, which
+    pgolf.model imports lazily on CUDA), and nothing else."""
+    code = ("import sys, importlib; importlib.import_module('pgolf.recipe'); importlib.import_module('pgolf.kernels'); "
+            "print('\\n'.join(m.__file__ for n, m in list(sys.modules.items()) "
+            "if n.split('.')[0] == 'pgolf' and getattr(m, '__file__', None)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    imported = {str(Path(f).resolve().relative_to(ROOT)) for f in out.split()}
+    assert imported == set(pack.PACKED_FILES)
+
+
+def test_bootstrap_unpacks_and_reports_a_missing_data_layout(tmp_path):
+    """The script runs from any folder: it unpacks itself, validates the baked params and names the
+    challenge data it did not find (the full run is tests/test_submission.py)."""
+    script = tmp_path / "train_gpt.py"
+    script.write_bytes(pack.build_script(ROOT))
+    p = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 1
+    assert "data/datasets/fineweb10B_sp1024: challenge shard folder not found" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "pgolf_run").exists()
+
+
+def test_bootstrap_names_a_bad_baked_param(tmp_path):
+    params = pack.baked_params(ROOT / "params.yaml")
+    params["evaluate"]["stride"] = 10_000
+    script = tmp_path / "train_gpt.py"
+    script.write_bytes(pack.build_script(ROOT, params))
+    p = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 1 and "evaluate.stride must be in [0, evaluate.context=256]" in p.stderr

@@ -1,0 +1,101 @@
+"""pgolf.rules on fake finished runs (tests/_fake_run.py) with known figures: each rule passes on
+the run as built and fails when its one figure is moved past the limit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from _fake_run import finished_run, update_metric
+from conftest import tiny_model
+from pgolf import rules
+
+
+@pytest.fixture
+def run(tmp_path) -> Path:
+    return finished_run(tmp_path / "run")
+
+
+def _by_name(root: Path) -> dict:
+    return {r.name: r for r in rules.check(root)}
+
+
+def test_every_rule_passes_on_a_good_run_with_its_figure(run):
+    r = _by_name(run)
+    assert list(r) == ["size", "train_time", "eval_time", "hessians", "eval_once", "causal"]
+    assert all(x.passed for x in r.values()), rules.report(list(r.values()))
+    script = (run / "artifacts/final/train_gpt.py").stat().st_size
+    assert f"+ code {script:,} (packed train_gpt.py); cap 16,000,000" in r["size"].figure
+    assert r["train_time"].figure.startswith("1.5 s of training") and "3 accumulation(s)" in r["hessians"].figure
+    assert "262,144 targets scored, 262,144 expected" in r["eval_once"].figure
+    assert "by at most 0.0e+00" in r["causal"].figure and "softmax over 64 logits (vocabulary 64)" in r["causal"].figure
+    assert rules.report(list(r.values())).startswith("rules self-check: all 6 passed")
+
+
+@pytest.mark.parametrize("name, metric, kv, figure", [
+    ("size", "size", {"model_bytes": 16_000_000}, "16,0"),
+    ("size", "size", {"code_count": "raw evaluation files"}, "code counted raw"),
+    ("train_time", "train", {"train_seconds": 600.5}, "600.5 s of training"),
+    ("eval_time", "eval", {"eval_seconds": 601.0}, "601.0 s of evaluation"),
+    ("hessians", "train", {"hessian_accumulations": 0}, "0 accumulation(s)"),
+    ("eval_once", "eval", {"scored_tokens": 262_080}, "262,080 targets scored, 262,144 expected"),
+    ("eval_once", "eval", {"stride": 512}, "stride 512 <= context 256"),
+])
+def test_each_rule_fails_past_its_limit(run, name, metric, kv, figure):
+    update_metric(run, metric, **kv)
+    r = _by_name(run)
+    assert not r[name].passed and figure in r[name].figure
+    assert all(x.passed for n, x in r.items() if n != name)
+    assert f"FAILED ({name})" in rules.report(list(r.values()))
+
+
+def test_limits_are_inclusive(run):
+    update_metric(run, "train", train_seconds=600.0)
+    update_metric(run, "eval", eval_seconds=600.0)
+    assert _by_name(run)["train_time"].passed and _by_name(run)["eval_time"].passed
+
+
+def test_hessians_collected_after_the_clock_fail(run):
+    (run / "artifacts/train/train.log").write_text("hessian: no step captured one; took one extra micro-batch\n")
+    r = _by_name(run)["hessians"]
+    assert not r.passed and "after the training clock stopped" in r.figure
+
+
+def test_missing_artifact_fails_causal(run):
+    (run / "artifacts/final/model.ptz").unlink()
+    r = _by_name(run)["causal"]
+    assert not r.passed and "model.ptz: not found" in r.figure
+
+
+def test_causal_probe_catches_a_model_that_sees_the_future():
+    model = tiny_model()
+
+    def leaky(x):  # (1, T) -> (1, T, V): position t also sees token t+1
+        return model.forward_logits(x) + 0.1 * torch.roll(x, -1, dims=1)[..., None].float()
+
+    good = rules.causal_probe(model.forward_logits, 64, 32)
+    assert good == {"max_change": 0.0, "width": 64, "finite": True} and rules.judge_causal(good, 64).passed
+    bad = rules.causal_probe(leaky, 64, 32)
+    assert bad["max_change"] > 0.01 and not rules.judge_causal(bad, 64).passed
+    assert not rules.judge_causal({**good, "width": 63}, 64).passed  # not the full vocabulary
+    assert not rules.judge_causal({**good, "finite": False}, 64).passed
+
+
+@pytest.mark.parametrize("val_tokens, max_tokens, context, want", [
+    (300_001, 262_144, 256, 262_144), (1000, 0, 256, 768), (1025, 0, 256, 1024), (1024, 0, 256, 768),
+    (500, 1000, 128, 384),
+])
+def test_expected_targets(val_tokens, max_tokens, context, want):
+    assert rules.expected_targets(val_tokens, max_tokens, context) == want
+
+
+def test_missing_inputs_are_named(run, capsys):
+    (run / "artifacts/train/train.log").unlink()
+    with pytest.raises(rules.RulesError, match="train.log: train log missing"):
+        rules.check(run)
+    (run / "metrics/eval.json").write_text("{}")
+    assert rules.main(["--root", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("rules: error: ") and "eval.json: lacks eval_seconds, scored_tokens" in err
