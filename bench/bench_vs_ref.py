@@ -56,34 +56,41 @@ def steps_for(batch: int) -> int:
     return STEPS.get(batch, 100)
 
 
+def stream(cmd: list[str], cwd, env: dict, timeout: float, on_line=None) -> tuple[list[str], float | None]:
+    """Run `cmd`, reading its output line by line until it ends, `on_line(line)` returns True or
+    `timeout` seconds pass; then kill it. -> (lines, seconds from start to its first step line)."""
+    t0, first, lines = time.perf_counter(), None, []
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if first is None and FIRST_STEP.match(line):
+                first = time.perf_counter() - t0
+            if (on_line is not None and on_line(line)) or time.perf_counter() - t0 > timeout:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    return lines, first
+
+
 def run_ref(script: Path, data: Path, batch: int, timeout: float) -> dict:
     """The unmodified record script on one GPU; stopped once its last training step is logged."""
     env = {**os.environ, **SAFE_ENV, "DATA_PATH": str(data), "TOKENIZER_PATH": str(SP_MODEL),
            "TRAIN_BATCH_TOKENS": str(batch), "ITERATIONS": str(steps_for(batch)), "WARMDOWN_ITERS": "0",
            "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_LOG_EVERY": str(LOG_EVERY), "VAL_LOSS_EVERY": "0",
            "WARMUP_STEPS": "3", "SEED": "1337", "RUN_ID": f"bench{batch}"}
-    marks, losses, first, lines = [], [], None, []
-    t0 = time.perf_counter()
+    marks, losses = [], []
+
+    def on_line(line: str) -> bool:
+        m = REF_STEP.match(line)
+        if m:
+            marks.append((int(m.group(1)), float(m.group(4))))
+            losses.append([int(m.group(1)), float(m.group(3))])
+        return bool(m) and int(m.group(1)) >= steps_for(batch)
+
     with tempfile.TemporaryDirectory() as cwd:
-        proc = subprocess.Popen([sys.executable, str(script)], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        try:
-            for line in proc.stdout:
-                lines.append(line.rstrip())
-                if first is None and FIRST_STEP.match(line):
-                    first = time.perf_counter() - t0
-                m = REF_STEP.match(line)
-                if m:
-                    step = int(m.group(1))
-                    marks.append((step, float(m.group(4))))
-                    losses.append([step, float(m.group(3))])
-                    if step >= steps_for(batch):
-                        break
-                if time.perf_counter() - t0 > timeout:
-                    break
-        finally:
-            proc.kill()
-            proc.wait()
+        lines, first = stream([sys.executable, str(script)], cwd, env, timeout, on_line)
     med, rates = ref_steady(marks)
     return {"program": "reference", "batch_tokens": batch, "step_ms_steady": round(med, 2),
             "interval_ms_per_step": rates, "tokens_per_second": round(batch / med * 1000.0) if rates else None,
@@ -97,23 +104,12 @@ def run_pgolf(batch: int, timeout: float, data: Path, out: Path, extra: list[str
            "--log-every", str(LOG_EVERY), "--data", str(data), "--out", str(out), *extra]
     if trace_dir:
         cmd += ["--trace-dir", trace_dir]
-    t0, first, lines = time.perf_counter(), None, []
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **SAFE_ENV}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            if first is None and FIRST_STEP.match(line):
-                first = time.perf_counter() - t0
-            if time.perf_counter() - t0 > timeout:
-                break
-    finally:
-        proc.kill()
-        proc.wait()
+    lines, first = stream(cmd, REPO, {**os.environ, **SAFE_ENV}, timeout)
     if not out.is_file():
         return {"program": "pgolf", "batch_tokens": batch, "error": "no result", "log_tail": lines[-8:]}
     res = json.loads(out.read_text())["results"][0]
-    res.update(program="pgolf", variant=" ".join(extra) or "default", seconds_to_first_step_outside=round(first, 1))
+    res.update(program="pgolf", variant=" ".join(extra) or "default",
+               seconds_to_first_step_outside=round(first, 1) if first else None)
     return res
 
 
