@@ -29,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pgolf.config import ModelConfig
 from pgolf.int6 import fake_quant_values, qmax_for
+from pgolf.tokenizer import BOS_ID
 
 try:  # FlashAttention-3 (Hopper); optional, SDPA otherwise (spec §11)
     from flash_attn_interface import flash_attn_func as _fa3_func
@@ -55,8 +56,10 @@ def validate_config(cfg: ModelConfig) -> None:
     positive = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                 "bigram_dim", "ve_dim")
     for name in positive:
-        if getattr(cfg, name) <= 0:
+        if not getattr(cfg, name) > 0:  # also rejects NaN
             raise ValueError(f"model.{name} must be positive, got {getattr(cfg, name)}")
+    if not math.isfinite(cfg.mlp_mult) or mlp_hidden(cfg) < 1:
+        raise ValueError(f"model.mlp_mult * model.model_dim must round to a width >= 1, got {cfg.mlp_mult}")
     if cfg.vocab_size > 65536:
         raise ValueError(f"model.vocab_size must be <= 65536 (uint16 shards), got {cfg.vocab_size}")
     if cfg.bigram_buckets < 2:
@@ -76,14 +79,24 @@ def validate_config(cfg: ModelConfig) -> None:
         raise ValueError("model.rope_dims must not be 2 (the NTK exponent rope_dims/(rope_dims-2) is undefined)")
     if cfg.rope_base <= 0:
         raise ValueError(f"model.rope_base must be positive, got {cfg.rope_base}")
-    if cfg.logit_softcap <= 0:
-        raise ValueError(f"model.logit_softcap must be positive, got {cfg.logit_softcap}")
+    for name in ("logit_softcap", "logit_softcap_neg", "attn_gate_scale"):
+        if not 0 < getattr(cfg, name) < math.inf:
+            raise ValueError(f"model.{name} must be positive and finite, got {getattr(cfg, name)}")
+    if not 0 <= cfg.attn_gate_window <= cfg.model_dim:
+        raise ValueError(f"model.attn_gate_window must be in [0, model.model_dim={cfg.model_dim}], "
+                         f"got {cfg.attn_gate_window}")
     if cfg.leaky_slope < 0:
         raise ValueError(f"model.leaky_slope must be >= 0, got {cfg.leaky_slope}")
     if cfg.residual_dtype not in RESIDUAL_DTYPES:
         raise ValueError(f"model.residual_dtype must be one of {sorted(RESIDUAL_DTYPES)}, got {cfg.residual_dtype!r}")
     if cfg.attn_backend not in ATTN_BACKENDS:
         raise ValueError(f"model.attn_backend must be one of {sorted(ATTN_BACKENDS)}, got {cfg.attn_backend!r}")
+
+
+def mlp_hidden(cfg: ModelConfig) -> int:
+    """MLP hidden width: mlp_mult * model_dim rounded half up to an integer (4.0 * 512 -> 2048,
+    2.999 * 128 = 383.87 -> 384); the fused kernel and GPTQ take any width >= 1."""
+    return int(math.floor(cfg.mlp_mult * cfg.model_dim + 0.5))
 
 
 # ----------------------------------------------------------------------------- small pieces
@@ -129,16 +142,26 @@ class BigramHash(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """out_t = (1 - g) * e_t + g * e_{t-1}, g = sigmoid(gate), e_{-1} = 0 (spec §3.6)."""
+    """out_t = (1 - g) * e_t + g * e_{t-1}, g = sigmoid(gate), e_{-1} = 0 (spec §3.6).
 
-    def __init__(self, dim: int):
+    With `bos_id` set (model.smear_bos_mask) g is 0 wherever ids_t == bos_id: a BOS keeps its own
+    embedding, so the last token of one document never reaches the next one through the smear
+    (the records' fix, PR #1851: mask the position whose current token is BOS)."""
+
+    def __init__(self, dim: int, bos_id: int | None = None):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim))
+        self.bos_id = bos_id
 
-    def forward(self, e: torch.Tensor) -> torch.Tensor:
+    def forward(self, e: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """e (B, T, D), ids (B, T) (needed only with a BOS mask) -> (B, T, D)."""
         g = torch.sigmoid(self.gate).to(e.dtype)  # (D,)
         prev = F.pad(e[:, :-1], (0, 0, 1, 0))  # (B, T, D): shifted right, zero at t=0
-        return (1 - g) * e + g * prev
+        if self.bos_id is None:
+            return (1 - g) * e + g * prev
+        keep = (ids != self.bos_id).unsqueeze(-1).to(e.dtype)  # (B, T, 1): 0 at a BOS
+        gt = g * keep  # (B, T, D)
+        return (1 - gt) * e + gt * prev
 
 
 class ValueEmbedding(nn.Module):
@@ -205,6 +228,14 @@ def xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return yg.reshape(B, T, H, hd)
 
 
+def softcap(z: torch.Tensor, cap_pos: float, cap_neg: float) -> torch.Tensor:
+    """c * tanh(z / c) with c = cap_pos for z >= 0 and cap_neg for z < 0 (asymmetric, PR #1923);
+    one tanh when the caps are equal (the seeds' symmetric cap)."""
+    if cap_pos == cap_neg:
+        return cap_pos * torch.tanh(z / cap_pos)
+    return torch.where(z >= 0, cap_pos * torch.tanh(z / cap_pos), cap_neg * torch.tanh(z / cap_neg))
+
+
 def accumulate_gram(hessians: dict[str, torch.Tensor], names: tuple[str, ...], x: torch.Tensor) -> None:
     """hessians[name] += x^T x in fp32 for each name; x (..., n) flattened to (M, n)."""
     with torch.autocast(device_type=x.device.type, enabled=False):
@@ -229,6 +260,18 @@ class CausalSelfAttention(nn.Module):
         self.backend = ATTN_BACKENDS[cfg.attn_backend]
         self.use_fa3 = HAS_FA3 and self.backend is None
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), float(cfg.qk_gain_init)))
+        self.gate_window = cfg.attn_gate_window
+        self.gate_scale = cfg.attn_gate_scale
+        if self.gate_window > 0:  # sparse output gate (PR #1787): zero init, sigmoid(0) = 1/2
+            self.gate_w = nn.Parameter(torch.zeros(cfg.num_heads, self.gate_window))
+        else:
+            self.gate_w = None
+
+    def output_gate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y_{t,h} * sigmoid(scale * gate_w[h] . x_t[:window]); x (B, T, D), y (B, T, H, hd)."""
+        z = F.linear(x[..., :self.gate_window], self.gate_w.to(x.dtype))  # (B, T, H)
+        g = torch.sigmoid(self.gate_scale * z).to(y.dtype)  # (B, T, H)
+        return y * g[..., None]
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention, q (B, T, H, hd), k/v (B, T, Hkv, hd) -> (B, T, H, hd)."""
@@ -266,6 +309,8 @@ class CausalSelfAttention(nn.Module):
         y = self._attend(q, k, v)  # (B, T, H, hd)
         if self.use_xsa:
             y = xsa(y, v.to(y.dtype))
+        if self.gate_w is not None:
+            y = self.output_gate(x, y)  # (B, T, H, hd)
         y = y.reshape(B, T, self.num_heads * hd)  # (B, T, D)
         if hessians is not None:
             accumulate_gram(hessians, (f"{prefix}.attn.proj.weight",), y)
@@ -342,7 +387,7 @@ class GPT(nn.Module):
         L, D = cfg.num_layers, cfg.model_dim
         self.head_dim = D // cfg.num_heads
         self.kv_dim = cfg.num_kv_heads * self.head_dim
-        self.hidden = cfg.mlp_mult * D
+        self.hidden = mlp_hidden(cfg)
         self.num_encoder = L // 2
         self.num_decoder = L - L // 2
         self.xsa_start = L - cfg.xsa_last_n
@@ -351,7 +396,7 @@ class GPT(nn.Module):
 
         self.tok_emb = nn.Embedding(cfg.vocab_size, D)
         self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, D, cfg.bigram_proj_gain)
-        self.smear = SmearGate(D)
+        self.smear = SmearGate(D, BOS_ID if cfg.smear_bos_mask else None)
         self.rotary = Rotary(cfg.rope_dims, cfg.rope_base, train_seq_len)
         if cfg.ve_last_n > 0:
             self.ve_shared = ValueEmbedding(cfg.vocab_size, cfg.ve_dim, self.kv_dim)
@@ -386,6 +431,9 @@ class GPT(nn.Module):
                 nn.init.orthogonal_(self.mlp_up_bank[i])
             self.qo_bank[L:].zero_()
             self.mlp_down_bank.zero_()
+            for block in self.blocks:
+                if block.attn.gate_w is not None:
+                    block.attn.gate_w.zero_()
 
     @property
     def use_fused_mlp(self) -> bool:
@@ -452,7 +500,7 @@ class GPT(nn.Module):
         T = idx.size(1)
         qo, kv, up, down = self._banks()
         e = self.tok_emb(idx) + self.bigram(idx)  # (B, T, D) fp32 (the tables are fp32)
-        x0 = self.smear(rms_norm(e))  # (B, T, D)
+        x0 = self.smear(rms_norm(e), idx)  # (B, T, D)
         if self.cfg.residual_dtype == "bf16":  # the whole residual stream in the autocast dtype
             x0 = x0.to(_autocast_dtype(x0))
         cos, sin = self.rotary(T, idx.device)  # (T, rd/2) each
@@ -476,9 +524,8 @@ class GPT(nn.Module):
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., D) -> softcapped tied-head logits (..., V); lets callers score only some rows."""
-        c = self.cfg.logit_softcap
         logits = F.linear(h, self.tok_emb.weight)  # (B, T, V), tied head
-        return c * torch.tanh(logits / c)
+        return softcap(logits, self.cfg.logit_softcap, self.cfg.logit_softcap_neg)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor,
                 hessians: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from pgolf.config import ModelConfig
 from pgolf.int6 import fake_quant
-from pgolf.model import GPT, Rotary, bigram_hash, count_params, validate_config, xsa
+from pgolf.model import GPT, Rotary, SmearGate, bigram_hash, count_params, mlp_hidden, softcap, validate_config, xsa
+from pgolf.tokenizer import BOS_ID
 
 TINY = ModelConfig(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=3,
                    xsa_last_n=2, bigram_buckets=31, bigram_dim=8, ve_dim=8, ve_last_n=1, rope_dims=4)
@@ -71,6 +72,14 @@ def test_record_inventory_shapes():
     (dict(bigram_buckets=1), "model.bigram_buckets"),
     (dict(residual_dtype="fp16"), "model.residual_dtype"),
     (dict(attn_backend="flex"), "model.attn_backend"),
+    (dict(mlp_mult=0.0), "model.mlp_mult"),
+    (dict(mlp_mult=float("nan")), "model.mlp_mult"),
+    (dict(mlp_mult=0.0009), "model.mlp_mult"),  # 0.46 rounds to width 0
+    (dict(logit_softcap_neg=0.0), "model.logit_softcap_neg"),
+    (dict(logit_softcap=float("inf")), "model.logit_softcap"),
+    (dict(attn_gate_window=513), "model.attn_gate_window"),
+    (dict(attn_gate_window=-1), "model.attn_gate_window"),
+    (dict(attn_gate_scale=0.0), "model.attn_gate_scale"),
 ])
 def test_config_errors_name_the_field(change, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -453,3 +462,126 @@ def test_fused_mlp_path_matches_eager_on_cuda():
         m.use_fused_mlp = True
         got = m(x, y)
     torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
+
+
+# ----------------------------------------------------------------------------- the records' knobs
+
+
+def two_docs(seed=0, T=10, D=16, cut=5):
+    """ids (1, T) = [BOS, 4 tokens, BOS, 4 tokens] and embeddings e (1, T, D)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 64, (1, T), generator=g)
+    ids[0, 0] = ids[0, cut] = BOS_ID
+    return ids, torch.randn(1, T, D, generator=g)
+
+
+def test_smear_bos_mask_keeps_the_second_document_independent_of_the_first():
+    torch.manual_seed(0)
+    masked, plain = SmearGate(16, bos_id=BOS_ID), SmearGate(16)
+    with torch.no_grad():
+        masked.gate.normal_()
+        plain.gate.copy_(masked.gate)
+    ids, e = two_docs()
+    ids2, e2 = ids.clone(), e.clone()
+    ids2[0, 1:5] = torch.tensor([7, 8, 9, 10])  # another first document, same second one
+    e2[0, :5] = torch.randn(5, 16)
+    out, out2 = masked(e, ids), masked(e2, ids2)
+    assert torch.equal(out[0, 5:], out2[0, 5:])  # the second document never sees the first
+    assert not torch.equal(plain(e, ids)[0, 5:], plain(e2, ids2)[0, 5:])  # the seeds' gate leaks at BOS
+    g = torch.sigmoid(masked.gate)  # hand reference: BOS keeps its embedding, others mix
+    want = (1 - g) * e + g * F.pad(e[:, :-1], (0, 0, 1, 0))
+    want[0, [0, 5]] = e[0, [0, 5]]
+    torch.testing.assert_close(out, want)
+
+
+def test_smear_bos_mask_in_the_model_changes_only_bos_positions():
+    cfg = dataclasses.replace(TINY, smear_bos_mask=True)
+    m, ref = make_tiny(cfg=cfg), make_tiny(cfg=TINY)
+    assert count_params(cfg) == count_params(TINY)
+    x, y = batch()
+    x[x == BOS_ID] = 2  # no BOS: identical to the unmasked model
+    assert torch.equal(m(x, y), ref(x, y))
+    x[:, 6] = BOS_ID
+    with torch.no_grad():
+        a, b = m.forward_logits(x), ref.forward_logits(x)
+    torch.testing.assert_close(a[:, :6], b[:, :6], rtol=0, atol=0)  # causal: before the BOS unchanged
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+
+
+def test_asymmetric_softcap_matches_hand_reference():
+    z = torch.linspace(-400, 400, 1001)
+    got = softcap(z, 30.0, 10.0)
+    want = torch.tensor([30.0 * math.tanh(v / 30.0) if v >= 0 else 10.0 * math.tanh(v / 10.0) for v in z.tolist()])
+    torch.testing.assert_close(got, want)
+    assert got.min() >= -10.0 and got.max() <= 30.0 and got.min() < -9.99
+    assert torch.equal(softcap(z, 30.0, 30.0), 30.0 * torch.tanh(z / 30.0))  # the seeds' formula exactly
+    cfg = dataclasses.replace(TINY, logit_softcap=20.0, logit_softcap_neg=5.0)
+    m = make_tiny(cfg=cfg)
+    with torch.no_grad():
+        m.tok_emb.weight.mul_(400.0)
+        x, _ = batch()
+        raw = m.forward_hidden(x) @ m.tok_emb.weight.T
+        torch.testing.assert_close(m.forward_logits(x), softcap(raw, 20.0, 5.0))
+    assert count_params(cfg) == count_params(TINY)
+
+
+def test_sparse_attention_gate_matches_hand_reference():
+    cfg = dataclasses.replace(TINY, attn_gate_window=5, attn_gate_scale=0.5)
+    m = make_tiny(cfg=cfg)
+    attn = m.blocks[1].attn
+    assert attn.gate_w.shape == (4, 5)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(2, 7, 32, generator=g), torch.randn(2, 7, 4, 8, generator=g)
+    want = y.clone()
+    for b in range(2):
+        for t in range(7):
+            for h in range(4):
+                z = float(attn.gate_w[h].detach() @ x[b, t, :5])
+                want[b, t, h] *= 1.0 / (1.0 + math.exp(-0.5 * z))
+    torch.testing.assert_close(attn.output_gate(x, y), want)
+    # zero gate weights halve every head: the same model as no gate with half the O matrices
+    torch.manual_seed(0)
+    zero, plain = GPT(cfg), GPT(TINY)
+    assert all(b.attn.gate_w.abs().max() == 0 for b in zero.blocks)
+    proj = {k: v for k, v in m.export_state_dict().items() if k.endswith("attn.proj.weight")}
+    zero.load_export_state_dict(dict(zero.export_state_dict(), **proj))
+    rest = {k: v for k, v in zero.export_state_dict().items() if ".gate_w" not in k}
+    plain.load_export_state_dict(dict(rest, **{k: 0.5 * v for k, v in proj.items()}))
+    xb, yb = batch()
+    torch.testing.assert_close(zero(xb, yb), plain(xb, yb))
+
+
+def test_sparse_attention_gate_params_groups_and_export():
+    cfg = dataclasses.replace(ModelConfig(), attn_gate_window=12)
+    assert count_params(cfg) - count_params(ModelConfig()) == 11 * 8 * 12  # 1,056 (records: ~1K)
+    m = make_tiny(cfg=dataclasses.replace(TINY, attn_gate_window=4))
+    scalar_ids = {id(p) for p in m.optimizer_groups()["scalar"]}
+    assert all(id(b.attn.gate_w) in scalar_ids for b in m.blocks)  # AdamW scalar group, as the records
+    sd = m.export_state_dict()
+    assert sd["blocks.2.attn.gate_w"].shape == (4, 4)
+    other = GPT(dataclasses.replace(TINY, attn_gate_window=4))
+    other.load_export_state_dict(sd)
+    x, y = batch()
+    assert torch.equal(m(x, y), other(x, y))
+
+
+@pytest.mark.parametrize("mult,dim,hidden", [(3.0, 512, 1536), (4.0, 512, 2048), (2.999, 128, 384),
+                                             (2.515625, 32, 81), (3.03125, 32, 97), (0.5, 2, 1)])
+def test_mlp_hidden_rounds_half_up(mult, dim, hidden):
+    assert mlp_hidden(ModelConfig(model_dim=dim, num_heads=1, num_kv_heads=1, mlp_mult=mult)) == hidden
+
+
+def test_odd_mlp_width_builds_trains_and_exports():
+    cfg = dataclasses.replace(TINY, mlp_mult=3.03125)  # hidden 97
+    m = make_tiny(cfg=cfg)
+    assert m.mlp_up_bank.shape == (3, 97, 32) and m.hessian_shapes()["blocks.0.mlp.proj.weight"] == 97
+    assert count_params(cfg) - count_params(TINY) == 2 * TINY.num_layers * 32  # one more row + column
+    assert count_params(dataclasses.replace(ModelConfig(), mlp_mult=4.0)) - count_params(ModelConfig()) == 11 * 2 * 512 * 512
+    x, y = batch()
+    hs = m.zero_hessians()
+    loss = m(x, y, hessians=hs)
+    loss.backward()
+    assert m.mlp_down_bank.grad.shape == (3, 32, 97) and hs["blocks.1.mlp.proj.weight"].shape == (97, 97)
+    other = GPT(cfg)
+    other.load_export_state_dict(m.export_state_dict())
+    assert torch.equal(other(x, y), m(x, y))
