@@ -7,7 +7,8 @@ the train stage:
   wallclock-based (§4.5: W = warmdown_iters * mean step ms, remaining R = cap - elapsed,
   scale = R/W once R <= W, so it reaches 0 at the cap), or step-based over the last
   `warmdown_iters` of `iterations` when `max_wallclock_seconds` is 0. Muon momentum ramps
-  linearly from `muon_momentum_warmup_start` to `muon_momentum` over its warmup steps.
+  linearly from `muon_momentum_warmup_start` to `muon_momentum` over its warmup steps. The
+  optimizers get `lr_multiplier` = max(scale, `min_lr`); the logged lr_scale is that multiplier.
 * a step: `grad_accum_steps` micro-batches (bf16 autocast + torch.compile on CUDA, fp32 eager on
   CPU), clip by the global grad norm, Muon + AdamW
   (pgolf.optim), then the EMA update. Nothing in a step waits for the device: step times come
@@ -57,7 +58,7 @@ from pgolf.data import (DistributedTokenLoader, list_shards, load_byte_tables,
                         read_shard, read_shard_header, read_tokenizer_meta)
 from pgolf.io import atomic_write_text, staged_dir, write_json
 from pgolf.model import GPT, QAT_BITS, validate_config
-from pgolf.optim import build_optimizers
+from pgolf.optim import build_optimizers, ns_coefficients
 
 CHECKPOINT_FILE = "train_state.pgt"
 CHECKPOINT_KIND = "train_checkpoint"
@@ -121,7 +122,11 @@ def validate(cfg: TrainConfig, mcfg: ModelConfig) -> None:
     for key in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             bad(key, "must be in [0, 1)")
-    for key in ("swa_threshold", "late_qat_threshold"):
+    try:
+        ns_coefficients(cfg.muon_ns_coeffs, cfg.muon_ns_steps)
+    except ValueError as e:
+        raise ConfigError(f"params.yaml: {e}") from None
+    for key in ("swa_threshold", "late_qat_threshold", "min_lr"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             bad(key, "must be in [0, 1]")
     if not cfg.hessian_start_scale >= 0:  # > 1: capture from the first step (the scale is <= 1)
@@ -172,6 +177,12 @@ def lr_scale(step: int, elapsed_ms: float, cfg: TrainConfig) -> float:
     warmdown_ms = cfg.warmdown_iters * step_ms
     remaining_ms = max(cfg.max_wallclock_seconds * 1000.0 - elapsed_ms, 0.0)
     return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+
+def lr_multiplier(scale: float, cfg: TrainConfig) -> float:
+    """The lr multiplier the optimizers get: the warmdown scale floored at `train.min_lr` (the
+    records' MIN_LR). Late QAT, SWA and the Hessian window keep reading the unfloored scale."""
+    return max(scale, cfg.min_lr)
 
 
 def muon_momentum_at(step: int, cfg: TrainConfig) -> float:
@@ -722,7 +733,7 @@ class Trainer:
                 self.log(f"late_qat: enabled at step {step} (lr scale {scale:.4f})")
             capture = self.hess.due(step, scale, force=self._force_hessian())
             self.timer.start()
-            loss = self._step(step, scale, self.hess.sums if capture else None)
+            loss = self._step(step, lr_multiplier(scale, cfg), self.hess.sums if capture else None)
             if capture:
                 self.hess.record(self.local_tokens)
             self.timer.stop()  # no sync: the host queues the next step while the device works
@@ -735,7 +746,7 @@ class Trainer:
                 self.stopped_by = "wallclock"
             last = self.step == cfg.iterations or self.stopped_by == "wallclock"
             if self.step == 1 or last or (cfg.log_every > 0 and self.step % cfg.log_every == 0):
-                self._log_step(loss, scale)
+                self._log_step(loss, lr_multiplier(scale, cfg))
             if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0 and not last:
                 self._sync()
                 self.clock.pause()

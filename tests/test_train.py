@@ -109,6 +109,28 @@ def test_lr_scale_wallclock_matches_hand_numbers(tmp_path):
     assert T.lr_scale(120, 12000.0, cfg) == 0.0  # past the cap
 
 
+def test_min_lr_floors_the_lr_multiplier_only(tmp_path):
+    cfg = tcfg(tmp_path, iterations=10, warmdown_iters=4, max_wallclock_seconds=0.0, min_lr=0.4)
+    scales = [T.lr_scale(s, 0.0, cfg) for s in range(10)]
+    assert scales == [1.0] * 7 + [0.75, 0.5, 0.25]  # the schedule itself is unchanged
+    assert [T.lr_multiplier(v, cfg) for v in scales] == [1.0] * 7 + [0.75, 0.5, 0.4]
+    zero = dataclasses.replace(cfg, min_lr=0.0)
+    assert [T.lr_multiplier(v, zero) for v in scales] == scales  # the default: today's schedule
+
+
+def test_min_lr_reaches_the_optimizers_and_late_qat_still_reads_the_scale(data_root, tmp_path):
+    lrs = {}
+
+    def watch(tr):
+        lrs[tr.step] = tr.opt.muon.param_groups[0]["lr"]
+
+    # scale = (12 - s)/8 for s >= 4; floored at 0.5 -> lr 0.025 * [1]*4 + [1, .875, .75, .625, .5, .5, .5, .5]
+    r = run(data_root, tmp_path, on_step=watch, iterations=12, warmdown_iters=8, late_qat_threshold=0.3, min_lr=0.5)
+    want = [1.0] * 5 + [0.875, 0.75, 0.625, 0.5, 0.5, 0.5, 0.5]
+    assert [lrs[s] for s in range(1, 13)] == pytest.approx([0.025 * w for w in want])
+    assert r.metrics["qat_start_step"] == 10  # 2/8 < 0.3 although the lr stays at 0.5
+
+
 def test_muon_momentum_ramp(tmp_path):
     cfg = tcfg(tmp_path, muon_momentum_warmup_start=0.92, muon_momentum=0.99, muon_momentum_warmup_steps=50)
     assert T.muon_momentum_at(0, cfg) == pytest.approx(0.92)
@@ -459,6 +481,9 @@ def _old_outputs(tmp: Path, p: T.Paths) -> dict[Path, bytes]:
     ({"iterations": 0}, ConfigError, "train.iterations"),
     ({"adam_eps": 0.0}, ConfigError, "train.adam_eps"),
     ({"device": "tpu"}, ConfigError, "train.device"),
+    ({"min_lr": 1.5}, ConfigError, r"train.min_lr must be in \[0, 1\]"),
+    ({"muon_ns_coeffs": "cubic"}, ConfigError, "train.muon_ns_coeffs must be one of"),
+    ({"muon_ns_coeffs": "polar_express", "muon_ns_steps": 6}, ConfigError, "train.muon_ns_steps must be <= 5"),
 ])
 def test_bad_train_params_fail_before_touching_outputs(data_root, tmp_path, kw, err, msg):
     p = paths(data_root, tmp_path)
