@@ -15,6 +15,10 @@ Q(w), the gradient lands unchanged on w) at the cost of one fake-quantisation pe
 one per micro-batch, and switching it on never recompiles a `torch.compile`d model.
 When `forward` gets a `hessians` dict it adds x^T x (fp32) of every quantizable matrix's input
 into it in place (spec §6.5).
+
+Knobs of the later records, each off / at the seeds' value by default: `smear_bos_mask` (no
+SmearGate mix at a BOS), `logit_softcap_neg` (asymmetric softcap), `attn_gate_window` /
+`attn_gate_scale` (sparse per-head attention output gate), a real `mlp_mult` (`mlp_hidden`).
 """
 
 from __future__ import annotations
