@@ -60,6 +60,8 @@ class ModelConfig:
     smear_bos_mask: bool = False  # SmearGate: no previous-token mix at a BOS (records #1851/#1855)
     attn_gate_window: int = 0  # sparse attention output gate on the first N input dims (0 = off; records: 12)
     attn_gate_scale: float = 1.0  # its pre-sigmoid scale (records: #1787 1.0, #1855 0.5)
+    parallel_start_layer: int = 0  # decoder layers from here run attention and MLP on two lanes (0 = off; records: 8)
+    parallel_final_lane: str = "mean"  # the decoder output with two lanes: mean | attn | mlp
     tied_embed_init_std: float = 0.005
     residual_dtype: str = "fp32"  # fp32 | bf16: the residual stream / embeddings under autocast (CUDA)
     attn_backend: str = "auto"  # auto (FA3 if importable, else SDPA's choice) | flash | cudnn | efficient

@@ -18,7 +18,8 @@ into it in place (spec §6.5).
 
 Knobs of the later records, each off / at the seeds' value by default: `smear_bos_mask` (no
 SmearGate mix at a BOS), `logit_softcap_neg` (asymmetric softcap), `attn_gate_window` /
-`attn_gate_scale` (sparse per-head attention output gate), a real `mlp_mult` (`mlp_hidden`).
+`attn_gate_scale` (sparse per-head attention output gate), a real `mlp_mult` (`mlp_hidden`),
+`parallel_start_layer` / `parallel_final_lane` (two residual lanes in the decoder).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ BIGRAM_MUL_CUR = 36313
 BIGRAM_MUL_PREV = 27191
 MATRIX_KINDS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")
 RESIDUAL_DTYPES = ("fp32", "bf16")
+PARALLEL_FINAL_LANES = ("mean", "attn", "mlp")
+PARALLEL_RESID_INIT = 1.1  # the records' init of the lanes' self-weights (post weights start at 1)
 ATTN_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -91,6 +94,12 @@ def validate_config(cfg: ModelConfig) -> None:
                          f"got {cfg.attn_gate_window}")
     if cfg.leaky_slope < 0:
         raise ValueError(f"model.leaky_slope must be >= 0, got {cfg.leaky_slope}")
+    if cfg.parallel_start_layer and not cfg.num_layers // 2 <= cfg.parallel_start_layer < cfg.num_layers:
+        raise ValueError(f"model.parallel_start_layer must be 0 (off) or a decoder layer in "
+                         f"[{cfg.num_layers // 2}, {cfg.num_layers}), got {cfg.parallel_start_layer}")
+    if cfg.parallel_final_lane not in PARALLEL_FINAL_LANES:
+        raise ValueError(f"model.parallel_final_lane must be one of {list(PARALLEL_FINAL_LANES)}, "
+                         f"got {cfg.parallel_final_lane!r}")
     if cfg.residual_dtype not in RESIDUAL_DTYPES:
         raise ValueError(f"model.residual_dtype must be one of {sorted(RESIDUAL_DTYPES)}, got {cfg.residual_dtype!r}")
     if cfg.attn_backend not in ATTN_BACKENDS:
@@ -365,17 +374,31 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))  # (2, D)
 
+    def _attn_branch(self, h_in, w, cos, sin, ve, hessians):
+        """attn_scale * attention(rms_norm(h_in) * ln_scale) -> (B, T, D)."""
+        a = rms_norm(h_in) * self.ln_scale
+        attn = self.attn(a, *w[:4], cos, sin, ve=ve, hessians=hessians, prefix=f"blocks.{self.layer}")
+        return self.attn_scale.to(h_in.dtype) * attn
+
+    def _mlp_branch(self, h, w, hessians):
+        """mlp_scale * MLP(rms_norm(h) * ln_scale) -> (B, T, D)."""
+        m = rms_norm(h) * self.ln_scale
+        mlp = self.mlp(m, w[4], w[5], hessians=hessians, prefix=f"blocks.{self.layer}")
+        return self.mlp_scale.to(h.dtype) * mlp
+
     def forward(self, h, x0, w, cos, sin, ve=None, hessians=None):
         """h, x0 (B, T, D); w = (w_q, w_k, w_v, w_o, w_up, w_down) -> (B, T, D)."""
-        w_q, w_k, w_v, w_o, w_up, w_down = w
-        p = f"blocks.{self.layer}"
         mix = self.resid_mix.to(h.dtype)
         h_in = mix[0] * h + mix[1] * x0
-        a = rms_norm(h_in) * self.ln_scale
-        attn = self.attn(a, w_q, w_k, w_v, w_o, cos, sin, ve=ve, hessians=hessians, prefix=p)
-        h_mid = h_in + self.attn_scale.to(h.dtype) * attn
-        m = rms_norm(h_mid) * self.ln_scale
-        return h_mid + self.mlp_scale.to(h.dtype) * self.mlp(m, w_up, w_down, hessians=hessians, prefix=p)
+        h_mid = h_in + self._attn_branch(h_in, w, cos, sin, ve, hessians)
+        return h_mid + self._mlp_branch(h_mid, w, hessians)
+
+    def parallel(self, lane0, lane1, x0, w, cos, sin, ve=None, hessians=None):
+        """Two-lane block: attention reads lane0 (mixed with x0), the MLP reads lane1, side by
+        side. lane0, lane1, x0 (B, T, D) -> (attn_out, mlp_out), each (B, T, D), branch-scaled."""
+        mix = self.resid_mix.to(lane0.dtype)
+        attn = self._attn_branch(mix[0] * lane0 + mix[1] * x0, w, cos, sin, ve, hessians)
+        return attn, self._mlp_branch(lane1, w, hessians)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -396,6 +419,7 @@ class GPT(nn.Module):
         self.num_decoder = L - L // 2
         self.xsa_start = L - cfg.xsa_last_n
         self.ve_start = L - cfg.ve_last_n
+        self.parallel_start = cfg.parallel_start_layer if cfg.parallel_start_layer > 0 else L  # L: off
         self.set_qat_quantile(qat_quantile)
 
         self.tok_emb = nn.Embedding(cfg.vocab_size, D)
@@ -408,6 +432,9 @@ class GPT(nn.Module):
         else:
             self.ve_shared = None
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, self.num_decoder), D))
+        if self.parallel_start < L:  # per parallel layer: lane <- resid * lane + post . branches
+            self.parallel_post = nn.Parameter(torch.ones(L - self.parallel_start, 2, 2))
+            self.parallel_resid = nn.Parameter(torch.full((L - self.parallel_start, 2), PARALLEL_RESID_INIT))
         self.qo_bank = nn.Parameter(torch.empty(2 * L, D, D))  # Q in 0..L-1, O in L..2L-1
         self.kv_bank = nn.Parameter(torch.empty(2 * L, self.kv_dim, D))  # K in 0..L-1, V in L..2L-1
         self.mlp_up_bank = nn.Parameter(torch.empty(L, self.hidden, D))
@@ -438,6 +465,9 @@ class GPT(nn.Module):
             for block in self.blocks:
                 if block.attn.gate_w is not None:
                     block.attn.gate_w.zero_()
+            if self.parallel_start < L:
+                self.parallel_post.fill_(1.0)
+                self.parallel_resid.fill_(PARALLEL_RESID_INIT)
 
     @property
     def use_fused_mlp(self) -> bool:
@@ -509,18 +539,44 @@ class GPT(nn.Module):
             x0 = x0.to(_autocast_dtype(x0))
         cos, sin = self.rotary(T, idx.device)  # (T, rd/2) each
         ve = self.ve_shared(idx) if self.ve_shared is not None else None  # (B, T, kvD)
-        h = x0
+        h = x0  # the stream; from model.parallel_start_layer on, lane 0 (lane1: lane 1)
+        lane1 = None
         skips: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
+            if i == self.parallel_start:
+                lane1 = h  # both lanes start as the stream (before this layer's skip)
             j = i - self.num_encoder
             if j >= 0 and skips:
                 h = h + self.skip_weights[j].to(h.dtype) * skips.pop()
             ve_i = self.ve_layer_scales[i - self.ve_start] * ve if i >= self.ve_start else None
             w = (qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i])
-            h = block(h, x0, w, cos, sin, ve=ve_i, hessians=hessians)
+            if lane1 is None:
+                h = block(h, x0, w, cos, sin, ve=ve_i, hessians=hessians)
+            else:
+                h, lane1 = self._parallel_layer(i, h, lane1, x0, w, cos, sin, ve_i, hessians)
             if i < self.num_encoder:
                 skips.append(h)
-        return rms_norm(h)
+        return rms_norm(self._final_lane(h, lane1))
+
+    def _parallel_layer(self, i, lane0, lane1, x0, w, cos, sin, ve, hessians):
+        """Both branches of block i on the two lanes; each lane keeps resid[k] of itself and adds
+        post[k, branch, lane] of each branch (PR #1530's parallel residuals). -> (lane0, lane1)."""
+        k = i - self.parallel_start
+        attn, mlp = self.blocks[i].parallel(lane0, lane1, x0, w, cos, sin, ve=ve, hessians=hessians)
+        post = self.parallel_post[k].to(lane0.dtype)  # (2 branches, 2 lanes)
+        res = self.parallel_resid[k].to(lane0.dtype)  # (2 lanes,)
+        lane0_new = res[0] * lane0 + post[0, 0] * attn + post[1, 0] * mlp
+        return lane0_new, res[1] * lane1 + post[0, 1] * attn + post[1, 1] * mlp
+
+    def _final_lane(self, lane0: torch.Tensor, lane1: torch.Tensor | None) -> torch.Tensor:
+        """The decoder output: the stream, or with two lanes their mean / one of them."""
+        if lane1 is None:
+            return lane0
+        if self.cfg.parallel_final_lane == "attn":
+            return lane0
+        if self.cfg.parallel_final_lane == "mlp":
+            return lane1
+        return 0.5 * (lane0 + lane1)
 
     def forward_logits(self, idx: torch.Tensor) -> torch.Tensor:
         """idx (B, T) -> softcapped logits (B, T, V)."""

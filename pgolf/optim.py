@@ -3,8 +3,9 @@
 This module owns the optimizer math and its distribution:
 
 * pure functions — `zeropower_via_newtonschulz5` (quintic Newton-Schulz, batched over leading
-  dims; coefficients by name: the seeds' one tuple or the records' per-step Polar Express ones), `nesterov_momentum_`, `muon_update` (momentum -> NS5 -> shape scale) and
-  `apply_update_` (decoupled weight decay, then the step). The classes below only manage state
+  dims; coefficients by name: the seeds' one tuple or the records' per-step Polar Express
+  ones, `ns_coefficients`), `nesterov_momentum_`, `muon_update` (momentum -> NS5 -> shape
+  scale) and `apply_update_` (decoupled weight decay, then the step). The classes below only manage state
   and communication (the layout of KellerJordan/Muon).
 * `Muon` — single-process Muon for 2-D matrices and 3-D banks (a bank is a batch of matrices).
 * `ParallelMuon` — Muon sharded over torch.distributed without DDP (PR #1072 design, §4.4):

@@ -576,7 +576,8 @@ def test_odd_mlp_width_builds_trains_and_exports():
     m = make_tiny(cfg=cfg)
     assert m.mlp_up_bank.shape == (3, 97, 32) and m.hessian_shapes()["blocks.0.mlp.proj.weight"] == 97
     assert count_params(cfg) - count_params(TINY) == 2 * TINY.num_layers * 32  # one more row + column
-    assert count_params(dataclasses.replace(ModelConfig(), mlp_mult=4.0)) - count_params(ModelConfig()) == 11 * 2 * 512 * 512
+    wide = count_params(dataclasses.replace(ModelConfig(), mlp_mult=4.0))
+    assert wide - count_params(ModelConfig()) == 11 * 2 * 512 * 512  # 33,023,068
     x, y = batch()
     hs = m.zero_hessians()
     loss = m(x, y, hessians=hs)
@@ -585,3 +586,54 @@ def test_odd_mlp_width_builds_trains_and_exports():
     other = GPT(cfg)
     other.load_export_state_dict(m.export_state_dict())
     assert torch.equal(other(x, y), m(x, y))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("final", ["mean", "attn", "mlp"])
+def test_parallel_lanes_match_hand_reference(final):
+    """3 layers, lanes from layer 1 (the whole decoder): attention reads lane 0 (+ x0 mix), the MLP
+    reads lane 1; lane <- resid * lane + post[attn] * attn + post[mlp] * mlp; output by `final`."""
+    cfg = dataclasses.replace(TINY, parallel_start_layer=1, parallel_final_lane=final)
+    m = make_tiny(cfg=cfg)
+    assert m.parallel_post.shape == (2, 2, 2) and m.parallel_resid.shape == (2, 2)
+    seen = {}
+    m.blocks[0].register_forward_hook(lambda mod, args, out: seen.update(out0=out, x0=args[1]))
+    x, y = batch()
+    H = m.zero_hessians()
+    got = m.forward_hidden(x, H)
+    out0, x0 = seen["out0"], seen["x0"]
+    lane0, lane1 = out0 + m.skip_weights[0] * out0, out0  # the skip lands on lane 0 only
+    ve = m.ve_layer_scales[0] * m.ve_shared.scale * (m.ve_shared.embed.weight[x] @ m.ve_shared.proj.weight.T)
+    for k, layer in enumerate((1, 2)):
+        blk, s = m.blocks[layer], 1.0 / math.sqrt(layer + 1)
+        attn_out, _ = naive_attention(m, layer, naive_rms(blk.resid_mix[0] * lane0 + blk.resid_mix[1] * x0) * s,
+                                      ve if layer == 2 else None)
+        a = blk.attn_scale * attn_out
+        mlp_in = naive_rms(lane1) * s
+        u = mlp_in @ m.mlp_up_bank[layer].T
+        b = blk.mlp_scale * ((torch.where(u >= 0, u, 0.5 * u) ** 2) @ m.mlp_down_bank[layer].T)
+        P, r = m.parallel_post[k], m.parallel_resid[k]
+        lane0, lane1 = r[0] * lane0 + P[0, 0] * a + P[1, 0] * b, r[1] * lane1 + P[0, 1] * a + P[1, 1] * b
+    want = {"mean": 0.5 * (lane0 + lane1), "attn": lane0, "mlp": lane1}[final]
+    torch.testing.assert_close(got, naive_rms(want), atol=1e-5, rtol=1e-5)
+    flat = mlp_in.reshape(-1, 32)  # the last layer's MLP input: its Hessian follows lane 1
+    torch.testing.assert_close(H["blocks.2.mlp.fc.weight"], flat.T @ flat, atol=1e-4, rtol=1e-5)
+
+
+def test_parallel_lanes_params_init_and_export():
+    cfg = dataclasses.replace(ModelConfig(), parallel_start_layer=8)
+    assert count_params(cfg) - count_params(ModelConfig()) == 3 * (4 + 2)  # layers 8-10: +18
+    torch.manual_seed(0)
+    m = GPT(dataclasses.replace(TINY, parallel_start_layer=2))
+    assert torch.all(m.parallel_post == 1) and torch.all(m.parallel_resid == 1.1)
+    assert {id(m.parallel_post), id(m.parallel_resid)} <= {id(p) for p in m.optimizer_groups()["scalar"]}
+    other = GPT(dataclasses.replace(TINY, parallel_start_layer=2))
+    other.load_export_state_dict(m.export_state_dict())
+    x, y = batch()
+    assert torch.equal(m(x, y), other(x, y))
+    validate_config(dataclasses.replace(ModelConfig(), parallel_start_layer=5))  # the first decoder layer
+    for bad in (4, 11, -1):  # 4 is in the encoder of 11 layers, 11 is past the last layer
+        with pytest.raises(ValueError, match=r"model\.parallel_start_layer"):
+            validate_config(dataclasses.replace(ModelConfig(), parallel_start_layer=bad))
+    with pytest.raises(ValueError, match=r"model\.parallel_final_lane"):
+        validate_config(dataclasses.replace(TINY, parallel_final_lane="sum"))
