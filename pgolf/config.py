@@ -62,6 +62,9 @@ class ModelConfig:
     attn_gate_scale: float = 1.0  # its pre-sigmoid scale (records: #1787 1.0, #1855 0.5)
     parallel_start_layer: int = 0  # decoder layers from here run attention and MLP on two lanes (0 = off; records: 8)
     parallel_final_lane: str = "mean"  # the decoder output with two lanes: mean | attn | mlp
+    num_loops: int = 0  # depth recurrence: extra passes of layers loop_start..loop_end (0 = off; records: 2)
+    loop_start: int = 0  # first layer of the looped range
+    loop_end: int = 0  # last layer of the looped range (inclusive; records: 3..5)
     tied_embed_init_std: float = 0.005
     residual_dtype: str = "fp32"  # fp32 | bf16: the residual stream / embeddings under autocast (CUDA)
     attn_backend: str = "auto"  # auto (FA3 if importable, else SDPA's choice) | flash | cudnn | efficient
@@ -82,6 +85,7 @@ class TrainConfig:
     warmdown_iters: int = 3000  # PR #1072
     warmup_steps: int = 20  # compile priming steps, then state restored (§4.5)
     min_lr: float = 0.0  # floor of the lr multiplier during warmdown (records #1787: 0.10)
+    loop_enable_frac: float = 0.0  # fraction of training (steps, or wallclock with a cap) before model.num_loops starts (records: 0.35)
     matrix_lr: float = 0.025
     scalar_lr: float = 0.025
     tied_embed_lr: float = 0.035

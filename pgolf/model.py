@@ -19,7 +19,9 @@ into it in place (spec §6.5).
 Knobs of the later records, each off / at the seeds' value by default: `smear_bos_mask` (no
 SmearGate mix at a BOS), `logit_softcap_neg` (asymmetric softcap), `attn_gate_window` /
 `attn_gate_scale` (sparse per-head attention output gate), a real `mlp_mult` (`mlp_hidden`),
-`parallel_start_layer` / `parallel_final_lane` (two residual lanes in the decoder).
+`parallel_start_layer` / `parallel_final_lane` (two residual lanes in the decoder), `num_loops` /
+`loop_start` / `loop_end` (depth recurrence: `layer_order`; a looped layer's Hessian sums the
+inputs of every pass and QAT quantizes its one set of weights).
 """
 
 from __future__ import annotations
@@ -100,10 +102,35 @@ def validate_config(cfg: ModelConfig) -> None:
     if cfg.parallel_final_lane not in PARALLEL_FINAL_LANES:
         raise ValueError(f"model.parallel_final_lane must be one of {list(PARALLEL_FINAL_LANES)}, "
                          f"got {cfg.parallel_final_lane!r}")
+    _validate_loops(cfg)
     if cfg.residual_dtype not in RESIDUAL_DTYPES:
         raise ValueError(f"model.residual_dtype must be one of {sorted(RESIDUAL_DTYPES)}, got {cfg.residual_dtype!r}")
     if cfg.attn_backend not in ATTN_BACKENDS:
         raise ValueError(f"model.attn_backend must be one of {sorted(ATTN_BACKENDS)}, got {cfg.attn_backend!r}")
+
+
+def _validate_loops(cfg: ModelConfig) -> None:
+    if cfg.num_loops < 0:
+        raise ValueError(f"model.num_loops must be >= 0, got {cfg.num_loops}")
+    if cfg.num_loops == 0:
+        return
+    if not 0 <= cfg.loop_start <= cfg.loop_end < cfg.num_layers:
+        raise ValueError(f"model.loop_start <= model.loop_end must be layers in [0, {cfg.num_layers}), "
+                         f"got {cfg.loop_start}..{cfg.loop_end}")
+    if cfg.parallel_start_layer and cfg.loop_end >= cfg.parallel_start_layer:
+        raise ValueError(f"model.loop_end ({cfg.loop_end}) must be below model.parallel_start_layer "
+                         f"({cfg.parallel_start_layer}): the looped layers run on one lane")
+
+
+def layer_order(cfg: ModelConfig, looping: bool = True) -> list[int]:
+    """The layers a forward runs, in order: 0..L-1, or with depth recurrence the range
+    loop_start..loop_end num_loops + 1 times (11 layers, 3..5, 2 loops: 0 1 2 3 4 5 3 4 5 3 4 5 6 ...).
+    The first half of the list (rounded down) is the U-Net encoder, the rest the decoder."""
+    L = cfg.num_layers
+    if not looping or cfg.num_loops == 0:
+        return list(range(L))
+    seg = list(range(cfg.loop_start, cfg.loop_end + 1))
+    return list(range(cfg.loop_start)) + seg * (cfg.num_loops + 1) + list(range(cfg.loop_end + 1, L))
 
 
 def mlp_hidden(cfg: ModelConfig) -> int:
@@ -415,8 +442,6 @@ class GPT(nn.Module):
         self.head_dim = D // cfg.num_heads
         self.kv_dim = cfg.num_kv_heads * self.head_dim
         self.hidden = mlp_hidden(cfg)
-        self.num_encoder = L // 2
-        self.num_decoder = L - L // 2
         self.xsa_start = L - cfg.xsa_last_n
         self.ve_start = L - cfg.ve_last_n
         self.parallel_start = cfg.parallel_start_layer if cfg.parallel_start_layer > 0 else L  # L: off
@@ -431,7 +456,9 @@ class GPT(nn.Module):
             self.ve_layer_scales = nn.Parameter(torch.ones(cfg.ve_last_n))
         else:
             self.ve_shared = None
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, self.num_decoder), D))
+        n_looped = len(layer_order(cfg))  # the skips of the looped order (the longer one)
+        self.skip_weights = nn.Parameter(torch.ones(min(n_looped // 2, n_looped - n_looped // 2), D))
+        self.looping = cfg.num_loops > 0  # depth recurrence on (the trainer may start it later)
         if self.parallel_start < L:  # per parallel layer: lane <- resid * lane + post . branches
             self.parallel_post = nn.Parameter(torch.ones(L - self.parallel_start, 2, 2))
             self.parallel_resid = nn.Parameter(torch.full((L - self.parallel_start, 2), PARALLEL_RESID_INIT))
@@ -497,6 +524,10 @@ class GPT(nn.Module):
             raise ValueError(f"train.qat_clip_quantile must be in (0, 1], got {quantile}")
         self.qat_quantile = float(quantile)
 
+    def set_looping(self, enabled: bool) -> None:
+        """Depth recurrence on/off (only with model.num_loops > 0); a compiled model recompiles once."""
+        self.looping = bool(enabled) and self.cfg.num_loops > 0
+
     def set_qat(self, enabled: bool) -> None:
         """Late QAT on/off: from now on `qat_weights()` fake-quantizes the banks (or not)."""
         self.qat_on = bool(enabled)
@@ -542,10 +573,13 @@ class GPT(nn.Module):
         h = x0  # the stream; from model.parallel_start_layer on, lane 0 (lane1: lane 1)
         lane1 = None
         skips: list[torch.Tensor] = []
-        for i, block in enumerate(self.blocks):
-            if i == self.parallel_start:
+        order = layer_order(self.cfg, self.looping)
+        n_enc = len(order) // 2
+        for pos, i in enumerate(order):
+            block = self.blocks[i]
+            if lane1 is None and i >= self.parallel_start:
                 lane1 = h  # both lanes start as the stream (before this layer's skip)
-            j = i - self.num_encoder
+            j = pos - n_enc
             if j >= 0 and skips:
                 h = h + self.skip_weights[j].to(h.dtype) * skips.pop()
             ve_i = self.ve_layer_scales[i - self.ve_start] * ve if i >= self.ve_start else None
@@ -554,7 +588,7 @@ class GPT(nn.Module):
                 h = block(h, x0, w, cos, sin, ve=ve_i, hessians=hessians)
             else:
                 h, lane1 = self._parallel_layer(i, h, lane1, x0, w, cos, sin, ve_i, hessians)
-            if i < self.num_encoder:
+            if pos < n_enc:
                 skips.append(h)
         return rms_norm(self._final_lane(h, lane1))
 

@@ -18,6 +18,8 @@ the train stage:
   and stops on the same step when the wallclock cap is reached.
 * compile priming (§4.5): `warmup_steps` real steps (the last one with a Hessian capture), then
   the model, optimizer state and loader are restored.
+* depth recurrence (`model.num_loops`): off until `training_frac` reaches `loop_enable_frac`
+  (compile priming runs both graphs), on for the final evaluation and in the export.
 * late QAT: `model.set_qat(True)` the first time the scale drops below `late_qat_threshold`;
   each step's forwards/backwards then run inside `model.qat_weights()` (Q(w) swapped into the
   banks, straight-through gradients), so the compiled graph never changes.
@@ -57,7 +59,7 @@ from pgolf.config import ConfigError, ModelConfig, TrainConfig
 from pgolf.data import (DistributedTokenLoader, list_shards, load_byte_tables,
                         read_shard, read_shard_header, read_tokenizer_meta)
 from pgolf.io import atomic_write_text, staged_dir, write_json
-from pgolf.model import GPT, QAT_BITS, validate_config
+from pgolf.model import GPT, QAT_BITS, layer_order, validate_config
 from pgolf.optim import build_optimizers, ns_coefficients
 
 CHECKPOINT_FILE = "train_state.pgt"
@@ -126,7 +128,7 @@ def validate(cfg: TrainConfig, mcfg: ModelConfig) -> None:
         ns_coefficients(cfg.muon_ns_coeffs, cfg.muon_ns_steps)
     except ValueError as e:
         raise ConfigError(f"params.yaml: {e}") from None
-    for key in ("swa_threshold", "late_qat_threshold", "min_lr"):
+    for key in ("swa_threshold", "late_qat_threshold", "min_lr", "loop_enable_frac"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             bad(key, "must be in [0, 1]")
     if not cfg.hessian_start_scale >= 0:  # > 1: capture from the first step (the scale is <= 1)
@@ -183,6 +185,13 @@ def lr_multiplier(scale: float, cfg: TrainConfig) -> float:
     """The lr multiplier the optimizers get: the warmdown scale floored at `train.min_lr` (the
     records' MIN_LR). Late QAT, SWA and the Hessian window keep reading the unfloored scale."""
     return max(scale, cfg.min_lr)
+
+
+def training_frac(step: int, elapsed_ms: float, cfg: TrainConfig) -> float:
+    """How far training is before step `step`: elapsed / cap with a wallclock cap, else
+    step / iterations (the records' rule for switching depth recurrence on)."""
+    cap_ms = cfg.max_wallclock_seconds * 1000.0
+    return elapsed_ms / cap_ms if cap_ms > 0 else step / cfg.iterations
 
 
 def muon_momentum_at(step: int, cfg: TrainConfig) -> float:
@@ -531,6 +540,9 @@ class Trainer:
         self.elapsed_ms = 0.0
         self.stopped_by = "iterations"
         self.qat_start_step: int | None = None
+        if mcfg.num_loops > 0 and cfg.loop_enable_frac > 0:
+            self.model.set_looping(False)  # depth recurrence starts at train.loop_enable_frac
+        self.loop_start_step: int | None = 0 if self.model.looping else None
         self.timer = StepTimer(self.cuda)  # per-step device time, for the Hessian overhead
         self.step_kind: list[str] = []  # "h" Hessian step, "w" normal step inside the Hessian window, "n" other
         self.resumed_from = 0
@@ -650,6 +662,8 @@ class Trainer:
         self.elapsed_ms = float(meta["elapsed_ms"])
         self.clock = Clock(self.elapsed_ms)
         self.qat_start_step = meta["qat_start_step"]
+        self.loop_start_step = meta["loop_start_step"]
+        self.model.set_looping(self.loop_start_step is not None)
         if meta["qat_on"]:
             self.model.set_qat(True)
         self.timer.load(meta["step_ms"])
@@ -673,7 +687,7 @@ class Trainer:
             return
         meta = {"fingerprint": self.fp, "step": self.step, "elapsed_ms": self.elapsed_ms,
                 "qat_on": self.model.qat_on, "qat_start_step": self.qat_start_step,
-                "swa_count": self.avg.swa_count, "swa_first_step": self.avg.swa_first_step,
+                "loop_start_step": self.loop_start_step, "swa_count": self.avg.swa_count, "swa_first_step": self.avg.swa_first_step,
                 "hessian": hess_meta, "optimizer": opt_tree, "loader": self.loader.state_dict(),
                 "step_ms": self.step_ms, "step_kind": self.step_kind,
                 "log_lines": self.log.lines, "rows": self.log.rows}
@@ -690,8 +704,12 @@ class Trainer:
             model_state = {k: p.detach().clone() for k, p in self.model.named_parameters()}
             opt_state = self.opt.state_dict()
             scratch = self.model.zero_hessians()
-            for i in range(n):
-                self._step(self.step, 1.0, scratch if (i == n - 1 and n > 1) else None, ema=False)
+            looping = self.model.looping
+            for mode in ([False, True] if self.mcfg.num_loops > 0 and not looping else [looping]):
+                self.model.set_looping(mode)  # prime the looped graph too when it comes later
+                for i in range(n):
+                    self._step(self.step, 1.0, scratch if (i == n - 1 and n > 1) else None, ema=False)
+            self.model.set_looping(looping)
             self._sync()
             with torch.no_grad():
                 for k, p in self.model.named_parameters():
@@ -731,6 +749,7 @@ class Trainer:
                 self.model.set_qat(True)
                 self.qat_start_step = step
                 self.log(f"late_qat: enabled at step {step} (lr scale {scale:.4f})")
+            self._maybe_start_loops(step)
             capture = self.hess.due(step, scale, force=self._force_hessian())
             self.timer.start()
             loss = self._step(step, lr_multiplier(scale, cfg), self.hess.sums if capture else None)
@@ -760,6 +779,18 @@ class Trainer:
         self._sync()  # the training time includes the device finishing the queued work
         self.clock.pause()
         self.elapsed_ms = self._shared_max(self.clock.ms())
+        self.model.set_looping(True)  # evaluated as the evaluate stage rebuilds it: looping when configured
+
+    def _maybe_start_loops(self, step: int) -> None:
+        """Switch depth recurrence on once training_frac reaches train.loop_enable_frac."""
+        if self.model.looping or self.mcfg.num_loops == 0:
+            return
+        frac = training_frac(step, self.elapsed_ms, self.cfg)
+        if frac >= self.cfg.loop_enable_frac:
+            self.model.set_looping(True)
+            self.loop_start_step = step
+            self.log(f"depth_recurrence: enabled at step {step} (frac {frac:.3f}), layers "
+                     f"{layer_order(self.mcfg)}")
 
     def _check_finite(self, loss_v: float) -> None:
         """Stop on a NaN/inf loss; the last checkpoint written (a finite state) is kept."""
@@ -858,6 +889,7 @@ class Trainer:
             "hessian_accumulations": hmeta["accumulations"],
             "hessian_rows": hmeta["rows"],
             "qat_start_step": self.qat_start_step,
+            "loop_start_step": self.loop_start_step,
             "swa_snapshots": self.avg.swa_count,
             "swa_start_step": self.avg.swa_first_step,
             "exported_weights": self.avg.source,

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from pgolf.config import ModelConfig
 from pgolf.int6 import fake_quant
-from pgolf.model import GPT, Rotary, SmearGate, bigram_hash, count_params, mlp_hidden, softcap, validate_config, xsa
+from pgolf.model import (GPT, Rotary, SmearGate, bigram_hash, count_params, layer_order, mlp_hidden, softcap,
+                         validate_config, xsa)
 from pgolf.tokenizer import BOS_ID
 
 TINY = ModelConfig(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=3,
@@ -637,3 +638,50 @@ def test_parallel_lanes_params_init_and_export():
             validate_config(dataclasses.replace(ModelConfig(), parallel_start_layer=bad))
     with pytest.raises(ValueError, match=r"model\.parallel_final_lane"):
         validate_config(dataclasses.replace(TINY, parallel_final_lane="sum"))
+
+
+def test_layer_order_and_param_count_of_depth_recurrence():
+    rec = dataclasses.replace(ModelConfig(), num_loops=2, loop_start=3, loop_end=5)
+    assert layer_order(rec) == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert layer_order(rec, looping=False) == list(range(11)) == layer_order(ModelConfig())
+    # 17 slots: encoder 8, decoder 9 -> 8 skip weights instead of 5
+    assert count_params(rec) - count_params(ModelConfig()) == 3 * 512
+    for bad in (dict(loop_start=4, loop_end=3), dict(loop_end=11), dict(num_loops=-1)):
+        with pytest.raises(ValueError, match=r"model\.(loop_start|num_loops)"):
+            validate_config(dataclasses.replace(rec, **bad))
+    with pytest.raises(ValueError, match=r"model\.loop_end \(5\) must be below model\.parallel_start_layer"):
+        validate_config(dataclasses.replace(rec, parallel_start_layer=5))
+    assert GPT(dataclasses.replace(TINY, num_loops=1)).looping  # as the evaluate stage rebuilds it
+
+
+@torch.no_grad()
+def test_depth_recurrence_matches_block_by_block_reference_and_sums_hessians():
+    """3 layers, layer 1 looped once more: order 0 1 1 2, encoder (0, 1), decoder (1, 2)."""
+    cfg = dataclasses.replace(TINY, num_loops=1, loop_start=1, loop_end=1)
+    m = make_tiny(cfg=cfg)
+    assert m.skip_weights.shape == (2, 32)
+    calls = []
+    m.blocks[1].register_forward_hook(lambda mod, args, out: calls.append(args[0]))
+    seen = capture_block_inputs(m, 0)
+    x, y = batch()
+    H = m.zero_hessians()
+    got = m.forward_hidden(x, H)
+    assert len(calls) == 2
+    passes = calls[:2]  # the model's two passes (the reference below calls the block again)
+    x0, L = seen["x0"], TINY.num_layers
+    cos, sin = m.rotary(x.size(1), x.device)
+    w = [(m.qo_bank[i], m.kv_bank[i], m.kv_bank[L + i], m.qo_bank[L + i], m.mlp_up_bank[i], m.mlp_down_bank[i])
+         for i in range(L)]
+    ve = m.ve_layer_scales[0] * m.ve_shared(x)
+    h1 = m.blocks[0](x0, x0, w[0], cos, sin)
+    h2 = m.blocks[1](h1, x0, w[1], cos, sin)
+    h3 = m.blocks[1](h2 + m.skip_weights[0] * h2, x0, w[1], cos, sin)  # decoder pos 0 pops h2
+    h4 = m.blocks[2](h3 + m.skip_weights[1] * h1, x0, w[2], cos, sin, ve=ve)
+    torch.testing.assert_close(got, naive_rms(h4), atol=1e-5, rtol=1e-5)
+    blk, s = m.blocks[1], 1.0 / math.sqrt(2)
+    a = [(naive_rms(blk.resid_mix[0] * h + blk.resid_mix[1] * x0) * s).reshape(-1, 32) for h in passes]
+    torch.testing.assert_close(H["blocks.1.attn.c_q.weight"], a[0].T @ a[0] + a[1].T @ a[1], atol=1e-4, rtol=1e-5)
+    m.set_looping(False)  # the unlooped model: the plain U-Net with the first skip weight
+    plain = GPT(TINY)
+    plain.load_export_state_dict(dict(m.export_state_dict(), skip_weights=m.skip_weights[:1]))
+    torch.testing.assert_close(m.forward_hidden(x), plain.forward_hidden(x))

@@ -131,6 +131,26 @@ def test_min_lr_reaches_the_optimizers_and_late_qat_still_reads_the_scale(data_r
     assert r.metrics["qat_start_step"] == 10  # 2/8 < 0.3 although the lr stays at 0.5
 
 
+def test_training_frac_steps_or_wallclock(tmp_path):
+    steps = tcfg(tmp_path, iterations=20, max_wallclock_seconds=0.0)
+    assert [T.training_frac(s, 1e9, steps) for s in (0, 7, 20)] == [0.0, 0.35, 1.0]
+    clock = tcfg(tmp_path, iterations=20, max_wallclock_seconds=10.0)
+    assert T.training_frac(19, 3500.0, clock) == 0.35  # the step count is ignored under a cap
+
+
+def test_depth_recurrence_switches_on_at_its_fraction(data_root, tmp_path):
+    seen = {}
+    m = mcfg(num_loops=1, loop_start=0, loop_end=0)  # 2 layers: order 0 0 1 once on
+    r = run(data_root, tmp_path, m=m, on_step=lambda tr: seen.update({tr.step: tr.model.looping}),
+            iterations=12, loop_enable_frac=0.5, warmup_steps=1)
+    assert [seen[s] for s in range(1, 13)] == [False] * 6 + [True] * 6  # on from step 6 = 0.5 * 12
+    assert r.metrics["loop_start_step"] == 6
+    assert "depth_recurrence: enabled at step 6 (frac 0.500), layers [0, 0, 1]" in r.log_text
+    model = GPT(m, train_seq_len=128)
+    model.load_export_state_dict(r.export)
+    assert model.looping  # exported and evaluated with the loop, as the evaluate stage rebuilds it
+
+
 def test_muon_momentum_ramp(tmp_path):
     cfg = tcfg(tmp_path, muon_momentum_warmup_start=0.92, muon_momentum=0.99, muon_momentum_warmup_steps=50)
     assert T.muon_momentum_at(0, cfg) == pytest.approx(0.92)
@@ -289,6 +309,23 @@ def test_killed_run_resumes_to_identical_weights(data_root, tmp_path):
     assert a.metrics["qat_start_step"] == 15 and a.metrics["swa_snapshots"] == 6
     assert [r["train_loss"] for r in a.rows] == [r["train_loss"] for r in b.rows]
     assert "resume: from" in b.log_text and "step:15/20" in b.log_text  # log kept across the restart
+
+
+def test_killed_looped_run_resumes_with_the_loop_on(data_root, tmp_path):
+    m = mcfg(num_loops=1, loop_start=1, loop_end=1)
+    kw = dict(iterations=12, checkpoint_every=4, loop_enable_frac=0.25)  # loops from step 3
+    a = run(data_root, tmp_path / "a", m=m, **kw)
+
+    def crash_at_9(tr):
+        if tr.step == 9:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        run(data_root, tmp_path / "b", m=m, on_step=crash_at_9, **kw)
+    b = run(data_root, tmp_path / "b", m=m, **kw)
+    assert b.metrics["resumed_from_step"] == 8 and a.metrics["loop_start_step"] == b.metrics["loop_start_step"] == 3
+    for n in a.export:
+        assert torch.equal(a.export[n], b.export[n]), n
 
 
 def test_mismatched_or_corrupt_checkpoint_starts_fresh(data_root, tmp_path):
@@ -482,6 +519,7 @@ def _old_outputs(tmp: Path, p: T.Paths) -> dict[Path, bytes]:
     ({"adam_eps": 0.0}, ConfigError, "train.adam_eps"),
     ({"device": "tpu"}, ConfigError, "train.device"),
     ({"min_lr": 1.5}, ConfigError, r"train.min_lr must be in \[0, 1\]"),
+    ({"loop_enable_frac": -0.1}, ConfigError, "train.loop_enable_frac"),
     ({"muon_ns_coeffs": "cubic"}, ConfigError, "train.muon_ns_coeffs must be one of"),
     ({"muon_ns_coeffs": "polar_express", "muon_ns_steps": 6}, ConfigError, "train.muon_ns_steps must be <= 5"),
 ])
