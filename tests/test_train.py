@@ -622,7 +622,7 @@ def test_stage_prints_clear_error_and_exits_1(tmp_path):
 
 
 def test_profiles_pass_validation():
-    for name in ("tiny", "record"):
+    for name in ("tiny", "record", "frontier"):
         m = config.load("model", ROOT / "profiles" / f"{name}.yaml")
         t = dataclasses.replace(config.load("train", ROOT / "profiles" / f"{name}.yaml"), device="auto")
         T.validate(t, m)
