@@ -78,7 +78,8 @@ class TrainConfig:
     fused_mlp: bool = True  # Triton fused LeakyReLU^2 MLP on CUDA
     nproc_per_node: int = 1  # >1: the stage relaunches itself through torchrun
     batch_tokens: int = 786_432  # global tokens per optimizer step (§4.1)
-    seq_len: int = 2048
+    seq_len: int = 2048  # the (final) training sequence length; also where the NTK RoPE rule starts
+    seq_len_schedule: str = ""  # shorter lengths first: "LEN@FRAC,...": LEN until training_frac FRAC ("" = off)
     grad_accum_steps: int = 0  # 0 = 8 // world_size, as the record scripts
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0  # 0 = step-based warmdown

@@ -18,6 +18,8 @@ the train stage:
   and stops on the same step when the wallclock cap is reached.
 * compile priming (§4.5): `warmup_steps` real steps (the last one with a Hessian capture), then
   the model, optimizer state and loader are restored.
+* sequence-length schedule (`seq_len_schedule`): shorter sequences (same tokens per step) until
+  given training fractions, then `seq_len`; compile priming runs every length.
 * depth recurrence (`model.num_loops`): off until `training_frac` reaches `loop_enable_frac`
   (compile priming runs both graphs), on for the final evaluation and in the export.
 * late QAT: `model.set_qat(True)` the first time the scale drops below `late_qat_threshold`;
@@ -141,6 +143,35 @@ def validate(cfg: TrainConfig, mcfg: ModelConfig) -> None:
         bad("checkpoint_dir", "must name a folder when train.checkpoint_every > 0")
     if cfg.seq_len > cfg.batch_tokens:
         bad("seq_len", f"must be <= train.batch_tokens ({cfg.batch_tokens})")
+    parse_seq_len_schedule(cfg)
+
+
+def parse_seq_len_schedule(cfg: TrainConfig) -> list[tuple[int, float]]:
+    """`train.seq_len_schedule` "LEN@FRAC,..." -> [(LEN, FRAC)]: each LEN (<= train.seq_len) is used
+    while training_frac < its FRAC (increasing, in (0, 1]), then train.seq_len. "" -> []."""
+    if not cfg.seq_len_schedule.strip():
+        return []
+    out = []
+    for item in cfg.seq_len_schedule.split(","):
+        try:
+            length, frac = item.split("@")
+            out.append((int(length), float(frac)))
+        except ValueError:
+            raise ConfigError(f"params.yaml: train.seq_len_schedule must be 'LEN@FRAC,...', got "
+                              f"{cfg.seq_len_schedule!r}") from None
+    fracs = [f for _, f in out]
+    if not all(0 < f <= 1 for f in fracs) or fracs != sorted(set(fracs)):
+        raise ConfigError(f"params.yaml: train.seq_len_schedule fractions must increase within (0, 1], "
+                          f"got {cfg.seq_len_schedule!r}")
+    if not all(1 <= n <= cfg.seq_len for n, _ in out):
+        raise ConfigError(f"params.yaml: train.seq_len_schedule lengths must be in [1, train.seq_len="
+                          f"{cfg.seq_len}], got {cfg.seq_len_schedule!r}")
+    return out
+
+
+def seq_len_at(frac: float, cfg: TrainConfig, schedule: list[tuple[int, float]]) -> int:
+    """The training sequence length at training_frac `frac` under the parsed schedule."""
+    return next((n for n, until in schedule if frac < until), cfg.seq_len)
 
 
 def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
@@ -149,12 +180,14 @@ def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
 
 
 def check_batch(cfg: TrainConfig, world_size: int, accum: int) -> int:
-    """Tokens of one micro-batch per rank; ConfigError unless the global batch splits evenly."""
-    denom = world_size * accum * cfg.seq_len
-    if cfg.batch_tokens % denom:
-        raise ConfigError(
-            f"params.yaml: train.batch_tokens ({cfg.batch_tokens}) must be divisible by world_size * "
-            f"grad_accum_steps * train.seq_len = {world_size} * {accum} * {cfg.seq_len} = {denom}")
+    """Tokens of one micro-batch per rank; ConfigError unless the global batch splits evenly into
+    sequences of train.seq_len and of every length of train.seq_len_schedule."""
+    for key, n in [("seq_len", cfg.seq_len)] + [("seq_len_schedule", n) for n, _ in parse_seq_len_schedule(cfg)]:
+        denom = world_size * accum * n
+        if cfg.batch_tokens % denom:
+            raise ConfigError(
+                f"params.yaml: train.batch_tokens ({cfg.batch_tokens}) must be divisible by world_size * "
+                f"grad_accum_steps * train.{key} = {world_size} * {accum} * {n} = {denom}")
     return cfg.batch_tokens // (world_size * accum)
 
 
@@ -543,6 +576,8 @@ class Trainer:
         if mcfg.num_loops > 0 and cfg.loop_enable_frac > 0:
             self.model.set_looping(False)  # depth recurrence starts at train.loop_enable_frac
         self.loop_start_step: int | None = 0 if self.model.looping else None
+        self.seq_schedule = parse_seq_len_schedule(cfg)
+        self.seq_len = seq_len_at(0.0, cfg, self.seq_schedule)  # this step's training sequence length
         self.timer = StepTimer(self.cuda)  # per-step device time, for the Hessian overhead
         self.step_kind: list[str] = []  # "h" Hessian step, "w" normal step inside the Hessian window, "n" other
         self.resumed_from = 0
@@ -586,7 +621,7 @@ class Trainer:
         with self.model.qat_weights():  # late QAT: the banks hold Q(w) until the update
             for micro in range(self.accum):
                 with record_function("pgolf.data"):
-                    x, y = self.loader.next_batch(self.cfg.batch_tokens, self.cfg.seq_len, self.accum)  # (B, T)
+                    x, y = self.loader.next_batch(self.cfg.batch_tokens, self.seq_len, self.accum)  # (B, T)
                 if micro == 0 and hessians is not None:
                     self._capture_hessians(x, y, hessians)
                 with record_function("pgolf.fwd"), self._autocast():
@@ -704,12 +739,15 @@ class Trainer:
             model_state = {k: p.detach().clone() for k, p in self.model.named_parameters()}
             opt_state = self.opt.state_dict()
             scratch = self.model.zero_hessians()
-            looping = self.model.looping
+            looping, seq_len = self.model.looping, self.seq_len
+            lengths = sorted({self.cfg.seq_len} | {n for n, _ in self.seq_schedule})
             for mode in ([False, True] if self.mcfg.num_loops > 0 and not looping else [looping]):
                 self.model.set_looping(mode)  # prime the looped graph too when it comes later
-                for i in range(n):
-                    self._step(self.step, 1.0, scratch if (i == n - 1 and n > 1) else None, ema=False)
+                for self.seq_len in lengths:  # and one graph per training sequence length
+                    for i in range(n):
+                        self._step(self.step, 1.0, scratch if (i == n - 1 and n > 1) else None, ema=False)
             self.model.set_looping(looping)
+            self.seq_len = seq_len
             self._sync()
             with torch.no_grad():
                 for k, p in self.model.named_parameters():
@@ -750,6 +788,7 @@ class Trainer:
                 self.qat_start_step = step
                 self.log(f"late_qat: enabled at step {step} (lr scale {scale:.4f})")
             self._maybe_start_loops(step)
+            self._set_seq_len(step)
             capture = self.hess.due(step, scale, force=self._force_hessian())
             self.timer.start()
             loss = self._step(step, lr_multiplier(scale, cfg), self.hess.sums if capture else None)
@@ -780,6 +819,13 @@ class Trainer:
         self.clock.pause()
         self.elapsed_ms = self._shared_max(self.clock.ms())
         self.model.set_looping(True)  # evaluated as the evaluate stage rebuilds it: looping when configured
+
+    def _set_seq_len(self, step: int) -> None:
+        """Follow train.seq_len_schedule (a no-op without one); log each change."""
+        n = seq_len_at(training_frac(step, self.elapsed_ms, self.cfg), self.cfg, self.seq_schedule)
+        if n != self.seq_len:
+            self.log(f"seq_len: {n} from step {step}")
+        self.seq_len = n
 
     def _maybe_start_loops(self, step: int) -> None:
         """Switch depth recurrence on once training_frac reaches train.loop_enable_frac."""

@@ -151,6 +151,32 @@ def test_depth_recurrence_switches_on_at_its_fraction(data_root, tmp_path):
     assert model.looping  # exported and evaluated with the loop, as the evaluate stage rebuilds it
 
 
+def test_seq_len_schedule_parse_and_lookup(tmp_path):
+    cfg = tcfg(tmp_path, seq_len=128, seq_len_schedule="32@0.25, 64@0.5")
+    sched = T.parse_seq_len_schedule(cfg)
+    assert sched == [(32, 0.25), (64, 0.5)]
+    assert [T.seq_len_at(f, cfg, sched) for f in (0.0, 0.2499, 0.25, 0.4999, 0.5, 1.0)] == [32, 32, 64, 64, 128, 128]
+    assert T.parse_seq_len_schedule(tcfg(tmp_path)) == [] and T.seq_len_at(0.0, tcfg(tmp_path), []) == 128
+    for bad, msg in (("64", "must be 'LEN@FRAC"), ("64@0.5,32@0.25", "fractions must increase"),
+                     ("64@1.5", "fractions"), ("256@0.5", r"lengths must be in \[1, train.seq_len=128\]")):
+        with pytest.raises(ConfigError, match=f"train.seq_len_schedule {msg}"):
+            T.parse_seq_len_schedule(tcfg(tmp_path, seq_len_schedule=bad))
+    with pytest.raises(ConfigError, match=r"train.seq_len_schedule = 1 \* 1 \* 48"):
+        T.check_batch(tcfg(tmp_path, seq_len_schedule="48@0.5"), 1, 1)  # 2048 tokens: not whole sequences
+
+
+def test_seq_len_schedule_drives_the_batches(data_root, tmp_path):
+    seen = {}
+
+    def watch(tr):
+        seen[tr.step] = tr.seq_len
+
+    r = run(data_root, tmp_path, on_step=watch, iterations=12, seq_len_schedule="32@0.25,64@0.5", warmup_steps=1)
+    assert [seen[s] for s in range(1, 13)] == [32] * 3 + [64] * 3 + [128] * 6  # same 2048 tokens per step
+    assert "seq_len: 64 from step 3" in r.log_text and "seq_len: 128 from step 6" in r.log_text
+    assert r.metrics["seq_len"] == 128
+
+
 def test_muon_momentum_ramp(tmp_path):
     cfg = tcfg(tmp_path, muon_momentum_warmup_start=0.92, muon_momentum=0.99, muon_momentum_warmup_steps=50)
     assert T.muon_momentum_at(0, cfg) == pytest.approx(0.92)
@@ -520,6 +546,7 @@ def _old_outputs(tmp: Path, p: T.Paths) -> dict[Path, bytes]:
     ({"device": "tpu"}, ConfigError, "train.device"),
     ({"min_lr": 1.5}, ConfigError, r"train.min_lr must be in \[0, 1\]"),
     ({"loop_enable_frac": -0.1}, ConfigError, "train.loop_enable_frac"),
+    ({"seq_len_schedule": "64@0.5,32@0.2"}, ConfigError, "train.seq_len_schedule"),
     ({"muon_ns_coeffs": "cubic"}, ConfigError, "train.muon_ns_coeffs must be one of"),
     ({"muon_ns_coeffs": "polar_express", "muon_ns_steps": 6}, ConfigError, "train.muon_ns_steps must be <= 5"),
 ])
