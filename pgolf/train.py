@@ -722,7 +722,8 @@ class Trainer:
             return
         meta = {"fingerprint": self.fp, "step": self.step, "elapsed_ms": self.elapsed_ms,
                 "qat_on": self.model.qat_on, "qat_start_step": self.qat_start_step,
-                "loop_start_step": self.loop_start_step, "swa_count": self.avg.swa_count, "swa_first_step": self.avg.swa_first_step,
+                "loop_start_step": self.loop_start_step,
+                "swa_count": self.avg.swa_count, "swa_first_step": self.avg.swa_first_step,
                 "hessian": hess_meta, "optimizer": opt_tree, "loader": self.loader.state_dict(),
                 "step_ms": self.step_ms, "step_kind": self.step_kind,
                 "log_lines": self.log.lines, "rows": self.log.rows}
@@ -740,10 +741,11 @@ class Trainer:
             opt_state = self.opt.state_dict()
             scratch = self.model.zero_hessians()
             looping, seq_len = self.model.looping, self.seq_len
-            lengths = sorted({self.cfg.seq_len} | {n for n, _ in self.seq_schedule})
+            lengths = sorted({self.cfg.seq_len} | {length for length, _ in self.seq_schedule})
             for mode in ([False, True] if self.mcfg.num_loops > 0 and not looping else [looping]):
                 self.model.set_looping(mode)  # prime the looped graph too when it comes later
-                for self.seq_len in lengths:  # and one graph per training sequence length
+                for length in lengths:  # and one graph per training sequence length
+                    self.seq_len = length
                     for i in range(n):
                         self._step(self.step, 1.0, scratch if (i == n - 1 and n > 1) else None, ema=False)
             self.model.set_looping(looping)
@@ -791,7 +793,8 @@ class Trainer:
             self._set_seq_len(step)
             capture = self.hess.due(step, scale, force=self._force_hessian())
             self.timer.start()
-            loss = self._step(step, lr_multiplier(scale, cfg), self.hess.sums if capture else None)
+            lr = lr_multiplier(scale, cfg)  # the schedule's triggers above read the unfloored scale
+            loss = self._step(step, lr, self.hess.sums if capture else None)
             if capture:
                 self.hess.record(self.local_tokens)
             self.timer.stop()  # no sync: the host queues the next step while the device works
@@ -804,7 +807,7 @@ class Trainer:
                 self.stopped_by = "wallclock"
             last = self.step == cfg.iterations or self.stopped_by == "wallclock"
             if self.step == 1 or last or (cfg.log_every > 0 and self.step % cfg.log_every == 0):
-                self._log_step(loss, lr_multiplier(scale, cfg))
+                self._log_step(loss, lr)
             if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0 and not last:
                 self._sync()
                 self.clock.pause()
