@@ -45,7 +45,7 @@ class ModelConfig:
     model_dim: int = 512
     num_heads: int = 8
     num_kv_heads: int = 4
-    mlp_mult: int = 3
+    mlp_mult: float = 3.0  # MLP hidden = floor(mlp_mult * model_dim + 0.5) (model.mlp_hidden); records: 4.0
     leaky_slope: float = 0.5  # LeakyReLU(0.5)^2
     xsa_last_n: int = 11  # PR #1072: all layers
     bigram_buckets: int = 4096  # PR #1072 code default (§3.5)
@@ -56,7 +56,16 @@ class ModelConfig:
     rope_dims: int = 16  # partial RoPE (§3.4)
     rope_base: float = 10000.0  # PR #1072; PR #535 effectively 22082
     qk_gain_init: float = 1.5
-    logit_softcap: float = 30.0
+    logit_softcap: float = 30.0  # cap of the positive logits (and of the negative ones when equal)
+    logit_softcap_neg: float = 30.0  # cap of the negative logits: c_neg * tanh(z / c_neg) for z < 0
+    smear_bos_mask: bool = False  # SmearGate: no previous-token mix at a BOS (records #1851/#1855)
+    attn_gate_window: int = 0  # sparse attention output gate on the first N input dims (0 = off; records: 12)
+    attn_gate_scale: float = 1.0  # its pre-sigmoid scale (records: #1787 1.0, #1855 0.5)
+    parallel_start_layer: int = 0  # two-lane decoder from this layer (0 = off; records: 8)
+    parallel_final_lane: str = "mean"  # the decoder output with two lanes: mean | attn | mlp
+    num_loops: int = 0  # depth recurrence: extra passes of layers loop_start..loop_end (0 = off; records: 2)
+    loop_start: int = 0  # first layer of the looped range
+    loop_end: int = 0  # last layer of the looped range (inclusive; records: 3..5)
     tied_embed_init_std: float = 0.005
     residual_dtype: str = "fp32"  # fp32 | bf16: the residual stream / embeddings under autocast (CUDA)
     attn_backend: str = "auto"  # auto (FA3 if importable, else SDPA's choice) | flash | cudnn | efficient
@@ -70,12 +79,15 @@ class TrainConfig:
     fused_mlp: bool = True  # Triton fused LeakyReLU^2 MLP on CUDA
     nproc_per_node: int = 1  # >1: the stage relaunches itself through torchrun
     batch_tokens: int = 786_432  # global tokens per optimizer step (§4.1)
-    seq_len: int = 2048
+    seq_len: int = 2048  # the (final) training sequence length; also where the NTK RoPE rule starts
+    seq_len_schedule: str = ""  # "LEN@FRAC,...": LEN until training_frac FRAC, then seq_len ("" = off)
     grad_accum_steps: int = 0  # 0 = 8 // world_size, as the record scripts
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0  # 0 = step-based warmdown
     warmdown_iters: int = 3000  # PR #1072
     warmup_steps: int = 20  # compile priming steps, then state restored (§4.5)
+    min_lr: float = 0.0  # floor of the lr multiplier during warmdown (records #1787: 0.10)
+    loop_enable_frac: float = 0.0  # training_frac before model.num_loops starts (records: 0.35)
     matrix_lr: float = 0.025
     scalar_lr: float = 0.025
     tied_embed_lr: float = 0.035
@@ -83,6 +95,7 @@ class TrainConfig:
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
     muon_ns_steps: int = 5
+    muon_ns_coeffs: str = "quintic"  # quintic (one tuple) | polar_express (a tuple per step, <= 5 steps)
     muon_wd: float = 0.04
     muon_comm_dtype: str = "auto"  # Parallel Muon communication: auto (bf16 on CUDA) | bf16 | fp32
     adam_wd: float = 0.04

@@ -28,6 +28,7 @@ HEADER_BYTES = HEADER_WORDS * 4
 MAX_TOKENS_PER_SHARD = 2**31 - 1
 BYTE_TABLES_FILE = "byte_tables.pgt"
 TOKENIZER_META_FILE = "tokenizer.json"
+BOS_ID = 1  # every document of a shard starts with this token (pgolf.tokenizer trains it in)
 
 
 class ShardError(ValueError):

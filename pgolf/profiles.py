@@ -1,4 +1,5 @@
-"""Profiles: complete params files for the tiny CPU run and the record recipe.
+"""Profiles: complete params files for the tiny CPU run, the record recipe and the (unmeasured)
+frontier recipe (the record plus the later records' knobs).
 
 `profiles/<name>.yaml` sets every key of every section, so switching profile is copying one file
 onto `params.yaml`: every value stays visible to DVC as a param (`dvc params diff` shows the

@@ -20,8 +20,9 @@ def test_params_yaml_sets_every_field_of_every_section():
         config.load(section, ROOT / "params.yaml")
 
 
-def test_record_profile_sets_every_field_too():
-    doc = yaml.safe_load((ROOT / "profiles" / "record.yaml").read_text())
+@pytest.mark.parametrize("name", ["record", "frontier"])
+def test_record_profile_sets_every_field_too(name):
+    doc = yaml.safe_load((ROOT / "profiles" / f"{name}.yaml").read_text())
     for section, cls in config.SECTIONS.items():
         assert set(doc[section]) == {f.name for f in dataclasses.fields(cls)}
         config.from_dict(section, doc[section])
@@ -125,3 +126,16 @@ def test_profile_with_a_typo_blames_the_profile(tmp_path):
     with pytest.raises(config.ConfigError, match=r"profiles/typo.yaml: not valid YAML"):
         profiles.apply("typo", tmp_path)
     assert (tmp_path / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()  # untouched
+
+
+def test_frontier_is_the_record_profile_plus_the_records_knobs():
+    """Only the knob keys differ (a frontier that also changed, say, the lr would not be the
+    record + knobs that its header says), and its header says it is unmeasured."""
+    rec = yaml.safe_load((ROOT / "profiles" / "record.yaml").read_text())
+    text = (ROOT / "profiles" / "frontier.yaml").read_text()
+    front = yaml.safe_load(text)
+    diff = {f"{s}.{k}" for s in rec for k in rec[s] if rec[s][k] != front[s][k]}
+    assert diff == {"model.smear_bos_mask", "model.attn_gate_window", "model.parallel_start_layer",
+                    "model.num_loops", "model.loop_start", "model.loop_end", "train.min_lr",
+                    "train.loop_enable_frac", "train.muon_ns_coeffs"}
+    assert "NOT MEASURED" in text.split("prepare:")[0]
