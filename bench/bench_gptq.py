@@ -28,13 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pgolf.config import ModelConfig, QuantizeConfig  # noqa: E402
 from pgolf.gptq import GPTQSpec, gptq_matrices  # noqa: E402
 from pgolf.int6 import qmax_for  # noqa: E402
+from pgolf.model import mlp_hidden  # noqa: E402
 
 SMALL = ModelConfig(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, xsa_last_n=2)
 
 
 def shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """name -> (rows, cols) of the block matrices, in GPT.quantizable_names() order."""
-    d, kv, hid = cfg.model_dim, cfg.model_dim // cfg.num_heads * cfg.num_kv_heads, cfg.mlp_mult * cfg.model_dim
+    d, kv, hid = cfg.model_dim, cfg.model_dim // cfg.num_heads * cfg.num_kv_heads, mlp_hidden(cfg)
     per = {"attn.c_q": (d, d), "attn.c_k": (kv, d), "attn.c_v": (kv, d), "attn.proj": (d, d),
            "mlp.fc": (hid, d), "mlp.proj": (d, hid)}
     return {f"blocks.{i}.{k}.weight": s for i in range(cfg.num_layers) for k, s in per.items()}

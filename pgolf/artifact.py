@@ -73,6 +73,7 @@ KIND = "artifact"
 CODEC_IDS = {"lzma": 1, "zstd": 2, "brotli": 3}
 CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 HEADER_BYTES = len(MAGIC) + 6
+MAX_RAW_BYTES = 1 << 28  # 256 MiB: decompressed-body bound (a record artifact body is ~27 MB)
 PLANES = ".planes."  # stored-name prefix of a float byte-plane group
 LAYOUTS = ("flat", "grouped")
 
@@ -91,7 +92,7 @@ CODE_FILES: tuple[str, ...] = (
     "pgolf/io.py",
     "pgolf/lqer.py",
     "pgolf/model.py",
-    "pgolf/summary.py",
+    "pgolf/progress.py",
     "pgolf/tensorfile.py",
     "pgolf/ttt.py",
 )
@@ -227,6 +228,21 @@ def _check_codec(codec: str) -> None:
         raise ConfigError(f"params.yaml: compress.codec must be one of auto, {', '.join(CODEC_IDS)}; got {codec!r}")
 
 
+def check_config(cfg: CompressConfig) -> None:
+    """Every compress.* value usable, else ConfigError naming it (before anything is compressed)."""
+    if cfg.codec != "auto":
+        _check_codec(cfg.codec)
+    if not 0 <= cfg.lzma_preset <= 9:
+        raise ConfigError(f"params.yaml: compress.lzma_preset must be in [0, 9], got {cfg.lzma_preset}")
+    if not 1 <= cfg.zstd_level <= 22:
+        raise ConfigError(f"params.yaml: compress.zstd_level must be in [1, 22], got {cfg.zstd_level}")
+    _check_brotli(cfg)
+    if cfg.layout not in LAYOUTS:
+        raise ConfigError(f"params.yaml: compress.layout must be one of {', '.join(LAYOUTS)}; got {cfg.layout!r}")
+    if cfg.cap_bytes <= 0:
+        raise ConfigError(f"params.yaml: compress.cap_bytes must be positive, got {cfg.cap_bytes}")
+
+
 def codecs(cfg: CompressConfig) -> tuple[str, ...]:
     """The codecs a run computes (and "auto" chooses among): lzma and zstd, plus brotli when
     compress.brotli is on or compress.codec forces it."""
@@ -243,11 +259,15 @@ def _brotli(missing: Exception):
     return brotli
 
 
-def _brotli_compress(raw: bytes, cfg: CompressConfig) -> bytes:
+def _check_brotli(cfg: CompressConfig) -> None:
     if not 0 <= cfg.brotli_quality <= 11:
         raise ConfigError(f"params.yaml: compress.brotli_quality must be in [0, 11], got {cfg.brotli_quality}")
     if not 10 <= cfg.brotli_window <= 24:
         raise ConfigError(f"params.yaml: compress.brotli_window must be in [10, 24], got {cfg.brotli_window}")
+
+
+def _brotli_compress(raw: bytes, cfg: CompressConfig) -> bytes:
+    _check_brotli(cfg)
     missing = ConfigError("params.yaml: compress.brotli / compress.codec brotli need the Python module 'brotli' "
                           "(pip install brotli)")
     return _brotli(missing).compress(raw, quality=cfg.brotli_quality, lgwin=cfg.brotli_window)
@@ -302,6 +322,37 @@ def compress(raw: bytes, codec: str, cfg: CompressConfig) -> bytes:
     return MAGIC + bytes([FORMAT_VERSION, CODEC_IDS[codec]]) + crc + body
 
 
+def _inflate(codec: str, body: bytes, limit: int) -> bytes:
+    """The decompressed body, read in bounded steps: ArtifactError once it would pass `limit`
+    bytes (a small crafted file must not expand without bound), or when the stream is incomplete."""
+    too_big = ArtifactError(f"{codec} body expands to more than {limit:,} bytes (the limit for an artifact body)")
+    if codec == "lzma":
+        d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9}])
+        raw = d.decompress(body, max_length=limit + 1)
+        if len(raw) > limit:
+            raise too_big
+        if not d.eof or d.unused_data:
+            raise ArtifactError(f"{codec} body is truncated or corrupt (stream incomplete or followed by extra bytes)")
+        return raw
+    if codec == "brotli":
+        d = _brotli(ArtifactError("compressed with brotli, but the Python module 'brotli' is not installed "
+                                  "(pip install brotli)")).Decompressor()
+        raw = d.process(body, output_buffer_limit=limit + 1)
+        if len(raw) > limit:
+            raise too_big
+        if not d.is_finished():
+            raise ArtifactError(f"{codec} body is truncated or corrupt (stream incomplete)")
+        return raw
+    import zstandard
+
+    size = zstandard.frame_content_size(body)  # compress() always records it in the frame header
+    if size < 0:
+        raise ArtifactError(f"{codec} body does not record its decompressed size")
+    if size > limit:
+        raise too_big
+    return zstandard.ZstdDecompressor().decompress(body, max_output_size=limit)
+
+
 def decompress(blob: bytes, source: str = "<bytes>") -> tuple[str, bytes]:
     """(codec, raw body) of a compressed artifact; ArtifactError naming `source` otherwise."""
     if len(blob) < HEADER_BYTES or blob[:len(MAGIC)] != MAGIC:
@@ -314,18 +365,10 @@ def decompress(blob: bytes, source: str = "<bytes>") -> tuple[str, bytes]:
     codec, body = CODEC_NAMES[cid], blob[HEADER_BYTES:]
     (crc,) = struct.unpack("<I", blob[len(MAGIC) + 2:HEADER_BYTES])
     try:
-        if codec == "lzma":
-            raw = lzma.decompress(body, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9}])
-        elif codec == "brotli":
-            raw = _brotli(ArtifactError(f"{source}: compressed with brotli, but the Python module 'brotli' is not "
-                                        f"installed (pip install brotli)")).decompress(body)
-        else:
-            import zstandard
-
-            raw = zstandard.ZstdDecompressor().decompress(body)
-    except ArtifactError:
-        raise
-    except Exception as e:  # noqa: BLE001 - lzma.LZMAError / zstd.ZstdError / brotli.error / EOF: all mean corrupt
+        raw = _inflate(codec, body, MAX_RAW_BYTES)
+    except ArtifactError as e:
+        raise ArtifactError(f"{source}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - lzma / zstd / brotli errors, EOF: all mean corrupt
         raise ArtifactError(f"{source}: {codec} body is truncated or corrupt ({type(e).__name__}: {e})") from None
     raw = _head_first(raw, source)
     if zlib.crc32(raw) != crc:

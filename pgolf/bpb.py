@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from pgolf.data import ByteTables, list_shards, load_tokens
 from pgolf.dist import all_reduce_
+from pgolf.progress import track
 
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -147,8 +148,7 @@ def local_sums(model, tok: torch.Tensor, windows: torch.Tensor, width: int, tab:
     sums = torch.zeros(4, dtype=torch.float64, device=tok.device)  # nll, tokens, bytes, windows
     steps = range(0, len(windows), batch_seqs)
     if progress:
-        from tqdm import tqdm
-        steps = tqdm(steps, desc="eval", unit="batch", disable=None, mininterval=2.0)  # off when not a TTY
+        steps = track(steps, desc="eval", unit="batch")  # a bar on a TTY, else a line every 30 s
     was_training = model.training
     model.eval()
     with torch.inference_mode():

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from pgolf import artifact, tensorfile
-from pgolf.config import CompressConfig, ConfigError
+from pgolf.config import CompressConfig
 from pgolf.io import atomic_write_bytes, file_sha256, staged_dir, write_json
 
 QUANT = Path("artifacts/quant/quant.pgt")
@@ -28,14 +28,6 @@ class CompressError(ValueError):
     pass
 
 
-def check_config(cfg: CompressConfig) -> None:
-    if cfg.codec not in ("auto", *artifact.CODEC_IDS):
-        raise ConfigError(f"params.yaml: compress.codec must be auto, {', '.join(artifact.CODEC_IDS)}; "
-                          f"got {cfg.codec!r}")
-    if cfg.cap_bytes <= 0:
-        raise ConfigError(f"params.yaml: compress.cap_bytes must be positive, got {cfg.cap_bytes}")
-
-
 def build(cfg: CompressConfig, script: bytes, quant: Path = QUANT, final: Path = FINAL, metrics: Path = METRICS,
           eval_files: list[dict] | None = None) -> dict:
     """Write the artifact folder (model.ptz, the packed script, code_files.json) and metrics/size.json.
@@ -43,7 +35,7 @@ def build(cfg: CompressConfig, script: bytes, quant: Path = QUANT, final: Path =
     `script` is the packed train_gpt.py whose bytes count as code; `eval_files` the raw
     evaluation files ([{"path", "bytes"}], pgolf.artifact.code_files) recorded as the extra count.
     """
-    check_config(cfg)
+    artifact.check_config(cfg)
     t0 = time.perf_counter()
     tensors, header = tensorfile.load(quant, kind="quantized")
     for key in ("model", "train_seq_len", "tokenizer", "quant"):

@@ -3,7 +3,8 @@
 This module owns the one config path of the project. Every constant of the recipe lives in
 `params.yaml`; each section maps one-to-one onto a dataclass below, whose field comments say
 where the default comes from (recipe-spec section numbers). Loading checks that every key is
-known and of the right type, and names the offending `section.key` otherwise.
+known and of the right type, that no section or key is missing (a run never starts on a default
+it did not ask for), and names the file and the offending `section.key` otherwise.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class ModelConfig:
     model_dim: int = 512
     num_heads: int = 8
     num_kv_heads: int = 4
-    mlp_mult: int = 3
+    mlp_mult: float = 3.0  # MLP hidden = floor(mlp_mult * model_dim + 0.5) (model.mlp_hidden); records: 4.0
     leaky_slope: float = 0.5  # LeakyReLU(0.5)^2
     xsa_last_n: int = 11  # PR #1072: all layers
     bigram_buckets: int = 4096  # PR #1072 code default (§3.5)
@@ -55,7 +56,16 @@ class ModelConfig:
     rope_dims: int = 16  # partial RoPE (§3.4)
     rope_base: float = 10000.0  # PR #1072; PR #535 effectively 22082
     qk_gain_init: float = 1.5
-    logit_softcap: float = 30.0
+    logit_softcap: float = 30.0  # cap of the positive logits (and of the negative ones when equal)
+    logit_softcap_neg: float = 30.0  # cap of the negative logits: c_neg * tanh(z / c_neg) for z < 0
+    smear_bos_mask: bool = False  # SmearGate: no previous-token mix at a BOS (records #1851/#1855)
+    attn_gate_window: int = 0  # sparse attention output gate on the first N input dims (0 = off; records: 12)
+    attn_gate_scale: float = 1.0  # its pre-sigmoid scale (records: #1787 1.0, #1855 0.5)
+    parallel_start_layer: int = 0  # two-lane decoder from this layer (0 = off; records: 8)
+    parallel_final_lane: str = "mean"  # the decoder output with two lanes: mean | attn | mlp
+    num_loops: int = 0  # depth recurrence: extra passes of layers loop_start..loop_end (0 = off; records: 2)
+    loop_start: int = 0  # first layer of the looped range
+    loop_end: int = 0  # last layer of the looped range (inclusive; records: 3..5)
     tied_embed_init_std: float = 0.005
     residual_dtype: str = "fp32"  # fp32 | bf16: the residual stream / embeddings under autocast (CUDA)
     attn_backend: str = "auto"  # auto (FA3 if importable, else SDPA's choice) | flash | cudnn | efficient
@@ -69,12 +79,15 @@ class TrainConfig:
     fused_mlp: bool = True  # Triton fused LeakyReLU^2 MLP on CUDA
     nproc_per_node: int = 1  # >1: the stage relaunches itself through torchrun
     batch_tokens: int = 786_432  # global tokens per optimizer step (§4.1)
-    seq_len: int = 2048
+    seq_len: int = 2048  # the (final) training sequence length; also where the NTK RoPE rule starts
+    seq_len_schedule: str = ""  # "LEN@FRAC,...": LEN until training_frac FRAC, then seq_len ("" = off)
     grad_accum_steps: int = 0  # 0 = 8 // world_size, as the record scripts
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0  # 0 = step-based warmdown
     warmdown_iters: int = 3000  # PR #1072
     warmup_steps: int = 20  # compile priming steps, then state restored (§4.5)
+    min_lr: float = 0.0  # floor of the lr multiplier during warmdown (records #1787: 0.10)
+    loop_enable_frac: float = 0.0  # training_frac before model.num_loops starts (records: 0.35)
     matrix_lr: float = 0.025
     scalar_lr: float = 0.025
     tied_embed_lr: float = 0.035
@@ -82,6 +95,7 @@ class TrainConfig:
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
     muon_ns_steps: int = 5
+    muon_ns_coeffs: str = "quintic"  # quintic (one tuple) | polar_express (a tuple per step, <= 5 steps)
     muon_wd: float = 0.04
     muon_comm_dtype: str = "auto"  # Parallel Muon communication: auto (bf16 on CUDA) | bf16 | fp32
     adam_wd: float = 0.04
@@ -174,8 +188,8 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def _coerce(section: str, key: str, value, typ):
-    """Return `value` as `typ`, or raise ConfigError naming `section.key`."""
+def _coerce(section: str, key: str, value, typ, source: str = "params.yaml"):
+    """Return `value` as `typ`, or raise ConfigError naming `source` and `section.key`."""
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):
@@ -185,33 +199,76 @@ def _coerce(section: str, key: str, value, typ):
             pass
     if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
         return value
-    raise ConfigError(
-        f"params.yaml: {section}.{key} must be {typ.__name__}, got {type(value).__name__} {value!r}"
-    )
+    raise ConfigError(f"{source}: {section}.{key} must be {typ.__name__}, got {type(value).__name__} {value!r}")
 
 
-def from_dict(section: str, data: dict | None):
-    """Build the dataclass of `section` from a dict, checking keys and types."""
+def from_dict(section: str, data: dict | None, source: str = "params.yaml"):
+    """Build the dataclass of `section` from a (possibly partial) dict, checking keys and types.
+
+    Keys left out take the dataclass defaults: for tests and tools that override a few values.
+    A params file goes through `from_doc`, which requires every key.
+    """
     cls = SECTIONS[section]
-    data = data or {}
+    data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"params.yaml: section '{section}' must be a mapping")
+        raise ConfigError(f"{source}: section '{section}' must be a mapping of keys to values")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"params.yaml: unknown key(s) {', '.join(section + '.' + k for k in unknown)}")
-    values = {k: _coerce(section, k, v, hints[k]) for k, v in data.items()}
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(section + '.' + k for k in unknown)}")
+    values = {k: _coerce(section, k, v, hints[k], source) for k, v in data.items()}
     return cls(**values)
 
 
-def load(section: str, path: str | Path = "params.yaml"):
-    """Read one section of a params file into its dataclass."""
+def from_doc(doc: dict, section: str, source: str = "params.yaml"):
+    """The dataclass of `section` from a whole params document: the section and every one of its
+    keys must be there (no run may start on a default it did not ask for)."""
+    if section not in doc:
+        raise ConfigError(f"{source}: section '{section}' is missing (every section of profiles/tiny.yaml "
+                          f"must be present)")
+    data = {} if doc[section] is None else doc[section]
+    if isinstance(data, dict):
+        fields = [f.name for f in dataclasses.fields(SECTIONS[section])]
+        unknown = sorted(set(data) - set(fields))
+        missing = [k for k in fields if k not in data]
+        problems = [f"{what} key(s) {', '.join(section + '.' + k for k in keys)}"
+                    for what, keys in (("unknown", unknown), ("missing", missing)) if keys]
+        if problems:
+            raise ConfigError(f"{source}: {'; '.join(problems)}")
+    return from_dict(section, data, source)
+
+
+def read_doc(path: str | Path = "params.yaml") -> dict:
+    """The parsed params file; ConfigError naming it when it is missing, not YAML or not a mapping."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: params file not found")
-    doc = yaml.safe_load(path.read_text()) or {}
-    return from_dict(section, doc.get(section))
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the params file ({e})") from None
+    return parse_doc(text, str(path))
+
+
+def parse_doc(text: str, source: str) -> dict:
+    """YAML text of a params file -> its top-level mapping; ConfigError naming `source` otherwise."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML{at}: {why}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: must be a mapping of sections (prepare, model, train, ...), "
+                          f"got {type(doc).__name__}")
+    return doc
+
+
+def load(section: str, path: str | Path = "params.yaml"):
+    """Read one section of a params file into its dataclass (every key required)."""
+    return from_doc(read_doc(path), section, str(path))
 
 
 def to_dict(cfg) -> dict:

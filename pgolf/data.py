@@ -28,6 +28,7 @@ HEADER_BYTES = HEADER_WORDS * 4
 MAX_TOKENS_PER_SHARD = 2**31 - 1
 BYTE_TABLES_FILE = "byte_tables.pgt"
 TOKENIZER_META_FILE = "tokenizer.json"
+BOS_ID = 1  # every document of a shard starts with this token (pgolf.tokenizer trains it in)
 
 
 class ShardError(ValueError):
@@ -90,6 +91,15 @@ def read_shard(path: str | Path) -> np.ndarray:
     if toks.size != n:
         raise ShardError(f"{path}: short read ({toks.size} of {n} tokens)")
     return toks.astype(np.uint16, copy=False)
+
+
+def max_token_id(path: str | Path) -> int:
+    """The largest token id in a shard (-1 if it is empty), read through a memory map: a cheap
+    check of a whole shard before training starts."""
+    n = read_shard_header(path)
+    if n == 0:
+        return -1
+    return int(np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,)).max())
 
 
 def list_shards(folder: str | Path, split: str) -> list[Path]:

@@ -141,7 +141,11 @@ def download(train_shards: int, out: str | Path, repo: str = "willdepueoai/param
 
 
 def main(argv: list | None = None) -> int:
-    defaults = config.load("prepare") if Path("params.yaml").exists() else config.PrepareConfig()
+    try:
+        defaults = config.load("prepare") if Path("params.yaml").exists() else config.PrepareConfig()
+    except config.ConfigError as e:
+        print(f"fineweb: error: {e}", file=sys.stderr)
+        return 1
     ap = argparse.ArgumentParser(prog="python -m pgolf.fineweb", description=__doc__.split("\n\n")[0])
     ap.add_argument("--train-shards", type=int, default=defaults.fineweb_train_shards,
                     help="training shards to fetch (100M tokens each)")

@@ -15,6 +15,13 @@ Q(w), the gradient lands unchanged on w) at the cost of one fake-quantisation pe
 one per micro-batch, and switching it on never recompiles a `torch.compile`d model.
 When `forward` gets a `hessians` dict it adds x^T x (fp32) of every quantizable matrix's input
 into it in place (spec §6.5).
+
+Knobs of the later records, each off / at the seeds' value by default: `smear_bos_mask` (no
+SmearGate mix at a BOS), `logit_softcap_neg` (asymmetric softcap), `attn_gate_window` /
+`attn_gate_scale` (sparse per-head attention output gate), a real `mlp_mult` (`mlp_hidden`),
+`parallel_start_layer` / `parallel_final_lane` (two residual lanes in the decoder), `num_loops` /
+`loop_start` / `loop_end` (depth recurrence: `layer_order`; a looped layer's Hessian sums the
+inputs of every pass and QAT quantizes its one set of weights).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pgolf.config import ModelConfig
+from pgolf.data import BOS_ID
 from pgolf.int6 import fake_quant_values, qmax_for
 
 try:  # FlashAttention-3 (Hopper); optional, SDPA otherwise (spec §11)
@@ -43,6 +51,8 @@ BIGRAM_MUL_CUR = 36313
 BIGRAM_MUL_PREV = 27191
 MATRIX_KINDS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")
 RESIDUAL_DTYPES = ("fp32", "bf16")
+PARALLEL_FINAL_LANES = ("mean", "attn", "mlp")
+PARALLEL_RESID_INIT = 1.1  # the records' init of the lanes' self-weights (post weights start at 1)
 ATTN_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -55,8 +65,10 @@ def validate_config(cfg: ModelConfig) -> None:
     positive = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                 "bigram_dim", "ve_dim")
     for name in positive:
-        if getattr(cfg, name) <= 0:
+        if not getattr(cfg, name) > 0:  # also rejects NaN
             raise ValueError(f"model.{name} must be positive, got {getattr(cfg, name)}")
+    if not math.isfinite(cfg.mlp_mult) or mlp_hidden(cfg) < 1:
+        raise ValueError(f"model.mlp_mult * model.model_dim must round to a width >= 1, got {cfg.mlp_mult}")
     if cfg.vocab_size > 65536:
         raise ValueError(f"model.vocab_size must be <= 65536 (uint16 shards), got {cfg.vocab_size}")
     if cfg.bigram_buckets < 2:
@@ -76,14 +88,55 @@ def validate_config(cfg: ModelConfig) -> None:
         raise ValueError("model.rope_dims must not be 2 (the NTK exponent rope_dims/(rope_dims-2) is undefined)")
     if cfg.rope_base <= 0:
         raise ValueError(f"model.rope_base must be positive, got {cfg.rope_base}")
-    if cfg.logit_softcap <= 0:
-        raise ValueError(f"model.logit_softcap must be positive, got {cfg.logit_softcap}")
+    for name in ("logit_softcap", "logit_softcap_neg", "attn_gate_scale"):
+        if not 0 < getattr(cfg, name) < math.inf:
+            raise ValueError(f"model.{name} must be positive and finite, got {getattr(cfg, name)}")
+    if not 0 <= cfg.attn_gate_window <= cfg.model_dim:
+        raise ValueError(f"model.attn_gate_window must be in [0, model.model_dim={cfg.model_dim}], "
+                         f"got {cfg.attn_gate_window}")
     if cfg.leaky_slope < 0:
         raise ValueError(f"model.leaky_slope must be >= 0, got {cfg.leaky_slope}")
+    if cfg.parallel_start_layer and not cfg.num_layers // 2 <= cfg.parallel_start_layer < cfg.num_layers:
+        raise ValueError(f"model.parallel_start_layer must be 0 (off) or a decoder layer in "
+                         f"[{cfg.num_layers // 2}, {cfg.num_layers}), got {cfg.parallel_start_layer}")
+    if cfg.parallel_final_lane not in PARALLEL_FINAL_LANES:
+        raise ValueError(f"model.parallel_final_lane must be one of {list(PARALLEL_FINAL_LANES)}, "
+                         f"got {cfg.parallel_final_lane!r}")
+    _validate_loops(cfg)
     if cfg.residual_dtype not in RESIDUAL_DTYPES:
         raise ValueError(f"model.residual_dtype must be one of {sorted(RESIDUAL_DTYPES)}, got {cfg.residual_dtype!r}")
     if cfg.attn_backend not in ATTN_BACKENDS:
         raise ValueError(f"model.attn_backend must be one of {sorted(ATTN_BACKENDS)}, got {cfg.attn_backend!r}")
+
+
+def _validate_loops(cfg: ModelConfig) -> None:
+    if cfg.num_loops < 0:
+        raise ValueError(f"model.num_loops must be >= 0, got {cfg.num_loops}")
+    if cfg.num_loops == 0:
+        return
+    if not 0 <= cfg.loop_start <= cfg.loop_end < cfg.num_layers:
+        raise ValueError(f"model.loop_start <= model.loop_end must be layers in [0, {cfg.num_layers}), "
+                         f"got {cfg.loop_start}..{cfg.loop_end}")
+    if cfg.parallel_start_layer and cfg.loop_end >= cfg.parallel_start_layer:
+        raise ValueError(f"model.loop_end ({cfg.loop_end}) must be below model.parallel_start_layer "
+                         f"({cfg.parallel_start_layer}): the looped layers run on one lane")
+
+
+def layer_order(cfg: ModelConfig, looping: bool = True) -> list[int]:
+    """The layers a forward runs, in order: 0..L-1, or with depth recurrence the range
+    loop_start..loop_end num_loops + 1 times (11 layers, 3..5, 2 loops: 0 1 2 3 4 5 3 4 5 3 4 5 6 ...).
+    The first half of the list (rounded down) is the U-Net encoder, the rest the decoder."""
+    L = cfg.num_layers
+    if not looping or cfg.num_loops == 0:
+        return list(range(L))
+    seg = list(range(cfg.loop_start, cfg.loop_end + 1))
+    return list(range(cfg.loop_start)) + seg * (cfg.num_loops + 1) + list(range(cfg.loop_end + 1, L))
+
+
+def mlp_hidden(cfg: ModelConfig) -> int:
+    """MLP hidden width: mlp_mult * model_dim rounded half up to an integer (4.0 * 512 -> 2048,
+    2.999 * 128 = 383.87 -> 384); the fused kernel and GPTQ take any width >= 1."""
+    return int(math.floor(cfg.mlp_mult * cfg.model_dim + 0.5))
 
 
 # ----------------------------------------------------------------------------- small pieces
@@ -129,16 +182,26 @@ class BigramHash(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """out_t = (1 - g) * e_t + g * e_{t-1}, g = sigmoid(gate), e_{-1} = 0 (spec §3.6)."""
+    """out_t = (1 - g) * e_t + g * e_{t-1}, g = sigmoid(gate), e_{-1} = 0 (spec §3.6).
 
-    def __init__(self, dim: int):
+    With `bos_id` set (model.smear_bos_mask) g is 0 wherever ids_t == bos_id: a BOS keeps its own
+    embedding, so the last token of one document never reaches the next one through the smear
+    (the records' fix, PR #1851: mask the position whose current token is BOS)."""
+
+    def __init__(self, dim: int, bos_id: int | None = None):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim))
+        self.bos_id = bos_id
 
-    def forward(self, e: torch.Tensor) -> torch.Tensor:
+    def forward(self, e: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """e (B, T, D), ids (B, T) (needed only with a BOS mask) -> (B, T, D)."""
         g = torch.sigmoid(self.gate).to(e.dtype)  # (D,)
         prev = F.pad(e[:, :-1], (0, 0, 1, 0))  # (B, T, D): shifted right, zero at t=0
-        return (1 - g) * e + g * prev
+        if self.bos_id is None:
+            return (1 - g) * e + g * prev
+        keep = (ids != self.bos_id).unsqueeze(-1).to(e.dtype)  # (B, T, 1): 0 at a BOS
+        gt = g * keep  # (B, T, D)
+        return (1 - gt) * e + gt * prev
 
 
 class ValueEmbedding(nn.Module):
@@ -205,6 +268,14 @@ def xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return yg.reshape(B, T, H, hd)
 
 
+def softcap(z: torch.Tensor, cap_pos: float, cap_neg: float) -> torch.Tensor:
+    """c * tanh(z / c) with c = cap_pos for z >= 0 and cap_neg for z < 0 (asymmetric, PR #1923);
+    one tanh when the caps are equal (the seeds' symmetric cap)."""
+    if cap_pos == cap_neg:
+        return cap_pos * torch.tanh(z / cap_pos)
+    return torch.where(z >= 0, cap_pos * torch.tanh(z / cap_pos), cap_neg * torch.tanh(z / cap_neg))
+
+
 def accumulate_gram(hessians: dict[str, torch.Tensor], names: tuple[str, ...], x: torch.Tensor) -> None:
     """hessians[name] += x^T x in fp32 for each name; x (..., n) flattened to (M, n)."""
     with torch.autocast(device_type=x.device.type, enabled=False):
@@ -229,6 +300,18 @@ class CausalSelfAttention(nn.Module):
         self.backend = ATTN_BACKENDS[cfg.attn_backend]
         self.use_fa3 = HAS_FA3 and self.backend is None
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), float(cfg.qk_gain_init)))
+        self.gate_window = cfg.attn_gate_window
+        self.gate_scale = cfg.attn_gate_scale
+        if self.gate_window > 0:  # sparse output gate (PR #1787): zero init, sigmoid(0) = 1/2
+            self.gate_w = nn.Parameter(torch.zeros(cfg.num_heads, self.gate_window))
+        else:
+            self.gate_w = None
+
+    def output_gate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y_{t,h} * sigmoid(scale * gate_w[h] . x_t[:window]); x (B, T, D), y (B, T, H, hd)."""
+        z = F.linear(x[..., :self.gate_window], self.gate_w.to(x.dtype))  # (B, T, H)
+        g = torch.sigmoid(self.gate_scale * z).to(y.dtype)  # (B, T, H)
+        return y * g[..., None]
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention, q (B, T, H, hd), k/v (B, T, Hkv, hd) -> (B, T, H, hd)."""
@@ -266,6 +349,8 @@ class CausalSelfAttention(nn.Module):
         y = self._attend(q, k, v)  # (B, T, H, hd)
         if self.use_xsa:
             y = xsa(y, v.to(y.dtype))
+        if self.gate_w is not None:
+            y = self.output_gate(x, y)  # (B, T, H, hd)
         y = y.reshape(B, T, self.num_heads * hd)  # (B, T, D)
         if hessians is not None:
             accumulate_gram(hessians, (f"{prefix}.attn.proj.weight",), y)
@@ -316,17 +401,31 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))  # (2, D)
 
+    def _attn_branch(self, h_in, w, cos, sin, ve, hessians):
+        """attn_scale * attention(rms_norm(h_in) * ln_scale) -> (B, T, D)."""
+        a = rms_norm(h_in) * self.ln_scale
+        attn = self.attn(a, *w[:4], cos, sin, ve=ve, hessians=hessians, prefix=f"blocks.{self.layer}")
+        return self.attn_scale.to(h_in.dtype) * attn
+
+    def _mlp_branch(self, h, w, hessians):
+        """mlp_scale * MLP(rms_norm(h) * ln_scale) -> (B, T, D)."""
+        m = rms_norm(h) * self.ln_scale
+        mlp = self.mlp(m, w[4], w[5], hessians=hessians, prefix=f"blocks.{self.layer}")
+        return self.mlp_scale.to(h.dtype) * mlp
+
     def forward(self, h, x0, w, cos, sin, ve=None, hessians=None):
         """h, x0 (B, T, D); w = (w_q, w_k, w_v, w_o, w_up, w_down) -> (B, T, D)."""
-        w_q, w_k, w_v, w_o, w_up, w_down = w
-        p = f"blocks.{self.layer}"
         mix = self.resid_mix.to(h.dtype)
         h_in = mix[0] * h + mix[1] * x0
-        a = rms_norm(h_in) * self.ln_scale
-        attn = self.attn(a, w_q, w_k, w_v, w_o, cos, sin, ve=ve, hessians=hessians, prefix=p)
-        h_mid = h_in + self.attn_scale.to(h.dtype) * attn
-        m = rms_norm(h_mid) * self.ln_scale
-        return h_mid + self.mlp_scale.to(h.dtype) * self.mlp(m, w_up, w_down, hessians=hessians, prefix=p)
+        h_mid = h_in + self._attn_branch(h_in, w, cos, sin, ve, hessians)
+        return h_mid + self._mlp_branch(h_mid, w, hessians)
+
+    def parallel(self, lane0, lane1, x0, w, cos, sin, ve=None, hessians=None):
+        """Two-lane block: attention reads lane0 (mixed with x0), the MLP reads lane1, side by
+        side. lane0, lane1, x0 (B, T, D) -> (attn_out, mlp_out), each (B, T, D), branch-scaled."""
+        mix = self.resid_mix.to(lane0.dtype)
+        attn = self._attn_branch(mix[0] * lane0 + mix[1] * x0, w, cos, sin, ve, hessians)
+        return attn, self._mlp_branch(lane1, w, hessians)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -342,23 +441,27 @@ class GPT(nn.Module):
         L, D = cfg.num_layers, cfg.model_dim
         self.head_dim = D // cfg.num_heads
         self.kv_dim = cfg.num_kv_heads * self.head_dim
-        self.hidden = cfg.mlp_mult * D
-        self.num_encoder = L // 2
-        self.num_decoder = L - L // 2
+        self.hidden = mlp_hidden(cfg)
         self.xsa_start = L - cfg.xsa_last_n
         self.ve_start = L - cfg.ve_last_n
+        self.parallel_start = cfg.parallel_start_layer if cfg.parallel_start_layer > 0 else L  # L: off
         self.set_qat_quantile(qat_quantile)
 
         self.tok_emb = nn.Embedding(cfg.vocab_size, D)
         self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, D, cfg.bigram_proj_gain)
-        self.smear = SmearGate(D)
+        self.smear = SmearGate(D, BOS_ID if cfg.smear_bos_mask else None)
         self.rotary = Rotary(cfg.rope_dims, cfg.rope_base, train_seq_len)
         if cfg.ve_last_n > 0:
             self.ve_shared = ValueEmbedding(cfg.vocab_size, cfg.ve_dim, self.kv_dim)
             self.ve_layer_scales = nn.Parameter(torch.ones(cfg.ve_last_n))
         else:
             self.ve_shared = None
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, self.num_decoder), D))
+        n_looped = len(layer_order(cfg))  # the skips of the looped order (the longer one)
+        self.skip_weights = nn.Parameter(torch.ones(min(n_looped // 2, n_looped - n_looped // 2), D))
+        self.looping = cfg.num_loops > 0  # depth recurrence on (the trainer may start it later)
+        if self.parallel_start < L:  # per parallel layer: lane <- resid * lane + post . branches
+            self.parallel_post = nn.Parameter(torch.ones(L - self.parallel_start, 2, 2))
+            self.parallel_resid = nn.Parameter(torch.full((L - self.parallel_start, 2), PARALLEL_RESID_INIT))
         self.qo_bank = nn.Parameter(torch.empty(2 * L, D, D))  # Q in 0..L-1, O in L..2L-1
         self.kv_bank = nn.Parameter(torch.empty(2 * L, self.kv_dim, D))  # K in 0..L-1, V in L..2L-1
         self.mlp_up_bank = nn.Parameter(torch.empty(L, self.hidden, D))
@@ -386,6 +489,12 @@ class GPT(nn.Module):
                 nn.init.orthogonal_(self.mlp_up_bank[i])
             self.qo_bank[L:].zero_()
             self.mlp_down_bank.zero_()
+            for block in self.blocks:
+                if block.attn.gate_w is not None:
+                    block.attn.gate_w.zero_()
+            if self.parallel_start < L:
+                self.parallel_post.fill_(1.0)
+                self.parallel_resid.fill_(PARALLEL_RESID_INIT)
 
     @property
     def use_fused_mlp(self) -> bool:
@@ -414,6 +523,10 @@ class GPT(nn.Module):
         if not 0.0 < quantile <= 1.0:
             raise ValueError(f"train.qat_clip_quantile must be in (0, 1], got {quantile}")
         self.qat_quantile = float(quantile)
+
+    def set_looping(self, enabled: bool) -> None:
+        """Depth recurrence on/off (only with model.num_loops > 0); a compiled model recompiles once."""
+        self.looping = bool(enabled) and self.cfg.num_loops > 0
 
     def set_qat(self, enabled: bool) -> None:
         """Late QAT on/off: from now on `qat_weights()` fake-quantizes the banks (or not)."""
@@ -452,23 +565,52 @@ class GPT(nn.Module):
         T = idx.size(1)
         qo, kv, up, down = self._banks()
         e = self.tok_emb(idx) + self.bigram(idx)  # (B, T, D) fp32 (the tables are fp32)
-        x0 = self.smear(rms_norm(e))  # (B, T, D)
+        x0 = self.smear(rms_norm(e), idx)  # (B, T, D)
         if self.cfg.residual_dtype == "bf16":  # the whole residual stream in the autocast dtype
             x0 = x0.to(_autocast_dtype(x0))
         cos, sin = self.rotary(T, idx.device)  # (T, rd/2) each
         ve = self.ve_shared(idx) if self.ve_shared is not None else None  # (B, T, kvD)
-        h = x0
+        h = x0  # the stream; from model.parallel_start_layer on, lane 0 (lane1: lane 1)
+        lane1 = None
         skips: list[torch.Tensor] = []
-        for i, block in enumerate(self.blocks):
-            j = i - self.num_encoder
+        order = layer_order(self.cfg, self.looping)
+        n_enc = len(order) // 2
+        for pos, i in enumerate(order):
+            block = self.blocks[i]
+            if lane1 is None and i >= self.parallel_start:
+                lane1 = h  # both lanes start as the stream (before this layer's skip)
+            j = pos - n_enc
             if j >= 0 and skips:
                 h = h + self.skip_weights[j].to(h.dtype) * skips.pop()
             ve_i = self.ve_layer_scales[i - self.ve_start] * ve if i >= self.ve_start else None
             w = (qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i])
-            h = block(h, x0, w, cos, sin, ve=ve_i, hessians=hessians)
-            if i < self.num_encoder:
+            if lane1 is None:
+                h = block(h, x0, w, cos, sin, ve=ve_i, hessians=hessians)
+            else:
+                h, lane1 = self._parallel_layer(i, h, lane1, x0, w, cos, sin, ve_i, hessians)
+            if pos < n_enc:
                 skips.append(h)
-        return rms_norm(h)
+        return rms_norm(self._final_lane(h, lane1))
+
+    def _parallel_layer(self, i, lane0, lane1, x0, w, cos, sin, ve, hessians):
+        """Both branches of block i on the two lanes; each lane keeps resid[k] of itself and adds
+        post[k, branch, lane] of each branch (PR #1530's parallel residuals). -> (lane0, lane1)."""
+        k = i - self.parallel_start
+        attn, mlp = self.blocks[i].parallel(lane0, lane1, x0, w, cos, sin, ve=ve, hessians=hessians)
+        post = self.parallel_post[k].to(lane0.dtype)  # (2 branches, 2 lanes)
+        res = self.parallel_resid[k].to(lane0.dtype)  # (2 lanes,)
+        lane0_new = res[0] * lane0 + post[0, 0] * attn + post[1, 0] * mlp
+        return lane0_new, res[1] * lane1 + post[0, 1] * attn + post[1, 1] * mlp
+
+    def _final_lane(self, lane0: torch.Tensor, lane1: torch.Tensor | None) -> torch.Tensor:
+        """The decoder output: the stream, or with two lanes their mean / one of them."""
+        if lane1 is None:
+            return lane0
+        if self.cfg.parallel_final_lane == "attn":
+            return lane0
+        if self.cfg.parallel_final_lane == "mlp":
+            return lane1
+        return 0.5 * (lane0 + lane1)
 
     def forward_logits(self, idx: torch.Tensor) -> torch.Tensor:
         """idx (B, T) -> softcapped logits (B, T, V)."""
@@ -476,9 +618,8 @@ class GPT(nn.Module):
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., D) -> softcapped tied-head logits (..., V); lets callers score only some rows."""
-        c = self.cfg.logit_softcap
         logits = F.linear(h, self.tok_emb.weight)  # (B, T, V), tied head
-        return c * torch.tanh(logits / c)
+        return softcap(logits, self.cfg.logit_softcap, self.cfg.logit_softcap_neg)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor,
                 hessians: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -3,8 +3,9 @@
 This module owns the optimizer math and its distribution:
 
 * pure functions — `zeropower_via_newtonschulz5` (quintic Newton-Schulz, batched over leading
-  dims), `nesterov_momentum_`, `muon_update` (momentum -> NS5 -> shape scale) and
-  `apply_update_` (decoupled weight decay, then the step). The classes below only manage state
+  dims; coefficients by name: the seeds' one tuple or the records' per-step Polar Express
+  ones, `ns_coefficients`), `nesterov_momentum_`, `muon_update` (momentum -> NS5 -> shape
+  scale) and `apply_update_` (decoupled weight decay, then the step). The classes below only manage state
   and communication (the layout of KellerJordan/Muon).
 * `Muon` — single-process Muon for 2-D matrices and 3-D banks (a bank is a batch of matrices).
 * `ParallelMuon` — Muon sharded over torch.distributed without DDP (PR #1072 design, §4.4):
@@ -36,7 +37,31 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic coefficients (Keller Jordan, §4.3)
+# Newton-Schulz coefficient schedules (`train.muon_ns_coeffs`), (a, b, c) per iteration of
+# X <- a X + (b A + c A^2) X, A = X X^T. "quintic": Keller Jordan's one tuple, repeated (§4.3).
+# "polar_express": the per-iteration minimax tuples of Polar Express that the records adopted
+# (PR #1344 -> #1787, 5 steps); iteration k uses tuple k, so it allows at most 5 steps.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+NS_SCHEDULES = ("quintic", "polar_express")
+
+
+def ns_coefficients(name: str, steps: int) -> tuple[tuple[float, float, float], ...]:
+    """The (a, b, c) of each of `steps` Newton-Schulz iterations under schedule `name`."""
+    if name == "quintic":
+        return (NS_COEFFS,) * steps
+    if name == "polar_express":
+        if steps > len(POLAR_EXPRESS_COEFFS):
+            raise ValueError(f"train.muon_ns_steps must be <= {len(POLAR_EXPRESS_COEFFS)} with "
+                             f"train.muon_ns_coeffs polar_express, got {steps}")
+        return POLAR_EXPRESS_COEFFS[:steps]
+    raise ValueError(f"train.muon_ns_coeffs must be one of {list(NS_SCHEDULES)}, got {name!r}")
 
 # torch 2.13 renamed the tensor collectives; older versions (the GPU boxes) only have the old names
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -53,21 +78,22 @@ def default_ns_dtype(t: Tensor) -> torch.dtype:
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7,
-                                dtype: torch.dtype | None = None) -> Tensor:
-    """Approximately orthogonalize each matrix of G (..., R, C) with the quintic iteration.
+                                dtype: torch.dtype | None = None, coeffs: str = "quintic") -> Tensor:
+    """Approximately orthogonalize each matrix of G (..., R, C) with a quintic iteration.
 
-    Returns U S' V^T (where G = U S V^T) with S' roughly in [0.7, 1.2], in `dtype`
-    (default bf16 on CUDA, fp32 on CPU). Each matrix is normalized by its own Frobenius norm.
+    Returns U S' V^T (where G = U S V^T) with S' roughly in [0.7, 1.2] ("quintic"; the
+    "polar_express" schedule lands closer to 1), in `dtype` (default bf16 on CUDA, fp32 on CPU).
+    Each matrix is normalized by its own Frobenius norm.
     """
     if G.ndim < 2:
         raise ValueError(f"Newton-Schulz needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
-    a, b, c = NS_COEFFS
+    schedule = ns_coefficients(coeffs, steps)
     X = G.to(dtype or default_ns_dtype(G))  # (..., R, C)
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT  # (..., C, R): iterate on the wide side, A is the small Gram matrix
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
-    for _ in range(steps):
+    for a, b, c in schedule:
         A = X @ X.mT  # (..., r, r)
         B = b * A + c * (A @ A)  # (..., r, r)
         X = a * X + B @ X  # (..., r, c)
@@ -87,14 +113,15 @@ def nesterov_momentum_(grad: Tensor, buf: Tensor, beta: float, nesterov: bool = 
 
 
 def muon_update(grad: Tensor, momentum_buf: Tensor, beta: float, nesterov: bool = True,
-                ns_steps: int = 5, ns_dtype: torch.dtype | None = None, ns_fn=None) -> Tensor:
+                ns_steps: int = 5, ns_dtype: torch.dtype | None = None, ns_fn=None,
+                ns_coeffs: str = "quintic") -> Tensor:
     """One Muon direction for a matrix or a bank (..., R, C): momentum, NS5, shape scale.
 
     Updates `momentum_buf` in place; returns the scaled update in the NS dtype.
     """
     u = nesterov_momentum_(grad, momentum_buf, beta, nesterov)  # (..., R, C) fp32
     ns = ns_fn or zeropower_via_newtonschulz5
-    return ns(u, ns_steps, 1e-7, ns_dtype or default_ns_dtype(u)) * shape_scale(u.shape)
+    return ns(u, ns_steps, 1e-7, ns_dtype or default_ns_dtype(u), ns_coeffs) * shape_scale(u.shape)
 
 
 @torch.no_grad()
@@ -142,9 +169,10 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
                  ns_steps: int = 5, nesterov: bool = True, ns_dtype: torch.dtype | None = None,
-                 compile: bool = False):
+                 compile: bool = False, ns_coeffs: str = "quintic"):
+        ns_coefficients(ns_coeffs, ns_steps)  # fail here, not at the first step
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps,
-                        nesterov=nesterov)
+                        nesterov=nesterov, ns_coeffs=ns_coeffs)
         super().__init__(params, defaults)
         _check_muon_params([p for g in self.param_groups for p in g["params"]])
         self.ns_dtype = ns_dtype
@@ -165,7 +193,8 @@ class Muon(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
                 ns_fn = compiled_newtonschulz5() if self.compile and p.is_cuda else None
                 upd = muon_update(p.grad, state["momentum_buffer"], group["momentum"],
-                                  group["nesterov"], group["ns_steps"], self.ns_dtype, ns_fn)
+                                  group["nesterov"], group["ns_steps"], self.ns_dtype, ns_fn,
+                                  group.get("ns_coeffs", "quintic"))
                 apply_update_(p, upd, group["lr"], group["weight_decay"])
         return loss
 
@@ -203,9 +232,11 @@ class ParallelMuon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
                  ns_steps: int = 5, nesterov: bool = True, comm_dtype: torch.dtype | None = None,
-                 ns_dtype: torch.dtype | None = None, compile: bool = False, group=None):
+                 ns_dtype: torch.dtype | None = None, compile: bool = False, group=None,
+                 ns_coeffs: str = "quintic"):
+        ns_coefficients(ns_coeffs, ns_steps)  # fail here, not at the first step
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps,
-                        nesterov=nesterov)
+                        nesterov=nesterov, ns_coeffs=ns_coeffs)
         super().__init__(params, defaults)
         all_params = [p for g in self.param_groups for p in g["params"]]
         _check_muon_params(all_params)
@@ -310,7 +341,7 @@ class ParallelMuon(torch.optim.Optimizer):
         g = s.group
         ns_fn = compiled_newtonschulz5() if self.compile and s.param.is_cuda else None
         return muon_update(s.shard, s.momentum, g["momentum"], g["nesterov"], g["ns_steps"],
-                           self.ns_dtype, ns_fn)
+                           self.ns_dtype, ns_fn, g.get("ns_coeffs", "quintic"))
 
     def _launch_gather(self, s: _Slot) -> None:
         if not self.distributed:
@@ -551,8 +582,8 @@ def _comm_dtype(cfg) -> torch.dtype | None:
 def build_optimizers(groups: dict[str, list[Tensor]], cfg, dist_info) -> Optimizers:
     """Muon (sharded when world > 1) for groups["matrix"], AdamW for "embed" and "scalar" (§4.2).
 
-    `cfg` is a TrainConfig: matrix_lr, muon_wd, muon_ns_steps, muon_momentum, tied_embed_lr,
-    scalar_lr, beta1, beta2, adam_eps, adam_wd, compile (NS5 compiled on CUDA), and optionally
+    `cfg` is a TrainConfig: matrix_lr, muon_wd, muon_ns_steps, muon_ns_coeffs, muon_momentum,
+    tied_embed_lr, scalar_lr, beta1, beta2, adam_eps, adam_wd, compile (NS5 compiled on CUDA), and optionally
     muon_comm_dtype. `dist_info` (pgolf.dist.DistInfo or None) gives the world size and device.
     """
     for key in ("matrix", "embed", "scalar"):
@@ -562,7 +593,8 @@ def build_optimizers(groups: dict[str, list[Tensor]], cfg, dist_info) -> Optimiz
     cuda = dist_info is not None and dist_info.device.type == "cuda"
     compile_ns = cfg.compile and cuda
     mk = dict(lr=cfg.matrix_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_wd,
-              ns_steps=cfg.muon_ns_steps, nesterov=True, compile=compile_ns)
+              ns_steps=cfg.muon_ns_steps, nesterov=True, compile=compile_ns,
+              ns_coeffs=cfg.muon_ns_coeffs)
     if world > 1:
         muon = ParallelMuon(groups["matrix"], comm_dtype=_comm_dtype(cfg), **mk)
     else:

@@ -45,6 +45,7 @@ PACKED_FILES: tuple[str, ...] = (
     "pgolf/model.py",
     "pgolf/optim.py",
     "pgolf/prepare.py",
+    "pgolf/progress.py",
     "pgolf/prune.py",
     "pgolf/quantize.py",
     "pgolf/recipe.py",

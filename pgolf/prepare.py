@@ -26,15 +26,16 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
-from tqdm import tqdm
 
 from pgolf import data, tokenizer
 from pgolf.config import ConfigError, PrepareConfig
 from pgolf.corpus import CorpusError, corpus_files, iter_documents
 from pgolf.io import staged_dir, write_json
+from pgolf.progress import Progress, track
 
 SOURCES = ("embedded", "local", "fineweb")
 CHUNK_DOCS = 256  # documents per encoding task
+MIN_TEXT_TOKENS = 256  # fewer text tokens in a split (BOS not counted) = an empty or near-empty corpus
 
 
 # ----------------------------------------------------------------------------- config
@@ -155,7 +156,7 @@ def encode_split(docs: Iterable[str], model_path: Path, writer: ShardWriter, wor
                  tables: data.ByteTables | None = None, desc: str = "") -> dict:
     """Encode documents as [BOS] + ids into `writer`; with `tables`, byte-check every document."""
     n_docs = tab_bytes = txt_bytes = 0
-    bar = tqdm(desc=f"encode {desc}", unit="doc", disable=None)
+    bar = Progress(f"encode {desc}", unit="doc")
     for ids, nbytes in _encoded(docs, model_path, workers, want_bytes=tables is not None):
         if tables is not None:
             t, x = tokenizer.byte_check(ids, nbytes, tables, name=desc, first_index=n_docs)
@@ -207,6 +208,14 @@ def _doc_sources(cfg: PrepareConfig, root: Path):
     return val_docs, train_docs
 
 
+def _check_not_near_empty(split: dict, path: Path, what: str) -> None:
+    """CorpusError naming `path` when the split's documents hold almost no text (empty files)."""
+    text_tokens = split["tokens"] - split["docs"]  # one BOS per document
+    if text_tokens < MIN_TEXT_TOKENS:
+        raise CorpusError(f"{path}: empty or near-empty corpus: {split['docs']:,} {what} document(s) hold "
+                          f"{text_tokens:,} tokens of text (at least {MIN_TEXT_TOKENS} needed)")
+
+
 def _prepare_text(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> dict:
     for p in (cfg.corpus, cfg.val_source):  # fail fast on a missing path, before any work
         if p and not corpus_files(_path(root, p)):
@@ -232,11 +241,13 @@ def _prepare_text(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> dic
                        tables=tables, desc="val")
     if val["docs"] == 0:
         raise CorpusError(f"{cfg.val_source or cfg.corpus}: no validation documents")
+    _check_not_near_empty(val, _path(root, cfg.val_source or cfg.corpus), "validation")
     train = encode_split(train_docs(), model, ShardWriter(sdir, "train", cfg.shard_tokens), cfg.workers,
                          desc="train")
     if train["docs"] == 0:
         raise CorpusError(f"{cfg.corpus}: no training documents (after taking {cfg.val_docs} for validation)"
                           if not cfg.val_source else f"{cfg.corpus}: no training documents")
+    _check_not_near_empty(train, _path(root, cfg.corpus), "training")
     val_bytes = tables.stream_bytes(data.load_tokens(data.list_shards(sdir, "val")))
     if val_bytes != val["text_bytes"]:
         raise tokenizer.TokenizerError(f"byte check failed: validation shards hold {val_bytes} bytes, "
@@ -274,7 +285,7 @@ def _prepare_fineweb(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> 
     for split in ("val", "train"):
         n_tok = n_docs = 0
         paths = data.list_shards(val_folder if split == "val" else folder, split)
-        for p in tqdm(paths, desc=f"check {split} shards", unit="shard", disable=None):
+        for p in track(paths, desc=f"check {split} shards", unit="shard"):
             toks = data.read_shard(p)
             if toks.size and int(toks.max()) >= cfg.vocab_size:
                 raise data.ShardError(f"{p}: token id {int(toks.max())} >= prepare.vocab_size {cfg.vocab_size}")

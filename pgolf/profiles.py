@@ -1,4 +1,5 @@
-"""Profiles: complete params files for the tiny CPU run and the record recipe.
+"""Profiles: complete params files for the tiny CPU run, the record recipe and the (unmeasured)
+frontier recipe (the record plus the later records' knobs).
 
 `profiles/<name>.yaml` sets every key of every section, so switching profile is copying one file
 onto `params.yaml`: every value stays visible to DVC as a param (`dvc params diff` shows the
@@ -14,8 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from pgolf import config
 from pgolf.io import atomic_write_text
 
@@ -27,17 +26,16 @@ def available(root: Path = Path(".")) -> list[str]:
 
 
 def validate(text: str, source: str) -> dict:
-    doc = yaml.safe_load(text) or {}
+    """The profile's document, every section and key present and typed; errors name `source`."""
+    doc = config.parse_doc(text, source)
     for section in config.SECTIONS:
-        if section not in doc:
-            raise config.ConfigError(f"{source}: missing section '{section}'")
-        config.from_dict(section, doc[section])
+        config.from_doc(doc, section, source)
     return doc
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:
-    return [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}"
-            for s in config.SECTIONS for k, v in new[s].items() if old.get(s, {}).get(k) != v]
+    return [f"{s}.{k}: {(old.get(s) or {}).get(k)!r} -> {v!r}"
+            for s in config.SECTIONS for k, v in new[s].items() if (old.get(s) or {}).get(k) != v]
 
 
 def apply(name: str, root: Path = Path(".")) -> list[str]:
@@ -48,9 +46,12 @@ def apply(name: str, root: Path = Path(".")) -> list[str]:
     text = src.read_text()
     new = validate(text, str(src))
     params = root / "params.yaml"
-    old = yaml.safe_load(params.read_text()) if params.exists() else {}
+    try:
+        old = config.read_doc(params)
+    except config.ConfigError:
+        old = {}  # a broken params.yaml is what a profile replaces
     atomic_write_text(params, text)
-    return changed_keys(old or {}, new)
+    return changed_keys(old, new)
 
 
 def main(argv: list[str] | None = None) -> int:

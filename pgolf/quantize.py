@@ -377,8 +377,7 @@ def run(qcfg: QuantizeConfig, ccfg: CompressConfig, train_dir: str | Path = TRAI
     """The whole stage; outputs are written only after everything succeeded. -> the metrics dict.
     `code_bytes`: the code counted toward quantize.target_bytes (the packed train_gpt.py's size)."""
     check_config(qcfg)
-    if qcfg.prune:
-        artifact.choose(b"", ccfg)  # ConfigError for a bad compress.* now, not after GPTQ
+    artifact.check_config(ccfg)  # ConfigError for a bad compress.* now, not after GPTQ
     device = resolve_device(qcfg)
     t0 = time.perf_counter()
     inp = load_inputs(train_dir)

@@ -28,6 +28,7 @@ from pgolf.compress import CompressError, build, over_cap_message
 from pgolf.corpus import CorpusError
 from pgolf.data import ShardError
 from pgolf.hessian import HessianError
+from pgolf.io import OutputError
 from pgolf.prune import PruneError
 from pgolf.tensorfile import TensorFileError
 from pgolf.tokenizer import TokenizerError
@@ -38,7 +39,7 @@ TOKENIZER = "data/tokenizers/fineweb_{vocab}_bpe.model"
 BARRIER_TIMEOUT_S = 3600.0  # rank 0 quantizes and compresses while the others wait
 EXPECTED_ERRORS = (config.ConfigError, ArtifactError, CompressError, CorpusError, ShardError, HessianError,
                    PruneError, TensorFileError, TokenizerError, train.TrainError, quantize.QuantizeError,
-                   evaluate.EvaluateError, FileNotFoundError)
+                   evaluate.EvaluateError, FileNotFoundError, OutputError)
 
 
 class RecipeError(ValueError):

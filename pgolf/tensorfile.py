@@ -110,8 +110,31 @@ def loads(blob: bytes, source: str = "<bytes>", kind: str | None = None) -> tupl
         raise TensorFileError(f"{source}: truncated payload ({len(payload)} of {header['payload_bytes']} bytes)")
     if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
         raise TensorFileError(f"{source}: checksum mismatch (payload modified or corrupt)")
-    out = {e["name"]: from_buffer(payload, e["dtype"], e["shape"], e["offset"]) for e in header["tensors"]}
+    entries = header.get("tensors")
+    if not isinstance(entries, list):
+        raise TensorFileError(f"{source}: corrupt header: no tensor table")
+    out = {}
+    for e in entries:
+        _check_entry(e, len(payload), source)
+        out[e["name"]] = from_buffer(payload, e["dtype"], e["shape"], e["offset"])
     return out, header
+
+
+def _check_entry(e, payload_bytes: int, source: str) -> None:
+    """A tensor-table entry must name a known dtype and a shape and byte range inside the payload
+    (a checksum proves only that the payload matches the header, not that the header is sane)."""
+    if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+        raise TensorFileError(f"{source}: corrupt tensor table entry {e!r:.80}")
+    name, dtype, shape, offset = e["name"], e.get("dtype"), e.get("shape"), e.get("offset")
+    if dtype not in _DTYPES:
+        raise TensorFileError(f"{source}: tensor {name!r} has unsupported dtype {dtype!r} "
+                              f"(known: {', '.join(_DTYPES)})")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise TensorFileError(f"{source}: tensor {name!r} has an invalid shape {shape!r}")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype][1]).itemsize
+    if type(offset) is not int or offset < 0 or offset + nbytes > payload_bytes:
+        raise TensorFileError(f"{source}: tensor {name!r} ({dtype} {shape}) lies outside the payload "
+                              f"(offset {offset!r}, {payload_bytes} payload bytes)")
 
 
 def save(path: str | Path, tensors: dict[str, torch.Tensor], kind: str, meta: dict | None = None) -> int:

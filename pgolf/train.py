@@ -7,7 +7,8 @@ the train stage:
   wallclock-based (§4.5: W = warmdown_iters * mean step ms, remaining R = cap - elapsed,
   scale = R/W once R <= W, so it reaches 0 at the cap), or step-based over the last
   `warmdown_iters` of `iterations` when `max_wallclock_seconds` is 0. Muon momentum ramps
-  linearly from `muon_momentum_warmup_start` to `muon_momentum` over its warmup steps.
+  linearly from `muon_momentum_warmup_start` to `muon_momentum` over its warmup steps. The
+  optimizers get `lr_multiplier` = max(scale, `min_lr`); the logged lr_scale is that multiplier.
 * a step: `grad_accum_steps` micro-batches (bf16 autocast + torch.compile on CUDA, fp32 eager on
   CPU), clip by the global grad norm, Muon + AdamW
   (pgolf.optim), then the EMA update. Nothing in a step waits for the device: step times come
@@ -17,6 +18,10 @@ the train stage:
   and stops on the same step when the wallclock cap is reached.
 * compile priming (§4.5): `warmup_steps` real steps (the last one with a Hessian capture), then
   the model, optimizer state and loader are restored.
+* sequence-length schedule (`seq_len_schedule`): shorter sequences (same tokens per step) until
+  given training fractions, then `seq_len`; compile priming runs every length.
+* depth recurrence (`model.num_loops`): off until `training_frac` reaches `loop_enable_frac`
+  (compile priming runs both graphs), on for the final evaluation and in the export.
 * late QAT: `model.set_qat(True)` the first time the scale drops below `late_qat_threshold`;
   each step's forwards/backwards then run inside `model.qat_weights()` (Q(w) swapped into the
   banks, straight-through gradients), so the compiled graph never changes.
@@ -53,11 +58,11 @@ from torch.profiler import record_function
 
 from pgolf import dist, hessian, tensorfile
 from pgolf.config import ConfigError, ModelConfig, TrainConfig
-from pgolf.data import (DistributedTokenLoader, list_shards, load_byte_tables,
+from pgolf.data import (DistributedTokenLoader, list_shards, load_byte_tables, max_token_id,
                         read_shard, read_shard_header, read_tokenizer_meta)
 from pgolf.io import atomic_write_text, staged_dir, write_json
-from pgolf.model import GPT, QAT_BITS, validate_config
-from pgolf.optim import build_optimizers
+from pgolf.model import GPT, QAT_BITS, layer_order, validate_config
+from pgolf.optim import build_optimizers, ns_coefficients
 
 CHECKPOINT_FILE = "train_state.pgt"
 CHECKPOINT_KIND = "train_checkpoint"
@@ -121,7 +126,11 @@ def validate(cfg: TrainConfig, mcfg: ModelConfig) -> None:
     for key in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             bad(key, "must be in [0, 1)")
-    for key in ("swa_threshold", "late_qat_threshold"):
+    try:
+        ns_coefficients(cfg.muon_ns_coeffs, cfg.muon_ns_steps)
+    except ValueError as e:
+        raise ConfigError(f"params.yaml: {e}") from None
+    for key in ("swa_threshold", "late_qat_threshold", "min_lr", "loop_enable_frac"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             bad(key, "must be in [0, 1]")
     if not cfg.hessian_start_scale >= 0:  # > 1: capture from the first step (the scale is <= 1)
@@ -134,6 +143,35 @@ def validate(cfg: TrainConfig, mcfg: ModelConfig) -> None:
         bad("checkpoint_dir", "must name a folder when train.checkpoint_every > 0")
     if cfg.seq_len > cfg.batch_tokens:
         bad("seq_len", f"must be <= train.batch_tokens ({cfg.batch_tokens})")
+    parse_seq_len_schedule(cfg)
+
+
+def parse_seq_len_schedule(cfg: TrainConfig) -> list[tuple[int, float]]:
+    """`train.seq_len_schedule` "LEN@FRAC,..." -> [(LEN, FRAC)]: each LEN (<= train.seq_len) is used
+    while training_frac < its FRAC (increasing, in (0, 1]), then train.seq_len. "" -> []."""
+    if not cfg.seq_len_schedule.strip():
+        return []
+    out = []
+    for item in cfg.seq_len_schedule.split(","):
+        try:
+            length, frac = item.split("@")
+            out.append((int(length), float(frac)))
+        except ValueError:
+            raise ConfigError(f"params.yaml: train.seq_len_schedule must be 'LEN@FRAC,...', got "
+                              f"{cfg.seq_len_schedule!r}") from None
+    fracs = [f for _, f in out]
+    if not all(0 < f <= 1 for f in fracs) or fracs != sorted(set(fracs)):
+        raise ConfigError(f"params.yaml: train.seq_len_schedule fractions must increase within (0, 1], "
+                          f"got {cfg.seq_len_schedule!r}")
+    if not all(1 <= n <= cfg.seq_len for n, _ in out):
+        raise ConfigError(f"params.yaml: train.seq_len_schedule lengths must be in [1, train.seq_len="
+                          f"{cfg.seq_len}], got {cfg.seq_len_schedule!r}")
+    return out
+
+
+def seq_len_at(frac: float, cfg: TrainConfig, schedule: list[tuple[int, float]]) -> int:
+    """The training sequence length at training_frac `frac` under the parsed schedule."""
+    return next((n for n, until in schedule if frac < until), cfg.seq_len)
 
 
 def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
@@ -142,12 +180,14 @@ def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
 
 
 def check_batch(cfg: TrainConfig, world_size: int, accum: int) -> int:
-    """Tokens of one micro-batch per rank; ConfigError unless the global batch splits evenly."""
-    denom = world_size * accum * cfg.seq_len
-    if cfg.batch_tokens % denom:
-        raise ConfigError(
-            f"params.yaml: train.batch_tokens ({cfg.batch_tokens}) must be divisible by world_size * "
-            f"grad_accum_steps * train.seq_len = {world_size} * {accum} * {cfg.seq_len} = {denom}")
+    """Tokens of one micro-batch per rank; ConfigError unless the global batch splits evenly into
+    sequences of train.seq_len and of every length of train.seq_len_schedule."""
+    for key, n in [("seq_len", cfg.seq_len)] + [("seq_len_schedule", n) for n, _ in parse_seq_len_schedule(cfg)]:
+        denom = world_size * accum * n
+        if cfg.batch_tokens % denom:
+            raise ConfigError(
+                f"params.yaml: train.batch_tokens ({cfg.batch_tokens}) must be divisible by world_size * "
+                f"grad_accum_steps * train.{key} = {world_size} * {accum} * {n} = {denom}")
     return cfg.batch_tokens // (world_size * accum)
 
 
@@ -172,6 +212,19 @@ def lr_scale(step: int, elapsed_ms: float, cfg: TrainConfig) -> float:
     warmdown_ms = cfg.warmdown_iters * step_ms
     remaining_ms = max(cfg.max_wallclock_seconds * 1000.0 - elapsed_ms, 0.0)
     return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+
+def lr_multiplier(scale: float, cfg: TrainConfig) -> float:
+    """The lr multiplier the optimizers get: the warmdown scale floored at `train.min_lr` (the
+    records' MIN_LR). Late QAT, SWA and the Hessian window keep reading the unfloored scale."""
+    return max(scale, cfg.min_lr)
+
+
+def training_frac(step: int, elapsed_ms: float, cfg: TrainConfig) -> float:
+    """How far training is before step `step`: elapsed / cap with a wallclock cap, else
+    step / iterations (the records' rule for switching depth recurrence on)."""
+    cap_ms = cfg.max_wallclock_seconds * 1000.0
+    return elapsed_ms / cap_ms if cap_ms > 0 else step / cfg.iterations
 
 
 def muon_momentum_at(step: int, cfg: TrainConfig) -> float:
@@ -429,9 +482,10 @@ def check_inputs(paths: Paths, mcfg: ModelConfig, cfg: TrainConfig) -> Inputs:
     if tables.vocab_size != mcfg.vocab_size:
         raise TrainError(f"{Path(paths.tokenizer) / 'byte_tables.pgt'}: byte tables cover {tables.vocab_size} "
                          f"tokens, model.vocab_size is {mcfg.vocab_size}")
-    first = read_shard(train[0])
-    if first.size and int(first.max()) >= mcfg.vocab_size:
-        raise TrainError(f"{train[0]}: token id {int(first.max())} >= model.vocab_size {mcfg.vocab_size}")
+    for shard in train:  # every shard, before step 1 (a bad id would otherwise fail at its step)
+        top = max_token_id(shard)
+        if top >= mcfg.vocab_size:
+            raise TrainError(f"{shard}: token id {top} >= model.vocab_size {mcfg.vocab_size}")
     from pgolf.bpb import load_val_tokens
 
     try:
@@ -520,6 +574,11 @@ class Trainer:
         self.elapsed_ms = 0.0
         self.stopped_by = "iterations"
         self.qat_start_step: int | None = None
+        if mcfg.num_loops > 0 and cfg.loop_enable_frac > 0:
+            self.model.set_looping(False)  # depth recurrence starts at train.loop_enable_frac
+        self.loop_start_step: int | None = 0 if self.model.looping else None
+        self.seq_schedule = parse_seq_len_schedule(cfg)
+        self.seq_len = seq_len_at(0.0, cfg, self.seq_schedule)  # this step's training sequence length
         self.timer = StepTimer(self.cuda)  # per-step device time, for the Hessian overhead
         self.step_kind: list[str] = []  # "h" Hessian step, "w" normal step inside the Hessian window, "n" other
         self.resumed_from = 0
@@ -563,7 +622,7 @@ class Trainer:
         with self.model.qat_weights():  # late QAT: the banks hold Q(w) until the update
             for micro in range(self.accum):
                 with record_function("pgolf.data"):
-                    x, y = self.loader.next_batch(self.cfg.batch_tokens, self.cfg.seq_len, self.accum)  # (B, T)
+                    x, y = self.loader.next_batch(self.cfg.batch_tokens, self.seq_len, self.accum)  # (B, T)
                 if micro == 0 and hessians is not None:
                     self._capture_hessians(x, y, hessians)
                 with record_function("pgolf.fwd"), self._autocast():
@@ -639,6 +698,8 @@ class Trainer:
         self.elapsed_ms = float(meta["elapsed_ms"])
         self.clock = Clock(self.elapsed_ms)
         self.qat_start_step = meta["qat_start_step"]
+        self.loop_start_step = meta["loop_start_step"]
+        self.model.set_looping(self.loop_start_step is not None)
         if meta["qat_on"]:
             self.model.set_qat(True)
         self.timer.load(meta["step_ms"])
@@ -662,6 +723,7 @@ class Trainer:
             return
         meta = {"fingerprint": self.fp, "step": self.step, "elapsed_ms": self.elapsed_ms,
                 "qat_on": self.model.qat_on, "qat_start_step": self.qat_start_step,
+                "loop_start_step": self.loop_start_step,
                 "swa_count": self.avg.swa_count, "swa_first_step": self.avg.swa_first_step,
                 "hessian": hess_meta, "optimizer": opt_tree, "loader": self.loader.state_dict(),
                 "step_ms": self.step_ms, "step_kind": self.step_kind,
@@ -679,8 +741,16 @@ class Trainer:
             model_state = {k: p.detach().clone() for k, p in self.model.named_parameters()}
             opt_state = self.opt.state_dict()
             scratch = self.model.zero_hessians()
-            for i in range(n):
-                self._step(self.step, 1.0, scratch if (i == n - 1 and n > 1) else None, ema=False)
+            looping, seq_len = self.model.looping, self.seq_len
+            lengths = sorted({self.cfg.seq_len} | {length for length, _ in self.seq_schedule})
+            for mode in ([False, True] if self.mcfg.num_loops > 0 and not looping else [looping]):
+                self.model.set_looping(mode)  # prime the looped graph too when it comes later
+                for length in lengths:  # and one graph per training sequence length
+                    self.seq_len = length
+                    for i in range(n):
+                        self._step(self.step, 1.0, scratch if (i == n - 1 and n > 1) else None, ema=False)
+            self.model.set_looping(looping)
+            self.seq_len = seq_len
             self._sync()
             with torch.no_grad():
                 for k, p in self.model.named_parameters():
@@ -720,9 +790,12 @@ class Trainer:
                 self.model.set_qat(True)
                 self.qat_start_step = step
                 self.log(f"late_qat: enabled at step {step} (lr scale {scale:.4f})")
+            self._maybe_start_loops(step)
+            self._set_seq_len(step)
             capture = self.hess.due(step, scale, force=self._force_hessian())
             self.timer.start()
-            loss = self._step(step, scale, self.hess.sums if capture else None)
+            lr = lr_multiplier(scale, cfg)  # the schedule's triggers above read the unfloored scale
+            loss = self._step(step, lr, self.hess.sums if capture else None)
             if capture:
                 self.hess.record(self.local_tokens)
             self.timer.stop()  # no sync: the host queues the next step while the device works
@@ -735,7 +808,7 @@ class Trainer:
                 self.stopped_by = "wallclock"
             last = self.step == cfg.iterations or self.stopped_by == "wallclock"
             if self.step == 1 or last or (cfg.log_every > 0 and self.step % cfg.log_every == 0):
-                self._log_step(loss, scale)
+                self._log_step(loss, lr)
             if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0 and not last:
                 self._sync()
                 self.clock.pause()
@@ -749,6 +822,25 @@ class Trainer:
         self._sync()  # the training time includes the device finishing the queued work
         self.clock.pause()
         self.elapsed_ms = self._shared_max(self.clock.ms())
+        self.model.set_looping(True)  # evaluated as the evaluate stage rebuilds it: looping when configured
+
+    def _set_seq_len(self, step: int) -> None:
+        """Follow train.seq_len_schedule (a no-op without one); log each change."""
+        n = seq_len_at(training_frac(step, self.elapsed_ms, self.cfg), self.cfg, self.seq_schedule)
+        if n != self.seq_len:
+            self.log(f"seq_len: {n} from step {step}")
+        self.seq_len = n
+
+    def _maybe_start_loops(self, step: int) -> None:
+        """Switch depth recurrence on once training_frac reaches train.loop_enable_frac."""
+        if self.model.looping or self.mcfg.num_loops == 0:
+            return
+        frac = training_frac(step, self.elapsed_ms, self.cfg)
+        if frac >= self.cfg.loop_enable_frac:
+            self.model.set_looping(True)
+            self.loop_start_step = step
+            self.log(f"depth_recurrence: enabled at step {step} (frac {frac:.3f}), layers "
+                     f"{layer_order(self.mcfg)}")
 
     def _check_finite(self, loss_v: float) -> None:
         """Stop on a NaN/inf loss; the last checkpoint written (a finite state) is kept."""
@@ -847,6 +939,7 @@ class Trainer:
             "hessian_accumulations": hmeta["accumulations"],
             "hessian_rows": hmeta["rows"],
             "qat_start_step": self.qat_start_step,
+            "loop_start_step": self.loop_start_step,
             "swa_snapshots": self.avg.swa_count,
             "swa_start_step": self.avg.swa_first_step,
             "exported_weights": self.avg.source,

@@ -42,6 +42,7 @@ from pgolf.config import ConfigError, EvaluateConfig
 from pgolf.data import ByteTables
 from pgolf.dist import all_reduce_
 from pgolf.model import MATRIX_KINDS
+from pgolf.progress import track
 
 MODES = ("lora", "full")
 OPTIMIZERS = ("sgd", "adam")
@@ -240,8 +241,7 @@ def eval_ttt(model, tokens: np.ndarray, tables: ByteTables, cfg: EvaluateConfig,
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     steps = range(lo, hi)
     if progress and rank == 0:
-        from tqdm import tqdm
-        steps = tqdm(steps, desc="ttt", unit="chunk", disable=None, mininterval=2.0)  # off when not a TTY
+        steps = track(steps, desc="ttt", unit="chunk")  # a bar on a TTY, else a line every 30 s
     for c in steps:
         win = torch.from_numpy(chunks[c]).to(device)  # (n_c, 3)
         sums += bpb.local_sums(model, tok, win, cfg.context, tab, cfg.batch_seqs, fwd, amp, per_target=per_target)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pgolf import artifact, config, pack, tensorfile
 from pgolf.compress import CompressError, build, over_cap_message
+from pgolf.io import OutputError
 
 __all__ = ["CompressError", "build", "main"]
 
@@ -20,7 +21,8 @@ def main() -> int:
         cfg = config.load("compress")
         script = pack.build_script(Path("."))
         m = build(cfg, script, eval_files=artifact.code_files("."))
-    except (config.ConfigError, tensorfile.TensorFileError, CompressError, pack.PackError, FileNotFoundError) as e:
+    except (config.ConfigError, tensorfile.TensorFileError, CompressError, pack.PackError, FileNotFoundError,
+            OutputError) as e:
         print(f"compress: error: {e}", file=sys.stderr)
         return 1
     print(f"compress: {m['codec']} {m['model_bytes']:,} bytes (lzma {m['lzma_bytes']:,}, zstd {m['zstd_bytes']:,}, "

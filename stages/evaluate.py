@@ -1,7 +1,8 @@
 """Stage `evaluate`: artifacts/final/model.ptz (+ val shards, tokenizer) -> metrics/eval.json.
 
-Scores the artifact alone (sliding window, and non-sliding over the same tokens), then prints
-the end-of-pipeline summary. With evaluate.nproc_per_node > 1 (and not already under torchrun)
+Scores the artifact alone (sliding window, and non-sliding over the same tokens) and prints one
+result line (`python -m pgolf.summary` prints the whole summary, once, at the end of the
+Quickstart). With evaluate.nproc_per_node > 1 (and not already under torchrun)
 the stage re-executes itself through torchrun; every rank scores its share, rank 0 writes.
 """
 
@@ -14,10 +15,10 @@ from pgolf import config, dist
 from pgolf.artifact import ArtifactError
 from pgolf.data import ShardError
 from pgolf.evaluate import EvaluateError, run, validate
-from pgolf.summary import render
 from pgolf.tensorfile import TensorFileError
+from pgolf.io import OutputError
 
-EXPECTED_ERRORS = (config.ConfigError, ArtifactError, TensorFileError, ShardError, EvaluateError,
+EXPECTED_ERRORS = (OutputError, config.ConfigError, ArtifactError, TensorFileError, ShardError, EvaluateError,
                    FileNotFoundError, ValueError)
 
 
@@ -44,7 +45,6 @@ def main() -> int:
     dist.print0(f"evaluate: val_bpb {m['val_bpb']:.5f} (sliding, context {m['context']}, stride {m['stride']}, "
                 f"{m['windows']:,} windows), non-sliding {m['val_bpb_nonsliding']:.5f}, "
                 f"{m['scored_tokens']:,} tokens / {m['scored_bytes']:,} bytes, {m['eval_seconds']:.1f} s")
-    dist.print0(render("metrics"))
     return 0
 
 

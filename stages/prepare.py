@@ -10,8 +10,10 @@ from pgolf.data import ShardError
 from pgolf.prepare import run
 from pgolf.tensorfile import TensorFileError
 from pgolf.tokenizer import TokenizerError
+from pgolf.io import OutputError
 
-EXPECTED_ERRORS = (config.ConfigError, CorpusError, ShardError, TokenizerError, TensorFileError, FileNotFoundError)
+EXPECTED_ERRORS = (OutputError, config.ConfigError, CorpusError, ShardError, TokenizerError, TensorFileError,
+                   FileNotFoundError)
 
 
 def main() -> int:

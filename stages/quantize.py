@@ -12,8 +12,10 @@ from pgolf import config, pack
 from pgolf.prune import PruneError
 from pgolf.quantize import QuantizeError, run, summary_line
 from pgolf.tensorfile import TensorFileError
+from pgolf.io import OutputError
 
-EXPECTED_ERRORS = (config.ConfigError, QuantizeError, PruneError, TensorFileError, pack.PackError, FileNotFoundError)
+EXPECTED_ERRORS = (OutputError, config.ConfigError, QuantizeError, PruneError, TensorFileError, pack.PackError,
+                   FileNotFoundError)
 
 
 def main() -> int:

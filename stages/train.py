@@ -14,8 +14,9 @@ from pgolf.data import ShardError
 from pgolf.hessian import HessianError
 from pgolf.tensorfile import TensorFileError
 from pgolf.train import TrainError, run, validate
+from pgolf.io import OutputError
 
-EXPECTED_ERRORS = (config.ConfigError, ShardError, TensorFileError, TrainError, HessianError, FileNotFoundError)
+EXPECTED_ERRORS = (OutputError, config.ConfigError, ShardError, TensorFileError, TrainError, HessianError, FileNotFoundError)
 
 
 def _error(e: Exception) -> int:

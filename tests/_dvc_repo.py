@@ -25,19 +25,22 @@ MICRO = {
 }
 
 
-def run(args: list[str], cwd: Path, check: bool = True) -> str:
+def run(args: list[str], cwd: Path, check: bool = True, fail: bool = False) -> str:
+    """Output of a command; with `check` it must succeed, with `fail` it must fail."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     p = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     out = p.stdout + p.stderr
-    if check:
+    if fail:
+        assert p.returncode != 0, f"{' '.join(args)} succeeded but must fail:\n{out[-4000:]}"
+    elif check:
         assert p.returncode == 0, f"{' '.join(args)} failed ({p.returncode}):\n{out[-4000:]}"
     return out
 
 
-def dvc(*args: str, cwd: Path) -> str:
-    return run([sys.executable, "-m", "dvc", *args], cwd)
+def dvc(*args: str, cwd: Path, fail: bool = False) -> str:
+    return run([sys.executable, "-m", "dvc", *args], cwd, fail=fail)
 
 
 def set_params(repo: Path, updates: dict) -> None:

@@ -1,11 +1,19 @@
 """Test-wide setup: without CUDA, Triton runs in interpreter mode (must be set before kernels are
-defined, because the choice is made when they are decorated); GPU tests skip without CUDA."""
+defined, because the choice is made when they are decorated); GPU tests skip without CUDA.
+
+Comparing numbers: fp32 results are bit-identical only for a rerun of the very same computation
+on the same machine. Results of two different paths (other batch shapes, ranks, thread counts)
+differ in the last bits, and by how much depends on the CPU model and its BLAS kernels, so such
+comparisons use CROSS_PATH_RTOL / `assert_codes_close`, tolerances that hold on any CPU.
+"""
 
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -21,6 +29,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+CROSS_PATH_RTOL = 1e-5  # fp32 losses summed in fp64 along two paths: ~1e-7 seen, 100x headroom
+
+
+def assert_codes_close(a: torch.Tensor, b: torch.Tensor, max_frac: float = 0.02) -> None:
+    """Integer codes from two paths of float math: equal, except a value that sat on a rounding
+    boundary may land one step away (at most `max_frac` of the entries)."""
+    assert a.shape == b.shape and a.dtype == b.dtype
+    diff = (a.int() - b.int()).abs()
+    worst = int(diff.max()) if diff.numel() else 0
+    assert worst <= 1, f"codes differ by {worst}"
+    assert float((diff > 0).float().mean()) <= max_frac, f"{int((diff > 0).sum())} of {diff.numel()} codes differ"
 
 
 MICRO_CFG = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2,
@@ -53,3 +74,14 @@ def single_thread():
 def one_thread():
     with single_thread():
         yield
+
+
+TINY_PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "tiny.yaml"
+
+
+def params_yaml(**sections: dict) -> str:
+    """The tiny profile (every section and key, as a params file must have) with some values replaced."""
+    doc = yaml.safe_load(TINY_PROFILE.read_text())
+    for section, values in sections.items():
+        doc[section].update(values)
+    return yaml.safe_dump(doc, sort_keys=False)

@@ -311,3 +311,45 @@ def test_code_files_cover_every_pgolf_module_the_evaluate_stage_imports():
     assert all((ROOT / f).is_file() for f in A.CODE_FILES)
     files = A.code_files(ROOT)
     assert A.code_bytes(ROOT) == sum(f["bytes"] for f in files) == sum((ROOT / f).stat().st_size for f in A.CODE_FILES)
+
+
+# ----------------------------------------------------------------------------- crafted files (issue 17 item 10)
+
+
+def _with_header(raw: bytes, edit) -> bytes:
+    """`raw` (a tensorfile) with its JSON header edited; the payload and its sha256 are unchanged."""
+    import json
+    import struct
+
+    (hlen,) = struct.unpack("<I", raw[8:12])
+    header = json.loads(raw[12:12 + hlen])
+    edit(header)
+    hbytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    return raw[:8] + struct.pack("<I", len(hbytes)) + hbytes + raw[12 + hlen:]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h["tensors"][0].update(dtype="complex64"), "has unsupported dtype 'complex64'"),
+    (lambda h: h["tensors"][0].update(shape=[1 << 20, 1 << 20]), "lies outside the payload"),
+    (lambda h: h["tensors"][0].update(shape=[-1]), "has an invalid shape [-1]"),
+    (lambda h: h["tensors"][0].update(offset=10 ** 12), "lies outside the payload"),
+    (lambda h: h.update(tensors={}), "no tensor table"),
+], ids=["dtype", "shape too big", "negative shape", "offset", "no table"])
+@pytest.mark.parametrize("codec", ["lzma", "zstd"])
+def test_crafted_header_with_a_valid_checksum_is_an_artifact_error(codec, edit, message):
+    tensors = {"w": torch.arange(12, dtype=torch.int8).reshape(3, 4), "s": torch.ones(3, dtype=torch.float16)}
+    raw = _with_header(A.serialize(tensors, {"model": {}}), edit)
+    blob = A.compress(raw, codec, dataclasses.replace(CFG, lzma_preset=1, zstd_level=1))  # valid CRC-32
+    with pytest.raises(A.ArtifactError, match=r"^crafted\.ptz: .*" + message.replace("[", r"\[").replace("]", r"\]")):
+        A.loads_artifact(blob, "crafted.ptz")
+
+
+@pytest.mark.parametrize("codec", ["lzma", "zstd"])
+def test_decompression_is_bounded(codec, monkeypatch):
+    monkeypatch.setattr(A, "MAX_RAW_BYTES", 100_000)
+    bomb = A.compress(bytes(100_001), codec, dataclasses.replace(CFG, lzma_preset=1, zstd_level=1))
+    assert len(bomb) < 1000  # a small file ...
+    with pytest.raises(A.ArtifactError, match=rf"^bomb\.ptz: {codec} body expands to more than 100,000 bytes"):
+        A.decompress(bomb, "bomb.ptz")  # ... that would expand past the bound
+    ok = A.compress(bytes(99_990), codec, dataclasses.replace(CFG, lzma_preset=1, zstd_level=1))
+    assert A.decompress(ok, "ok.ptz")[1] == bytes(99_990)

@@ -96,5 +96,14 @@ def test_bad_codec_params_are_named(over, message):
 
 
 def test_unknown_codec_name_in_the_compress_stage(workdir):  # noqa: F811
-    with pytest.raises(ConfigError, match="compress.codec must be auto, lzma, zstd, brotli; got 'lz4'"):
+    with pytest.raises(ConfigError, match="compress.codec must be one of auto, lzma, zstd, brotli; got 'lz4'"):
         build(workdir, dataclasses.replace(FAST, codec="lz4"))
+
+
+def test_brotli_decompression_is_bounded(monkeypatch):
+    monkeypatch.setattr(A, "MAX_RAW_BYTES", 100_000)
+    bomb = A.compress(bytes(100_001), "brotli", FAST)
+    assert len(bomb) < 1000  # a small file that would expand past the bound
+    with pytest.raises(A.ArtifactError, match=r"^bomb\.ptz: brotli body expands to more than 100,000 bytes"):
+        A.decompress(bomb, "bomb.ptz")
+    assert A.decompress(A.compress(bytes(99_990), "brotli", FAST), "ok.ptz")[1] == bytes(99_990)

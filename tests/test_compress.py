@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from conftest import MICRO_CFG, tiny_model
+from conftest import MICRO_CFG, params_yaml, tiny_model
 from pgolf import artifact, pack, tensorfile
 from pgolf.config import CompressConfig
 from pgolf.int6 import qmax_for, quantize, row_scale
@@ -55,7 +54,7 @@ def write_quant(path: Path, model: GPT, lossless: bool = False) -> Path:
 def copy_code(dst: Path) -> None:
     """The packed sources, the raw evaluation files + this stage into a scratch repo (code bytes
     are counted from cwd)."""
-    for rel in {*pack.PACKED_FILES, *artifact.CODE_FILES, "stages/compress.py"}:
+    for rel in {*pack.PACKED_FILES, *artifact.CODE_FILES, "pgolf/pack.py", "stages/compress.py"}:
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         (dst / rel).write_bytes((ROOT / rel).read_bytes())
 
@@ -76,9 +75,7 @@ def build(workdir, cfg=FAST):
 
 def write_params(workdir: Path, **compress_kv) -> None:
     """The repo's params.yaml with compress.* overridden (the packed script bakes every section)."""
-    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
-    doc["compress"].update(compress_kv)
-    (workdir / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    (workdir / "params.yaml").write_text(params_yaml(compress=compress_kv))
 
 
 def test_build_writes_artifact_code_list_and_metrics(workdir):
@@ -155,3 +152,28 @@ def test_quant_meta_missing_key(workdir):
     tensorfile.save(workdir / "artifacts/quant/quant.pgt", tensors, kind="quantized", meta=meta)
     with pytest.raises(compress.CompressError, match="quant.pgt: meta lacks 'tokenizer'"):
         build(workdir)
+
+
+def test_disk_full_is_an_error_naming_the_file_and_outputs_stay(workdir):
+    """A write the system refuses (here: the file-size limit, errno 27 EFBIG, the error a full or
+    size-limited disk gives) ends the stage with an error naming the file; no traceback, and the
+    previous artifact and metrics are untouched."""
+    import resource
+    import signal
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+
+    write_params(workdir, codec="zstd")
+    copy_code(workdir)
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    run = [sys.executable, "-m", "stages.compress"]
+    assert subprocess.run(run, cwd=workdir, capture_output=True, env=env).returncode == 0
+    before = {p: (workdir / p).read_bytes() for p in ("artifacts/final/model.ptz", "metrics/size.json")}
+    p = subprocess.run(run, cwd=workdir, capture_output=True, text=True, env=env, preexec_fn=limited)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.startswith("compress: error: artifacts/final/model.ptz: cannot write (File too large"), p.stderr
+    assert "Traceback" not in p.stderr
+    assert {p: (workdir / p).read_bytes() for p in before} == before
+    assert sorted(q.name for q in (workdir / "artifacts").iterdir()) == ["final", "quant"]  # no temp folder left

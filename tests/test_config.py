@@ -1,6 +1,7 @@
 """params.yaml <-> pgolf/config.py: every field is set explicitly, types are checked."""
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,9 @@ def test_params_yaml_sets_every_field_of_every_section():
         config.load(section, ROOT / "params.yaml")
 
 
-def test_record_profile_sets_every_field_too():
-    doc = yaml.safe_load((ROOT / "profiles" / "record.yaml").read_text())
+@pytest.mark.parametrize("name", ["record", "frontier"])
+def test_record_profile_sets_every_field_too(name):
+    doc = yaml.safe_load((ROOT / "profiles" / f"{name}.yaml").read_text())
     for section, cls in config.SECTIONS.items():
         assert set(doc[section]) == {f.name for f in dataclasses.fields(cls)}
         config.from_dict(section, doc[section])
@@ -61,3 +63,79 @@ def test_profile_apply_round_trip(tmp_path):
     assert (tmp_path / "params.yaml").read_text() == (ROOT / "profiles" / "tiny.yaml").read_text()
     with pytest.raises(config.ConfigError, match="no such profile"):
         profiles.apply("nope", tmp_path)
+
+
+# ----------------------------------------------------------------------------- issue 17: 5, 6, 11
+
+
+def test_missing_section_is_an_error_naming_it(tmp_path):
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del doc["train"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(config.ConfigError, match=r"params.yaml: section 'train' is missing"):
+        config.load("train", tmp_path / "params.yaml")
+    doc["train"] = None  # `train:` with nothing under it
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(config.ConfigError, match=r"missing key\(s\) train\.seed, train\.device"):
+        config.load("train", tmp_path / "params.yaml")
+
+
+def test_missing_key_is_an_error_naming_it(tmp_path):
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del doc["train"]["batch_tokens"], doc["train"]["iterations"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(config.ConfigError, match=r"params.yaml: missing key\(s\) train\.batch_tokens, train\.iterations"):
+        config.load("train", tmp_path / "params.yaml")
+    assert config.load("model", tmp_path / "params.yaml").num_layers == 4  # other sections still load
+
+
+@pytest.mark.parametrize("text", ["train: [unclosed\n", "train:\n  seed: 1\n bad-indent: 2\n", "- a\n- b\n", "42\n", ""])
+def test_not_yaml_or_not_a_mapping_is_an_error_naming_the_file(tmp_path, text):
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(config.ConfigError, match=r"params.yaml: (not valid YAML|must be a mapping)"):
+        config.load("train", tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("stage", ["prepare", "train", "quantize", "compress", "evaluate", "params"])
+def test_stages_report_invalid_yaml_without_traceback(tmp_path, stage):
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text("quantize:\n  bits: 6\n  damp: [0.01\n")
+    p = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.startswith(f"{stage}: error: params.yaml: not valid YAML at line"), p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_profile_with_a_typo_blames_the_profile(tmp_path):
+    from pgolf import profiles
+
+    shutil.copytree(ROOT / "profiles", tmp_path / "profiles")
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    bad = tmp_path / "profiles" / "typo.yaml"
+    bad.write_text((ROOT / "profiles" / "tiny.yaml").read_text().replace("  bits: 6", "  bitz: 6"))
+    with pytest.raises(config.ConfigError, match=r"profiles/typo.yaml: unknown key\(s\) quantize\.bitz") as e:
+        profiles.apply("typo", tmp_path)
+    assert "params.yaml" not in str(e.value)
+    bad.write_text((ROOT / "profiles" / "tiny.yaml").read_text().replace("  iterations: 150", "  iterations: many"))
+    with pytest.raises(config.ConfigError, match=r"profiles/typo.yaml: train\.iterations must be int"):
+        profiles.apply("typo", tmp_path)
+    bad.write_text("train: {\n")
+    with pytest.raises(config.ConfigError, match=r"profiles/typo.yaml: not valid YAML"):
+        profiles.apply("typo", tmp_path)
+    assert (tmp_path / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()  # untouched
+
+
+def test_frontier_is_the_record_profile_plus_the_records_knobs():
+    """Only the knob keys differ (a frontier that also changed, say, the lr would not be the
+    record + knobs that its header says), and its header says it is unmeasured."""
+    rec = yaml.safe_load((ROOT / "profiles" / "record.yaml").read_text())
+    text = (ROOT / "profiles" / "frontier.yaml").read_text()
+    front = yaml.safe_load(text)
+    diff = {f"{s}.{k}" for s in rec for k in rec[s] if rec[s][k] != front[s][k]}
+    assert diff == {"model.smear_bos_mask", "model.attn_gate_window", "model.parallel_start_layer",
+                    "model.num_loops", "model.loop_start", "model.loop_end", "train.min_lr",
+                    "train.loop_enable_frac", "train.muon_ns_coeffs"}
+    assert "NOT MEASURED" in text.split("prepare:")[0]

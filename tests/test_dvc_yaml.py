@@ -17,7 +17,7 @@ from pgolf.artifact import CODE_FILES
 from pgolf.pack import BAKED_SECTIONS, PACKED_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "train", "quantize", "compress", "evaluate")
+STAGES = ("params", "prepare", "train", "curves", "quantize", "compress", "evaluate")
 PLUMBING = {"stages/__init__.py", "pgolf/__init__.py", "pgolf/config.py", "pgolf/io.py", "pgolf/tensorfile.py"}  # see dvc.yaml header
 TRAINING_CODE = ("pgolf/train.py", "pgolf/optim.py", "pgolf/hessian.py", "pgolf/kernels")
 

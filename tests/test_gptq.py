@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from _quant_model import MICRO, eval_loss, trained
+from conftest import assert_codes_close
 from pgolf import int6
 from pgolf.gptq import GPTQSpec, gptq_batch, gptq_lite_batch, gptq_matrices, row_errors
 
@@ -136,7 +137,7 @@ def test_per_row_choice_is_the_best_candidate_of_each_row():
     best = torch.argmin(row_err, dim=0)  # (rows,)
     for i in range(W.shape[0]):  # rows are independent: each row equals its best single run's row
         k = int(best[i])
-        assert torch.equal(multi.q[i], singles[k].q[i])
+        assert_codes_close(multi.q[i], singles[k].q[i])
         assert multi.scale[i] == int6.row_scale(W[i:i + 1], QS[k], 31).half()[0]
     assert multi.err == pytest.approx(float(row_err.min(0).values.sum()), rel=1e-5)
     assert sum(multi.choice) == W.shape[0] and sum(1 for c in multi.choice if c) >= 2  # rows differ
@@ -187,8 +188,9 @@ def test_batched_equals_one_by_one_and_is_deterministic():
     again = gptq_batch(W, H, spec)
     for k in range(3):
         single = gptq_batch(W[k:k + 1], H[k:k + 1], spec)[0]
-        assert torch.equal(batch[k].q, single.q) and torch.equal(batch[k].scale, single.scale)
-        assert torch.equal(batch[k].q, again[k].q)
+        assert_codes_close(batch[k].q, single.q)  # other batch shape: other float summation order
+        assert torch.equal(batch[k].scale, single.scale)
+        assert torch.equal(batch[k].q, again[k].q)  # the very same computation: bit-identical
 
 
 def test_bits_set_the_code_range():

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 from pgolf.config import ModelConfig
 from pgolf.int6 import fake_quant
-from pgolf.model import GPT, Rotary, bigram_hash, count_params, validate_config, xsa
+from pgolf.model import (GPT, Rotary, SmearGate, bigram_hash, count_params, layer_order, mlp_hidden, softcap,
+                         validate_config, xsa)
+from pgolf.data import BOS_ID
 
 TINY = ModelConfig(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=3,
                    xsa_last_n=2, bigram_buckets=31, bigram_dim=8, ve_dim=8, ve_last_n=1, rope_dims=4)
@@ -71,6 +73,14 @@ def test_record_inventory_shapes():
     (dict(bigram_buckets=1), "model.bigram_buckets"),
     (dict(residual_dtype="fp16"), "model.residual_dtype"),
     (dict(attn_backend="flex"), "model.attn_backend"),
+    (dict(mlp_mult=0.0), "model.mlp_mult"),
+    (dict(mlp_mult=float("nan")), "model.mlp_mult"),
+    (dict(mlp_mult=0.0009), "model.mlp_mult"),  # 0.46 rounds to width 0
+    (dict(logit_softcap_neg=0.0), "model.logit_softcap_neg"),
+    (dict(logit_softcap=float("inf")), "model.logit_softcap"),
+    (dict(attn_gate_window=513), "model.attn_gate_window"),
+    (dict(attn_gate_window=-1), "model.attn_gate_window"),
+    (dict(attn_gate_scale=0.0), "model.attn_gate_scale"),
 ])
 def test_config_errors_name_the_field(change, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -453,3 +463,225 @@ def test_fused_mlp_path_matches_eager_on_cuda():
         m.use_fused_mlp = True
         got = m(x, y)
     torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
+
+
+# ----------------------------------------------------------------------------- the records' knobs
+
+
+def two_docs(seed=0, T=10, D=16, cut=5):
+    """ids (1, T) = [BOS, 4 tokens, BOS, 4 tokens] and embeddings e (1, T, D)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 64, (1, T), generator=g)
+    ids[0, 0] = ids[0, cut] = BOS_ID
+    return ids, torch.randn(1, T, D, generator=g)
+
+
+def test_smear_bos_mask_keeps_the_second_document_independent_of_the_first():
+    torch.manual_seed(0)
+    masked, plain = SmearGate(16, bos_id=BOS_ID), SmearGate(16)
+    with torch.no_grad():
+        masked.gate.normal_()
+        plain.gate.copy_(masked.gate)
+    ids, e = two_docs()
+    ids2, e2 = ids.clone(), e.clone()
+    ids2[0, 1:5] = torch.tensor([7, 8, 9, 10])  # another first document, same second one
+    e2[0, :5] = torch.randn(5, 16)
+    out, out2 = masked(e, ids), masked(e2, ids2)
+    assert torch.equal(out[0, 5:], out2[0, 5:])  # the second document never sees the first
+    assert not torch.equal(plain(e, ids)[0, 5:], plain(e2, ids2)[0, 5:])  # the seeds' gate leaks at BOS
+    g = torch.sigmoid(masked.gate)  # hand reference: BOS keeps its embedding, others mix
+    want = (1 - g) * e + g * F.pad(e[:, :-1], (0, 0, 1, 0))
+    want[0, [0, 5]] = e[0, [0, 5]]
+    torch.testing.assert_close(out, want)
+
+
+def test_smear_bos_mask_in_the_model_changes_only_bos_positions():
+    cfg = dataclasses.replace(TINY, smear_bos_mask=True)
+    m, ref = make_tiny(cfg=cfg), make_tiny(cfg=TINY)
+    assert count_params(cfg) == count_params(TINY)
+    x, y = batch()
+    x[x == BOS_ID] = 2  # no BOS: identical to the unmasked model
+    assert torch.equal(m(x, y), ref(x, y))
+    x[:, 6] = BOS_ID
+    with torch.no_grad():
+        a, b = m.forward_logits(x), ref.forward_logits(x)
+    torch.testing.assert_close(a[:, :6], b[:, :6], rtol=0, atol=0)  # causal: before the BOS unchanged
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+
+
+def test_asymmetric_softcap_matches_hand_reference():
+    z = torch.linspace(-400, 400, 1001)
+    got = softcap(z, 30.0, 10.0)
+    want = torch.tensor([30.0 * math.tanh(v / 30.0) if v >= 0 else 10.0 * math.tanh(v / 10.0) for v in z.tolist()])
+    torch.testing.assert_close(got, want)
+    assert got.min() >= -10.0 and got.max() <= 30.0 and got.min() < -9.99
+    assert torch.equal(softcap(z, 30.0, 30.0), 30.0 * torch.tanh(z / 30.0))  # the seeds' formula exactly
+    cfg = dataclasses.replace(TINY, logit_softcap=20.0, logit_softcap_neg=5.0)
+    m = make_tiny(cfg=cfg)
+    with torch.no_grad():
+        m.tok_emb.weight.mul_(400.0)
+        x, _ = batch()
+        raw = m.forward_hidden(x) @ m.tok_emb.weight.T
+        torch.testing.assert_close(m.forward_logits(x), softcap(raw, 20.0, 5.0))
+    assert count_params(cfg) == count_params(TINY)
+
+
+def test_sparse_attention_gate_matches_hand_reference():
+    cfg = dataclasses.replace(TINY, attn_gate_window=5, attn_gate_scale=0.5)
+    m = make_tiny(cfg=cfg)
+    attn = m.blocks[1].attn
+    assert attn.gate_w.shape == (4, 5)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(2, 7, 32, generator=g), torch.randn(2, 7, 4, 8, generator=g)
+    want = y.clone()
+    for b in range(2):
+        for t in range(7):
+            for h in range(4):
+                z = float(attn.gate_w[h].detach() @ x[b, t, :5])
+                want[b, t, h] *= 1.0 / (1.0 + math.exp(-0.5 * z))
+    torch.testing.assert_close(attn.output_gate(x, y), want)
+    # zero gate weights halve every head: the same model as no gate with half the O matrices
+    torch.manual_seed(0)
+    zero, plain = GPT(cfg), GPT(TINY)
+    assert all(b.attn.gate_w.abs().max() == 0 for b in zero.blocks)
+    proj = {k: v for k, v in m.export_state_dict().items() if k.endswith("attn.proj.weight")}
+    zero.load_export_state_dict(dict(zero.export_state_dict(), **proj))
+    rest = {k: v for k, v in zero.export_state_dict().items() if ".gate_w" not in k}
+    plain.load_export_state_dict(dict(rest, **{k: 0.5 * v for k, v in proj.items()}))
+    xb, yb = batch()
+    torch.testing.assert_close(zero(xb, yb), plain(xb, yb))
+
+
+def test_sparse_attention_gate_params_groups_and_export():
+    cfg = dataclasses.replace(ModelConfig(), attn_gate_window=12)
+    assert count_params(cfg) - count_params(ModelConfig()) == 11 * 8 * 12  # 1,056 (records: ~1K)
+    m = make_tiny(cfg=dataclasses.replace(TINY, attn_gate_window=4))
+    scalar_ids = {id(p) for p in m.optimizer_groups()["scalar"]}
+    assert all(id(b.attn.gate_w) in scalar_ids for b in m.blocks)  # AdamW scalar group, as the records
+    sd = m.export_state_dict()
+    assert sd["blocks.2.attn.gate_w"].shape == (4, 4)
+    other = GPT(dataclasses.replace(TINY, attn_gate_window=4))
+    other.load_export_state_dict(sd)
+    x, y = batch()
+    assert torch.equal(m(x, y), other(x, y))
+
+
+@pytest.mark.parametrize("mult,dim,hidden", [(3.0, 512, 1536), (4.0, 512, 2048), (2.999, 128, 384),
+                                             (2.515625, 32, 81), (3.03125, 32, 97), (0.5, 2, 1)])
+def test_mlp_hidden_rounds_half_up(mult, dim, hidden):
+    assert mlp_hidden(ModelConfig(model_dim=dim, num_heads=1, num_kv_heads=1, mlp_mult=mult)) == hidden
+
+
+def test_odd_mlp_width_builds_trains_and_exports():
+    cfg = dataclasses.replace(TINY, mlp_mult=3.03125)  # hidden 97
+    m = make_tiny(cfg=cfg)
+    assert m.mlp_up_bank.shape == (3, 97, 32) and m.hessian_shapes()["blocks.0.mlp.proj.weight"] == 97
+    assert count_params(cfg) - count_params(TINY) == 2 * TINY.num_layers * 32  # one more row + column
+    wide = count_params(dataclasses.replace(ModelConfig(), mlp_mult=4.0))
+    assert wide - count_params(ModelConfig()) == 11 * 2 * 512 * 512  # 33,023,068
+    x, y = batch()
+    hs = m.zero_hessians()
+    loss = m(x, y, hessians=hs)
+    loss.backward()
+    assert m.mlp_down_bank.grad.shape == (3, 32, 97) and hs["blocks.1.mlp.proj.weight"].shape == (97, 97)
+    other = GPT(cfg)
+    other.load_export_state_dict(m.export_state_dict())
+    assert torch.equal(other(x, y), m(x, y))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("final", ["mean", "attn", "mlp"])
+def test_parallel_lanes_match_hand_reference(final):
+    """3 layers, lanes from layer 1 (the whole decoder): attention reads lane 0 (+ x0 mix), the MLP
+    reads lane 1; lane <- resid * lane + post[attn] * attn + post[mlp] * mlp; output by `final`."""
+    cfg = dataclasses.replace(TINY, parallel_start_layer=1, parallel_final_lane=final)
+    m = make_tiny(cfg=cfg)
+    assert m.parallel_post.shape == (2, 2, 2) and m.parallel_resid.shape == (2, 2)
+    seen = {}
+    m.blocks[0].register_forward_hook(lambda mod, args, out: seen.update(out0=out, x0=args[1]))
+    x, y = batch()
+    H = m.zero_hessians()
+    got = m.forward_hidden(x, H)
+    out0, x0 = seen["out0"], seen["x0"]
+    lane0, lane1 = out0 + m.skip_weights[0] * out0, out0  # the skip lands on lane 0 only
+    ve = m.ve_layer_scales[0] * m.ve_shared.scale * (m.ve_shared.embed.weight[x] @ m.ve_shared.proj.weight.T)
+    for k, layer in enumerate((1, 2)):
+        blk, s = m.blocks[layer], 1.0 / math.sqrt(layer + 1)
+        attn_out, _ = naive_attention(m, layer, naive_rms(blk.resid_mix[0] * lane0 + blk.resid_mix[1] * x0) * s,
+                                      ve if layer == 2 else None)
+        a = blk.attn_scale * attn_out
+        mlp_in = naive_rms(lane1) * s
+        u = mlp_in @ m.mlp_up_bank[layer].T
+        b = blk.mlp_scale * ((torch.where(u >= 0, u, 0.5 * u) ** 2) @ m.mlp_down_bank[layer].T)
+        P, r = m.parallel_post[k], m.parallel_resid[k]
+        lane0, lane1 = r[0] * lane0 + P[0, 0] * a + P[1, 0] * b, r[1] * lane1 + P[0, 1] * a + P[1, 1] * b
+    want = {"mean": 0.5 * (lane0 + lane1), "attn": lane0, "mlp": lane1}[final]
+    torch.testing.assert_close(got, naive_rms(want), atol=1e-5, rtol=1e-5)
+    flat = mlp_in.reshape(-1, 32)  # the last layer's MLP input: its Hessian follows lane 1
+    torch.testing.assert_close(H["blocks.2.mlp.fc.weight"], flat.T @ flat, atol=1e-4, rtol=1e-5)
+
+
+def test_parallel_lanes_params_init_and_export():
+    cfg = dataclasses.replace(ModelConfig(), parallel_start_layer=8)
+    assert count_params(cfg) - count_params(ModelConfig()) == 3 * (4 + 2)  # layers 8-10: +18
+    torch.manual_seed(0)
+    m = GPT(dataclasses.replace(TINY, parallel_start_layer=2))
+    assert torch.all(m.parallel_post == 1) and torch.all(m.parallel_resid == 1.1)
+    assert {id(m.parallel_post), id(m.parallel_resid)} <= {id(p) for p in m.optimizer_groups()["scalar"]}
+    other = GPT(dataclasses.replace(TINY, parallel_start_layer=2))
+    other.load_export_state_dict(m.export_state_dict())
+    x, y = batch()
+    assert torch.equal(m(x, y), other(x, y))
+    validate_config(dataclasses.replace(ModelConfig(), parallel_start_layer=5))  # the first decoder layer
+    for bad in (4, 11, -1):  # 4 is in the encoder of 11 layers, 11 is past the last layer
+        with pytest.raises(ValueError, match=r"model\.parallel_start_layer"):
+            validate_config(dataclasses.replace(ModelConfig(), parallel_start_layer=bad))
+    with pytest.raises(ValueError, match=r"model\.parallel_final_lane"):
+        validate_config(dataclasses.replace(TINY, parallel_final_lane="sum"))
+
+
+def test_layer_order_and_param_count_of_depth_recurrence():
+    rec = dataclasses.replace(ModelConfig(), num_loops=2, loop_start=3, loop_end=5)
+    assert layer_order(rec) == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert layer_order(rec, looping=False) == list(range(11)) == layer_order(ModelConfig())
+    # 17 slots: encoder 8, decoder 9 -> 8 skip weights instead of 5
+    assert count_params(rec) - count_params(ModelConfig()) == 3 * 512
+    for bad in (dict(loop_start=4, loop_end=3), dict(loop_end=11), dict(num_loops=-1)):
+        with pytest.raises(ValueError, match=r"model\.(loop_start|num_loops)"):
+            validate_config(dataclasses.replace(rec, **bad))
+    with pytest.raises(ValueError, match=r"model\.loop_end \(5\) must be below model\.parallel_start_layer"):
+        validate_config(dataclasses.replace(rec, parallel_start_layer=5))
+    assert GPT(dataclasses.replace(TINY, num_loops=1)).looping  # as the evaluate stage rebuilds it
+
+
+@torch.no_grad()
+def test_depth_recurrence_matches_block_by_block_reference_and_sums_hessians():
+    """3 layers, layer 1 looped once more: order 0 1 1 2, encoder (0, 1), decoder (1, 2)."""
+    cfg = dataclasses.replace(TINY, num_loops=1, loop_start=1, loop_end=1)
+    m = make_tiny(cfg=cfg)
+    assert m.skip_weights.shape == (2, 32)
+    calls = []
+    m.blocks[1].register_forward_hook(lambda mod, args, out: calls.append(args[0]))
+    seen = capture_block_inputs(m, 0)
+    x, y = batch()
+    H = m.zero_hessians()
+    got = m.forward_hidden(x, H)
+    assert len(calls) == 2
+    passes = calls[:2]  # the model's two passes (the reference below calls the block again)
+    x0, L = seen["x0"], TINY.num_layers
+    cos, sin = m.rotary(x.size(1), x.device)
+    w = [(m.qo_bank[i], m.kv_bank[i], m.kv_bank[L + i], m.qo_bank[L + i], m.mlp_up_bank[i], m.mlp_down_bank[i])
+         for i in range(L)]
+    ve = m.ve_layer_scales[0] * m.ve_shared(x)
+    h1 = m.blocks[0](x0, x0, w[0], cos, sin)
+    h2 = m.blocks[1](h1, x0, w[1], cos, sin)
+    h3 = m.blocks[1](h2 + m.skip_weights[0] * h2, x0, w[1], cos, sin)  # decoder pos 0 pops h2
+    h4 = m.blocks[2](h3 + m.skip_weights[1] * h1, x0, w[2], cos, sin, ve=ve)
+    torch.testing.assert_close(got, naive_rms(h4), atol=1e-5, rtol=1e-5)
+    blk, s = m.blocks[1], 1.0 / math.sqrt(2)
+    a = [(naive_rms(blk.resid_mix[0] * h + blk.resid_mix[1] * x0) * s).reshape(-1, 32) for h in passes]
+    torch.testing.assert_close(H["blocks.1.attn.c_q.weight"], a[0].T @ a[0] + a[1].T @ a[1], atol=1e-4, rtol=1e-5)
+    m.set_looping(False)  # the unlooped model: the plain U-Net with the first skip weight
+    plain = GPT(TINY)
+    plain.load_export_state_dict(dict(m.export_state_dict(), skip_weights=m.skip_weights[:1]))
+    torch.testing.assert_close(m.forward_hidden(x), plain.forward_hidden(x))

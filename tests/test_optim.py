@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from pgolf.config import TrainConfig
 from pgolf.dist import DistInfo
-from pgolf.optim import (Muon, ParallelMuon, build_optimizers, shape_scale,
+from pgolf.optim import (Muon, ParallelMuon, build_optimizers, ns_coefficients, shape_scale,
                          zeropower_via_newtonschulz5)
 
 CPU1 = DistInfo(0, 0, 1, torch.device("cpu"))
@@ -92,6 +92,71 @@ def test_shape_scale():
     assert shape_scale((1536, 512)) == pytest.approx(math.sqrt(3))
     assert shape_scale((11, 512, 128)) == pytest.approx(2.0)
     assert shape_scale((512, 1536)) == 1.0
+
+
+# Polar Express tuples as printed in the records (PR #1787 / #1855 train_gpt.py), typed in again
+PE_HAND = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+           (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+           (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+           (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+           (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
+
+
+def ref_polar_express(G: torch.Tensor, steps: int) -> torch.Tensor:
+    """Unbatched float64 loop, iteration k with tuple k (wide orientation, Frobenius-normalized)."""
+    if G.shape[0] > G.shape[1]:
+        return ref_polar_express(G.T, steps).T
+    X = G.double() / (torch.linalg.matrix_norm(G.double()) + 1e-7)
+    for a, b, c in PE_HAND[:steps]:
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.float()
+
+
+@pytest.mark.parametrize("steps", [1, 3, 5])
+def test_polar_express_matches_hand_loop(steps):
+    torch.manual_seed(5)
+    G = torch.randn(3, 40, 24)
+    X = zeropower_via_newtonschulz5(G, steps, coeffs="polar_express")
+    for i in range(3):
+        torch.testing.assert_close(X[i], ref_polar_express(G[i], steps), atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(X, zeropower_via_newtonschulz5(G, steps))  # a different iteration
+    torch.testing.assert_close(zeropower_via_newtonschulz5(G, steps, coeffs="quintic"),
+                               zeropower_via_newtonschulz5(G, steps))  # the default is the seeds'
+
+
+def test_polar_express_lands_closer_to_orthogonal_than_quintic():
+    torch.manual_seed(6)
+    G = torch.randn(64, 32)
+    s_pe = torch.linalg.svdvals(zeropower_via_newtonschulz5(G, 5, coeffs="polar_express"))
+    s_q = torch.linalg.svdvals(zeropower_via_newtonschulz5(G))
+    assert (s_pe - 1).abs().max() < (s_q - 1).abs().max()
+    assert (s_pe - 1).abs().max() < 0.15, s_pe
+
+
+def test_ns_coefficient_schedules_and_errors():
+    assert ns_coefficients("quintic", 3) == ((3.4445, -4.7750, 2.0315),) * 3
+    assert list(ns_coefficients("polar_express", 5)) == PE_HAND
+    with pytest.raises(ValueError, match=r"train\.muon_ns_steps must be <= 5"):
+        ns_coefficients("polar_express", 6)
+    with pytest.raises(ValueError, match=r"train\.muon_ns_coeffs must be one of"):
+        ns_coefficients("cubic", 5)
+    with pytest.raises(ValueError, match=r"train\.muon_ns_steps"):
+        Muon([torch.nn.Parameter(torch.zeros(4, 4))], ns_steps=7, ns_coeffs="polar_express")
+
+
+def test_muon_with_polar_express_steps_with_its_schedule():
+    torch.manual_seed(7)
+    p = torch.nn.Parameter(torch.randn(24, 16))
+    p0, g = p.detach().clone(), torch.randn(24, 16)
+    opt = Muon([p], lr=0.1, momentum=0.0, weight_decay=0.0, ns_steps=5, ns_coeffs="polar_express")
+    p.grad = g.clone()
+    opt.step()
+    torch.testing.assert_close(p.detach(), p0 - 0.1 * ref_polar_express(g, 5) * math.sqrt(1.5), atol=2e-6, rtol=1e-5)
+    pm = torch.nn.Parameter(p0.clone())
+    pm.grad = g.clone()
+    ParallelMuon([pm], lr=0.1, momentum=0.0, weight_decay=0.0, ns_steps=5, ns_coeffs="polar_express").step()
+    torch.testing.assert_close(pm.detach(), p.detach())  # the sharded class reads the same schedule
 
 
 # ------------------------------------------------------------------ single-process Muon

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import params_yaml
 from pgolf import config, pack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def test_params_change_the_script(tmp_path):
 def test_missing_source_and_bad_params_are_named(tmp_path):
     with pytest.raises(pack.PackError, match=r"pgolf/__init__.py: source file of the packed train_gpt.py missing"):
         pack.build_script(tmp_path)
-    (tmp_path / "p.yaml").write_text("train:\n  seed: one\n")
+    (tmp_path / "p.yaml").write_text(params_yaml(train={"seed": "one"}))
     with pytest.raises(config.ConfigError, match="train.seed must be int"):
         pack.baked_params(tmp_path / "p.yaml")
 

@@ -4,16 +4,24 @@
 - `dvc exp run -S quantize.<p>=...` reruns quantize -> compress -> evaluate, never prepare/train;
   setting the value back restores the earlier results from the run-cache without recomputing;
 - `dvc metrics diff` / `params diff` / `plots diff` between two branches show the expected keys
-  and differences (checked in the --json output: DVC exits 0 even when it cannot read metrics).
+  and differences (checked in the --json output: DVC exits 0 even when it cannot read metrics);
+  the training curves are also an image plot (plots/train.png);
+- a bad param stops `dvc repro` / `dvc exp run` at the `params` gate: the outputs of the stage it
+  belongs to are not deleted;
+- the README's `dvc exp show` command gives a narrow table;
+- the README's sharing workflow: `dvc push` to a (local-folder) remote, `dvc pull` in a second
+  clone, whose `dvc repro` then reruns nothing; `dvc exp push` / `dvc exp pull` likewise.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import shlex
 from pathlib import Path
 
 import pytest
-from _dvc_repo import dvc as _dvc, micro_repo, run as _run, set_params as _set_params
+from _dvc_repo import ROOT, dvc as _dvc, micro_repo, run as _run, set_params as _set_params
 
 pytestmark = pytest.mark.slow
 
@@ -84,4 +92,89 @@ def test_metrics_params_plots_diff_between_branches(repo):
     rows = loss["content"]["data"]["values"]
     assert {r["rev"] for r in rows} == {"main", "int5"} and all("train_loss" in r for r in rows)
     _run(["git", "checkout", "-q", "main"], repo)
+    _dvc("checkout", "-q", cwd=repo)
+
+
+def test_training_curves_are_also_a_png_plot(repo):
+    png = repo / "plots" / "train.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shown = json.loads(_dvc("plots", "show", "--json", cwd=repo))["data"]
+    assert [p["type"] for p in shown["plots/train.png"]] == ["image"]
+
+
+QUANT_OUTPUTS = ("artifacts/quant/quant.pgt", "artifacts/quant/table.json", "metrics/quant.json",
+                 "artifacts/final/model.ptz", "metrics/size.json", "metrics/eval.json")
+
+
+@pytest.mark.parametrize("how", ["repro", "exp run"])
+def test_bad_param_stops_at_the_gate_and_loses_no_output(repo, how):
+    before = {p: (repo / p).read_bytes() for p in QUANT_OUTPUTS}
+    params = (repo / "params.yaml").read_text()
+    if how == "repro":
+        _set_params(repo, {"quantize": {"bits": 9}})
+        out = _dvc("repro", cwd=repo, fail=True)
+    else:
+        out = _dvc("exp", "run", "-S", "quantize.bits=9", cwd=repo, fail=True)
+    assert "params: error: params.yaml: quantize.bits must be in the supported range [2, 8], got 9" in out
+    assert "Running stage 'quantize'" not in out
+    assert {p: (repo / p).read_bytes() for p in QUANT_OUTPUTS} == before
+    (repo / "params.yaml").write_text(params)  # (git checkout can miss it: DVC restores the mtime)
+    out = _dvc("repro", cwd=repo)  # the gate reruns (or comes from the run-cache); nothing else
+    assert "Running stage" not in out.replace("Running stage 'params'", "")
+    assert {p: (repo / p).read_bytes() for p in QUANT_OUTPUTS} == before
+    assert "Data and pipelines are up to date" in _dvc("repro", cwd=repo)
+
+
+def _readme_command(prefix: str) -> list[str]:
+    """The README's one-line command that starts with `prefix`, split as a shell would."""
+    lines = [ln.strip() for ln in (ROOT / "README.md").read_text().splitlines() if ln.strip().startswith(prefix)]
+    assert lines, f"README.md shows no `{prefix} ...` command"
+    return shlex.split(lines[0])
+
+
+def test_readme_exp_show_command_gives_a_readable_table(repo):
+    _dvc("exp", "run", "-S", "quantize.damp=0.05", "-n", "damp05", cwd=repo)  # from the run-cache
+    _run(["git", "reset", "-q", "--hard"], repo)
+    _dvc("checkout", "-q", cwd=repo)
+    cmd = _readme_command("dvc exp show --only-changed")
+    rows = list(csv.reader(_dvc(*cmd[1:], "--csv", "--no-pager", cwd=repo).splitlines()))
+    header = rows[0]
+    assert len(rows) >= 4  # workspace, main, the experiment(s)
+    assert {"Experiment", "val_bpb", "total_bytes", "under_cap"} <= set(header)
+    assert "quantize.damp" in header  # the param the experiment changed ...
+    assert "quantize.bits" not in header and "train.seq_len" not in header  # ... and none that it did not
+    assert len(header) <= 10, header  # not ~300 columns
+
+
+def test_remote_push_pull_second_clone_reruns_nothing(repo, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    for command in ("dvc remote add -d", "dvc push", "dvc pull", "dvc exp push origin", "dvc exp pull origin"):
+        assert command in readme, f"README.md does not document `{command}`"
+    origin, storage, clone = tmp_path / "origin.git", tmp_path / "storage", tmp_path / "clone"
+    _run(["git", "init", "-q", "--bare", str(origin)], tmp_path)
+    _dvc("remote", "add", "-d", "storage", str(storage), cwd=repo)
+    _run(["git", "add", ".dvc/config"], repo)
+    _run(["git", "commit", "-qm", "dvc remote"], repo)
+    _run(["git", "remote", "add", "origin", str(origin)], repo)
+    _run(["git", "push", "-q", "origin", "main"], repo)
+    _dvc("push", cwd=repo)
+
+    _run(["git", "clone", "-q", "-b", "main", str(origin), str(clone)], tmp_path)
+    _dvc("pull", cwd=clone)
+    out = _dvc("repro", cwd=clone)
+    assert "Running stage" not in out and "Data and pipelines are up to date" in out, out
+    for name in CONTRACT:
+        rel = f"metrics/{name}.json"
+        assert (clone / rel).read_bytes() == (repo / rel).read_bytes()
+    assert (clone / "artifacts/final/model.ptz").read_bytes() == (repo / "artifacts/final/model.ptz").read_bytes()
+
+    _dvc("exp", "run", "-S", "quantize.damp=0.05", "-n", "shared", cwd=repo)
+    want = (repo / "metrics/size.json").read_bytes()
+    _dvc("exp", "push", "origin", "shared", cwd=repo)
+    _dvc("exp", "pull", "origin", "shared", cwd=clone)
+    _dvc("exp", "apply", "shared", cwd=clone)
+    assert (clone / "metrics/size.json").read_bytes() == want
+    out = _dvc("repro", cwd=clone)
+    assert "Running stage" not in out, out
+    _run(["git", "reset", "-q", "--hard"], repo)
     _dvc("checkout", "-q", cwd=repo)

@@ -12,6 +12,7 @@ import pytest
 import sentencepiece as spm
 import zstandard
 
+from conftest import params_yaml
 from pgolf import config, data, fineweb, prepare, tokenizer
 from pgolf.config import ConfigError, PrepareConfig
 from pgolf.corpus import CorpusError, corpus_files, read_documents
@@ -417,10 +418,33 @@ def test_stage_reports_bad_params_without_traceback(tmp_path, monkeypatch, capsy
     from stages import prepare as stage
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text("prepare:\n  workers: two\n")
+    (tmp_path / "params.yaml").write_text(params_yaml(prepare={"workers": "two"}))
     assert stage.main() == 1
     err = capsys.readouterr().err
     assert "prepare.workers must be int" in err and "Traceback" not in err
-    (tmp_path / "params.yaml").write_text("prepare:\n  corpus: nowhere\n  tokenizer: x.model\n")
+    (tmp_path / "params.yaml").write_text(params_yaml(prepare={"corpus": "nowhere", "tokenizer": "x.model"}))
     assert stage.main() == 1
     assert "nowhere: corpus path not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["", "   \n", "hi"], ids=["empty", "whitespace", "near-empty"])
+def test_empty_or_near_empty_corpus_is_an_error_naming_it_and_keeps_good_shards(tmp_path, train_texts, val_texts, text):
+    _setup_text(tmp_path, train_texts, val_texts)
+    prepare.run(_cfg(), tmp_path)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data" / "shards").iterdir()}
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "corpus.txt").write_text(text)
+    with pytest.raises(CorpusError, match=r"small: empty or near-empty corpus: 1 training document\(s\) hold \d+ "
+                                          r"tokens of text \(at least 256 needed\)"):
+        prepare.run(_cfg(corpus="small"), tmp_path)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data" / "shards").iterdir()} == before
+
+
+def test_fineweb_cli_reports_a_broken_params_file_without_traceback(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("prepare:\n  source: [fineweb\n")
+    assert fineweb.main(["--train-shards", "1"]) == 1
+    assert capsys.readouterr().err.startswith("fineweb: error: params.yaml: not valid YAML")
+    (tmp_path / "params.yaml").write_text("prepare:\n  source: fineweb\n")
+    assert fineweb.main(["--train-shards", "1"]) == 1
+    assert "fineweb: error: params.yaml: missing key(s) prepare.corpus" in capsys.readouterr().err

@@ -291,3 +291,36 @@ def test_python_dash_m_entry_point(stage_dir):
                        text=True)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("quantize: ")
+
+
+def test_odd_mlp_width_and_attention_gate_quantize_and_load(tmp_path):
+    """Any hidden width model.mlp_mult allows (here 97 = 1.515625 * 64) goes through GPTQ (one
+    Hessian of 97 x 97 for mlp.proj), and the sparse attention gate (4 x 12) passes through."""
+    import dataclasses
+
+    from _quant_model import QAT_QUANTILE, SEQ, collect_hessians, markov_tokens, model_meta
+    from pgolf.model import GPT
+
+    cfg = dataclasses.replace(MICRO, mlp_mult=1.515625, attn_gate_window=12, smear_bos_mask=True)
+    torch.manual_seed(0)
+    model = GPT(cfg, qat_quantile=QAT_QUANTILE, train_seq_len=SEQ)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    hessians = collect_hessians(model, markov_tokens(64, seed=2))
+    assert hessians["blocks.1.mlp.proj.weight"].shape == (97, 97)
+    write_train_dir(tmp_path, model.export_state_dict(), hessians,
+                    model_meta() | {"model": dataclasses.asdict(cfg)})
+    with single_thread():
+        run_in(tmp_path, qcfg(prune=False))
+    tensors, meta = load_quant(tmp_path)
+    assert meta["quant"]["blocks.0.mlp.proj.weight"] == {"type": "int6", "bits": 6, "method": "gptq"}
+    assert tensors["blocks.0.mlp.proj.weight.q"].shape == (64, 97)
+    assert tensors["blocks.1.mlp.fc.weight.q"].shape == (97, 64)
+    assert meta["quant"]["blocks.1.attn.gate_w"]["type"] == "passthrough"
+    back = GPT(config.ModelConfig(**meta["model"]), train_seq_len=SEQ)  # as the evaluate stage rebuilds it
+    back.load_export_state_dict(artifact.dequantize_state(tensors, meta))
+    x = markov_tokens(16, seed=4)
+    with torch.no_grad():
+        lq, lf = float(back(x[:, :-1], x[:, 1:])), float(model(x[:, :-1], x[:, 1:]))
+    assert abs(lq - lf) < 0.02 * lf, (lq, lf)

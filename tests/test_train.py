@@ -24,7 +24,7 @@ import yaml
 from pgolf import config, hessian, tensorfile
 from pgolf import train as T
 from pgolf.config import ConfigError, ModelConfig, TrainConfig
-from pgolf.data import DistributedTokenLoader, ShardError, write_shard
+from pgolf.data import DistributedTokenLoader, ShardError, read_shard, write_shard
 from pgolf.model import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +107,74 @@ def test_lr_scale_wallclock_matches_hand_numbers(tmp_path):
     assert T.lr_scale(80, 8000.0, cfg) == pytest.approx(0.2)  # W = 10000, R = 2000
     assert T.lr_scale(100, 10000.0, cfg) == 0.0
     assert T.lr_scale(120, 12000.0, cfg) == 0.0  # past the cap
+
+
+def test_min_lr_floors_the_lr_multiplier_only(tmp_path):
+    cfg = tcfg(tmp_path, iterations=10, warmdown_iters=4, max_wallclock_seconds=0.0, min_lr=0.4)
+    scales = [T.lr_scale(s, 0.0, cfg) for s in range(10)]
+    assert scales == [1.0] * 7 + [0.75, 0.5, 0.25]  # the schedule itself is unchanged
+    assert [T.lr_multiplier(v, cfg) for v in scales] == [1.0] * 7 + [0.75, 0.5, 0.4]
+    zero = dataclasses.replace(cfg, min_lr=0.0)
+    assert [T.lr_multiplier(v, zero) for v in scales] == scales  # the default: today's schedule
+
+
+def test_min_lr_reaches_the_optimizers_and_late_qat_still_reads_the_scale(data_root, tmp_path):
+    lrs = {}
+
+    def watch(tr):
+        lrs[tr.step] = tr.opt.muon.param_groups[0]["lr"]
+
+    # scale = (12 - s)/8 for s >= 4; floored at 0.5 -> lr 0.025 * [1]*4 + [1, .875, .75, .625, .5, .5, .5, .5]
+    r = run(data_root, tmp_path, on_step=watch, iterations=12, warmdown_iters=8, late_qat_threshold=0.3, min_lr=0.5)
+    want = [1.0] * 5 + [0.875, 0.75, 0.625, 0.5, 0.5, 0.5, 0.5]
+    assert [lrs[s] for s in range(1, 13)] == pytest.approx([0.025 * w for w in want])
+    assert r.metrics["qat_start_step"] == 10  # 2/8 < 0.3 although the lr stays at 0.5
+
+
+def test_training_frac_steps_or_wallclock(tmp_path):
+    steps = tcfg(tmp_path, iterations=20, max_wallclock_seconds=0.0)
+    assert [T.training_frac(s, 1e9, steps) for s in (0, 7, 20)] == [0.0, 0.35, 1.0]
+    clock = tcfg(tmp_path, iterations=20, max_wallclock_seconds=10.0)
+    assert T.training_frac(19, 3500.0, clock) == 0.35  # the step count is ignored under a cap
+
+
+def test_depth_recurrence_switches_on_at_its_fraction(data_root, tmp_path):
+    seen = {}
+    m = mcfg(num_loops=1, loop_start=0, loop_end=0)  # 2 layers: order 0 0 1 once on
+    r = run(data_root, tmp_path, m=m, on_step=lambda tr: seen.update({tr.step: tr.model.looping}),
+            iterations=12, loop_enable_frac=0.5, warmup_steps=1)
+    assert [seen[s] for s in range(1, 13)] == [False] * 6 + [True] * 6  # on from step 6 = 0.5 * 12
+    assert r.metrics["loop_start_step"] == 6
+    assert "depth_recurrence: enabled at step 6 (frac 0.500), layers [0, 0, 1]" in r.log_text
+    model = GPT(m, train_seq_len=128)
+    model.load_export_state_dict(r.export)
+    assert model.looping  # exported and evaluated with the loop, as the evaluate stage rebuilds it
+
+
+def test_seq_len_schedule_parse_and_lookup(tmp_path):
+    cfg = tcfg(tmp_path, seq_len=128, seq_len_schedule="32@0.25, 64@0.5")
+    sched = T.parse_seq_len_schedule(cfg)
+    assert sched == [(32, 0.25), (64, 0.5)]
+    assert [T.seq_len_at(f, cfg, sched) for f in (0.0, 0.2499, 0.25, 0.4999, 0.5, 1.0)] == [32, 32, 64, 64, 128, 128]
+    assert T.parse_seq_len_schedule(tcfg(tmp_path)) == [] and T.seq_len_at(0.0, tcfg(tmp_path), []) == 128
+    for bad, msg in (("64", "must be 'LEN@FRAC"), ("64@0.5,32@0.25", "fractions must increase"),
+                     ("64@1.5", "fractions"), ("256@0.5", r"lengths must be in \[1, train.seq_len=128\]")):
+        with pytest.raises(ConfigError, match=f"train.seq_len_schedule {msg}"):
+            T.parse_seq_len_schedule(tcfg(tmp_path, seq_len_schedule=bad))
+    with pytest.raises(ConfigError, match=r"train.seq_len_schedule = 1 \* 1 \* 48"):
+        T.check_batch(tcfg(tmp_path, seq_len_schedule="48@0.5"), 1, 1)  # 2048 tokens: not whole sequences
+
+
+def test_seq_len_schedule_drives_the_batches(data_root, tmp_path):
+    seen = {}
+
+    def watch(tr):
+        seen[tr.step] = tr.seq_len
+
+    r = run(data_root, tmp_path, on_step=watch, iterations=12, seq_len_schedule="32@0.25,64@0.5", warmup_steps=1)
+    assert [seen[s] for s in range(1, 13)] == [32] * 3 + [64] * 3 + [128] * 6  # same 2048 tokens per step
+    assert "seq_len: 64 from step 3" in r.log_text and "seq_len: 128 from step 6" in r.log_text
+    assert r.metrics["seq_len"] == 128
 
 
 def test_muon_momentum_ramp(tmp_path):
@@ -267,6 +335,23 @@ def test_killed_run_resumes_to_identical_weights(data_root, tmp_path):
     assert a.metrics["qat_start_step"] == 15 and a.metrics["swa_snapshots"] == 6
     assert [r["train_loss"] for r in a.rows] == [r["train_loss"] for r in b.rows]
     assert "resume: from" in b.log_text and "step:15/20" in b.log_text  # log kept across the restart
+
+
+def test_killed_looped_run_resumes_with_the_loop_on(data_root, tmp_path):
+    m = mcfg(num_loops=1, loop_start=1, loop_end=1)
+    kw = dict(iterations=12, checkpoint_every=4, loop_enable_frac=0.25)  # loops from step 3
+    a = run(data_root, tmp_path / "a", m=m, **kw)
+
+    def crash_at_9(tr):
+        if tr.step == 9:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        run(data_root, tmp_path / "b", m=m, on_step=crash_at_9, **kw)
+    b = run(data_root, tmp_path / "b", m=m, **kw)
+    assert b.metrics["resumed_from_step"] == 8 and a.metrics["loop_start_step"] == b.metrics["loop_start_step"] == 3
+    for n in a.export:
+        assert torch.equal(a.export[n], b.export[n]), n
 
 
 def test_mismatched_or_corrupt_checkpoint_starts_fresh(data_root, tmp_path):
@@ -459,6 +544,11 @@ def _old_outputs(tmp: Path, p: T.Paths) -> dict[Path, bytes]:
     ({"iterations": 0}, ConfigError, "train.iterations"),
     ({"adam_eps": 0.0}, ConfigError, "train.adam_eps"),
     ({"device": "tpu"}, ConfigError, "train.device"),
+    ({"min_lr": 1.5}, ConfigError, r"train.min_lr must be in \[0, 1\]"),
+    ({"loop_enable_frac": -0.1}, ConfigError, "train.loop_enable_frac"),
+    ({"seq_len_schedule": "64@0.5,32@0.2"}, ConfigError, "train.seq_len_schedule"),
+    ({"muon_ns_coeffs": "cubic"}, ConfigError, "train.muon_ns_coeffs must be one of"),
+    ({"muon_ns_coeffs": "polar_express", "muon_ns_steps": 6}, ConfigError, "train.muon_ns_steps must be <= 5"),
 ])
 def test_bad_train_params_fail_before_touching_outputs(data_root, tmp_path, kw, err, msg):
     p = paths(data_root, tmp_path)
@@ -525,10 +615,19 @@ def test_short_or_out_of_vocab_data_is_named(data_root, tmp_path):
         T.run(mcfg(), tcfg(tmp_path, seq_len=4096, batch_tokens=8192), p)
     with pytest.raises(T.TrainError, match="fewer than one batch"):
         T.run(mcfg(), tcfg(tmp_path, batch_tokens=16384, seq_len=128), p)
+    good = read_shard(bad / "shards" / "fineweb_train_000000.bin")
+    tok512 = _vocab512(bad)
+    ok = np.minimum(good, 511).astype(np.uint16)
+    write_shard(bad / "shards" / "fineweb_train_000000.bin", ok)
+    late = ok.copy()
+    late[-1] = 700  # the one bad id at the end of the second shard: reached only late in training
+    write_shard(bad / "shards" / "fineweb_train_000001.bin", late)
+    with pytest.raises(T.TrainError, match=r"fineweb_train_000001.bin: token id 700 >= model.vocab_size 512"):
+        T.run(mcfg(vocab_size=512), tcfg(tmp_path), dataclasses.replace(p, tokenizer=tok512))
     toks = np.full(4000, 1000, dtype=np.uint16)
     write_shard(bad / "shards" / "fineweb_train_000000.bin", toks)
     with pytest.raises(T.TrainError, match=r"fineweb_train_000000.bin: token id 1000 >= model.vocab_size 512"):
-        T.run(mcfg(vocab_size=512), tcfg(tmp_path), dataclasses.replace(p, tokenizer=_vocab512(bad)))
+        T.run(mcfg(vocab_size=512), tcfg(tmp_path), dataclasses.replace(p, tokenizer=tok512))
 
 
 def _vocab512(root: Path) -> Path:
@@ -559,7 +658,7 @@ def test_stage_prints_clear_error_and_exits_1(tmp_path):
 
 
 def test_profiles_pass_validation():
-    for name in ("tiny", "record"):
+    for name in ("tiny", "record", "frontier"):
         m = config.load("model", ROOT / "profiles" / f"{name}.yaml")
         t = dataclasses.replace(config.load("train", ROOT / "profiles" / f"{name}.yaml"), device="auto")
         T.validate(t, m)

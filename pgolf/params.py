@@ -1,0 +1,38 @@
+"""The params gate: all of params.yaml checked before DVC runs (and so before it empties) any stage.
+
+DVC deletes a stage's outputs before it runs the stage's command, so a stage that rejects its
+own params has already lost its previous results by then. The `params` stage comes first in
+dvc.yaml: it loads every section (pgolf.config: no missing, unknown or mistyped key) and runs each
+stage's own range checks, then writes one JSON file per section under `artifacts/params/`.
+Every other stage depends on the files of its sections, so a bad value stops `dvc repro` /
+`dvc exp run` at this cheap stage with every earlier output intact; and a section's file changes
+only when that section's values do, so a `quantize.*` change still never reruns `train`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pgolf import artifact, config, evaluate, prepare, quantize, train
+from pgolf.io import write_json
+
+OUT_DIR = Path("artifacts/params")
+
+
+def check(doc: dict, source: str = "params.yaml") -> dict:
+    """{section: dataclass} of a params document whose every value each stage accepts."""
+    cfgs = {s: config.from_doc(doc, s, source) for s in config.SECTIONS}
+    prepare.validate(cfgs["prepare"])
+    train.validate(cfgs["train"], cfgs["model"])
+    quantize.check_config(cfgs["quantize"])
+    artifact.check_config(cfgs["compress"])
+    evaluate.validate(cfgs["evaluate"])
+    return cfgs
+
+
+def run(params: str | Path = "params.yaml", out_dir: str | Path = OUT_DIR) -> dict:
+    """Check `params` and write `<out_dir>/<section>.json` (its validated values) per section."""
+    cfgs = check(config.read_doc(params), str(params))
+    for section, cfg in cfgs.items():
+        write_json(Path(out_dir) / f"{section}.json", config.to_dict(cfg))
+    return cfgs

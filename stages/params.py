@@ -1,0 +1,24 @@
+"""Stage `params`: params.yaml -> artifacts/params/<section>.json, the gate every other stage
+depends on (pgolf.params says why): a bad value stops the pipeline here, outputs intact."""
+
+from __future__ import annotations
+
+import sys
+
+from pgolf import config
+from pgolf.io import OutputError
+from pgolf.params import run
+
+
+def main() -> int:
+    try:
+        cfgs = run()
+    except (config.ConfigError, OutputError) as e:
+        print(f"params: error: {e}", file=sys.stderr)
+        return 1
+    print(f"params: {len(cfgs)} sections of params.yaml checked ({', '.join(cfgs)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
