@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CFG = EvaluateConfig(context=16, stride=4, batch_seqs=4, max_tokens=200, device="cpu", compile=True,
                      nproc_per_node=1)
 PARAMS = "evaluate:\n  context: 16\n  stride: 4\n  batch_seqs: 4\n  max_tokens: 200\n  device: cpu\n" \
-         "  compile: true\n  nproc_per_node: {nproc}\n"
+         "  compile: true\n  nproc_per_node: {nproc}\n" + "".join(  # test-time training keys at their defaults
+             f"  {f.name}: {json.dumps(f.default)}\n" for f in dataclasses.fields(EvaluateConfig) if f.name.startswith("ttt_"))
 
 
 def tables(seed=0, sha=TOKENIZER["sha256"]):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from conftest import tiny_model
 from pgolf import bpb, ttt
@@ -176,10 +177,10 @@ def test_ranks_take_contiguous_chunk_slices_from_the_artifact_weights():
 
 
 def ttt_params(nproc=1, **over):
-    text = PARAMS.format(nproc=nproc) + "".join(f"  {k}: {v}\n" for k, v in {
-        "ttt_enabled": "true", "ttt_chunk_tokens": 48, "ttt_lr": 0.05, "ttt_rank": 2, "ttt_epochs": 1,
-        "ttt_batch_seqs": 2, **over}.items())
-    return text
+    doc = yaml.safe_load(PARAMS.format(nproc=nproc))
+    doc["evaluate"].update({"ttt_enabled": True, "ttt_chunk_tokens": 48, "ttt_lr": 0.05, "ttt_rank": 2,
+                            "ttt_epochs": 1, "ttt_batch_seqs": 2, **over})
+    return yaml.safe_dump(doc, sort_keys=False)
 
 
 def test_run_reports_ttt_score_time_and_the_plain_score(tmp_path):
