@@ -25,8 +25,10 @@ the train stage:
 * late QAT: `model.set_qat(True)` the first time the scale drops below `late_qat_threshold`;
   each step's forwards/backwards then run inside `model.qat_weights()` (Q(w) swapped into the
   banks, straight-through gradients), so the compiled graph never changes.
-* online Hessians (pgolf.hessian): on a capture step, one extra no-grad forward of the step's
-  first micro-batch through the uncompiled model, with the weights that step trains on.
+* online Hessians (pgolf.hessian): on a capture step, the step's first micro-batch feeds them:
+  inside its training forward when the model runs eagerly (CPU), or, when that forward is
+  compiled, through one extra no-grad forward of the uncompiled model with the same weights (so
+  only one graph is ever compiled).
 * weight averages (`WeightAverages`): the EMA (fp32, every step) of all parameters; SWA, when
   enabled, averages the *live* training weights (not the EMA) at every step s with
   s % swa_every == 0 whose lr scale was < swa_threshold. The exported weights are the SWA
@@ -623,10 +625,12 @@ class Trainer:
             for micro in range(self.accum):
                 with record_function("pgolf.data"):
                     x, y = self.loader.next_batch(self.cfg.batch_tokens, self.seq_len, self.accum)  # (B, T)
-                if micro == 0 and hessians is not None:
-                    self._capture_hessians(x, y, hessians)
+                capture = hessians if micro == 0 else None
+                if capture is not None and self.compiled:  # keep the compiled graph capture-free
+                    self._capture_hessians(x, y, capture)
+                    capture = None
                 with record_function("pgolf.fwd"), self._autocast():
-                    loss = self.fwd(x, y)
+                    loss = self.fwd(x, y, hessians=capture)  # eager: captured in the training forward
                 with record_function("pgolf.bwd"):
                     (loss / self.accum).backward()
                 total += loss.detach()
@@ -642,9 +646,10 @@ class Trainer:
 
     @torch.no_grad()
     def _capture_hessians(self, x: Tensor, y: Tensor, hessians: dict[str, Tensor]) -> None:
-        """Add x^T x of this micro-batch's inputs to every quantizable matrix into `hessians`: one
-        extra no-grad forward of the uncompiled model (the same weights the step's forward sees),
-        so no second graph is ever compiled and the training graph stays capture-free."""
+        """Compiled training only: add x^T x of this micro-batch's inputs to every quantizable
+        matrix into `hessians` with one extra no-grad forward of the uncompiled model (the same
+        weights the step's forward sees), so no second graph is ever compiled. (An eager forward
+        captures inside the training forward itself, at no extra cost.)"""
         with record_function("pgolf.hessian"), self._autocast():
             self.model(x, y, hessians=hessians)
 
