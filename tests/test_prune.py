@@ -46,7 +46,7 @@ def test_already_under_target_prunes_nothing_with_one_probe():
 
 
 def test_unreachable_target_names_the_smallest_reachable_size():
-    with pytest.raises(prune.PruneError, match=r"quantize\.target_bytes=100 is unreachable.*gives 500 bytes"):
+    with pytest.raises(prune.PruneError, match=r"compress\.target_bytes=100 is unreachable.*gives 500 bytes"):
         prune.search(lambda n: 1000 - n, 500, 100)
 
 
