@@ -80,15 +80,21 @@ class Pruned:
     seconds: float
 
 
+def candidates(tensors: dict[str, torch.Tensor], meta: dict,
+               hdiag: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], prune.Candidates]:
+    """The int6 codes (`name.q` -> (R, C) int8) and their ±1 pruning candidates in cost order."""
+    names = [n for n, info in meta["quant"].items() if isinstance(info, dict) and info.get("type") == "int6"]
+    codes = {f"{n}.q": tensors[f"{n}.q"] for n in names}
+    return codes, prune.collect(codes, {f"{n}.q": tensors[f"{n}.scale"] for n in names},
+                                {f"{n}.q": hdiag.get(n) for n in names})
+
+
 def prune_to_target(tensors: dict[str, torch.Tensor], meta: dict, hdiag: dict[str, torch.Tensor],
                     cfg: CompressConfig, codec: str, code: int, unpruned: bytes) -> Pruned:
     """Zero the cheapest ±1 int6 codes until serialize + `codec` + `code` bytes <= compress.target_bytes
     (pgolf.prune's contract for compress.prune_slack_bytes); PruneError when unreachable."""
     t0 = time.perf_counter()
-    names = [n for n, info in meta["quant"].items() if isinstance(info, dict) and info.get("type") == "int6"]
-    codes = {f"{n}.q": tensors[f"{n}.q"] for n in names}
-    cands = prune.collect(codes, {f"{n}.q": tensors[f"{n}.scale"] for n in names},
-                          {f"{n}.q": hdiag.get(n) for n in names})
+    codes, cands = candidates(tensors, meta, hdiag)
     blobs = {0: unpruned}
 
     def size_of(n: int) -> int:
