@@ -46,6 +46,7 @@ REQUIREMENTS = """\
 # What train_gpt.py imports beyond the challenge image (torch, numpy, sentencepiece, tqdm):
 pyyaml>=6
 zstandard>=0.22
+brotli>=1.2  # read only when compress.brotli chose it for model.ptz
 """
 
 

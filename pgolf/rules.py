@@ -17,8 +17,11 @@ Each rule gives pass/fail and the figure behind it:
 * `causal`: a probe of the scored model itself (rebuilt from the artifact): changing the tokens
   after position j leaves every logit at positions < j unchanged, and each position has one
   finite logit per vocabulary entry (evaluation scores the softmax over them: a normalised
-  distribution over the full vocabulary). Scoring happens before any update by construction:
-  pgolf.evaluate runs the model in eval mode with no optimizer.
+  distribution over the full vocabulary). Without test-time training, scoring happens before
+  any update by construction: pgolf.evaluate runs the model in eval mode with no optimizer.
+  With `evaluate.ttt_enabled` the probe covers the artifact's model before adaptation; the
+  score-first order (each chunk scored before the update that saw it, every target once) is
+  pgolf.ttt's construction, proven by tests/test_ttt.py, and not probed from the files here.
 
 Figures are measured on the hardware of the run (the rules' limits are for 8xH100).
 """

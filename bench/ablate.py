@@ -1,0 +1,175 @@
+"""Ablations through the real pipeline: one `dvc repro` per row, one JSON for the table.
+
+    python -m bench.ablate --rows bench/ablation_model.yaml --out results.json [--only a,b] [--budget 560]
+
+A rows file names a base profile (`profiles/<base>.yaml`), `common` overrides for every row
+(`section.key: value`, e.g. the data folder, one GPU, the wallclock) and the rows, each with its
+own overrides (and optionally its own `profile`). For each row the runner writes params.yaml,
+runs `dvc repro` and records which stages DVC ran and which it took from its cache: a row that
+changes only quantize/compress/evaluate params reuses the trained weights, and the row shows it
+(`ran` lacks train; `train_md5`, the hash of artifacts/train in dvc.lock, is the same). Per row:
+steps, float val_bpb, artifact val_bpb (sliding, and non-sliding), bytes, stage seconds.
+
+The JSON is rewritten after every row, so a run cut short keeps the rows before; `--budget`
+(seconds) skips the rows that would not finish in time, estimated from the slowest row so far
+that ran the same stages. Needs dvc on the PATH of `python -m dvc` and, for the GPU rows, CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RAN = re.compile(r"Running stage '([^']+)'")
+KEEP = {  # metrics file -> keys copied into a row
+    "train": ("steps", "train_seconds", "step_avg_ms", "tokens_per_second", "val_bpb_float", "model_params",
+              "stopped_by", "qat_start_step", "loop_start_step", "peak_memory_mb", "warmup_seconds"),
+    "quant": ("pruned_values", "quantize_seconds", "gptq_rtn_error_ratio", "lqer_tensors", "lqer_bytes_raw",
+              "qat_bits", "qat_bits_match"),
+    "size": ("codec", "model_bytes", "code_bytes", "total_bytes", "lzma_bytes", "zstd_bytes", "brotli_bytes",
+             "under_cap", "compress_seconds"),
+    "eval": ("val_bpb", "val_bpb_nonsliding", "val_bpb_sliding", "scored_tokens", "eval_seconds", "sliding_seconds",
+             "nonsliding_seconds", "ttt_seconds", "ttt_enabled"),
+}
+
+
+class RowsError(ValueError):
+    pass
+
+
+def load_rows(path: Path) -> dict:
+    spec = yaml.safe_load(path.read_text())
+    for key in ("base", "rows"):
+        if key not in spec:
+            raise RowsError(f"{path}: no {key!r}")
+    names = [r.get("name") for r in spec["rows"]]
+    if None in names or len(set(names)) != len(names):
+        raise RowsError(f"{path}: every row needs a unique name, got {names}")
+    return spec
+
+
+def params_for(spec: dict, row: dict) -> dict:
+    """profiles/<profile>.yaml with the common, then the row's, `section.key` overrides applied."""
+    profile = row.get("profile", spec["base"])
+    params = yaml.safe_load((REPO / "profiles" / f"{profile}.yaml").read_text())
+    for where, sets in (("common", spec.get("common") or {}), (row["name"], row.get("set") or {})):
+        for dotted, value in sets.items():
+            section, _, key = dotted.partition(".")
+            if key not in params.get(section, {}):
+                raise RowsError(f"{where}: {dotted!r} is not a key of profiles/{profile}.yaml")
+            params[section][key] = copy.deepcopy(value)
+    return params
+
+
+def read_metrics(root: Path) -> dict:
+    out = {}
+    for name, keys in KEEP.items():
+        p = root / "metrics" / f"{name}.json"
+        m = json.loads(p.read_text()) if p.exists() else {}
+        out.update({f"{name}.{k}": m[k] for k in keys if k in m})
+    return out
+
+
+def train_md5(root: Path) -> str | None:
+    lock = yaml.safe_load((root / "dvc.lock").read_text()) if (root / "dvc.lock").exists() else {}
+    for out in lock.get("stages", {}).get("train", {}).get("outs", []):
+        if out.get("path") == "artifacts/train":
+            return out.get("md5")
+    return None
+
+
+def run_row(spec: dict, row: dict, log_dir: Path) -> dict:
+    params = params_for(spec, row)
+    (REPO / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    t0 = time.perf_counter()
+    lines = []
+    with open(log_dir / f"{row['name']}.log", "w") as log:  # streamed, each line with its second
+        proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=REPO, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            log.write(f"{time.perf_counter() - t0:7.1f} {line}")
+            log.flush()
+        proc.wait()
+    seconds, out = round(time.perf_counter() - t0, 1), "\n".join(lines)
+    rec = {"name": row["name"], "profile": row.get("profile", spec["base"]), "set": row.get("set") or {},
+           "ran": RAN.findall(out), "seconds": seconds, "rc": proc.returncode}
+    if proc.returncode != 0:  # the metrics files may be an earlier row's: keep none
+        return rec | {"error_tail": lines[-15:]}
+    return rec | read_metrics(REPO) | {"train_md5": train_md5(REPO)}
+
+
+def environment() -> dict:
+    env = {"python": platform.python_version(), "host": platform.node()}
+    try:
+        import torch
+        env["torch"] = torch.__version__
+        env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def too_slow(rec_so_far: list[dict], trains: bool, left: float) -> bool:
+    """True when the slowest finished row of the same kind (trains or not) would not fit in `left`."""
+    same = [r["seconds"] for r in rec_so_far if "seconds" in r and ("train" in r["ran"]) == trains]
+    return bool(same) and max(same) > left
+
+
+def trains(spec: dict, row: dict, prev: dict | None) -> bool:
+    """Whether the row changes model/train/prepare params relative to the previous row."""
+    if prev is None:
+        return True
+    a, b = params_for(spec, row), params_for(spec, prev)
+    return any(a[s] != b[s] for s in ("prepare", "model", "train"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--only", default="", help="comma-separated row names (default: all, in file order)")
+    ap.add_argument("--budget", type=float, default=0.0, help="seconds; skip rows that would not finish")
+    ap.add_argument("--log-dir", type=Path, default=Path("/tmp/ablate_logs"), help="each row's dvc output")
+    a = ap.parse_args(argv)
+    spec = load_rows(a.rows)
+    rows = [r for r in spec["rows"] if not a.only or r["name"] in a.only.split(",")]
+    for r in rows:
+        params_for(spec, r)  # every override names a real key, before any run
+    log_dir = a.log_dir
+    log_dir.mkdir(parents=True, exist_ok=True)
+    result = {"rows_file": str(a.rows), "title": spec.get("title", ""), "base": spec["base"],
+              "common": spec.get("common") or {}, "environment": environment(), "rows": []}
+    data_info = REPO / ".devrun" / "shards" / "proxy_shards.json"
+    if data_info.exists():
+        result["data"] = json.loads(data_info.read_text())
+    t0, prev = time.perf_counter(), None
+    for row in rows:
+        left = a.budget - (time.perf_counter() - t0) if a.budget > 0 else float("inf")
+        if too_slow(result["rows"], trains(spec, row, prev), left):
+            result["rows"].append({"name": row["name"], "skipped": f"budget: {left:.0f} s left"})
+        else:
+            rec = run_row(spec, row, log_dir)
+            result["rows"].append(rec)
+            prev = row
+            print(json.dumps({k: rec.get(k) for k in ("name", "ran", "seconds", "rc", "train.steps",
+                                                       "train.val_bpb_float", "eval.val_bpb", "size.total_bytes")}),
+                  flush=True)
+        a.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

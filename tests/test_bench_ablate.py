@@ -1,0 +1,111 @@
+"""The ablation runner (bench/ablate.py) on CPU, with a stand-in `dvc` that records what it was
+given: params.yaml per row (profile + common + row overrides), which stages ran, the metrics and
+the trained-weights hash taken per row, failed rows kept without stale metrics, the budget."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import ablate as A  # noqa: E402
+
+# A fake `python -m dvc repro`: "trains" when model/train params differ from the last run, writes
+# metrics from the params, and fails when quantize.damp is negative.
+FAKE_DVC = textwrap.dedent('''
+    import json, pathlib, sys, yaml
+    p = yaml.safe_load(pathlib.Path("params.yaml").read_text())
+    state = pathlib.Path("last_train.json")
+    key = json.dumps([p["model"], p["train"]], sort_keys=True)
+    if not state.exists() or state.read_text() != key:
+        print("Running stage 'train':")
+        state.write_text(key)
+        md5 = __import__("hashlib").md5(key.encode()).hexdigest()
+        pathlib.Path("dvc.lock").write_text(yaml.safe_dump(
+            {"stages": {"train": {"outs": [{"path": "artifacts/train", "md5": md5}]}}}))
+    else:
+        print("Stage 'train' is cached - skipping run, checking out outputs")
+    print("Running stage 'quantize':")
+    if p["quantize"]["damp"] < 0:
+        print("quantize: error: damp"); sys.exit(1)
+    m = pathlib.Path("metrics"); m.mkdir(exist_ok=True)
+    (m / "train.json").write_text(json.dumps({"steps": p["train"]["iterations"], "val_bpb_float": 1.5}))
+    (m / "eval.json").write_text(json.dumps({"val_bpb": 1.25 + p["quantize"]["damp"], "ignored": 1}))
+''')
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    shutil.copytree(ROOT / "profiles", tmp_path / "profiles")
+    (tmp_path / "dvc").mkdir()
+    (tmp_path / "dvc" / "__init__.py").write_text("")  # a regular package: shadows the installed dvc
+    (tmp_path / "dvc" / "__main__.py").write_text(FAKE_DVC)
+    monkeypatch.setattr(A, "REPO", tmp_path)
+    return tmp_path
+
+
+def rows_file(path: Path, rows: list[dict], common: dict | None = None) -> Path:
+    path.write_text(yaml.safe_dump({"base": "tiny", "common": common or {"train.iterations": 7}, "rows": rows}))
+    return path
+
+
+def test_rows_run_through_dvc_and_a_post_training_row_reuses_the_weights(repo, tmp_path):
+    rows = rows_file(tmp_path / "rows.yaml", [
+        {"name": "base"},
+        {"name": "damp", "set": {"quantize.damp": 0.25}},
+        {"name": "wide", "set": {"model.model_dim": 192}},
+    ])
+    out = tmp_path / "out.json"
+    assert A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(tmp_path / "logs")]) == 0
+    res = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert res["base"]["ran"] == ["train", "quantize"] and res["damp"]["ran"] == ["quantize"]
+    assert res["damp"]["train_md5"] == res["base"]["train_md5"] != res["wide"]["train_md5"]
+    assert res["damp"]["eval.val_bpb"] == pytest.approx(1.5) and res["base"]["train.steps"] == 7
+    assert "eval.ignored" not in res["base"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())  # the last row's params
+    assert params["model"]["model_dim"] == 192 and params["train"]["iterations"] == 7
+    assert params["quantize"]["damp"] == yaml.safe_load((repo / "profiles/tiny.yaml").read_text())["quantize"]["damp"]
+    assert "Running stage 'quantize'" in (tmp_path / "logs" / "damp.log").read_text()
+
+
+def test_a_failed_row_keeps_its_error_and_no_stale_metrics(repo, tmp_path):
+    rows = rows_file(tmp_path / "rows.yaml", [{"name": "ok"}, {"name": "bad", "set": {"quantize.damp": -1.0}}])
+    out = tmp_path / "out.json"
+    A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(tmp_path / "logs")])
+    bad = json.loads(out.read_text())["rows"][1]
+    assert bad["rc"] == 1 and "quantize: error: damp" in bad["error_tail"]
+    assert not any(k.startswith("eval.") for k in bad)
+
+
+def test_an_override_of_an_unknown_key_stops_before_any_run(repo, tmp_path):
+    rows = rows_file(tmp_path / "rows.yaml", [{"name": "ok"}, {"name": "typo", "set": {"model.model_dimm": 1}}])
+    with pytest.raises(A.RowsError, match=r"typo: 'model.model_dimm' is not a key of profiles/tiny.yaml"):
+        A.main(["--rows", str(rows), "--out", str(tmp_path / "o.json")])
+    assert not (repo / "params.yaml").exists()
+
+
+def test_rows_need_unique_names(tmp_path):
+    with pytest.raises(A.RowsError, match="unique name"):
+        A.load_rows(rows_file(tmp_path / "r.yaml", [{"name": "a"}, {"name": "a"}]))
+
+
+def test_budget_skips_a_row_slower_than_the_time_left():
+    done = [{"name": "a", "ran": ["train"], "seconds": 150.0}, {"name": "b", "ran": ["quantize"], "seconds": 60.0}]
+    assert A.too_slow(done, trains=True, left=149.0) and not A.too_slow(done, trains=True, left=151.0)
+    assert not A.too_slow(done, trains=False, left=61.0) and A.too_slow(done, trains=False, left=59.0)
+    assert not A.too_slow([], trains=True, left=1.0)  # nothing to go by: the first row runs
+
+
+def test_the_committed_rows_files_name_real_keys():
+    for name in ("ablation_model.yaml", "ablation_post.yaml"):
+        spec = A.load_rows(ROOT / "bench" / name)
+        for row in spec["rows"]:
+            A.params_for(spec, row)
