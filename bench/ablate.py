@@ -34,10 +34,10 @@ RAN = re.compile(r"Running stage '([^']+)'")
 KEEP = {  # metrics file -> keys copied into a row
     "train": ("steps", "train_seconds", "step_avg_ms", "tokens_per_second", "val_bpb_float", "model_params",
               "stopped_by", "qat_start_step", "loop_start_step", "peak_memory_mb", "warmup_seconds"),
-    "quant": ("pruned_values", "quantize_seconds", "gptq_rtn_error_ratio", "lqer_tensors", "lqer_bytes_raw",
-              "qat_bits", "qat_bits_match"),
+    "quant": ("quantize_seconds", "gptq_rtn_error_ratio", "lqer_tensors", "lqer_bytes_raw", "qat_bits",
+              "qat_bits_match"),
     "size": ("codec", "model_bytes", "code_bytes", "total_bytes", "lzma_bytes", "zstd_bytes", "brotli_bytes",
-             "under_cap", "compress_seconds"),
+             "under_cap", "compress_seconds", "pruned_values", "prune_compressions", "prune_seconds"),
     "eval": ("val_bpb", "val_bpb_nonsliding", "val_bpb_sliding", "scored_tokens", "eval_seconds", "sliding_seconds",
              "nonsliding_seconds", "ttt_seconds", "ttt_enabled"),
 }

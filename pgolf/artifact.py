@@ -391,11 +391,19 @@ def sizes(raw: bytes, cfg: CompressConfig) -> dict[str, int]:
     return {c: len(b) for c, b in compress_all(raw, cfg).items()}
 
 
+def pick(blobs: dict[str, bytes], cfg: CompressConfig) -> str:
+    """The codec choice: cfg.codec "auto" keeps the smallest of `blobs` (ties by name), else the forced one."""
+    if cfg.codec == "auto":
+        return min(blobs, key=lambda c: (len(blobs[c]), c))
+    _check_codec(cfg.codec)
+    return cfg.codec
+
+
 def choose(raw: bytes, cfg: CompressConfig) -> tuple[str, bytes]:
-    """(codec, file bytes): cfg.codec "auto" keeps the smallest (ties by name), else the forced one."""
+    """(codec, file bytes) by `pick`: every codec for "auto", only the forced one otherwise."""
     if cfg.codec == "auto":
         blobs = compress_all(raw, cfg)
-        codec = min(blobs, key=lambda c: (len(blobs[c]), c))
+        codec = pick(blobs, cfg)
         return codec, blobs[codec]
     _check_codec(cfg.codec)
     return cfg.codec, compress(raw, cfg.codec, cfg)

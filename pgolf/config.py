@@ -128,8 +128,6 @@ class QuantizeConfig:
     passthrough_max_numel: int = 65536  # §6.1 rule 1
     embed_mode: str = "int8"  # int8 | fp16 for tok_emb
     int8_clip_quantile: float = 0.9999984
-    prune: bool = True
-    target_bytes: int = 15_950_000  # artifact + code (§7)
     device: str = "auto"
     lqer_enabled: bool = False  # low-rank correction of the quantization error (pgolf.lqer)
     lqer_top_k: int = 3  # matrices corrected: the K of largest ||W - Ŵ||_F (PR #1855: 3)
@@ -148,6 +146,9 @@ class CompressConfig:
     brotli_window: int = 24  # log2 of the window, 10..24 (PR #1855: 24)
     layout: str = "flat"  # flat | grouped (pgolf.grouping: codes by role, rows ordered, undone at load)
     cap_bytes: int = 16_000_000  # decimal bytes
+    prune: bool = True  # selective ±1 pruning down to target_bytes (pgolf.prune)
+    target_bytes: int = 15_950_000  # model (chosen codec) + packed code bytes after pruning (§7)
+    prune_slack_bytes: int = 0  # stop once a fitting probe is within this of target_bytes (0 = exact n)
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ bootstrap. Run, the bootstrap unpacks the sources into a temp folder, puts it fi
 The output is a pure function of the sources and the params (sorted keys, no timestamps), so the
 compress stage's count (`metrics/size.json` `code_bytes`) and the exported file are the same bytes;
 the export regenerates it and compares sha256s. A test keeps `PACKED_FILES` equal to the pgolf
-modules `pgolf.recipe` imports, and another keeps them among the DVC deps of the stages that count
-code bytes (quantize, compress).
+modules `pgolf.recipe` imports, and another keeps them among the DVC deps of compress, the one
+stage that counts code bytes (and prunes to the target they are part of).
 """
 
 from __future__ import annotations

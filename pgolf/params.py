@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pgolf import artifact, config, evaluate, prepare, quantize, train
+from pgolf import compress, config, evaluate, prepare, quantize, train
 from pgolf.io import write_json
 
 OUT_DIR = Path("artifacts/params")
@@ -25,7 +25,7 @@ def check(doc: dict, source: str = "params.yaml") -> dict:
     prepare.validate(cfgs["prepare"])
     train.validate(cfgs["train"], cfgs["model"])
     quantize.check_config(cfgs["quantize"])
-    artifact.check_config(cfgs["compress"])
+    compress.check_config(cfgs["compress"])
     evaluate.validate(cfgs["evaluate"])
     return cfgs
 

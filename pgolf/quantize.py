@@ -22,15 +22,20 @@ The type label of rules 3 and 6 is "int6" whatever quantize.bits is (the contrac
 which only differs from clipping the weight first when the 1/127 scale floor binds.
 
 Clip candidates for GPTQ and GPTQ-lite: quantize.clip_quantiles plus the training-time QAT
-quantile from model.pgt's meta, chosen per row (pgolf.gptq). After quantization, selective ±1
-pruning (pgolf.prune) brings artifact + code bytes, measured with pgolf.artifact's own
-serialisation and codec choice, plus the packed train_gpt.py's bytes, under quantize.target_bytes.
+quantile from model.pgt's meta, chosen per row (pgolf.gptq). Quantize does not prune and counts
+no bytes: the compress stage owns the byte budget (serialisation, codecs, the packed code, the
+±1 pruning search, the cap). What pruning needs from here is written beside quant.pgt:
+`hdiag.pgt`, the input Hessian diagonal (C,) of every GPTQ matrix (GPTQ-lite ones have none).
 
-LQER (quantize.lqer_enabled, pgolf.lqer): after quantization and before pruning, the
-quantize.lqer_top_k int6/int8 matrices of largest ||W - Q(W)||_F get a rank-quantize.lqer_rank
-correction of that error in quantize.lqer_bits-bit factors; its tensors are part of quant.pgt and
-of the artifact, so pruning's size target counts them (the correction is of the error before
-pruning: pruning then zeroes some ±1 codes of those matrices as of any other).
+QAT bits: training's late QAT fake-quantizes at model.pgt meta `qat_bits` bits. A different
+quantize.bits still quantizes (GPTQ works at any width) but the weights were not trained for it:
+the stage prints a warning line and metrics/quant.json says `qat_bits`, `qat_bits_match`.
+
+LQER (quantize.lqer_enabled, pgolf.lqer): after quantization the quantize.lqer_top_k int6/int8
+matrices of largest ||W - Q(W)||_F get a rank-quantize.lqer_rank correction of that error in
+quantize.lqer_bits-bit factors; its tensors are part of quant.pgt and of the artifact, so the
+compress stage's size target counts them (pruning later zeroes some ±1 codes of those matrices as
+of any other; the correction is of the error before pruning).
 """
 
 from __future__ import annotations
@@ -43,8 +48,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pgolf import artifact, lqer, prune, tensorfile
-from pgolf.config import CompressConfig, ConfigError, ModelConfig, QuantizeConfig
+from pgolf import lqer, tensorfile
+from pgolf.config import ConfigError, ModelConfig, QuantizeConfig
 from pgolf.gptq import GPTQSpec, MatrixResult, gptq_lite_matrices, gptq_matrices
 from pgolf.int6 import dequantize, fp16_round, qmax_for, quantize, row_scale
 from pgolf.io import staged_dir, write_json
@@ -54,6 +59,8 @@ KIND = "quantized"
 TRAIN_DIR = Path("artifacts/train")
 OUT_DIR = Path("artifacts/quant")
 METRICS = Path("metrics/quant.json")
+HDIAG = "hdiag.pgt"  # pgolf.compress.HDIAG reads it
+HDIAG_KIND = "hessian_diag"
 EMBED_MODES = ("int8", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 INT8_QMAX = 127
@@ -99,8 +106,6 @@ def check_config(cfg: QuantizeConfig) -> None:
         raise bad("passthrough_max_numel", "must be >= 0")
     if not 0.0 < cfg.int8_clip_quantile <= 1.0:
         raise bad("int8_clip_quantile", "must be in (0, 1]")
-    if cfg.target_bytes <= 0:
-        raise bad("target_bytes", "must be positive")
     if cfg.device not in DEVICES:
         raise bad("device", f"must be one of {', '.join(DEVICES)}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -324,91 +329,56 @@ def _gptq_row(r: MatrixResult, cands: tuple[float, ...], qmax: int) -> dict:
             "clip_rows": {repr(p): c for p, c in zip(cands, r.choice)}}
 
 
-# ----------------------------------------------------------------------------- pruning
-
-
-@dataclass
-class PruneOutcome:
-    pruned: int
-    candidates: int
-    cost: float  # sum of s^2 H_jj of the pruned values
-    total_bytes: int | None  # model (chosen codec) + code bytes after pruning
-    model_bytes: int | None
-    code_bytes: int | None
-    codec: str | None
-    probes: list[tuple[int, int]]
-
-
-def prune_to_target(qz: Quantized, qcfg: QuantizeConfig, ccfg: CompressConfig, code: int) -> PruneOutcome:
-    """Zero the cheapest ±1 int6 codes until serialize + codec + `code` bytes (the packed
-    train_gpt.py, pgolf.pack) <= quantize.target_bytes.
-
-    Updates qz.tensors and the table rows in place; PruneError when the target is unreachable.
-    """
-    qkeys = [f"{n}.q" for n in qz.results]
-    codes = {k: qz.tensors[k] for k in qkeys}
-    cands = prune.collect(codes, {k: qz.tensors[k[:-2] + ".scale"] for k in qkeys},
-                          {f"{n}.q": d for n, d in qz.hdiag.items()})
-    chosen: dict[int, tuple[str, int]] = {}
-
-    def size_of(n: int) -> int:
-        tensors = {**qz.tensors, **prune.apply(codes, cands, n)}  # same keys, same order as quant.pgt
-        codec, blob = artifact.choose(artifact.serialize(tensors, qz.meta, ccfg.layout), ccfg)
-        chosen[n] = (codec, len(blob))
-        return len(blob) + code
-
-    res = prune.search(size_of, cands.total, qcfg.target_bytes)
-    pruned = prune.apply(codes, cands, res.n)
-    qz.tensors.update(pruned)
-    for row in qz.rows:
-        if f"{row['name']}.q" in codes:
-            before = codes[f"{row['name']}.q"]
-            row["pruned"] = int((before != pruned[f"{row['name']}.q"]).sum())
-    codec, model_bytes = chosen[res.n]
-    return PruneOutcome(res.n, cands.total, cands.cost_of_first(res.n), res.size, model_bytes, code, codec,
-                        res.probes)
-
-
 # ----------------------------------------------------------------------------- the stage
 
 
-def run(qcfg: QuantizeConfig, ccfg: CompressConfig, train_dir: str | Path = TRAIN_DIR,
-        out_dir: str | Path = OUT_DIR, metrics_path: str | Path = METRICS, *, code_bytes: int) -> dict:
-    """The whole stage; outputs are written only after everything succeeded. -> the metrics dict.
-    `code_bytes`: the code counted toward quantize.target_bytes (the packed train_gpt.py's size)."""
-    check_config(qcfg)
-    artifact.check_config(ccfg)  # ConfigError for a bad compress.* now, not after GPTQ
-    device = resolve_device(qcfg)
+def qat_bits(meta: dict, path: Path = TRAIN_DIR / "model.pgt") -> int | None:
+    """The bits training's late QAT used (model.pgt meta `qat_bits`), None when the meta predates it."""
+    bits = meta.get("qat_bits")
+    if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8):
+        raise QuantizeError(f"{path}: meta qat_bits must be an integer in [2, 8], got {bits!r}")
+    return bits
+
+
+def qat_warning(m: dict) -> str | None:
+    """The warning line when quantize.bits differs from the bits training's QAT used."""
+    if m["qat_bits_match"] is not False:
+        return None
+    return (f"quantize: warning: quantize.bits={m['bits']} but training's late QAT fake-quantized at "
+            f"{m['qat_bits']} bits (artifacts/train/model.pgt meta qat_bits): the weights were not trained for "
+            f"int{m['bits']}; expect a larger quantization gap")
+
+
+def run(cfg: QuantizeConfig, train_dir: str | Path = TRAIN_DIR, out_dir: str | Path = OUT_DIR,
+        metrics_path: str | Path = METRICS) -> dict:
+    """The whole stage; outputs are written only after everything succeeded. -> the metrics dict."""
+    check_config(cfg)
+    device = resolve_device(cfg)
     t0 = time.perf_counter()
     inp = load_inputs(train_dir)
-    qz = quantize_model(inp, qcfg, device)
-    outcome = prune_to_target(qz, qcfg, ccfg, code_bytes) if qcfg.prune else None
+    qat = qat_bits(inp.meta, Path(train_dir) / "model.pgt")
+    qz = quantize_model(inp, cfg, device)
     seconds = time.perf_counter() - t0
-    table = make_table(qz, qcfg, outcome)
-    metrics = make_metrics(qz, qcfg, outcome, seconds, device)
+    metrics = make_metrics(qz, cfg, seconds, device) | {"qat_bits": qat,
+                                                       "qat_bits_match": None if qat is None else qat == cfg.bits}
+    hdiag = {n: d.contiguous() for n, d in qz.hdiag.items() if d is not None}
     with staged_dir(out_dir) as tmp:
         tensorfile.save(tmp / "quant.pgt", qz.tensors, kind=KIND, meta=qz.meta)
-        write_json(tmp / "table.json", table)
+        tensorfile.save(tmp / HDIAG, hdiag, kind=HDIAG_KIND, meta={"bits": cfg.bits})
+        write_json(tmp / "table.json", make_table(qz, cfg))
     write_json(metrics_path, metrics)
     return metrics
 
 
-def make_table(qz: Quantized, cfg: QuantizeConfig, outcome: PruneOutcome | None) -> dict:
-    """table.json: one row per source tensor, plus the settings and the pruning search (no timings,
-    so the file is a pure function of the inputs)."""
-    prune_info = None
-    if outcome is not None:
-        prune_info = {"pruned": outcome.pruned, "candidates": outcome.candidates, "cost": outcome.cost,
-                      "target_bytes": cfg.target_bytes, "total_bytes": outcome.total_bytes,
-                      "model_bytes": outcome.model_bytes, "code_bytes": outcome.code_bytes, "codec": outcome.codec,
-                      "probes": [{"n": n, "total_bytes": s} for n, s in outcome.probes]}
+def make_table(qz: Quantized, cfg: QuantizeConfig) -> dict:
+    """table.json: one row per source tensor, plus the settings (no timings, so the file is a pure
+    function of the inputs)."""
     return {"bits": cfg.bits, "clip_candidates": list(qz.clip_candidates),
             "columns": ["name", "shape", "treatment", "method", "bits", "bytes_raw"],
-            "tensors": qz.rows, "bytes_raw": sum(r["bytes_raw"] for r in qz.rows), "prune": prune_info}
+            "tensors": qz.rows, "bytes_raw": sum(r["bytes_raw"] for r in qz.rows)}
 
 
-def make_metrics(qz: Quantized, cfg: QuantizeConfig, outcome: PruneOutcome | None, seconds: float,
-                 device: torch.device) -> dict:
+def make_metrics(qz: Quantized, cfg: QuantizeConfig, seconds: float, device: torch.device) -> dict:
     rows = qz.rows
     count = lambda key, val: sum(1 for r in rows if r[key] == val)  # noqa: E731
     gptq = [r for r in qz.results.values() if r.method == "gptq"]
@@ -421,7 +391,6 @@ def make_metrics(qz: Quantized, cfg: QuantizeConfig, outcome: PruneOutcome | Non
     return extra | {
         "int6_tensors": count("treatment", "int6"),
         "passthrough_tensors": count("treatment", "passthrough"),
-        "pruned_values": outcome.pruned if outcome else 0,
         "quantize_seconds": round(seconds, 3),
         "int8_tensors": count("treatment", "int8"),
         "gptq_tensors": len(gptq),
@@ -433,12 +402,7 @@ def make_metrics(qz: Quantized, cfg: QuantizeConfig, outcome: PruneOutcome | Non
         "int6_rows_at_scale_floor": _floor_fraction(rows),
         "bits": cfg.bits,
         "raw_bytes": sum(r["bytes_raw"] for r in rows),
-        "prune_candidates": outcome.candidates if outcome else None,
-        "prune_compress_calls": len(outcome.probes) if outcome else 0,
-        "model_bytes_estimate": outcome.model_bytes if outcome else None,
-        "code_bytes": outcome.code_bytes if outcome else None,
-        "total_bytes_estimate": outcome.total_bytes if outcome else None,
-        "target_bytes": cfg.target_bytes,
+        "prune_candidates": sum(int((qz.tensors[f"{n}.q"].abs() == 1).sum()) for n in qz.results),
         "device": device.type,
     }
 
@@ -451,11 +415,9 @@ def _floor_fraction(rows: list[dict]) -> float | None:
 
 
 def summary_line(m: dict) -> str:
-    est = f", {m['total_bytes_estimate']:,} bytes total (target {m['target_bytes']:,})" \
-        if m["total_bytes_estimate"] is not None else ""
     ratio = f", GPTQ/RTN output error {m['gptq_rtn_error_ratio']:.3f}" if m["gptq_rtn_error_ratio"] else ""
     retries = f", {m['damping_retries']} needed more damping" if m["damping_retries"] else ""
     return (f"quantize: {m['int6_tensors']} int{m['bits']} ({m['gptq_tensors']} GPTQ, {m['gptq_lite_tensors']} "
             f"GPTQ-lite{retries}), {m['int8_tensors']} int8, {m['passthrough_tensors']} passthrough{ratio}; "
-            f"pruned {m['pruned_values']:,} ±1 values in {m['prune_compress_calls']} compress calls{est}; "
+            f"{m['prune_candidates']:,} ±1 codes (pruning candidates of the compress stage); "
             f"{m['quantize_seconds']:.1f} s on {m['device']}")

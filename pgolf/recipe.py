@@ -7,7 +7,7 @@ baked into the script, in the challenge's data layout: the current folder holds
 (data/tokenizer + linked shards, artifacts/{train,quant,final}, metrics/*.json, train_gpt.log).
 
     prepare (rank 0: link the shards, tokenizer byte tables) -> train (every rank, online Hessians)
-    -> quantize + compress (rank 0; code bytes = this script's own bytes) -> evaluate (every rank)
+    -> quantize + compress (rank 0; ±1 pruning in compress; code bytes = this script's own bytes) -> evaluate (every rank)
 
 Under plain python with train.nproc_per_node > 1 it relaunches itself through torchrun. It
 prints the challenge's usual log lines (`step:… val_loss:… val_bpb:…`, `Total submission size …`,
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch.distributed as tdist
 
-from pgolf import config, dist, evaluate, prepare, quantize, train
+from pgolf import compress, config, dist, evaluate, prepare, quantize, train
 from pgolf.artifact import ArtifactError
 from pgolf.compress import CompressError, build, over_cap_message
 from pgolf.corpus import CorpusError
@@ -51,6 +51,7 @@ def configs(params: dict) -> dict:
     cfgs = {s: config.from_dict(s, params.get(s)) for s in ("model", "train", "quantize", "compress", "evaluate")}
     train.validate(cfgs["train"], cfgs["model"])
     quantize.check_config(cfgs["quantize"])
+    compress.check_config(cfgs["compress"])
     evaluate.validate(cfgs["evaluate"])
     return cfgs
 
@@ -98,9 +99,12 @@ def _train(cfgs: dict, log: Log) -> dict:
 
 
 def _quantize_compress(cfgs: dict, script: bytes, log: Log) -> dict:
-    q = quantize.run(cfgs["quantize"], cfgs["compress"], code_bytes=len(script))
-    log(quantize.summary_line(q))
+    q = quantize.run(cfgs["quantize"])
+    for line in (quantize.qat_warning(q), quantize.summary_line(q)):
+        if line:
+            log(line)
     m = build(cfgs["compress"], script)
+    log(compress.summary_line(m))
     tag = f"int{cfgs['quantize'].bits}+{m['codec']}"
     log(f"Serialized model {tag}: {m['model_bytes']} bytes")
     log(f"Code size: {m['code_bytes']} bytes")

@@ -39,8 +39,9 @@ def _size(size: dict) -> list[str]:
 
 
 def _quant(quant: dict) -> list[str]:
-    return [f"  quantized      {quant['int6_tensors']} int{quant.get('bits', 6)} tensors, "
-            f"{quant['pruned_values']:,} ±1 values pruned"]
+    """quant.json's tensors with size.json's pruned count (pruning is the compress stage's)."""
+    pruned = f", {quant['pruned_values']:,} ±1 values pruned" if "pruned_values" in quant else ""
+    return [f"  quantized      {quant['int6_tensors']} int{quant.get('bits', 6)} tensors{pruned}"]
 
 
 def _train(train: dict) -> list[str]:
@@ -55,6 +56,8 @@ def render(metrics_dir: str | Path = "metrics") -> str:
     """The summary text; MetricsError naming the file that is not JSON or lacks a key it shows."""
     d = Path(metrics_dir)
     files = {name: _read(d, name) for name, _ in LINES}
+    if files["quant"] and "pruned_values" in files["size"]:
+        files["quant"] = {**files["quant"], "pruned_values": files["size"]["pruned_values"]}
     lines = ["pgolf summary"]
     for name, fmt in LINES:
         if not files[name]:

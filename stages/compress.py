@@ -1,5 +1,6 @@
-"""Stage `compress`: artifacts/quant/quant.pgt -> artifacts/final/{model.ptz, train_gpt.py, code_files.json},
-metrics/size.json (logic in pgolf.compress; the packed script from pgolf.pack).
+"""Stage `compress`: artifacts/quant/{quant.pgt, hdiag.pgt} -> artifacts/final/{model.ptz, train_gpt.py,
+code_files.json}, metrics/size.json (logic in pgolf.compress: codec choice, ±1 pruning to
+compress.target_bytes; the packed script from pgolf.pack).
 
 Over the cap the metrics are still written (under_cap false) and the stage exits 1 saying by how much.
 """
@@ -10,8 +11,9 @@ import sys
 from pathlib import Path
 
 from pgolf import artifact, config, pack, tensorfile
-from pgolf.compress import CompressError, build, over_cap_message
+from pgolf.compress import CompressError, build, over_cap_message, summary_line
 from pgolf.io import OutputError
+from pgolf.prune import PruneError
 
 __all__ = ["CompressError", "build", "main"]
 
@@ -21,13 +23,11 @@ def main() -> int:
         cfg = config.load("compress")
         script = pack.build_script(Path("."))
         m = build(cfg, script, eval_files=artifact.code_files("."))
-    except (config.ConfigError, tensorfile.TensorFileError, CompressError, pack.PackError, FileNotFoundError,
-            OutputError) as e:
+    except (config.ConfigError, tensorfile.TensorFileError, CompressError, PruneError, pack.PackError,
+            FileNotFoundError, OutputError) as e:
         print(f"compress: error: {e}", file=sys.stderr)
         return 1
-    print(f"compress: {m['codec']} {m['model_bytes']:,} bytes (lzma {m['lzma_bytes']:,}, zstd {m['zstd_bytes']:,}, "
-          f"raw {m['raw_bytes']:,}) + packed train_gpt.py {m['code_bytes']:,} = {m['total_bytes']:,} of "
-          f"{m['cap_bytes']:,}")
+    print(summary_line(m))
     if not m["under_cap"]:
         print(f"compress: error: {over_cap_message(m)}; metrics/size.json written", file=sys.stderr)
         return 1

@@ -1,32 +1,30 @@
-"""Stage `quantize`: params `quantize` + `compress` sections, artifacts/train/{model,hessians}.pgt
--> artifacts/quant/{quant.pgt, table.json}, metrics/quant.json.
+"""Stage `quantize`: params `quantize` section, artifacts/train/{model,hessians}.pgt
+-> artifacts/quant/{quant.pgt, hdiag.pgt, table.json}, metrics/quant.json (logic in pgolf.quantize).
 
-Pruning targets model + the packed train_gpt.py (pgolf.pack, built from the sources and params here)."""
+No byte counting here: pruning and the byte budget belong to the compress stage. A quantize.bits
+other than the bits of training's late QAT prints a warning line (and metrics/quant.json says so)."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from pgolf import config, pack
-from pgolf.prune import PruneError
-from pgolf.quantize import QuantizeError, run, summary_line
-from pgolf.tensorfile import TensorFileError
+from pgolf import config
 from pgolf.io import OutputError
+from pgolf.quantize import QuantizeError, qat_warning, run, summary_line
+from pgolf.tensorfile import TensorFileError
 
-EXPECTED_ERRORS = (OutputError, config.ConfigError, QuantizeError, PruneError, TensorFileError, pack.PackError,
-                   FileNotFoundError)
+EXPECTED_ERRORS = (OutputError, config.ConfigError, QuantizeError, TensorFileError, FileNotFoundError)
 
 
 def main() -> int:
     try:
-        qcfg = config.load("quantize")
-        ccfg = config.load("compress")
-        code = len(pack.build_script(Path("."))) if qcfg.prune else 0
-        m = run(qcfg, ccfg, code_bytes=code)
+        m = run(config.load("quantize"))
     except EXPECTED_ERRORS as e:
         print(f"quantize: error: {e}", file=sys.stderr)
         return 1
+    warning = qat_warning(m)
+    if warning:
+        print(warning)
     print(summary_line(m))
     return 0
 

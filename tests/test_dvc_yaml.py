@@ -1,8 +1,9 @@
 """dvc.yaml's deps are the truth about what each stage runs: every pgolf module a stage imports is
 a dep of it (else editing that module would not rerun the stage), training code is not a dep of
-evaluate, and of quantize/compress only as a source packed into train_gpt.py; the stages that
-count code bytes (the packed script's) depend on every packed source and every baked params
-section, so editing any of them recounts."""
+quantize or evaluate, and of compress only as a source packed into train_gpt.py; compress, the one
+stage that counts code bytes (the packed script's) and owns the byte budget, depends on every
+packed source and every baked params section, so editing any of them recounts; quantize depends
+on its own code and params only, so a file only evaluate or summary uses never reruns it."""
 
 from __future__ import annotations
 
@@ -49,14 +50,26 @@ def test_every_imported_module_is_a_dep(stage):
 @pytest.mark.parametrize("stage", ("quantize", "compress", "evaluate"))
 def test_downstream_stages_depend_on_training_code_only_as_packed_sources(stage):
     deps = _deps(stage)
-    allowed = set(PACKED_FILES) if stage != "evaluate" else set()
+    allowed = set(PACKED_FILES) if stage == "compress" else set()
     assert not [d for d in deps if d.startswith(TRAINING_CODE) and d not in allowed]
 
 
-@pytest.mark.parametrize("stage", ("quantize", "compress"))
-def test_stages_counting_code_bytes_depend_on_every_packed_source_and_baked_param(stage):
-    deps = _deps(stage)
-    want = {*PACKED_FILES, "pgolf/pack.py", *(CODE_FILES if stage == "compress" else ())}
+def test_compress_counts_code_bytes_so_depends_on_every_packed_source_and_baked_param():
+    deps = _deps("compress")
+    want = {*PACKED_FILES, "pgolf/pack.py", *CODE_FILES}
     assert want <= set(deps), sorted(want - set(deps))
-    params = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["params"]
+    params = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["compress"]["params"]
     assert set(BAKED_SECTIONS) <= set(params), sorted(set(BAKED_SECTIONS) - set(params))
+
+
+def test_quantize_depends_on_its_own_code_and_params_only():
+    """Exactly the files stages.quantize imports (+ its inputs): no packed-script source, codec or
+    pruning code, no evaluate/summary file; only the quantize params (issue 11)."""
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["quantize"]
+    code = {d for d in stage["deps"] if d.endswith(".py")}
+    assert code == _imported_files("quantize") - PLUMBING
+    for other in ("pgolf/pack.py", "pgolf/compress.py", "pgolf/prune.py", "pgolf/artifact.py", "pgolf/evaluate.py",
+                  "pgolf/bpb.py", "pgolf/summary.py", "pgolf/ttt.py", "stages/evaluate.py"):
+        assert other not in stage["deps"]
+    assert stage["params"] == ["quantize"]
+    assert set(stage["deps"]) - code == {"artifacts/train", "artifacts/params/quantize.json"}

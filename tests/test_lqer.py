@@ -11,6 +11,7 @@ import torch
 from _quant_model import trained, write_train_dir
 from conftest import tiny_model
 from pgolf import artifact, lqer
+from pgolf.compress import build
 from pgolf.config import CompressConfig
 from pgolf.evaluate import load_model
 from pgolf.int6 import dequantize
@@ -18,7 +19,7 @@ from test_compress import quantized
 from test_quantize import fails_cleanly, load_quant, qcfg, run_in, set_params, stage_dir  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-LQ = dict(lqer_enabled=True, lqer_top_k=3, lqer_rank=4, lqer_bits=4, prune=False)
+LQ = dict(lqer_enabled=True, lqer_top_k=3, lqer_rank=4, lqer_bits=4)
 
 
 def test_factors_are_the_best_rank_r_approximation():
@@ -47,7 +48,7 @@ def test_select_takes_the_k_largest_in_order():
 def pair(tmp_path_factory):
     """The quantize stage on the trained micro model, without and with LQER (same GPTQ codes)."""
     out = []
-    for name, kw in (("plain", {"prune": False}), ("lqer", LQ)):
+    for name, kw in (("plain", {}), ("lqer", LQ)):
         root = tmp_path_factory.mktemp(name)
         write_train_dir(root)
         m = run_in(root, qcfg(**kw))
@@ -139,4 +140,9 @@ def test_stage_with_lqer_and_pruning_counts_the_block(stage_dir, capsys):  # noq
     tensors, meta = load_quant(stage_dir)
     assert m["lqer_tensors"] == 2 and sum("lqer" in i for i in meta["quant"].values()) == 2
     size = len(artifact.choose(artifact.serialize(tensors, meta), CompressConfig())[1])
-    assert m["model_bytes_estimate"] == size  # pruning measured the file with the factors in it
+    target = size + 1000 - 600  # 600 bytes to prune, counting the factors (code: 1,000 bytes)
+    sm = build(CompressConfig(target_bytes=target), b"#" * 1000, stage_dir / "artifacts/quant/quant.pgt",
+               stage_dir / "final", stage_dir / "size.json")
+    assert sm["pruned_values"] > 0 and sm["total_bytes"] <= target
+    back, meta2 = artifact.read_artifact(stage_dir / "final" / "model.ptz")
+    assert all(torch.equal(back[k], tensors[k]) for k in tensors if ".lqer" in k)  # the factors are never pruned

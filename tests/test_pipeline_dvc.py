@@ -3,6 +3,8 @@
 - `dvc repro` runs the whole pipeline and writes every contract metric key;
 - `dvc exp run -S quantize.<p>=...` reruns quantize -> compress -> evaluate, never prepare/train;
   setting the value back restores the earlier results from the run-cache without recomputing;
+- `dvc exp run -S compress.<p>=...` reruns compress -> evaluate only (compress owns the bytes and
+  the pruning; quantize is not rerun), and a forced compress.target_bytes prunes there;
 - `dvc metrics diff` / `params diff` / `plots diff` between two branches show the expected keys
   and differences (checked in the --json output: DVC exits 0 even when it cannot read metrics);
   the training curves are also an image plot (plots/train.png);
@@ -28,8 +30,9 @@ pytestmark = pytest.mark.slow
 CONTRACT = {
     "prepare": ["vocab_size", "train_tokens", "val_tokens", "val_bytes", "train_docs", "val_docs"],
     "train": ["steps", "train_seconds", "tokens_per_second", "world_size", "val_bpb_float", "peak_memory_mb"],
-    "quant": ["int6_tensors", "passthrough_tensors", "pruned_values", "quantize_seconds"],
-    "size": ["codec", "lzma_bytes", "zstd_bytes", "model_bytes", "code_bytes", "total_bytes", "cap_bytes", "under_cap"],
+    "quant": ["int6_tensors", "passthrough_tensors", "quantize_seconds", "qat_bits", "qat_bits_match"],
+    "size": ["codec", "lzma_bytes", "zstd_bytes", "model_bytes", "code_bytes", "total_bytes", "cap_bytes", "under_cap",
+             "pruned_values", "prune_compressions", "prune_seconds", "real_compressions"],
     "eval": ["val_loss", "val_bpb", "stride", "context", "scored_tokens", "scored_bytes", "eval_seconds"],
 }
 
@@ -55,11 +58,28 @@ def test_quantize_param_reruns_only_downstream_and_run_cache_restores(repo):
     out = _dvc("exp", "run", "-S", "quantize.damp=0.05", cwd=repo)
     assert "Stage 'prepare' didn't change, skipping" in out
     assert "Stage 'train' didn't change, skipping" in out
-    assert "Running stage 'quantize'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'quantize'" in out and "Running stage 'compress'" in out
+    assert "Running stage 'evaluate'" in out and "Running stage 'train'" not in out
     out = _dvc("exp", "run", "-S", "quantize.damp=0.01", cwd=repo)
     assert "Stage 'quantize' is cached - skipping run" in out
     assert "Running stage" not in out
     assert json.loads((repo / "metrics" / "size.json").read_text()) == before
+    _run(["git", "checkout", "-q", "--", "."], repo)
+    _dvc("checkout", "-q", cwd=repo)
+
+
+@pytest.mark.parametrize("setting", ["compress.zstd_level=19", "compress.target_bytes={forced}"])
+def test_compress_param_reruns_only_compress_and_evaluate(repo, setting):
+    size = json.loads((repo / "metrics" / "size.json").read_text())
+    forced = size["total_bytes"] - 400  # below the unpruned size: compress must prune
+    out = _dvc("exp", "run", "-S", setting.format(forced=forced), cwd=repo)
+    for stage in ("prepare", "train", "quantize"):
+        assert f"Stage '{stage}' didn't change, skipping" in out, out
+        assert f"Running stage '{stage}'" not in out
+    assert "Running stage 'compress'" in out and "Running stage 'evaluate'" in out
+    if "target_bytes" in setting:
+        new = json.loads((repo / "metrics" / "size.json").read_text())
+        assert new["pruned_values"] > 0 and new["total_bytes"] <= forced and new["prune_compressions"] >= 1
     _run(["git", "checkout", "-q", "--", "."], repo)
     _dvc("checkout", "-q", cwd=repo)
 

@@ -46,7 +46,7 @@ def test_already_under_target_prunes_nothing_with_one_probe():
 
 
 def test_unreachable_target_names_the_smallest_reachable_size():
-    with pytest.raises(prune.PruneError, match=r"quantize\.target_bytes=100 is unreachable.*gives 500 bytes"):
+    with pytest.raises(prune.PruneError, match=r"compress\.target_bytes=100 is unreachable.*gives 500 bytes"):
         prune.search(lambda n: 1000 - n, 500, 100)
 
 
@@ -75,3 +75,24 @@ def test_search_brackets_a_noisy_non_monotone_size_and_uses_few_probes():
 def test_search_survives_a_step_function():
     r = prune.search(lambda n: 1000 if n < 3_000_000 else 0, 4_200_000, 500)
     assert r.n == 3_000_000 and len(r.probes) <= 30
+
+
+def test_predicted_search_with_slack_stops_at_the_first_fit():
+    """A predictor off by a factor 2 (k = 0.5): the miss recalibrates, the next probe fits; the
+    answer is that first fit, at or under the target."""
+    N = 4_200_000
+
+    def f(n):
+        return int(16_200_000 - 0.35 * n + np.random.default_rng(n).normal(0, 30))
+
+    for target in (16_000_000, 15_500_000):
+        r = prune.search(f, N, target, predict=lambda n: -0.7 * n, slack=2000)
+        assert f(r.n) == r.size <= target and len(r.probes) <= 4
+        assert all(s > target for _, s in r.probes[:-1])
+        assert prune.search(f, N, target, predict=lambda n: -0.7 * n, slack=2000) == r  # deterministic
+
+
+def test_predicted_exact_search_brackets_to_one():
+    f = lambda n: 1000 - n  # noqa: E731
+    r = prune.search(f, 500, 700, predict=lambda n: -1.3 * n, slack=0)
+    assert r.n == 300 and r.size == 700

@@ -1,5 +1,6 @@
-"""The quantize stage on a really trained tiny model: treatments, outputs, determinism, pruning with
-the real serialisation and codecs, and every bad input (clear error, previous outputs intact)."""
+"""The quantize stage on a really trained tiny model: treatments, outputs (quant.pgt, hdiag.pgt for
+the compress stage's pruning), determinism, the QAT-bits check, and every bad input (clear error,
+previous outputs intact). Pruning itself is the compress stage's (tests/test_compress_prune.py)."""
 
 import json
 import os
@@ -14,29 +15,23 @@ import yaml
 
 from _quant_model import MICRO, eval_loss, trained, write_train_dir
 from conftest import single_thread
-from pgolf import artifact, config, int6, pack, prune, tensorfile
+from pgolf import artifact, config, int6, pack, tensorfile
 from pgolf import quantize as Q
 from stages import quantize as stage
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE = 88_000  # code bytes counted toward quantize.target_bytes (about the packed train_gpt.py's)
-CONTRACT = ["int6_tensors", "passthrough_tensors", "pruned_values", "quantize_seconds"]
+CONTRACT = ["int6_tensors", "passthrough_tensors", "quantize_seconds", "qat_bits", "qat_bits_match"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def qcfg(**kw):
-    return config.from_dict("quantize", {"passthrough_max_numel": 512, "target_bytes": 10 ** 9, **kw})
+    return config.from_dict("quantize", {"passthrough_max_numel": 512, **kw})
 
 
-def ccfg(**kw):
-    return config.from_dict("compress", kw)
-
-
-def run_in(root: Path, q=None, c=None, out="quant"):
-    return Q.run(q or qcfg(), c or ccfg(), root / "artifacts" / "train", root / "artifacts" / out,
-                 root / "metrics" / f"{out}.json", code_bytes=CODE)
+def run_in(root: Path, q=None, out="quant"):
+    return Q.run(q or qcfg(), root / "artifacts" / "train", root / "artifacts" / out, root / "metrics" / f"{out}.json")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +74,14 @@ def test_treatments_and_contract_files(done):
     assert all(k in m for k in CONTRACT)
     assert m["int6_tensors"] == 13 and m["gptq_tensors"] == 12 and m["gptq_lite_tensors"] == 1
     assert m["int8_tensors"] == 3 and m["int6_tensors"] + m["int8_tensors"] + m["passthrough_tensors"] == len(quant)
-    assert m["damping_retries"] == 0 and m["pruned_values"] == 0 and m["prune_compress_calls"] == 1
+    assert m["damping_retries"] == 0 and m["qat_bits"] == 6 and m["qat_bits_match"] is True
+    hdiag, header = tensorfile.load(root / "artifacts" / "quant" / Q.HDIAG, kind=Q.HDIAG_KIND)
+    gptq = [n for n, i in quant.items() if i.get("method") == "gptq"]
+    assert sorted(hdiag) == sorted(gptq) and len(gptq) == 12  # GPTQ-lite has no Hessian
+    _, h, _ = trained()
+    assert all(torch.equal(hdiag[n], torch.diagonal(h[n]).float()) for n in gptq)
+    assert 0 < m["prune_candidates"] == sum(int((tensors[f"{n}.q"].abs() == 1).sum())
+                                            for n, i in quant.items() if i["type"] == "int6")
     assert 0 < m["gptq_rtn_error_ratio"] < 0.5  # measured 0.31
     assert json.loads((root / "metrics" / "quant.json").read_text()) == m
     table = json.loads((root / "artifacts" / "quant" / "table.json").read_text())
@@ -106,7 +108,7 @@ def test_clip_candidates_include_the_qat_quantile(tmp_path):
 
     meta = model_meta() | {"qat_quantile": 0.99}
     write_train_dir(tmp_path, meta=meta)
-    run_in(tmp_path, qcfg(prune=False))
+    run_in(tmp_path, qcfg())
     table = json.loads((tmp_path / "artifacts" / "quant" / "table.json").read_text())
     assert table["clip_candidates"][-1] == 0.99
     assert all("0.99" in r["clip_rows"] for r in table["tensors"] if r["method"] == "gptq")
@@ -116,52 +118,18 @@ def test_same_inputs_give_byte_identical_outputs(done, tmp_path):
     root, _ = done
     shutil.copytree(root / "artifacts" / "train", tmp_path / "artifacts" / "train")
     run_in(tmp_path)
-    for f in ("quant.pgt", "table.json"):
+    for f in ("quant.pgt", "hdiag.pgt", "table.json"):
         assert (tmp_path / "artifacts" / "quant" / f).read_bytes() == (root / "artifacts" / "quant" / f).read_bytes()
 
 
-def test_embed_mode_fp16_and_prune_off(done, tmp_path):
+def test_embed_mode_fp16(done, tmp_path):
     root, _ = done
     shutil.copytree(root / "artifacts" / "train", tmp_path / "artifacts" / "train")
-    m = run_in(tmp_path, qcfg(embed_mode="fp16", prune=False))
+    m = run_in(tmp_path, qcfg(embed_mode="fp16"))
     _, meta = load_quant(tmp_path)
     assert meta["quant"]["tok_emb.weight"] == {"type": "passthrough", "bits": 16, "method": "fp16"}
     assert meta["quant"]["bigram.embed.weight"]["type"] == "int8"
-    assert m["pruned_values"] == 0 and m["prune_compress_calls"] == 0 and m["total_bytes_estimate"] is None
-
-
-def size_with(tensors, meta, c) -> int:
-    """What the compress stage will measure: serialize + codec choice + code bytes."""
-    return len(artifact.choose(artifact.serialize(tensors, meta), c)[1]) + CODE
-
-
-@pytest.mark.parametrize("codec", ["auto", "lzma"])
-def test_pruning_lands_under_target_and_is_minimal(done, tmp_path, codec):
-    root, m0 = done
-    c = ccfg(codec=codec)
-    shutil.copytree(root / "artifacts" / "train", tmp_path / "artifacts" / "train")
-    base, meta = load_quant(root)  # unpruned (target 1e9)
-    full = size_with(base, meta, c)
-    target = full - 1500
-    m = run_in(tmp_path, qcfg(target_bytes=target), c)
-    tensors, meta2 = load_quant(tmp_path)
-    n = m["pruned_values"]
-    assert 0 < n < m["prune_candidates"]
-    assert size_with(tensors, meta2, c) == m["total_bytes_estimate"] <= target  # the file that was written
-    # minimal: pruning one value fewer (same cost order) does not fit
-    names = [k[:-2] for k in base if k.endswith(".q") and meta["quant"][k[:-2]]["type"] == "int6"]
-    _, h, _ = trained()
-    codes = {f"{k}.q": base[f"{k}.q"] for k in names}
-    cands = prune.collect(codes, {f"{k}.q": base[f"{k}.scale"] for k in names},
-                          {f"{k}.q": (torch.diagonal(h[k]) if k in h else None) for k in names})
-    assert all(torch.equal(tensors[k], v) for k, v in prune.apply(codes, cands, n).items())
-    fewer = {**base, **prune.apply(codes, cands, n - 1)}
-    assert size_with(fewer, meta, c) > target
-    assert m["prune_compress_calls"] <= 20
-    table = json.loads((tmp_path / "artifacts" / "quant" / "table.json").read_text())
-    assert sum(r.get("pruned", 0) for r in table["tensors"]) == n
-    probed = {p["n"] for p in table["prune"]["probes"]}
-    assert {0, m["prune_candidates"], n, n - 1} <= probed  # both ends of the final bracket were measured
+    assert m["int8_tensors"] == 2
 
 
 def test_damping_retries_are_reported(done, tmp_path):
@@ -172,7 +140,7 @@ def test_damping_retries_are_reported(done, tmp_path):
     C = h[name].shape[0]
     bad[name] = torch.kron(torch.eye(C // 2), torch.tensor([[1.0, 2.5], [2.5, 1.0]]))  # indefinite
     write_train_dir(tmp_path, hessians=bad)
-    m = run_in(tmp_path, qcfg(prune=False))
+    m = run_in(tmp_path, qcfg())
     assert m["damping_retries"] == 1 and m["damping_retried"] == {name: pytest.approx(10.0)}
     table = json.loads((tmp_path / "artifacts" / "quant" / "table.json").read_text())
     row = next(r for r in table["tensors"] if r["name"] == name)
@@ -225,7 +193,9 @@ def test_stage_success_replaces_previous_outputs(stage_dir, capsys):
     assert (stage_dir / "artifacts" / "quant" / "quant.pgt").read_bytes()[:8] == tensorfile.MAGIC
     m = json.loads((stage_dir / "metrics" / "quant.json").read_text())
     assert all(k in m for k in CONTRACT)
-    assert m["code_bytes"] == len(pack.build_script(stage_dir))  # pruning targets model + the packed script
+    assert "warning" not in out and m["qat_bits_match"] is True
+    assert sorted(p.name for p in (stage_dir / "artifacts" / "quant").iterdir()) == ["hdiag.pgt", "quant.pgt",
+                                                                                      "table.json"]
 
 
 @pytest.mark.parametrize("missing", ["hessians.pgt", "model.pgt"])
@@ -256,12 +226,6 @@ def test_hessian_not_finite(stage_dir, capsys, value):
     fails_cleanly(stage_dir, capsys, "Hessian blocks.0.attn.c_k.weight has NaN/inf")
 
 
-def test_unreachable_target_states_smallest_size(stage_dir, capsys):
-    set_params(stage_dir, target_bytes=50_000)  # the code files alone are larger
-    err = fails_cleanly(stage_dir, capsys, "quantize.target_bytes=50,000 is unreachable")
-    assert "smallest reachable size" in err and "gives" in err
-
-
 @pytest.mark.parametrize("key,value,match", [
     ("bits", 9, "quantize.bits must be in the supported range [2, 8], got 9"),
     ("bits", 1, "quantize.bits must be in the supported range [2, 8], got 1"),
@@ -275,9 +239,18 @@ def test_bad_params(stage_dir, capsys, key, value, match):
     fails_cleanly(stage_dir, capsys, match)
 
 
-def test_other_bits_work(stage_dir, capsys):
-    set_params(stage_dir, bits=4, prune=False)
+def test_other_bits_work_and_the_qat_mismatch_is_reported(stage_dir, capsys):
+    """Training's late QAT ran at 6 bits (model.pgt meta qat_bits): int4 still quantizes, with a
+    warning line in the stage output and the mismatch in metrics/quant.json."""
+    set_params(stage_dir, bits=4)
     assert stage.main() == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("quantize: warning: quantize.bits=4 but training's late QAT fake-quantized at 6 bits "
+                      "(artifacts/train/model.pgt meta qat_bits): the weights were not trained for int4; "
+                      "expect a larger quantization gap")
+    assert out[1].startswith("quantize: 13 int4")
+    m = json.loads((stage_dir / "metrics" / "quant.json").read_text())
+    assert (m["bits"], m["qat_bits"], m["qat_bits_match"]) == (4, 6, False)
     tensors, meta = load_quant(stage_dir)
     assert meta["quant"]["blocks.0.mlp.fc.weight"]["bits"] == 4
     assert int(tensors["blocks.0.mlp.fc.weight.q"].abs().max()) <= int6.qmax_for(4)
@@ -312,7 +285,7 @@ def test_odd_mlp_width_and_attention_gate_quantize_and_load(tmp_path):
     write_train_dir(tmp_path, model.export_state_dict(), hessians,
                     model_meta() | {"model": dataclasses.asdict(cfg)})
     with single_thread():
-        run_in(tmp_path, qcfg(prune=False))
+        run_in(tmp_path, qcfg())
     tensors, meta = load_quant(tmp_path)
     assert meta["quant"]["blocks.0.mlp.proj.weight"] == {"type": "int6", "bits": 6, "method": "gptq"}
     assert tensors["blocks.0.mlp.proj.weight.q"].shape == (64, 97)
@@ -324,3 +297,15 @@ def test_odd_mlp_width_and_attention_gate_quantize_and_load(tmp_path):
     with torch.no_grad():
         lq, lf = float(back(x[:, :-1], x[:, 1:])), float(model(x[:, :-1], x[:, 1:]))
     assert abs(lq - lf) < 0.02 * lf, (lq, lf)
+
+
+def test_meta_without_qat_bits_is_unknown_and_a_bad_one_is_an_error(tmp_path):
+    from _quant_model import model_meta
+
+    meta = {k: v for k, v in model_meta().items() if k != "qat_bits"}
+    write_train_dir(tmp_path, meta=meta)
+    m = run_in(tmp_path)
+    assert (m["qat_bits"], m["qat_bits_match"]) == (None, None) and Q.qat_warning(m) is None
+    write_train_dir(tmp_path, meta=model_meta() | {"qat_bits": "six"})
+    with pytest.raises(Q.QuantizeError, match="model.pgt: meta qat_bits must be an integer in \\[2, 8\\], got 'six'"):
+        run_in(tmp_path)
