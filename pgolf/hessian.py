@@ -2,14 +2,20 @@
 
 This module owns the `artifacts/train/hessians.pgt` half of the training contract (recipe-spec
 §6.5, with its §12.8 fix): for every matrix name of `GPT.quantizable_names()` the mean per
-token of x^T x over the rows x that fed that matrix, summed over all ranks.
+token of x^T x over the rows x that fed that matrix, summed over all ranks. It also owns when
+training captures them and what that costs (`HessianSchedule`, `hessian_overhead`).
 
-How training uses it (pgolf.train): on a step where `HessianAccumulator.due(step, scale)` holds,
-the forward of that step's first micro-batch runs with `hessians=acc.sums`, so the model adds
-x^T x (fp32, on the device) of that micro-batch into the buffers while it computes the training
-loss; then `acc.record(rows)`. No extra data is consumed and nothing runs after the training
-clock stops. At the end `acc.finalize()` sums buffers and row counts over ranks (all_reduce) and
-divides by the rows; `validate` checks the result and `save` writes the tensorfile.
+How training uses it (pgolf.train): before each step the trainer asks
+`HessianSchedule.due(step, scale, elapsed_ms)`: every `train.hessian_every` steps once the lr
+scale is below `train.hessian_start_scale` (the window), or forced on the last chance (the last
+iteration, or the next step would reach the wallclock cap) when nothing was captured yet. On a
+capture step the forward of that step's first micro-batch runs with `hessians=acc.sums`, so the
+model adds x^T x (fp32, on the device) of that micro-batch into the buffers while it computes the
+training loss; then `acc.record(rows)`, and `schedule.label(...)` records the step's kind for the
+overhead. No extra data is consumed and nothing runs after the training clock stops, except the
+fallback (`needs_fallback`): when no step captured one, one extra micro-batch after training. At
+the end `acc.finalize()` sums buffers and row counts over ranks (all_reduce) and divides by the
+rows; `validate` checks the result and `save` writes the tensorfile.
 
 Differences from PR #1072 (deliberate): Hessians are summed over ranks instead of rank 0's only;
 they are normalised by the number of rows (a per-token mean, independent of batch size and of
@@ -19,6 +25,7 @@ micro-batches themselves, not extra batches pulled from the loader; buffers stay
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import torch
@@ -34,26 +41,13 @@ class HessianError(ValueError):
 
 
 class HessianAccumulator:
-    """fp32 x^T x sums per quantizable matrix on one rank, plus the rows and accumulations seen.
+    """fp32 x^T x sums per quantizable matrix on one rank, plus the rows and accumulations seen."""
 
-    `every` = steps between accumulations once the lr scale is below `start_scale`
-    (0 = never on schedule; the trainer still forces one at the end, see `due`).
-    """
-
-    def __init__(self, shapes: dict[str, int], every: int, start_scale: float, device):
+    def __init__(self, shapes: dict[str, int], device):
         self.shapes = dict(shapes)
-        self.every = int(every)
-        self.start_scale = float(start_scale)
         self.sums = {n: torch.zeros(k, k, device=device) for n, k in self.shapes.items()}  # (n, n) fp32
         self.rows = 0  # rows (tokens) accumulated on this rank
         self.accumulations = 0
-
-    def due(self, step: int, scale: float, force: bool = False) -> bool:
-        """Accumulate on this step? Scheduled: every `every` steps once scale < start_scale;
-        `force` (the trainer's last chance) when nothing was accumulated yet."""
-        if force and self.accumulations == 0:
-            return True
-        return self.every > 0 and scale < self.start_scale and step % self.every == 0
 
     def record(self, rows: int) -> None:
         """Count one accumulation of `rows` rows (after the forward filled `self.sums`)."""
@@ -101,6 +95,86 @@ class HessianAccumulator:
             s = all_reduce_(t.clone())  # (n, n) sum over ranks
             out[n] = (s.double() / rows).float().cpu()
         return out, {"rows": rows, "accumulations": self.accumulations, "world_size": world}
+
+
+# ----------------------------------------------------------------------------- the schedule
+
+STEP_KINDS = ("h", "w", "n")  # a capture step, a normal step inside the window, any other step
+FALLBACK_NOTE = "hessian: no step captured one; took one extra micro-batch after training"
+
+
+class HessianSchedule:
+    """When training captures Hessians into `acc`, and the kind of every step done (`step_kind`).
+
+    `every` = steps between captures once the lr scale is below `start_scale` (0 = never on
+    schedule); `iterations` and `max_wallclock_seconds` (0 = no cap) bound the last chance, on
+    which a capture is forced when `acc` has none yet.
+    """
+
+    def __init__(self, acc: HessianAccumulator, every: int, start_scale: float, iterations: int,
+                 max_wallclock_seconds: float):
+        self.acc = acc
+        self.every = int(every)
+        self.start_scale = float(start_scale)
+        self.iterations = int(iterations)
+        self.cap_ms = float(max_wallclock_seconds) * 1000.0
+        self.step_kind: list[str] = []  # one of STEP_KINDS per step done (checkpointed)
+
+    def in_window(self, scale: float) -> bool:
+        return scale < self.start_scale
+
+    def scheduled(self, step: int, scale: float) -> bool:
+        """Every `every` steps inside the window."""
+        return self.every > 0 and self.in_window(scale) and step % self.every == 0
+
+    def last_chance(self, step: int, elapsed_ms: float) -> bool:
+        """The last iteration, or the next step would reach the wallclock cap (from the mean step time)."""
+        if step == self.iterations - 1:
+            return True
+        return self.cap_ms > 0 and step > 0 and elapsed_ms + 1.5 * elapsed_ms / step >= self.cap_ms
+
+    def due(self, step: int, scale: float, elapsed_ms: float) -> bool:
+        """Capture on step `step` (lr scale `scale`, `elapsed_ms` of training before it)?"""
+        if self.acc.accumulations == 0 and self.last_chance(step, elapsed_ms):
+            return True
+        return self.scheduled(step, scale)
+
+    def label(self, captured: bool, scale: float) -> str:
+        """Record (and return) the kind of the step just done, for `overhead`."""
+        kind = "h" if captured else ("w" if self.in_window(scale) else "n")
+        self.step_kind.append(kind)
+        return kind
+
+    def needs_fallback(self) -> bool:
+        """No step captured one (cannot happen on the step-based schedule): the trainer then
+        feeds one extra micro-batch after the clock stopped."""
+        return self.acc.accumulations == 0
+
+    def overhead(self, step_ms: list[float]) -> dict:
+        return hessian_overhead(step_ms, self.step_kind, self.every)
+
+
+def hessian_overhead(step_ms: list[float], step_kind: list[str], every: int) -> dict:
+    """The cost of online Hessians from per-step times (kinds: "h" Hessian step, "w" normal step
+    inside the Hessian window, "n" other).
+
+    Median ms of the Hessian steps vs the normal steps of the window (all non-Hessian steps but
+    the first when the window has none); the extra ms per Hessian step amortised over `every`
+    steps (over all steps when `every` is 0), as % of the normal step time. Medians, so one-off
+    costs (a recompile, a stall of the machine) do not count.
+    """
+    h = [t for t, k in zip(step_ms, step_kind) if k == "h"]
+    w = [t for t, k in zip(step_ms, step_kind) if k == "w"]
+    if not w:
+        w = [t for i, (t, k) in enumerate(zip(step_ms, step_kind)) if k != "h" and i > 0]
+    out = {"hessian_step_ms": None, "normal_step_ms": None, "hessian_overhead_pct": None}
+    if not h or not w:
+        return out
+    hm, wm = statistics.median(h), statistics.median(w)
+    per = every if every > 0 else len(step_ms)
+    out.update(hessian_step_ms=round(hm, 3), normal_step_ms=round(wm, 3),
+               hessian_overhead_pct=round(100.0 * (hm - wm) / per / wm, 3))
+    return out
 
 
 def _sum_int(value: int, device) -> int:

@@ -27,7 +27,9 @@ from pgolf import config
 PACKED_FILES: tuple[str, ...] = (
     "pgolf/__init__.py",
     "pgolf/artifact.py",
+    "pgolf/averages.py",
     "pgolf/bpb.py",
+    "pgolf/checkpoint.py",
     "pgolf/compress.py",
     "pgolf/config.py",
     "pgolf/corpus.py",
@@ -50,6 +52,7 @@ PACKED_FILES: tuple[str, ...] = (
     "pgolf/quantize.py",
     "pgolf/recipe.py",
     "pgolf/tensorfile.py",
+    "pgolf/timing.py",
     "pgolf/tokenizer.py",
     "pgolf/train.py",
     "pgolf/ttt.py",

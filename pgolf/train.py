@@ -25,17 +25,18 @@ the train stage:
 * late QAT: `model.set_qat(True)` the first time the scale drops below `late_qat_threshold`;
   each step's forwards/backwards then run inside `model.qat_weights()` (Q(w) swapped into the
   banks, straight-through gradients), so the compiled graph never changes.
-* online Hessians (pgolf.hessian): on a capture step, the step's first micro-batch feeds them:
+* online Hessians (pgolf.hessian): its `HessianSchedule` says which steps capture (and labels
+  every step for the overhead metrics); on a capture step, the step's first micro-batch feeds them:
   inside its training forward when the model runs eagerly (CPU), or, when that forward is
   compiled, through one extra no-grad forward of the uncompiled model with the same weights (so
   only one graph is ever compiled).
-* weight averages (`WeightAverages`): the EMA (fp32, every step) of all parameters; SWA, when
+* weight averages (pgolf.averages): the EMA (fp32, every step) of all parameters; SWA, when
   enabled, averages the *live* training weights (not the EMA) at every step s with
   s % swa_every == 0 whose lr scale was < swa_threshold. The exported weights are the SWA
   average if at least one snapshot was taken, else the EMA.
-* resumable checkpoints (DVC 3 has none): every `checkpoint_every` steps one tensorfile with
-  the whole training state (see `save_checkpoint`); a run whose fingerprint matches resumes
-  from it bit-exactly; it is deleted after a successful run.
+* resumable checkpoints (pgolf.checkpoint, which owns the file): every `checkpoint_every` steps
+  the whole training state is saved; a run whose fingerprint matches resumes from it
+  bit-exactly; it is deleted after a successful run.
 * outputs (rank 0): artifacts/train/{model.pgt, hessians.pgt, train.log} through one staged
   folder, metrics/train.json, plots/train.tsv.
 """
@@ -45,7 +46,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import platform
-import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -58,18 +58,16 @@ import torch.distributed as tdist
 from torch import Tensor
 from torch.profiler import record_function
 
-from pgolf import dist, hessian, tensorfile
+from pgolf import checkpoint, dist, hessian, tensorfile
+from pgolf.averages import WeightAverages
 from pgolf.config import ConfigError, ModelConfig, TrainConfig
 from pgolf.data import (DistributedTokenLoader, list_shards, load_byte_tables, max_token_id,
                         read_shard, read_shard_header, read_tokenizer_meta)
 from pgolf.io import atomic_write_text, staged_dir, write_json
 from pgolf.model import GPT, QAT_BITS, layer_order, validate_config
 from pgolf.optim import build_optimizers, ns_coefficients
+from pgolf.timing import Clock, StepTimer
 
-CHECKPOINT_FILE = "train_state.pgt"
-CHECKPOINT_KIND = "train_checkpoint"
-CHECKPOINT_VERSION = 1
-FINGERPRINT_EXCLUDE = ("log_every", "checkpoint_every", "checkpoint_dir")  # knobs that may change on resume
 TSV_COLUMNS = ("step", "train_loss", "lr_scale", "tokens_per_second")
 
 
@@ -236,136 +234,6 @@ def muon_momentum_at(step: int, cfg: TrainConfig) -> float:
     return (1.0 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
 
 
-def hessian_overhead(step_ms: list[float], step_kind: list[str], every: int) -> dict:
-    """The cost of online Hessians from per-step times (kinds: "h" Hessian step, "w" normal step
-    inside the Hessian window, "n" other).
-
-    Median ms of the Hessian steps vs the normal steps of the window (all non-Hessian steps but
-    the first when the window has none); the extra ms per Hessian step amortised over `every`
-    steps (over all steps when `every` is 0), as % of the normal step time. Medians, so one-off
-    costs (a recompile, a stall of the machine) do not count.
-    """
-    h = [t for t, k in zip(step_ms, step_kind) if k == "h"]
-    w = [t for t, k in zip(step_ms, step_kind) if k == "w"]
-    if not w:
-        w = [t for i, (t, k) in enumerate(zip(step_ms, step_kind)) if k != "h" and i > 0]
-    out = {"hessian_step_ms": None, "normal_step_ms": None, "hessian_overhead_pct": None}
-    if not h or not w:
-        return out
-    hm, wm = statistics.median(h), statistics.median(w)
-    per = every if every > 0 else len(step_ms)
-    out.update(hessian_step_ms=round(hm, 3), normal_step_ms=round(wm, 3),
-               hessian_overhead_pct=round(100.0 * (hm - wm) / per / wm, 3))
-    return out
-
-
-# ----------------------------------------------------------------------------- state trees
-
-
-def encode_tree(obj, prefix: str) -> tuple[dict[str, Tensor], dict]:
-    """Split a nested state (dicts with int/str keys, lists, tuples, tensors, scalars) into
-    (named CPU tensors, a JSON-able structure) for pgolf.tensorfile; `decode_tree` inverts it.
-    Key types and tuples survive the round trip; nothing is pickled."""
-    tensors: dict[str, Tensor] = {}
-
-    def enc(o):
-        if isinstance(o, Tensor):
-            name = f"{prefix}/{len(tensors)}"
-            tensors[name] = o.detach().cpu().clone()
-            return {"t": name}
-        if isinstance(o, dict):
-            for k in o:
-                if not isinstance(k, (int, str)) or isinstance(k, bool):
-                    raise TypeError(f"state tree {prefix!r}: cannot store dict key {k!r}")
-            return {"d": [[k, enc(v)] for k, v in o.items()]}
-        if isinstance(o, (list, tuple)):
-            return {"l" if isinstance(o, list) else "u": [enc(v) for v in o]}
-        if o is None or isinstance(o, (bool, int, float, str)):
-            return {"v": o}
-        raise TypeError(f"state tree {prefix!r}: cannot store a {type(o).__name__}")
-
-    return tensors, enc(obj)
-
-
-def decode_tree(tensors: dict[str, Tensor], node: dict):
-    """Rebuild what `encode_tree` split; a missing tensor raises TrainError."""
-    if "t" in node:
-        if node["t"] not in tensors:
-            raise TrainError(f"state tensor {node['t']!r} missing from the checkpoint")
-        return tensors[node["t"]]
-    if "d" in node:
-        return {k: decode_tree(tensors, v) for k, v in node["d"]}
-    if "l" in node:
-        return [decode_tree(tensors, v) for v in node["l"]]
-    if "u" in node:
-        return tuple(decode_tree(tensors, v) for v in node["u"])
-    return node["v"]
-
-
-# ----------------------------------------------------------------------------- averages
-
-
-class WeightAverages:
-    """EMA of every parameter (fp32, after each optimizer step) and the SWA running sum.
-
-    SWA averages the live training weights (not the EMA) at the snapshot steps; `final()` is that
-    average when a snapshot was taken, else the EMA.
-    """
-
-    def __init__(self, model: torch.nn.Module, decay: float, cfg: TrainConfig):
-        self.names = [n for n, _ in model.named_parameters()]
-        self.params = [p for _, p in model.named_parameters()]
-        self.decay = float(decay)
-        self.swa_enabled, self.swa_every, self.swa_threshold = cfg.swa_enabled, cfg.swa_every, cfg.swa_threshold
-        self.ema = [p.detach().float().clone() for p in self.params]
-        self.swa_sum: list[Tensor] | None = None
-        self.swa_count = 0
-        self.swa_first_step: int | None = None
-
-    @torch.no_grad()
-    def update_ema(self) -> None:
-        """ema <- decay*ema + (1-decay)*w, as one foreach lerp."""
-        torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1.0 - self.decay)
-
-    @torch.no_grad()
-    def maybe_snapshot(self, step: int, scale: float) -> bool:
-        """Add the live weights to the SWA sum when SWA is on, scale < threshold, step % every == 0."""
-        if not (self.swa_enabled and scale < self.swa_threshold and step % self.swa_every == 0):
-            return False
-        if self.swa_sum is None:
-            self.swa_sum = [torch.zeros_like(e) for e in self.ema]
-            self.swa_first_step = step
-        torch._foreach_add_(self.swa_sum, [p.detach().float() for p in self.params])
-        self.swa_count += 1
-        return True
-
-    @property
-    def source(self) -> str:
-        return "swa" if self.swa_count > 0 else "ema"
-
-    def final(self) -> dict[str, Tensor]:
-        """The exported weights by parameter name: the SWA mean if any snapshot, else the EMA."""
-        if self.swa_count > 0:
-            return {n: s / self.swa_count for n, s in zip(self.names, self.swa_sum)}
-        return dict(zip(self.names, self.ema))
-
-    def state_tensors(self) -> dict[str, Tensor]:
-        out = {f"ema/{n}": e for n, e in zip(self.names, self.ema)}
-        if self.swa_sum is not None:
-            out.update({f"swa/{n}": s for n, s in zip(self.names, self.swa_sum)})
-        return out
-
-    @torch.no_grad()
-    def load_state_tensors(self, tensors: dict[str, Tensor], meta: dict) -> None:
-        for n, e in zip(self.names, self.ema):
-            e.copy_(tensors[f"ema/{n}"])
-        self.swa_count = int(meta["swa_count"])
-        self.swa_first_step = meta.get("swa_first_step")
-        self.swa_sum = None
-        if self.swa_count > 0:
-            self.swa_sum = [tensors[f"swa/{n}"].to(e.device).clone() for n, e in zip(self.names, self.ema)]
-
-
 # ----------------------------------------------------------------------------- run log
 
 
@@ -390,67 +258,6 @@ class RunLog:
         for r in self.rows:
             out.append(f"{r['step']}\t{r['train_loss']:.6f}\t{r['lr_scale']:.6f}\t{r['tokens_per_second']:.1f}")
         return "\n".join(out) + "\n"
-
-
-class Clock:
-    """Training time in ms: runs only between `start()` and `pause()`."""
-
-    def __init__(self, base_ms: float = 0.0):
-        self.base_ms = base_ms
-        self._t0: float | None = None
-
-    def start(self) -> None:
-        self._t0 = time.perf_counter()
-
-    def pause(self) -> None:
-        if self._t0 is not None:
-            self.base_ms += (time.perf_counter() - self._t0) * 1000.0
-            self._t0 = None
-
-    def ms(self) -> float:
-        extra = (time.perf_counter() - self._t0) * 1000.0 if self._t0 is not None else 0.0
-        return self.base_ms + extra
-
-
-class StepTimer:
-    """Per-step durations (ms) without a device synchronisation per step.
-
-    On CUDA each step is bracketed by two events recorded on the stream; their durations are read
-    only when `ms` is asked for (a log line, a checkpoint, the end), so the host can queue the next
-    step while the device still runs this one. On CPU the host clock is exact.
-    """
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-        self._done: list[float] = []
-        self._pending: list[tuple] = []
-        self._start = None
-
-    def start(self) -> None:
-        if self.cuda:
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._start.record()
-        else:
-            self._start = time.perf_counter()
-
-    def stop(self) -> None:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._pending.append((self._start, end))
-        else:
-            self._done.append(round((time.perf_counter() - self._start) * 1000.0, 4))
-
-    @property
-    def ms(self) -> list[float]:
-        for start, end in self._pending:
-            end.synchronize()
-            self._done.append(round(start.elapsed_time(end), 4))
-        self._pending = []
-        return self._done
-
-    def load(self, ms: list[float]) -> None:
-        self._done, self._pending = list(ms), []
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -503,46 +310,6 @@ def check_inputs(paths: Paths, mcfg: ModelConfig, cfg: TrainConfig) -> Inputs:
     return Inputs(train, val, tables, meta, data_id)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def fingerprint(mcfg: ModelConfig, cfg: TrainConfig, world_size: int, data_id: dict) -> dict:
-    """What must match for a checkpoint to be resumed: model + train params (minus the log and
-    checkpoint knobs), world size, the training shards (names, sizes) and the tokenizer."""
-    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in FINGERPRINT_EXCLUDE}
-    return {"version": CHECKPOINT_VERSION, "model": dataclasses.asdict(mcfg), "train": train,
-            "world_size": world_size, "data": data_id}
-
-
-def _diff(a, b, path="") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b), key=str):
-            out += _diff(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
-        return out
-    return [] if a == b else [f"{path}: {a!r} -> {b!r}"]
-
-
-def checkpoint_path(cfg: TrainConfig) -> Path:
-    return Path(cfg.checkpoint_dir) / CHECKPOINT_FILE
-
-
-def read_checkpoint(path: Path, expected: dict) -> tuple[dict[str, Tensor] | None, dict | None, str]:
-    """(tensors, meta, why) -> tensors None when there is nothing usable (`why` says why)."""
-    if not path.is_file():
-        return None, None, "no checkpoint"
-    try:
-        tensors, header = tensorfile.load(path, kind=CHECKPOINT_KIND)
-    except tensorfile.TensorFileError as e:
-        return None, None, f"checkpoint unreadable ({e})"
-    meta = header["meta"]
-    diff = _diff(meta.get("fingerprint"), expected)
-    if diff:
-        shown = "; ".join(diff[:3]) + ("; ..." if len(diff) > 3 else "")
-        return None, None, f"checkpoint {path} is for another configuration ({shown})"
-    return tensors, meta, "ok"
-
-
 # ----------------------------------------------------------------------------- the trainer
 
 
@@ -556,21 +323,14 @@ class Trainer:
         self.accum = resolve_grad_accum(cfg, info.world_size)
         self.local_tokens = check_batch(cfg, info.world_size, self.accum)  # tokens of one micro-batch per rank
         self.log = RunLog(info.is_main)
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
-        self.model = GPT(mcfg, qat_quantile=cfg.qat_clip_quantile, train_seq_len=cfg.seq_len).to(self.dev)
-        self.compiled = self.cuda and cfg.compile
-        if self.cuda:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            self.model.use_fused_mlp = cfg.fused_mlp
-        self.fwd = torch.compile(self.model, dynamic=False, fullgraph=True) if self.compiled else self.model
+        self.model, self.fwd = self._build_model()
         self.opt = build_optimizers(self.model.optimizer_groups(), cfg, info)
         self.avg = WeightAverages(self.model, cfg.ema_decay, cfg)
-        self.hess = hessian.HessianAccumulator(self.model.hessian_shapes(), cfg.hessian_every,
-                                               cfg.hessian_start_scale, self.dev)
+        self.hess = hessian.HessianAccumulator(self.model.hessian_shapes(), self.dev)
+        self.hess_schedule = hessian.HessianSchedule(self.hess, cfg.hessian_every, cfg.hessian_start_scale,
+                                                     cfg.iterations, cfg.max_wallclock_seconds)
         self.loader = self._new_loader()
-        self.fp = fingerprint(mcfg, cfg, info.world_size, inputs.data_id)
+        self.fp = checkpoint.fingerprint(mcfg, cfg, info.world_size, inputs.data_id)
         self.step = 0
         self.clock = Clock()
         self.elapsed_ms = 0.0
@@ -582,11 +342,23 @@ class Trainer:
         self.seq_schedule = parse_seq_len_schedule(cfg)
         self.seq_len = seq_len_at(0.0, cfg, self.seq_schedule)  # this step's training sequence length
         self.timer = StepTimer(self.cuda)  # per-step device time, for the Hessian overhead
-        self.step_kind: list[str] = []  # "h" Hessian step, "w" normal step inside the Hessian window, "n" other
         self.resumed_from = 0
         self.checkpoint_status = "no checkpoint"
         self.warmup_seconds = 0.0
         self._loader_state: dict | None = None  # set by a resume, applied after the warmup
+
+    def _build_model(self) -> tuple[GPT, torch.nn.Module]:
+        """The seeded model and the forward training calls (compiled on CUDA with train.compile)."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        model = GPT(self.mcfg, qat_quantile=cfg.qat_clip_quantile, train_seq_len=cfg.seq_len).to(self.dev)
+        self.compiled = self.cuda and cfg.compile
+        if self.cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            model.use_fused_mlp = cfg.fused_mlp
+        return model, torch.compile(model, dynamic=False, fullgraph=True) if self.compiled else model
 
     # -- helpers
 
@@ -655,85 +427,33 @@ class Trainer:
 
     # -- resume
 
+    def _parts(self) -> checkpoint.Parts:
+        return checkpoint.Parts(self.model, self.opt, self.avg, self.hess, self.hess_schedule, self.timer, self.log)
+
     def resume_or_fresh(self) -> None:
         """Load a matching checkpoint (every rank agrees) or start fresh; log which and why."""
-        path = checkpoint_path(self.cfg)
-        tensors, meta, why = read_checkpoint(path, self.fp)
-        ok = tensors is not None and self._checkpoint_complete(tensors, meta)
-        if tensors is not None and not ok:
-            why = f"checkpoint {path} is incomplete (tensors missing or mis-shaped)"
-        if self.info.enabled:
-            flag = torch.tensor([1.0 if ok else 0.0], device=self.dev)
-            tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
-            if ok and flag.item() == 0:
-                ok, why = False, "checkpoint not readable on every rank"
-        if not ok:
-            self.checkpoint_status = why
-            if why != "no checkpoint":
-                self.log(f"resume: {why}; starting fresh")
+        path = checkpoint.checkpoint_path(self.cfg)
+        tensors, meta, self.checkpoint_status = checkpoint.load(path, self.fp, self.model, self.info)
+        if tensors is None:
+            if self.checkpoint_status != "no checkpoint":
+                self.log(f"resume: {self.checkpoint_status}; starting fresh")
             return
         try:
-            self._apply_checkpoint(tensors, meta)
+            progress = checkpoint.apply(tensors, meta, self._parts(), self.info.rank)
         except (ValueError, KeyError, RuntimeError) as e:
             raise TrainError(f"{path}: checkpoint could not be applied ({e}); delete it to start fresh") from None
+        self.step, self.elapsed_ms, self.clock = progress.step, progress.elapsed_ms, Clock(progress.elapsed_ms)
+        self.qat_start_step, self.loop_start_step = progress.qat_start_step, progress.loop_start_step
+        self._loader_state = progress.loader
         self.checkpoint_status = "resumed"
         self.resumed_from = self.step
         self.log(f"resume: from {path} at step {self.step} ({self.elapsed_ms / 1000:.1f} s of training)")
 
-    def _checkpoint_complete(self, tensors: dict[str, Tensor], meta: dict) -> bool:
-        want = {f"model/{n}": p.shape for n, p in self.model.named_parameters()}
-        want.update({f"ema/{n}": p.shape for n, p in self.model.named_parameters()})
-        if int(meta.get("swa_count", 0)) > 0:
-            want.update({f"swa/{n}": p.shape for n, p in self.model.named_parameters()})
-        if self.info.rank == 0:
-            want.update({f"hess/{n}": (k, k) for n, k in self.model.hessian_shapes().items()})
-        return all(n in tensors and tuple(tensors[n].shape) == tuple(s) for n, s in want.items())
-
-    @torch.no_grad()
-    def _apply_checkpoint(self, tensors: dict[str, Tensor], meta: dict) -> None:
-        for n, p in self.model.named_parameters():
-            p.copy_(tensors[f"model/{n}"])
-        self.avg.load_state_tensors(tensors, meta)
-        self.opt.load_state_dict(decode_tree(tensors, meta["optimizer"]))
-        hess = {n[len("hess/"):]: t for n, t in tensors.items() if n.startswith("hess/")}
-        self.hess.load_state_tensors(hess, meta["hessian"], self.info.rank)
-        if "rng/torch_cpu" in tensors:
-            torch.set_rng_state(tensors["rng/torch_cpu"])
-        self.step = int(meta["step"])
-        self.elapsed_ms = float(meta["elapsed_ms"])
-        self.clock = Clock(self.elapsed_ms)
-        self.qat_start_step = meta["qat_start_step"]
-        self.loop_start_step = meta["loop_start_step"]
-        self.model.set_looping(self.loop_start_step is not None)
-        if meta["qat_on"]:
-            self.model.set_qat(True)
-        self.timer.load(meta["step_ms"])
-        self.step_kind = list(meta["step_kind"])
-        self.log.lines = list(meta["log_lines"])
-        self.log.rows = list(meta["rows"])
-        self._loader_state = meta["loader"]
-
     def save_checkpoint(self) -> None:
-        """One tensorfile (atomic rename): model, EMA/SWA, optimizer tree, Hessian sums (cross-rank
-        sum, held by rank 0), torch CPU RNG; meta: step, elapsed, QAT, loader, log, timings.
-        Collective when distributed; rank 0 writes."""
-        tensors = {f"model/{n}": p.detach().cpu() for n, p in self.model.named_parameters()}
-        tensors.update({k: v.detach().cpu() for k, v in self.avg.state_tensors().items()})
-        opt_tensors, opt_tree = encode_tree(self.opt.state_dict(), "opt")
-        tensors.update(opt_tensors)
-        hess_tensors, hess_meta = self.hess.state_tensors(self.info.rank)
-        tensors.update({f"hess/{n}": t for n, t in hess_tensors.items()})
-        tensors["rng/torch_cpu"] = torch.get_rng_state()
-        if not self.info.is_main:
-            return
-        meta = {"fingerprint": self.fp, "step": self.step, "elapsed_ms": self.elapsed_ms,
-                "qat_on": self.model.qat_on, "qat_start_step": self.qat_start_step,
-                "loop_start_step": self.loop_start_step,
-                "swa_count": self.avg.swa_count, "swa_first_step": self.avg.swa_first_step,
-                "hessian": hess_meta, "optimizer": opt_tree, "loader": self.loader.state_dict(),
-                "step_ms": self.step_ms, "step_kind": self.step_kind,
-                "log_lines": self.log.lines, "rows": self.log.rows}
-        tensorfile.save(checkpoint_path(self.cfg), tensors, kind=CHECKPOINT_KIND, meta=meta)
+        """The whole training state into the checkpoint (pgolf.checkpoint); collective, rank 0 writes."""
+        progress = checkpoint.Progress(self.step, self.elapsed_ms, self.qat_start_step, self.loop_start_step,
+                                       self.loader.state_dict())
+        checkpoint.save(checkpoint.checkpoint_path(self.cfg), self._parts(), self.fp, progress, self.info)
 
     # -- compile priming
 
@@ -745,81 +465,45 @@ class Trainer:
             t0 = time.perf_counter()
             model_state = {k: p.detach().clone() for k, p in self.model.named_parameters()}
             opt_state = self.opt.state_dict()
-            scratch = self.model.zero_hessians()
-            looping, seq_len = self.model.looping, self.seq_len
-            lengths = sorted({self.cfg.seq_len} | {length for length, _ in self.seq_schedule})
-            for mode in ([False, True] if self.mcfg.num_loops > 0 and not looping else [looping]):
-                self.model.set_looping(mode)  # prime the looped graph too when it comes later
-                for length in lengths:  # and one graph per training sequence length
-                    self.seq_len = length
-                    for i in range(n):
-                        self._step(self.step, 1.0, scratch if (i == n - 1 and n > 1) else None, ema=False)
-            self.model.set_looping(looping)
-            self.seq_len = seq_len
-            self._sync()
+            self._prime_graphs(n)
             with torch.no_grad():
                 for k, p in self.model.named_parameters():
                     p.copy_(model_state[k])
             self.opt.load_state_dict(opt_state)
             self.opt.zero_grad(set_to_none=True)
-            del model_state, opt_state, scratch
+            del model_state, opt_state
             self.warmup_seconds = time.perf_counter() - t0
             self.log(f"warmup: {n} compile-priming steps in {self.warmup_seconds:.1f} s; state restored")
         self.loader = self._new_loader()
         if self._loader_state is not None:
             self.loader.load_state_dict(self._loader_state)
 
+    def _prime_graphs(self, n: int) -> None:
+        """`n` steps (no EMA) per graph training will run: each sequence length, looped and not."""
+        scratch = self.model.zero_hessians()
+        looping, seq_len = self.model.looping, self.seq_len
+        lengths = sorted({self.cfg.seq_len} | {length for length, _ in self.seq_schedule})
+        for mode in ([False, True] if self.mcfg.num_loops > 0 and not looping else [looping]):
+            self.model.set_looping(mode)  # prime the looped graph too when it comes later
+            for length in lengths:  # and one graph per training sequence length
+                self.seq_len = length
+                for i in range(n):
+                    self._step(self.step, 1.0, scratch if (i == n - 1 and n > 1) else None, ema=False)
+        self.model.set_looping(looping)
+        self.seq_len = seq_len
+        self._sync()
+
     # -- the loop
 
-    def _force_hessian(self) -> bool:
-        """The last chance to capture a Hessian: the last iteration, or the next step would
-        reach the wallclock cap (estimated from the mean step time)."""
-        if self.step == self.cfg.iterations - 1:
-            return True
-        cap_ms = self.cfg.max_wallclock_seconds * 1000.0
-        return cap_ms > 0 and self.step > 0 and self.elapsed_ms + 1.5 * self.elapsed_ms / self.step >= cap_ms
-
     def train(self, on_step: Callable[["Trainer"], None] | None = None) -> None:
-        cfg = self.cfg
-        cap_ms = cfg.max_wallclock_seconds * 1000.0
         if self.resumed_from == 0:
             self.log(f"train: {self.model.num_params():,} params, world {self.info.world_size}, grad_accum "
-                     f"{self.accum}, {cfg.batch_tokens:,} tokens/step, device {self.dev}, "
+                     f"{self.accum}, {self.cfg.batch_tokens:,} tokens/step, device {self.dev}, "
                      f"compile {self.compiled}, exported weights: "
-                     f"{'swa' if cfg.swa_enabled else 'ema'}")
+                     f"{'swa' if self.cfg.swa_enabled else 'ema'}")
         self.clock.start()
-        while self.step < cfg.iterations:
-            step = self.step
-            scale = lr_scale(step, self.elapsed_ms, cfg)
-            if cfg.late_qat_threshold > 0 and self.qat_start_step is None and scale < cfg.late_qat_threshold:
-                self.model.set_qat(True)
-                self.qat_start_step = step
-                self.log(f"late_qat: enabled at step {step} (lr scale {scale:.4f})")
-            self._maybe_start_loops(step)
-            self._set_seq_len(step)
-            capture = self.hess.due(step, scale, force=self._force_hessian())
-            self.timer.start()
-            lr = lr_multiplier(scale, cfg)  # the schedule's triggers above read the unfloored scale
-            loss = self._step(step, lr, self.hess.sums if capture else None)
-            if capture:
-                self.hess.record(self.local_tokens)
-            self.timer.stop()  # no sync: the host queues the next step while the device works
-            self.step_kind.append("h" if capture else ("w" if scale < cfg.hessian_start_scale else "n"))
-            self.step += 1
-            self.elapsed_ms = self._shared_max(self.clock.ms())
-            if self.avg.maybe_snapshot(self.step, scale) and self.avg.swa_count == 1:
-                self.log(f"swa: first snapshot at step {self.step} (lr scale {scale:.4f})")
-            if cap_ms > 0 and self.elapsed_ms >= cap_ms and self.step < cfg.iterations:
-                self.stopped_by = "wallclock"
-            last = self.step == cfg.iterations or self.stopped_by == "wallclock"
-            if self.step == 1 or last or (cfg.log_every > 0 and self.step % cfg.log_every == 0):
-                self._log_step(loss, lr)
-            if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0 and not last:
-                self._sync()
-                self.clock.pause()
-                self._check_finite(self._mean_over_ranks(loss))  # never overwrite a good checkpoint with NaNs
-                self.save_checkpoint()
-                self.clock.start()
+        while self.step < self.cfg.iterations:
+            last = self._train_step()
             if on_step is not None:
                 on_step(self)
             if last:
@@ -828,6 +512,51 @@ class Trainer:
         self.clock.pause()
         self.elapsed_ms = self._shared_max(self.clock.ms())
         self.model.set_looping(True)  # evaluated as the evaluate stage rebuilds it: looping when configured
+
+    def _train_step(self) -> bool:
+        """One step of the loop with its schedule triggers, log line and checkpoint -> last step?"""
+        cfg, step = self.cfg, self.step
+        scale = lr_scale(step, self.elapsed_ms, cfg)
+        self._maybe_start_qat(step, scale)
+        self._maybe_start_loops(step)
+        self._set_seq_len(step)
+        capture = self.hess_schedule.due(step, scale, self.elapsed_ms)
+        self.timer.start()
+        lr = lr_multiplier(scale, cfg)  # the schedule's triggers above read the unfloored scale
+        loss = self._step(step, lr, self.hess.sums if capture else None)
+        if capture:
+            self.hess.record(self.local_tokens)
+        self.timer.stop()  # no sync: the host queues the next step while the device works
+        self.hess_schedule.label(capture, scale)
+        self.step += 1
+        self.elapsed_ms = self._shared_max(self.clock.ms())
+        if self.avg.maybe_snapshot(self.step, scale) and self.avg.swa_count == 1:
+            self.log(f"swa: first snapshot at step {self.step} (lr scale {scale:.4f})")
+        cap_ms = cfg.max_wallclock_seconds * 1000.0
+        if cap_ms > 0 and self.elapsed_ms >= cap_ms and self.step < cfg.iterations:
+            self.stopped_by = "wallclock"
+        last = self.step == cfg.iterations or self.stopped_by == "wallclock"
+        if self.step == 1 or last or (cfg.log_every > 0 and self.step % cfg.log_every == 0):
+            self._log_step(loss, lr)
+        if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0 and not last:
+            self._checkpoint(loss)
+        return last
+
+    def _maybe_start_qat(self, step: int, scale: float) -> None:
+        """Late QAT: on the first step whose lr scale is below train.late_qat_threshold."""
+        threshold = self.cfg.late_qat_threshold
+        if threshold > 0 and self.qat_start_step is None and scale < threshold:
+            self.model.set_qat(True)
+            self.qat_start_step = step
+            self.log(f"late_qat: enabled at step {step} (lr scale {scale:.4f})")
+
+    def _checkpoint(self, loss: Tensor) -> None:
+        """Save a checkpoint off the training clock, never over a good one with a NaN state."""
+        self._sync()
+        self.clock.pause()
+        self._check_finite(self._mean_over_ranks(loss))
+        self.save_checkpoint()
+        self.clock.start()
 
     def _set_seq_len(self, step: int) -> None:
         """Follow train.seq_len_schedule (a no-op without one); log each change."""
@@ -850,7 +579,7 @@ class Trainer:
     def _check_finite(self, loss_v: float) -> None:
         """Stop on a NaN/inf loss; the last checkpoint written (a finite state) is kept."""
         if not math.isfinite(loss_v):
-            kept = checkpoint_path(self.cfg)
+            kept = checkpoint.checkpoint_path(self.cfg)
             kept = f"; the last good checkpoint {kept} is kept" if kept.is_file() else ""
             raise TrainError(f"training diverged at step {self.step}: loss {loss_v} (try lower train.*_lr){kept}")
 
@@ -870,28 +599,32 @@ class Trainer:
     # -- the end
 
     def hessian_overhead(self) -> dict:
-        return hessian_overhead(self.step_ms, self.step_kind, self.cfg.hessian_every)
+        return self.hess_schedule.overhead(self.step_ms)
 
     @property
     def step_ms(self) -> list[float]:
         return self.timer.ms
 
+    @property
+    def step_kind(self) -> list[str]:
+        return self.hess_schedule.step_kind
+
     @torch.no_grad()
     def _fallback_hessian(self) -> None:
-        """Only when no step captured one (cannot happen on the step-based schedule): one
-        no-grad forward of the next training micro-batch with capture, after the clock stopped."""
-        x, y = self.loader.next_batch(self.cfg.batch_tokens, self.cfg.seq_len, self.accum)
+        """The schedule's fallback: one no-grad forward of the next training micro-batch with
+        capture, after the clock stopped."""
+        x, y = self.loader.next_batch(self.cfg.batch_tokens, self.cfg.seq_len, self.accum)  # (B, T)
         with self._autocast():
             self.model(x, y, hessians=self.hess.sums)
         self.hess.record(x.numel())
-        self.log("hessian: no step captured one; took one extra micro-batch after training")
+        self.log(hessian.FALLBACK_NOTE)
 
     def finish(self) -> TrainResult:
         """Hessians (cross-rank), exported weights into the model, val_bpb_float, metrics."""
         from pgolf.bpb import eval_nonsliding
 
         cfg = self.cfg
-        if self.hess.accumulations == 0:
+        if self.hess_schedule.needs_fallback():
             self._fallback_hessian()
         hess, hmeta = self.hess.finalize()
         hessian.validate(hess, self.model.hessian_shapes(), "online Hessians")
@@ -1004,7 +737,7 @@ def run(mcfg: ModelConfig, cfg: TrainConfig, paths: Paths | None = None,
     result = trainer.finish()
     if info.is_main:
         write_outputs(result, mcfg, cfg, paths, inputs.tokenizer)
-        checkpoint_path(cfg).unlink(missing_ok=True)
+        checkpoint.checkpoint_path(cfg).unlink(missing_ok=True)
     if info.enabled:
         tdist.barrier()
     return result

@@ -1,7 +1,8 @@
 """Tests of pgolf.train / stages.train at a micro config on real FineWeb tokens (the 20k-token
-fixture): schedule numbers against hand computations, state trees, loss going down, outputs and
-metric keys, bit-exact resume after a crash, warmup restore, late QAT, SWA, Hessians against a
-hand X^T X, bad inputs, and the 2-process gloo path (both ranks identical, = 1 process)."""
+fixture): schedule numbers against hand computations, loss going down, outputs and metric keys,
+bit-exact resume after a crash, warmup restore, late QAT, SWA, Hessians against a hand X^T X,
+bad inputs, and the 2-process gloo path (both ranks identical, = 1 process). pgolf.checkpoint
+and pgolf.hessian on their own: test_checkpoint.py, test_hessian.py."""
 
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
 
-from pgolf import config, hessian, tensorfile
+from pgolf import checkpoint, config, hessian, tensorfile
 from pgolf import train as T
 from pgolf.config import ConfigError, ModelConfig, TrainConfig
 from pgolf.data import DistributedTokenLoader, ShardError, read_shard, write_shard
 from pgolf.model import GPT
+from pgolf.timing import StepTimer
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "fineweb_val_prefix20k.bin"
@@ -195,7 +197,7 @@ def test_grad_accum_default_and_batch_check(tmp_path):
 
 
 def test_step_timer_on_cpu_times_each_step_and_reloads():
-    timer = T.StepTimer(cuda=False)
+    timer = StepTimer(cuda=False)
     for _ in range(3):
         timer.start()
         sum(range(20000))
@@ -205,35 +207,6 @@ def test_step_timer_on_cpu_times_each_step_and_reloads():
     timer.start()
     timer.stop()
     assert timer.ms[:2] == [1.0, 2.0] and len(timer.ms) == 3
-
-
-def test_hessian_overhead_from_step_times():
-    ms = [900.0, 100, 101, 99, 130, 100, 5000, 102, 128, 100]  # a slow first step and one stall
-    kinds = ["n", "n", "w", "w", "h", "w", "w", "w", "h", "w"]
-    o = T.hessian_overhead(ms, kinds, every=5)
-    # median h = (128 + 130)/2 = 129, median w of 99,100,100,101,102,5000 = 100.5: 28.5 ms / 5 steps / 100.5 ms
-    assert o == {"hessian_step_ms": 129.0, "normal_step_ms": 100.5,
-                 "hessian_overhead_pct": round(100 * 28.5 / 5 / 100.5, 3)}
-    assert T.hessian_overhead(ms, ["n"] * 10, 5)["hessian_overhead_pct"] is None
-    no_window = T.hessian_overhead([900.0, 100, 100, 150], ["n", "n", "n", "h"], every=0)  # forced one only
-    assert no_window["normal_step_ms"] == 100 and no_window["hessian_overhead_pct"] == round(100 * 50 / 4 / 100, 3)
-
-def test_state_tree_round_trip_through_tensorfile():
-    state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3)}, 5: {}},
-             "param_groups": [{"betas": (0.9, 0.99), "lr": 0.1 / 3, "params": [0, 5], "fused": None,
-                               "eps": 1e-8, "name": "x"}]}
-    tensors, tree = T.encode_tree(state, "opt")
-    blob = tensorfile.dumps(tensors, "t", {"tree": tree})
-    back, header = tensorfile.loads(blob)
-    out = T.decode_tree(back, json.loads(json.dumps(header["meta"]["tree"])))
-    assert set(out["state"]) == {0, 5} and out["param_groups"][0]["betas"] == (0.9, 0.99)
-    assert out["param_groups"][0]["lr"] == 0.1 / 3 and out["param_groups"][0]["fused"] is None
-    assert torch.equal(out["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
-    del back[next(iter(back))]
-    with pytest.raises(T.TrainError, match="missing from the checkpoint"):
-        T.decode_tree(back, tree)
-    with pytest.raises(TypeError):
-        T.encode_tree({(1, 2): 3}, "x")
 
 
 # ----------------------------------------------------------------------------- a whole run
@@ -315,9 +288,9 @@ def test_killed_run_resumes_to_identical_weights(data_root, tmp_path):
     b_dir = tmp_path / "b"
     with pytest.raises(Crash):
         run(data_root, b_dir, on_step=crash_at_17, **RESUME_KW)
-    ckpt = b_dir / "ckpt" / T.CHECKPOINT_FILE
+    ckpt = b_dir / "ckpt" / checkpoint.CHECKPOINT_FILE
     assert ckpt.is_file() and not (b_dir / "artifacts").exists()  # killed: no outputs, a checkpoint at 16
-    _, header = tensorfile.load(ckpt, kind=T.CHECKPOINT_KIND)
+    _, header = tensorfile.load(ckpt, kind=checkpoint.CHECKPOINT_KIND)
     st = header["meta"]
     assert st["step"] == 16 and st["qat_on"] and st["swa_count"] == 4 and st["hessian"]["accumulations"] == 4
 
@@ -363,7 +336,7 @@ def test_mismatched_or_corrupt_checkpoint_starts_fresh(data_root, tmp_path):
 
     with pytest.raises(Crash):
         run(data_root, tmp_path, on_step=crash_at_5, **kw)
-    ckpt = tmp_path / "ckpt" / T.CHECKPOINT_FILE
+    ckpt = tmp_path / "ckpt" / checkpoint.CHECKPOINT_FILE
     assert ckpt.is_file()
     r = run(data_root, tmp_path, **{**kw, "matrix_lr": 0.02})  # another config: not resumed
     assert r.metrics["resumed_from_step"] == 0
@@ -498,28 +471,6 @@ def test_hessians_equal_hand_xtx_over_rows(data_root, tmp_path):
         assert torch.allclose(r.hessians[n], ref, rtol=1e-4, atol=1e-6 * ref.abs().max()), n
 
 
-def test_hessian_accumulator_mean_over_rows_and_validation():
-    torch.manual_seed(0)
-    acc = hessian.HessianAccumulator({"a": 3}, every=2, start_scale=0.5, device="cpu")
-    assert not acc.due(2, 0.6) and acc.due(2, 0.4) and not acc.due(3, 0.4) and acc.due(3, 0.9, force=True)
-    x1, x2 = torch.randn(5, 3), torch.randn(7, 3)
-    for x in (x1, x2):
-        acc.sums["a"] += x.T @ x
-        acc.record(len(x))
-    h, meta = acc.finalize()
-    ref = (x1.T @ x1 + x2.T @ x2) / 12
-    assert torch.allclose(h["a"], ref, atol=1e-6) and meta == {"rows": 12, "accumulations": 2, "world_size": 1}
-    hessian.validate(h, {"a": 3})
-    for bad, msg in ((torch.full((3, 3), float("nan")), "non-finite"), (torch.zeros(3, 3), "all-zero"),
-                     (-torch.eye(3), "negative diagonal"), (torch.ones(2, 2), r"expected float32 \(3, 3\)")):
-        with pytest.raises(hessian.HessianError, match=msg):
-            hessian.validate({"a": bad}, {"a": 3})
-    with pytest.raises(hessian.HessianError, match="missing Hessian"):
-        hessian.validate({}, {"a": 3})
-    with pytest.raises(hessian.HessianError, match="0 rows"):
-        hessian.HessianAccumulator({"a": 3}, 1, 1.0, "cpu").finalize()
-
-
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -599,7 +550,7 @@ def test_nan_loss_stops_clearly_and_keeps_the_last_good_checkpoint(data_root, tm
     old = _old_outputs(tmp_path, p)
     with pytest.raises(T.TrainError, match=r"diverged at step 12: loss nan .*last good checkpoint .* is kept"):
         run(data_root, tmp_path, on_step=poison_after_9, checkpoint_every=4, log_every=0)
-    tensors, header = tensorfile.load(tmp_path / "ckpt" / T.CHECKPOINT_FILE, kind=T.CHECKPOINT_KIND)
+    tensors, header = tensorfile.load(tmp_path / "ckpt" / checkpoint.CHECKPOINT_FILE, kind=checkpoint.CHECKPOINT_KIND)
     assert header["meta"]["step"] == 8  # the step-12 checkpoint was not written over it
     assert all(torch.isfinite(t).all() for n, t in tensors.items() if n.startswith("model/"))
     assert {f: f.read_bytes() for f in old} == old
@@ -707,7 +658,7 @@ def test_two_gloo_processes_match_each_other_and_one_process(data_root, tmp_path
     assert m["world_size"] == 2 and m["steps"] == 10 and m["stopped_by"] == "iterations"
     hs, hmeta = hessian.load(tmp_path / "steps" / "artifacts" / "train" / "hessians.pgt")
     assert hmeta["world_size"] == 2 and hmeta["rows"] == 2 * 1024 * hmeta["accumulations"]
-    assert not (tmp_path / "steps" / "ckpt" / T.CHECKPOINT_FILE).exists()
+    assert not (tmp_path / "steps" / "ckpt" / checkpoint.CHECKPOINT_FILE).exists()
     # one process, 2 micro-batches of the same 1024-token halves: the same run up to fp rounding
     one = run(data_root, tmp_path / "one", grad_accum_steps=2, **DIST_KW)
     assert one.metrics["val_bpb_float"] == pytest.approx(m["val_bpb_float"], abs=1e-5)
@@ -747,4 +698,4 @@ def test_stage_relaunches_itself_under_torchrun(data_root, tmp_path):
     outs = sorted(f.name for f in (tmp_path / "artifacts" / "train").iterdir())
     assert outs == ["hessians.pgt", "model.pgt", "train.log"]
     assert p.stdout.count("step:8/8") == 1  # printed by rank 0 only
-    assert not (tmp_path / ".checkpoints" / "train" / T.CHECKPOINT_FILE).exists()
+    assert not (tmp_path / ".checkpoints" / "train" / checkpoint.CHECKPOINT_FILE).exists()
