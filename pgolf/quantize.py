@@ -1,4 +1,4 @@
-"""The quantize stage: which tensor gets which treatment, GPTQ over all matrices, pruning, outputs.
+"""The quantize stage: which tensor gets which treatment, GPTQ over all matrices, outputs.
 
 This module owns `artifacts/quant/` (quant.pgt, table.json) and `metrics/quant.json`. It reads
 only `artifacts/train/model.pgt` (float weights + model meta) and `artifacts/train/hessians.pgt`.
@@ -391,6 +391,7 @@ def make_metrics(qz: Quantized, cfg: QuantizeConfig, seconds: float, device: tor
     return extra | {
         "int6_tensors": count("treatment", "int6"),
         "passthrough_tensors": count("treatment", "passthrough"),
+        "pruned_values": 0,  # contract key (architecture.md); this stage prunes none: compress's count is size.json's
         "quantize_seconds": round(seconds, 3),
         "int8_tensors": count("treatment", "int8"),
         "gptq_tensors": len(gptq),

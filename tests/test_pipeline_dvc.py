@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 CONTRACT = {
     "prepare": ["vocab_size", "train_tokens", "val_tokens", "val_bytes", "train_docs", "val_docs"],
     "train": ["steps", "train_seconds", "tokens_per_second", "world_size", "val_bpb_float", "peak_memory_mb"],
-    "quant": ["int6_tensors", "passthrough_tensors", "quantize_seconds", "qat_bits", "qat_bits_match"],
+    "quant": ["int6_tensors", "passthrough_tensors", "pruned_values", "quantize_seconds", "qat_bits", "qat_bits_match"],
     "size": ["codec", "lzma_bytes", "zstd_bytes", "model_bytes", "code_bytes", "total_bytes", "cap_bytes", "under_cap",
              "pruned_values", "prune_compressions", "prune_seconds", "real_compressions"],
     "eval": ["val_loss", "val_bpb", "stride", "context", "scored_tokens", "scored_bytes", "eval_seconds"],

@@ -20,7 +20,7 @@ from pgolf import quantize as Q
 from stages import quantize as stage
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTRACT = ["int6_tensors", "passthrough_tensors", "quantize_seconds", "qat_bits", "qat_bits_match"]
+CONTRACT = ["int6_tensors", "passthrough_tensors", "pruned_values", "quantize_seconds", "qat_bits", "qat_bits_match"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,6 +75,7 @@ def test_treatments_and_contract_files(done):
     assert m["int6_tensors"] == 13 and m["gptq_tensors"] == 12 and m["gptq_lite_tensors"] == 1
     assert m["int8_tensors"] == 3 and m["int6_tensors"] + m["int8_tensors"] + m["passthrough_tensors"] == len(quant)
     assert m["damping_retries"] == 0 and m["qat_bits"] == 6 and m["qat_bits_match"] is True
+    assert m["pruned_values"] == 0  # pruning is the compress stage's (size.json)
     hdiag, header = tensorfile.load(root / "artifacts" / "quant" / Q.HDIAG, kind=Q.HDIAG_KIND)
     gptq = [n for n, i in quant.items() if i.get("method") == "gptq"]
     assert sorted(hdiag) == sorted(gptq) and len(gptq) == 12  # GPTQ-lite has no Hessian
