@@ -29,10 +29,9 @@ import torch
 from pgolf import artifact, prune, tensorfile
 from pgolf.config import CompressConfig, ConfigError
 from pgolf.io import atomic_write_bytes, file_sha256, staged_dir, write_json
+from pgolf.quantize import HDIAG, HDIAG_KIND  # the Hessian-diagonal file quantize writes beside quant.pgt
 
 QUANT = Path("artifacts/quant/quant.pgt")
-HDIAG = "hdiag.pgt"  # beside quant.pgt: name -> (C,) float32 Hessian diagonal of each GPTQ matrix
-HDIAG_KIND = "hessian_diag"
 FINAL = Path("artifacts/final")
 METRICS = Path("metrics/size.json")
 SCRIPT = "train_gpt.py"
