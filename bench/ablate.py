@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from bench.bench_eval import versions
+
 REPO = Path(__file__).resolve().parents[1]
 RAN = re.compile(r"Running stage '([^']+)'")
 KEEP = {  # metrics file -> keys copied into a row
@@ -109,19 +111,6 @@ def run_row(spec: dict, row: dict, log_dir: Path) -> dict:
     return rec | read_metrics(REPO) | {"train_md5": train_md5(REPO)}
 
 
-def environment() -> dict:
-    env = {"python": platform.python_version(), "host": platform.node()}
-    try:
-        import torch
-        env["torch"] = torch.__version__
-        env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return env
-
-
 def too_slow(rec_so_far: list[dict], trains: bool, left: float) -> bool:
     """True when the slowest finished row of the same kind (trains or not) would not fit in `left`."""
     same = [r["seconds"] for r in rec_so_far if "seconds" in r and ("train" in r["ran"]) == trains]
@@ -151,7 +140,8 @@ def main(argv=None) -> int:
     log_dir = a.log_dir
     log_dir.mkdir(parents=True, exist_ok=True)
     result = {"rows_file": str(a.rows), "title": spec.get("title", ""), "base": spec["base"],
-              "common": spec.get("common") or {}, "environment": environment(), "rows": []}
+              "common": spec.get("common") or {}, "environment": {**versions(), "host": platform.node()},
+              "rows": []}
     data_info = REPO / ".devrun" / "shards" / "proxy_shards.json"
     if data_info.exists():
         result["data"] = json.loads(data_info.read_text())
