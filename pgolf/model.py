@@ -224,16 +224,24 @@ class ValueEmbedding(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Partial-RoPE tables for the first `rope_dims` of each head, with the NTK base rule."""
+    """Partial-RoPE tables for the first `rope_dims` of each head, with the NTK base rule.
+
+    The tables up to `train_seq_len` are computed once (non-persistent buffers, so they follow
+    `.to(device)` and stay out of checkpoints): a compiled graph then loads them instead of
+    recomputing pow/cos/sin in every kernel that touches q or k (bench/results/PROFILE.md).
+    Longer sequences (NTK-scaled base) compute their tables on the fly."""
 
     def __init__(self, rope_dims: int, base: float, train_seq_len: int):
         super().__init__()
         self.rope_dims = rope_dims
         self.base = base
         self.train_seq_len = train_seq_len
+        cos, sin = self.tables(train_seq_len, torch.device("cpu"))
+        self.register_buffer("cos", cos, persistent=False)  # (train_seq_len, rd/2)
+        self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> cos, sin, each (T, rope_dims/2) fp32."""
+    def tables(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> cos, sin, each (T, rope_dims/2) fp32, computed now."""
         rd = self.rope_dims
         base = self.base
         if seq_len > self.train_seq_len:  # NTK-aware base scaling (spec §3.4)
@@ -243,6 +251,12 @@ class Rotary(nn.Module):
         t = torch.arange(seq_len, device=device, dtype=torch.float32)  # (T,)
         freqs = torch.outer(t, inv_freq)  # (T, rd/2)
         return freqs.cos(), freqs.sin()
+
+    def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> cos, sin, each (T, rope_dims/2) fp32: the stored tables' first T rows when they fit."""
+        if seq_len <= self.train_seq_len and self.cos.device == device:
+            return self.cos[:seq_len], self.sin[:seq_len]
+        return self.tables(seq_len, device)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,13 @@ from pgolf.timing import Clock, StepTimer
 TSV_COLUMNS = ("step", "train_loss", "lr_scale", "tokens_per_second")
 
 
+
+# Inductor options for the training graph. Mix-order reductions fuse each norm's row reduction
+# with the column sums of the per-channel scales' gradients; on one H200 at 786,432 tokens/step
+# that made five kernels of ~1 ms per micro-batch, and turning it off took the step from 650 to
+# 628 ms (bench/results/PROFILE.md).
+INDUCTOR_OPTIONS = {"triton.mix_order_reduction": False}
+
 class TrainError(ValueError):
     """Bad training input (data, tokenizer, checkpoint) or a diverged run; names the file/param."""
 
@@ -358,7 +365,9 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             model.use_fused_mlp = cfg.fused_mlp
-        return model, torch.compile(model, dynamic=False, fullgraph=True) if self.compiled else model
+        if not self.compiled:
+            return model, model
+        return model, torch.compile(model, dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS)
 
     # -- helpers
 

@@ -316,6 +316,16 @@ def test_rotary_ntk_rule():
     torch.testing.assert_close(sin, torch.sin(torch.arange(16.0)[:, None] * base ** (-2 * j / 16)))
 
 
+def test_rotary_stored_tables_equal_fresh_ones_and_stay_out_of_the_state_dict():
+    rot = Rotary(rope_dims=16, base=10000.0, train_seq_len=32)
+    for T in (1, 7, 32):  # a prefix of the stored tables is the table of a shorter sequence
+        got, fresh = rot(T, torch.device("cpu")), rot.tables(T, torch.device("cpu"))
+        assert got[0].shape == (T, 8)
+        torch.testing.assert_close(got, fresh, rtol=0, atol=0)
+    assert rot(33, torch.device("cpu"))[0].shape == (33, 8)  # longer: fresh, NTK-scaled
+    assert rot.state_dict() == {}
+
+
 def test_bigram_hash_hand_example():
     ids = torch.tensor([[5, 7, 1023, 0], [50000, 60000, 3, 3]])
     got = bigram_hash(ids, 4096).tolist()
