@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pgolf import bpb, dist, ttt
 from pgolf.artifact import ArtifactError, dequantize_state, read_artifact
-from pgolf.config import ConfigError, EvaluateConfig, ModelConfig
+from pgolf.config import EvaluateConfig, ModelConfig, bad
 from pgolf.data import ByteTables, load_byte_tables, read_tokenizer_meta
 from pgolf.io import file_sha256, write_json
 from pgolf.model import GPT
@@ -39,20 +39,22 @@ class Paths:
     metrics: Path = Path("metrics/eval.json")
 
 
-def validate(cfg: EvaluateConfig) -> None:
+def check_config(cfg: EvaluateConfig) -> None:
+    """Range checks of the `evaluate` section, test-time training's keys included (pgolf.ttt);
+    pgolf.config runs them when it loads the section."""
     if cfg.context <= 0:
-        raise ConfigError(f"params.yaml: evaluate.context must be positive, got {cfg.context}")
+        raise bad(cfg, "context", "must be positive")
     if not 0 <= cfg.stride <= cfg.context:
-        raise ConfigError(f"params.yaml: evaluate.stride must be in [0, evaluate.context={cfg.context}], got {cfg.stride}")
+        raise bad(cfg, "stride", f"must be in [0, evaluate.context={cfg.context}]")
     if cfg.batch_seqs <= 0:
-        raise ConfigError(f"params.yaml: evaluate.batch_seqs must be positive, got {cfg.batch_seqs}")
+        raise bad(cfg, "batch_seqs", "must be positive")
     if cfg.max_tokens < 0:
-        raise ConfigError(f"params.yaml: evaluate.max_tokens must be >= 0, got {cfg.max_tokens}")
+        raise bad(cfg, "max_tokens", "must be >= 0")
     if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"params.yaml: evaluate.device must be auto, cpu or cuda; got {cfg.device!r}")
+        raise bad(cfg, "device", "must be auto, cpu or cuda")
     if cfg.nproc_per_node < 1:
-        raise ConfigError(f"params.yaml: evaluate.nproc_per_node must be >= 1, got {cfg.nproc_per_node}")
-    ttt.validate(cfg)
+        raise bad(cfg, "nproc_per_node", "must be >= 1")
+    ttt.check_config(cfg)
 
 
 def load_model(path: str | Path, device="cpu") -> tuple[GPT, dict]:
@@ -93,8 +95,8 @@ def check_tokenizer(meta: dict, tables: ByteTables, tokenizer_dir: str | Path, a
 
 
 def run(cfg: EvaluateConfig, paths: Paths = Paths(), progress: bool = True) -> dict:
-    """Evaluate the artifact on every rank; rank 0 writes metrics/eval.json. Returns the metrics."""
-    validate(cfg)
+    """Evaluate the artifact on every rank (`cfg` as pgolf.config loads it); rank 0 writes
+    metrics/eval.json. Returns the metrics."""
     info = dist.init(cfg.device)
     t0 = time.perf_counter()
     model, meta = load_model(paths.artifact, info.device)

@@ -28,7 +28,7 @@ import numpy as np
 import sentencepiece as spm
 
 from pgolf import data, tokenizer
-from pgolf.config import ConfigError, PrepareConfig
+from pgolf.config import PrepareConfig, bad
 from pgolf.corpus import CorpusError, corpus_files, iter_documents
 from pgolf.io import staged_dir, write_json
 from pgolf.progress import Progress, track
@@ -41,30 +41,27 @@ MIN_TEXT_TOKENS = 256  # fewer text tokens in a split (BOS not counted) = an emp
 # ----------------------------------------------------------------------------- config
 
 
-def validate(cfg: PrepareConfig) -> None:
-    """Range checks the type checks of pgolf.config cannot make; ConfigError names prepare.<key>."""
-    def bad(key, why):
-        raise ConfigError(f"params.yaml: prepare.{key} {why}, got {getattr(cfg, key)!r}")
-
+def check_config(cfg: PrepareConfig) -> None:
+    """Range checks of the `prepare` section (pgolf.config runs them when it loads the section)."""
     if cfg.source not in SOURCES:
-        bad("source", f"must be one of {', '.join(SOURCES)}")
+        raise bad(cfg, "source", f"must be one of {', '.join(SOURCES)}")
     if not 1 <= cfg.vocab_size <= tokenizer.MAX_VOCAB:
-        bad("vocab_size", f"must be in [1, {tokenizer.MAX_VOCAB}]")
+        raise bad(cfg, "vocab_size", f"must be in [1, {tokenizer.MAX_VOCAB}]")
     if not 1 <= cfg.shard_tokens <= data.MAX_TOKENS_PER_SHARD:
-        bad("shard_tokens", f"must be in [1, {data.MAX_TOKENS_PER_SHARD}]")
+        raise bad(cfg, "shard_tokens", f"must be in [1, {data.MAX_TOKENS_PER_SHARD}]")
     for key in ("val_docs", "max_train_docs", "tokenizer_train_docs"):
         if getattr(cfg, key) < 0:
-            bad(key, "must be >= 0")
+            raise bad(cfg, key, "must be >= 0")
     if cfg.workers < 1:
-        bad("workers", "must be >= 1")
+        raise bad(cfg, "workers", "must be >= 1")
     if not cfg.corpus:
-        bad("corpus", "must name a file or folder")
+        raise bad(cfg, "corpus", "must name a file or folder")
     if not cfg.tokenizer:
-        bad("tokenizer", "must be a .model path or 'train'")
+        raise bad(cfg, "tokenizer", "must be a .model path or 'train'")
     if cfg.source != "fineweb" and not cfg.val_source and cfg.val_docs == 0:
-        bad("val_docs", "must be > 0 when prepare.val_source is empty (no validation documents)")
+        raise bad(cfg, "val_docs", "must be > 0 when prepare.val_source is empty (no validation documents)")
     if cfg.source == "fineweb" and cfg.tokenizer == "train":
-        bad("tokenizer", "must be the export's .model file for source 'fineweb' (its shards are pre-tokenized)")
+        raise bad(cfg, "tokenizer", "must be the export's .model file for source 'fineweb' (its shards are pre-tokenized)")
 
 
 def _path(root: Path, p: str) -> Path:
@@ -305,7 +302,6 @@ def _prepare_fineweb(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> 
 
 def run(cfg: PrepareConfig, root: str | Path = ".") -> dict:
     """Build data/tokenizer, data/shards and metrics/prepare.json under `root`; returns the metrics."""
-    validate(cfg)
     root = Path(root)
     t0 = time.perf_counter()
     build = _prepare_fineweb if cfg.source == "fineweb" else _prepare_text

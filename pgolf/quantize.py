@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 
 from pgolf import lqer, tensorfile
-from pgolf.config import ConfigError, ModelConfig, QuantizeConfig
+from pgolf.config import ConfigError, ModelConfig, QuantizeConfig, bad
 from pgolf.gptq import GPTQSpec, MatrixResult, gptq_lite_matrices, gptq_matrices
 from pgolf.int6 import dequantize, fp16_round, qmax_for, quantize, row_scale
 from pgolf.io import staged_dir, write_json
@@ -75,47 +75,44 @@ class QuantizeError(ValueError):
 
 def parse_quantiles(text: str) -> tuple[float, ...]:
     """"0.999,0.9995,1.0" -> (0.999, 0.9995, 1.0); ConfigError naming quantize.clip_quantiles."""
-    bad = f"params.yaml: quantize.clip_quantiles must be comma-separated numbers in (0, 1], got {text!r}"
+    error = ConfigError(f"quantize.clip_quantiles must be comma-separated numbers in (0, 1], got {text!r}")
     parts = [p.strip() for p in str(text).split(",")]
     try:
         values = tuple(float(p) for p in parts)
     except ValueError:
-        raise ConfigError(bad) from None
+        raise error from None
     if not values or not all(0.0 < v <= 1.0 for v in values):
-        raise ConfigError(bad)
+        raise error
     return tuple(dict.fromkeys(values))  # de-duplicated, order kept (ties prefer the earlier one)
 
 
 def check_config(cfg: QuantizeConfig) -> None:
-    """Every quantize.* value usable, else ConfigError naming it (before any file is read)."""
-    def bad(key: str, why: str) -> ConfigError:
-        return ConfigError(f"params.yaml: quantize.{key} {why}, got {getattr(cfg, key)!r}")
-
+    """Range checks of the `quantize` section (pgolf.config runs them when it loads the section)."""
     try:
         qmax_for(cfg.bits)
     except ValueError:
-        raise bad("bits", "must be in the supported range [2, 8]") from None
+        raise bad(cfg, "bits", "must be in the supported range [2, 8]") from None
     if cfg.embed_mode not in EMBED_MODES:
-        raise bad("embed_mode", f"must be one of {', '.join(EMBED_MODES)}")
+        raise bad(cfg, "embed_mode", f"must be one of {', '.join(EMBED_MODES)}")
     parse_quantiles(cfg.clip_quantiles)
     if not (cfg.damp > 0 and math.isfinite(cfg.damp)):
-        raise bad("damp", "must be a positive number")
+        raise bad(cfg, "damp", "must be a positive number")
     if cfg.block_size < 1:
-        raise bad("block_size", "must be >= 1")
+        raise bad(cfg, "block_size", "must be >= 1")
     if cfg.passthrough_max_numel < 0:
-        raise bad("passthrough_max_numel", "must be >= 0")
+        raise bad(cfg, "passthrough_max_numel", "must be >= 0")
     if not 0.0 < cfg.int8_clip_quantile <= 1.0:
-        raise bad("int8_clip_quantile", "must be in (0, 1]")
+        raise bad(cfg, "int8_clip_quantile", "must be in (0, 1]")
     if cfg.device not in DEVICES:
-        raise bad("device", f"must be one of {', '.join(DEVICES)}")
+        raise bad(cfg, "device", f"must be one of {', '.join(DEVICES)}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise bad("device", "is cuda but no CUDA device is available")
+        raise bad(cfg, "device", "is cuda but no CUDA device is available")
     if cfg.lqer_top_k < 1:
-        raise bad("lqer_top_k", "must be >= 1")
+        raise bad(cfg, "lqer_top_k", "must be >= 1")
     if cfg.lqer_rank < 1:
-        raise bad("lqer_rank", "must be >= 1")
+        raise bad(cfg, "lqer_rank", "must be >= 1")
     if not 2 <= cfg.lqer_bits <= 8:
-        raise bad("lqer_bits", "must be in [2, 8]")
+        raise bad(cfg, "lqer_bits", "must be in [2, 8]")
 
 
 def resolve_device(cfg: QuantizeConfig) -> torch.device:
@@ -351,8 +348,8 @@ def qat_warning(m: dict) -> str | None:
 
 def run(cfg: QuantizeConfig, train_dir: str | Path = TRAIN_DIR, out_dir: str | Path = OUT_DIR,
         metrics_path: str | Path = METRICS) -> dict:
-    """The whole stage; outputs are written only after everything succeeded. -> the metrics dict."""
-    check_config(cfg)
+    """The whole stage (`cfg` as pgolf.config loads it); outputs are written only after everything
+    succeeded. -> the metrics dict."""
     device = resolve_device(cfg)
     t0 = time.perf_counter()
     inp = load_inputs(train_dir)

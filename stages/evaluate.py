@@ -13,7 +13,7 @@ import sys
 from pgolf import config, dist
 from pgolf.artifact import ArtifactError
 from pgolf.data import ShardError
-from pgolf.evaluate import EvaluateError, run, validate
+from pgolf.evaluate import EvaluateError, run
 from pgolf.tensorfile import TensorFileError
 from pgolf.io import OutputError
 from stages import entry
@@ -25,7 +25,6 @@ EXPECTED_ERRORS = (OutputError, config.ConfigError, ArtifactError, TensorFileErr
 @entry("evaluate", EXPECTED_ERRORS)
 def main() -> int:
     cfg = config.load("evaluate")
-    validate(cfg)
     if cfg.nproc_per_node > 1 and not dist.under_torchrun():
         return dist.relaunch_with_torchrun("stages.evaluate", cfg.nproc_per_node)
     m = run(cfg)

@@ -12,7 +12,7 @@ from pgolf import config, dist
 from pgolf.data import ShardError
 from pgolf.hessian import HessianError
 from pgolf.tensorfile import TensorFileError
-from pgolf.train import TrainError, run, validate
+from pgolf.train import TrainError, run
 from pgolf.io import OutputError
 
 from stages import entry
@@ -24,7 +24,6 @@ SAME_ON_EVERY_RANK = (config.ConfigError, ShardError, TrainError)  # printed by 
 @entry("train", EXPECTED_ERRORS, rank0_only=SAME_ON_EVERY_RANK)
 def main() -> int:
     mcfg, tcfg = config.load("model"), config.load("train")
-    validate(tcfg, mcfg)
     if tcfg.nproc_per_node > 1 and not dist.under_torchrun():
         return dist.relaunch_with_torchrun("stages.train", tcfg.nproc_per_node)
     result = run(mcfg, tcfg)

@@ -502,16 +502,17 @@ def _old_outputs(tmp: Path, p: T.Paths) -> dict[Path, bytes]:
     ({"muon_ns_coeffs": "polar_express", "muon_ns_steps": 6}, ConfigError, "train.muon_ns_steps must be <= 5"),
 ])
 def test_bad_train_params_fail_before_touching_outputs(data_root, tmp_path, kw, err, msg):
+    """Range checks run where the section is loaded (config.check); the world-size batch check in run."""
     p = paths(data_root, tmp_path)
     old = _old_outputs(tmp_path, p)
     with pytest.raises(err, match=msg):
-        T.run(mcfg(), tcfg(tmp_path, **kw), p)
+        T.run(mcfg(), config.check(tcfg(tmp_path, **kw)), p)
     assert {f: f.read_bytes() for f in old} == old
 
 
 def test_bad_model_param_names_the_key(data_root, tmp_path):
     with pytest.raises(ConfigError, match="model.num_kv_heads"):
-        T.run(mcfg(num_kv_heads=3), tcfg(tmp_path), paths(data_root, tmp_path))
+        T.run(config.check(mcfg(num_kv_heads=3)), tcfg(tmp_path), paths(data_root, tmp_path))
 
 
 def test_bad_data_fails_with_named_file_and_keeps_outputs(data_root, tmp_path):
@@ -612,7 +613,7 @@ def test_profiles_pass_validation():
     for name in ("tiny", "record", "frontier"):
         m = config.load("model", ROOT / "profiles" / f"{name}.yaml")
         t = dataclasses.replace(config.load("train", ROOT / "profiles" / f"{name}.yaml"), device="auto")
-        T.validate(t, m)
+        config.check(m), config.check(t)
     t = config.load("train", ROOT / "profiles" / "record.yaml")
     assert T.check_batch(t, 8, T.resolve_grad_accum(t, 8)) == 786432 // 8  # 48 sequences of 2048 per rank
 
