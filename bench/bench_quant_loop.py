@@ -40,7 +40,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_gptq import random_hessian  # noqa: E402
 from pgolf import compress, config, evaluate, hessian, pack, prune, quantize, tensorfile  # noqa: E402
-from pgolf.data import ByteTables, read_tokenizer_meta, write_shard  # noqa: E402
+from pgolf.byte_tables import ByteTables  # noqa: E402
+from pgolf.shards import write_shard  # noqa: E402
+from pgolf.tokenizer_meta import read_tokenizer_meta  # noqa: E402
 from pgolf.model import GPT, QAT_BITS  # noqa: E402
 
 SMALL = {"num_layers": 2, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2, "xsa_last_n": 2, "bigram_buckets": 64,

@@ -64,7 +64,7 @@ import torch
 
 from pgolf import grouping, lqer, tensorfile
 from pgolf.config import CompressConfig, ConfigError, bad
-from pgolf.int6 import dequantize
+from pgolf.rowquant import dequantize
 from pgolf.tensorfile import TensorFileError
 
 MAGIC = b"PGOLFZ"
@@ -83,17 +83,19 @@ CODE_FILES: tuple[str, ...] = (
     "pgolf/__init__.py",
     "pgolf/artifact.py",
     "pgolf/bpb.py",
+    "pgolf/byte_tables.py",
     "pgolf/config.py",
-    "pgolf/data.py",
     "pgolf/dist.py",
     "pgolf/evaluate.py",
     "pgolf/grouping.py",
-    "pgolf/int6.py",
     "pgolf/io.py",
     "pgolf/lqer.py",
     "pgolf/model.py",
     "pgolf/progress.py",
+    "pgolf/rowquant.py",
+    "pgolf/shards.py",
     "pgolf/tensorfile.py",
+    "pgolf/tokenizer_meta.py",
     "pgolf/ttt.py",
 )
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from pgolf import bpb, dist, ttt
 from pgolf.artifact import ArtifactError, dequantize_state, read_artifact
 from pgolf.config import EvaluateConfig, ModelConfig, bad
-from pgolf.data import ByteTables, load_byte_tables, read_tokenizer_meta
+from pgolf.byte_tables import ByteTables, byte_tables_path, load_byte_tables
+from pgolf.tokenizer_meta import read_tokenizer_meta, tokenizer_meta_path
 from pgolf.io import file_sha256, write_json
 from pgolf.model import GPT
 
@@ -74,7 +75,7 @@ def load_model(path: str | Path, device="cpu") -> tuple[GPT, dict]:
 def check_tokenizer(meta: dict, tables: ByteTables, tokenizer_dir: str | Path, artifact: str | Path) -> None:
     """The artifact's tokenizer must be the validation data's (sha256 and vocabulary size)."""
     tok = read_tokenizer_meta(tokenizer_dir)
-    tok_path = Path(tokenizer_dir) / "tokenizer.json"
+    tok_path = tokenizer_meta_path(tokenizer_dir)
     want = meta.get("tokenizer")
     if not isinstance(want, dict) or "sha256" not in want or "vocab_size" not in want:
         raise EvaluateError(f"{artifact}: artifact meta lacks tokenizer {{sha256, vocab_size}}")
@@ -87,10 +88,10 @@ def check_tokenizer(meta: dict, tables: ByteTables, tokenizer_dir: str | Path, a
                             f"model's tokenizer")
     table_sha = tables.meta.get("tokenizer_sha256")
     if table_sha is not None and table_sha != tok["sha256"]:
-        raise EvaluateError(f"{Path(tokenizer_dir) / 'byte_tables.pgt'}: built for tokenizer {table_sha[:12]}…, "
+        raise EvaluateError(f"{byte_tables_path(tokenizer_dir)}: built for tokenizer {table_sha[:12]}…, "
                             f"not {tok['sha256'][:12]}… ({tok_path})")
     if tables.vocab_size < int(meta["model"]["vocab_size"]):
-        raise EvaluateError(f"{Path(tokenizer_dir) / 'byte_tables.pgt'}: {tables.vocab_size} entries for a model "
+        raise EvaluateError(f"{byte_tables_path(tokenizer_dir)}: {tables.vocab_size} entries for a model "
                             f"vocabulary of {meta['model']['vocab_size']}")
 
 

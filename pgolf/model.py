@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pgolf.config import ModelConfig
-from pgolf.data import BOS_ID
-from pgolf.int6 import fake_quant_values, qmax_for
+from pgolf.shards import BOS_ID
+from pgolf.rowquant import fake_quant_values, qmax_for
 
 try:  # FlashAttention-3 (Hopper); optional, SDPA otherwise (spec §11)
     from flash_attn_interface import flash_attn_func as _fa3_func

@@ -17,7 +17,7 @@ Treatment of each tensor of the exported state dict, first rule that applies (re
 
 The type label of rules 3 and 6 is "int6" whatever quantize.bits is (the contract's name for
 "the low-bit per-row codes"; `bits` says how many). int8 rows use the shared rule of
-`pgolf.int6` with qmax 127 and clip quantile quantize.int8_clip_quantile; unlike the reference
+`pgolf.rowquant` with qmax 127 and clip quantile quantize.int8_clip_quantile; unlike the reference
 `quantize_float_tensor`, values beyond the clip are clamped in the code domain (at ±127 s),
 which only differs from clipping the weight first when the 1/127 scale floor binds.
 
@@ -51,7 +51,7 @@ import torch.nn as nn
 from pgolf import lqer, tensorfile
 from pgolf.config import ConfigError, ModelConfig, QuantizeConfig, bad
 from pgolf.gptq import GPTQSpec, MatrixResult, gptq_lite_matrices, gptq_matrices
-from pgolf.int6 import dequantize, fp16_round, qmax_for, quantize, row_scale
+from pgolf.rowquant import dequantize, fp16_round, qmax_for, quantize, row_scale
 from pgolf.io import staged_dir, write_json
 from pgolf.model import GPT
 

@@ -26,7 +26,7 @@ from pgolf import compress, config, dist, evaluate, prepare, quantize, train
 from pgolf.artifact import ArtifactError
 from pgolf.compress import CompressError, build, over_cap_message
 from pgolf.corpus import CorpusError
-from pgolf.data import ShardError
+from pgolf.shards import ShardError
 from pgolf.hessian import HessianError
 from pgolf.io import OutputError
 from pgolf.prune import PruneError

@@ -61,8 +61,10 @@ from torch.profiler import record_function
 from pgolf import checkpoint, dist, hessian, tensorfile
 from pgolf.averages import WeightAverages
 from pgolf.config import ConfigError, ModelConfig, TrainConfig, bad
-from pgolf.data import (DistributedTokenLoader, list_shards, load_byte_tables, max_token_id,
-                        read_shard, read_shard_header, read_tokenizer_meta)
+from pgolf.byte_tables import byte_tables_path, load_byte_tables
+from pgolf.loader import DistributedTokenLoader
+from pgolf.shards import list_shards, max_token_id, read_shard, read_shard_header
+from pgolf.tokenizer_meta import read_tokenizer_meta, tokenizer_meta_path
 from pgolf.io import atomic_write_text, staged_dir, write_json
 from pgolf.model import GPT, QAT_BITS, layer_order
 from pgolf.optim import build_optimizers, ns_coefficients
@@ -273,13 +275,13 @@ def check_inputs(paths: Paths, mcfg: ModelConfig, cfg: TrainConfig) -> Inputs:
         meta = read_tokenizer_meta(paths.tokenizer)
     except ValueError as e:
         raise TrainError(str(e)) from None
-    meta_path = Path(paths.tokenizer) / "tokenizer.json"
+    meta_path = tokenizer_meta_path(paths.tokenizer)
     if int(meta["vocab_size"]) != mcfg.vocab_size:
         raise TrainError(f"model.vocab_size is {mcfg.vocab_size} but {meta_path} says the tokenizer has "
                          f"{meta['vocab_size']} tokens; set model.vocab_size to {meta['vocab_size']}")
     tables = load_byte_tables(paths.tokenizer)
     if tables.vocab_size != mcfg.vocab_size:
-        raise TrainError(f"{Path(paths.tokenizer) / 'byte_tables.pgt'}: byte tables cover {tables.vocab_size} "
+        raise TrainError(f"{byte_tables_path(paths.tokenizer)}: byte tables cover {tables.vocab_size} "
                          f"tokens, model.vocab_size is {mcfg.vocab_size}")
     for shard in train:  # every shard, before step 1 (a bad id would otherwise fail at its step)
         top = max_token_id(shard)

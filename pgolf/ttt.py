@@ -39,7 +39,7 @@ from torch.nn.utils import parametrize
 
 from pgolf import bpb
 from pgolf.config import ConfigError, EvaluateConfig, bad
-from pgolf.data import ByteTables
+from pgolf.byte_tables import ByteTables
 from pgolf.dist import all_reduce_
 from pgolf.model import MATRIX_KINDS
 from pgolf.progress import track

@@ -12,7 +12,7 @@ import sys
 
 from pgolf import config, dist
 from pgolf.artifact import ArtifactError
-from pgolf.data import ShardError
+from pgolf.shards import ShardError
 from pgolf.evaluate import EvaluateError, run
 from pgolf.tensorfile import TensorFileError
 from pgolf.io import OutputError

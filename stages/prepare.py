@@ -6,7 +6,7 @@ import sys
 
 from pgolf import config
 from pgolf.corpus import CorpusError
-from pgolf.data import ShardError
+from pgolf.shards import ShardError
 from pgolf.prepare import run
 from pgolf.tensorfile import TensorFileError
 from pgolf.tokenizer import TokenizerError

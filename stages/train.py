@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from pgolf import config, dist
-from pgolf.data import ShardError
+from pgolf.shards import ShardError
 from pgolf.hessian import HessianError
 from pgolf.tensorfile import TensorFileError
 from pgolf.train import TrainError, run

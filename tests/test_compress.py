@@ -14,7 +14,7 @@ import torch
 from conftest import MICRO_CFG, params_yaml, tiny_model
 from pgolf import artifact, config, pack, tensorfile
 from pgolf.config import CompressConfig
-from pgolf.int6 import qmax_for, quantize, row_scale
+from pgolf.rowquant import qmax_for, quantize, row_scale
 from pgolf.model import GPT
 from stages import compress
 

@@ -13,7 +13,7 @@ from pgolf import artifact as A
 from pgolf import grouping, lqer
 from pgolf import config
 from pgolf.config import CompressConfig, ConfigError
-from pgolf.int6 import dequantize
+from pgolf.rowquant import dequantize
 from test_artifact import bits_equal, every_dtype
 from test_compress import build, quantized, workdir  # noqa: F401 - fixture
 

@@ -14,7 +14,7 @@ from pgolf import artifact, lqer
 from pgolf.compress import build
 from pgolf.config import CompressConfig
 from pgolf.evaluate import load_model
-from pgolf.int6 import dequantize
+from pgolf.rowquant import dequantize
 from test_compress import quantized
 from test_quantize import fails_cleanly, load_quant, qcfg, run_in, set_params, stage_dir  # noqa: F401 - fixture
 

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from pgolf.config import ModelConfig
-from pgolf.int6 import fake_quant
+from pgolf.rowquant import fake_quant
 from pgolf.model import (GPT, Rotary, SmearGate, bigram_hash, count_params, layer_order, mlp_hidden, softcap,
                          check_config, xsa)
-from pgolf.data import BOS_ID
+from pgolf.shards import BOS_ID
 
 TINY = ModelConfig(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=3,
                    xsa_last_n=2, bigram_buckets=31, bigram_dim=8, ve_dim=8, ve_last_n=1, rope_dims=4,

@@ -15,7 +15,7 @@ import yaml
 
 from _quant_model import MICRO, eval_loss, trained, write_train_dir
 from conftest import single_thread
-from pgolf import artifact, config, int6, pack, tensorfile
+from pgolf import artifact, config, pack, rowquant, tensorfile
 from pgolf import quantize as Q
 from stages import quantize as stage
 
@@ -254,7 +254,7 @@ def test_other_bits_work_and_the_qat_mismatch_is_reported(stage_dir, capsys):
     assert (m["bits"], m["qat_bits"], m["qat_bits_match"]) == (4, 6, False)
     tensors, meta = load_quant(stage_dir)
     assert meta["quant"]["blocks.0.mlp.fc.weight"]["bits"] == 4
-    assert int(tensors["blocks.0.mlp.fc.weight.q"].abs().max()) <= int6.qmax_for(4)
+    assert int(tensors["blocks.0.mlp.fc.weight.q"].abs().max()) <= rowquant.qmax_for(4)
 
 
 def test_python_dash_m_entry_point(stage_dir):

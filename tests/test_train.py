@@ -25,7 +25,8 @@ import yaml
 from pgolf import checkpoint, config, hessian, tensorfile
 from pgolf import train as T
 from pgolf.config import ConfigError, ModelConfig, TrainConfig
-from pgolf.data import DistributedTokenLoader, ShardError, read_shard, write_shard
+from pgolf.loader import DistributedTokenLoader
+from pgolf.shards import ShardError, read_shard, write_shard
 from pgolf.model import GPT
 from pgolf.timing import StepTimer
 
@@ -45,7 +46,7 @@ MICRO_TRAIN = {"device": "cpu", "batch_tokens": 2048, "seq_len": 128, "iteration
 
 
 def _write_data(root: Path) -> None:
-    from pgolf.data import read_shard
+    from pgolf.shards import read_shard
     from pgolf.tokenizer import build_byte_tables, file_sha256, load_tokenizer
 
     toks = read_shard(FIXTURE)  # 20,000 official val tokens
@@ -260,7 +261,8 @@ def test_run_learns_and_writes_contract_outputs(data_root, tmp_path):
 
 
 def _val_bytes(data_root: Path, val_tokens: int, seq_len: int) -> int:
-    from pgolf.data import load_byte_tables, read_shard
+    from pgolf.byte_tables import load_byte_tables
+    from pgolf.shards import read_shard
 
     toks = read_shard(data_root / "shards" / "fineweb_val_000000.bin")[:val_tokens + 1]
     n = (len(toks) - 1) // seq_len * seq_len + 1
@@ -584,7 +586,7 @@ def test_short_or_out_of_vocab_data_is_named(data_root, tmp_path):
 
 def _vocab512(root: Path) -> Path:
     """A tokenizer folder that claims 512 tokens (so only the shard check can fail)."""
-    from pgolf.data import ByteTables
+    from pgolf.byte_tables import ByteTables
 
     tok = root / "tok512"
     tok.mkdir()
