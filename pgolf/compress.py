@@ -29,9 +29,9 @@ import torch
 from pgolf import artifact, prune, tensorfile
 from pgolf.config import CompressConfig, bad
 from pgolf.io import atomic_write_bytes, file_sha256, staged_dir, write_json
-from pgolf.quantize import HDIAG, HDIAG_KIND  # the Hessian-diagonal file quantize writes beside quant.pgt
+from pgolf.quantize import HDIAG, HDIAG_KIND, KIND as QUANT_KIND, OUT_DIR as QUANT_DIR, QUANT_FILE  # quantize's outputs
 
-QUANT = Path("artifacts/quant/quant.pgt")
+QUANT = QUANT_DIR / QUANT_FILE
 FINAL = Path("artifacts/final")
 METRICS = Path("metrics/size.json")
 SCRIPT = "train_gpt.py"
@@ -52,7 +52,7 @@ def check_config(cfg: CompressConfig) -> None:
 
 
 def load_quant(quant: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, header = tensorfile.load(quant, kind="quantized")
+    tensors, header = tensorfile.load(quant, kind=QUANT_KIND)
     for key in ("model", "train_seq_len", "tokenizer", "quant"):
         if key not in header["meta"]:
             raise CompressError(f"{quant}: meta lacks {key!r} (written by an older quantize stage?)")

@@ -58,6 +58,7 @@ PACKED_FILES: tuple[str, ...] = (
     "pgolf/tokenizer.py",
     "pgolf/tokenizer_meta.py",
     "pgolf/train.py",
+    "pgolf/train_files.py",
     "pgolf/ttt.py",
 )
 BAKED_SECTIONS: tuple[str, ...] = ("model", "train", "quantize", "compress", "evaluate")

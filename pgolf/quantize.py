@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pgolf import lqer, tensorfile
+from pgolf import lqer, tensorfile, train_files
 from pgolf.config import ConfigError, ModelConfig, QuantizeConfig, bad
 from pgolf.gptq import GPTQSpec, MatrixResult, gptq_lite_matrices, gptq_matrices
 from pgolf.rowquant import dequantize, fp16_round, qmax_for, quantize, row_scale
@@ -56,8 +56,9 @@ from pgolf.io import staged_dir, write_json
 from pgolf.model import GPT
 
 KIND = "quantized"
-TRAIN_DIR = Path("artifacts/train")
+TRAIN_DIR = train_files.DIR
 OUT_DIR = Path("artifacts/quant")
+QUANT_FILE = "quant.pgt"  # the codes, scales and passthrough tensors (kind KIND); compress reads it
 METRICS = Path("metrics/quant.json")
 HDIAG = "hdiag.pgt"  # name -> (C,) float32 input Hessian diagonal of each GPTQ matrix; compress reads it
 HDIAG_KIND = "hessian_diag"
@@ -67,7 +68,7 @@ INT8_QMAX = 127
 
 
 class QuantizeError(ValueError):
-    """Bad quantize input (missing or inconsistent weights/Hessians); names the file."""
+    """Bad quantize input (missing or inconsistent weights; the Hessians' are HessianError); names the file."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -140,22 +141,23 @@ class Inputs:
 
 
 def load_inputs(train_dir: str | Path = TRAIN_DIR) -> Inputs:
-    """Read and check model.pgt + hessians.pgt; QuantizeError / TensorFileError naming the file."""
+    """Read and check model.pgt + hessians.pgt (pgolf.train_files); QuantizeError, HessianError or
+    TensorFileError naming the file."""
     train_dir = Path(train_dir)
-    mpath, hpath = train_dir / "model.pgt", train_dir / "hessians.pgt"
+    mpath, hpath = train_dir / train_files.MODEL_FILE, train_dir / train_files.HESSIANS_FILE
     for p in (mpath, hpath):
         if not p.is_file():
             raise QuantizeError(f"{p}: not found (run the train stage first)")
-    weights, mheader = tensorfile.load(mpath, kind="float_weights")
-    hessians, _ = tensorfile.load(hpath, kind="hessians")
-    meta = mheader["meta"]
+    weights, meta = train_files.load_weights(mpath)
+    hessians, _ = train_files.load_hessians(hpath)
     mcfg = _model_config(meta, mpath)
     with torch.device("meta"):
         model = GPT(mcfg)
     inp = Inputs(weights, meta, hessians, mcfg, model.quantizable_names(),
                  [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)])
     _check_weights(inp, model, mpath)
-    _check_hessians(inp, model.hessian_shapes(), hpath)
+    other_2d = {n: w.shape[1] for n, w in weights.items() if w.dim() == 2 and w.is_floating_point()}
+    train_files.validate_hessians(hessians, model.hessian_shapes(), str(hpath), optional=other_2d)
     return inp
 
 
@@ -184,26 +186,6 @@ def _check_weights(inp: Inputs, model: GPT, path: Path) -> None:
     for name, t in inp.weights.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise QuantizeError(f"{path}: {name} has non-finite values")
-
-
-def _check_hessians(inp: Inputs, shapes: dict[str, int], path: Path) -> None:
-    """One finite (n, n) Hessian with a non-negative diagonal per block matrix; extras must fit
-    a 2-D weight of model.pgt (they are then used for that matrix)."""
-    missing = [n for n in inp.block_names if n not in inp.hessians]
-    if missing:
-        raise QuantizeError(f"{path}: no Hessian for {len(missing)} quantizable matrix(es), e.g. {missing[0]}")
-    for name, h in inp.hessians.items():
-        w = inp.weights.get(name)
-        if w is None or w.dim() != 2:
-            raise QuantizeError(f"{path}: Hessian {name!r} matches no 2-D weight of model.pgt")
-        n = shapes.get(name, w.shape[1])
-        if tuple(h.shape) != (n, n):
-            raise QuantizeError(f"{path}: Hessian {name} has shape {tuple(h.shape)}, expected ({n}, {n})")
-        if not h.is_floating_point() or not torch.isfinite(h).all():
-            raise QuantizeError(f"{path}: Hessian {name} has NaN/inf (or non-float) entries")
-        d = torch.diagonal(h.float())
-        if float(d.min()) < -1e-6 * max(float(d.abs().max()), 1e-30):
-            raise QuantizeError(f"{path}: Hessian {name} has a negative diagonal entry {float(d.min()):.3e}")
 
 
 # ----------------------------------------------------------------------------- treatment plan
@@ -329,7 +311,7 @@ def _gptq_row(r: MatrixResult, cands: tuple[float, ...], qmax: int) -> dict:
 # ----------------------------------------------------------------------------- the stage
 
 
-def qat_bits(meta: dict, path: Path = TRAIN_DIR / "model.pgt") -> int | None:
+def qat_bits(meta: dict, path: Path = TRAIN_DIR / train_files.MODEL_FILE) -> int | None:
     """The bits training's late QAT used (model.pgt meta `qat_bits`), None when the meta predates it."""
     bits = meta.get("qat_bits")
     if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8):
@@ -353,14 +335,14 @@ def run(cfg: QuantizeConfig, train_dir: str | Path = TRAIN_DIR, out_dir: str | P
     device = resolve_device(cfg)
     t0 = time.perf_counter()
     inp = load_inputs(train_dir)
-    qat = qat_bits(inp.meta, Path(train_dir) / "model.pgt")
+    qat = qat_bits(inp.meta, Path(train_dir) / train_files.MODEL_FILE)
     qz = quantize_model(inp, cfg, device)
     seconds = time.perf_counter() - t0
     metrics = make_metrics(qz, cfg, seconds, device) | {"qat_bits": qat,
                                                        "qat_bits_match": None if qat is None else qat == cfg.bits}
     hdiag = {n: d.contiguous() for n, d in qz.hdiag.items() if d is not None}
     with staged_dir(out_dir) as tmp:
-        tensorfile.save(tmp / "quant.pgt", qz.tensors, kind=KIND, meta=qz.meta)
+        tensorfile.save(tmp / QUANT_FILE, qz.tensors, kind=KIND, meta=qz.meta)
         tensorfile.save(tmp / HDIAG, hdiag, kind=HDIAG_KIND, meta={"bits": cfg.bits})
         write_json(tmp / "table.json", make_table(qz, cfg))
     write_json(metrics_path, metrics)

@@ -27,7 +27,7 @@ from pgolf.artifact import ArtifactError
 from pgolf.compress import CompressError, build, over_cap_message
 from pgolf.corpus import CorpusError
 from pgolf.shards import ShardError
-from pgolf.hessian import HessianError
+from pgolf.train_files import HessianError
 from pgolf.io import OutputError
 from pgolf.prune import PruneError
 from pgolf.tensorfile import TensorFileError

@@ -58,7 +58,7 @@ import torch.distributed as tdist
 from torch import Tensor
 from torch.profiler import record_function
 
-from pgolf import checkpoint, dist, hessian, tensorfile
+from pgolf import checkpoint, dist, hessian, train_files
 from pgolf.averages import WeightAverages
 from pgolf.config import ConfigError, ModelConfig, TrainConfig, bad
 from pgolf.byte_tables import byte_tables_path, load_byte_tables
@@ -83,7 +83,7 @@ class Paths:
 
     shards: Path = Path("data/shards")
     tokenizer: Path = Path("data/tokenizer")
-    out_dir: Path = Path("artifacts/train")
+    out_dir: Path = train_files.DIR
     metrics: Path = Path("metrics/train.json")
     plots: Path = Path("plots/train.tsv")
 
@@ -619,7 +619,7 @@ class Trainer:
         if self.hess_schedule.needs_fallback():
             self._fallback_hessian()
         hess, hmeta = self.hess.finalize()
-        hessian.validate(hess, self.model.hessian_shapes(), "online Hessians")
+        train_files.validate_hessians(hess, self.model.hessian_shapes(), "online Hessians")
         final = self.avg.final()
         with torch.no_grad():
             for n, p in self.model.named_parameters():
@@ -702,10 +702,9 @@ def write_outputs(result: TrainResult, mcfg: ModelConfig, cfg: TrainConfig, path
                   tokenizer_meta: dict) -> None:
     """artifacts/train/ in one staged swap, then metrics/train.json and plots/train.tsv."""
     with staged_dir(paths.out_dir) as tmp:
-        tensorfile.save(tmp / "model.pgt", result.export, kind="float_weights",
-                        meta=model_meta(mcfg, cfg, tokenizer_meta))
-        hessian.save(tmp / "hessians.pgt", result.hessians, result.hessian_meta)
-        atomic_write_text(tmp / "train.log", result.log_text)
+        train_files.save_weights(tmp / train_files.MODEL_FILE, result.export, model_meta(mcfg, cfg, tokenizer_meta))
+        train_files.save_hessians(tmp / train_files.HESSIANS_FILE, result.hessians, result.hessian_meta)
+        atomic_write_text(tmp / train_files.LOG_FILE, result.log_text)
     write_json(paths.metrics, result.metrics)
     log = RunLog(False)
     log.rows = result.rows

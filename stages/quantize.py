@@ -12,10 +12,11 @@ from pgolf import config
 from pgolf.io import OutputError
 from pgolf.quantize import QuantizeError, qat_warning, run, summary_line
 from pgolf.tensorfile import TensorFileError
+from pgolf.train_files import HessianError
 
 from stages import entry
 
-EXPECTED_ERRORS = (OutputError, config.ConfigError, QuantizeError, TensorFileError, FileNotFoundError)
+EXPECTED_ERRORS = (OutputError, config.ConfigError, QuantizeError, HessianError, TensorFileError, FileNotFoundError)
 
 
 @entry("quantize", EXPECTED_ERRORS)

@@ -10,7 +10,7 @@ import sys
 
 from pgolf import config, dist
 from pgolf.shards import ShardError
-from pgolf.hessian import HessianError
+from pgolf.train_files import HessianError
 from pgolf.tensorfile import TensorFileError
 from pgolf.train import TrainError, run
 from pgolf.io import OutputError

@@ -209,13 +209,14 @@ def test_hessian_missing_for_a_matrix(stage_dir, capsys):
     _, h, _ = trained()
     write_train_dir(stage_dir, hessians={k: v for k, v in h.items() if k != "blocks.1.mlp.fc.weight"})
     fails_cleanly(stage_dir, capsys,
-                  "hessians.pgt: no Hessian for 1 quantizable matrix(es), e.g. blocks.1.mlp.fc.weight")
+                  "hessians.pgt: missing Hessian for 1 matrix(es), e.g. blocks.1.mlp.fc.weight")
 
 
 def test_hessian_wrong_shape(stage_dir, capsys):
     _, h, _ = trained()
     write_train_dir(stage_dir, hessians={**h, "blocks.0.mlp.proj.weight": torch.eye(64)})
-    fails_cleanly(stage_dir, capsys, "Hessian blocks.0.mlp.proj.weight has shape (64, 64), expected (192, 192)")
+    fails_cleanly(stage_dir, capsys, "hessians.pgt: blocks.0.mlp.proj.weight is torch.float32 (64, 64), "
+                                     "expected float32 (192, 192)")
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -224,7 +225,7 @@ def test_hessian_not_finite(stage_dir, capsys, value):
     bad = h["blocks.0.attn.c_k.weight"].clone()
     bad[3, 5] = value
     write_train_dir(stage_dir, hessians={**h, "blocks.0.attn.c_k.weight": bad})
-    fails_cleanly(stage_dir, capsys, "Hessian blocks.0.attn.c_k.weight has NaN/inf")
+    fails_cleanly(stage_dir, capsys, "hessians.pgt: blocks.0.attn.c_k.weight has non-finite entries")
 
 
 @pytest.mark.parametrize("key,value,match", [

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
 
-from pgolf import checkpoint, config, hessian, tensorfile
+from pgolf import checkpoint, config, tensorfile, train_files
 from pgolf import train as T
 from pgolf.config import ConfigError, ModelConfig, TrainConfig
 from pgolf.loader import DistributedTokenLoader
@@ -234,11 +234,11 @@ def test_run_learns_and_writes_contract_outputs(data_root, tmp_path):
     for name, t in r.export.items():
         assert torch.equal(weights[name], t)
 
-    hs, hmeta = hessian.load(out / "hessians.pgt")
+    hs, hmeta = train_files.load_hessians(out / "hessians.pgt")
     shapes = model.hessian_shapes()
     assert sorted(hs) == sorted(model.quantizable_names())
     assert all(tuple(hs[n].shape) == (k, k) for n, k in shapes.items())
-    hessian.validate(hs, shapes)
+    train_files.validate_hessians(hs, shapes)
     assert hmeta["world_size"] == 1 and hmeta["rows"] == 2048 * hmeta["accumulations"]
     assert hmeta["accumulations"] == len([s for s in range(40) if s > 30 and s % 4 == 0])  # scale < 1 from 31
 
@@ -659,7 +659,7 @@ def test_two_gloo_processes_match_each_other_and_one_process(data_root, tmp_path
     w0, h0 = tensorfile.load(tmp_path / "steps" / "rank0.pgt")
     m = h0["meta"]["metrics"]
     assert m["world_size"] == 2 and m["steps"] == 10 and m["stopped_by"] == "iterations"
-    hs, hmeta = hessian.load(tmp_path / "steps" / "artifacts" / "train" / "hessians.pgt")
+    hs, hmeta = train_files.load_hessians(tmp_path / "steps" / "artifacts" / "train" / "hessians.pgt")
     assert hmeta["world_size"] == 2 and hmeta["rows"] == 2 * 1024 * hmeta["accumulations"]
     assert not (tmp_path / "steps" / "ckpt" / checkpoint.CHECKPOINT_FILE).exists()
     # one process, 2 micro-batches of the same 1024-token halves: the same run up to fp rounding
