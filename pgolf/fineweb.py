@@ -148,7 +148,8 @@ def main(argv: list | None = None) -> int:
         return 1
     ap = argparse.ArgumentParser(prog="python -m pgolf.fineweb", description=__doc__.split("\n\n")[0])
     ap.add_argument("--train-shards", type=int, default=defaults.fineweb_train_shards,
-                    help="training shards to fetch (100M tokens each)")
+                    help="training shards to fetch (100M tokens each; default: params.yaml's "
+                         "prepare.fineweb_train_shards, else the record profile's, %(default)s)")
     ap.add_argument("--out", default=defaults.fineweb_dir, help="destination folder")
     ap.add_argument("--repo", default=defaults.fineweb_repo, help="Hugging Face dataset repo")
     args = ap.parse_args(argv)
