@@ -63,8 +63,8 @@ import numpy as np
 import torch
 
 from pgolf import grouping, lqer, tensorfile
-from pgolf.config import CompressConfig, ConfigError
-from pgolf.int6 import dequantize
+from pgolf.config import CompressConfig, ConfigError, bad
+from pgolf.rowquant import dequantize
 from pgolf.tensorfile import TensorFileError
 
 MAGIC = b"PGOLFZ"
@@ -83,17 +83,19 @@ CODE_FILES: tuple[str, ...] = (
     "pgolf/__init__.py",
     "pgolf/artifact.py",
     "pgolf/bpb.py",
+    "pgolf/byte_tables.py",
     "pgolf/config.py",
-    "pgolf/data.py",
     "pgolf/dist.py",
     "pgolf/evaluate.py",
     "pgolf/grouping.py",
-    "pgolf/int6.py",
     "pgolf/io.py",
     "pgolf/lqer.py",
     "pgolf/model.py",
     "pgolf/progress.py",
+    "pgolf/rowquant.py",
+    "pgolf/shards.py",
     "pgolf/tensorfile.py",
+    "pgolf/tokenizer_meta.py",
     "pgolf/ttt.py",
 )
 
@@ -198,7 +200,7 @@ def serialize(tensors: dict[str, torch.Tensor], meta: dict, layout: str = "flat"
     whole, plus the artifact version and the layout table.
     """
     if layout not in LAYOUTS:
-        raise ConfigError(f"params.yaml: compress.layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
     stored, layout = _encode(tensors, grouped=layout == "grouped")
     full = {**meta, "artifact_version": FORMAT_VERSION, "layout": layout}
     return tensorfile.dumps(stored, kind=KIND, meta=full)
@@ -223,24 +225,18 @@ def deserialize(raw: bytes, source: str = "<bytes>") -> tuple[dict[str, torch.Te
 # ----------------------------------------------------------------------------- codecs
 
 
-def _check_codec(codec: str) -> None:
-    if codec not in CODEC_IDS:
-        raise ConfigError(f"params.yaml: compress.codec must be one of auto, {', '.join(CODEC_IDS)}; got {codec!r}")
-
-
 def check_config(cfg: CompressConfig) -> None:
-    """Every compress.* value usable, else ConfigError naming it (before anything is compressed)."""
-    if cfg.codec != "auto":
-        _check_codec(cfg.codec)
-    if not 0 <= cfg.lzma_preset <= 9:
-        raise ConfigError(f"params.yaml: compress.lzma_preset must be in [0, 9], got {cfg.lzma_preset}")
-    if not 1 <= cfg.zstd_level <= 22:
-        raise ConfigError(f"params.yaml: compress.zstd_level must be in [1, 22], got {cfg.zstd_level}")
-    _check_brotli(cfg)
+    """Range checks of the codec and layout keys of `compress` (pgolf.compress.check_config runs them)."""
+    if cfg.codec not in ("auto", *CODEC_IDS):
+        raise ConfigError(f"compress.codec must be one of auto, {', '.join(CODEC_IDS)}; got {cfg.codec!r}")
+    for key, lo, hi in (("lzma_preset", 0, 9), ("zstd_level", 1, 22), ("brotli_quality", 0, 11),
+                        ("brotli_window", 10, 24)):
+        if not lo <= getattr(cfg, key) <= hi:
+            raise bad(cfg, key, f"must be in [{lo}, {hi}]")
     if cfg.layout not in LAYOUTS:
-        raise ConfigError(f"params.yaml: compress.layout must be one of {', '.join(LAYOUTS)}; got {cfg.layout!r}")
+        raise ConfigError(f"compress.layout must be one of {', '.join(LAYOUTS)}; got {cfg.layout!r}")
     if cfg.cap_bytes <= 0:
-        raise ConfigError(f"params.yaml: compress.cap_bytes must be positive, got {cfg.cap_bytes}")
+        raise bad(cfg, "cap_bytes", "must be positive")
 
 
 def codecs(cfg: CompressConfig) -> tuple[str, ...]:
@@ -259,23 +255,13 @@ def _brotli(missing: Exception):
     return brotli
 
 
-def _check_brotli(cfg: CompressConfig) -> None:
-    if not 0 <= cfg.brotli_quality <= 11:
-        raise ConfigError(f"params.yaml: compress.brotli_quality must be in [0, 11], got {cfg.brotli_quality}")
-    if not 10 <= cfg.brotli_window <= 24:
-        raise ConfigError(f"params.yaml: compress.brotli_window must be in [10, 24], got {cfg.brotli_window}")
-
-
 def _brotli_compress(raw: bytes, cfg: CompressConfig) -> bytes:
-    _check_brotli(cfg)
     missing = ConfigError("params.yaml: compress.brotli / compress.codec brotli need the Python module 'brotli' "
                           "(pip install brotli)")
     return _brotli(missing).compress(raw, quality=cfg.brotli_quality, lgwin=cfg.brotli_window)
 
 
 def _lzma_filters(cfg: CompressConfig) -> list[dict]:
-    if not 0 <= cfg.lzma_preset <= 9:
-        raise ConfigError(f"params.yaml: compress.lzma_preset must be in [0, 9], got {cfg.lzma_preset}")
     return [{"id": lzma.FILTER_LZMA2, "preset": cfg.lzma_preset | (lzma.PRESET_EXTREME if cfg.lzma_extreme else 0)}]
 
 
@@ -305,7 +291,8 @@ def compress(raw: bytes, codec: str, cfg: CompressConfig) -> bytes:
     """Header (magic, version, codec) + the compressed body. lzma: a raw LZMA2 stream (no xz
     container: the inner sha256 already guards integrity); zstd: one frame with its size;
     brotli: one stream at compress.brotli_quality, window 2**compress.brotli_window."""
-    _check_codec(codec)
+    if codec not in CODEC_IDS:
+        raise ValueError(f"codec must be one of {', '.join(CODEC_IDS)}; got {codec!r}")
     crc = struct.pack("<I", zlib.crc32(raw))
     raw = _head_last(raw)
     if codec == "lzma":
@@ -315,8 +302,6 @@ def compress(raw: bytes, codec: str, cfg: CompressConfig) -> bytes:
     else:
         import zstandard
 
-        if not 1 <= cfg.zstd_level <= 22:
-            raise ConfigError(f"params.yaml: compress.zstd_level must be in [1, 22], got {cfg.zstd_level}")
         body = zstandard.ZstdCompressor(level=cfg.zstd_level, write_content_size=True,
                                         write_checksum=False).compress(raw)
     return MAGIC + bytes([FORMAT_VERSION, CODEC_IDS[codec]]) + crc + body
@@ -395,7 +380,6 @@ def pick(blobs: dict[str, bytes], cfg: CompressConfig) -> str:
     """The codec choice: cfg.codec "auto" keeps the smallest of `blobs` (ties by name), else the forced one."""
     if cfg.codec == "auto":
         return min(blobs, key=lambda c: (len(blobs[c]), c))
-    _check_codec(cfg.codec)
     return cfg.codec
 
 
@@ -405,7 +389,6 @@ def choose(raw: bytes, cfg: CompressConfig) -> tuple[str, bytes]:
         blobs = compress_all(raw, cfg)
         codec = pick(blobs, cfg)
         return codec, blobs[codec]
-    _check_codec(cfg.codec)
     return cfg.codec, compress(raw, cfg.codec, cfg)
 
 

@@ -15,6 +15,7 @@ import zstandard
 
 from pgolf import artifact as A
 from pgolf import tensorfile
+from pgolf import config
 from pgolf.config import CompressConfig, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,8 +193,8 @@ def test_sizes_choose_and_forced_codec():
         c, b = A.choose(raw, dataclasses.replace(FAST, codec=forced))
         assert c == forced and len(b) == s[forced]
         assert A.decompress(b) == (forced, raw)
-    with pytest.raises(ConfigError, match="compress.codec"):
-        A.choose(raw, dataclasses.replace(FAST, codec="gzip"))
+    with pytest.raises(ConfigError, match="compress.codec"):  # checked where params are loaded
+        config.check(dataclasses.replace(FAST, codec="gzip"))
 
 
 def test_lzma_preset_and_extreme_are_used():

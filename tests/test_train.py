@@ -22,10 +22,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
 
-from pgolf import checkpoint, config, hessian, tensorfile
+from pgolf import checkpoint, config, tensorfile, train_files
 from pgolf import train as T
 from pgolf.config import ConfigError, ModelConfig, TrainConfig
-from pgolf.data import DistributedTokenLoader, ShardError, read_shard, write_shard
+from pgolf.loader import DistributedTokenLoader
+from pgolf.shards import ShardError, read_shard, write_shard
 from pgolf.model import GPT
 from pgolf.timing import StepTimer
 
@@ -45,7 +46,7 @@ MICRO_TRAIN = {"device": "cpu", "batch_tokens": 2048, "seq_len": 128, "iteration
 
 
 def _write_data(root: Path) -> None:
-    from pgolf.data import read_shard
+    from pgolf.shards import read_shard
     from pgolf.tokenizer import build_byte_tables, file_sha256, load_tokenizer
 
     toks = read_shard(FIXTURE)  # 20,000 official val tokens
@@ -233,11 +234,11 @@ def test_run_learns_and_writes_contract_outputs(data_root, tmp_path):
     for name, t in r.export.items():
         assert torch.equal(weights[name], t)
 
-    hs, hmeta = hessian.load(out / "hessians.pgt")
+    hs, hmeta = train_files.load_hessians(out / "hessians.pgt")
     shapes = model.hessian_shapes()
     assert sorted(hs) == sorted(model.quantizable_names())
     assert all(tuple(hs[n].shape) == (k, k) for n, k in shapes.items())
-    hessian.validate(hs, shapes)
+    train_files.validate_hessians(hs, shapes)
     assert hmeta["world_size"] == 1 and hmeta["rows"] == 2048 * hmeta["accumulations"]
     assert hmeta["accumulations"] == len([s for s in range(40) if s > 30 and s % 4 == 0])  # scale < 1 from 31
 
@@ -260,7 +261,8 @@ def test_run_learns_and_writes_contract_outputs(data_root, tmp_path):
 
 
 def _val_bytes(data_root: Path, val_tokens: int, seq_len: int) -> int:
-    from pgolf.data import load_byte_tables, read_shard
+    from pgolf.byte_tables import load_byte_tables
+    from pgolf.shards import read_shard
 
     toks = read_shard(data_root / "shards" / "fineweb_val_000000.bin")[:val_tokens + 1]
     n = (len(toks) - 1) // seq_len * seq_len + 1
@@ -502,16 +504,17 @@ def _old_outputs(tmp: Path, p: T.Paths) -> dict[Path, bytes]:
     ({"muon_ns_coeffs": "polar_express", "muon_ns_steps": 6}, ConfigError, "train.muon_ns_steps must be <= 5"),
 ])
 def test_bad_train_params_fail_before_touching_outputs(data_root, tmp_path, kw, err, msg):
+    """Range checks run where the section is loaded (config.check); the world-size batch check in run."""
     p = paths(data_root, tmp_path)
     old = _old_outputs(tmp_path, p)
     with pytest.raises(err, match=msg):
-        T.run(mcfg(), tcfg(tmp_path, **kw), p)
+        T.run(mcfg(), config.check(tcfg(tmp_path, **kw)), p)
     assert {f: f.read_bytes() for f in old} == old
 
 
 def test_bad_model_param_names_the_key(data_root, tmp_path):
     with pytest.raises(ConfigError, match="model.num_kv_heads"):
-        T.run(mcfg(num_kv_heads=3), tcfg(tmp_path), paths(data_root, tmp_path))
+        T.run(config.check(mcfg(num_kv_heads=3)), tcfg(tmp_path), paths(data_root, tmp_path))
 
 
 def test_bad_data_fails_with_named_file_and_keeps_outputs(data_root, tmp_path):
@@ -583,7 +586,7 @@ def test_short_or_out_of_vocab_data_is_named(data_root, tmp_path):
 
 def _vocab512(root: Path) -> Path:
     """A tokenizer folder that claims 512 tokens (so only the shard check can fail)."""
-    from pgolf.data import ByteTables
+    from pgolf.byte_tables import ByteTables
 
     tok = root / "tok512"
     tok.mkdir()
@@ -612,7 +615,7 @@ def test_profiles_pass_validation():
     for name in ("tiny", "record", "frontier"):
         m = config.load("model", ROOT / "profiles" / f"{name}.yaml")
         t = dataclasses.replace(config.load("train", ROOT / "profiles" / f"{name}.yaml"), device="auto")
-        T.validate(t, m)
+        config.check(m), config.check(t)
     t = config.load("train", ROOT / "profiles" / "record.yaml")
     assert T.check_batch(t, 8, T.resolve_grad_accum(t, 8)) == 786432 // 8  # 48 sequences of 2048 per rank
 
@@ -656,7 +659,7 @@ def test_two_gloo_processes_match_each_other_and_one_process(data_root, tmp_path
     w0, h0 = tensorfile.load(tmp_path / "steps" / "rank0.pgt")
     m = h0["meta"]["metrics"]
     assert m["world_size"] == 2 and m["steps"] == 10 and m["stopped_by"] == "iterations"
-    hs, hmeta = hessian.load(tmp_path / "steps" / "artifacts" / "train" / "hessians.pgt")
+    hs, hmeta = train_files.load_hessians(tmp_path / "steps" / "artifacts" / "train" / "hessians.pgt")
     assert hmeta["world_size"] == 2 and hmeta["rows"] == 2 * 1024 * hmeta["accumulations"]
     assert not (tmp_path / "steps" / "ckpt" / checkpoint.CHECKPOINT_FILE).exists()
     # one process, 2 micro-batches of the same 1024-token halves: the same run up to fp rounding
