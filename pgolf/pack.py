@@ -56,6 +56,7 @@ PACKED_FILES: tuple[str, ...] = (
     "pgolf/quantize.py",
     "pgolf/recipe.py",
     "pgolf/rowquant.py",
+    "pgolf/schedule.py",
     "pgolf/shards.py",
     "pgolf/tensorfile.py",
     "pgolf/timing.py",
