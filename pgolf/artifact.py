@@ -70,6 +70,7 @@ from pgolf.tensorfile import TensorFileError
 MAGIC = b"PGOLFZ"
 FORMAT_VERSION = 1
 KIND = "artifact"
+MODEL_FILE = "model.ptz"  # the artifact's name in artifacts/final (pgolf.layout.FINAL)
 CODEC_IDS = {"lzma": 1, "zstd": 2, "brotli": 3}
 CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 HEADER_BYTES = len(MAGIC) + 6
@@ -89,6 +90,7 @@ CODE_FILES: tuple[str, ...] = (
     "pgolf/evaluate.py",
     "pgolf/grouping.py",
     "pgolf/io.py",
+    "pgolf/layout.py",
     "pgolf/lqer.py",
     "pgolf/model.py",
     "pgolf/progress.py",

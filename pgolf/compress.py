@@ -1,10 +1,11 @@
 """The compress stage, owner of the byte budget: quantized tensors -> the submission artifact, the
 packed script, selective ±1 pruning down to the target, the cap check.
 
-This module owns `artifacts/final/` (model.ptz, train_gpt.py, code_files.json) and
-`metrics/size.json`. It serializes the quantized tensors in the artifact layout (pgolf.artifact),
-compresses with lzma and zstd (and brotli with compress.brotli) concurrently and keeps the
-smallest (or compress.codec; `artifact.pick`). Code bytes are the bytes of the packed
+This module writes `artifacts/final/` (model.ptz, train_gpt.py, code_files.json) and
+`metrics/size.json` (paths and names: pgolf.layout; model.ptz's name: pgolf.artifact). It
+serializes the quantized tensors in the artifact layout (pgolf.artifact), compresses with lzma
+and zstd (and brotli with compress.brotli) concurrently and keeps the smallest (or
+compress.codec; `artifact.pick`). Code bytes are the bytes of the packed
 `train_gpt.py` (pgolf.pack), as the challenge counts them: model + that script against
 compress.cap_bytes. The older count (the raw evaluation files of pgolf.artifact.CODE_FILES) stays
 as the extra key `code_bytes_eval_files_raw`.
@@ -26,15 +27,12 @@ from pathlib import Path
 
 import torch
 
-from pgolf import artifact, prune, tensorfile
+from pgolf import artifact, layout, prune, tensorfile
 from pgolf.config import CompressConfig, bad
 from pgolf.io import atomic_write_bytes, file_sha256, staged_dir, write_json
-from pgolf.quantize import HDIAG, HDIAG_KIND, KIND as QUANT_KIND, OUT_DIR as QUANT_DIR, QUANT_FILE  # quantize's outputs
+from pgolf.quantize import HDIAG, HDIAG_KIND, KIND as QUANT_KIND, QUANT_FILE  # quantize's outputs
 
-QUANT = QUANT_DIR / QUANT_FILE
-FINAL = Path("artifacts/final")
-METRICS = Path("metrics/size.json")
-SCRIPT = "train_gpt.py"
+SCRIPT = layout.SCRIPT_FILE
 
 
 class CompressError(ValueError):
@@ -120,7 +118,8 @@ def _prune_metrics(p: Pruned | None, cfg: CompressConfig) -> dict:
 # ----------------------------------------------------------------------------- the stage
 
 
-def build(cfg: CompressConfig, script: bytes, quant: Path = QUANT, final: Path = FINAL, metrics: Path = METRICS,
+def build(cfg: CompressConfig, script: bytes, quant: Path = layout.QUANT / QUANT_FILE, final: Path = layout.FINAL,
+          metrics: Path = layout.SIZE_METRICS,
           eval_files: list[dict] | None = None) -> dict:
     """Write the artifact folder (model.ptz, the packed script, code_files.json) and metrics/size.json.
 
@@ -150,10 +149,10 @@ def build(cfg: CompressConfig, script: bytes, quant: Path = QUANT, final: Path =
         listing["eval_files_raw"] = {"files": eval_files, "total": m["code_bytes_eval_files_raw"]}
     m["compress_seconds"] = round(time.perf_counter() - t0, 3)
     with staged_dir(final) as tmp:
-        atomic_write_bytes(tmp / "model.ptz", blob)
+        atomic_write_bytes(tmp / artifact.MODEL_FILE, blob)
         atomic_write_bytes(tmp / SCRIPT, script)
-        write_json(tmp / "code_files.json", listing)
-    m["model_sha256"] = file_sha256(Path(final) / "model.ptz")
+        write_json(tmp / layout.CODE_FILES_FILE, listing)
+    m["model_sha256"] = file_sha256(Path(final) / artifact.MODEL_FILE)
     write_json(metrics, m)
     return m
 

@@ -12,6 +12,7 @@ import csv
 import io
 from pathlib import Path
 
+from pgolf import layout
 from pgolf.io import atomic_write_bytes
 
 SERIES = (("train_loss", "train loss"), ("lr_scale", "lr scale"), ("tokens_per_second", "tokens / s"))
@@ -57,7 +58,7 @@ def render_png(series: dict[str, list[float]], title: str = "training curves") -
     return buf.getvalue()
 
 
-def run(tsv: str | Path = "plots/train.tsv", png: str | Path = "plots/train.png") -> Path:
+def run(tsv: str | Path = layout.TRAIN_TSV, png: str | Path = layout.TRAIN_PNG) -> Path:
     """Draw `tsv` into `png` (atomically); returns the PNG's path."""
     atomic_write_bytes(png, render_png(read_tsv(tsv), f"training curves ({tsv})"))
     return Path(png)

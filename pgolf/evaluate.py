@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from pgolf import bpb, dist, ttt
-from pgolf.artifact import ArtifactError, dequantize_state, read_artifact
+from pgolf import bpb, dist, layout, ttt
+from pgolf.artifact import MODEL_FILE, ArtifactError, dequantize_state, read_artifact
 from pgolf.config import EvaluateConfig, ModelConfig, bad
 from pgolf.byte_tables import ByteTables, byte_tables_path, load_byte_tables
 from pgolf.tokenizer_meta import read_tokenizer_meta, tokenizer_meta_path
@@ -34,10 +34,10 @@ class EvaluateError(ValueError):
 
 @dataclass(frozen=True)
 class Paths:
-    artifact: Path = Path("artifacts/final/model.ptz")
-    shards: Path = Path("data/shards")
-    tokenizer: Path = Path("data/tokenizer")
-    metrics: Path = Path("metrics/eval.json")
+    artifact: Path = layout.FINAL / MODEL_FILE
+    shards: Path = layout.SHARDS
+    tokenizer: Path = layout.TOKENIZER
+    metrics: Path = layout.EVAL_METRICS
 
 
 def check_config(cfg: EvaluateConfig) -> None:

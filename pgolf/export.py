@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from pgolf import artifact, pack, rules, train_files
+from pgolf import artifact, layout, pack, rules, train_files
 from pgolf.config import ConfigError
 from pgolf.io import atomic_write_text, file_sha256, staged_dir, write_json
 from pgolf.seeds import flatten, render as render_seeds
@@ -76,7 +76,7 @@ def load_metrics(root: Path) -> dict:
 
 def check_artifact(root: Path, m: dict) -> Path:
     """artifacts/final/model.ptz is the file metrics/eval.json scored (sha256) and size.json counted."""
-    path = root / "artifacts" / "final" / "model.ptz"
+    path = root / layout.FINAL / artifact.MODEL_FILE
     if not path.is_file():
         raise ExportError(f"{path}: artifact missing (run `dvc repro` or `dvc checkout`)")
     sha = file_sha256(path)
@@ -130,9 +130,9 @@ def _lookup(doc: dict, dotted: str):
 
 def check_script(root: Path, m: dict) -> bytes:
     """The packed train_gpt.py that was counted, regenerated now from the sources and params: same bytes."""
-    listing_path = root / "artifacts" / "final" / "code_files.json"
+    listing_path = root / layout.FINAL / layout.CODE_FILES_FILE
     check_code_list(listing_path)
-    counted = root / "artifacts" / "final" / pack.SCRIPT_NAME
+    counted = root / layout.FINAL / layout.SCRIPT_FILE
     if not counted.is_file():
         raise ExportError(f"{counted}: packed script missing (made by the compress stage; rerun `dvc repro`)")
     script = counted.read_bytes()
@@ -144,7 +144,7 @@ def check_script(root: Path, m: dict) -> bytes:
     except (pack.PackError, ConfigError) as e:
         raise ExportError(str(e)) from None
     if now != script:
-        raise ExportError(f"code or params changed since the run was scored: the packed {pack.SCRIPT_NAME} built "
+        raise ExportError(f"code or params changed since the run was scored: the packed {layout.SCRIPT_FILE} built "
                           f"from the current sources and params.yaml is {len(now):,} bytes (sha256 "
                           f"{_sha(now)[:12]}…), the counted one {len(script):,} ({want[:12]}…); rerun `dvc repro`")
     return script
@@ -157,8 +157,8 @@ def _sha(data: bytes) -> str:
 def check_code_list(path: Path) -> dict:
     """code_files.json names the packed script and only files of the counted evaluation set."""
     listing = _read_json(path)
-    if not isinstance(listing, dict) or listing.get("script") != pack.SCRIPT_NAME:
-        raise ExportError(f"{path}: does not name the packed {pack.SCRIPT_NAME} (written by an older compress stage?)")
+    if not isinstance(listing, dict) or listing.get("script") != layout.SCRIPT_FILE:
+        raise ExportError(f"{path}: does not name the packed {layout.SCRIPT_FILE} (written by an older compress stage?)")
     files = (listing.get("eval_files_raw") or {}).get("files") or []
     bad = [e.get("path") if isinstance(e, dict) else e for e in files
            if not isinstance(e, dict) or e.get("path") not in artifact.CODE_FILES]
@@ -190,7 +190,7 @@ def submission(m: dict, meta: dict, date: str, seeds: dict | None) -> dict:
         **meta, "date": date,
         "val_loss": ev["val_loss"], "val_bpb": ev["val_bpb"],
         "bytes_total": size["total_bytes"], "bytes_code": size["code_bytes"], "bytes_model": size["model_bytes"],
-        "code_count": f"bytes of the packed {pack.SCRIPT_NAME}", "code_sha256": size["code_sha256"],
+        "code_count": f"bytes of the packed {layout.SCRIPT_FILE}", "code_sha256": size["code_sha256"],
         "artifact_sha256": ev["artifact_sha256"], "codec": size["codec"], "pre_quant_val_bpb": train.get("val_bpb_float"),
         "eval_stride": ev["stride"], "eval_context": ev["context"], "scored_tokens": ev["scored_tokens"],
         "steps": train["steps"], "train_seconds": train["train_seconds"], "world_size": train["world_size"],
@@ -248,12 +248,12 @@ def export(root: Path, out: Path, name: str, author: str, github_id: str, blurb:
     m = load_metrics(root)
     if not m["size"]["under_cap"]:
         over = m["size"]["total_bytes"] - m["size"]["cap_bytes"]
-        raise ExportError(f"metrics/size.json: artifact is over the cap by {over:,} bytes (model + packed "
-                          f"{pack.SCRIPT_NAME}); not exporting")
+        raise ExportError(f"{layout.SIZE_METRICS}: artifact is over the cap by {over:,} bytes (model + packed "
+                          f"{layout.SCRIPT_FILE}); not exporting")
     model = check_artifact(root, m)
     check_params_locked(root)
     script = check_script(root, m)
-    log = root / train_files.DIR / train_files.LOG_FILE
+    log = root / layout.TRAIN / train_files.LOG_FILE
     if not log.is_file():
         raise ExportError(f"{log}: train log missing (run `dvc repro` or `dvc checkout`)")
     try:
@@ -266,7 +266,7 @@ def export(root: Path, out: Path, name: str, author: str, github_id: str, blurb:
     meta = {"author": author, "github_id": github_id, "name": name, "blurb": blurb}
     sub = submission(m, meta, dt.date.today().isoformat(), seed_summary)
     params_text = (root / "params.yaml").read_text()
-    text = readme(sub, m, params_text, root / "metrics", rules.report(checked),
+    text = readme(sub, m, params_text, root / layout.METRICS, rules.report(checked),
                   render_seeds(seed_summary) if seed_summary else None)
     _write(out, force, lambda tmp: _fill(tmp, root, sub, text, script, model, log, m, checked, seed_summary, seed_logs))
     return out
@@ -274,15 +274,15 @@ def export(root: Path, out: Path, name: str, author: str, github_id: str, blurb:
 
 def _fill(tmp: Path, root: Path, sub: dict, text: str, script: bytes, model: Path, log: Path, m: dict,
           checked: list, seed_summary: dict | None, seed_logs: list[Path]) -> None:
-    (tmp / pack.SCRIPT_NAME).write_bytes(script)
+    (tmp / layout.SCRIPT_FILE).write_bytes(script)
     atomic_write_text(tmp / "requirements.txt", REQUIREMENTS)
     write_json(tmp / "submission.json", sub)
     atomic_write_text(tmp / "README.md", text)
-    shutil.copy2(model, tmp / "model.ptz")
+    shutil.copy2(model, tmp / artifact.MODEL_FILE)
     shutil.copy2(log, tmp / train_files.LOG_FILE)
     shutil.copy2(root / "params.yaml", tmp / "params.yaml")
     for name in NEEDED:
-        shutil.copy2(root / "metrics" / f"{name}.json", tmp / f"metrics_{name}.json")
+        shutil.copy2(root / layout.metrics_file(name), tmp / f"metrics_{name}.json")
     atomic_write_text(tmp / "rules_check.txt", rules.report(checked) + "\n")
     write_json(tmp / "rules_check.json", rules.as_json(checked))
     if seed_summary is not None:

@@ -26,7 +26,7 @@ import lzma
 import tokenize
 from pathlib import Path
 
-from pgolf import config
+from pgolf import config, layout
 
 PACKED_FILES: tuple[str, ...] = (
     "pgolf/__init__.py",
@@ -44,6 +44,7 @@ PACKED_FILES: tuple[str, ...] = (
     "pgolf/grouping.py",
     "pgolf/hessian.py",
     "pgolf/io.py",
+    "pgolf/layout.py",
     "pgolf/kernels/__init__.py",
     "pgolf/kernels/fused_mlp.py",
     "pgolf/loader.py",
@@ -67,7 +68,6 @@ PACKED_FILES: tuple[str, ...] = (
     "pgolf/ttt.py",
 )
 BAKED_SECTIONS: tuple[str, ...] = ("model", "train", "quantize", "compress", "evaluate")
-SCRIPT_NAME = "train_gpt.py"
 _FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 
 # The bootstrap: stdlib only; {blob} is base85 text (no quotes or backslashes in its alphabet).
@@ -157,7 +157,7 @@ def read_sources(root: str | Path = ".") -> dict[str, str]:
     for rel in PACKED_FILES:
         p = root / rel
         if not p.is_file():
-            raise PackError(f"{p}: source file of the packed {SCRIPT_NAME} missing")
+            raise PackError(f"{p}: source file of the packed {layout.SCRIPT_FILE} missing")
         try:
             out[rel] = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:

@@ -13,20 +13,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pgolf import config
+from pgolf import config, layout
 from pgolf.io import write_json
-
-OUT_DIR = Path("artifacts/params")
-
 
 def check(doc: dict, source: str = "params.yaml") -> dict:
     """{section: dataclass} of a params document whose every value each stage accepts."""
     return {s: config.from_doc(doc, s, source) for s in config.SECTIONS}
 
 
-def run(params: str | Path = "params.yaml", out_dir: str | Path = OUT_DIR) -> dict:
+def run(params: str | Path = "params.yaml", out_dir: str | Path = layout.PARAMS) -> dict:
     """Check `params` and write `<out_dir>/<section>.json` (its validated values) per section."""
     cfgs = check(config.read_doc(params), str(params))
     for section, cfg in cfgs.items():
-        write_json(Path(out_dir) / f"{section}.json", config.to_dict(cfg))
+        write_json(Path(out_dir) / layout.params_file(section).name, config.to_dict(cfg))
     return cfgs

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from pgolf import byte_tables, shards, tokenizer, tokenizer_meta
+from pgolf import byte_tables, layout, shards, tokenizer, tokenizer_meta
 from pgolf.config import PrepareConfig, bad
 from pgolf.corpus import CorpusError, corpus_files, iter_documents
 from pgolf.io import staged_dir, write_json
@@ -173,7 +173,7 @@ def encode_split(docs: Iterable[str], model_path: Path, writer: ShardWriter, wor
 
 
 def _write_tokenizer(tdir: Path, sp: spm.SentencePieceProcessor, cfg: PrepareConfig, source: str) -> tuple[str, byte_tables.ByteTables]:
-    model = tdir / "tokenizer.model"
+    model = tdir / layout.TOKENIZER_MODEL_FILE
     sha = tokenizer.file_sha256(model)
     tokenizer_meta.write_tokenizer_meta(
         tdir, {"model_file": model.name, "vocab_size": int(sp.vocab_size()), "sha256": sha, "source": source})
@@ -218,7 +218,7 @@ def _prepare_text(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> dic
         if p and not corpus_files(_path(root, p)):
             raise CorpusError(f"{_path(root, p)}: empty corpus (no .jsonl, .jsonl.zst or .txt files)")
     val_docs, train_docs = _doc_sources(cfg, root)
-    model = tdir / "tokenizer.model"
+    model = tdir / layout.TOKENIZER_MODEL_FILE
     if cfg.tokenizer == "train":
         docs = train_docs()
         if cfg.tokenizer_train_docs > 0:
@@ -273,8 +273,8 @@ def _prepare_fineweb(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> 
                           f"--train-shards {cfg.fineweb_train_shards} --out {cfg.corpus}`)")
     src = _path(root, cfg.tokenizer)
     tokenizer.load_tokenizer(src, cfg.vocab_size)
-    shutil.copyfile(src, tdir / "tokenizer.model")
-    sp = tokenizer.load_tokenizer(tdir / "tokenizer.model", cfg.vocab_size)
+    shutil.copyfile(src, tdir / layout.TOKENIZER_MODEL_FILE)
+    sp = tokenizer.load_tokenizer(tdir / layout.TOKENIZER_MODEL_FILE, cfg.vocab_size)
     sha, tables = _write_tokenizer(tdir, sp, cfg, cfg.tokenizer)
 
     val_folder = _path(root, cfg.val_source) if cfg.val_source else folder
@@ -305,10 +305,10 @@ def run(cfg: PrepareConfig, root: str | Path = ".") -> dict:
     root = Path(root)
     t0 = time.perf_counter()
     build = _prepare_fineweb if cfg.source == "fineweb" else _prepare_text
-    with staged_dir(root / "data" / "shards") as sdir, staged_dir(root / "data" / "tokenizer") as tdir:
+    with staged_dir(root / layout.SHARDS) as sdir, staged_dir(root / layout.TOKENIZER) as tdir:
         metrics = build(cfg, root, sdir, tdir)
     metrics["bytes_per_token"] = round(metrics["val_bytes"] / max(metrics["val_tokens"], 1), 6)
     metrics["source"] = cfg.source
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
-    write_json(root / "metrics" / "prepare.json", metrics)
+    write_json(root / layout.PREPARE_METRICS, metrics)
     return metrics

@@ -1,6 +1,7 @@
 """The quantize stage: which tensor gets which treatment, GPTQ over all matrices, outputs.
 
-This module owns `artifacts/quant/` (quant.pgt, table.json) and `metrics/quant.json`. It reads
+This module writes `artifacts/quant/` (quant.pgt, hdiag.pgt, table.json) and `metrics/quant.json`
+(paths: pgolf.layout; it owns the names and kinds of quant.pgt and hdiag.pgt). It reads
 only `artifacts/train/model.pgt` (float weights + model meta) and `artifacts/train/hessians.pgt`.
 
 Treatment of each tensor of the exported state dict, first rule that applies (recipe-spec §6.1):
@@ -48,7 +49,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pgolf import lqer, tensorfile, train_files
+from pgolf import layout, lqer, tensorfile, train_files
 from pgolf.config import ConfigError, ModelConfig, QuantizeConfig, bad
 from pgolf.gptq import GPTQSpec, MatrixResult, gptq_lite_matrices, gptq_matrices
 from pgolf.rowquant import dequantize, fp16_round, qmax_for, quantize, row_scale
@@ -56,10 +57,7 @@ from pgolf.io import staged_dir, write_json
 from pgolf.model import GPT
 
 KIND = "quantized"
-TRAIN_DIR = train_files.DIR
-OUT_DIR = Path("artifacts/quant")
 QUANT_FILE = "quant.pgt"  # the codes, scales and passthrough tensors (kind KIND); compress reads it
-METRICS = Path("metrics/quant.json")
 HDIAG = "hdiag.pgt"  # name -> (C,) float32 input Hessian diagonal of each GPTQ matrix; compress reads it
 HDIAG_KIND = "hessian_diag"
 EMBED_MODES = ("int8", "fp16")
@@ -140,7 +138,7 @@ class Inputs:
     embed_names: list[str]  # every nn.Embedding weight
 
 
-def load_inputs(train_dir: str | Path = TRAIN_DIR) -> Inputs:
+def load_inputs(train_dir: str | Path = layout.TRAIN) -> Inputs:
     """Read and check model.pgt + hessians.pgt (pgolf.train_files); QuantizeError, HessianError or
     TensorFileError naming the file."""
     train_dir = Path(train_dir)
@@ -311,7 +309,7 @@ def _gptq_row(r: MatrixResult, cands: tuple[float, ...], qmax: int) -> dict:
 # ----------------------------------------------------------------------------- the stage
 
 
-def qat_bits(meta: dict, path: Path = TRAIN_DIR / train_files.MODEL_FILE) -> int | None:
+def qat_bits(meta: dict, path: Path = layout.TRAIN / train_files.MODEL_FILE) -> int | None:
     """The bits training's late QAT used (model.pgt meta `qat_bits`), None when the meta predates it."""
     bits = meta.get("qat_bits")
     if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8):
@@ -328,8 +326,8 @@ def qat_warning(m: dict) -> str | None:
             f"int{m['bits']}; expect a larger quantization gap")
 
 
-def run(cfg: QuantizeConfig, train_dir: str | Path = TRAIN_DIR, out_dir: str | Path = OUT_DIR,
-        metrics_path: str | Path = METRICS) -> dict:
+def run(cfg: QuantizeConfig, train_dir: str | Path = layout.TRAIN, out_dir: str | Path = layout.QUANT,
+        metrics_path: str | Path = layout.QUANT_METRICS) -> dict:
     """The whole stage (`cfg` as pgolf.config loads it); outputs are written only after everything
     succeeded. -> the metrics dict."""
     device = resolve_device(cfg)
@@ -344,7 +342,7 @@ def run(cfg: QuantizeConfig, train_dir: str | Path = TRAIN_DIR, out_dir: str | P
     with staged_dir(out_dir) as tmp:
         tensorfile.save(tmp / QUANT_FILE, qz.tensors, kind=KIND, meta=qz.meta)
         tensorfile.save(tmp / HDIAG, hdiag, kind=HDIAG_KIND, meta={"bits": cfg.bits})
-        write_json(tmp / "table.json", make_table(qz, cfg))
+        write_json(tmp / layout.QUANT_TABLE_FILE, make_table(qz, cfg))
     write_json(metrics_path, metrics)
     return metrics
 

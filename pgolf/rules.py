@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from pgolf import train_files
+from pgolf import artifact, layout, train_files
 
 CAP_BYTES = 16_000_000  # the challenge's decimal cap
 TRAIN_LIMIT_S = 600.0
@@ -70,7 +70,7 @@ def read_json(path: Path):
 
 
 def read_metrics(root: Path, name: str, keys: tuple[str, ...]) -> dict:
-    path = root / "metrics" / f"{name}.json"
+    path = root / layout.metrics_file(name)
     m = read_json(path)
     missing = [k for k in keys if not isinstance(m, dict) or k not in m]
     if missing:
@@ -165,17 +165,17 @@ def check(root: str | Path = ".", max_tokens: int | None = None) -> list[Rule]:
     train = read_metrics(root, "train", ("train_seconds", "steps", "world_size"))
     ev = read_metrics(root, "eval", ("eval_seconds", "scored_tokens", "stride", "context"))
     prep = read_metrics(root, "prepare", ("val_tokens",))
-    log = root / train_files.DIR / train_files.LOG_FILE
+    log = root / layout.TRAIN / train_files.LOG_FILE
     if not log.is_file():
         raise RulesError(f"{log}: train log missing (run `dvc repro` first)")
     if max_tokens is None:
         from pgolf import config
 
         max_tokens = config.load("evaluate", root / "params.yaml").max_tokens
-    script = root / "artifacts" / "final" / "train_gpt.py"
+    script = root / layout.FINAL / layout.SCRIPT_FILE
     return [check_size(size, script.stat().st_size if script.is_file() else None), check_train_time(train),
             check_eval_time(ev), check_hessians(train, log.read_text(errors="replace")),
-            check_eval_once(ev, prep, max_tokens), check_causal(root / "artifacts" / "final" / "model.ptz", ev["context"])]
+            check_eval_once(ev, prep, max_tokens), check_causal(root / layout.FINAL / artifact.MODEL_FILE, ev["context"])]
 
 
 def report(rules: list[Rule]) -> str:

@@ -26,10 +26,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pgolf import layout, train_files
+
 MIN_NATS = 0.005
 ALPHA = 0.01
 SEED_KEY = "train.seed"
-TRAIN_LOG = "artifacts/train/train.log"
+TRAIN_LOG = (layout.TRAIN / train_files.LOG_FILE).as_posix()  # read at each experiment's rev
 
 
 class SeedsError(ValueError):
@@ -158,7 +160,7 @@ def render(s: dict) -> str:
 def _run_of(entry: dict) -> Run | None:
     """A Run from one `dvc exp show --json` revision entry; None without eval metrics."""
     data = entry.get("data") or {}
-    ev = ((data.get("metrics") or {}).get("metrics/eval.json") or {}).get("data") or {}
+    ev = ((data.get("metrics") or {}).get(layout.EVAL_METRICS.as_posix()) or {}).get("data") or {}
     params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
     if "val_bpb" not in ev or "val_loss" not in ev:
         return None

@@ -10,11 +10,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from pgolf import layout
 from pgolf.io import MetricsError, read_json
 
 
 def _read(metrics_dir: Path, name: str) -> dict:
-    path = metrics_dir / f"{name}.json"
+    path = metrics_dir / layout.metrics_file(name).name
     return read_json(path) if path.exists() else {}
 
 
@@ -52,7 +53,7 @@ def _train(train: dict) -> list[str]:
 LINES = (("eval", _eval), ("train", _float), ("size", _size), ("quant", _quant), ("train", _train))
 
 
-def render(metrics_dir: str | Path = "metrics") -> str:
+def render(metrics_dir: str | Path = layout.METRICS) -> str:
     """The summary text; MetricsError naming the file that is not JSON or lacks a key it shows."""
     d = Path(metrics_dir)
     files = {name: _read(d, name) for name, _ in LINES}
@@ -65,13 +66,13 @@ def render(metrics_dir: str | Path = "metrics") -> str:
         try:
             lines += fmt(files[name])
         except (KeyError, TypeError, ValueError) as e:
-            raise MetricsError(f"{d / name}.json: cannot summarise it ({type(e).__name__}: {e})") from None
+            raise MetricsError(f"{d / layout.metrics_file(name).name}: cannot summarise it ({type(e).__name__}: {e})") from None
     return "\n".join(lines)
 
 
 def main() -> int:
     try:
-        print(render(sys.argv[1] if len(sys.argv) > 1 else "metrics"))
+        print(render(sys.argv[1] if len(sys.argv) > 1 else layout.METRICS))
     except MetricsError as e:
         print(f"summary: error: {e}", file=sys.stderr)
         return 1

@@ -58,7 +58,7 @@ import torch.distributed as tdist
 from torch import Tensor
 from torch.profiler import record_function
 
-from pgolf import checkpoint, dist, hessian, train_files
+from pgolf import checkpoint, dist, hessian, layout, train_files
 from pgolf.averages import WeightAverages
 from pgolf.config import ConfigError, ModelConfig, TrainConfig, bad
 from pgolf.byte_tables import byte_tables_path, load_byte_tables
@@ -89,11 +89,11 @@ class TrainError(ValueError):
 class Paths:
     """Where the train stage reads and writes (dvc.yaml's deps/outs), relative to the cwd."""
 
-    shards: Path = Path("data/shards")
-    tokenizer: Path = Path("data/tokenizer")
-    out_dir: Path = train_files.DIR
-    metrics: Path = Path("metrics/train.json")
-    plots: Path = Path("plots/train.tsv")
+    shards: Path = layout.SHARDS
+    tokenizer: Path = layout.TOKENIZER
+    out_dir: Path = layout.TRAIN
+    metrics: Path = layout.TRAIN_METRICS
+    plots: Path = layout.TRAIN_TSV
 
 
 @dataclass

@@ -10,7 +10,8 @@ writer (pgolf.train, pgolf.hessian) and the reader (pgolf.quantize) share one de
   check of them, run by training before it writes and by quantize when it reads;
 * `train.log`: the run's log text.
 
-It is not training code: quantize depends on it, and it imports nothing of training.
+It is not training code: quantize depends on it, and it imports nothing of training. The folder
+is pgolf.layout.TRAIN; this module owns the names of the files in it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import torch
 
 from pgolf import tensorfile
 
-DIR = Path("artifacts/train")
 MODEL_FILE = "model.pgt"
 MODEL_KIND = "float_weights"
 HESSIANS_FILE = "hessians.pgt"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pgolf import artifact, config, pack, tensorfile
+from pgolf import artifact, config, layout, pack, tensorfile
 from pgolf.compress import CompressError, build, over_cap_message, summary_line
 from pgolf.io import OutputError
 from pgolf.prune import PruneError
@@ -28,7 +28,7 @@ def main() -> int:
     m = build(cfg, script, eval_files=artifact.code_files("."))
     print(summary_line(m))
     if not m["under_cap"]:
-        return fail("compress", f"{over_cap_message(m)}; metrics/size.json written")
+        return fail("compress", f"{over_cap_message(m)}; {layout.SIZE_METRICS} written")
     return 0
 
 

@@ -78,3 +78,56 @@ def test_quantize_depends_on_its_own_code_and_params_only():
         assert other not in stage["deps"]
     assert stage["params"] == ["quantize"]
     assert set(stage["deps"]) - code == {"artifacts/train", "artifacts/params/quantize.json"}
+
+
+# ----------------------------------------------------------------------------- the file layout
+
+SOURCES = {"data/tokenizer_src"}  # committed inputs of prepare, not files passed between stages
+
+
+def _layout_io() -> dict[str, dict[str, set[str]]]:
+    """Per stage, the inter-stage files (pgolf.layout) it reads (deps) and writes (outs, metrics, plots)."""
+    from pgolf import layout as L
+
+    def p(*paths) -> set[str]:
+        return {Path(x).as_posix() for x in paths}
+
+    return {
+        "params": {"deps": set(), "outs": p(*(L.params_file(s) for s in ("prepare", "model", "train", "quantize",
+                                                                         "compress", "evaluate")))},
+        "prepare": {"deps": p(L.params_file("prepare")), "outs": p(L.TOKENIZER, L.SHARDS),
+                    "metrics": p(L.PREPARE_METRICS)},
+        "train": {"deps": p(L.SHARDS, L.TOKENIZER, L.params_file("model"), L.params_file("train")),
+                  "outs": p(L.TRAIN), "metrics": p(L.TRAIN_METRICS), "plots": p(L.TRAIN_TSV)},
+        "curves": {"deps": p(L.TRAIN_TSV), "plots": p(L.TRAIN_PNG)},
+        "quantize": {"deps": p(L.TRAIN, L.params_file("quantize")), "outs": p(L.QUANT), "metrics": p(L.QUANT_METRICS)},
+        "compress": {"deps": p(L.QUANT, L.params_file("compress")), "outs": p(L.FINAL), "metrics": p(L.SIZE_METRICS)},
+        "evaluate": {"deps": p(L.FINAL, L.SHARDS, L.TOKENIZER, L.params_file("evaluate")),
+                     "metrics": p(L.EVAL_METRICS)},
+    }
+
+
+def _entries(items) -> set[str]:
+    """The paths of a dvc.yaml outs/metrics/plots list (entries are strings or {path: options})."""
+    return {next(iter(e)) if isinstance(e, dict) else e for e in items or []}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_files_are_the_layout_modules_paths(stage):
+    """dvc.yaml cannot import pgolf.layout: its outs/metrics/plots and the data deps of every stage
+    must equal the layout's paths, so that the code and the DAG cannot drift apart."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    want = _layout_io()[stage]
+    data_deps = {d for d in _deps(stage) if not d.startswith(("pgolf/", "stages/"))} - SOURCES
+    assert data_deps == want["deps"]
+    for key in ("outs", "metrics", "plots"):
+        assert _entries(spec.get(key)) == want.get(key, set()), key
+
+
+def test_params_outs_cover_every_section_and_top_level_plots_read_the_layouts_tsv():
+    from pgolf import config, layout
+
+    outs = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["params"]["outs"])
+    assert outs == {layout.params_file(s).as_posix() for s in config.SECTIONS}
+    plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    assert {f for entry in plots for spec in entry.values() for f in spec["y"]} == {layout.TRAIN_TSV.as_posix()}
