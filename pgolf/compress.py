@@ -32,8 +32,6 @@ from pgolf.config import CompressConfig, bad
 from pgolf.io import atomic_write_bytes, file_sha256, staged_dir, write_json
 from pgolf.quantize import HDIAG, HDIAG_KIND, KIND as QUANT_KIND, QUANT_FILE  # quantize's outputs
 
-SCRIPT = layout.SCRIPT_FILE
-
 
 class CompressError(ValueError):
     pass
@@ -139,10 +137,11 @@ def build(cfg: CompressConfig, script: bytes, quant: Path = layout.QUANT / QUANT
     model = len(blob)
     m = {"codec": codec, **{f"{c}_bytes": len(b) for c, b in blobs.items()}, "model_bytes": model,
          "code_bytes": code, "total_bytes": model + code, "cap_bytes": cfg.cap_bytes,
-         "under_cap": model + code <= cfg.cap_bytes, "raw_bytes": len(raw), "code_count": f"packed {SCRIPT}",
+         "under_cap": model + code <= cfg.cap_bytes, "raw_bytes": len(raw),
+         "code_count": f"packed {layout.SCRIPT_FILE}",
          "code_sha256": hashlib.sha256(script).hexdigest(), **_prune_metrics(pruned, cfg),
          "real_compressions": len(blobs) + (pruned.compressions if pruned else 0)}
-    listing = {"script": SCRIPT, "bytes": code, "sha256": m["code_sha256"]}
+    listing = {"script": layout.SCRIPT_FILE, "bytes": code, "sha256": m["code_sha256"]}
     if eval_files is not None:
         m["code_bytes_eval_files_raw"] = sum(f["bytes"] for f in eval_files)
         m["code_files"] = len(eval_files)
@@ -150,7 +149,7 @@ def build(cfg: CompressConfig, script: bytes, quant: Path = layout.QUANT / QUANT
     m["compress_seconds"] = round(time.perf_counter() - t0, 3)
     with staged_dir(final) as tmp:
         atomic_write_bytes(tmp / artifact.MODEL_FILE, blob)
-        atomic_write_bytes(tmp / SCRIPT, script)
+        atomic_write_bytes(tmp / layout.SCRIPT_FILE, script)
         write_json(tmp / layout.CODE_FILES_FILE, listing)
     m["model_sha256"] = file_sha256(Path(final) / artifact.MODEL_FILE)
     write_json(metrics, m)
@@ -162,7 +161,7 @@ def summary_line(m: dict) -> str:
     pruned = (f"; pruned {m['pruned_values']:,} ±1 values to meet {m['target_bytes']:,} in "
               f"{m['prune_compressions']} compressions, {m['prune_seconds']:.1f} s" if m["pruned_values"] else "")
     return (f"compress: {m['codec']} {m['model_bytes']:,} bytes ({others}, raw {m['raw_bytes']:,}) + packed "
-            f"{SCRIPT} {m['code_bytes']:,} = {m['total_bytes']:,} of {m['cap_bytes']:,}{pruned}")
+            f"{layout.SCRIPT_FILE} {m['code_bytes']:,} = {m['total_bytes']:,} of {m['cap_bytes']:,}{pruned}")
 
 
 def over_cap_message(m: dict) -> str:

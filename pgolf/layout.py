@@ -15,36 +15,29 @@ The rule: folders and stand-alone files (params, metrics, plots) are defined her
 a folder is named by the module that owns its format, which keeps that NAME constant and takes
 the folder from here: pgolf.train_files (model.pgt, hessians.pgt, train.log), pgolf.tokenizer_meta
 (tokenizer.json), pgolf.byte_tables (byte_tables.pgt), pgolf.quantize (quant.pgt, hdiag.pgt),
-pgolf.artifact (model.ptz). The names of the files no format module
-owns are defined here (the `*_FILE` constants below). Paths only: nothing here reads or writes.
+pgolf.artifact (model.ptz). The files no format module owns are named here (the `*_FILE`
+constants below). Paths only: this module imports nothing of pgolf and reads or writes nothing.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+# ---- folders
 SHARDS = Path("data/shards")
 TOKENIZER = Path("data/tokenizer")
-TOKENIZER_MODEL_FILE = "tokenizer.model"  # the SentencePiece model prepare copies or trains
-
 PARAMS = Path("artifacts/params")
 TRAIN = Path("artifacts/train")
 QUANT = Path("artifacts/quant")
-QUANT_TABLE_FILE = "table.json"  # quantize's per-tensor report (read by people, not stages)
 FINAL = Path("artifacts/final")
-SCRIPT_FILE = "train_gpt.py"  # the packed script (pgolf.pack builds it), whose bytes count as code
-CODE_FILES_FILE = "code_files.json"  # compress's listing of the counted code
-
 METRICS = Path("metrics")
-PREPARE_METRICS = METRICS / "prepare.json"
-TRAIN_METRICS = METRICS / "train.json"
-QUANT_METRICS = METRICS / "quant.json"
-SIZE_METRICS = METRICS / "size.json"
-EVAL_METRICS = METRICS / "eval.json"
-
 PLOTS = Path("plots")
-TRAIN_TSV = PLOTS / "train.tsv"
-TRAIN_PNG = PLOTS / "train.png"
+
+# ---- names of the files inside a folder that no format module owns
+TOKENIZER_MODEL_FILE = "tokenizer.model"  # data/tokenizer: the SentencePiece model prepare copies or trains
+QUANT_TABLE_FILE = "table.json"  # artifacts/quant: the per-tensor report (read by people, not stages)
+SCRIPT_FILE = "train_gpt.py"  # artifacts/final: the packed script (pgolf.pack), whose bytes count as code
+CODE_FILES_FILE = "code_files.json"  # artifacts/final: compress's listing of the counted code
 
 
 def params_file(section: str) -> Path:
@@ -55,3 +48,13 @@ def params_file(section: str) -> Path:
 def metrics_file(name: str) -> Path:
     """metrics/<name>.json (name: prepare, train, quant, size or eval)."""
     return METRICS / f"{name}.json"
+
+
+# ---- stand-alone files
+PREPARE_METRICS = metrics_file("prepare")
+TRAIN_METRICS = metrics_file("train")
+QUANT_METRICS = metrics_file("quant")
+SIZE_METRICS = metrics_file("size")
+EVAL_METRICS = metrics_file("eval")
+TRAIN_TSV = PLOTS / "train.tsv"  # written by train (rank 0), drawn by curves
+TRAIN_PNG = PLOTS / "train.png"
