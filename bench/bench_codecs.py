@@ -46,7 +46,7 @@ def build_body(raw_path: Path, profile: str) -> bytes:
     """Synthetic record-scale model -> quantize.run -> artifact.serialize -> _head_last, cached in raw_path."""
     from bench.bench_quant_loop import synthetic_data, synthetic_train_dir
     from pgolf import compress, quantize
-    from pgolf.data import read_tokenizer_meta
+    from pgolf.tokenizer_meta import read_tokenizer_meta
 
     doc = config.read_doc(profile)
     mcfg = config.from_dict("model", doc["model"])

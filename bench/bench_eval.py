@@ -27,7 +27,8 @@ import torch  # noqa: E402
 
 from pgolf import bpb  # noqa: E402
 from pgolf.config import ModelConfig  # noqa: E402
-from pgolf.data import ByteTables, read_shard  # noqa: E402
+from pgolf.byte_tables import ByteTables  # noqa: E402
+from pgolf.shards import read_shard  # noqa: E402
 from pgolf.io import write_json  # noqa: E402
 from pgolf.model import GPT  # noqa: E402
 

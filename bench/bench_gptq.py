@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pgolf.config import ModelConfig, QuantizeConfig  # noqa: E402
 from pgolf.gptq import GPTQSpec, gptq_matrices  # noqa: E402
-from pgolf.int6 import qmax_for  # noqa: E402
+from pgolf.rowquant import qmax_for  # noqa: E402
 from pgolf.model import mlp_hidden  # noqa: E402
 
 SMALL = ModelConfig(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, xsa_last_n=2)

@@ -39,8 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_gptq import random_hessian  # noqa: E402
-from pgolf import compress, config, evaluate, hessian, pack, prune, quantize, tensorfile  # noqa: E402
-from pgolf.data import ByteTables, read_tokenizer_meta, write_shard  # noqa: E402
+from pgolf import compress, config, evaluate, pack, prune, quantize, tensorfile, train_files  # noqa: E402
+from pgolf.byte_tables import ByteTables  # noqa: E402
+from pgolf.shards import write_shard  # noqa: E402
+from pgolf.tokenizer_meta import read_tokenizer_meta  # noqa: E402
 from pgolf.model import GPT, QAT_BITS  # noqa: E402
 
 SMALL = {"num_layers": 2, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2, "xsa_last_n": 2, "bigram_buckets": 64,
@@ -78,7 +80,7 @@ def synthetic_train_dir(out: Path, mcfg: config.ModelConfig, tok_meta: dict, qat
     meta = {"model": dataclasses.asdict(mcfg), "train_seq_len": 2048, "qat_quantile": qat_quantile,
             "qat_bits": QAT_BITS, "tokenizer": {"sha256": tok_meta["sha256"], "vocab_size": int(tok_meta["vocab_size"])}}
     tensorfile.save(out / "model.pgt", sd, kind="float_weights", meta=meta)
-    hessian.save(out / "hessians.pgt", hessians, {"rows": 4096, "accumulations": 1, "world_size": 1})
+    train_files.save_hessians(out / "hessians.pgt", hessians, {"rows": 4096, "accumulations": 1, "world_size": 1})
     return out
 
 

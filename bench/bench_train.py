@@ -33,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pgolf import dist, tokenizer  # noqa: E402
 from pgolf.config import ModelConfig, TrainConfig  # noqa: E402
-from pgolf.data import BYTE_TABLES_FILE, TOKENIZER_META_FILE, write_shard  # noqa: E402
+from pgolf.byte_tables import BYTE_TABLES_FILE  # noqa: E402
+from pgolf.shards import write_shard  # noqa: E402
+from pgolf.tokenizer_meta import TOKENIZER_META_FILE  # noqa: E402
 from pgolf.io import write_json  # noqa: E402
 from pgolf.train import Paths, Trainer, check_inputs, resolve_grad_accum  # noqa: E402
 

@@ -153,11 +153,11 @@ def ratios(results: list[dict], batches: list[int]) -> dict:
 
 
 def plan(args) -> list[tuple]:
-    """pgolf and the reference at each batch size, then pgolf again with a warm compile cache."""
-    big, small = args.batches
+    """pgolf then the reference at each batch size in the order given, then pgolf again at the
+    first one with a warm compile cache."""
     x = args.pgolf_extra
-    runs = [("pgolf", big, x), ("reference", big, None), ("pgolf", small, x), ("reference", small, None)]
-    return runs + [("pgolf", big, x + ["--profile-steps", "0"])][:args.variants]
+    runs = [run for batch in args.batches for run in (("pgolf", batch, x), ("reference", batch, None))]
+    return runs + [("pgolf", args.batches[0], x + ["--profile-steps", "0"])][:args.variants]
 
 
 def main() -> None:
@@ -168,7 +168,8 @@ def main() -> None:
     ap.add_argument("--trace-dir", default=None)
     ap.add_argument("--budget", type=float, default=560.0, help="seconds for all runs; later runs are skipped")
     ap.add_argument("--variants", type=int, default=1, help="1: end with a warm-compile-cache pgolf run")
-    ap.add_argument("--batches", type=int, nargs=2, default=[786432, 196608])
+    ap.add_argument("--batches", type=int, nargs="+", default=[786432, 196608],
+                    help="tokens per step, in order (one value: a shorter call)")
     ap.add_argument("--pgolf-extra", nargs="*", default=[], help="more bench.profile_train arguments")
     args = ap.parse_args()
     args.data, args.ref = str(Path(args.data).resolve()), str(Path(args.ref).resolve())  # both run elsewhere
@@ -192,7 +193,7 @@ def main() -> None:
         if prog == "reference":
             r = run_ref(Path(args.ref), Path(args.data), batch, left)
         else:
-            trace = args.trace_dir if (i < 4 and args.trace_dir) else None
+            trace = args.trace_dir if (i < 2 * len(args.batches) and args.trace_dir) else None
             r = run_pgolf(batch, left, Path(args.data), scratch / f"run{i}.json", extra, trace)
         r["run_seconds"] = round(time.perf_counter() - t0, 1)
         add_mfu(r, fpt)

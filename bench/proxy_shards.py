@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pgolf import data
+from pgolf import shards
 from pgolf.corpus import iter_documents
 from pgolf.prepare import ShardWriter, encode_split
 
@@ -43,7 +43,7 @@ class TokenBudget:
 
 def build(corpus: Path, val: Path, out: Path, workers: int, max_tokens: int = 0) -> dict:
     """Train shards from `corpus`, the val shards of `val` copied; -> stats (also out/proxy_shards.json)."""
-    vals = data.list_shards(val, "val")
+    vals = shards.list_shards(val, "val")
     if not vals:
         raise SystemExit(f"proxy_shards: error: {val}: no fineweb_val_*.bin shards")
     out.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,7 @@ def build(corpus: Path, val: Path, out: Path, workers: int, max_tokens: int = 0)
         shutil.copyfile(p, out / p.name)
     info = {"corpus": str(corpus), "train_docs": stats["docs"], "train_tokens": stats["tokens"],
             "train_shards": stats["shards"], "val_shards": [p.name for p in vals],
-            "val_tokens": sum(data.read_shard_header(p) for p in vals), "seconds": round(time.perf_counter() - t0, 1)}
+            "val_tokens": sum(shards.read_shard_header(p) for p in vals), "seconds": round(time.perf_counter() - t0, 1)}
     (out / "proxy_shards.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
 

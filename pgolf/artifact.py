@@ -72,8 +72,8 @@ import numpy as np
 import torch
 
 from pgolf import grouping, lqer, tensorfile
-from pgolf.config import CompressConfig, ConfigError
-from pgolf.int6 import dequantize
+from pgolf.config import CompressConfig, ConfigError, bad
+from pgolf.rowquant import dequantize
 from pgolf.tensorfile import TensorFileError
 
 MAGIC = b"PGOLFZ"
@@ -94,17 +94,19 @@ CODE_FILES: tuple[str, ...] = (
     "pgolf/__init__.py",
     "pgolf/artifact.py",
     "pgolf/bpb.py",
+    "pgolf/byte_tables.py",
     "pgolf/config.py",
-    "pgolf/data.py",
     "pgolf/dist.py",
     "pgolf/evaluate.py",
     "pgolf/grouping.py",
-    "pgolf/int6.py",
     "pgolf/io.py",
     "pgolf/lqer.py",
     "pgolf/model.py",
     "pgolf/progress.py",
+    "pgolf/rowquant.py",
+    "pgolf/shards.py",
     "pgolf/tensorfile.py",
+    "pgolf/tokenizer_meta.py",
     "pgolf/ttt.py",
 )
 
@@ -209,7 +211,7 @@ def serialize(tensors: dict[str, torch.Tensor], meta: dict, layout: str = "flat"
     whole, plus the artifact version and the layout table.
     """
     if layout not in LAYOUTS:
-        raise ConfigError(f"params.yaml: compress.layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
     stored, layout = _encode(tensors, grouped=layout == "grouped")
     full = {**meta, "artifact_version": FORMAT_VERSION, "layout": layout}
     return tensorfile.dumps(stored, kind=KIND, meta=full)
@@ -234,38 +236,30 @@ def deserialize(raw: bytes, source: str = "<bytes>") -> tuple[dict[str, torch.Te
 # ----------------------------------------------------------------------------- codecs
 
 
-def _check_codec(codec: str) -> None:
-    if codec not in CODEC_IDS:
-        raise ConfigError(f"params.yaml: compress.codec must be one of auto, {', '.join(CODEC_IDS)}; got {codec!r}")
-
-
 def check_config(cfg: CompressConfig) -> None:
-    """Every compress.* value usable, else ConfigError naming it (before anything is compressed)."""
-    if cfg.codec != "auto":
-        _check_codec(cfg.codec)
-    if not 0 <= cfg.lzma_preset <= 9:
-        raise ConfigError(f"params.yaml: compress.lzma_preset must be in [0, 9], got {cfg.lzma_preset}")
-    if not 1 <= cfg.zstd_level <= 22:
-        raise ConfigError(f"params.yaml: compress.zstd_level must be in [1, 22], got {cfg.zstd_level}")
-    _check_brotli(cfg)
+    """Range checks of the codec and layout keys of `compress` (pgolf.compress.check_config runs them)."""
+    if cfg.codec not in ("auto", *CODEC_IDS):
+        raise ConfigError(f"compress.codec must be one of auto, {', '.join(CODEC_IDS)}; got {cfg.codec!r}")
+    for key, lo, hi in (("lzma_preset", 0, 9), ("zstd_level", 1, 22), ("brotli_quality", 0, 11),
+                        ("brotli_window", 10, 24)):
+        if not lo <= getattr(cfg, key) <= hi:
+            raise bad(cfg, key, f"must be in [{lo}, {hi}]")
     if cfg.layout not in LAYOUTS:
-        raise ConfigError(f"params.yaml: compress.layout must be one of {', '.join(LAYOUTS)}; got {cfg.layout!r}")
+        raise ConfigError(f"compress.layout must be one of {', '.join(LAYOUTS)}; got {cfg.layout!r}")
     if cfg.cap_bytes <= 0:
-        raise ConfigError(f"params.yaml: compress.cap_bytes must be positive, got {cfg.cap_bytes}")
+        raise bad(cfg, "cap_bytes", "must be positive")
     _check_chunking(cfg)
 
 
 def _check_chunking(cfg: CompressConfig) -> None:
     if cfg.lzma_chunk_bytes != 0 and cfg.lzma_chunk_bytes < MIN_LZMA_CHUNK:
-        raise ConfigError(f"params.yaml: compress.lzma_chunk_bytes must be 0 (one stream) or >= {MIN_LZMA_CHUNK}, "
-                          f"got {cfg.lzma_chunk_bytes}")
+        raise bad(cfg, "lzma_chunk_bytes", f"must be 0 (one stream) or >= {MIN_LZMA_CHUNK}")
     if cfg.threads < 0:
-        raise ConfigError(f"params.yaml: compress.threads must be >= 0 (0 = every core), got {cfg.threads}")
+        raise bad(cfg, "threads", "must be >= 0 (0 = every core)")
 
 
 def workers(cfg: CompressConfig) -> int:
     """compress.threads, 0 meaning every core this process may run on."""
-    _check_chunking(cfg)
     if cfg.threads:
         return cfg.threads
     try:
@@ -290,23 +284,13 @@ def _brotli(missing: Exception):
     return brotli
 
 
-def _check_brotli(cfg: CompressConfig) -> None:
-    if not 0 <= cfg.brotli_quality <= 11:
-        raise ConfigError(f"params.yaml: compress.brotli_quality must be in [0, 11], got {cfg.brotli_quality}")
-    if not 10 <= cfg.brotli_window <= 24:
-        raise ConfigError(f"params.yaml: compress.brotli_window must be in [10, 24], got {cfg.brotli_window}")
-
-
 def _brotli_compress(raw: bytes, cfg: CompressConfig) -> bytes:
-    _check_brotli(cfg)
     missing = ConfigError("params.yaml: compress.brotli / compress.codec brotli need the Python module 'brotli' "
                           "(pip install brotli)")
     return _brotli(missing).compress(raw, quality=cfg.brotli_quality, lgwin=cfg.brotli_window)
 
 
 def _lzma_filters(cfg: CompressConfig) -> list[dict]:
-    if not 0 <= cfg.lzma_preset <= 9:
-        raise ConfigError(f"params.yaml: compress.lzma_preset must be in [0, 9], got {cfg.lzma_preset}")
     return [{"id": lzma.FILTER_LZMA2, "preset": cfg.lzma_preset | (lzma.PRESET_EXTREME if cfg.lzma_extreme else 0)}]
 
 
@@ -376,12 +360,12 @@ def compress(raw: bytes, codec: str, cfg: CompressConfig) -> bytes:
     container: the inner sha256 already guards integrity); zstd: one frame with its size;
     brotli: one stream at compress.brotli_quality, window 2**compress.brotli_window; lzma with
     compress.lzma_chunk_bytes > 0: independent streams (`_lzma_chunked`, codec id 4)."""
-    _check_codec(codec)
+    if codec not in CODEC_IDS:
+        raise ValueError(f"codec must be one of {', '.join(CODEC_IDS)}; got {codec!r}")
     crc = struct.pack("<I", zlib.crc32(raw))
     raw = _head_last(raw)
     cid = CODEC_IDS[codec]
     if codec == "lzma" and cfg.lzma_chunk_bytes:
-        _check_chunking(cfg)
         body, cid = _lzma_chunked(raw, cfg), LZMA_CHUNKED_ID
     elif codec == "lzma":
         body = lzma.compress(raw, format=lzma.FORMAT_RAW, filters=_lzma_filters(cfg))
@@ -390,8 +374,6 @@ def compress(raw: bytes, codec: str, cfg: CompressConfig) -> bytes:
     else:
         import zstandard
 
-        if not 1 <= cfg.zstd_level <= 22:
-            raise ConfigError(f"params.yaml: compress.zstd_level must be in [1, 22], got {cfg.zstd_level}")
         body = zstandard.ZstdCompressor(level=cfg.zstd_level, write_content_size=True,
                                         write_checksum=False).compress(raw)
     return MAGIC + bytes([FORMAT_VERSION, cid]) + crc + body
@@ -464,7 +446,6 @@ def pick(blobs: dict[str, bytes], cfg: CompressConfig) -> str:
     """The codec choice: cfg.codec "auto" keeps the smallest of `blobs` (ties by name), else the forced one."""
     if cfg.codec == "auto":
         return min(blobs, key=lambda c: (len(blobs[c]), c))
-    _check_codec(cfg.codec)
     return cfg.codec
 
 
@@ -474,7 +455,6 @@ def choose(raw: bytes, cfg: CompressConfig) -> tuple[str, bytes]:
         blobs = compress_all(raw, cfg)
         codec = pick(blobs, cfg)
         return codec, blobs[codec]
-    _check_codec(cfg.codec)
     return cfg.codec, compress(raw, cfg.codec, cfg)
 
 

@@ -30,7 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pgolf.data import ByteTables, list_shards, load_tokens
+from pgolf.byte_tables import ByteTables
+
+from pgolf.shards import list_shards, load_tokens
 from pgolf.dist import all_reduce_
 from pgolf.progress import track
 

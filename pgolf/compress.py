@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from pgolf import artifact, prune, tensorfile
-from pgolf.config import CompressConfig, ConfigError
+from pgolf.config import CompressConfig, bad
 from pgolf.io import atomic_write_bytes, file_sha256, staged_dir, write_json
-from pgolf.quantize import HDIAG, HDIAG_KIND  # the Hessian-diagonal file quantize writes beside quant.pgt
+from pgolf.quantize import HDIAG, HDIAG_KIND, KIND as QUANT_KIND, OUT_DIR as QUANT_DIR, QUANT_FILE  # quantize's outputs
 
-QUANT = Path("artifacts/quant/quant.pgt")
+QUANT = QUANT_DIR / QUANT_FILE
 FINAL = Path("artifacts/final")
 METRICS = Path("metrics/size.json")
 SCRIPT = "train_gpt.py"
@@ -42,16 +42,17 @@ class CompressError(ValueError):
 
 
 def check_config(cfg: CompressConfig) -> None:
-    """Every compress.* value usable (codecs, layout, cap, pruning), else ConfigError naming it."""
+    """Range checks of the `compress` section: codecs, layout, cap (pgolf.artifact), pruning
+    (pgolf.config runs them when it loads the section)."""
     artifact.check_config(cfg)
     if cfg.target_bytes <= 0:
-        raise ConfigError(f"params.yaml: compress.target_bytes must be positive, got {cfg.target_bytes}")
+        raise bad(cfg, "target_bytes", "must be positive")
     if cfg.prune_slack_bytes < 0:
-        raise ConfigError(f"params.yaml: compress.prune_slack_bytes must be >= 0, got {cfg.prune_slack_bytes}")
+        raise bad(cfg, "prune_slack_bytes", "must be >= 0")
 
 
 def load_quant(quant: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, header = tensorfile.load(quant, kind="quantized")
+    tensors, header = tensorfile.load(quant, kind=QUANT_KIND)
     for key in ("model", "train_seq_len", "tokenizer", "quant"):
         if key not in header["meta"]:
             raise CompressError(f"{quant}: meta lacks {key!r} (written by an older quantize stage?)")
@@ -126,7 +127,6 @@ def build(cfg: CompressConfig, script: bytes, quant: Path = QUANT, final: Path =
     `script` is the packed train_gpt.py whose bytes count as code; `eval_files` the raw
     evaluation files ([{"path", "bytes"}], pgolf.artifact.code_files) recorded as the extra count.
     """
-    check_config(cfg)
     t0 = time.perf_counter()
     quant = Path(quant)
     tensors, meta = load_quant(quant)

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from pgolf import bpb, dist, ttt
 from pgolf.artifact import ArtifactError, dequantize_state, read_artifact
-from pgolf.config import ConfigError, EvaluateConfig, ModelConfig
-from pgolf.data import ByteTables, load_byte_tables, read_tokenizer_meta
+from pgolf.config import EvaluateConfig, ModelConfig, bad
+from pgolf.byte_tables import ByteTables, byte_tables_path, load_byte_tables
+from pgolf.tokenizer_meta import read_tokenizer_meta, tokenizer_meta_path
 from pgolf.io import file_sha256, write_json
 from pgolf.model import GPT
 
@@ -39,20 +40,22 @@ class Paths:
     metrics: Path = Path("metrics/eval.json")
 
 
-def validate(cfg: EvaluateConfig) -> None:
+def check_config(cfg: EvaluateConfig) -> None:
+    """Range checks of the `evaluate` section, test-time training's keys included (pgolf.ttt);
+    pgolf.config runs them when it loads the section."""
     if cfg.context <= 0:
-        raise ConfigError(f"params.yaml: evaluate.context must be positive, got {cfg.context}")
+        raise bad(cfg, "context", "must be positive")
     if not 0 <= cfg.stride <= cfg.context:
-        raise ConfigError(f"params.yaml: evaluate.stride must be in [0, evaluate.context={cfg.context}], got {cfg.stride}")
+        raise bad(cfg, "stride", f"must be in [0, evaluate.context={cfg.context}]")
     if cfg.batch_seqs <= 0:
-        raise ConfigError(f"params.yaml: evaluate.batch_seqs must be positive, got {cfg.batch_seqs}")
+        raise bad(cfg, "batch_seqs", "must be positive")
     if cfg.max_tokens < 0:
-        raise ConfigError(f"params.yaml: evaluate.max_tokens must be >= 0, got {cfg.max_tokens}")
+        raise bad(cfg, "max_tokens", "must be >= 0")
     if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"params.yaml: evaluate.device must be auto, cpu or cuda; got {cfg.device!r}")
+        raise bad(cfg, "device", "must be auto, cpu or cuda")
     if cfg.nproc_per_node < 1:
-        raise ConfigError(f"params.yaml: evaluate.nproc_per_node must be >= 1, got {cfg.nproc_per_node}")
-    ttt.validate(cfg)
+        raise bad(cfg, "nproc_per_node", "must be >= 1")
+    ttt.check_config(cfg)
 
 
 def load_model(path: str | Path, device="cpu") -> tuple[GPT, dict]:
@@ -72,7 +75,7 @@ def load_model(path: str | Path, device="cpu") -> tuple[GPT, dict]:
 def check_tokenizer(meta: dict, tables: ByteTables, tokenizer_dir: str | Path, artifact: str | Path) -> None:
     """The artifact's tokenizer must be the validation data's (sha256 and vocabulary size)."""
     tok = read_tokenizer_meta(tokenizer_dir)
-    tok_path = Path(tokenizer_dir) / "tokenizer.json"
+    tok_path = tokenizer_meta_path(tokenizer_dir)
     want = meta.get("tokenizer")
     if not isinstance(want, dict) or "sha256" not in want or "vocab_size" not in want:
         raise EvaluateError(f"{artifact}: artifact meta lacks tokenizer {{sha256, vocab_size}}")
@@ -85,16 +88,16 @@ def check_tokenizer(meta: dict, tables: ByteTables, tokenizer_dir: str | Path, a
                             f"model's tokenizer")
     table_sha = tables.meta.get("tokenizer_sha256")
     if table_sha is not None and table_sha != tok["sha256"]:
-        raise EvaluateError(f"{Path(tokenizer_dir) / 'byte_tables.pgt'}: built for tokenizer {table_sha[:12]}…, "
+        raise EvaluateError(f"{byte_tables_path(tokenizer_dir)}: built for tokenizer {table_sha[:12]}…, "
                             f"not {tok['sha256'][:12]}… ({tok_path})")
     if tables.vocab_size < int(meta["model"]["vocab_size"]):
-        raise EvaluateError(f"{Path(tokenizer_dir) / 'byte_tables.pgt'}: {tables.vocab_size} entries for a model "
+        raise EvaluateError(f"{byte_tables_path(tokenizer_dir)}: {tables.vocab_size} entries for a model "
                             f"vocabulary of {meta['model']['vocab_size']}")
 
 
 def run(cfg: EvaluateConfig, paths: Paths = Paths(), progress: bool = True) -> dict:
-    """Evaluate the artifact on every rank; rank 0 writes metrics/eval.json. Returns the metrics."""
-    validate(cfg)
+    """Evaluate the artifact on every rank (`cfg` as pgolf.config loads it); rank 0 writes
+    metrics/eval.json. Returns the metrics."""
     info = dist.init(cfg.device)
     t0 = time.perf_counter()
     model, meta = load_model(paths.artifact, info.device)

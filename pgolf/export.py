@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from pgolf import artifact, pack, rules
+from pgolf import artifact, pack, rules, train_files
 from pgolf.config import ConfigError
 from pgolf.io import atomic_write_text, file_sha256, staged_dir, write_json
 from pgolf.seeds import flatten, render as render_seeds
@@ -253,7 +253,7 @@ def export(root: Path, out: Path, name: str, author: str, github_id: str, blurb:
     model = check_artifact(root, m)
     check_params_locked(root)
     script = check_script(root, m)
-    log = root / "artifacts" / "train" / "train.log"
+    log = root / train_files.DIR / train_files.LOG_FILE
     if not log.is_file():
         raise ExportError(f"{log}: train log missing (run `dvc repro` or `dvc checkout`)")
     try:
@@ -279,7 +279,7 @@ def _fill(tmp: Path, root: Path, sub: dict, text: str, script: bytes, model: Pat
     write_json(tmp / "submission.json", sub)
     atomic_write_text(tmp / "README.md", text)
     shutil.copy2(model, tmp / "model.ptz")
-    shutil.copy2(log, tmp / "train.log")
+    shutil.copy2(log, tmp / train_files.LOG_FILE)
     shutil.copy2(root / "params.yaml", tmp / "params.yaml")
     for name in NEEDED:
         shutil.copy2(root / "metrics" / f"{name}.json", tmp / f"metrics_{name}.json")

@@ -14,7 +14,7 @@ fetches from the Hugging Face dataset repo `willdepueoai/parameter-golf` (recipe
 and puts them side by side in `--out`, ready for `prepare.source: fineweb` with
 `prepare.corpus: <out>` and `prepare.tokenizer: <out>/fineweb_1024_bpe.model`. Files are
 hard-linked from the Hugging Face cache (copied when linking fails), existing files are kept,
-and every shard is checked with `pgolf.data.read_shard_header`. `huggingface_hub` is an
+and every shard is checked with `pgolf.shards.read_shard_header`. `huggingface_hub` is an
 optional dependency (`pip install pgolf[fineweb]`).
 """
 
@@ -29,7 +29,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pgolf import config, data
+from pgolf import config, shards
 
 REMOTE_ROOT = "datasets"  # subfolder of the dataset repo holding the export
 DATASET = "fineweb10B_sp1024"
@@ -135,7 +135,7 @@ def download(train_shards: int, out: str | Path, repo: str = "willdepueoai/param
         if not dst.exists():
             _place(Path(downloader(repo, remote)), dst)
         if dst.suffix == ".bin":
-            data.read_shard_header(dst)
+            shards.read_shard_header(dst)
         local.append(dst)
     return local
 
@@ -148,13 +148,14 @@ def main(argv: list | None = None) -> int:
         return 1
     ap = argparse.ArgumentParser(prog="python -m pgolf.fineweb", description=__doc__.split("\n\n")[0])
     ap.add_argument("--train-shards", type=int, default=defaults.fineweb_train_shards,
-                    help="training shards to fetch (100M tokens each)")
+                    help="training shards to fetch (100M tokens each; default: params.yaml's "
+                         "prepare.fineweb_train_shards, else the record profile's, %(default)s)")
     ap.add_argument("--out", default=defaults.fineweb_dir, help="destination folder")
     ap.add_argument("--repo", default=defaults.fineweb_repo, help="Hugging Face dataset repo")
     args = ap.parse_args(argv)
     try:
         paths = download(args.train_shards, args.out, args.repo)
-    except (DownloadError, data.ShardError) as e:
+    except (DownloadError, shards.ShardError) as e:
         print(f"fineweb: error: {e}", file=sys.stderr)
         return 1
     print(f"fineweb: {len(paths)} files in {args.out}; set prepare.source: fineweb, prepare.corpus: {args.out}, "

@@ -1,7 +1,7 @@
-"""Online Hessians of the quantizable matrices: schedule, accumulation, cross-rank sum, output.
+"""Online Hessians of the quantizable matrices: schedule, accumulation, cross-rank sum.
 
-This module owns the `artifacts/train/hessians.pgt` half of the training contract (recipe-spec
-§6.5, with its §12.8 fix): for every matrix name of `GPT.quantizable_names()` the mean per
+This module computes the content of `artifacts/train/hessians.pgt` (recipe-spec §6.5, with its
+§12.8 fix; the file itself, its check and its reader are pgolf.train_files'): for every matrix name of `GPT.quantizable_names()` the mean per
 token of x^T x over the rows x that fed that matrix, summed over all ranks. It also owns when
 training captures them and what that costs (`HessianSchedule`, `hessian_overhead`).
 
@@ -15,7 +15,7 @@ training loss; then `acc.record(rows)`, and `schedule.label(...)` records the st
 overhead. No extra data is consumed and nothing runs after the training clock stops, except the
 fallback (`needs_fallback`): when no step captured one, one extra micro-batch after training. At
 the end `acc.finalize()` sums buffers and row counts over ranks (all_reduce) and divides by the
-rows; `validate` checks the result and `save` writes the tensorfile.
+rows; `train_files.validate_hessians` checks the result and `train_files.save_hessians` writes it.
 
 Differences from PR #1072 (deliberate): Hessians are summed over ranks instead of rank 0's only;
 they are normalised by the number of rows (a per-token mean, independent of batch size and of
@@ -26,18 +26,11 @@ micro-batches themselves, not extra batches pulled from the loader; buffers stay
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 
 import torch
 
-from pgolf import tensorfile
 from pgolf.dist import all_reduce_
-
-KIND = "hessians"
-
-
-class HessianError(ValueError):
-    """Hessians that are missing, mis-shaped or not a valid Gram matrix (NaN, negative diagonal)."""
+from pgolf.train_files import HessianError
 
 
 class HessianAccumulator:
@@ -181,40 +174,3 @@ def _sum_int(value: int, device) -> int:
     """An int summed over ranks (exact in float64 up to 2**53)."""
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     return int(all_reduce_(t).item())
-
-
-def validate(hessians: dict[str, torch.Tensor], shapes: dict[str, int], source: str = "hessians") -> None:
-    """Every name present, (n, n) fp32, finite, symmetric (to fp32 matmul rounding), diagonal >= 0
-    and not all zero; HessianError naming the tensor otherwise."""
-    missing = [n for n in shapes if n not in hessians]
-    if missing:
-        raise HessianError(f"{source}: missing Hessian for {len(missing)} matrix(es), e.g. {missing[0]}")
-    extra = sorted(set(hessians) - set(shapes))
-    if extra:
-        raise HessianError(f"{source}: Hessian for unknown matrix {extra[0]!r}")
-    for name, k in shapes.items():
-        h = hessians[name]
-        if tuple(h.shape) != (k, k) or h.dtype != torch.float32:
-            raise HessianError(f"{source}: {name} is {h.dtype} {tuple(h.shape)}, expected float32 ({k}, {k})")
-        if not torch.isfinite(h).all():
-            raise HessianError(f"{source}: {name} has non-finite entries (diverged training?)")
-        d = torch.diagonal(h)
-        scale = float(d.abs().max())
-        if scale <= 0:
-            raise HessianError(f"{source}: {name} has an all-zero diagonal (its input was always zero)")
-        if float(d.min()) < -1e-6 * scale:
-            raise HessianError(f"{source}: {name} has a negative diagonal entry {float(d.min()):.3e}")
-        if float((h - h.T).abs().max()) > 1e-4 * scale:
-            raise HessianError(f"{source}: {name} is not symmetric")
-
-
-def save(path: str | Path, hessians: dict[str, torch.Tensor], meta: dict) -> int:
-    """Write the contract file (kind "hessians", meta {rows, accumulations, world_size})."""
-    return tensorfile.save(path, {n: t.float().contiguous() for n, t in hessians.items()}, kind=KIND,
-                           meta={k: meta[k] for k in ("rows", "accumulations", "world_size")})
-
-
-def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(hessians, meta) of a `hessians.pgt`."""
-    tensors, header = tensorfile.load(path, kind=KIND)
-    return tensors, header["meta"]

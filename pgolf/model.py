@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pgolf.config import ModelConfig
-from pgolf.data import BOS_ID
-from pgolf.int6 import fake_quant_values, qmax_for
+from pgolf.shards import BOS_ID
+from pgolf.rowquant import fake_quant_values, qmax_for
 
 try:  # FlashAttention-3 (Hopper); optional, SDPA otherwise (spec §11)
     from flash_attn_interface import flash_attn_func as _fa3_func
@@ -60,8 +60,9 @@ ATTN_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDP
 # ----------------------------------------------------------------------------- config checks
 
 
-def validate_config(cfg: ModelConfig) -> None:
-    """Raise ValueError naming `model.<field>` for an architecture that cannot be built."""
+def check_config(cfg: ModelConfig) -> None:
+    """Raise ValueError naming `model.<field>` for an architecture that cannot be built (pgolf.config
+    runs this when it loads the `model` section; GPT runs it on a config read from an artifact)."""
     positive = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                 "bigram_dim", "ve_dim")
     for name in positive:
@@ -450,7 +451,7 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: ModelConfig, qat_quantile: float = 0.9995, train_seq_len: int = 2048):
         super().__init__()
-        validate_config(cfg)
+        check_config(cfg)
         self.cfg = cfg
         L, D = cfg.num_layers, cfg.model_dim
         self.head_dim = D // cfg.num_heads

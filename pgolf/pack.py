@@ -2,7 +2,8 @@
 
 The challenge counts the bytes of one file, `train_gpt.py`, that trains, quantizes, compresses and
 evaluates. This module owns that file: `build_script(root, params)` puts every source file of
-`PACKED_FILES` (read from `root`) and the run's baked params (the `model`, `train`, `quantize`,
+`PACKED_FILES` (read from `root`, stripped of comments, docstrings and blank lines by
+`strip_source`: the same syntax tree otherwise, about 40 % fewer code bytes) and the run's baked params (the `model`, `train`, `quantize`,
 `compress` and `evaluate` sections, typed and checked by pgolf.config) into one JSON archive,
 compresses it with raw LZMA2 (preset 9 extreme), encodes it in base85 and wraps it in a short
 bootstrap. Run, the bootstrap unpacks the sources into a temp folder, puts it first on
@@ -17,9 +18,12 @@ stage that counts code bytes (and prunes to the target they are part of).
 
 from __future__ import annotations
 
+import ast
 import base64
+import io
 import json
 import lzma
+import tokenize
 from pathlib import Path
 
 from pgolf import config
@@ -29,20 +33,20 @@ PACKED_FILES: tuple[str, ...] = (
     "pgolf/artifact.py",
     "pgolf/averages.py",
     "pgolf/bpb.py",
+    "pgolf/byte_tables.py",
     "pgolf/checkpoint.py",
     "pgolf/compress.py",
     "pgolf/config.py",
     "pgolf/corpus.py",
-    "pgolf/data.py",
     "pgolf/dist.py",
     "pgolf/evaluate.py",
     "pgolf/gptq.py",
     "pgolf/grouping.py",
     "pgolf/hessian.py",
-    "pgolf/int6.py",
     "pgolf/io.py",
     "pgolf/kernels/__init__.py",
     "pgolf/kernels/fused_mlp.py",
+    "pgolf/loader.py",
     "pgolf/lqer.py",
     "pgolf/model.py",
     "pgolf/optim.py",
@@ -51,10 +55,15 @@ PACKED_FILES: tuple[str, ...] = (
     "pgolf/prune.py",
     "pgolf/quantize.py",
     "pgolf/recipe.py",
+    "pgolf/rowquant.py",
+    "pgolf/schedule.py",
+    "pgolf/shards.py",
     "pgolf/tensorfile.py",
     "pgolf/timing.py",
     "pgolf/tokenizer.py",
+    "pgolf/tokenizer_meta.py",
     "pgolf/train.py",
+    "pgolf/train_files.py",
     "pgolf/ttt.py",
 )
 BAKED_SECTIONS: tuple[str, ...] = ("model", "train", "quantize", "compress", "evaluate")
@@ -91,8 +100,59 @@ def baked_params(params_path: str | Path = "params.yaml") -> dict:
     return {s: config.to_dict(config.load(s, params_path)) for s in BAKED_SECTIONS}
 
 
+def _docstrings(tree: ast.Module):
+    """(owner, docstring statement) of the module, every class and every function that has one."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                yield node, first
+
+
+def without_docstrings(tree: ast.Module) -> ast.Module:
+    """`tree` with every docstring dropped (`pass` where it was the whole body), in place."""
+    for node, _ in list(_docstrings(tree)):
+        node.body = node.body[1:] or [ast.Pass()]
+    return tree
+
+
+def _char_col(line: str, byte_col: int) -> int:
+    """ast's UTF-8 byte column on `line` -> a character column."""
+    return len(line.encode("utf-8")[:byte_col].decode("utf-8"))
+
+
+def _verbatim_rows(tree: ast.Module, docs: set[int]) -> set[int]:
+    """1-based rows that end inside a string spanning lines (not a docstring): kept as they are."""
+    rows: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Constant, ast.JoinedStr)) and id(node) not in docs and node.end_lineno > node.lineno:
+            rows.update(range(node.lineno, node.end_lineno))
+    return rows
+
+
+def strip_source(text: str) -> str:
+    """Python source without comments, docstrings and blank lines. Every edit is a deletion (a
+    docstring that was a whole body becomes `pass`) at positions from `ast` and `tokenize`, so the
+    result parses to the tree of `without_docstrings(ast.parse(text))` on any Python version."""
+    tree = ast.parse(text)
+    lines = text.split("\n")
+    edits = []  # (row0, col0, row1, col1, replacement): 1-based rows, character columns
+    docs = list(_docstrings(tree))
+    for owner, stmt in docs:
+        edits.append((stmt.lineno, _char_col(lines[stmt.lineno - 1], stmt.col_offset), stmt.end_lineno,
+                      _char_col(lines[stmt.end_lineno - 1], stmt.end_col_offset), "" if owner.body[1:] else "pass"))
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type == tokenize.COMMENT:
+            edits.append((*tok.start, *tok.end, ""))
+    for r0, c0, r1, c1, new in sorted(edits, reverse=True):  # right to left, bottom up
+        lines[r0 - 1:r1] = [lines[r0 - 1][:c0] + new + lines[r1 - 1][c1:]] + [""] * (r1 - r0)  # rows keep their numbers
+    keep = _verbatim_rows(tree, {id(stmt.value) for _, stmt in docs})
+    out = (line if row in keep else line.rstrip() for row, line in enumerate(lines, 1))
+    return "\n".join(line for row, line in enumerate(out, 1) if line or row in keep) + "\n"
+
+
 def read_sources(root: str | Path = ".") -> dict[str, str]:
-    """{relative path: text} of PACKED_FILES under `root`."""
+    """{relative path: text} of PACKED_FILES under `root`, as they are (see `packed_sources`)."""
     root, out = Path(root), {}
     for rel in PACKED_FILES:
         p = root / rel
@@ -105,10 +165,15 @@ def read_sources(root: str | Path = ".") -> dict[str, str]:
     return out
 
 
+def packed_sources(root: str | Path = ".") -> dict[str, str]:
+    """{relative path: text} of PACKED_FILES under `root`, stripped (`strip_source`)."""
+    return {rel: strip_source(text) for rel, text in read_sources(root).items()}
+
+
 def build_script(root: str | Path = ".", params: dict | None = None, params_path: str | Path = "params.yaml") -> bytes:
     """The bytes of the packed train_gpt.py (deterministic)."""
     params = baked_params(params_path) if params is None else params
-    archive = json.dumps({"files": read_sources(root), "params": params}, sort_keys=True,
+    archive = json.dumps({"files": packed_sources(root), "params": params}, sort_keys=True,
                          separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     blob = base64.b85encode(lzma.compress(archive, lzma.FORMAT_RAW, filters=_FILTERS)).decode("ascii")
     return _BOOTSTRAP.format(blob=blob).encode("ascii")

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from pgolf import data, tokenizer
-from pgolf.config import ConfigError, PrepareConfig
+from pgolf import byte_tables, shards, tokenizer, tokenizer_meta
+from pgolf.config import PrepareConfig, bad
 from pgolf.corpus import CorpusError, corpus_files, iter_documents
 from pgolf.io import staged_dir, write_json
 from pgolf.progress import Progress, track
@@ -41,30 +41,27 @@ MIN_TEXT_TOKENS = 256  # fewer text tokens in a split (BOS not counted) = an emp
 # ----------------------------------------------------------------------------- config
 
 
-def validate(cfg: PrepareConfig) -> None:
-    """Range checks the type checks of pgolf.config cannot make; ConfigError names prepare.<key>."""
-    def bad(key, why):
-        raise ConfigError(f"params.yaml: prepare.{key} {why}, got {getattr(cfg, key)!r}")
-
+def check_config(cfg: PrepareConfig) -> None:
+    """Range checks of the `prepare` section (pgolf.config runs them when it loads the section)."""
     if cfg.source not in SOURCES:
-        bad("source", f"must be one of {', '.join(SOURCES)}")
+        raise bad(cfg, "source", f"must be one of {', '.join(SOURCES)}")
     if not 1 <= cfg.vocab_size <= tokenizer.MAX_VOCAB:
-        bad("vocab_size", f"must be in [1, {tokenizer.MAX_VOCAB}]")
-    if not 1 <= cfg.shard_tokens <= data.MAX_TOKENS_PER_SHARD:
-        bad("shard_tokens", f"must be in [1, {data.MAX_TOKENS_PER_SHARD}]")
+        raise bad(cfg, "vocab_size", f"must be in [1, {tokenizer.MAX_VOCAB}]")
+    if not 1 <= cfg.shard_tokens <= shards.MAX_TOKENS_PER_SHARD:
+        raise bad(cfg, "shard_tokens", f"must be in [1, {shards.MAX_TOKENS_PER_SHARD}]")
     for key in ("val_docs", "max_train_docs", "tokenizer_train_docs"):
         if getattr(cfg, key) < 0:
-            bad(key, "must be >= 0")
+            raise bad(cfg, key, "must be >= 0")
     if cfg.workers < 1:
-        bad("workers", "must be >= 1")
+        raise bad(cfg, "workers", "must be >= 1")
     if not cfg.corpus:
-        bad("corpus", "must name a file or folder")
+        raise bad(cfg, "corpus", "must name a file or folder")
     if not cfg.tokenizer:
-        bad("tokenizer", "must be a .model path or 'train'")
+        raise bad(cfg, "tokenizer", "must be a .model path or 'train'")
     if cfg.source != "fineweb" and not cfg.val_source and cfg.val_docs == 0:
-        bad("val_docs", "must be > 0 when prepare.val_source is empty (no validation documents)")
+        raise bad(cfg, "val_docs", "must be > 0 when prepare.val_source is empty (no validation documents)")
     if cfg.source == "fineweb" and cfg.tokenizer == "train":
-        bad("tokenizer", "must be the export's .model file for source 'fineweb' (its shards are pre-tokenized)")
+        raise bad(cfg, "tokenizer", "must be the export's .model file for source 'fineweb' (its shards are pre-tokenized)")
 
 
 def _path(root: Path, p: str) -> Path:
@@ -99,7 +96,7 @@ class ShardWriter:
         if self.fill == 0:
             return
         path = self.folder / f"fineweb_{self.split}_{self.shards:06d}.bin"
-        data.write_shard(path, np.concatenate(self.pending))
+        shards.write_shard(path, np.concatenate(self.pending))
         self.tokens += self.fill
         self.shards += 1
         self.pending, self.fill = [], 0
@@ -153,7 +150,7 @@ def _encoded(docs: Iterable[str], model_path: Path, workers: int, want_bytes: bo
 
 
 def encode_split(docs: Iterable[str], model_path: Path, writer: ShardWriter, workers: int,
-                 tables: data.ByteTables | None = None, desc: str = "") -> dict:
+                 tables: byte_tables.ByteTables | None = None, desc: str = "") -> dict:
     """Encode documents as [BOS] + ids into `writer`; with `tables`, byte-check every document."""
     n_docs = tab_bytes = txt_bytes = 0
     bar = Progress(f"encode {desc}", unit="doc")
@@ -175,13 +172,13 @@ def encode_split(docs: Iterable[str], model_path: Path, writer: ShardWriter, wor
 # ----------------------------------------------------------------------------- tokenizer output
 
 
-def _write_tokenizer(tdir: Path, sp: spm.SentencePieceProcessor, cfg: PrepareConfig, source: str) -> tuple[str, data.ByteTables]:
+def _write_tokenizer(tdir: Path, sp: spm.SentencePieceProcessor, cfg: PrepareConfig, source: str) -> tuple[str, byte_tables.ByteTables]:
     model = tdir / "tokenizer.model"
     sha = tokenizer.file_sha256(model)
-    write_json(tdir / data.TOKENIZER_META_FILE,
-               {"model_file": model.name, "vocab_size": int(sp.vocab_size()), "sha256": sha, "source": source})
+    tokenizer_meta.write_tokenizer_meta(
+        tdir, {"model_file": model.name, "vocab_size": int(sp.vocab_size()), "sha256": sha, "source": source})
     tables = tokenizer.build_byte_tables(sp, cfg.vocab_size, {"tokenizer_sha256": sha, "vocab_size": cfg.vocab_size})
-    tables.save(tdir / data.BYTE_TABLES_FILE)
+    tables.save(byte_tables.byte_tables_path(tdir))
     return sha, tables
 
 
@@ -248,7 +245,7 @@ def _prepare_text(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> dic
         raise CorpusError(f"{cfg.corpus}: no training documents (after taking {cfg.val_docs} for validation)"
                           if not cfg.val_source else f"{cfg.corpus}: no training documents")
     _check_not_near_empty(train, _path(root, cfg.corpus), "training")
-    val_bytes = tables.stream_bytes(data.load_tokens(data.list_shards(sdir, "val")))
+    val_bytes = tables.stream_bytes(shards.load_tokens(shards.list_shards(sdir, "val")))
     if val_bytes != val["text_bytes"]:
         raise tokenizer.TokenizerError(f"byte check failed: validation shards hold {val_bytes} bytes, "
                                        f"the decoded validation text {val['text_bytes']}")
@@ -284,16 +281,16 @@ def _prepare_fineweb(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> 
     stats = {}
     for split in ("val", "train"):
         n_tok = n_docs = 0
-        paths = data.list_shards(val_folder if split == "val" else folder, split)
+        paths = shards.list_shards(val_folder if split == "val" else folder, split)
         for p in track(paths, desc=f"check {split} shards", unit="shard"):
-            toks = data.read_shard(p)
+            toks = shards.read_shard(p)
             if toks.size and int(toks.max()) >= cfg.vocab_size:
-                raise data.ShardError(f"{p}: token id {int(toks.max())} >= prepare.vocab_size {cfg.vocab_size}")
+                raise shards.ShardError(f"{p}: token id {int(toks.max())} >= prepare.vocab_size {cfg.vocab_size}")
             n_tok += toks.size
             n_docs += int(np.count_nonzero(toks == tokenizer.BOS_ID))
             _link_or_copy(p, sdir / p.name)
         stats[split] = (n_tok, n_docs, len(paths))
-    val_bytes = tables.stream_bytes(data.load_tokens(data.list_shards(sdir, "val")))
+    val_bytes = tables.stream_bytes(shards.load_tokens(shards.list_shards(sdir, "val")))
     return {"vocab_size": int(sp.vocab_size()), "train_tokens": stats["train"][0], "val_tokens": stats["val"][0],
             "val_bytes": val_bytes, "train_docs": stats["train"][1], "val_docs": stats["val"][1],
             "tokenizer_sha256": sha, "train_shards": stats["train"][2], "val_shards": stats["val"][2],
@@ -305,7 +302,6 @@ def _prepare_fineweb(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> 
 
 def run(cfg: PrepareConfig, root: str | Path = ".") -> dict:
     """Build data/tokenizer, data/shards and metrics/prepare.json under `root`; returns the metrics."""
-    validate(cfg)
     root = Path(root)
     t0 = time.perf_counter()
     build = _prepare_fineweb if cfg.source == "fineweb" else _prepare_text

@@ -17,7 +17,7 @@ Treatment of each tensor of the exported state dict, first rule that applies (re
 
 The type label of rules 3 and 6 is "int6" whatever quantize.bits is (the contract's name for
 "the low-bit per-row codes"; `bits` says how many). int8 rows use the shared rule of
-`pgolf.int6` with qmax 127 and clip quantile quantize.int8_clip_quantile; unlike the reference
+`pgolf.rowquant` with qmax 127 and clip quantile quantize.int8_clip_quantile; unlike the reference
 `quantize_float_tensor`, values beyond the clip are clamped in the code domain (at ±127 s),
 which only differs from clipping the weight first when the 1/127 scale floor binds.
 
@@ -48,16 +48,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pgolf import lqer, tensorfile
-from pgolf.config import ConfigError, ModelConfig, QuantizeConfig
+from pgolf import lqer, tensorfile, train_files
+from pgolf.config import ConfigError, ModelConfig, QuantizeConfig, bad
 from pgolf.gptq import GPTQSpec, MatrixResult, gptq_lite_matrices, gptq_matrices
-from pgolf.int6 import dequantize, fp16_round, qmax_for, quantize, row_scale
+from pgolf.rowquant import dequantize, fp16_round, qmax_for, quantize, row_scale
 from pgolf.io import staged_dir, write_json
 from pgolf.model import GPT
 
 KIND = "quantized"
-TRAIN_DIR = Path("artifacts/train")
+TRAIN_DIR = train_files.DIR
 OUT_DIR = Path("artifacts/quant")
+QUANT_FILE = "quant.pgt"  # the codes, scales and passthrough tensors (kind KIND); compress reads it
 METRICS = Path("metrics/quant.json")
 HDIAG = "hdiag.pgt"  # name -> (C,) float32 input Hessian diagonal of each GPTQ matrix; compress reads it
 HDIAG_KIND = "hessian_diag"
@@ -67,7 +68,7 @@ INT8_QMAX = 127
 
 
 class QuantizeError(ValueError):
-    """Bad quantize input (missing or inconsistent weights/Hessians); names the file."""
+    """Bad quantize input (missing or inconsistent weights; the Hessians' are HessianError); names the file."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -75,47 +76,44 @@ class QuantizeError(ValueError):
 
 def parse_quantiles(text: str) -> tuple[float, ...]:
     """"0.999,0.9995,1.0" -> (0.999, 0.9995, 1.0); ConfigError naming quantize.clip_quantiles."""
-    bad = f"params.yaml: quantize.clip_quantiles must be comma-separated numbers in (0, 1], got {text!r}"
+    error = ConfigError(f"quantize.clip_quantiles must be comma-separated numbers in (0, 1], got {text!r}")
     parts = [p.strip() for p in str(text).split(",")]
     try:
         values = tuple(float(p) for p in parts)
     except ValueError:
-        raise ConfigError(bad) from None
+        raise error from None
     if not values or not all(0.0 < v <= 1.0 for v in values):
-        raise ConfigError(bad)
+        raise error
     return tuple(dict.fromkeys(values))  # de-duplicated, order kept (ties prefer the earlier one)
 
 
 def check_config(cfg: QuantizeConfig) -> None:
-    """Every quantize.* value usable, else ConfigError naming it (before any file is read)."""
-    def bad(key: str, why: str) -> ConfigError:
-        return ConfigError(f"params.yaml: quantize.{key} {why}, got {getattr(cfg, key)!r}")
-
+    """Range checks of the `quantize` section (pgolf.config runs them when it loads the section)."""
     try:
         qmax_for(cfg.bits)
     except ValueError:
-        raise bad("bits", "must be in the supported range [2, 8]") from None
+        raise bad(cfg, "bits", "must be in the supported range [2, 8]") from None
     if cfg.embed_mode not in EMBED_MODES:
-        raise bad("embed_mode", f"must be one of {', '.join(EMBED_MODES)}")
+        raise bad(cfg, "embed_mode", f"must be one of {', '.join(EMBED_MODES)}")
     parse_quantiles(cfg.clip_quantiles)
     if not (cfg.damp > 0 and math.isfinite(cfg.damp)):
-        raise bad("damp", "must be a positive number")
+        raise bad(cfg, "damp", "must be a positive number")
     if cfg.block_size < 1:
-        raise bad("block_size", "must be >= 1")
+        raise bad(cfg, "block_size", "must be >= 1")
     if cfg.passthrough_max_numel < 0:
-        raise bad("passthrough_max_numel", "must be >= 0")
+        raise bad(cfg, "passthrough_max_numel", "must be >= 0")
     if not 0.0 < cfg.int8_clip_quantile <= 1.0:
-        raise bad("int8_clip_quantile", "must be in (0, 1]")
+        raise bad(cfg, "int8_clip_quantile", "must be in (0, 1]")
     if cfg.device not in DEVICES:
-        raise bad("device", f"must be one of {', '.join(DEVICES)}")
+        raise bad(cfg, "device", f"must be one of {', '.join(DEVICES)}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise bad("device", "is cuda but no CUDA device is available")
+        raise bad(cfg, "device", "is cuda but no CUDA device is available")
     if cfg.lqer_top_k < 1:
-        raise bad("lqer_top_k", "must be >= 1")
+        raise bad(cfg, "lqer_top_k", "must be >= 1")
     if cfg.lqer_rank < 1:
-        raise bad("lqer_rank", "must be >= 1")
+        raise bad(cfg, "lqer_rank", "must be >= 1")
     if not 2 <= cfg.lqer_bits <= 8:
-        raise bad("lqer_bits", "must be in [2, 8]")
+        raise bad(cfg, "lqer_bits", "must be in [2, 8]")
 
 
 def resolve_device(cfg: QuantizeConfig) -> torch.device:
@@ -143,22 +141,23 @@ class Inputs:
 
 
 def load_inputs(train_dir: str | Path = TRAIN_DIR) -> Inputs:
-    """Read and check model.pgt + hessians.pgt; QuantizeError / TensorFileError naming the file."""
+    """Read and check model.pgt + hessians.pgt (pgolf.train_files); QuantizeError, HessianError or
+    TensorFileError naming the file."""
     train_dir = Path(train_dir)
-    mpath, hpath = train_dir / "model.pgt", train_dir / "hessians.pgt"
+    mpath, hpath = train_dir / train_files.MODEL_FILE, train_dir / train_files.HESSIANS_FILE
     for p in (mpath, hpath):
         if not p.is_file():
             raise QuantizeError(f"{p}: not found (run the train stage first)")
-    weights, mheader = tensorfile.load(mpath, kind="float_weights")
-    hessians, _ = tensorfile.load(hpath, kind="hessians")
-    meta = mheader["meta"]
+    weights, meta = train_files.load_weights(mpath)
+    hessians, _ = train_files.load_hessians(hpath)
     mcfg = _model_config(meta, mpath)
     with torch.device("meta"):
         model = GPT(mcfg)
     inp = Inputs(weights, meta, hessians, mcfg, model.quantizable_names(),
                  [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)])
     _check_weights(inp, model, mpath)
-    _check_hessians(inp, model.hessian_shapes(), hpath)
+    other_2d = {n: w.shape[1] for n, w in weights.items() if w.dim() == 2 and w.is_floating_point()}
+    train_files.validate_hessians(hessians, model.hessian_shapes(), str(hpath), optional=other_2d)
     return inp
 
 
@@ -187,26 +186,6 @@ def _check_weights(inp: Inputs, model: GPT, path: Path) -> None:
     for name, t in inp.weights.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise QuantizeError(f"{path}: {name} has non-finite values")
-
-
-def _check_hessians(inp: Inputs, shapes: dict[str, int], path: Path) -> None:
-    """One finite (n, n) Hessian with a non-negative diagonal per block matrix; extras must fit
-    a 2-D weight of model.pgt (they are then used for that matrix)."""
-    missing = [n for n in inp.block_names if n not in inp.hessians]
-    if missing:
-        raise QuantizeError(f"{path}: no Hessian for {len(missing)} quantizable matrix(es), e.g. {missing[0]}")
-    for name, h in inp.hessians.items():
-        w = inp.weights.get(name)
-        if w is None or w.dim() != 2:
-            raise QuantizeError(f"{path}: Hessian {name!r} matches no 2-D weight of model.pgt")
-        n = shapes.get(name, w.shape[1])
-        if tuple(h.shape) != (n, n):
-            raise QuantizeError(f"{path}: Hessian {name} has shape {tuple(h.shape)}, expected ({n}, {n})")
-        if not h.is_floating_point() or not torch.isfinite(h).all():
-            raise QuantizeError(f"{path}: Hessian {name} has NaN/inf (or non-float) entries")
-        d = torch.diagonal(h.float())
-        if float(d.min()) < -1e-6 * max(float(d.abs().max()), 1e-30):
-            raise QuantizeError(f"{path}: Hessian {name} has a negative diagonal entry {float(d.min()):.3e}")
 
 
 # ----------------------------------------------------------------------------- treatment plan
@@ -332,7 +311,7 @@ def _gptq_row(r: MatrixResult, cands: tuple[float, ...], qmax: int) -> dict:
 # ----------------------------------------------------------------------------- the stage
 
 
-def qat_bits(meta: dict, path: Path = TRAIN_DIR / "model.pgt") -> int | None:
+def qat_bits(meta: dict, path: Path = TRAIN_DIR / train_files.MODEL_FILE) -> int | None:
     """The bits training's late QAT used (model.pgt meta `qat_bits`), None when the meta predates it."""
     bits = meta.get("qat_bits")
     if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8):
@@ -351,19 +330,19 @@ def qat_warning(m: dict) -> str | None:
 
 def run(cfg: QuantizeConfig, train_dir: str | Path = TRAIN_DIR, out_dir: str | Path = OUT_DIR,
         metrics_path: str | Path = METRICS) -> dict:
-    """The whole stage; outputs are written only after everything succeeded. -> the metrics dict."""
-    check_config(cfg)
+    """The whole stage (`cfg` as pgolf.config loads it); outputs are written only after everything
+    succeeded. -> the metrics dict."""
     device = resolve_device(cfg)
     t0 = time.perf_counter()
     inp = load_inputs(train_dir)
-    qat = qat_bits(inp.meta, Path(train_dir) / "model.pgt")
+    qat = qat_bits(inp.meta, Path(train_dir) / train_files.MODEL_FILE)
     qz = quantize_model(inp, cfg, device)
     seconds = time.perf_counter() - t0
     metrics = make_metrics(qz, cfg, seconds, device) | {"qat_bits": qat,
                                                        "qat_bits_match": None if qat is None else qat == cfg.bits}
     hdiag = {n: d.contiguous() for n, d in qz.hdiag.items() if d is not None}
     with staged_dir(out_dir) as tmp:
-        tensorfile.save(tmp / "quant.pgt", qz.tensors, kind=KIND, meta=qz.meta)
+        tensorfile.save(tmp / QUANT_FILE, qz.tensors, kind=KIND, meta=qz.meta)
         tensorfile.save(tmp / HDIAG, hdiag, kind=HDIAG_KIND, meta={"bits": cfg.bits})
         write_json(tmp / "table.json", make_table(qz, cfg))
     write_json(metrics_path, metrics)

@@ -26,8 +26,8 @@ from pgolf import compress, config, dist, evaluate, prepare, quantize, train
 from pgolf.artifact import ArtifactError
 from pgolf.compress import CompressError, build, over_cap_message
 from pgolf.corpus import CorpusError
-from pgolf.data import ShardError
-from pgolf.hessian import HessianError
+from pgolf.shards import ShardError
+from pgolf.train_files import HessianError
 from pgolf.io import OutputError
 from pgolf.prune import PruneError
 from pgolf.tensorfile import TensorFileError
@@ -47,13 +47,8 @@ class RecipeError(ValueError):
 
 
 def configs(params: dict) -> dict:
-    """{section: dataclass} of the baked params, range-checked as the stages check them."""
-    cfgs = {s: config.from_dict(s, params.get(s)) for s in ("model", "train", "quantize", "compress", "evaluate")}
-    train.validate(cfgs["train"], cfgs["model"])
-    quantize.check_config(cfgs["quantize"])
-    compress.check_config(cfgs["compress"])
-    evaluate.validate(cfgs["evaluate"])
-    return cfgs
+    """{section: dataclass} of the baked params, checked as pgolf.config checks every loaded section."""
+    return {s: config.from_dict(s, params.get(s)) for s in ("model", "train", "quantize", "compress", "evaluate")}
 
 
 def challenge_inputs(cwd: Path, vocab: int) -> tuple[Path, Path]:
@@ -86,8 +81,8 @@ def _barrier(info: dist.DistInfo) -> None:
 
 
 def _prepare(shards: Path, tok: Path, vocab: int, work: Path) -> dict:
-    cfg = config.PrepareConfig(source="fineweb", corpus=str(shards), val_source="", tokenizer=str(tok),
-                               vocab_size=vocab, workers=1)
+    cfg = config.check(config.PrepareConfig(source="fineweb", corpus=str(shards), val_source="", tokenizer=str(tok),
+                                            vocab_size=vocab, workers=1))
     return prepare.run(cfg, root=work)
 
 

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from pgolf import train_files
+
 CAP_BYTES = 16_000_000  # the challenge's decimal cap
 TRAIN_LIMIT_S = 600.0
 EVAL_LIMIT_S = 600.0
@@ -163,7 +165,7 @@ def check(root: str | Path = ".", max_tokens: int | None = None) -> list[Rule]:
     train = read_metrics(root, "train", ("train_seconds", "steps", "world_size"))
     ev = read_metrics(root, "eval", ("eval_seconds", "scored_tokens", "stride", "context"))
     prep = read_metrics(root, "prepare", ("val_tokens",))
-    log = root / "artifacts" / "train" / "train.log"
+    log = root / train_files.DIR / train_files.LOG_FILE
     if not log.is_file():
         raise RulesError(f"{log}: train log missing (run `dvc repro` first)")
     if max_tokens is None:

@@ -58,14 +58,17 @@ import torch.distributed as tdist
 from torch import Tensor
 from torch.profiler import record_function
 
-from pgolf import checkpoint, dist, hessian, tensorfile
+from pgolf import checkpoint, dist, hessian, train_files
 from pgolf.averages import WeightAverages
-from pgolf.config import ConfigError, ModelConfig, TrainConfig
-from pgolf.data import (DistributedTokenLoader, list_shards, load_byte_tables, max_token_id,
-                        read_shard, read_shard_header, read_tokenizer_meta)
+from pgolf.config import ConfigError, ModelConfig, TrainConfig, bad
+from pgolf.byte_tables import byte_tables_path, load_byte_tables
+from pgolf.loader import DistributedTokenLoader
+from pgolf.shards import list_shards, max_token_id, read_shard, read_shard_header
+from pgolf.tokenizer_meta import read_tokenizer_meta, tokenizer_meta_path
 from pgolf.io import atomic_write_text, staged_dir, write_json
-from pgolf.model import GPT, QAT_BITS, layer_order, validate_config
+from pgolf.model import GPT, QAT_BITS, layer_order
 from pgolf.optim import build_optimizers, ns_coefficients
+from pgolf.schedule import lr_multiplier, lr_scale, muon_momentum_at, parse_seq_len_schedule, seq_len_at, training_frac
 from pgolf.timing import Clock, StepTimer
 
 TSV_COLUMNS = ("step", "train_loss", "lr_scale", "tokens_per_second")
@@ -88,7 +91,7 @@ class Paths:
 
     shards: Path = Path("data/shards")
     tokenizer: Path = Path("data/tokenizer")
-    out_dir: Path = Path("artifacts/train")
+    out_dir: Path = train_files.DIR
     metrics: Path = Path("metrics/train.json")
     plots: Path = Path("plots/train.tsv")
 
@@ -106,79 +109,41 @@ class TrainResult:
 # ----------------------------------------------------------------------------- config checks
 
 
-def validate(cfg: TrainConfig, mcfg: ModelConfig) -> None:
-    """Range checks of the `train` section (and the model's own); ConfigError names the key."""
-    def bad(key, why):
-        raise ConfigError(f"params.yaml: train.{key} {why}, got {getattr(cfg, key)!r}")
-
-    try:
-        validate_config(mcfg)
-    except ValueError as e:
-        raise ConfigError(f"params.yaml: {e}") from None
+def check_config(cfg: TrainConfig) -> None:
+    """Range checks of the `train` section (pgolf.config runs them when it loads the section)."""
     if cfg.device not in ("auto", "cpu", "cuda"):
-        bad("device", "must be auto, cpu or cuda")
+        raise bad(cfg, "device", "must be auto, cpu or cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        bad("device", "is cuda but CUDA is not available")
+        raise bad(cfg, "device", "is cuda but CUDA is not available")
     if cfg.muon_comm_dtype not in ("auto", "bf16", "fp32"):
-        bad("muon_comm_dtype", "must be auto, bf16 or fp32")
+        raise bad(cfg, "muon_comm_dtype", "must be auto, bf16 or fp32")
     for key in ("nproc_per_node", "batch_tokens", "seq_len", "iterations", "muon_ns_steps", "swa_every",
                 "val_batch_seqs"):
         if getattr(cfg, key) < 1:
-            bad(key, "must be >= 1")
+            raise bad(cfg, key, "must be >= 1")
     for key in ("grad_accum_steps", "warmdown_iters", "warmup_steps", "muon_momentum_warmup_steps",
                 "hessian_every", "val_tokens", "log_every", "checkpoint_every", "max_wallclock_seconds",
                 "matrix_lr", "scalar_lr", "tied_embed_lr", "muon_wd", "adam_wd", "grad_clip"):
         if not getattr(cfg, key) >= 0:  # also rejects NaN
-            bad(key, "must be >= 0")
+            raise bad(cfg, key, "must be >= 0")
     for key in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
-            bad(key, "must be in [0, 1)")
-    try:
-        ns_coefficients(cfg.muon_ns_coeffs, cfg.muon_ns_steps)
-    except ValueError as e:
-        raise ConfigError(f"params.yaml: {e}") from None
+            raise bad(cfg, key, "must be in [0, 1)")
+    ns_coefficients(cfg.muon_ns_coeffs, cfg.muon_ns_steps)  # ValueError naming train.muon_ns_*
     for key in ("swa_threshold", "late_qat_threshold", "min_lr", "loop_enable_frac"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
-            bad(key, "must be in [0, 1]")
+            raise bad(cfg, key, "must be in [0, 1]")
     if not cfg.hessian_start_scale >= 0:  # > 1: capture from the first step (the scale is <= 1)
-        bad("hessian_start_scale", "must be >= 0")
+        raise bad(cfg, "hessian_start_scale", "must be >= 0")
     if not 0.0 < cfg.qat_clip_quantile <= 1.0:
-        bad("qat_clip_quantile", "must be in (0, 1]")
+        raise bad(cfg, "qat_clip_quantile", "must be in (0, 1]")
     if not cfg.adam_eps > 0:
-        bad("adam_eps", "must be > 0")
+        raise bad(cfg, "adam_eps", "must be > 0")
     if cfg.checkpoint_every > 0 and not cfg.checkpoint_dir:
-        bad("checkpoint_dir", "must name a folder when train.checkpoint_every > 0")
+        raise bad(cfg, "checkpoint_dir", "must name a folder when train.checkpoint_every > 0")
     if cfg.seq_len > cfg.batch_tokens:
-        bad("seq_len", f"must be <= train.batch_tokens ({cfg.batch_tokens})")
+        raise bad(cfg, "seq_len", f"must be <= train.batch_tokens ({cfg.batch_tokens})")
     parse_seq_len_schedule(cfg)
-
-
-def parse_seq_len_schedule(cfg: TrainConfig) -> list[tuple[int, float]]:
-    """`train.seq_len_schedule` "LEN@FRAC,..." -> [(LEN, FRAC)]: each LEN (<= train.seq_len) is used
-    while training_frac < its FRAC (increasing, in (0, 1]), then train.seq_len. "" -> []."""
-    if not cfg.seq_len_schedule.strip():
-        return []
-    out = []
-    for item in cfg.seq_len_schedule.split(","):
-        try:
-            length, frac = item.split("@")
-            out.append((int(length), float(frac)))
-        except ValueError:
-            raise ConfigError(f"params.yaml: train.seq_len_schedule must be 'LEN@FRAC,...', got "
-                              f"{cfg.seq_len_schedule!r}") from None
-    fracs = [f for _, f in out]
-    if not all(0 < f <= 1 for f in fracs) or fracs != sorted(set(fracs)):
-        raise ConfigError(f"params.yaml: train.seq_len_schedule fractions must increase within (0, 1], "
-                          f"got {cfg.seq_len_schedule!r}")
-    if not all(1 <= n <= cfg.seq_len for n, _ in out):
-        raise ConfigError(f"params.yaml: train.seq_len_schedule lengths must be in [1, train.seq_len="
-                          f"{cfg.seq_len}], got {cfg.seq_len_schedule!r}")
-    return out
-
-
-def seq_len_at(frac: float, cfg: TrainConfig, schedule: list[tuple[int, float]]) -> int:
-    """The training sequence length at training_frac `frac` under the parsed schedule."""
-    return next((n for n, until in schedule if frac < until), cfg.seq_len)
 
 
 def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
@@ -196,49 +161,6 @@ def check_batch(cfg: TrainConfig, world_size: int, accum: int) -> int:
                 f"params.yaml: train.batch_tokens ({cfg.batch_tokens}) must be divisible by world_size * "
                 f"grad_accum_steps * train.{key} = {world_size} * {accum} * {n} = {denom}")
     return cfg.batch_tokens // (world_size * accum)
-
-
-# ----------------------------------------------------------------------------- schedule
-
-
-def lr_scale(step: int, elapsed_ms: float, cfg: TrainConfig) -> float:
-    """The warmdown multiplier before step `step` (0-based) after `elapsed_ms` of training (§4.5).
-
-    Wallclock: step_ms = elapsed/step, W = warmdown_iters*step_ms, R = max(cap - elapsed, 0),
-    scale = R/W if R <= W else 1. Step-based (cap 0): (iterations - step)/warmdown_iters over
-    the last warmdown_iters steps, else 1. warmdown_iters 0: always 1.
-    """
-    if cfg.warmdown_iters <= 0:
-        return 1.0
-    if cfg.max_wallclock_seconds <= 0:
-        start = max(cfg.iterations - cfg.warmdown_iters, 0)
-        if start <= step < cfg.iterations:
-            return max((cfg.iterations - step) / cfg.warmdown_iters, 0.0)
-        return 1.0
-    step_ms = elapsed_ms / max(step, 1)
-    warmdown_ms = cfg.warmdown_iters * step_ms
-    remaining_ms = max(cfg.max_wallclock_seconds * 1000.0 - elapsed_ms, 0.0)
-    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
-
-
-def lr_multiplier(scale: float, cfg: TrainConfig) -> float:
-    """The lr multiplier the optimizers get: the warmdown scale floored at `train.min_lr` (the
-    records' MIN_LR). Late QAT, SWA and the Hessian window keep reading the unfloored scale."""
-    return max(scale, cfg.min_lr)
-
-
-def training_frac(step: int, elapsed_ms: float, cfg: TrainConfig) -> float:
-    """How far training is before step `step`: elapsed / cap with a wallclock cap, else
-    step / iterations (the records' rule for switching depth recurrence on)."""
-    cap_ms = cfg.max_wallclock_seconds * 1000.0
-    return elapsed_ms / cap_ms if cap_ms > 0 else step / cfg.iterations
-
-
-def muon_momentum_at(step: int, cfg: TrainConfig) -> float:
-    """Linear ramp muon_momentum_warmup_start -> muon_momentum over muon_momentum_warmup_steps."""
-    n = cfg.muon_momentum_warmup_steps
-    frac = min(step / n, 1.0) if n > 0 else 1.0
-    return (1.0 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
 
 
 # ----------------------------------------------------------------------------- run log
@@ -290,13 +212,13 @@ def check_inputs(paths: Paths, mcfg: ModelConfig, cfg: TrainConfig) -> Inputs:
         meta = read_tokenizer_meta(paths.tokenizer)
     except ValueError as e:
         raise TrainError(str(e)) from None
-    meta_path = Path(paths.tokenizer) / "tokenizer.json"
+    meta_path = tokenizer_meta_path(paths.tokenizer)
     if int(meta["vocab_size"]) != mcfg.vocab_size:
         raise TrainError(f"model.vocab_size is {mcfg.vocab_size} but {meta_path} says the tokenizer has "
                          f"{meta['vocab_size']} tokens; set model.vocab_size to {meta['vocab_size']}")
     tables = load_byte_tables(paths.tokenizer)
     if tables.vocab_size != mcfg.vocab_size:
-        raise TrainError(f"{Path(paths.tokenizer) / 'byte_tables.pgt'}: byte tables cover {tables.vocab_size} "
+        raise TrainError(f"{byte_tables_path(paths.tokenizer)}: byte tables cover {tables.vocab_size} "
                          f"tokens, model.vocab_size is {mcfg.vocab_size}")
     for shard in train:  # every shard, before step 1 (a bad id would otherwise fail at its step)
         top = max_token_id(shard)
@@ -636,7 +558,7 @@ class Trainer:
         if self.hess_schedule.needs_fallback():
             self._fallback_hessian()
         hess, hmeta = self.hess.finalize()
-        hessian.validate(hess, self.model.hessian_shapes(), "online Hessians")
+        train_files.validate_hessians(hess, self.model.hessian_shapes(), "online Hessians")
         final = self.avg.final()
         with torch.no_grad():
             for n, p in self.model.named_parameters():
@@ -719,10 +641,9 @@ def write_outputs(result: TrainResult, mcfg: ModelConfig, cfg: TrainConfig, path
                   tokenizer_meta: dict) -> None:
     """artifacts/train/ in one staged swap, then metrics/train.json and plots/train.tsv."""
     with staged_dir(paths.out_dir) as tmp:
-        tensorfile.save(tmp / "model.pgt", result.export, kind="float_weights",
-                        meta=model_meta(mcfg, cfg, tokenizer_meta))
-        hessian.save(tmp / "hessians.pgt", result.hessians, result.hessian_meta)
-        atomic_write_text(tmp / "train.log", result.log_text)
+        train_files.save_weights(tmp / train_files.MODEL_FILE, result.export, model_meta(mcfg, cfg, tokenizer_meta))
+        train_files.save_hessians(tmp / train_files.HESSIANS_FILE, result.hessians, result.hessian_meta)
+        atomic_write_text(tmp / train_files.LOG_FILE, result.log_text)
     write_json(paths.metrics, result.metrics)
     log = RunLog(False)
     log.rows = result.rows
@@ -731,11 +652,10 @@ def write_outputs(result: TrainResult, mcfg: ModelConfig, cfg: TrainConfig, path
 
 def run(mcfg: ModelConfig, cfg: TrainConfig, paths: Paths | None = None,
         on_step: Callable[[Trainer], None] | None = None) -> TrainResult:
-    """Validate, train (resuming from a matching checkpoint), write the outputs (rank 0),
-    delete the checkpoint. `on_step(trainer)` runs after every completed step (trainer.step
+    """Train (resuming from a matching checkpoint), write the outputs (rank 0), delete the
+    checkpoint; `mcfg` and `cfg` as pgolf.config loads them (range-checked there). `on_step(trainer)` runs after every completed step (trainer.step
     steps done, checkpoint already written): tests use it to observe or to simulate a crash."""
     paths = paths or Paths()
-    validate(cfg, mcfg)
     info = dist.init(cfg.device)
     check_batch(cfg, info.world_size, resolve_grad_accum(cfg, info.world_size))
     inputs = check_inputs(paths, mcfg, cfg)

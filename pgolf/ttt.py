@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from pgolf import bpb
-from pgolf.config import ConfigError, EvaluateConfig
-from pgolf.data import ByteTables
+from pgolf.config import ConfigError, EvaluateConfig, bad
+from pgolf.byte_tables import ByteTables
 from pgolf.dist import all_reduce_
 from pgolf.model import MATRIX_KINDS
 from pgolf.progress import track
@@ -57,31 +57,28 @@ def parse_targets(text: str) -> tuple[str, ...]:
     kinds = tuple(dict.fromkeys(k.strip() for k in str(text).split(",") if k.strip()))
     bad = [k for k in kinds if k not in MATRIX_KINDS]
     if not kinds or bad:
-        raise ConfigError(f"params.yaml: evaluate.ttt_targets must be a comma-separated subset of "
+        raise ConfigError(f"evaluate.ttt_targets must be a comma-separated subset of "
                           f"{','.join(MATRIX_KINDS)}; got {text!r}")
     return kinds
 
 
-def validate(cfg: EvaluateConfig) -> None:
-    """Every evaluate.ttt_* value usable (checked even while TTT is off), else ConfigError naming it."""
-    def bad(key: str, why: str) -> ConfigError:
-        return ConfigError(f"params.yaml: evaluate.{key} {why}, got {getattr(cfg, key)!r}")
-
+def check_config(cfg: EvaluateConfig) -> None:
+    """Range checks of the evaluate.ttt_* keys (even while TTT is off; pgolf.evaluate.check_config runs them)."""
     for key, allowed in (("ttt_mode", MODES), ("ttt_optimizer", OPTIMIZERS), ("ttt_lr_schedule", SCHEDULES)):
         if getattr(cfg, key) not in allowed:
-            raise bad(key, f"must be one of {', '.join(allowed)}")
+            raise bad(cfg, key, f"must be one of {', '.join(allowed)}")
     parse_targets(cfg.ttt_targets)
     for key, low in (("ttt_first_layer", 0), ("ttt_rank", 1), ("ttt_epochs", 1), ("ttt_batch_seqs", 1),
                      ("ttt_weight_decay", 0), ("ttt_grad_clip", 0)):
         if getattr(cfg, key) < low:
-            raise bad(key, f"must be >= {low}")
+            raise bad(cfg, key, f"must be >= {low}")
     for key in ("ttt_momentum", "ttt_beta2"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
-            raise bad(key, "must be in [0, 1)")
+            raise bad(cfg, key, "must be in [0, 1)")
     if not (cfg.ttt_lr > 0 and math.isfinite(cfg.ttt_lr)):
-        raise bad("ttt_lr", "must be a positive number")
+        raise bad(cfg, "ttt_lr", "must be a positive number")
     if cfg.ttt_chunk_tokens < max(cfg.stride, 1):
-        raise bad("ttt_chunk_tokens", f"must be >= evaluate.stride ({cfg.stride}) and >= 1 (a chunk shorter "
+        raise bad(cfg, "ttt_chunk_tokens", f"must be >= evaluate.stride ({cfg.stride}) and >= 1 (a chunk shorter "
                                       f"than the stride would split one window's scored targets)")
 
 
@@ -222,7 +219,6 @@ def eval_ttt(model, tokens: np.ndarray, tables: ByteTables, cfg: EvaluateConfig,
 
     Adapts `model` in place (parametrized banks): build it fresh from the artifact for anything else.
     """
-    validate(cfg)
     device = torch.device(device)
     tokens = np.asarray(tokens)
     bpb.check_vocab(model, tokens, tables)

@@ -14,23 +14,21 @@ from pgolf import artifact, config, pack, tensorfile
 from pgolf.compress import CompressError, build, over_cap_message, summary_line
 from pgolf.io import OutputError
 from pgolf.prune import PruneError
+from stages import entry, fail
 
 __all__ = ["CompressError", "build", "main"]
+EXPECTED_ERRORS = (config.ConfigError, tensorfile.TensorFileError, CompressError, PruneError, pack.PackError,
+                   FileNotFoundError, OutputError)
 
 
+@entry("compress", EXPECTED_ERRORS)
 def main() -> int:
-    try:
-        cfg = config.load("compress")
-        script = pack.build_script(Path("."))
-        m = build(cfg, script, eval_files=artifact.code_files("."))
-    except (config.ConfigError, tensorfile.TensorFileError, CompressError, PruneError, pack.PackError,
-            FileNotFoundError, OutputError) as e:
-        print(f"compress: error: {e}", file=sys.stderr)
-        return 1
+    cfg = config.load("compress")
+    script = pack.build_script(Path("."))
+    m = build(cfg, script, eval_files=artifact.code_files("."))
     print(summary_line(m))
     if not m["under_cap"]:
-        print(f"compress: error: {over_cap_message(m)}; metrics/size.json written", file=sys.stderr)
-        return 1
+        return fail("compress", f"{over_cap_message(m)}; metrics/size.json written")
     return 0
 
 

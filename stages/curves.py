@@ -7,14 +7,12 @@ import sys
 
 from pgolf.curves import CurvesError, run
 from pgolf.io import OutputError
+from stages import entry
 
 
+@entry("curves", (CurvesError, OutputError))
 def main() -> int:
-    try:
-        png = run()
-    except (CurvesError, OutputError) as e:
-        print(f"curves: error: {e}", file=sys.stderr)
-        return 1
+    png = run()
     print(f"curves: wrote {png} ({png.stat().st_size:,} bytes)")
     return 0
 

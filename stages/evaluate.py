@@ -8,39 +8,26 @@ the stage re-executes itself through torchrun; every rank scores its share, rank
 
 from __future__ import annotations
 
-import os
 import sys
 
 from pgolf import config, dist
 from pgolf.artifact import ArtifactError
-from pgolf.data import ShardError
-from pgolf.evaluate import EvaluateError, run, validate
+from pgolf.shards import ShardError
+from pgolf.evaluate import EvaluateError, run
 from pgolf.tensorfile import TensorFileError
 from pgolf.io import OutputError
+from stages import entry
 
 EXPECTED_ERRORS = (OutputError, config.ConfigError, ArtifactError, TensorFileError, ShardError, EvaluateError,
                    FileNotFoundError, ValueError)
 
 
-def _error(e: Exception) -> int:
-    rank = int(os.environ.get("RANK", 0))
-    where = f"evaluate (rank {rank})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "evaluate"
-    print(f"{where}: error: {e}", file=sys.stderr)
-    return 1
-
-
+@entry("evaluate", EXPECTED_ERRORS)
 def main() -> int:
-    try:
-        cfg = config.load("evaluate")
-        validate(cfg)
-    except EXPECTED_ERRORS as e:
-        return _error(e)
+    cfg = config.load("evaluate")
     if cfg.nproc_per_node > 1 and not dist.under_torchrun():
         return dist.relaunch_with_torchrun("stages.evaluate", cfg.nproc_per_node)
-    try:
-        m = run(cfg)
-    except EXPECTED_ERRORS as e:
-        return _error(e)
+    m = run(cfg)
     dist.shutdown()
     dist.print0(f"evaluate: val_bpb {m['val_bpb']:.5f} (sliding, context {m['context']}, stride {m['stride']}, "
                 f"{m['windows']:,} windows), non-sliding {m['val_bpb_nonsliding']:.5f}, "

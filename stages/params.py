@@ -8,14 +8,12 @@ import sys
 from pgolf import config
 from pgolf.io import OutputError
 from pgolf.params import run
+from stages import entry
 
 
+@entry("params", (config.ConfigError, OutputError))
 def main() -> int:
-    try:
-        cfgs = run()
-    except (config.ConfigError, OutputError) as e:
-        print(f"params: error: {e}", file=sys.stderr)
-        return 1
+    cfgs = run()
     print(f"params: {len(cfgs)} sections of params.yaml checked ({', '.join(cfgs)})")
     return 0
 

@@ -12,16 +12,16 @@ from pgolf import config
 from pgolf.io import OutputError
 from pgolf.quantize import QuantizeError, qat_warning, run, summary_line
 from pgolf.tensorfile import TensorFileError
+from pgolf.train_files import HessianError
 
-EXPECTED_ERRORS = (OutputError, config.ConfigError, QuantizeError, TensorFileError, FileNotFoundError)
+from stages import entry
+
+EXPECTED_ERRORS = (OutputError, config.ConfigError, QuantizeError, HessianError, TensorFileError, FileNotFoundError)
 
 
+@entry("quantize", EXPECTED_ERRORS)
 def main() -> int:
-    try:
-        m = run(config.load("quantize"))
-    except EXPECTED_ERRORS as e:
-        print(f"quantize: error: {e}", file=sys.stderr)
-        return 1
+    m = run(config.load("quantize"))
     warning = qat_warning(m)
     if warning:
         print(warning)

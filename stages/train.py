@@ -6,39 +6,27 @@ through torchrun, one process per GPU; every process runs pgolf.train.run, rank 
 
 from __future__ import annotations
 
-import os
 import sys
 
 from pgolf import config, dist
-from pgolf.data import ShardError
-from pgolf.hessian import HessianError
+from pgolf.shards import ShardError
+from pgolf.train_files import HessianError
 from pgolf.tensorfile import TensorFileError
-from pgolf.train import TrainError, run, validate
+from pgolf.train import TrainError, run
 from pgolf.io import OutputError
 
+from stages import entry
+
 EXPECTED_ERRORS = (OutputError, config.ConfigError, ShardError, TensorFileError, TrainError, HessianError, FileNotFoundError)
+SAME_ON_EVERY_RANK = (config.ConfigError, ShardError, TrainError)  # printed by rank 0 alone
 
 
-def _error(e: Exception) -> int:
-    rank = int(os.environ.get("RANK", 0))
-    where = f"train (rank {rank})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "train"
-    if rank == 0 or not isinstance(e, (config.ConfigError, ShardError, TrainError)):
-        print(f"{where}: error: {e}", file=sys.stderr)
-    return 1
-
-
+@entry("train", EXPECTED_ERRORS, rank0_only=SAME_ON_EVERY_RANK)
 def main() -> int:
-    try:
-        mcfg, tcfg = config.load("model"), config.load("train")
-        validate(tcfg, mcfg)
-    except EXPECTED_ERRORS as e:
-        return _error(e)
+    mcfg, tcfg = config.load("model"), config.load("train")
     if tcfg.nproc_per_node > 1 and not dist.under_torchrun():
         return dist.relaunch_with_torchrun("stages.train", tcfg.nproc_per_node)
-    try:
-        result = run(mcfg, tcfg)
-    except EXPECTED_ERRORS as e:
-        return _error(e)  # no barrier: the process exit ends the group (torchrun stops the others)
+    result = run(mcfg, tcfg)
     dist.shutdown()
     m = result.metrics
     dist.print0(f"train: {m['steps']} steps, {m['train_seconds']:.1f} s, {m['tokens_per_second']:,.0f} tokens/s, "

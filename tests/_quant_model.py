@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from conftest import single_thread
-from pgolf import tensorfile
+from pgolf import train_files
 from pgolf.config import ModelConfig
 from pgolf.model import GPT
 
@@ -79,10 +79,10 @@ def write_train_dir(root: Path, weights=None, hessians=None, meta=None) -> Path:
     w, h, _ = trained()
     d = root / "artifacts" / "train"
     d.mkdir(parents=True, exist_ok=True)
-    tensorfile.save(d / "model.pgt", weights if weights is not None else w, kind="float_weights",
-                    meta=meta if meta is not None else model_meta())
-    tensorfile.save(d / "hessians.pgt", hessians if hessians is not None else h, kind="hessians",
-                    meta={"rows": 64 * SEQ, "accumulations": 1, "world_size": 1})
+    train_files.save_weights(d / train_files.MODEL_FILE, weights if weights is not None else w,
+                             meta if meta is not None else model_meta())
+    train_files.save_hessians(d / train_files.HESSIANS_FILE, hessians if hessians is not None else h,
+                              {"rows": 64 * SEQ, "accumulations": 1, "world_size": 1})
     return d
 
 

@@ -15,6 +15,7 @@ import zstandard
 
 from pgolf import artifact as A
 from pgolf import tensorfile
+from pgolf import config
 from pgolf.config import CompressConfig, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,14 +193,14 @@ def test_sizes_choose_and_forced_codec():
         c, b = A.choose(raw, dataclasses.replace(FAST, codec=forced))
         assert c == forced and len(b) == s[forced]
         assert A.decompress(b) == (forced, raw)
-    with pytest.raises(ConfigError, match="compress.codec"):
-        A.choose(raw, dataclasses.replace(FAST, codec="gzip"))
+    with pytest.raises(ConfigError, match="compress.codec"):  # checked where params are loaded
+        config.check(dataclasses.replace(FAST, codec="gzip"))
 
 
 def test_lzma_preset_and_extreme_are_used():
     raw = A.serialize(every_dtype(), {"quant": {}}) * 20
-    small = A.compress(raw, "lzma", dataclasses.replace(CFG, lzma_preset=0))
-    best = A.compress(raw, "lzma", dataclasses.replace(CFG, lzma_preset=9, lzma_extreme=True))
+    small = A.compress(raw, "lzma", dataclasses.replace(CFG, lzma_chunk_bytes=0, lzma_preset=0))
+    best = A.compress(raw, "lzma", dataclasses.replace(CFG, lzma_chunk_bytes=0, lzma_preset=9, lzma_extreme=True))
     assert best[A.HEADER_BYTES:] == lzma.compress(A._head_last(raw), format=lzma.FORMAT_RAW, filters=[
         {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
     assert len(best) <= len(small)

@@ -3,6 +3,7 @@ how the reference's log is read and stopped, and the steady-state rule both prog
 
 from __future__ import annotations
 
+import argparse
 import sys
 import textwrap
 from pathlib import Path
@@ -51,3 +52,12 @@ def test_paths_are_resolved_and_checked(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["bench_vs_ref", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o.json")])
     with pytest.raises(SystemExit):
         B.main()
+
+
+def test_plan_runs_both_programs_per_batch_in_order_then_a_warm_pgolf_run():
+    args = argparse.Namespace(batches=[196608], pgolf_extra=[], variants=1)
+    assert B.plan(args) == [("pgolf", 196608, []), ("reference", 196608, None),
+                                       ("pgolf", 196608, ["--profile-steps", "0"])]
+    args = argparse.Namespace(batches=[786432, 196608], pgolf_extra=["--no-hessian"], variants=0)
+    assert [(p, b) for p, b, _ in B.plan(args)] == [
+        ("pgolf", 786432), ("reference", 786432), ("pgolf", 196608), ("reference", 196608)]

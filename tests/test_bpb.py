@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from conftest import CROSS_PATH_RTOL, tiny_model
 from pgolf import bpb
-from pgolf.data import ByteTables, write_shard
+from pgolf.byte_tables import ByteTables
+from pgolf.shards import write_shard
 
 
 

@@ -10,6 +10,7 @@ import brotli
 import pytest
 
 from pgolf import artifact as A
+from pgolf import config
 from pgolf.config import CompressConfig, ConfigError
 from test_artifact import bits_equal, every_dtype
 from test_compress import build, workdir  # noqa: F401 - fixture
@@ -91,13 +92,14 @@ def test_corrupt_brotli_body_names_the_file():
     ({"brotli_window": 9}, "compress.brotli_window must be in [10, 24], got 9"),
 ])
 def test_bad_codec_params_are_named(over, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        A.choose(b"x" * 100, dataclasses.replace(FAST, **over))
+    """Checked once, where the compress section is loaded (config.check)."""
+    with pytest.raises(ConfigError, match="params.yaml: " + message.replace("[", r"\[").replace("]", r"\]")):
+        config.check(dataclasses.replace(FAST, **over))
 
 
 def test_unknown_codec_name_in_the_compress_stage(workdir):  # noqa: F811
     with pytest.raises(ConfigError, match="compress.codec must be one of auto, lzma, zstd, brotli; got 'lz4'"):
-        build(workdir, dataclasses.replace(FAST, codec="lz4"))
+        config.from_dict("compress", {"codec": "lz4"})
 
 
 def test_brotli_decompression_is_bounded(monkeypatch):

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import MICRO_CFG, params_yaml, tiny_model
-from pgolf import artifact, pack, tensorfile
+from pgolf import artifact, config, pack, tensorfile
 from pgolf.config import CompressConfig
-from pgolf.int6 import qmax_for, quantize, row_scale
+from pgolf.rowquant import qmax_for, quantize, row_scale
 from pgolf.model import GPT
 from stages import compress
 
@@ -142,8 +142,8 @@ def test_stage_cli_and_bad_input(workdir):
 
 
 def test_bad_codec_param(workdir):
-    with pytest.raises(Exception, match="compress.codec"):
-        build(workdir, dataclasses.replace(FAST, codec="gzip"))
+    with pytest.raises(config.ConfigError, match="compress.codec"):  # checked where params are loaded
+        config.check(dataclasses.replace(FAST, codec="gzip"))
 
 
 def test_quant_meta_missing_key(workdir):

@@ -20,7 +20,7 @@ from pgolf.config import CompressConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CODE = b"#" * 88_000  # a stand-in for the packed train_gpt.py
-CFG = CompressConfig(codec="zstd", zstd_level=19)
+CFG = CompressConfig(codec="zstd", zstd_level=19, prune_slack_bytes=0)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,32 @@ def test_record_profile_sets_every_field_too(name):
         config.from_dict(section, doc[section])
 
 
+def test_dataclass_defaults_are_the_record_profile():
+    """No third, silent profile: a key left out of a partial dict takes the record recipe's value."""
+    doc = config.read_doc(ROOT / "profiles" / "record.yaml")
+    for section, cls in config.SECTIONS.items():
+        assert cls() == config.from_doc(doc, section), f"pgolf/config.py {cls.__name__} defaults != profiles/record.yaml"
+
+
+@pytest.mark.parametrize("section,values,message", [
+    ("prepare", {"workers": 0}, "prepare.workers must be >= 1, got 0"),
+    ("model", {"num_kv_heads": 3}, "model.num_kv_heads (3) must divide model.num_heads"),
+    ("train", {"ema_decay": 1.0}, "train.ema_decay must be in [0, 1), got 1.0"),
+    ("quantize", {"bits": 9}, "quantize.bits must be in the supported range [2, 8], got 9"),
+    ("compress", {"zstd_level": 23}, "compress.zstd_level must be in [1, 22], got 23"),
+    ("evaluate", {"ttt_epochs": 0}, "evaluate.ttt_epochs must be >= 1, got 0"),
+])
+def test_every_section_is_range_checked_where_it_is_loaded(tmp_path, section, values, message):
+    doc = config.read_doc(ROOT / "profiles" / "tiny.yaml")
+    doc[section].update(values)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(config.ConfigError) as e:
+        config.load(section, tmp_path / "p.yaml")
+    assert str(e.value).startswith(f"{tmp_path / 'p.yaml'}: {message}")
+    with pytest.raises(config.ConfigError, match="^params.yaml: "):
+        config.check(config.SECTIONS[section](**values))
+
+
 def test_wrong_type_names_the_parameter():
     with pytest.raises(config.ConfigError, match=r"prepare\.vocab_size must be int"):
         config.from_dict("prepare", {"vocab_size": "big"})

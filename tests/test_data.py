@@ -1,4 +1,5 @@
-"""Tests for pgolf.data: challenge shard format, token loader, byte tables."""
+"""Tests for the token data modules: pgolf.shards (challenge shard format), pgolf.loader (the training
+token loader), pgolf.byte_tables, pgolf.tokenizer_meta."""
 
 from __future__ import annotations
 
@@ -9,16 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf import data
-from pgolf.data import (ByteTables, DistributedTokenLoader, ShardError, TokenStream, list_shards, load_byte_tables,
-                        load_tokens, read_shard, read_tokenizer_meta, write_shard)
+from pgolf import byte_tables
+from pgolf.byte_tables import ByteTables, load_byte_tables
+from pgolf.loader import DistributedTokenLoader, TokenStream
+from pgolf.shards import ShardError, list_shards, load_tokens, read_shard, write_shard
+from pgolf.tokenizer_meta import read_tokenizer_meta
 
 FIXTURE = Path(__file__).parent / "fixtures" / "fineweb_val_prefix20k.bin"  # first 20,000 official val tokens
 OFFICIAL_MODEL = Path(__file__).resolve().parents[1] / "data" / "tokenizer_src" / "fineweb_1024_bpe.model"
 
 
 def _raw_shard(tokens, magic=20240520, version=1, count=None) -> bytes:
-    """A shard built by hand from the spec (§1.1), independent of pgolf.data's writer."""
+    """A shard built by hand from the spec (§1.1), independent of pgolf.shards' writer."""
     header = struct.pack("<3i", magic, version, len(tokens) if count is None else count) + b"\0" * (1024 - 12)
     return header + struct.pack(f"<{len(tokens)}H", *tokens)
 
@@ -232,7 +235,7 @@ def test_byte_counts_hand_computed(official_tables):
 def test_byte_tables_save_load(tmp_path, official_tables):
     _, t = official_tables
     t = ByteTables(t.base_bytes, t.has_leading_space, t.is_boundary, {"tokenizer_sha256": "ab", "vocab_size": 1024})
-    t.save(tmp_path / data.BYTE_TABLES_FILE)
+    t.save(tmp_path / byte_tables.BYTE_TABLES_FILE)
     u = load_byte_tables(tmp_path)
     assert torch.equal(u.base_bytes, t.base_bytes) and u.base_bytes.dtype == torch.int16
     assert torch.equal(u.has_leading_space, t.has_leading_space) and torch.equal(u.is_boundary, t.is_boundary)

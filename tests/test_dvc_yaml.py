@@ -20,7 +20,7 @@ from pgolf.pack import BAKED_SECTIONS, PACKED_FILES
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("params", "prepare", "train", "curves", "quantize", "compress", "evaluate")
 PLUMBING = {"stages/__init__.py", "pgolf/__init__.py", "pgolf/config.py", "pgolf/io.py", "pgolf/tensorfile.py"}  # see dvc.yaml header
-TRAINING_CODE = ("pgolf/train.py", "pgolf/optim.py", "pgolf/hessian.py", "pgolf/kernels")
+TRAINING_CODE = ("pgolf/train.py", "pgolf/loader.py", "pgolf/optim.py", "pgolf/hessian.py", "pgolf/kernels")
 
 
 def _deps(stage: str) -> list[str]:
@@ -52,6 +52,11 @@ def test_downstream_stages_depend_on_training_code_only_as_packed_sources(stage)
     deps = _deps(stage)
     allowed = set(PACKED_FILES) if stage == "compress" else set()
     assert not [d for d in deps if d.startswith(TRAINING_CODE) and d not in allowed]
+
+
+def test_evaluation_code_carries_no_training_code():
+    """CODE_FILES (what scoring the artifact needs) holds no training module, the token loader included."""
+    assert not [f for f in CODE_FILES if f.startswith(TRAINING_CODE)]
 
 
 def test_compress_counts_code_bytes_so_depends_on_every_packed_source_and_baked_param():

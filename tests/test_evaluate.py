@@ -16,7 +16,8 @@ import torch
 
 from pgolf import artifact, bpb
 from pgolf.config import CompressConfig, EvaluateConfig
-from pgolf.data import ByteTables, write_shard
+from pgolf.byte_tables import ByteTables
+from pgolf.shards import write_shard
 from pgolf.evaluate import Paths, load_model, run
 from pgolf.model import GPT
 from stages import evaluate as stage

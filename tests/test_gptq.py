@@ -6,7 +6,7 @@ import torch
 
 from _quant_model import MICRO, eval_loss, trained
 from conftest import assert_codes_close
-from pgolf import int6
+from pgolf import rowquant
 from pgolf.gptq import GPTQSpec, gptq_batch, gptq_lite_batch, gptq_matrices, row_errors
 
 QS = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
@@ -39,12 +39,12 @@ def gram(X: torch.Tensor) -> torch.Tensor:
 
 def out_err(W, q, s, X) -> float:
     """||(W - q s) X^T||^2."""
-    return float(((W - int6.dequantize(q, s.float())) @ X.T).pow(2).sum())
+    return float(((W - rowquant.dequantize(q, s.float())) @ X.T).pow(2).sum())
 
 
 def rtn(W, quantile, qmax=31):
-    s = int6.row_scale(W, quantile, qmax)
-    return int6.quantize(W, s, qmax), s
+    s = rowquant.row_scale(W, quantile, qmax)
+    return rowquant.quantize(W, s, qmax), s
 
 
 def reference_gptq(W, H, s, qmax, damp):
@@ -72,7 +72,7 @@ def test_lazy_blocks_match_the_plain_reference():
     W, X = correlated(48, 80, 2000, seed=0)
     H = gram(X)
     r = one(W, H, quantiles=(1.0,), act_order=False, block_size=16)
-    ref = reference_gptq(W, H, int6.row_scale(W, 1.0, 31), 31, 0.01)
+    ref = reference_gptq(W, H, rowquant.row_scale(W, 1.0, 31), 31, 0.01)
     assert (r.q == ref).float().mean() >= 0.999  # measured: 1.0 (every code equal)
     r2 = one(W, H, quantiles=(1.0,), act_order=False, block_size=128)
     assert (r2.q == r.q).float().mean() >= 0.999
@@ -119,9 +119,9 @@ def test_beats_round_to_nearest_on_a_trained_model():
     assert held_gptq / held_rtn < 0.5
     sd_g, sd_r = dict(w), dict(w)
     for n in names:
-        sd_g[n] = int6.dequantize(res[n].q, res[n].scale.float())
+        sd_g[n] = rowquant.dequantize(res[n].q, res[n].scale.float())
         q0, s0 = rtn(w[n], 0.9995)
-        sd_r[n] = int6.dequantize(q0, s0)
+        sd_r[n] = rowquant.dequantize(q0, s0)
     base = eval_loss(w)
     assert abs(eval_loss(sd_g) - base) < abs(eval_loss(sd_r) - base)
     assert len(names) == 6 * MICRO.num_layers
@@ -138,7 +138,7 @@ def test_per_row_choice_is_the_best_candidate_of_each_row():
     for i in range(W.shape[0]):  # rows are independent: each row equals its best single run's row
         k = int(best[i])
         assert_codes_close(multi.q[i], singles[k].q[i])
-        assert multi.scale[i] == int6.row_scale(W[i:i + 1], QS[k], 31).half()[0]
+        assert multi.scale[i] == rowquant.row_scale(W[i:i + 1], QS[k], 31).half()[0]
     assert multi.err == pytest.approx(float(row_err.min(0).values.sum()), rel=1e-5)
     assert sum(multi.choice) == W.shape[0] and sum(1 for c in multi.choice if c) >= 2  # rows differ
     assert multi.q.dtype == torch.int8 and int(multi.q.abs().max()) <= 31
@@ -196,10 +196,10 @@ def test_batched_equals_one_by_one_and_is_deterministic():
 def test_bits_set_the_code_range():
     W, X = correlated(16, 32, 400, seed=11)
     for bits in (2, 4, 8):
-        qmax = int6.qmax_for(bits)
+        qmax = rowquant.qmax_for(bits)
         r = one(W, gram(X), qmax=qmax)
         assert int(r.q.abs().max()) <= qmax
-        assert torch.equal(r.scale.float(), int6.fp16_round(r.scale.float()))
+        assert torch.equal(r.scale.float(), rowquant.fp16_round(r.scale.float()))
 
 
 def test_gptq_lite_picks_per_row_mse_best():
@@ -207,8 +207,8 @@ def test_gptq_lite_picks_per_row_mse_best():
     W[::2, 0] *= 10
     r = gptq_lite_batch(W[None], GPTQSpec(qmax=31, quantiles=QS))[0]
     for i in range(20):
-        errs = [float((W[i] - int6.dequantize(*rtn(W[i:i + 1], p))[0]).pow(2).sum()) for p in QS]
-        got = float((W[i] - int6.dequantize(r.q[i:i + 1], r.scale[i:i + 1].float())[0]).pow(2).sum())
+        errs = [float((W[i] - rowquant.dequantize(*rtn(W[i:i + 1], p))[0]).pow(2).sum()) for p in QS]
+        got = float((W[i] - rowquant.dequantize(r.q[i:i + 1], r.scale[i:i + 1].float())[0]).pow(2).sum())
         assert got == pytest.approx(min(errs), rel=1e-6)
     assert r.method == "gptq_lite"
 

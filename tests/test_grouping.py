@@ -11,8 +11,9 @@ import torch
 from conftest import tiny_model
 from pgolf import artifact as A
 from pgolf import grouping, lqer
+from pgolf import config
 from pgolf.config import CompressConfig, ConfigError
-from pgolf.int6 import dequantize
+from pgolf.rowquant import dequantize
 from test_artifact import bits_equal, every_dtype
 from test_compress import build, quantized, workdir  # noqa: F401 - fixture
 
@@ -71,6 +72,8 @@ def test_corrupt_permutation_names_the_file():
 
 def test_unknown_layout_is_named():
     with pytest.raises(ConfigError, match="compress.layout must be one of flat, grouped; got 'sorted'"):
+        config.from_dict("compress", {"layout": "sorted"})
+    with pytest.raises(ValueError, match="layout must be one of flat, grouped; got 'sorted'"):
         A.serialize({}, {"quant": {}}, "sorted")
 
 

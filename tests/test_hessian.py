@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgolf import hessian
+from pgolf import hessian, train_files
 
 
 def schedule(every: int, start_scale: float, iterations: int = 10, cap_s: float = 0.0):
@@ -37,13 +37,13 @@ def test_accumulator_mean_over_rows_and_validation():
     h, meta = acc.finalize()
     ref = (x1.T @ x1 + x2.T @ x2) / 12
     assert torch.allclose(h["a"], ref, atol=1e-6) and meta == {"rows": 12, "accumulations": 2, "world_size": 1}
-    hessian.validate(h, {"a": 3})
+    train_files.validate_hessians(h, {"a": 3})
     for bad, msg in ((torch.full((3, 3), float("nan")), "non-finite"), (torch.zeros(3, 3), "all-zero"),
                      (-torch.eye(3), "negative diagonal"), (torch.ones(2, 2), r"expected float32 \(3, 3\)")):
         with pytest.raises(hessian.HessianError, match=msg):
-            hessian.validate({"a": bad}, {"a": 3})
+            train_files.validate_hessians({"a": bad}, {"a": 3})
     with pytest.raises(hessian.HessianError, match="missing Hessian"):
-        hessian.validate({}, {"a": 3})
+        train_files.validate_hessians({}, {"a": 3})
     with pytest.raises(hessian.HessianError, match="0 rows"):
         hessian.HessianAccumulator({"a": 3}, "cpu").finalize()
 
@@ -104,3 +104,14 @@ def test_hessian_overhead_from_step_times():
     s = schedule(every=5, start_scale=1.1)
     s.step_kind = kinds
     assert s.overhead(ms) == o
+
+
+def test_one_validator_for_the_file_allows_only_the_optional_extras_given():
+    """train checks its Hessians with no extras; quantize allows one for any other 2-D weight
+    (which then gets full GPTQ), of that weight's input width."""
+    good = torch.eye(3)
+    train_files.validate_hessians({"a": good, "b": torch.eye(2)}, {"a": 3}, optional={"b": 2})
+    with pytest.raises(hessian.HessianError, match="Hessian for unknown matrix 'b'"):
+        train_files.validate_hessians({"a": good, "b": torch.eye(2)}, {"a": 3})
+    with pytest.raises(hessian.HessianError, match=r"x.pgt: b is torch.float32 \(2, 2\), expected float32 \(4, 4\)"):
+        train_files.validate_hessians({"a": good, "b": torch.eye(2)}, {"a": 3}, "x.pgt", optional={"b": 4})

@@ -14,7 +14,7 @@ from pgolf import artifact, lqer
 from pgolf.compress import build
 from pgolf.config import CompressConfig
 from pgolf.evaluate import load_model
-from pgolf.int6 import dequantize
+from pgolf.rowquant import dequantize
 from test_compress import quantized
 from test_quantize import fails_cleanly, load_quant, qcfg, run_in, set_params, stage_dir  # noqa: F401 - fixture
 
@@ -141,7 +141,7 @@ def test_stage_with_lqer_and_pruning_counts_the_block(stage_dir, capsys):  # noq
     assert m["lqer_tensors"] == 2 and sum("lqer" in i for i in meta["quant"].values()) == 2
     size = len(artifact.choose(artifact.serialize(tensors, meta), CompressConfig())[1])
     target = size + 1000 - 600  # 600 bytes to prune, counting the factors (code: 1,000 bytes)
-    sm = build(CompressConfig(target_bytes=target), b"#" * 1000, stage_dir / "artifacts/quant/quant.pgt",
+    sm = build(CompressConfig(target_bytes=target, prune_slack_bytes=0), b"#" * 1000, stage_dir / "artifacts/quant/quant.pgt",
                stage_dir / "final", stage_dir / "size.json")
     assert sm["pruned_values"] > 0 and sm["total_bytes"] <= target
     back, meta2 = artifact.read_artifact(stage_dir / "final" / "model.ptz")

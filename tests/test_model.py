@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from pgolf.config import ModelConfig
-from pgolf.int6 import fake_quant
+from pgolf.rowquant import fake_quant
 from pgolf.model import (GPT, Rotary, SmearGate, bigram_hash, count_params, layer_order, mlp_hidden, softcap,
-                         validate_config, xsa)
-from pgolf.data import BOS_ID
+                         check_config, xsa)
+from pgolf.shards import BOS_ID
 
 TINY = ModelConfig(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=3,
-                   xsa_last_n=2, bigram_buckets=31, bigram_dim=8, ve_dim=8, ve_last_n=1, rope_dims=4)
+                   xsa_last_n=2, bigram_buckets=31, bigram_dim=8, ve_dim=8, ve_last_n=1, rope_dims=4,
+                   residual_dtype="fp32")
 
 
 def make_tiny(seed=0, cfg=TINY, **kw):
@@ -84,7 +85,7 @@ def test_record_inventory_shapes():
 ])
 def test_config_errors_name_the_field(change, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        validate_config(dataclasses.replace(ModelConfig(), **change))
+        check_config(dataclasses.replace(ModelConfig(), **change))
 
 
 # ----------------------------------------------------------------------------- init + forward
@@ -642,12 +643,12 @@ def test_parallel_lanes_params_init_and_export():
     other.load_export_state_dict(m.export_state_dict())
     x, y = batch()
     assert torch.equal(m(x, y), other(x, y))
-    validate_config(dataclasses.replace(ModelConfig(), parallel_start_layer=5))  # the first decoder layer
+    check_config(dataclasses.replace(ModelConfig(), parallel_start_layer=5))  # the first decoder layer
     for bad in (4, 11, -1):  # 4 is in the encoder of 11 layers, 11 is past the last layer
         with pytest.raises(ValueError, match=r"model\.parallel_start_layer"):
-            validate_config(dataclasses.replace(ModelConfig(), parallel_start_layer=bad))
+            check_config(dataclasses.replace(ModelConfig(), parallel_start_layer=bad))
     with pytest.raises(ValueError, match=r"model\.parallel_final_lane"):
-        validate_config(dataclasses.replace(TINY, parallel_final_lane="sum"))
+        check_config(dataclasses.replace(TINY, parallel_final_lane="sum"))
 
 
 def test_layer_order_and_param_count_of_depth_recurrence():
@@ -658,9 +659,9 @@ def test_layer_order_and_param_count_of_depth_recurrence():
     assert count_params(rec) - count_params(ModelConfig()) == 3 * 512
     for bad in (dict(loop_start=4, loop_end=3), dict(loop_end=11), dict(num_loops=-1)):
         with pytest.raises(ValueError, match=r"model\.(loop_start|num_loops)"):
-            validate_config(dataclasses.replace(rec, **bad))
+            check_config(dataclasses.replace(rec, **bad))
     with pytest.raises(ValueError, match=r"model\.loop_end \(5\) must be below model\.parallel_start_layer"):
-        validate_config(dataclasses.replace(rec, parallel_start_layer=5))
+        check_config(dataclasses.replace(rec, parallel_start_layer=5))
     assert GPT(dataclasses.replace(TINY, num_loops=1)).looping  # as the evaluate stage rebuilds it
 
 

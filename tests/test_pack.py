@@ -3,6 +3,7 @@ baked params, runs its bootstrap, and its file list covers every module pgolf.re
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +23,51 @@ def test_script_is_deterministic_and_roundtrips_sources_and_params():
     archive = pack.unpack(a)
     assert sorted(archive["files"]) == sorted(pack.PACKED_FILES)
     for rel, text in archive["files"].items():
-        assert text == (ROOT / rel).read_text(encoding="utf-8")
+        assert text == pack.strip_source((ROOT / rel).read_text(encoding="utf-8"))
     assert archive["params"] == pack.baked_params(ROOT / "params.yaml")
     assert set(archive["params"]) == set(pack.BAKED_SECTIONS)
     raw = sum((ROOT / f).stat().st_size for f in pack.PACKED_FILES)
     assert len(a) < raw / 2  # packed: well under half the raw sources
+
+
+def test_stripped_sources_parse_to_the_same_tree_without_docstrings():
+    for rel in pack.PACKED_FILES:
+        text = (ROOT / rel).read_text(encoding="utf-8")
+        stripped = pack.strip_source(text)
+        assert ast.dump(ast.parse(stripped)) == ast.dump(pack.without_docstrings(ast.parse(text))), rel
+        assert "#" not in stripped or all(not line.lstrip().startswith("#") for line in stripped.splitlines())
+    total = sum(len(pack.strip_source((ROOT / f).read_text(encoding="utf-8"))) for f in pack.PACKED_FILES)
+    assert total < 0.8 * sum((ROOT / f).stat().st_size for f in pack.PACKED_FILES)
+
+
+def test_strip_source_keeps_strings_and_drops_only_comments_docstrings_and_blank_lines():
+    src = (
+        '"""Module doc → with a non-ASCII arrow."""\n'
+        "import os  # a comment\n"
+        "\n"
+        "class E(ValueError):\n"
+        '    """Only a docstring."""\n'
+        "\n"
+        "def f(x):  # é\n"
+        '    """Doc\n'
+        '    on two lines."""\n'
+        '    s = """keep   \n'
+        "\n"
+        '  # not a comment\n"""\n'
+        '    return x + "#" + s  # trailing\n'
+    )
+    out = pack.strip_source(src)
+    assert out == ("import os\n"
+                   "class E(ValueError):\n"
+                   "    pass\n"
+                   "def f(x):\n"
+                   '    s = """keep   \n'
+                   "\n"
+                   '  # not a comment\n"""\n'
+                   '    return x + "#" + s\n')
+    namespace: dict = {}
+    exec(compile(out, "<stripped>", "exec"), namespace)
+    assert namespace["f"]("a") == 'a#keep   \n\n  # not a comment\n' and namespace["E"].__doc__ is None
 
 
 def test_params_change_the_script(tmp_path):

@@ -49,9 +49,9 @@ def test_a_section_file_changes_only_with_its_section(tmp_path):
 def test_each_stages_range_check_runs_in_the_gate(tmp_path, section):
     values, message = BAD[section]
     (tmp_path / "params.yaml").write_text(params_yaml(**{section: values}))
-    with pytest.raises(config.ConfigError, match=r"^params.yaml: ") as e:
+    with pytest.raises(config.ConfigError) as e:
         params.run(tmp_path / "params.yaml", tmp_path / "out")
-    assert message in str(e.value)
+    assert str(e.value).startswith(f"{tmp_path / 'params.yaml'}: ") and message in str(e.value)  # names the file
     assert not (tmp_path / "out").exists()  # nothing written for a bad params file
 
 

@@ -13,7 +13,7 @@ import sentencepiece as spm
 import zstandard
 
 from conftest import params_yaml
-from pgolf import config, data, fineweb, prepare, tokenizer
+from pgolf import byte_tables, config, fineweb, prepare, shards, tokenizer, tokenizer_meta
 from pgolf.config import ConfigError, PrepareConfig
 from pgolf.corpus import CorpusError, corpus_files, read_documents
 from pgolf.tokenizer import TokenizerError
@@ -149,7 +149,7 @@ def test_training_sentences_rule():
 
 
 def test_val_text_tokens_match_official_stream(sp, val_texts):
-    fixture = data.read_shard(FIXTURE)
+    fixture = shards.read_shard(FIXTURE)
     bos = np.nonzero(fixture == 1)[0]  # 13 documents start in the fixture; the first 12 are complete
     ours = np.concatenate([np.concatenate([[1], ids]) for ids in sp.encode(val_texts[:12])])
     assert ours.tolist() == fixture[:bos[12]].tolist()
@@ -172,7 +172,7 @@ def test_byte_check_catches_wrong_tables(sp, val_texts):
     tables = tokenizer.build_byte_tables(sp, 1024)
     ids = [np.asarray(d) for d in sp.encode(val_texts[:5])]
     text_bytes = [tokenizer.decoded_bytes(sp, d) for d in ids]
-    broken = data.ByteTables(tables.base_bytes.clone(), tables.has_leading_space.clone(), tables.is_boundary)
+    broken = byte_tables.ByteTables(tables.base_bytes.clone(), tables.has_leading_space.clone(), tables.is_boundary)
     broken.has_leading_space[sp.piece_to_id("\u2581the")] = False
     with pytest.raises(TokenizerError, match="byte check failed on validation document"):
         tokenizer.byte_check(ids, text_bytes, broken)
@@ -217,12 +217,12 @@ def _expected_stream(sp, texts):
 def test_prepare_official_tokenizer(tmp_path, sp, train_texts, val_texts):
     _setup_text(tmp_path, train_texts, val_texts)
     m = prepare.run(_cfg(shard_tokens=4000), tmp_path)
-    shards = tmp_path / "data" / "shards"
-    train, val = data.list_shards(shards, "train"), data.list_shards(shards, "val")
+    shard_dir = tmp_path / "data" / "shards"
+    train, val = shards.list_shards(shard_dir, "train"), shards.list_shards(shard_dir, "val")
     exp_train, exp_val = _expected_stream(sp, train_texts), _expected_stream(sp, val_texts[:5])
-    assert data.load_tokens(train).tolist() == exp_train.tolist()
-    assert data.load_tokens(val).tolist() == exp_val.tolist()
-    assert len(train) == -(-exp_train.size // 4000) and all(data.read_shard(p).size == 4000 for p in train[:-1])
+    assert shards.load_tokens(train).tolist() == exp_train.tolist()
+    assert shards.load_tokens(val).tolist() == exp_val.tolist()
+    assert len(train) == -(-exp_train.size // 4000) and all(shards.read_shard(p).size == 4000 for p in train[:-1])
     val_bytes = sum(len(t.encode()) for t in val_texts[:5])
     assert {k: m[k] for k in ("vocab_size", "train_tokens", "val_tokens", "val_bytes", "train_docs", "val_docs")} == {
         "vocab_size": 1024, "train_tokens": exp_train.size, "val_tokens": exp_val.size, "val_bytes": val_bytes,
@@ -231,10 +231,10 @@ def test_prepare_official_tokenizer(tmp_path, sp, train_texts, val_texts):
     assert json.loads((tmp_path / "metrics" / "prepare.json").read_text())["val_bytes"] == val_bytes
     tok = tmp_path / "data" / "tokenizer"
     assert (tok / "tokenizer.model").read_bytes() == OFFICIAL_MODEL.read_bytes()
-    meta = data.read_tokenizer_meta(tok)
+    meta = tokenizer_meta.read_tokenizer_meta(tok)
     assert meta == {"model_file": "tokenizer.model", "vocab_size": 1024, "sha256": OFFICIAL_SHA,
                     "source": str(OFFICIAL_MODEL)}
-    tables = data.load_byte_tables(tok)
+    tables = byte_tables.load_byte_tables(tok)
     assert tables.meta == {"tokenizer_sha256": OFFICIAL_SHA, "vocab_size": 1024} and tables.vocab_size == 1024
 
 
@@ -243,9 +243,9 @@ def test_prepare_val_docs_from_corpus_with_worker_pool(tmp_path, sp, train_texts
     docs = (paragraphs * (600 // len(paragraphs) + 1))[:600]  # > 2 chunks of 256 docs: the pool path
     _jsonl(tmp_path / "corpus" / "docs.jsonl", docs)
     m = prepare.run(_cfg(val_source="", val_docs=300, max_train_docs=250, workers=2), tmp_path)
-    shards = tmp_path / "data" / "shards"
-    assert data.load_tokens(data.list_shards(shards, "val")).tolist() == _expected_stream(sp, docs[:300]).tolist()
-    assert data.load_tokens(data.list_shards(shards, "train")).tolist() == _expected_stream(sp, docs[300:550]).tolist()
+    shard_dir = tmp_path / "data" / "shards"
+    assert shards.load_tokens(shards.list_shards(shard_dir, "val")).tolist() == _expected_stream(sp, docs[:300]).tolist()
+    assert shards.load_tokens(shards.list_shards(shard_dir, "train")).tolist() == _expected_stream(sp, docs[300:550]).tolist()
     assert (m["val_docs"], m["train_docs"]) == (300, 250)
 
 
@@ -257,9 +257,9 @@ def test_prepare_trains_a_tokenizer(tmp_path, train_texts, val_texts):
     assert sp2.vocab_size() == 384 == m["vocab_size"]
     assert [sp2.id_to_piece(i) for i in range(4)] == ["<pad>", "<s>", "</s>", "<unk>"]
     assert sp2.id_to_piece(4) == "<0x00>" and sp2.id_to_piece(259) == "<0xFF>"
-    assert data.read_tokenizer_meta(tok)["source"].startswith("trained")
+    assert tokenizer_meta.read_tokenizer_meta(tok)["source"].startswith("trained")
     assert m["byte_check"] == "passed" and m["val_bytes"] == sum(len(t.encode()) for t in val_texts[:3])
-    val = data.load_tokens(data.list_shards(tmp_path / "data" / "shards", "val"))
+    val = shards.load_tokens(shards.list_shards(tmp_path / "data" / "shards", "val"))
     docs = np.split(val, np.nonzero(val == 1)[0][1:])
     assert [sp2.decode(d[1:].tolist()) for d in docs] == val_texts[:3]  # val text is already normalized
 
@@ -301,10 +301,10 @@ def _fake_repo(tmp_path, n_train=3, manifest=True):
     files = {}
     store = tmp_path / "hf"
     store.mkdir()
-    fixture = data.read_shard(FIXTURE)
+    fixture = shards.read_shard(FIXTURE)
     for i in range(n_train):
         p = store / f"train{i}.bin"
-        data.write_shard(p, fixture[i * 100:(i + 1) * 100 + 5000])
+        shards.write_shard(p, fixture[i * 100:(i + 1) * 100 + 5000])
         files[fineweb.shard_remote("train", i)] = p
     files[fineweb.shard_remote("val", 0)] = FIXTURE
     files[f"datasets/tokenizers/{fineweb.TOKENIZER_FILE}"] = OFFICIAL_MODEL
@@ -380,11 +380,11 @@ def test_prepare_from_challenge_export(tmp_path):
     cfg = _cfg(source="fineweb", corpus=str(export), val_source=str(export),
                tokenizer=str(export / fineweb.TOKENIZER_FILE))
     m = prepare.run(cfg, tmp_path)
-    shards = tmp_path / "data" / "shards"
+    shard_dir = tmp_path / "data" / "shards"
     for p in export.glob("*.bin"):
-        assert (shards / p.name).read_bytes() == p.read_bytes()  # unchanged, no retokenizing
-        assert (shards / p.name).stat().st_ino == p.stat().st_ino  # hard-linked, not copied
-    fixture = data.read_shard(FIXTURE)
+        assert (shard_dir / p.name).read_bytes() == p.read_bytes()  # unchanged, no retokenizing
+        assert (shard_dir / p.name).stat().st_ino == p.stat().st_ino  # hard-linked, not copied
+    fixture = shards.read_shard(FIXTURE)
     sp = spm.SentencePieceProcessor(model_file=str(OFFICIAL_MODEL))
     tables = tokenizer.build_byte_tables(sp, 1024)
     assert m["val_tokens"] == 20000 and m["val_docs"] == 13
@@ -400,14 +400,14 @@ def test_prepare_export_rejects_foreign_shard(tmp_path):
     export = tmp_path / "export"
     export.mkdir()
     (export / "fineweb_val_000000.bin").write_bytes(FIXTURE.read_bytes())
-    data.write_shard(export / "fineweb_train_000000.bin", [1, 2000])  # id beyond vocab 1024
+    shards.write_shard(export / "fineweb_train_000000.bin", [1, 2000])  # id beyond vocab 1024
     cfg = _cfg(source="fineweb", corpus=str(export), val_source="", tokenizer=str(OFFICIAL_MODEL))
-    with pytest.raises(data.ShardError, match=r"fineweb_train_000000\.bin: token id 2000 >= prepare\.vocab_size 1024"):
+    with pytest.raises(shards.ShardError, match=r"fineweb_train_000000\.bin: token id 2000 >= prepare\.vocab_size 1024"):
         prepare.run(cfg, tmp_path)
     assert not (tmp_path / "data" / "shards").exists()
     # val_source pointing at text documents instead of val shards
     (tmp_path / "val").mkdir()
-    with pytest.raises(data.ShardError, match=r"val: no fineweb_val_\*\.bin shards"):
+    with pytest.raises(shards.ShardError, match=r"val: no fineweb_val_\*\.bin shards"):
         prepare.run(_cfg(source="fineweb", corpus=str(export), tokenizer=str(OFFICIAL_MODEL)), tmp_path)
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from _quant_model import MICRO, eval_loss, trained, write_train_dir
 from conftest import single_thread
-from pgolf import artifact, config, int6, pack, tensorfile
+from pgolf import artifact, config, pack, rowquant, tensorfile
 from pgolf import quantize as Q
 from stages import quantize as stage
 
@@ -209,13 +209,14 @@ def test_hessian_missing_for_a_matrix(stage_dir, capsys):
     _, h, _ = trained()
     write_train_dir(stage_dir, hessians={k: v for k, v in h.items() if k != "blocks.1.mlp.fc.weight"})
     fails_cleanly(stage_dir, capsys,
-                  "hessians.pgt: no Hessian for 1 quantizable matrix(es), e.g. blocks.1.mlp.fc.weight")
+                  "hessians.pgt: missing Hessian for 1 matrix(es), e.g. blocks.1.mlp.fc.weight")
 
 
 def test_hessian_wrong_shape(stage_dir, capsys):
     _, h, _ = trained()
     write_train_dir(stage_dir, hessians={**h, "blocks.0.mlp.proj.weight": torch.eye(64)})
-    fails_cleanly(stage_dir, capsys, "Hessian blocks.0.mlp.proj.weight has shape (64, 64), expected (192, 192)")
+    fails_cleanly(stage_dir, capsys, "hessians.pgt: blocks.0.mlp.proj.weight is torch.float32 (64, 64), "
+                                     "expected float32 (192, 192)")
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -224,7 +225,7 @@ def test_hessian_not_finite(stage_dir, capsys, value):
     bad = h["blocks.0.attn.c_k.weight"].clone()
     bad[3, 5] = value
     write_train_dir(stage_dir, hessians={**h, "blocks.0.attn.c_k.weight": bad})
-    fails_cleanly(stage_dir, capsys, "Hessian blocks.0.attn.c_k.weight has NaN/inf")
+    fails_cleanly(stage_dir, capsys, "hessians.pgt: blocks.0.attn.c_k.weight has non-finite entries")
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -254,7 +255,7 @@ def test_other_bits_work_and_the_qat_mismatch_is_reported(stage_dir, capsys):
     assert (m["bits"], m["qat_bits"], m["qat_bits_match"]) == (4, 6, False)
     tensors, meta = load_quant(stage_dir)
     assert meta["quant"]["blocks.0.mlp.fc.weight"]["bits"] == 4
-    assert int(tensors["blocks.0.mlp.fc.weight.q"].abs().max()) <= int6.qmax_for(4)
+    assert int(tensors["blocks.0.mlp.fc.weight.q"].abs().max()) <= rowquant.qmax_for(4)
 
 
 def test_python_dash_m_entry_point(stage_dir):

@@ -22,10 +22,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
 
-from pgolf import checkpoint, config, hessian, tensorfile
+from pgolf import checkpoint, config, schedule, tensorfile, train_files
 from pgolf import train as T
 from pgolf.config import ConfigError, ModelConfig, TrainConfig
-from pgolf.data import DistributedTokenLoader, ShardError, read_shard, write_shard
+from pgolf.loader import DistributedTokenLoader
+from pgolf.shards import ShardError, read_shard, write_shard
 from pgolf.model import GPT
 from pgolf.timing import StepTimer
 
@@ -45,7 +46,7 @@ MICRO_TRAIN = {"device": "cpu", "batch_tokens": 2048, "seq_len": 128, "iteration
 
 
 def _write_data(root: Path) -> None:
-    from pgolf.data import read_shard
+    from pgolf.shards import read_shard
     from pgolf.tokenizer import build_byte_tables, file_sha256, load_tokenizer
 
     toks = read_shard(FIXTURE)  # 20,000 official val tokens
@@ -93,31 +94,31 @@ def run(data_root, tmp, m=None, on_step=None, **kw) -> T.TrainResult:
 
 def test_lr_scale_step_based_matches_hand_numbers(tmp_path):
     cfg = tcfg(tmp_path, iterations=10, warmdown_iters=4, max_wallclock_seconds=0.0)
-    got = [T.lr_scale(s, 1e9, cfg) for s in range(10)]  # elapsed time is ignored without a cap
+    got = [schedule.lr_scale(s, 1e9, cfg) for s in range(10)]  # elapsed time is ignored without a cap
     assert got == [1.0] * 7 + [0.75, 0.5, 0.25]
-    assert T.lr_scale(3, 0.0, dataclasses.replace(cfg, warmdown_iters=0)) == 1.0
-    assert T.lr_scale(0, 0.0, dataclasses.replace(cfg, warmdown_iters=20)) == 0.5  # longer than the run
+    assert schedule.lr_scale(3, 0.0, dataclasses.replace(cfg, warmdown_iters=0)) == 1.0
+    assert schedule.lr_scale(0, 0.0, dataclasses.replace(cfg, warmdown_iters=20)) == 0.5  # longer than the run
 
 
 def test_lr_scale_wallclock_matches_hand_numbers(tmp_path):
     cfg = tcfg(tmp_path, max_wallclock_seconds=10.0, warmdown_iters=100)
     # (step, elapsed ms) -> step_ms = e/s, W = 100*step_ms, R = 10000 - e, scale = R/W if R <= W
-    assert T.lr_scale(0, 0.0, cfg) == 1.0
-    assert T.lr_scale(100, 1000.0, cfg) == 1.0  # W = 1000, R = 9000
-    assert T.lr_scale(10, 1000.0, cfg) == pytest.approx(0.9)  # W = 10000, R = 9000
-    assert T.lr_scale(50, 4000.0, cfg) == pytest.approx(0.75)  # W = 8000, R = 6000
-    assert T.lr_scale(80, 8000.0, cfg) == pytest.approx(0.2)  # W = 10000, R = 2000
-    assert T.lr_scale(100, 10000.0, cfg) == 0.0
-    assert T.lr_scale(120, 12000.0, cfg) == 0.0  # past the cap
+    assert schedule.lr_scale(0, 0.0, cfg) == 1.0
+    assert schedule.lr_scale(100, 1000.0, cfg) == 1.0  # W = 1000, R = 9000
+    assert schedule.lr_scale(10, 1000.0, cfg) == pytest.approx(0.9)  # W = 10000, R = 9000
+    assert schedule.lr_scale(50, 4000.0, cfg) == pytest.approx(0.75)  # W = 8000, R = 6000
+    assert schedule.lr_scale(80, 8000.0, cfg) == pytest.approx(0.2)  # W = 10000, R = 2000
+    assert schedule.lr_scale(100, 10000.0, cfg) == 0.0
+    assert schedule.lr_scale(120, 12000.0, cfg) == 0.0  # past the cap
 
 
 def test_min_lr_floors_the_lr_multiplier_only(tmp_path):
     cfg = tcfg(tmp_path, iterations=10, warmdown_iters=4, max_wallclock_seconds=0.0, min_lr=0.4)
-    scales = [T.lr_scale(s, 0.0, cfg) for s in range(10)]
+    scales = [schedule.lr_scale(s, 0.0, cfg) for s in range(10)]
     assert scales == [1.0] * 7 + [0.75, 0.5, 0.25]  # the schedule itself is unchanged
-    assert [T.lr_multiplier(v, cfg) for v in scales] == [1.0] * 7 + [0.75, 0.5, 0.4]
+    assert [schedule.lr_multiplier(v, cfg) for v in scales] == [1.0] * 7 + [0.75, 0.5, 0.4]
     zero = dataclasses.replace(cfg, min_lr=0.0)
-    assert [T.lr_multiplier(v, zero) for v in scales] == scales  # the default: today's schedule
+    assert [schedule.lr_multiplier(v, zero) for v in scales] == scales  # the default: today's schedule
 
 
 def test_min_lr_reaches_the_optimizers_and_late_qat_still_reads_the_scale(data_root, tmp_path):
@@ -135,9 +136,9 @@ def test_min_lr_reaches_the_optimizers_and_late_qat_still_reads_the_scale(data_r
 
 def test_training_frac_steps_or_wallclock(tmp_path):
     steps = tcfg(tmp_path, iterations=20, max_wallclock_seconds=0.0)
-    assert [T.training_frac(s, 1e9, steps) for s in (0, 7, 20)] == [0.0, 0.35, 1.0]
+    assert [schedule.training_frac(s, 1e9, steps) for s in (0, 7, 20)] == [0.0, 0.35, 1.0]
     clock = tcfg(tmp_path, iterations=20, max_wallclock_seconds=10.0)
-    assert T.training_frac(19, 3500.0, clock) == 0.35  # the step count is ignored under a cap
+    assert schedule.training_frac(19, 3500.0, clock) == 0.35  # the step count is ignored under a cap
 
 
 def test_depth_recurrence_switches_on_at_its_fraction(data_root, tmp_path):
@@ -155,14 +156,14 @@ def test_depth_recurrence_switches_on_at_its_fraction(data_root, tmp_path):
 
 def test_seq_len_schedule_parse_and_lookup(tmp_path):
     cfg = tcfg(tmp_path, seq_len=128, seq_len_schedule="32@0.25, 64@0.5")
-    sched = T.parse_seq_len_schedule(cfg)
+    sched = schedule.parse_seq_len_schedule(cfg)
     assert sched == [(32, 0.25), (64, 0.5)]
-    assert [T.seq_len_at(f, cfg, sched) for f in (0.0, 0.2499, 0.25, 0.4999, 0.5, 1.0)] == [32, 32, 64, 64, 128, 128]
-    assert T.parse_seq_len_schedule(tcfg(tmp_path)) == [] and T.seq_len_at(0.0, tcfg(tmp_path), []) == 128
+    assert [schedule.seq_len_at(f, cfg, sched) for f in (0.0, 0.2499, 0.25, 0.4999, 0.5, 1.0)] == [32, 32, 64, 64, 128, 128]
+    assert schedule.parse_seq_len_schedule(tcfg(tmp_path)) == [] and schedule.seq_len_at(0.0, tcfg(tmp_path), []) == 128
     for bad, msg in (("64", "must be 'LEN@FRAC"), ("64@0.5,32@0.25", "fractions must increase"),
                      ("64@1.5", "fractions"), ("256@0.5", r"lengths must be in \[1, train.seq_len=128\]")):
         with pytest.raises(ConfigError, match=f"train.seq_len_schedule {msg}"):
-            T.parse_seq_len_schedule(tcfg(tmp_path, seq_len_schedule=bad))
+            schedule.parse_seq_len_schedule(tcfg(tmp_path, seq_len_schedule=bad))
     with pytest.raises(ConfigError, match=r"train.seq_len_schedule = 1 \* 1 \* 48"):
         T.check_batch(tcfg(tmp_path, seq_len_schedule="48@0.5"), 1, 1)  # 2048 tokens: not whole sequences
 
@@ -181,11 +182,11 @@ def test_seq_len_schedule_drives_the_batches(data_root, tmp_path):
 
 def test_muon_momentum_ramp(tmp_path):
     cfg = tcfg(tmp_path, muon_momentum_warmup_start=0.92, muon_momentum=0.99, muon_momentum_warmup_steps=50)
-    assert T.muon_momentum_at(0, cfg) == pytest.approx(0.92)
-    assert T.muon_momentum_at(25, cfg) == pytest.approx(0.955)
-    assert T.muon_momentum_at(50, cfg) == pytest.approx(0.99)
-    assert T.muon_momentum_at(500, cfg) == pytest.approx(0.99)
-    assert T.muon_momentum_at(0, dataclasses.replace(cfg, muon_momentum_warmup_steps=0)) == pytest.approx(0.99)
+    assert schedule.muon_momentum_at(0, cfg) == pytest.approx(0.92)
+    assert schedule.muon_momentum_at(25, cfg) == pytest.approx(0.955)
+    assert schedule.muon_momentum_at(50, cfg) == pytest.approx(0.99)
+    assert schedule.muon_momentum_at(500, cfg) == pytest.approx(0.99)
+    assert schedule.muon_momentum_at(0, dataclasses.replace(cfg, muon_momentum_warmup_steps=0)) == pytest.approx(0.99)
 
 
 def test_grad_accum_default_and_batch_check(tmp_path):
@@ -233,11 +234,11 @@ def test_run_learns_and_writes_contract_outputs(data_root, tmp_path):
     for name, t in r.export.items():
         assert torch.equal(weights[name], t)
 
-    hs, hmeta = hessian.load(out / "hessians.pgt")
+    hs, hmeta = train_files.load_hessians(out / "hessians.pgt")
     shapes = model.hessian_shapes()
     assert sorted(hs) == sorted(model.quantizable_names())
     assert all(tuple(hs[n].shape) == (k, k) for n, k in shapes.items())
-    hessian.validate(hs, shapes)
+    train_files.validate_hessians(hs, shapes)
     assert hmeta["world_size"] == 1 and hmeta["rows"] == 2048 * hmeta["accumulations"]
     assert hmeta["accumulations"] == len([s for s in range(40) if s > 30 and s % 4 == 0])  # scale < 1 from 31
 
@@ -260,7 +261,8 @@ def test_run_learns_and_writes_contract_outputs(data_root, tmp_path):
 
 
 def _val_bytes(data_root: Path, val_tokens: int, seq_len: int) -> int:
-    from pgolf.data import load_byte_tables, read_shard
+    from pgolf.byte_tables import load_byte_tables
+    from pgolf.shards import read_shard
 
     toks = read_shard(data_root / "shards" / "fineweb_val_000000.bin")[:val_tokens + 1]
     n = (len(toks) - 1) // seq_len * seq_len + 1
@@ -502,16 +504,17 @@ def _old_outputs(tmp: Path, p: T.Paths) -> dict[Path, bytes]:
     ({"muon_ns_coeffs": "polar_express", "muon_ns_steps": 6}, ConfigError, "train.muon_ns_steps must be <= 5"),
 ])
 def test_bad_train_params_fail_before_touching_outputs(data_root, tmp_path, kw, err, msg):
+    """Range checks run where the section is loaded (config.check); the world-size batch check in run."""
     p = paths(data_root, tmp_path)
     old = _old_outputs(tmp_path, p)
     with pytest.raises(err, match=msg):
-        T.run(mcfg(), tcfg(tmp_path, **kw), p)
+        T.run(mcfg(), config.check(tcfg(tmp_path, **kw)), p)
     assert {f: f.read_bytes() for f in old} == old
 
 
 def test_bad_model_param_names_the_key(data_root, tmp_path):
     with pytest.raises(ConfigError, match="model.num_kv_heads"):
-        T.run(mcfg(num_kv_heads=3), tcfg(tmp_path), paths(data_root, tmp_path))
+        T.run(config.check(mcfg(num_kv_heads=3)), tcfg(tmp_path), paths(data_root, tmp_path))
 
 
 def test_bad_data_fails_with_named_file_and_keeps_outputs(data_root, tmp_path):
@@ -583,7 +586,7 @@ def test_short_or_out_of_vocab_data_is_named(data_root, tmp_path):
 
 def _vocab512(root: Path) -> Path:
     """A tokenizer folder that claims 512 tokens (so only the shard check can fail)."""
-    from pgolf.data import ByteTables
+    from pgolf.byte_tables import ByteTables
 
     tok = root / "tok512"
     tok.mkdir()
@@ -612,7 +615,7 @@ def test_profiles_pass_validation():
     for name in ("tiny", "record", "frontier"):
         m = config.load("model", ROOT / "profiles" / f"{name}.yaml")
         t = dataclasses.replace(config.load("train", ROOT / "profiles" / f"{name}.yaml"), device="auto")
-        T.validate(t, m)
+        config.check(m), config.check(t)
     t = config.load("train", ROOT / "profiles" / "record.yaml")
     assert T.check_batch(t, 8, T.resolve_grad_accum(t, 8)) == 786432 // 8  # 48 sequences of 2048 per rank
 
@@ -656,7 +659,7 @@ def test_two_gloo_processes_match_each_other_and_one_process(data_root, tmp_path
     w0, h0 = tensorfile.load(tmp_path / "steps" / "rank0.pgt")
     m = h0["meta"]["metrics"]
     assert m["world_size"] == 2 and m["steps"] == 10 and m["stopped_by"] == "iterations"
-    hs, hmeta = hessian.load(tmp_path / "steps" / "artifacts" / "train" / "hessians.pgt")
+    hs, hmeta = train_files.load_hessians(tmp_path / "steps" / "artifacts" / "train" / "hessians.pgt")
     assert hmeta["world_size"] == 2 and hmeta["rows"] == 2 * 1024 * hmeta["accumulations"]
     assert not (tmp_path / "steps" / "ckpt" / checkpoint.CHECKPOINT_FILE).exists()
     # one process, 2 micro-batches of the same 1024-token halves: the same run up to fp rounding

@@ -1,7 +1,7 @@
-"""The one clipping rule shared by training-time fake quantization (QAT) and export (GPTQ).
+"""Symmetric per-row integer quantization (2 to 8 bits: int6, int8, ...): the one clipping rule
+shared by training-time fake quantization (QAT) and export (GPTQ, the int8 embedding, pruning).
 
-Symmetric per-row integer quantization with `qmax = 2**(bits-1) - 1` levels each side
-(int6: codes in [-31, 31]). A row's clip is the `quantile` of its absolute values (1.0 = row
+Codes use `qmax = 2**(bits-1) - 1` levels each side (int6: [-31, 31], int8: [-127, 127]). A row's clip is the `quantile` of its absolute values (1.0 = row
 max), its scale `s = max(clip / qmax, 1 / qmax)` rounded to fp16 (the stored dtype), and
 `q = clamp(round(w / s), -qmax, qmax)`. QAT uses exactly `row_scale` + `fake_quant_values`, so the
 weights trained under QAT are the weights the exporter sees (recipe-spec §4.8, §6.6).

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pgolf import int6
+from pgolf import rowquant
 
 
 @pytest.mark.parametrize("n", [7, 64, 512, 1536])
@@ -11,17 +11,17 @@ from pgolf import int6
 def test_row_quantile_matches_torch_quantile(n, q):
     w = torch.randn(5, n, generator=torch.Generator().manual_seed(n))
     ref = torch.quantile(w.abs().double(), q, dim=-1).float()
-    assert torch.allclose(int6.row_quantile_abs(w, q), ref, rtol=1e-5)
+    assert torch.allclose(rowquant.row_quantile_abs(w, q), ref, rtol=1e-5)
 
 
 def test_quantize_codes_in_range_and_error_bounded():
     w = torch.randn(16, 256, generator=torch.Generator().manual_seed(1))
-    qmax = int6.qmax_for(6)
-    s = int6.row_scale(w, 0.9995, qmax)
-    q = int6.quantize(w, s, qmax)
+    qmax = rowquant.qmax_for(6)
+    s = rowquant.row_scale(w, 0.9995, qmax)
+    q = rowquant.quantize(w, s, qmax)
     assert q.dtype == torch.int8 and int(q.abs().max()) <= 31
-    err = (int6.dequantize(q, s) - w).abs()
-    clip = int6.row_quantile_abs(w, 0.9995)[:, None]
+    err = (rowquant.dequantize(q, s) - w).abs()
+    clip = rowquant.row_quantile_abs(w, 0.9995)[:, None]
     inside = w.abs() <= clip  # unclipped entries are within half a step
     assert bool((err[inside] <= s[:, None].expand_as(w)[inside] / 2 + 1e-6).all())
     assert torch.equal(s, s.half().float())  # scales are fp16-representable
@@ -29,21 +29,21 @@ def test_quantize_codes_in_range_and_error_bounded():
 
 def test_fake_quant_forward_is_quantized_and_gradient_straight_through():
     w = torch.randn(4, 64, requires_grad=True)
-    out = int6.fake_quant(w, 0.9995, 31)
-    s = int6.row_scale(w.detach(), 0.9995, 31)
-    assert torch.allclose(out, int6.dequantize(int6.quantize(w.detach(), s, 31), s))
+    out = rowquant.fake_quant(w, 0.9995, 31)
+    s = rowquant.row_scale(w.detach(), 0.9995, 31)
+    assert torch.allclose(out, rowquant.dequantize(rowquant.quantize(w.detach(), s, 31), s))
     out.sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))
 
 
 def test_bits_out_of_range():
     with pytest.raises(ValueError, match="quantize.bits"):
-        int6.qmax_for(9)
+        rowquant.qmax_for(9)
 
 
 def test_fp16_round_matches_half_cast_also_under_compile():
     x = torch.rand(50000, generator=torch.Generator().manual_seed(3)) * 100 + 1 / 31
     ref = x.half().float()
-    assert torch.equal(int6.fp16_round(x), ref)
-    compiled = torch.compile(int6.fp16_round, dynamic=False)
+    assert torch.equal(rowquant.fp16_round(x), ref)
+    compiled = torch.compile(rowquant.fp16_round, dynamic=False)
     assert torch.equal(compiled(x), ref)  # inductor would drop a plain .half().float()
