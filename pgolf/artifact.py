@@ -4,7 +4,9 @@ This module owns `artifacts/final/model.ptz`. A file is
 
     6 bytes  magic b"PGOLFZ"
     1 byte   FORMAT_VERSION
-    1 byte   codec id (1 = lzma raw LZMA2 stream, 2 = zstd frame, 3 = brotli stream)
+    1 byte   codec id (1 = lzma raw LZMA2 stream, 2 = zstd frame, 3 = brotli stream,
+             4 = lzma in independent raw LZMA2 streams: uint32 count k, k uint32 stream lengths,
+             the k streams; their outputs concatenated are the body)
     4 bytes  uint32 CRC-32 of the uncompressed tensorfile (its JSON header is covered too;
              the container's own sha256 covers only the payload)
     rest     the compressed body
@@ -46,6 +48,12 @@ GPTQ codes; the kept layout is the smallest file on the real run (zstd) and with
 best per codec on the synthetic ones. Whole files of the tiny run (header included): lzma
 459,442, zstd 458,236 bytes.
 
+Chunked lzma (compress.lzma_chunk_bytes > 0, codec id 4): the body is cut into pieces of that
+many bytes, each compressed alone on compress.threads workers; the file is a pure function of the
+body and the chunk size, never of the thread count. On the record-scale synthetic body (27.5 MB,
+bench/bench_codecs.py) independent 256 KiB streams are also *smaller* than one lzma-9 stream
+(see README "Codec threads"); zstd's multithreaded mode was measured and not adopted.
+
 Code bytes: `CODE_FILES` is the source a user ships to rebuild the model from the artifact and
 score it (`python -m stages.evaluate`); tests check that it covers every pgolf module that stage
 imports.
@@ -54,6 +62,7 @@ imports.
 from __future__ import annotations
 
 import lzma
+import os
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -72,7 +81,9 @@ FORMAT_VERSION = 1
 KIND = "artifact"
 MODEL_FILE = "model.ptz"  # the artifact's name in artifacts/final (pgolf.layout.FINAL)
 CODEC_IDS = {"lzma": 1, "zstd": 2, "brotli": 3}
-CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
+LZMA_CHUNKED_ID = 4  # the header's codec id of chunked lzma (its codec name stays "lzma")
+CODEC_NAMES = {**{v: k for k, v in CODEC_IDS.items()}, LZMA_CHUNKED_ID: "lzma"}
+MIN_LZMA_CHUNK = 1 << 16  # compress.lzma_chunk_bytes: 0 or at least 64 KiB
 HEADER_BYTES = len(MAGIC) + 6
 MAX_RAW_BYTES = 1 << 28  # 256 MiB: decompressed-body bound (a record artifact body is ~27 MB)
 PLANES = ".planes."  # stored-name prefix of a float byte-plane group
@@ -239,6 +250,24 @@ def check_config(cfg: CompressConfig) -> None:
         raise ConfigError(f"compress.layout must be one of {', '.join(LAYOUTS)}; got {cfg.layout!r}")
     if cfg.cap_bytes <= 0:
         raise bad(cfg, "cap_bytes", "must be positive")
+    _check_chunking(cfg)
+
+
+def _check_chunking(cfg: CompressConfig) -> None:
+    if cfg.lzma_chunk_bytes != 0 and cfg.lzma_chunk_bytes < MIN_LZMA_CHUNK:
+        raise bad(cfg, "lzma_chunk_bytes", f"must be 0 (one stream) or >= {MIN_LZMA_CHUNK}")
+    if cfg.threads < 0:
+        raise bad(cfg, "threads", "must be >= 0 (0 = every core)")
+
+
+def workers(cfg: CompressConfig) -> int:
+    """compress.threads, 0 meaning every core this process may run on."""
+    if cfg.threads:
+        return cfg.threads
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def codecs(cfg: CompressConfig) -> tuple[str, ...]:
@@ -267,6 +296,49 @@ def _lzma_filters(cfg: CompressConfig) -> list[dict]:
     return [{"id": lzma.FILTER_LZMA2, "preset": cfg.lzma_preset | (lzma.PRESET_EXTREME if cfg.lzma_extreme else 0)}]
 
 
+def _lzma_chunked(raw: bytes, cfg: CompressConfig) -> bytes:
+    """uint32 k + k uint32 lengths + k raw LZMA2 streams of the compress.lzma_chunk_bytes pieces of
+    `raw`, compressed on `workers(cfg)` threads (lzma releases the GIL); independent of the thread count.
+    The dictionary is the chunk size (a bigger one cannot be used within a chunk; on the record-size
+    body the bytes were the same as with preset 9's 64 MiB, at 2.2 times less CPU, the encoder no
+    longer initialising a 64 MiB match finder per chunk)."""
+    step = cfg.lzma_chunk_bytes
+    filters = [{**_lzma_filters(cfg)[0], "dict_size": max(step, 4096)}]
+    pieces = [raw[i:i + step] for i in range(0, len(raw), step)] or [b""]
+    with ThreadPoolExecutor(max_workers=min(workers(cfg), len(pieces))) as pool:
+        streams = list(pool.map(lambda b: lzma.compress(b, format=lzma.FORMAT_RAW, filters=filters), pieces))
+    table = struct.pack(f"<{len(streams) + 1}I", len(streams), *(len(x) for x in streams))
+    return table + b"".join(streams)
+
+
+def _lzma_unchunk(body: bytes, limit: int) -> bytes:
+    """Inverse of `_lzma_chunked`, bounded like `_inflate` (ArtifactError past `limit` bytes or on a bad table)."""
+    if len(body) < 4:
+        raise ArtifactError("chunked lzma body too short for its table")
+    (k,) = struct.unpack("<I", body[:4])
+    if k == 0 or len(body) < 4 + 4 * k:
+        raise ArtifactError(f"chunked lzma body: bad table ({k} streams in {len(body)} bytes)")
+    lens = struct.unpack(f"<{k}I", body[4:4 + 4 * k])
+    if 4 + 4 * k + sum(lens) != len(body):
+        raise ArtifactError(f"chunked lzma body: the stream lengths ({sum(lens):,}) do not add up to the body")
+    out, pos = [], 4 + 4 * k
+    for n in lens:
+        out.append(_inflate_lzma(body[pos:pos + n], limit - sum(map(len, out)), limit))
+        pos += n
+    return b"".join(out)
+
+
+def _inflate_lzma(body: bytes, limit: int, bound: int | None = None) -> bytes:
+    """One raw LZMA2 stream, at most `limit` bytes (`bound`: the whole body's limit, for the message)."""
+    d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9}])
+    raw = d.decompress(body, max_length=limit + 1)
+    if len(raw) > limit:
+        raise ArtifactError(f"lzma body expands to more than {bound or limit:,} bytes (the limit for an artifact body)")
+    if not d.eof or d.unused_data:
+        raise ArtifactError("lzma body is truncated or corrupt (stream incomplete or followed by extra bytes)")
+    return raw
+
+
 def _head_len(raw: bytes) -> int:
     """Length of the tensorfile magic + header at the start of `raw` (0 if it is not one)."""
     if raw[:len(tensorfile.MAGIC)] != tensorfile.MAGIC or len(raw) < 12:
@@ -292,12 +364,16 @@ def _head_first(plain: bytes, source: str) -> bytes:
 def compress(raw: bytes, codec: str, cfg: CompressConfig) -> bytes:
     """Header (magic, version, codec) + the compressed body. lzma: a raw LZMA2 stream (no xz
     container: the inner sha256 already guards integrity); zstd: one frame with its size;
-    brotli: one stream at compress.brotli_quality, window 2**compress.brotli_window."""
+    brotli: one stream at compress.brotli_quality, window 2**compress.brotli_window; lzma with
+    compress.lzma_chunk_bytes > 0: independent streams (`_lzma_chunked`, codec id 4)."""
     if codec not in CODEC_IDS:
         raise ValueError(f"codec must be one of {', '.join(CODEC_IDS)}; got {codec!r}")
     crc = struct.pack("<I", zlib.crc32(raw))
     raw = _head_last(raw)
-    if codec == "lzma":
+    cid = CODEC_IDS[codec]
+    if codec == "lzma" and cfg.lzma_chunk_bytes:
+        body, cid = _lzma_chunked(raw, cfg), LZMA_CHUNKED_ID
+    elif codec == "lzma":
         body = lzma.compress(raw, format=lzma.FORMAT_RAW, filters=_lzma_filters(cfg))
     elif codec == "brotli":
         body = _brotli_compress(raw, cfg)
@@ -306,21 +382,15 @@ def compress(raw: bytes, codec: str, cfg: CompressConfig) -> bytes:
 
         body = zstandard.ZstdCompressor(level=cfg.zstd_level, write_content_size=True,
                                         write_checksum=False).compress(raw)
-    return MAGIC + bytes([FORMAT_VERSION, CODEC_IDS[codec]]) + crc + body
+    return MAGIC + bytes([FORMAT_VERSION, cid]) + crc + body
 
 
-def _inflate(codec: str, body: bytes, limit: int) -> bytes:
+def _inflate(codec: str, body: bytes, limit: int, chunked: bool = False) -> bytes:
     """The decompressed body, read in bounded steps: ArtifactError once it would pass `limit`
     bytes (a small crafted file must not expand without bound), or when the stream is incomplete."""
     too_big = ArtifactError(f"{codec} body expands to more than {limit:,} bytes (the limit for an artifact body)")
     if codec == "lzma":
-        d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9}])
-        raw = d.decompress(body, max_length=limit + 1)
-        if len(raw) > limit:
-            raise too_big
-        if not d.eof or d.unused_data:
-            raise ArtifactError(f"{codec} body is truncated or corrupt (stream incomplete or followed by extra bytes)")
-        return raw
+        return _lzma_unchunk(body, limit) if chunked else _inflate_lzma(body, limit)
     if codec == "brotli":
         d = _brotli(ArtifactError("compressed with brotli, but the Python module 'brotli' is not installed "
                                   "(pip install brotli)")).Decompressor()
@@ -352,7 +422,7 @@ def decompress(blob: bytes, source: str = "<bytes>") -> tuple[str, bytes]:
     codec, body = CODEC_NAMES[cid], blob[HEADER_BYTES:]
     (crc,) = struct.unpack("<I", blob[len(MAGIC) + 2:HEADER_BYTES])
     try:
-        raw = _inflate(codec, body, MAX_RAW_BYTES)
+        raw = _inflate(codec, body, MAX_RAW_BYTES, chunked=cid == LZMA_CHUNKED_ID)
     except ArtifactError as e:
         raise ArtifactError(f"{source}: {e}") from None
     except Exception as e:  # noqa: BLE001 - lzma / zstd / brotli errors, EOF: all mean corrupt

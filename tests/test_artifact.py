@@ -199,8 +199,8 @@ def test_sizes_choose_and_forced_codec():
 
 def test_lzma_preset_and_extreme_are_used():
     raw = A.serialize(every_dtype(), {"quant": {}}) * 20
-    small = A.compress(raw, "lzma", dataclasses.replace(CFG, lzma_preset=0))
-    best = A.compress(raw, "lzma", dataclasses.replace(CFG, lzma_preset=9, lzma_extreme=True))
+    small = A.compress(raw, "lzma", dataclasses.replace(CFG, lzma_chunk_bytes=0, lzma_preset=0))
+    best = A.compress(raw, "lzma", dataclasses.replace(CFG, lzma_chunk_bytes=0, lzma_preset=9, lzma_extreme=True))
     assert best[A.HEADER_BYTES:] == lzma.compress(A._head_last(raw), format=lzma.FORMAT_RAW, filters=[
         {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
     assert len(best) <= len(small)
