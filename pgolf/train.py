@@ -77,8 +77,8 @@ TSV_COLUMNS = ("step", "train_loss", "lr_scale", "tokens_per_second")
 
 # Inductor options for the training graph. Mix-order reductions fuse each norm's row reduction
 # with the column sums of the per-channel scales' gradients; on one H200 at 786,432 tokens/step
-# that made five kernels of ~1 ms per micro-batch, and turning it off took the step from 650 to
-# 628 ms (bench/results/PROFILE.md).
+# that made kernels of 61 ms per step, which become one 6.4 ms column sum with the option off
+# (bench/results/inductor_variants_h200.json; the speed claim is vs_ref_h200.json's ratio).
 INDUCTOR_OPTIONS = {"triton.mix_order_reduction": False}
 
 class TrainError(ValueError):
