@@ -44,14 +44,18 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def env_place() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the torchrun environment; (0, 0, 1) without it."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
+
+
 def init(device: str = "auto", timeout_s: float | None = None) -> DistInfo:
     """Initialise the process group if launched by torchrun; return this process's place.
     `timeout_s` bounds collectives (torch's default, 10 min, when None)."""
     for k, v in SAFE_ENV.items():
         os.environ.setdefault(k, v)
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank, local_rank, world = env_place()
     dev = pick_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -76,7 +80,7 @@ def all_reduce_(t: torch.Tensor, op=None) -> torch.Tensor:
 
 
 def print0(*args, **kwargs) -> None:
-    if int(os.environ.get("RANK", 0)) == 0:
+    if env_place()[0] == 0:
         print(*args, **kwargs, flush=True)
 
 
