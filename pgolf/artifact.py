@@ -321,10 +321,10 @@ def _lzma_unchunk(body: bytes, limit: int) -> bytes:
     lens = struct.unpack(f"<{k}I", body[4:4 + 4 * k])
     if 4 + 4 * k + sum(lens) != len(body):
         raise ArtifactError(f"chunked lzma body: the stream lengths ({sum(lens):,}) do not add up to the body")
-    out, pos = [], 4 + 4 * k
+    out, pos, done = [], 4 + 4 * k, 0
     for n in lens:
-        out.append(_inflate_lzma(body[pos:pos + n], limit - sum(map(len, out)), limit))
-        pos += n
+        out.append(_inflate_lzma(body[pos:pos + n], limit - done, limit))
+        pos, done = pos + n, done + len(out[-1])
     return b"".join(out)
 
 
