@@ -10,13 +10,14 @@ out=$1 batch=$2; shift 2
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/zstandard-*.whl
 export PYTHONPATH=/tmp/site
-[ -f .devrun/shards/proxy_shards.json ] || python3 -m bench.proxy_shards --corpus .devrun/proxy \
-  --val .devrun/val --out .devrun/shards --workers 16 --max-tokens 20000000 > "$out/shards.log" 2>&1
+shards=.devrun/shards_20m  # the first 20 M tokens; bench/device_ablate.sh's .devrun/shards holds all of them
+[ -f $shards/proxy_shards.json ] || python3 -m bench.proxy_shards --corpus .devrun/proxy \
+  --val .devrun/val --out $shards --workers 16 --max-tokens 20000000 > "$out/shards.log" 2>&1
 i=0
 for variant in "$@"; do
   cache=/tmp/inductor_$i
   # shellcheck disable=SC2086
-  TORCHINDUCTOR_CACHE_DIR=$cache timeout 200 python3 -m bench.profile_train --data .devrun/shards \
+  TORCHINDUCTOR_CACHE_DIR=$cache timeout 200 python3 -m bench.profile_train --data $shards \
     --batch-tokens "$batch" --steps 20 --profile-steps 2 --out "$out/variant_$i.json" \
     ${variant:+--inductor $variant} > "$out/variant_$i.log" 2>&1
   echo "variant $i [$variant] rc=$? $(grep -o '"step_ms_steady": [0-9.]*' "$out/variant_$i.log" | head -1)"
