@@ -12,7 +12,10 @@ steps, float val_bpb, artifact val_bpb (sliding, and non-sliding), bytes, stage 
 
 The JSON is rewritten after every row, so a run cut short keeps the rows before; `--budget`
 (seconds) skips the rows that would not finish in time, estimated from the slowest row so far
-that ran the same stages. Needs dvc on the PATH of `python -m dvc` and, for the GPU rows, CUDA.
+that ran the same stages; `--resume` continues such a run from its JSON: rows that finished
+(rc 0) are kept and not rerun, and the environment of each call is listed. Rerun in the same
+checkout (DVC's cache still holds the trained weights), a resumed post-training row shows that
+train did not run again. Needs dvc on the PATH of `python -m dvc` and, for the GPU rows, CUDA.
 """
 
 from __future__ import annotations
@@ -125,6 +128,15 @@ def trains(spec: dict, row: dict, prev: dict | None) -> bool:
     return any(a[s] != b[s] for s in ("prepare", "model", "train"))
 
 
+def resumed(old: dict, path: Path, env: dict) -> dict:
+    """An earlier run's result with only its finished rows, and this call's environment added."""
+    if not isinstance(old.get("rows"), list):
+        raise RowsError(f"{path}: not an ablation result (no 'rows' list) to resume")
+    old["rows"] = [r for r in old["rows"] if r.get("rc") == 0]
+    old.setdefault("resumed", []).append(env)
+    return old
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=Path, required=True)
@@ -132,6 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated row names (default: all, in file order)")
     ap.add_argument("--budget", type=float, default=0.0, help="seconds; skip rows that would not finish")
     ap.add_argument("--log-dir", type=Path, default=Path("/tmp/ablate_logs"), help="each row's dvc output")
+    ap.add_argument("--resume", action="store_true", help="keep the finished rows of --out and run the rest")
     a = ap.parse_args(argv)
     spec = load_rows(a.rows)
     rows = [r for r in spec["rows"] if not a.only or r["name"] in a.only.split(",")]
@@ -139,14 +152,19 @@ def main(argv=None) -> int:
         params_for(spec, r)  # every override names a real key, before any run
     log_dir = a.log_dir
     log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**versions(), "host": platform.node()}
     result = {"rows_file": str(a.rows), "title": spec.get("title", ""), "base": spec["base"],
-              "common": spec.get("common") or {}, "environment": {**versions(), "host": platform.node()},
-              "rows": []}
+              "common": spec.get("common") or {}, "environment": env, "rows": []}
+    if a.resume and a.out.exists():
+        result = resumed(json.loads(a.out.read_text()), a.out, env)
     data_info = REPO / ".devrun" / "shards" / "proxy_shards.json"
     if data_info.exists():
         result["data"] = json.loads(data_info.read_text())
-    t0, prev = time.perf_counter(), None
+    done = [r["name"] for r in result["rows"]]
+    t0, prev = time.perf_counter(), next((r for r in spec["rows"] if done and r["name"] == done[-1]), None)
     for row in rows:
+        if row["name"] in done:
+            continue
         left = a.budget - (time.perf_counter() - t0) if a.budget > 0 else float("inf")
         if too_slow(result["rows"], trains(spec, row, prev), left):
             result["rows"].append({"name": row["name"], "skipped": f"budget: {left:.0f} s left"})

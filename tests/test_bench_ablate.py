@@ -109,3 +109,25 @@ def test_the_committed_rows_files_name_real_keys():
         spec = A.load_rows(ROOT / "bench" / name)
         for row in spec["rows"]:
             A.params_for(spec, row)
+
+
+def test_resume_keeps_finished_rows_and_runs_only_the_rest(repo, tmp_path):
+    rows = rows_file(tmp_path / "rows.yaml", [
+        {"name": "base"}, {"name": "bad", "set": {"quantize.damp": -1.0}}, {"name": "damp", "set": {"quantize.damp": 0.25}}])
+    out, logs = tmp_path / "out.json", tmp_path / "logs"
+    A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(logs), "--only", "base,bad"])
+    first = json.loads(out.read_text())["rows"][0]
+    (logs / "base.log").unlink()
+    A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(logs), "--resume"])
+    res = json.loads(out.read_text())
+    assert [r["name"] for r in res["rows"]] == ["base", "bad", "damp"] and res["rows"][0] == first
+    assert not (logs / "base.log").exists() and len(res["resumed"]) == 1  # base was not rerun
+    assert res["rows"][1]["rc"] == 1 and res["rows"][2]["ran"] == ["quantize"]  # the failed row ran again
+    assert res["rows"][2]["train_md5"] == first["train_md5"]
+
+
+def test_resume_refuses_a_file_that_is_not_an_ablation_result(repo, tmp_path):
+    out = tmp_path / "out.json"
+    out.write_text("{}")
+    with pytest.raises(A.RowsError, match=r"out.json: not an ablation result"):
+        A.main(["--rows", str(rows_file(tmp_path / "r.yaml", [{"name": "a"}])), "--out", str(out), "--resume"])
