@@ -22,6 +22,7 @@ autocast and `torch.compile(dynamic=False)` with every batch padded to the same 
 from __future__ import annotations
 
 import math
+import time
 import weakref
 from contextlib import nullcontext
 from pathlib import Path
@@ -108,6 +109,22 @@ def _hidden_fn(model, device: torch.device, compile: bool):
         fn = torch.compile(model.forward_hidden, dynamic=False)
         _COMPILED[model] = fn
     return fn
+
+
+def warm_up(model, width: int, batch_seqs: int, device, compile: bool) -> float:
+    """Seconds to compile (and run once) the scoring forward on a zero batch (batch_seqs, width),
+    so that the timed passes after it exclude the one-time compile; 0.0 where nothing compiles."""
+    device = torch.device(device)
+    if not (compile and device.type == "cuda"):
+        return 0.0
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode(), autocast_ctx(device):
+        _hidden_fn(model, device, True)(torch.zeros(batch_seqs, width, dtype=torch.long, device=device))
+    torch.cuda.synchronize(device)
+    model.train(was_training)
+    return round(time.perf_counter() - t0, 3)
 
 
 def _batch(tok: torch.Tensor, win: torch.Tensor, width: int):

@@ -187,3 +187,17 @@ def test_cuda_compiled_bf16_matches_cpu_fp32():
     flat = bpb.eval_nonsliding(model, tokens, tables, 16, 8, "cuda", compile=True)
     assert flat["val_bpb"] == pytest.approx(bpb.eval_nonsliding(model.cpu(), tokens, tables, 16, 8, "cpu")["val_bpb"],
                                             rel=2e-2)
+
+
+def test_warm_up_compiles_nothing_off_cuda():
+    assert bpb.warm_up(tiny_model(2), 16, 8, "cpu", compile=True) == 0.0
+
+
+@pytest.mark.gpu
+def test_warm_up_compiles_the_passes_graph_once():
+    """After the warm-up on (batch_seqs, width) both passes reuse its graph: no recompilation."""
+    model, tables, tokens = tiny_model(4).cuda(), tiny_tables(), tiny_tokens(16 * 20 + 7)
+    assert bpb.warm_up(model, 16, 8, "cuda", compile=True) > 0
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        bpb.eval_nonsliding(model, tokens, tables, 16, 8, "cuda", compile=True)
+        bpb.eval_sliding(model, tokens, tables, 16, 4, 8, "cuda", compile=True)

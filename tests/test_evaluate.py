@@ -99,8 +99,11 @@ def test_int6_artifact_scores_as_its_dequantized_weights(tmp_path):
     written = json.loads((root / "metrics/eval.json").read_text())
     assert written == m
     for key in ("val_loss", "val_bpb", "stride", "context", "scored_tokens", "scored_bytes", "eval_seconds",
-                "val_bpb_nonsliding", "val_loss_nonsliding", "windows", "artifact_sha256"):
+                "val_bpb_nonsliding", "val_loss_nonsliding", "windows", "artifact_sha256", "compile_seconds"):
         assert key in written
+    assert written["compile_seconds"] == 0.0  # nothing compiles on CPU; on CUDA the warm-up's seconds
+    parts = written["load_seconds"] + written["nonsliding_seconds"] + written["sliding_seconds"]
+    assert 0 <= parts <= written["eval_seconds"] + 0.003
     assert (written["stride"], written["context"]) == (4, 16)
     assert written["artifact_sha256"] == __import__("hashlib").sha256(
         (root / "artifacts/final/model.ptz").read_bytes()).hexdigest()
