@@ -115,6 +115,30 @@ def zstd_part(body: bytes, level: int, splits: list[tuple[int, int]], rows: list
             "st_equals_mt": {r["label"]: r["sha256_16"] == rows[0]["sha256_16"] for r in rows[1:]}}
 
 
+def zstd_frames_part(body: bytes, level: int, frame_bytes: list[int], workers: int) -> dict:
+    """zstd-`level` of `body` as independent frames of N raw bytes (no shared window, so every frame
+    can go to its own core), each N of `frame_bytes`, `workers` threads; bytes include a chunk
+    table (a uint32 count + a uint32 length per frame), as pgolf's chunked lzma stores one."""
+    def one(part: bytes) -> bytes:  # a compressor per frame: one object must not run two compressions at once
+        return zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False).compress(part)
+
+    rows = []
+    for n in frame_bytes:
+        parts = [body[i:i + n] for i in range(0, len(body), n)]
+        load = round(os.getloadavg()[0], 2)
+        w0, c0 = time.perf_counter(), time.process_time()
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            outs = list(pool.map(one, parts))
+        wall, cpu = round(time.perf_counter() - w0, 2), round(time.process_time() - c0, 2)
+        ok = b"".join(zstandard.ZstdDecompressor().decompress(o) for o in outs) == body
+        total = sum(len(o) for o in outs) + 4 * (len(outs) + 1)
+        rows.append({"frame_bytes": n, "frames": len(outs), "workers": workers, "bytes_with_chunk_table": total,
+                     "sha256_16": sha(b"".join(outs)), "seconds": wall, "cpu_seconds": cpu, "roundtrip": ok,
+                     "load_before": load})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return {"level": level, "runs": rows}
+
+
 def lzma_chunks(body: bytes, k: int, filters: list[dict], workers: int) -> tuple[list[bytes], float, float]:
     """`body` cut into k equal byte ranges, each its own raw LZMA2 stream, `workers` at a time."""
     step = -(-len(body) // k)
@@ -171,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--raw", type=Path, default=Path(tempfile.gettempdir()) / "pgolf_record_body.bin",
                     help="cache of the raw body (built when missing)")
     ap.add_argument("--profile", default=str(ROOT / "profiles" / "record.yaml"))
-    ap.add_argument("--only", choices=("zstd", "lzma"), help="one part; merged into an existing --out")
+    ap.add_argument("--only", choices=("zstd", "lzma", "zstd_frames"), help="one part; merged into an existing --out")
+    ap.add_argument("--zstd-frame-bytes", default="131072,1048576,4194304",
+                    help="independent zstd-22 frames of these raw sizes (part zstd_frames)")
     ap.add_argument("--zstd-splits", default="4:0,4:6,8:0,8:6,16:8",
                     help="explicit JOB_MIB:OVERLAP_LOG pairs (overlap log 0: zstd's default, 9 at level 22 = the "
                          "whole window; zstd raises a job smaller than its overlap to the overlap)")
@@ -206,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         earlier = result.get("lzma", {}).get("runs") if a.lzma_append else None
         result["lzma"] = lzma_part(body, 9, [int(x) for x in a.lzma_chunks.split(",") if x],
                                    [int(x) for x in a.lzma_chunk_bytes.split(",") if x], os.cpu_count() or 1, earlier)
+    if a.only in (None, "zstd_frames"):
+        result["zstd_frames"] = zstd_frames_part(body, 22, [int(x) for x in a.zstd_frame_bytes.split(",") if x],
+                                                 os.cpu_count() or 1)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
