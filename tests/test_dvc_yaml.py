@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pgolf.artifact import CODE_FILES
-from pgolf.pack import BAKED_SECTIONS, PACKED_FILES
+from pgolf.compress.artifact import CODE_FILES
+from pgolf.compress.pack import BAKED_SECTIONS, PACKED_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("params", "prepare", "train", "curves", "quantize", "compress", "evaluate")
-PLUMBING = {"stages/__init__.py", "pgolf/__init__.py", "pgolf/config.py", "pgolf/io.py", "pgolf/tensorfile.py"}  # see dvc.yaml header
-TRAINING_CODE = ("pgolf/train.py", "pgolf/loader.py", "pgolf/optim.py", "pgolf/hessian.py", "pgolf/kernels")
+PLUMBING = {"stages/__init__.py", "pgolf/__init__.py", "pgolf/config.py", "pgolf/shared/io.py", "pgolf/shared/tensorfile.py"}  # see dvc.yaml header
+TRAINING_CODE = ("pgolf/train/train.py", "pgolf/train/loader.py", "pgolf/train/optim.py", "pgolf/train/hessian.py", "pgolf/shared/kernels")
 
 
 def _deps(stage: str) -> list[str]:
@@ -61,7 +61,7 @@ def test_evaluation_code_carries_no_training_code():
 
 def test_compress_counts_code_bytes_so_depends_on_every_packed_source_and_baked_param():
     deps = _deps("compress")
-    want = {*PACKED_FILES, "pgolf/pack.py", *CODE_FILES}
+    want = {*PACKED_FILES, "pgolf/compress/pack.py", *CODE_FILES}
     assert want <= set(deps), sorted(want - set(deps))
     params = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["compress"]["params"]
     assert set(BAKED_SECTIONS) <= set(params), sorted(set(BAKED_SECTIONS) - set(params))
@@ -73,8 +73,8 @@ def test_quantize_depends_on_its_own_code_and_params_only():
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["quantize"]
     code = {d for d in stage["deps"] if d.endswith(".py")}
     assert code == _imported_files("quantize") - PLUMBING
-    for other in ("pgolf/pack.py", "pgolf/compress.py", "pgolf/prune.py", "pgolf/artifact.py", "pgolf/evaluate.py",
-                  "pgolf/bpb.py", "pgolf/summary.py", "pgolf/ttt.py", "stages/evaluate.py"):
+    for other in ("pgolf/compress/pack.py", "pgolf/compress/compress.py", "pgolf/compress/prune.py", "pgolf/compress/artifact.py", "pgolf/evaluate/evaluate.py",
+                  "pgolf/shared/bpb.py", "pgolf/submit/summary.py", "pgolf/evaluate/ttt.py", "stages/evaluate.py"):
         assert other not in stage["deps"]
     assert stage["params"] == ["quantize"]
     assert set(stage["deps"]) - code == {"artifacts/train", "artifacts/params/quantize.json"}
@@ -86,9 +86,9 @@ SOURCES = {"data/tokenizer_src"}  # committed inputs of prepare, not files passe
 
 
 def _layout_io() -> dict[str, dict[str, set[str]]]:
-    """Per stage, the inter-stage files (pgolf.layout) it reads (deps) and writes (outs, metrics, plots)."""
+    """Per stage, the inter-stage files (pgolf.shared.layout) it reads (deps) and writes (outs, metrics, plots)."""
     from pgolf import config
-    from pgolf import layout as L
+    from pgolf.shared import layout as L
 
     def p(*paths) -> set[str]:
         return {Path(x).as_posix() for x in paths}
@@ -114,7 +114,7 @@ def _entries(items) -> set[str]:
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_files_are_the_layout_modules_paths(stage):
-    """dvc.yaml cannot import pgolf.layout: its outs/metrics/plots and the data deps of every stage
+    """dvc.yaml cannot import pgolf.shared.layout: its outs/metrics/plots and the data deps of every stage
     must equal the layout's paths, so that the code and the DAG cannot drift apart."""
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
     want = _layout_io()[stage]
@@ -125,7 +125,7 @@ def test_stage_files_are_the_layout_modules_paths(stage):
 
 
 def test_top_level_plots_read_the_layouts_tsv():
-    from pgolf import layout
+    from pgolf.shared import layout
 
     plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
     assert {f for entry in plots for spec in entry.values() for f in spec["y"]} == {layout.TRAIN_TSV.as_posix()}

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from _fake_run import finished_run, update_metric
-from pgolf import export, pack, summary
+from pgolf.compress import pack
+from pgolf.submit import export, summary
 
 
 @pytest.fixture

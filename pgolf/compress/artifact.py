@@ -12,7 +12,7 @@ This module owns `artifacts/final/model.ptz`. A file is
     rest     the compressed body
 
 The body decompresses to `payload + head + uint32 len(head)` where `head + payload` is a
-`pgolf.tensorfile` container (the JSON header moved behind the arrays: zstd-22 gathers its
+`pgolf.shared.tensorfile` container (the JSON header moved behind the arrays: zstd-22 gathers its
 statistics on the first block, and the 14 KB JSON table of the tiny run up front cost it 5.3 %,
 482,650 vs 458,236 bytes; lzma is indifferent). The container is of kind "artifact": JSON header
 with the model config, tokenizer, quant table, a layout table and the payload sha256, then raw
@@ -71,15 +71,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf import grouping, lqer, tensorfile
+from pgolf.shared import tensorfile
+from pgolf.quantize import lqer
+from pgolf.compress import grouping
 from pgolf.config import CompressConfig, ConfigError, bad
-from pgolf.rowquant import dequantize
-from pgolf.tensorfile import TensorFileError
+from pgolf.shared.rowquant import dequantize
+from pgolf.shared.tensorfile import TensorFileError
 
 MAGIC = b"PGOLFZ"
 FORMAT_VERSION = 1
 KIND = "artifact"
-MODEL_FILE = "model.ptz"  # the artifact's name in artifacts/final (pgolf.layout.FINAL)
+MODEL_FILE = "model.ptz"  # the artifact's name in artifacts/final (pgolf.shared.layout.FINAL)
 CODEC_IDS = {"lzma": 1, "zstd": 2, "brotli": 3}
 LZMA_CHUNKED_ID = 4  # the header's codec id of chunked lzma (its codec name stays "lzma")
 CODEC_NAMES = {**{v: k for k, v in CODEC_IDS.items()}, LZMA_CHUNKED_ID: "lzma"}
@@ -93,23 +95,27 @@ CODE_FILES: tuple[str, ...] = (
     "stages/__init__.py",
     "stages/evaluate.py",
     "pgolf/__init__.py",
-    "pgolf/artifact.py",
-    "pgolf/bpb.py",
-    "pgolf/byte_tables.py",
+    "pgolf/compress/__init__.py",
+    "pgolf/compress/artifact.py",
+    "pgolf/compress/grouping.py",
     "pgolf/config.py",
-    "pgolf/dist.py",
-    "pgolf/evaluate.py",
-    "pgolf/grouping.py",
-    "pgolf/io.py",
-    "pgolf/layout.py",
-    "pgolf/lqer.py",
-    "pgolf/model.py",
-    "pgolf/progress.py",
-    "pgolf/rowquant.py",
-    "pgolf/shards.py",
-    "pgolf/tensorfile.py",
-    "pgolf/tokenizer_meta.py",
-    "pgolf/ttt.py",
+    "pgolf/evaluate/__init__.py",
+    "pgolf/evaluate/evaluate.py",
+    "pgolf/evaluate/ttt.py",
+    "pgolf/quantize/__init__.py",
+    "pgolf/quantize/lqer.py",
+    "pgolf/shared/__init__.py",
+    "pgolf/shared/bpb.py",
+    "pgolf/shared/byte_tables.py",
+    "pgolf/shared/dist.py",
+    "pgolf/shared/io.py",
+    "pgolf/shared/layout.py",
+    "pgolf/shared/model.py",
+    "pgolf/shared/progress.py",
+    "pgolf/shared/rowquant.py",
+    "pgolf/shared/shards.py",
+    "pgolf/shared/tensorfile.py",
+    "pgolf/shared/tokenizer_meta.py",
 )
 
 
@@ -140,7 +146,7 @@ def _as_bytes(t: torch.Tensor) -> np.ndarray:
 
 def _encode(tensors: dict[str, torch.Tensor], grouped: bool = False) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Original tensors -> (stored tensors in layout order, layout table in original order);
-    grouped: the 2-D codes go through pgolf.grouping (their permutations are stored last)."""
+    grouped: the 2-D codes go through pgolf.compress.grouping (their permutations are stored last)."""
     layout, codes, others = [], {}, {}
     groups: dict[str, list[np.ndarray]] = {}
     sizes: dict[str, int] = {}
@@ -207,7 +213,7 @@ def _decode(stored: dict[str, torch.Tensor], layout: list[dict], source: str) ->
 
 def serialize(tensors: dict[str, torch.Tensor], meta: dict, layout: str = "flat") -> bytes:
     """The raw (uncompressed) artifact body: a tensorfile of kind "artifact" in the packing layout
-    (`layout` = compress.layout: "flat", or "grouped" by pgolf.grouping).
+    (`layout` = compress.layout: "flat", or "grouped" by pgolf.compress.grouping).
 
     `meta` is the quantized file's meta (model, train_seq_len, tokenizer, quant); it is stored
     whole, plus the artifact version and the layout table.
@@ -239,7 +245,7 @@ def deserialize(raw: bytes, source: str = "<bytes>") -> tuple[dict[str, torch.Te
 
 
 def check_config(cfg: CompressConfig) -> None:
-    """Range checks of the codec and layout keys of `compress` (pgolf.compress.check_config runs them)."""
+    """Range checks of the codec and layout keys of `compress` (pgolf.compress.compress.check_config runs them)."""
     if cfg.codec not in ("auto", *CODEC_IDS):
         raise ConfigError(f"compress.codec must be one of auto, {', '.join(CODEC_IDS)}; got {cfg.codec!r}")
     for key, lo, hi in (("lzma_preset", 0, 9), ("zstd_level", 1, 22), ("brotli_quality", 0, 11),
@@ -513,7 +519,7 @@ def dequantize_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, 
 
 
 def _lqer_correction(tensors: dict[str, torch.Tensor], name: str, shape: tuple, info) -> torch.Tensor:
-    """The LQER term of `name` (pgolf.lqer) named by its quant entry's {"rank", "bits"}."""
+    """The LQER term of `name` (pgolf.quantize.lqer) named by its quant entry's {"rank", "bits"}."""
     rank = info.get("rank") if isinstance(info, dict) else None
     if not isinstance(rank, int) or rank < 1:
         raise ArtifactError(f"artifact: tensor {name!r} has a bad LQER entry {info!r}")

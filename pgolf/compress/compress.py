@@ -2,19 +2,19 @@
 packed script, selective ±1 pruning down to the target, the cap check.
 
 This module writes `artifacts/final/` (model.ptz, train_gpt.py, code_files.json) and
-`metrics/size.json` (paths and names: pgolf.layout; model.ptz's name: pgolf.artifact). It
-serializes the quantized tensors in the artifact layout (pgolf.artifact), compresses with lzma
+`metrics/size.json` (paths and names: pgolf.shared.layout; model.ptz's name: pgolf.compress.artifact). It
+serializes the quantized tensors in the artifact layout (pgolf.compress.artifact), compresses with lzma
 and zstd (and brotli with compress.brotli) concurrently and keeps the smallest (or
 compress.codec; `artifact.pick`). Code bytes are the bytes of the packed
-`train_gpt.py` (pgolf.pack), as the challenge counts them: model + that script against
-compress.cap_bytes. The older count (the raw evaluation files of pgolf.artifact.CODE_FILES) stays
+`train_gpt.py` (pgolf.compress.pack), as the challenge counts them: model + that script against
+compress.cap_bytes. The older count (the raw evaluation files of pgolf.compress.artifact.CODE_FILES) stays
 as the extra key `code_bytes_eval_files_raw`.
 
-Pruning (compress.prune, pgolf.prune): when model + code bytes exceed compress.target_bytes, the
+Pruning (compress.prune, pgolf.compress.prune): when model + code bytes exceed compress.target_bytes, the
 cheapest ±1 int6 codes (cost s_i^2 H_jj, with the Hessian diagonals quantize saved in
 artifacts/quant/hdiag.pgt) are zeroed. The codec is chosen on the unpruned body; the search then
 probes with that codec alone (`<codec>_bytes` of the other codecs stay the unpruned sizes), each
-probe a real compression, placed by an entropy predictor (pgolf.prune.Entropy). The file written
+probe a real compression, placed by an entropy predictor (pgolf.compress.prune.Entropy). The file written
 is the probe that fitted, so `model_bytes` is its real size.
 """
 
@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
-from pgolf import artifact, layout, prune, tensorfile
+from pgolf.shared import layout, tensorfile
+from pgolf.compress import artifact, prune
 from pgolf.config import CompressConfig, bad
-from pgolf.io import atomic_write_bytes, file_sha256, staged_dir, write_json
-from pgolf.quantize import HDIAG, HDIAG_KIND, KIND as QUANT_KIND, QUANT_FILE  # quantize's outputs
+from pgolf.shared.io import atomic_write_bytes, file_sha256, staged_dir, write_json
+from pgolf.quantize.quantize import HDIAG, HDIAG_KIND, KIND as QUANT_KIND, QUANT_FILE  # quantize's outputs
 
 
 class CompressError(ValueError):
@@ -38,7 +39,7 @@ class CompressError(ValueError):
 
 
 def check_config(cfg: CompressConfig) -> None:
-    """Range checks of the `compress` section: codecs, layout, cap (pgolf.artifact), pruning
+    """Range checks of the `compress` section: codecs, layout, cap (pgolf.compress.artifact), pruning
     (pgolf.config runs them when it loads the section)."""
     artifact.check_config(cfg)
     if cfg.target_bytes <= 0:
@@ -88,7 +89,7 @@ def candidates(tensors: dict[str, torch.Tensor], meta: dict,
 def prune_to_target(tensors: dict[str, torch.Tensor], meta: dict, hdiag: dict[str, torch.Tensor],
                     cfg: CompressConfig, codec: str, code: int, unpruned: bytes) -> Pruned:
     """Zero the cheapest ±1 int6 codes until serialize + `codec` + `code` bytes <= compress.target_bytes
-    (pgolf.prune's contract for compress.prune_slack_bytes); PruneError when unreachable."""
+    (pgolf.compress.prune's contract for compress.prune_slack_bytes); PruneError when unreachable."""
     t0 = time.perf_counter()
     codes, cands = candidates(tensors, meta, hdiag)
     blobs = {0: unpruned}
@@ -122,7 +123,7 @@ def build(cfg: CompressConfig, script: bytes, quant: Path = layout.QUANT / QUANT
     """Write the artifact folder (model.ptz, the packed script, code_files.json) and metrics/size.json.
 
     `script` is the packed train_gpt.py whose bytes count as code; `eval_files` the raw
-    evaluation files ([{"path", "bytes"}], pgolf.artifact.code_files) recorded as the extra count.
+    evaluation files ([{"path", "bytes"}], pgolf.compress.artifact.code_files) recorded as the extra count.
     """
     t0 = time.perf_counter()
     quant = Path(quant)

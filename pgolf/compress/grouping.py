@@ -1,7 +1,7 @@
 """Grouped serialisation of the integer codes (compress.layout "grouped"): rows of the same role
 side by side, ordered so that similar rows are neighbours, undone at load.
 
-The flat layout (pgolf.artifact) stores each int8 code matrix on its own, in file order. The
+The flat layout (pgolf.compress.artifact) stores each int8 code matrix on its own, in file order. The
 grouped one puts every code matrix of one role and width (e.g. `blocks.*.mlp.fc.weight.q`, all
 layers) into one (R, C) uint8 block and orders its rows by their projection on the block's first
 principal direction (a cheap 1-D ordering: rows with similar projections tend to be similar; the

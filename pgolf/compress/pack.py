@@ -7,12 +7,13 @@ evaluates. This module owns that file: `build_script(root, params)` puts every s
 `compress` and `evaluate` sections, typed and checked by pgolf.config) into one JSON archive,
 compresses it with raw LZMA2 (preset 9 extreme), encodes it in base85 and wraps it in a short
 bootstrap. Run, the bootstrap unpacks the sources into a temp folder, puts it first on
-`sys.path` and calls `pgolf.recipe.main` (which runs the whole recipe; see that module).
+`sys.path` and calls `main` of ENTRY_MODULE, `pgolf.submit.recipe` (which runs the whole recipe;
+see that module).
 
 The output is a pure function of the sources and the params (sorted keys, no timestamps), so the
 compress stage's count (`metrics/size.json` `code_bytes`) and the exported file are the same bytes;
 the export regenerates it and compares sha256s. A test keeps `PACKED_FILES` equal to the pgolf
-modules `pgolf.recipe` imports, and another keeps them among the DVC deps of compress, the one
+modules ENTRY_MODULE imports, and another keeps them among the DVC deps of compress, the one
 stage that counts code bytes (and prunes to the target they are part of).
 """
 
@@ -26,51 +27,61 @@ import lzma
 import tokenize
 from pathlib import Path
 
-from pgolf import config, layout
+from pgolf import config
+from pgolf.shared import layout
 
-PACKED_FILES: tuple[str, ...] = (
+ENTRY_MODULE = "pgolf.submit.recipe"  # the bootstrap runs its main(params, script path)
+PACKED_FILES: tuple[str, ...] = (  # every pgolf file ENTRY_MODULE imports (+ the kernels, imported on CUDA)
     "pgolf/__init__.py",
-    "pgolf/artifact.py",
-    "pgolf/averages.py",
-    "pgolf/bpb.py",
-    "pgolf/byte_tables.py",
-    "pgolf/checkpoint.py",
-    "pgolf/compress.py",
+    "pgolf/compress/__init__.py",
+    "pgolf/compress/artifact.py",
+    "pgolf/compress/compress.py",
+    "pgolf/compress/grouping.py",
+    "pgolf/compress/prune.py",
     "pgolf/config.py",
-    "pgolf/corpus.py",
-    "pgolf/dist.py",
-    "pgolf/evaluate.py",
-    "pgolf/gptq.py",
-    "pgolf/grouping.py",
-    "pgolf/hessian.py",
-    "pgolf/io.py",
-    "pgolf/layout.py",
-    "pgolf/kernels/__init__.py",
-    "pgolf/kernels/fused_mlp.py",
-    "pgolf/loader.py",
-    "pgolf/lqer.py",
-    "pgolf/model.py",
-    "pgolf/optim.py",
-    "pgolf/prepare.py",
-    "pgolf/progress.py",
-    "pgolf/prune.py",
-    "pgolf/quantize.py",
-    "pgolf/recipe.py",
-    "pgolf/rowquant.py",
-    "pgolf/schedule.py",
-    "pgolf/shards.py",
-    "pgolf/tensorfile.py",
-    "pgolf/timing.py",
-    "pgolf/tokenizer.py",
-    "pgolf/tokenizer_meta.py",
-    "pgolf/train.py",
-    "pgolf/train_files.py",
-    "pgolf/ttt.py",
+    "pgolf/evaluate/__init__.py",
+    "pgolf/evaluate/evaluate.py",
+    "pgolf/evaluate/ttt.py",
+    "pgolf/prepare/__init__.py",
+    "pgolf/prepare/corpus.py",
+    "pgolf/prepare/prepare.py",
+    "pgolf/prepare/tokenizer.py",
+    "pgolf/quantize/__init__.py",
+    "pgolf/quantize/gptq.py",
+    "pgolf/quantize/lqer.py",
+    "pgolf/quantize/quantize.py",
+    "pgolf/shared/__init__.py",
+    "pgolf/shared/bpb.py",
+    "pgolf/shared/byte_tables.py",
+    "pgolf/shared/dist.py",
+    "pgolf/shared/io.py",
+    "pgolf/shared/kernels/__init__.py",
+    "pgolf/shared/kernels/fused_mlp.py",
+    "pgolf/shared/layout.py",
+    "pgolf/shared/model.py",
+    "pgolf/shared/progress.py",
+    "pgolf/shared/rowquant.py",
+    "pgolf/shared/shards.py",
+    "pgolf/shared/tensorfile.py",
+    "pgolf/shared/tokenizer_meta.py",
+    "pgolf/shared/train_files.py",
+    "pgolf/submit/__init__.py",
+    "pgolf/submit/recipe.py",
+    "pgolf/train/__init__.py",
+    "pgolf/train/averages.py",
+    "pgolf/train/checkpoint.py",
+    "pgolf/train/hessian.py",
+    "pgolf/train/loader.py",
+    "pgolf/train/optim.py",
+    "pgolf/train/schedule.py",
+    "pgolf/train/timing.py",
+    "pgolf/train/train.py",
 )
 BAKED_SECTIONS: tuple[str, ...] = ("model", "train", "quantize", "compress", "evaluate")
 _FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 
-# The bootstrap: stdlib only; {blob} is base85 text (no quotes or backslashes in its alphabet).
+# The bootstrap: stdlib only; {blob} is base85 text (no quotes or backslashes in its alphabet),
+# {entry} is ENTRY_MODULE.
 _BOOTSTRAP = '''\
 """pgolf parameter-golf submission: the pgolf recipe (prepare, train, quantize, compress, evaluate) with
 its params, packed. Run `python train_gpt.py` or `torchrun --standalone --nproc_per_node=8 train_gpt.py`
@@ -85,7 +96,7 @@ for path, text in A["files"].items():
     with open(os.path.join(D, path), "w", encoding="utf-8") as f:
         f.write(text)
 sys.path.insert(0, D)
-from pgolf.recipe import main
+from {entry} import main
 if __name__ == "__main__":
     sys.exit(main(A["params"], os.path.abspath(__file__)))
 '''
@@ -176,7 +187,7 @@ def build_script(root: str | Path = ".", params: dict | None = None, params_path
     archive = json.dumps({"files": packed_sources(root), "params": params}, sort_keys=True,
                          separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     blob = base64.b85encode(lzma.compress(archive, lzma.FORMAT_RAW, filters=_FILTERS)).decode("ascii")
-    return _BOOTSTRAP.format(blob=blob).encode("ascii")
+    return _BOOTSTRAP.format(blob=blob, entry=ENTRY_MODULE).encode("ascii")
 
 
 def unpack(script: bytes) -> dict:

@@ -1,5 +1,5 @@
 """Selective ±1 pruning (recipe-spec §7, with the fixes of §12.2): zero the cheapest ±1 codes
-until the artifact fits; the compress stage (pgolf.compress) runs it, as the owner of the bytes.
+until the artifact fits; the compress stage (pgolf.compress.compress) runs it, as the owner of the bytes.
 
 Candidates are the low-bit ("int6"-type) codes equal to ±1. Zeroing the code at (row i, col j)
 changes that weight by exactly the row scale s_i, so its cost is the increase of the mean

@@ -12,8 +12,8 @@ import csv
 import io
 from pathlib import Path
 
-from pgolf import layout
-from pgolf.io import atomic_write_bytes
+from pgolf.shared import layout
+from pgolf.shared.io import atomic_write_bytes
 
 SERIES = (("train_loss", "train loss"), ("lr_scale", "lr scale"), ("tokens_per_second", "tokens / s"))
 

@@ -1,5 +1,5 @@
 """Scoring the submission: rebuild the GPT from the artifact alone, check it against the data,
-run sliding and non-sliding val_bpb (pgolf.bpb), write metrics/eval.json.
+run sliding and non-sliding val_bpb (pgolf.shared.bpb), write metrics/eval.json.
 
 The model is rebuilt only from `artifacts/final/model.ptz` (`read_artifact` ->
 `dequantize_state` -> `GPT.load_export_state_dict`); the float checkpoint is never read. Before
@@ -7,7 +7,7 @@ scoring, the artifact's tokenizer (meta["tokenizer"]: sha256, vocab_size) must m
 validation shards were made with (`data/tokenizer/tokenizer.json`, and the byte tables' meta),
 so a model is never scored on tokens of another vocabulary.
 
-With evaluate.ttt_enabled, score-first test-time training (pgolf.ttt) runs last, on the same
+With evaluate.ttt_enabled, score-first test-time training (pgolf.evaluate.ttt) runs last, on the same
 tokens and windows; its score becomes val_bpb / val_loss (the plain sliding score stays as
 val_bpb_pre_ttt) and its time is ttt_seconds.
 """
@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from pgolf import bpb, dist, layout, ttt
-from pgolf.artifact import MODEL_FILE, ArtifactError, dequantize_state, read_artifact
+from pgolf.shared import bpb, dist, layout
+from pgolf.evaluate import ttt
+from pgolf.compress.artifact import MODEL_FILE, ArtifactError, dequantize_state, read_artifact
 from pgolf.config import EvaluateConfig, ModelConfig, bad
-from pgolf.byte_tables import ByteTables, byte_tables_path, load_byte_tables
-from pgolf.tokenizer_meta import read_tokenizer_meta, tokenizer_meta_path
-from pgolf.io import file_sha256, write_json
-from pgolf.model import GPT
+from pgolf.shared.byte_tables import ByteTables, byte_tables_path, load_byte_tables
+from pgolf.shared.tokenizer_meta import read_tokenizer_meta, tokenizer_meta_path
+from pgolf.shared.io import file_sha256, write_json
+from pgolf.shared.model import GPT
 
 
 class EvaluateError(ValueError):
@@ -41,7 +42,7 @@ class Paths:
 
 
 def check_config(cfg: EvaluateConfig) -> None:
-    """Range checks of the `evaluate` section, test-time training's keys included (pgolf.ttt);
+    """Range checks of the `evaluate` section, test-time training's keys included (pgolf.evaluate.ttt);
     pgolf.config runs them when it loads the section."""
     if cfg.context <= 0:
         raise bad(cfg, "context", "must be positive")

@@ -3,7 +3,7 @@
 The validation targets are cut into chunks of `evaluate.ttt_chunk_tokens`; chunk after chunk,
 
     1. SCORE  every target of the chunk with the current weights (under `torch.inference_mode`,
-              the same window rows as the plain evaluation: the sliding-window rows of pgolf.bpb
+              the same window rows as the plain evaluation: the sliding-window rows of pgolf.shared.bpb
               clipped at the chunk's edges, so each target keeps its context) -> these NLL and
               byte sums are the counted ones;
     2. ADAPT  on that chunk only (targets < its end, all already scored): `ttt_epochs` passes of
@@ -15,7 +15,7 @@ A target is therefore scored exactly once, causally, by weights that saw only ea
 a model whose update is visible. Scores are cross-entropies over the full-vocabulary softmax.
 
 What adapts (`ttt_mode`), on the block matrices of `ttt_targets` (kinds of
-`pgolf.model.MATRIX_KINDS`) in layers >= `ttt_first_layer`:
+`pgolf.shared.model.MATRIX_KINDS`) in layers >= `ttt_first_layer`:
   * "lora": W + B A with A (r, in) random, B (out, r) zero (so the start is the artifact's model);
   * "full": W + D with D (out, in) zero, i.e. the matrices themselves (weight decay pulls toward
     the artifact's W instead of 0).
@@ -37,12 +37,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from pgolf import bpb
+from pgolf.shared import bpb
 from pgolf.config import ConfigError, EvaluateConfig, bad
-from pgolf.byte_tables import ByteTables
-from pgolf.dist import all_reduce_
-from pgolf.model import MATRIX_KINDS
-from pgolf.progress import track
+from pgolf.shared.byte_tables import ByteTables
+from pgolf.shared.dist import all_reduce_
+from pgolf.shared.model import MATRIX_KINDS
+from pgolf.shared.progress import track
 
 MODES = ("lora", "full")
 OPTIMIZERS = ("sgd", "adam")
@@ -63,7 +63,7 @@ def parse_targets(text: str) -> tuple[str, ...]:
 
 
 def check_config(cfg: EvaluateConfig) -> None:
-    """Range checks of the evaluate.ttt_* keys (even while TTT is off; pgolf.evaluate.check_config runs them)."""
+    """Range checks of the evaluate.ttt_* keys (even while TTT is off; pgolf.evaluate.evaluate.check_config runs them)."""
     for key, allowed in (("ttt_mode", MODES), ("ttt_optimizer", OPTIMIZERS), ("ttt_lr_schedule", SCHEDULES)):
         if getattr(cfg, key) not in allowed:
             raise bad(cfg, key, f"must be one of {', '.join(allowed)}")

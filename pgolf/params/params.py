@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pgolf import config, layout
-from pgolf.io import write_json
+from pgolf import config
+from pgolf.shared import layout
+from pgolf.shared.io import write_json
 
 def check(doc: dict, source: str = "params.yaml") -> dict:
     """{section: dataclass} of a params document whose every value each stage accepts."""

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from pgolf import config
-from pgolf.io import atomic_write_text
+from pgolf.shared.io import atomic_write_text
 
 PROFILE_DIR = Path("profiles")
 

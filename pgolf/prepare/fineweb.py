@@ -14,7 +14,7 @@ fetches from the Hugging Face dataset repo `willdepueoai/parameter-golf` (recipe
 and puts them side by side in `--out`, ready for `prepare.source: fineweb` with
 `prepare.corpus: <out>` and `prepare.tokenizer: <out>/fineweb_1024_bpe.model`. Files are
 hard-linked from the Hugging Face cache (copied when linking fails), existing files are kept,
-and every shard is checked with `pgolf.shards.read_shard_header`. `huggingface_hub` is an
+and every shard is checked with `pgolf.shared.shards.read_shard_header`. `huggingface_hub` is an
 optional dependency (`pip install pgolf[fineweb]`).
 """
 
@@ -29,7 +29,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pgolf import config, shards
+from pgolf import config
+from pgolf.shared import shards
 
 REMOTE_ROOT = "datasets"  # subfolder of the dataset repo holding the export
 DATASET = "fineweb10B_sp1024"

@@ -9,7 +9,7 @@ into the stage outputs:
   before every document, no EOS, raw text encoded, val and train never share a shard);
 * `metrics/prepare.json`.
 
-Both folders are built in temp folders and swapped in at the end (`pgolf.io.staged_dir`), so a
+Both folders are built in temp folders and swapped in at the end (`pgolf.shared.io.staged_dir`), so a
 failure leaves the previous outputs untouched. For text sources the byte tables are checked
 against the decoded validation text (every validation byte must be counted exactly once).
 """
@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from pgolf import byte_tables, layout, shards, tokenizer, tokenizer_meta
+from pgolf.shared import byte_tables, layout, shards, tokenizer_meta
+from pgolf.prepare import tokenizer
 from pgolf.config import PrepareConfig, bad
-from pgolf.corpus import CorpusError, corpus_files, iter_documents
-from pgolf.io import staged_dir, write_json
-from pgolf.progress import Progress, track
+from pgolf.prepare.corpus import CorpusError, corpus_files, iter_documents
+from pgolf.shared.io import staged_dir, write_json
+from pgolf.shared.progress import Progress, track
 
 SOURCES = ("embedded", "local", "fineweb")
 CHUNK_DOCS = 256  # documents per encoding task

@@ -17,14 +17,14 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from pgolf.byte_tables import ByteTables
+from pgolf.shared.byte_tables import ByteTables
 
-from pgolf.shards import BOS_ID
-from pgolf.io import atomic_write_bytes, file_sha256  # noqa: F401 - file_sha256 is part of this API
+from pgolf.shared.shards import BOS_ID
+from pgolf.shared.io import atomic_write_bytes, file_sha256  # noqa: F401 - file_sha256 is part of this API
 
 MAX_VOCAB = 65536  # uint16 shards
 SPACE = "\u2581"  # SentencePiece's "▁"
-PAD_ID, EOS_ID, UNK_ID = 0, 2, 3  # BOS_ID = 1 comes from pgolf.shards (the shard format)
+PAD_ID, EOS_ID, UNK_ID = 0, 2, 3  # BOS_ID = 1 comes from pgolf.shared.shards (the shard format)
 
 # spec §1.3: the challenge's trainer arguments (data/download_hf_docs_and_tokenize.py)
 TRAINER_SETTINGS = dict(

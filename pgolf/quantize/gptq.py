@@ -13,7 +13,7 @@ This module owns the math of turning one float matrix W (rows, cols) into intege
    a time with the error propagated lazily in blocks of `block_size`: inside a block through the
    rows of U, after the block to all later columns by one matmul E_block @ U[block, later].
 5. Clip search, per row: every candidate quantile p gives a per-row scale from
-   `pgolf.rowquant.row_scale` (the fp16 scale that is stored, and the rule QAT trained against), the
+   `pgolf.shared.rowquant.row_scale` (the fp16 scale that is stored, and the rule QAT trained against), the
    whole GPTQ pass is run for every candidate at once (the candidates are stacked as extra rows:
    GPTQ rows are independent given U), and each row keeps the candidate with the lowest
    Hessian-weighted output error d H d^T (d = that row's w - q*s), i.e. the mean squared output
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pgolf.rowquant import quantize, row_scale
+from pgolf.shared.rowquant import quantize, row_scale
 
 
 @dataclass(frozen=True)

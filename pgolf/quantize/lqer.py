@@ -3,7 +3,7 @@
 For a quantized matrix W (out, in) with dequantized Ŵ, the error E = W - Ŵ is approximated by its
 best rank-r factors (truncated SVD, E ≈ U_r S_r V_r^T), split evenly as A = U_r sqrt(S_r) (out, r)
 and B = sqrt(S_r) V_r^T (r, in), and both factors are stored as symmetric per-row integer codes of
-`quantize.lqer_bits` with fp16 row scales (no scale floor, unlike pgolf.rowquant: the factors are
+`quantize.lqer_bits` with fp16 row scales (no scale floor, unlike pgolf.shared.rowquant: the factors are
 small). The scored weight is Ŵ + deq(A) deq(B). The records (openai/parameter-golf PR #1797 →
 #1855) correct the 3 tensors of largest ||E||_F at rank 4 with 4-bit factors; quantize picks the
 `quantize.lqer_top_k` largest the same way.

@@ -1,7 +1,7 @@
 """The quantize stage: which tensor gets which treatment, GPTQ over all matrices, outputs.
 
 This module writes `artifacts/quant/` (quant.pgt, hdiag.pgt, table.json) and `metrics/quant.json`
-(paths: pgolf.layout; it owns the names and kinds of quant.pgt and hdiag.pgt). It reads
+(paths: pgolf.shared.layout; it owns the names and kinds of quant.pgt and hdiag.pgt). It reads
 only `artifacts/train/model.pgt` (float weights + model meta) and `artifacts/train/hessians.pgt`.
 
 Treatment of each tensor of the exported state dict, first rule that applies (recipe-spec §6.1):
@@ -18,12 +18,12 @@ Treatment of each tensor of the exported state dict, first rule that applies (re
 
 The type label of rules 3 and 6 is "int6" whatever quantize.bits is (the contract's name for
 "the low-bit per-row codes"; `bits` says how many). int8 rows use the shared rule of
-`pgolf.rowquant` with qmax 127 and clip quantile quantize.int8_clip_quantile; unlike the reference
+`pgolf.shared.rowquant` with qmax 127 and clip quantile quantize.int8_clip_quantile; unlike the reference
 `quantize_float_tensor`, values beyond the clip are clamped in the code domain (at ±127 s),
 which only differs from clipping the weight first when the 1/127 scale floor binds.
 
 Clip candidates for GPTQ and GPTQ-lite: quantize.clip_quantiles plus the training-time QAT
-quantile from model.pgt's meta, chosen per row (pgolf.gptq). Quantize does not prune and counts
+quantile from model.pgt's meta, chosen per row (pgolf.quantize.gptq). Quantize does not prune and counts
 no bytes: the compress stage owns the byte budget (serialisation, codecs, the packed code, the
 ±1 pruning search, the cap). What pruning needs from here is written beside quant.pgt:
 `hdiag.pgt`, the input Hessian diagonal (C,) of every GPTQ matrix (GPTQ-lite ones have none).
@@ -32,7 +32,7 @@ QAT bits: training's late QAT fake-quantizes at model.pgt meta `qat_bits` bits. 
 quantize.bits still quantizes (GPTQ works at any width) but the weights were not trained for it:
 the stage prints a warning line and metrics/quant.json says `qat_bits`, `qat_bits_match`.
 
-LQER (quantize.lqer_enabled, pgolf.lqer): after quantization the quantize.lqer_top_k int6/int8
+LQER (quantize.lqer_enabled, pgolf.quantize.lqer): after quantization the quantize.lqer_top_k int6/int8
 matrices of largest ||W - Q(W)||_F get a rank-quantize.lqer_rank correction of that error in
 quantize.lqer_bits-bit factors; its tensors are part of quant.pgt and of the artifact, so the
 compress stage's size target counts them (pruning later zeroes some ±1 codes of those matrices as
@@ -49,12 +49,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pgolf import layout, lqer, tensorfile, train_files
+from pgolf.shared import layout, tensorfile, train_files
+from pgolf.quantize import lqer
 from pgolf.config import ConfigError, ModelConfig, QuantizeConfig, bad
-from pgolf.gptq import GPTQSpec, MatrixResult, gptq_lite_matrices, gptq_matrices
-from pgolf.rowquant import dequantize, fp16_round, qmax_for, quantize, row_scale
-from pgolf.io import staged_dir, write_json
-from pgolf.model import GPT
+from pgolf.quantize.gptq import GPTQSpec, MatrixResult, gptq_lite_matrices, gptq_matrices
+from pgolf.shared.rowquant import dequantize, fp16_round, qmax_for, quantize, row_scale
+from pgolf.shared.io import staged_dir, write_json
+from pgolf.shared.model import GPT
 
 KIND = "quantized"
 QUANT_FILE = "quant.pgt"  # the codes, scales and passthrough tensors (kind KIND); compress reads it
@@ -139,7 +140,7 @@ class Inputs:
 
 
 def load_inputs(train_dir: str | Path = layout.TRAIN) -> Inputs:
-    """Read and check model.pgt + hessians.pgt (pgolf.train_files); QuantizeError, HessianError or
+    """Read and check model.pgt + hessians.pgt (pgolf.shared.train_files); QuantizeError, HessianError or
     TensorFileError naming the file."""
     train_dir = Path(train_dir)
     mpath, hpath = train_dir / train_files.MODEL_FILE, train_dir / train_files.HESSIANS_FILE

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pgolf.byte_tables import ByteTables
+from pgolf.shared.byte_tables import ByteTables
 
-from pgolf.shards import list_shards, load_tokens
-from pgolf.dist import all_reduce_
-from pgolf.progress import track
+from pgolf.shared.shards import list_shards, load_tokens
+from pgolf.shared.dist import all_reduce_
+from pgolf.shared.progress import track
 
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 

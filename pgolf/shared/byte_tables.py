@@ -1,6 +1,6 @@
 """The per-token byte tables of val_bpb (recipe-spec §2.1): `data/tokenizer/byte_tables.pgt`.
 
-Built from a SentencePiece model by `pgolf.tokenizer` (prepare writes them); this module owns the
+Built from a SentencePiece model by `pgolf.prepare.tokenizer` (prepare writes them); this module owns the
 file (its name, save, load) and the byte counts read from it.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf import tensorfile
+from pgolf.shared import tensorfile
 
 BYTE_TABLES_FILE = "byte_tables.pgt"
 

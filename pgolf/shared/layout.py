@@ -13,9 +13,9 @@ dvc.yaml repeats as outs/deps/metrics/plots (tests/test_dvc_yaml.py keeps the tw
 
 The rule: folders and stand-alone files (params, metrics, plots) are defined here. A file inside
 a folder is named by the module that owns its format, which keeps that NAME constant and takes
-the folder from here: pgolf.train_files (model.pgt, hessians.pgt, train.log), pgolf.tokenizer_meta
-(tokenizer.json), pgolf.byte_tables (byte_tables.pgt), pgolf.quantize (quant.pgt, hdiag.pgt),
-pgolf.artifact (model.ptz). The files no format module owns are named here (the `*_FILE`
+the folder from here: pgolf.shared.train_files (model.pgt, hessians.pgt, train.log), pgolf.shared.tokenizer_meta
+(tokenizer.json), pgolf.shared.byte_tables (byte_tables.pgt), pgolf.quantize.quantize (quant.pgt, hdiag.pgt),
+pgolf.compress.artifact (model.ptz). The files no format module owns are named here (the `*_FILE`
 constants below). Paths only: this module imports nothing of pgolf and reads or writes nothing.
 """
 
@@ -36,7 +36,7 @@ PLOTS = Path("plots")
 # ---- names of the files inside a folder that no format module owns
 TOKENIZER_MODEL_FILE = "tokenizer.model"  # data/tokenizer: the SentencePiece model prepare copies or trains
 QUANT_TABLE_FILE = "table.json"  # artifacts/quant: the per-tensor report (read by people, not stages)
-SCRIPT_FILE = "train_gpt.py"  # artifacts/final: the packed script (pgolf.pack), whose bytes count as code
+SCRIPT_FILE = "train_gpt.py"  # artifacts/final: the packed script (pgolf.compress.pack), whose bytes count as code
 CODE_FILES_FILE = "code_files.json"  # artifacts/final: compress's listing of the counted code
 
 

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pgolf.config import ModelConfig
-from pgolf.shards import BOS_ID
-from pgolf.rowquant import fake_quant_values, qmax_for
+from pgolf.shared.shards import BOS_ID
+from pgolf.shared.rowquant import fake_quant_values, qmax_for
 
 try:  # FlashAttention-3 (Hopper); optional, SDPA otherwise (spec §11)
     from flash_attn_interface import flash_attn_func as _fa3_func
@@ -390,7 +390,7 @@ class MLP(nn.Module):
         if hessians is not None:
             accumulate_gram(hessians, (f"{prefix}.mlp.fc.weight",), x)
         elif self.use_fused and x.is_cuda:
-            from pgolf.kernels.fused_mlp import fused_leaky_relu_sq_mlp
+            from pgolf.shared.kernels.fused_mlp import fused_leaky_relu_sq_mlp
 
             dt = _autocast_dtype(x)
             x2 = x.reshape(-1, x.size(-1)).to(dt)  # (B*T, D)

@@ -2,7 +2,7 @@
 
 This module owns the shard files under `data/shards/` (`fineweb_{train,val}_*.bin`): writing,
 reading and validating them, listing a split. The training loader that streams them
-(pgolf.loader) and the byte tables that turn a loss into bits per byte (pgolf.byte_tables) live
+(pgolf.train.loader) and the byte tables that turn a loss into bits per byte (pgolf.shared.byte_tables) live
 apart, so evaluation code does not carry training code.
 
 Shard layout: 256 little-endian int32 header words [MAGIC, VERSION, N, 0, ...] followed by N
@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pgolf.io import atomic_write_bytes
+from pgolf.shared.io import atomic_write_bytes
 
 MAGIC = 20240520
 VERSION = 1
 HEADER_WORDS = 256
 HEADER_BYTES = HEADER_WORDS * 4
 MAX_TOKENS_PER_SHARD = 2**31 - 1
-BOS_ID = 1  # every document of a shard starts with this token (pgolf.tokenizer trains it in)
+BOS_ID = 1  # every document of a shard starts with this token (pgolf.prepare.tokenizer trains it in)
 
 
 class ShardError(ValueError):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.io import atomic_write_bytes
+from pgolf.shared.io import atomic_write_bytes
 
 MAGIC = b"PGOLFTF\x00"
 VERSION = 1

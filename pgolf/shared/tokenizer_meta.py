@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pgolf.io import write_json
+from pgolf.shared.io import write_json
 
 TOKENIZER_META_FILE = "tokenizer.json"
 KEYS = ("model_file", "vocab_size", "sha256")  # required; `source` says where the model came from

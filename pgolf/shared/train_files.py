@@ -1,17 +1,17 @@
 """The train stage's outputs, `artifacts/train/`: the contract between train and quantize.
 
 This module owns those files, their names, tensorfile kinds, writers and readers, so that the
-writer (pgolf.train, pgolf.hessian) and the reader (pgolf.quantize) share one definition:
+writer (pgolf.train.train, pgolf.train.hessian) and the reader (pgolf.quantize.quantize) share one definition:
 
 * `model.pgt` (kind "float_weights"): the averaged float weights, meta {model, train_seq_len,
-  qat_quantile, qat_bits, tokenizer} (pgolf.train.model_meta writes it, pgolf.quantize reads it);
+  qat_quantile, qat_bits, tokenizer} (pgolf.train.train.model_meta writes it, pgolf.quantize.quantize reads it);
 * `hessians.pgt` (kind "hessians"): per quantizable matrix the (n, n) fp32 mean of x^T x over
   the rows that fed it, meta {rows, accumulations, world_size}; `validate_hessians` is the one
   check of them, run by training before it writes and by quantize when it reads;
 * `train.log`: the run's log text.
 
 It is not training code: quantize depends on it, and it imports nothing of training. The folder
-is pgolf.layout.TRAIN; this module owns the names of the files in it.
+is pgolf.shared.layout.TRAIN; this module owns the names of the files in it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pgolf import tensorfile
+from pgolf.shared import tensorfile
 
 MODEL_FILE = "model.pgt"
 MODEL_KIND = "float_weights"

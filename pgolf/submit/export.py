@@ -7,7 +7,7 @@ Reads only the pipeline's outputs (metrics/*.json, params.yaml, dvc.lock, artifa
 train log) and writes: `train_gpt.py` (the packed script whose bytes were counted; it reruns the
 whole recipe in the challenge's data layout), `requirements.txt`, `README.md`, `submission.json`,
 `model.ptz` (the scored artifact), the train log, the metrics, `params.yaml`, `rules_check.txt`
-(pgolf.rules) and, with `--seeds`, the seed summary and every seed's log (pgolf.seeds).
+(pgolf.submit.rules) and, with `--seeds`, the seed summary and every seed's log (pgolf.submit.seeds).
 
 It refuses, before writing anything, a run that is not the one scored: an artifact whose sha256
 differs from the one metrics/eval.json scored, a packed script that no longer regenerates from
@@ -29,11 +29,13 @@ from pathlib import Path
 
 import yaml
 
-from pgolf import artifact, layout, pack, rules, train_files
+from pgolf.shared import layout, train_files
+from pgolf.compress import artifact, pack
+from pgolf.submit import rules
 from pgolf.config import ConfigError
-from pgolf.io import atomic_write_text, file_sha256, staged_dir, write_json
-from pgolf.seeds import flatten, render as render_seeds
-from pgolf.summary import render
+from pgolf.shared.io import atomic_write_text, file_sha256, staged_dir, write_json
+from pgolf.submit.seeds import flatten, render as render_seeds
+from pgolf.submit.summary import render
 
 NEEDED = {
     "prepare": ("vocab_size", "train_tokens", "val_tokens", "train_docs"),
@@ -163,7 +165,7 @@ def check_code_list(path: Path) -> dict:
     bad = [e.get("path") if isinstance(e, dict) else e for e in files
            if not isinstance(e, dict) or e.get("path") not in artifact.CODE_FILES]
     if bad:
-        raise ExportError(f"{path}: entry {bad[0]!r} is not one of the counted code files (pgolf.artifact.CODE_FILES)")
+        raise ExportError(f"{path}: entry {bad[0]!r} is not one of the counted code files (pgolf.compress.artifact.CODE_FILES)")
     return listing
 
 

@@ -1,4 +1,4 @@
-"""The whole recipe in one run: the body of the packed `train_gpt.py` (pgolf.pack).
+"""The whole recipe in one run: the body of the packed `train_gpt.py` (pgolf.compress.pack).
 
 `main(params, script)` does what `dvc repro` does, with the same library calls and the params
 baked into the script, in the challenge's data layout: the current folder holds
@@ -22,16 +22,22 @@ from pathlib import Path
 
 import torch.distributed as tdist
 
-from pgolf import compress, config, dist, evaluate, prepare, quantize, train
-from pgolf.artifact import ArtifactError
-from pgolf.compress import CompressError, build, over_cap_message
-from pgolf.corpus import CorpusError
-from pgolf.shards import ShardError
-from pgolf.train_files import HessianError
-from pgolf.io import OutputError
-from pgolf.prune import PruneError
-from pgolf.tensorfile import TensorFileError
-from pgolf.tokenizer import TokenizerError
+from pgolf import config
+from pgolf.shared import dist
+from pgolf.prepare import prepare
+from pgolf.train import train
+from pgolf.quantize import quantize
+from pgolf.compress import compress
+from pgolf.evaluate import evaluate
+from pgolf.compress.artifact import ArtifactError
+from pgolf.compress.compress import CompressError, build, over_cap_message
+from pgolf.prepare.corpus import CorpusError
+from pgolf.shared.shards import ShardError
+from pgolf.shared.train_files import HessianError
+from pgolf.shared.io import OutputError
+from pgolf.compress.prune import PruneError
+from pgolf.shared.tensorfile import TensorFileError
+from pgolf.prepare.tokenizer import TokenizerError
 
 RUN_DIR = "pgolf_run"
 DATASET = "data/datasets/fineweb10B_sp{vocab}"

@@ -18,10 +18,10 @@ Each rule gives pass/fail and the figure behind it:
   after position j leaves every logit at positions < j unchanged, and each position has one
   finite logit per vocabulary entry (evaluation scores the softmax over them: a normalised
   distribution over the full vocabulary). Without test-time training, scoring happens before
-  any update by construction: pgolf.evaluate runs the model in eval mode with no optimizer.
+  any update by construction: pgolf.evaluate.evaluate runs the model in eval mode with no optimizer.
   With `evaluate.ttt_enabled` the probe covers the artifact's model before adaptation; the
   score-first order (each chunk scored before the update that saw it, every target once) is
-  pgolf.ttt's construction, proven by tests/test_ttt.py, and not probed from the files here.
+  pgolf.evaluate.ttt's construction, proven by tests/test_ttt.py, and not probed from the files here.
 
 Figures are measured on the hardware of the run (the rules' limits are for 8xH100).
 """
@@ -36,12 +36,13 @@ from pathlib import Path
 
 import torch
 
-from pgolf import artifact, layout, train_files
+from pgolf.shared import layout, train_files
+from pgolf.compress import artifact
 
 CAP_BYTES = 16_000_000  # the challenge's decimal cap
 TRAIN_LIMIT_S = 600.0
 EVAL_LIMIT_S = 600.0
-HESSIAN_FALLBACK = "hessian: no step captured one"  # pgolf.train's line when Hessians came after the clock
+HESSIAN_FALLBACK = "hessian: no step captured one"  # pgolf.train.train's line when Hessians came after the clock
 CAUSAL_ATOL = 1e-4
 
 
@@ -109,7 +110,7 @@ def check_hessians(train: dict, log_text: str) -> Rule:
 
 
 def expected_targets(val_tokens: int, max_tokens: int, context: int) -> int:
-    """Targets pgolf.evaluate scores: the first max_tokens (0 = all) cut to whole context windows."""
+    """Targets pgolf.evaluate.evaluate scores: the first max_tokens (0 = all) cut to whole context windows."""
     n = min(val_tokens, max_tokens + 1) if max_tokens > 0 else val_tokens
     return (n - 1) // context * context
 
@@ -151,7 +152,7 @@ def judge_causal(probe: dict, vocab: int) -> Rule:
 def check_causal(artifact: Path, context: int) -> Rule:
     if not artifact.is_file():
         return Rule("causal", False, f"{artifact}: not found, the scored model cannot be probed")
-    from pgolf.evaluate import load_model
+    from pgolf.evaluate.evaluate import load_model
 
     model, meta = load_model(artifact)
     vocab = int(meta["model"]["vocab_size"])
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     from pgolf.config import ConfigError
 
-    from pgolf.tensorfile import TensorFileError
+    from pgolf.shared.tensorfile import TensorFileError
 
     try:
         rules = check(a.root)

@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgolf import layout, train_files
+from pgolf.shared import layout, train_files
 
 MIN_NATS = 0.005
 ALPHA = 0.01
@@ -207,7 +207,7 @@ def read_log(root: Path, run: Run) -> str:
 
 def write_out(out: Path, summary: dict, logs: dict[str, str]) -> None:
     """seeds.json + train_seed<seed>.log per run, staged and swapped in (nothing half-written)."""
-    from pgolf.io import atomic_write_text, staged_dir, write_json
+    from pgolf.shared.io import atomic_write_text, staged_dir, write_json
 
     with staged_dir(out) as tmp:
         write_json(tmp / "seeds.json", summary)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pgolf import layout
-from pgolf.io import MetricsError, read_json
+from pgolf.shared import layout
+from pgolf.shared.io import MetricsError, read_json
 
 
 def _read(metrics_dir: Path, name: str) -> dict:

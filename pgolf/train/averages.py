@@ -4,7 +4,7 @@ This module owns which weights training exports (recipe-spec §4): the EMA (fp32
 every optimizer step), or, when `train.swa_enabled` and at least one snapshot was taken, the SWA
 mean of the *live* training weights (not the EMA) at every step s with s % swa_every == 0 whose
 lr scale was < swa_threshold. Its state tensors (`ema/<param>`, `swa/<param>`) go into the
-training checkpoint (pgolf.checkpoint).
+training checkpoint (pgolf.train.checkpoint).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ tensorfile of kind "train_checkpoint" holding the whole training state, so that 
 resumes from it bit-exactly. Its layout (version `CHECKPOINT_VERSION`):
 
 * tensors: `model/<param>` (live weights), `ema/<param>` and, once SWA snapshotted, `swa/<param>`
-  (pgolf.averages), `opt/<i>` (the optimizer state's tensors, see `encode_tree`),
+  (pgolf.train.averages), `opt/<i>` (the optimizer state's tensors, see `encode_tree`),
   `hess/<matrix>` (the Hessian sums over all ranks, held by rank 0), `rng/torch_cpu`.
 * meta: `fingerprint` (what must match to resume, see `fingerprint`), `step`, `elapsed_ms`,
   `qat_on`, `qat_start_step`, `loop_start_step`, `swa_count`, `swa_first_step`, `hessian`
@@ -30,16 +30,16 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor
 
-from pgolf import tensorfile
+from pgolf.shared import tensorfile
 from pgolf.config import ModelConfig, TrainConfig
 
 if TYPE_CHECKING:
-    from pgolf.averages import WeightAverages
-    from pgolf.dist import DistInfo
-    from pgolf.hessian import HessianAccumulator, HessianSchedule
-    from pgolf.model import GPT
-    from pgolf.timing import StepTimer
-    from pgolf.train import RunLog
+    from pgolf.train.averages import WeightAverages
+    from pgolf.shared.dist import DistInfo
+    from pgolf.train.hessian import HessianAccumulator, HessianSchedule
+    from pgolf.shared.model import GPT
+    from pgolf.train.timing import StepTimer
+    from pgolf.train.train import RunLog
 
 CHECKPOINT_FILE = "train_state.pgt"
 CHECKPOINT_KIND = "train_checkpoint"
@@ -56,7 +56,7 @@ class Parts:
     """The stateful objects of a run that a checkpoint saves and restores."""
 
     model: GPT
-    opt: Any  # pgolf.optim's combined optimizer (state_dict / load_state_dict)
+    opt: Any  # pgolf.train.optim's combined optimizer (state_dict / load_state_dict)
     avg: WeightAverages
     hess: HessianAccumulator
     schedule: HessianSchedule
@@ -105,7 +105,7 @@ def checkpoint_path(cfg: TrainConfig) -> Path:
 
 def encode_tree(obj, prefix: str) -> tuple[dict[str, Tensor], dict]:
     """Split a nested state (dicts with int/str keys, lists, tuples, tensors, scalars) into
-    (named CPU tensors, a JSON-able structure) for pgolf.tensorfile; `decode_tree` inverts it.
+    (named CPU tensors, a JSON-able structure) for pgolf.shared.tensorfile; `decode_tree` inverts it.
     Key types and tuples survive the round trip; nothing is pickled."""
     tensors: dict[str, Tensor] = {}
 

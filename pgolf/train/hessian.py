@@ -1,11 +1,11 @@
 """Online Hessians of the quantizable matrices: schedule, accumulation, cross-rank sum.
 
 This module computes the content of `artifacts/train/hessians.pgt` (recipe-spec §6.5, with its
-§12.8 fix; the file itself, its check and its reader are pgolf.train_files'): for every matrix name of `GPT.quantizable_names()` the mean per
+§12.8 fix; the file itself, its check and its reader are pgolf.shared.train_files'): for every matrix name of `GPT.quantizable_names()` the mean per
 token of x^T x over the rows x that fed that matrix, summed over all ranks. It also owns when
 training captures them and what that costs (`HessianSchedule`, `hessian_overhead`).
 
-How training uses it (pgolf.train): before each step the trainer asks
+How training uses it (pgolf.train.train): before each step the trainer asks
 `HessianSchedule.due(step, scale, elapsed_ms)`: every `train.hessian_every` steps once the lr
 scale is below `train.hessian_start_scale` (the window), or forced on the last chance (the last
 iteration, or the next step would reach the wallclock cap) when nothing was captured yet. On a
@@ -29,8 +29,8 @@ import statistics
 
 import torch
 
-from pgolf.dist import all_reduce_
-from pgolf.train_files import HessianError
+from pgolf.shared.dist import all_reduce_
+from pgolf.shared.train_files import HessianError
 
 
 class HessianAccumulator:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.shards import ShardError, read_shard
+from pgolf.shared.shards import ShardError, read_shard
 
 
 class TokenStream:

@@ -584,7 +584,7 @@ def build_optimizers(groups: dict[str, list[Tensor]], cfg, dist_info) -> Optimiz
 
     `cfg` is a TrainConfig: matrix_lr, muon_wd, muon_ns_steps, muon_ns_coeffs, muon_momentum,
     tied_embed_lr, scalar_lr, beta1, beta2, adam_eps, adam_wd, compile (NS5 compiled on CUDA), and optionally
-    muon_comm_dtype. `dist_info` (pgolf.dist.DistInfo or None) gives the world size and device.
+    muon_comm_dtype. `dist_info` (pgolf.shared.dist.DistInfo or None) gives the world size and device.
     """
     for key in ("matrix", "embed", "scalar"):
         if not groups.get(key):

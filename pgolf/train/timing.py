@@ -3,7 +3,7 @@
 This module owns how a run measures time: `Clock` is the wallclock the lr schedule and the cap
 read (host time, running only between `start` and `pause`); `StepTimer` gives each step's
 duration without a device synchronisation per step (the Hessian overhead metrics read them).
-Both are restored from a training checkpoint (pgolf.checkpoint).
+Both are restored from a training checkpoint (pgolf.train.checkpoint).
 """
 
 from __future__ import annotations

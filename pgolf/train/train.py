@@ -11,7 +11,7 @@ the train stage:
   optimizers get `lr_multiplier` = max(scale, `min_lr`); the logged lr_scale is that multiplier.
 * a step: `grad_accum_steps` micro-batches (bf16 autocast + torch.compile on CUDA, fp32 eager on
   CPU), clip by the global grad norm, Muon + AdamW
-  (pgolf.optim), then the EMA update. Nothing in a step waits for the device: step times come
+  (pgolf.train.optim), then the EMA update. Nothing in a step waits for the device: step times come
   from CUDA events read lazily (`StepTimer`), the wallclock from the host clock (bounded ahead of
   the device by the launch queue; the clock stops only after a final synchronisation). The
   elapsed time is all-reduced (MAX) after every step, so every rank computes the same lr scale
@@ -25,16 +25,16 @@ the train stage:
 * late QAT: `model.set_qat(True)` the first time the scale drops below `late_qat_threshold`;
   each step's forwards/backwards then run inside `model.qat_weights()` (Q(w) swapped into the
   banks, straight-through gradients), so the compiled graph never changes.
-* online Hessians (pgolf.hessian): its `HessianSchedule` says which steps capture (and labels
+* online Hessians (pgolf.train.hessian): its `HessianSchedule` says which steps capture (and labels
   every step for the overhead metrics); on a capture step, the step's first micro-batch feeds them:
   inside its training forward when the model runs eagerly (CPU), or, when that forward is
   compiled, through one extra no-grad forward of the uncompiled model with the same weights (so
   only one graph is ever compiled).
-* weight averages (pgolf.averages): the EMA (fp32, every step) of all parameters; SWA, when
+* weight averages (pgolf.train.averages): the EMA (fp32, every step) of all parameters; SWA, when
   enabled, averages the *live* training weights (not the EMA) at every step s with
   s % swa_every == 0 whose lr scale was < swa_threshold. The exported weights are the SWA
   average if at least one snapshot was taken, else the EMA.
-* resumable checkpoints (pgolf.checkpoint, which owns the file): every `checkpoint_every` steps
+* resumable checkpoints (pgolf.train.checkpoint, which owns the file): every `checkpoint_every` steps
   the whole training state is saved; a run whose fingerprint matches resumes from it
   bit-exactly; it is deleted after a successful run.
 * outputs (rank 0): artifacts/train/{model.pgt, hessians.pgt, train.log} through one staged
@@ -58,18 +58,19 @@ import torch.distributed as tdist
 from torch import Tensor
 from torch.profiler import record_function
 
-from pgolf import checkpoint, dist, hessian, layout, train_files
-from pgolf.averages import WeightAverages
+from pgolf.shared import dist, layout, train_files
+from pgolf.train import checkpoint, hessian
+from pgolf.train.averages import WeightAverages
 from pgolf.config import ConfigError, ModelConfig, TrainConfig, bad
-from pgolf.byte_tables import byte_tables_path, load_byte_tables
-from pgolf.loader import DistributedTokenLoader
-from pgolf.shards import list_shards, max_token_id, read_shard, read_shard_header
-from pgolf.tokenizer_meta import read_tokenizer_meta, tokenizer_meta_path
-from pgolf.io import atomic_write_text, staged_dir, write_json
-from pgolf.model import GPT, QAT_BITS, layer_order
-from pgolf.optim import build_optimizers, ns_coefficients
-from pgolf.schedule import lr_multiplier, lr_scale, muon_momentum_at, parse_seq_len_schedule, seq_len_at, training_frac
-from pgolf.timing import Clock, StepTimer
+from pgolf.shared.byte_tables import byte_tables_path, load_byte_tables
+from pgolf.train.loader import DistributedTokenLoader
+from pgolf.shared.shards import list_shards, max_token_id, read_shard, read_shard_header
+from pgolf.shared.tokenizer_meta import read_tokenizer_meta, tokenizer_meta_path
+from pgolf.shared.io import atomic_write_text, staged_dir, write_json
+from pgolf.shared.model import GPT, QAT_BITS, layer_order
+from pgolf.train.optim import build_optimizers, ns_coefficients
+from pgolf.train.schedule import lr_multiplier, lr_scale, muon_momentum_at, parse_seq_len_schedule, seq_len_at, training_frac
+from pgolf.train.timing import Clock, StepTimer
 
 TSV_COLUMNS = ("step", "train_loss", "lr_scale", "tokens_per_second")
 
@@ -224,7 +225,7 @@ def check_inputs(paths: Paths, mcfg: ModelConfig, cfg: TrainConfig) -> Inputs:
         top = max_token_id(shard)
         if top >= mcfg.vocab_size:
             raise TrainError(f"{shard}: token id {top} >= model.vocab_size {mcfg.vocab_size}")
-    from pgolf.bpb import load_val_tokens
+    from pgolf.shared.bpb import load_val_tokens
 
     try:
         val = load_val_tokens(paths.shards, cfg.val_tokens)
@@ -381,7 +382,7 @@ class Trainer:
         self.log(f"resume: from {path} at step {self.step} ({self.elapsed_ms / 1000:.1f} s of training)")
 
     def save_checkpoint(self) -> None:
-        """The whole training state into the checkpoint (pgolf.checkpoint); collective, rank 0 writes."""
+        """The whole training state into the checkpoint (pgolf.train.checkpoint); collective, rank 0 writes."""
         progress = checkpoint.Progress(self.step, self.elapsed_ms, self.qat_start_step, self.loop_start_step,
                                        self.loader.state_dict())
         checkpoint.save(checkpoint.checkpoint_path(self.cfg), self._parts(), self.fp, progress, self.info)
@@ -552,7 +553,7 @@ class Trainer:
 
     def finish(self) -> TrainResult:
         """Hessians (cross-rank), exported weights into the model, val_bpb_float, metrics."""
-        from pgolf.bpb import eval_nonsliding
+        from pgolf.shared.bpb import eval_nonsliding
 
         cfg = self.cfg
         if self.hess_schedule.needs_fallback():

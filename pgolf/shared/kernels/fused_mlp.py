@@ -261,9 +261,9 @@ def _check_runnable(*tensors: Tensor) -> None:
         raise ValueError(f"fused_mlp: tensors on different devices {[str(t.device) for t in tensors]}")
     if dev.type != "cuda" and not INTERPRETED:
         raise RuntimeError("fused_mlp: needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                           "pgolf.kernels is imported (CPU interpreter)")
+                           "pgolf.shared.kernels is imported (CPU interpreter)")
     if dev.type == "cuda" and INTERPRETED:
-        raise RuntimeError("fused_mlp: TRITON_INTERPRET=1 was set when pgolf.kernels was imported "
+        raise RuntimeError("fused_mlp: TRITON_INTERPRET=1 was set when pgolf.shared.kernels was imported "
                            "but the tensors are on CUDA; set it only on machines without CUDA")
 
 
