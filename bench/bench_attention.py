@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pgolf.io import write_json
+from pgolf.shared.io import write_json
 
 
 def sdpa_fn(backend, gqa: bool):

@@ -5,7 +5,7 @@ lzma (pgolf's filters) as one stream vs 2/4/8/16 independent chunks. Writes one 
     python bench/bench_codecs.py --out bench/results/codecs_cpu.json              # everything
     python bench/bench_codecs.py --out bench/results/codecs_cpu.json --only zstd  # one part (merged into --out)
 
-The body is what `pgolf.artifact.compress` compresses: `serialize` of the quantized tensors of
+The body is what `pgolf.compress.artifact.compress` compresses: `serialize` of the quantized tensors of
 bench/bench_quant_loop.py's synthetic record-scale model (profiles/record.yaml; the quantize stage
 run on it), with the tensorfile header moved behind the arrays (`artifact._head_last`). It is
 built once (~2 minutes on 2 cores) and cached in --raw; later runs read the cache.
@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 import zstandard  # noqa: E402
 
-from pgolf import artifact, config  # noqa: E402
+from pgolf import config
+from pgolf.compress import artifact  # noqa: E402
 
 MiB = 1 << 20
 
@@ -45,8 +46,9 @@ MiB = 1 << 20
 def build_body(raw_path: Path, profile: str) -> bytes:
     """Synthetic record-scale model -> quantize.run -> artifact.serialize -> _head_last, cached in raw_path."""
     from bench.bench_quant_loop import synthetic_data, synthetic_train_dir
-    from pgolf import compress, quantize
-    from pgolf.tokenizer_meta import read_tokenizer_meta
+    from pgolf.quantize import quantize
+    from pgolf.compress import compress
+    from pgolf.shared.tokenizer_meta import read_tokenizer_meta
 
     doc = config.read_doc(profile)
     mcfg = config.from_dict("model", doc["model"])
@@ -172,7 +174,7 @@ def lzma_part(body: bytes, preset: int, chunk_counts: list[int], chunk_bytes: li
             # compress() moves the header itself: undo the bench's _head_last, so the body is the same
             out, wall, cpu = timed(artifact.compress, artifact._head_first(body, "body"), "lzma", c)
             (k,) = struct.unpack("<I", out[artifact.HEADER_BYTES:artifact.HEADER_BYTES + 4])
-            rows.append({"chunks": k, "lzma_chunk_bytes": size, "workers": t, "via": "pgolf.artifact.compress",
+            rows.append({"chunks": k, "lzma_chunk_bytes": size, "workers": t, "via": "pgolf.compress.artifact.compress",
                          "bytes": len(out) - artifact.HEADER_BYTES - 4 * (k + 1),
                          "bytes_with_chunk_table": len(out) - artifact.HEADER_BYTES, "sha256_16": sha(out),
                          "seconds": wall, "cpu_seconds": cpu, "load_before": load})
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="add --zstd-splits runs to the zstd runs already in --out (no baseline rerun)")
     ap.add_argument("--lzma-chunks", default="2,4,8,16,32,64,128,256")
     ap.add_argument("--lzma-chunk-bytes", default="131072,262144,1048576",
-                    help="compress.lzma_chunk_bytes values run through pgolf.artifact.compress")
+                    help="compress.lzma_chunk_bytes values run through pgolf.compress.artifact.compress")
     ap.add_argument("--lzma-append", action="store_true",
                     help="add these runs to the lzma runs already in --out (no one-stream rerun)")
     a = ap.parse_args(argv)

@@ -6,7 +6,7 @@ GPU:  python bench/bench_eval.py --tokens PATH/fineweb_val_000000.bin --out benc
 CPU:  python bench/bench_eval.py --small --out /tmp/bench_eval_small.json   (smoke test: the
       tiny-profile model, context 256, the 20k-token test fixture)
 
-Times pgolf.bpb.eval_sliding exactly as the evaluate stage calls it, after one untimed warm-up
+Times pgolf.shared.bpb.eval_sliding exactly as the evaluate stage calls it, after one untimed warm-up
 pass on a short prefix (compiles the fixed-shape graph; its time is reported as compile_seconds),
 and optionally the non-sliding pass too. Writes a JSON with the GPU name, torch / triton versions,
 seconds, tokens/s and the window count. Byte counts use synthetic tables (timing only).
@@ -25,12 +25,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from pgolf import bpb  # noqa: E402
+from pgolf.shared import bpb  # noqa: E402
 from pgolf.config import ModelConfig  # noqa: E402
-from pgolf.byte_tables import ByteTables  # noqa: E402
-from pgolf.shards import read_shard  # noqa: E402
-from pgolf.io import write_json  # noqa: E402
-from pgolf.model import GPT  # noqa: E402
+from pgolf.shared.byte_tables import ByteTables  # noqa: E402
+from pgolf.shared.shards import read_shard  # noqa: E402
+from pgolf.shared.io import write_json  # noqa: E402
+from pgolf.shared.model import GPT  # noqa: E402
 
 OFFICIAL = ROOT.parent / "shared/data/fineweb_sp1024_val_prefix/fineweb_val_000000.bin"  # beside the checkout
 FIXTURE = ROOT / "tests/fixtures/fineweb_val_prefix20k.bin"

@@ -5,7 +5,7 @@
 
 Builds the 66 block matrices (11 layers x c_q, c_k, c_v, attn.proj, mlp.fc, mlp.proj) with random
 weights and random SPD Hessians H = X^T X / n from random correlated activations (one X per
-input: c_q/c_k/c_v share theirs, as in training), then times `pgolf.gptq.gptq_matrices` with
+input: c_q/c_k/c_v share theirs, as in training), then times `pgolf.quantize.gptq.gptq_matrices` with
 the stage's defaults (int6, damp 0.01, block 128, act-order, the 5 GPTQ-lite clip quantiles
 plus the QAT one = 5 distinct candidates, per-row choice). The first run (cold: CUDA context,
 cuBLAS/cuSOLVER handles) and the best of the timed repeats are reported separately.
@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pgolf.config import ModelConfig, QuantizeConfig  # noqa: E402
-from pgolf.gptq import GPTQSpec, gptq_matrices  # noqa: E402
-from pgolf.rowquant import qmax_for  # noqa: E402
-from pgolf.model import mlp_hidden  # noqa: E402
+from pgolf.quantize.gptq import GPTQSpec, gptq_matrices  # noqa: E402
+from pgolf.shared.rowquant import qmax_for  # noqa: E402
+from pgolf.shared.model import mlp_hidden  # noqa: E402
 
 SMALL = ModelConfig(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, xsa_last_n=2)
 

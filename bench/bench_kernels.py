@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from pgolf.io import write_json  # noqa: E402
-from pgolf.kernels import fused_mlp as fm  # noqa: E402
+from pgolf.shared.io import write_json  # noqa: E402
+from pgolf.shared.kernels import fused_mlp as fm  # noqa: E402
 
 
 def parse_args():

@@ -16,7 +16,8 @@ from unittest import mock
 
 import numpy as np
 
-from pgolf import artifact, grouping, tensorfile
+from pgolf.shared import tensorfile
+from pgolf.compress import artifact, grouping
 from pgolf.config import CompressConfig
 
 

@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pgolf import dist as pdist  # noqa: E402
-from pgolf.optim import Muon, ParallelMuon, zeropower_via_newtonschulz5, compiled_newtonschulz5  # noqa: E402
+from pgolf.shared import dist as pdist  # noqa: E402
+from pgolf.train.optim import Muon, ParallelMuon, zeropower_via_newtonschulz5, compiled_newtonschulz5  # noqa: E402
 
 SHAPES = {  # record banks (11 layers, d=512, kv 256, MLP 3x) + BigramHash proj + VE proj
     "qo_bank": (22, 512, 512), "kv_bank": (22, 256, 512), "mlp_up_bank": (11, 1536, 512),

@@ -39,11 +39,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_gptq import random_hessian  # noqa: E402
-from pgolf import compress, config, evaluate, pack, prune, quantize, tensorfile, train_files  # noqa: E402
-from pgolf.byte_tables import ByteTables  # noqa: E402
-from pgolf.shards import write_shard  # noqa: E402
-from pgolf.tokenizer_meta import read_tokenizer_meta  # noqa: E402
-from pgolf.model import GPT, QAT_BITS  # noqa: E402
+from pgolf import config
+from pgolf.shared import tensorfile, train_files
+from pgolf.quantize import quantize
+from pgolf.compress import compress, pack, prune
+from pgolf.evaluate import evaluate  # noqa: E402
+from pgolf.shared.byte_tables import ByteTables  # noqa: E402
+from pgolf.shared.shards import write_shard  # noqa: E402
+from pgolf.shared.tokenizer_meta import read_tokenizer_meta  # noqa: E402
+from pgolf.shared.model import GPT, QAT_BITS  # noqa: E402
 
 SMALL = {"num_layers": 2, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2, "xsa_last_n": 2, "bigram_buckets": 64,
          "bigram_dim": 16, "ve_dim": 16, "ve_last_n": 1, "rope_dims": 8}  # --small: the test's size

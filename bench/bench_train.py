@@ -4,7 +4,7 @@
     torchrun --standalone --nproc_per_node=8 -m bench.bench_train --out ...8gpu.json  # 8 GPUs
     python -m bench.bench_train --small --out /tmp/train_cpu.json                   # CPU smoke run
 
-Runs the real training loop (`pgolf.train.Trainer`: compiled model, Parallel Muon when world > 1,
+Runs the real training loop (`pgolf.train.train.Trainer`: compiled model, Parallel Muon when world > 1,
 AdamW, grad clipping, EMA) at the record config on SYNTHETIC tokens (uniform random ids written as
 challenge shards in a temp folder): throughput does not depend on the token values, and FineWeb
 training data is not available offline. Each variant compiles, primes for `--warmup` steps,
@@ -31,13 +31,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pgolf import dist, tokenizer  # noqa: E402
+from pgolf.shared import dist
+from pgolf.prepare import tokenizer  # noqa: E402
 from pgolf.config import ModelConfig, TrainConfig  # noqa: E402
-from pgolf.byte_tables import BYTE_TABLES_FILE  # noqa: E402
-from pgolf.shards import write_shard  # noqa: E402
-from pgolf.tokenizer_meta import TOKENIZER_META_FILE  # noqa: E402
-from pgolf.io import write_json  # noqa: E402
-from pgolf.train import Paths, Trainer, check_inputs, resolve_grad_accum  # noqa: E402
+from pgolf.shared.byte_tables import BYTE_TABLES_FILE  # noqa: E402
+from pgolf.shared.shards import write_shard  # noqa: E402
+from pgolf.shared.tokenizer_meta import TOKENIZER_META_FILE  # noqa: E402
+from pgolf.shared.io import write_json  # noqa: E402
+from pgolf.train.train import Paths, Trainer, check_inputs, resolve_grad_accum  # noqa: E402
 
 PEAK_BF16 = 989e12
 SP_MODEL = Path(__file__).resolve().parents[1] / "data" / "tokenizer_src" / "fineweb_1024_bpe.model"

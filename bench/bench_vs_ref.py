@@ -134,7 +134,7 @@ def record_flops_per_token() -> float:
 
     from bench.bench_train import flops_per_token
     from bench.profile_train import record_configs
-    from pgolf.model import GPT
+    from pgolf.shared.model import GPT
 
     mcfg, tcfg = record_configs([])
     with torch.device("meta"):

@@ -37,10 +37,10 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from bench.bench_train import PEAK_BF16, flops_per_token, shard_paths, synthetic_data
-from pgolf import dist
+from pgolf.shared import dist
 from pgolf.config import ModelConfig, TrainConfig, from_dict
-from pgolf.io import write_json
-from pgolf.train import Trainer, check_inputs
+from pgolf.shared.io import write_json
+from pgolf.train.train import Trainer, check_inputs
 
 RECORD = Path(__file__).resolve().parents[1] / "profiles" / "record.yaml"
 FIRST_STEADY = 10  # the reference logs (and syncs) every step up to 10: compare from there on

@@ -2,7 +2,7 @@
 
     python -m bench.proxy_shards --corpus DIR_OR_FILE --val DIR --out DIR [--workers N] [--max-tokens N]
 
-Writes `fineweb_train_*.bin` (each document as [BOS] + sp1024 ids, pgolf.prepare's encoder and
+Writes `fineweb_train_*.bin` (each document as [BOS] + sp1024 ids, pgolf.prepare.prepare's encoder and
 shard writer) from the proxy corpus (`../shared/data/proxy_corpus`, NOT FineWeb), and copies
 the official validation prefix `fineweb_val_*.bin` from `--val` unchanged, so that
 `prepare.source: fineweb` with `prepare.corpus: DIR` takes both. The device machines have no
@@ -17,9 +17,9 @@ import shutil
 import time
 from pathlib import Path
 
-from pgolf import shards
-from pgolf.corpus import iter_documents
-from pgolf.prepare import ShardWriter, encode_split
+from pgolf.shared import shards
+from pgolf.prepare.corpus import iter_documents
+from pgolf.prepare.prepare import ShardWriter, encode_split
 
 REPO = Path(__file__).resolve().parents[1]
 SP_MODEL = REPO / "data" / "tokenizer_src" / "fineweb_1024_bpe.model"

@@ -135,7 +135,7 @@ class QuantizeConfig:
     embed_mode: str = "int8"  # int8 | fp16 for tok_emb
     int8_clip_quantile: float = 0.9999984
     device: str = "auto"
-    lqer_enabled: bool = False  # low-rank correction of the quantization error (pgolf.lqer)
+    lqer_enabled: bool = False  # low-rank correction of the quantization error (pgolf.quantize.lqer)
     lqer_top_k: int = 3  # matrices corrected: the K of largest ||W - Ŵ||_F (PR #1855: 3)
     lqer_rank: int = 4  # PR #1855: 4
     lqer_bits: int = 4  # factor codes, symmetric per row, fp16 scales (PR #1855: 4)
@@ -150,9 +150,9 @@ class CompressConfig:
     brotli: bool = False  # also try brotli (auto keeps the smallest; size.json brotli_bytes)
     brotli_quality: int = 11  # 0..11
     brotli_window: int = 24  # log2 of the window, 10..24 (PR #1855: 24)
-    layout: str = "flat"  # flat | grouped (pgolf.grouping: codes by role, rows ordered, undone at load)
+    layout: str = "flat"  # flat | grouped (pgolf.compress.grouping: codes by role, rows ordered, undone at load)
     cap_bytes: int = 16_000_000  # decimal bytes
-    prune: bool = True  # selective ±1 pruning down to target_bytes (pgolf.prune)
+    prune: bool = True  # selective ±1 pruning down to target_bytes (pgolf.compress.prune)
     target_bytes: int = 15_950_000  # model (chosen codec) + packed code bytes after pruning (§7)
     prune_slack_bytes: int = 2000  # stop once a fitting probe is within this of target_bytes (0 = exact n)
     lzma_chunk_bytes: int = 131072  # 0: one lzma stream; else independent streams of this many raw bytes (>= 65536)
@@ -168,7 +168,7 @@ class EvaluateConfig:
     device: str = "auto"
     compile: bool = True
     nproc_per_node: int = 8
-    # score-first test-time training (pgolf.ttt); facts from the records PR #549 / #1855
+    # score-first test-time training (pgolf.evaluate.ttt); facts from the records PR #549 / #1855
     ttt_enabled: bool = False  # off: val_bpb is the plain sliding score
     ttt_mode: str = "lora"  # lora (rank-r adapters) | full (the chosen matrices themselves)
     ttt_targets: str = "attn.c_q,attn.c_k,attn.c_v,attn.proj,mlp.fc,mlp.proj"  # matrix kinds adapted
@@ -198,12 +198,12 @@ SECTIONS: dict[str, type] = {
 # section -> the module owning its range checks, `check_config(cfg)` (imported when a section is
 # checked: those modules import this one for their dataclasses)
 CHECKS: dict[str, str] = {
-    "prepare": "pgolf.prepare",
-    "model": "pgolf.model",
-    "train": "pgolf.train",
-    "quantize": "pgolf.quantize",
-    "compress": "pgolf.compress",
-    "evaluate": "pgolf.evaluate",
+    "prepare": "pgolf.prepare.prepare",
+    "model": "pgolf.shared.model",
+    "train": "pgolf.train.train",
+    "quantize": "pgolf.quantize.quantize",
+    "compress": "pgolf.compress.compress",
+    "evaluate": "pgolf.evaluate.evaluate",
 }
 _SECTION_OF = {cls: name for name, cls in SECTIONS.items()}
 

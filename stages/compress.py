@@ -1,6 +1,6 @@
 """Stage `compress`: artifacts/quant/{quant.pgt, hdiag.pgt} -> artifacts/final/{model.ptz, train_gpt.py,
-code_files.json}, metrics/size.json (logic in pgolf.compress: codec choice, ±1 pruning to
-compress.target_bytes; the packed script from pgolf.pack).
+code_files.json}, metrics/size.json (logic in pgolf.compress.compress: codec choice, ±1 pruning to
+compress.target_bytes; the packed script from pgolf.compress.pack).
 
 Over the cap the metrics are still written (under_cap false) and the stage exits 1 saying by how much.
 """
@@ -10,10 +10,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pgolf import artifact, config, layout, pack, tensorfile
-from pgolf.compress import CompressError, build, over_cap_message, summary_line
-from pgolf.io import OutputError
-from pgolf.prune import PruneError
+from pgolf import config
+from pgolf.shared import layout, tensorfile
+from pgolf.compress import artifact, pack
+from pgolf.compress.compress import CompressError, build, over_cap_message, summary_line
+from pgolf.shared.io import OutputError
+from pgolf.compress.prune import PruneError
 from stages import entry, fail
 
 __all__ = ["CompressError", "build", "main"]

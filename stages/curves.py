@@ -1,12 +1,12 @@
-"""Stage `curves`: plots/train.tsv -> plots/train.png (pgolf.curves), the training curves as an
+"""Stage `curves`: plots/train.tsv -> plots/train.png (pgolf.curves.curves), the training curves as an
 image that `dvc plots show/diff` displays offline."""
 
 from __future__ import annotations
 
 import sys
 
-from pgolf.curves import CurvesError, run
-from pgolf.io import OutputError
+from pgolf.curves.curves import CurvesError, run
+from pgolf.shared.io import OutputError
 from stages import entry
 
 

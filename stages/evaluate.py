@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import sys
 
-from pgolf import config, dist
-from pgolf.artifact import ArtifactError
-from pgolf.shards import ShardError
-from pgolf.evaluate import EvaluateError, run
-from pgolf.tensorfile import TensorFileError
-from pgolf.io import OutputError
+from pgolf import config
+from pgolf.shared import dist
+from pgolf.compress.artifact import ArtifactError
+from pgolf.shared.shards import ShardError
+from pgolf.evaluate.evaluate import EvaluateError, run
+from pgolf.shared.tensorfile import TensorFileError
+from pgolf.shared.io import OutputError
 from stages import entry
 
 EXPECTED_ERRORS = (OutputError, config.ConfigError, ArtifactError, TensorFileError, ShardError, EvaluateError,

@@ -1,13 +1,13 @@
 """Stage `params`: params.yaml -> artifacts/params/<section>.json, the gate every other stage
-depends on (pgolf.params says why): a bad value stops the pipeline here, outputs intact."""
+depends on (pgolf.params.params says why): a bad value stops the pipeline here, outputs intact."""
 
 from __future__ import annotations
 
 import sys
 
 from pgolf import config
-from pgolf.io import OutputError
-from pgolf.params import run
+from pgolf.shared.io import OutputError
+from pgolf.params.params import run
 from stages import entry
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 
 from pgolf import config
-from pgolf.corpus import CorpusError
-from pgolf.shards import ShardError
-from pgolf.prepare import run
-from pgolf.tensorfile import TensorFileError
-from pgolf.tokenizer import TokenizerError
-from pgolf.io import OutputError
+from pgolf.prepare.corpus import CorpusError
+from pgolf.shared.shards import ShardError
+from pgolf.prepare.prepare import run
+from pgolf.shared.tensorfile import TensorFileError
+from pgolf.prepare.tokenizer import TokenizerError
+from pgolf.shared.io import OutputError
 from stages import entry
 
 EXPECTED_ERRORS = (OutputError, config.ConfigError, CorpusError, ShardError, TokenizerError, TensorFileError,

@@ -1,5 +1,5 @@
 """Stage `quantize`: params `quantize` section, artifacts/train/{model,hessians}.pgt
--> artifacts/quant/{quant.pgt, hdiag.pgt, table.json}, metrics/quant.json (logic in pgolf.quantize).
+-> artifacts/quant/{quant.pgt, hdiag.pgt, table.json}, metrics/quant.json (logic in pgolf.quantize.quantize).
 
 No byte counting here: pruning and the byte budget belong to the compress stage. A quantize.bits
 other than the bits of training's late QAT prints a warning line (and metrics/quant.json says so)."""
@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 
 from pgolf import config
-from pgolf.io import OutputError
-from pgolf.quantize import QuantizeError, qat_warning, run, summary_line
-from pgolf.tensorfile import TensorFileError
-from pgolf.train_files import HessianError
+from pgolf.shared.io import OutputError
+from pgolf.quantize.quantize import QuantizeError, qat_warning, run, summary_line
+from pgolf.shared.tensorfile import TensorFileError
+from pgolf.shared.train_files import HessianError
 
 from stages import entry
 

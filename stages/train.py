@@ -1,19 +1,20 @@
 """Stage `train`: params.yaml `model` + `train` -> artifacts/train, metrics/train.json, plots/train.tsv.
 
 With train.nproc_per_node > 1 (and not already under torchrun) the stage re-executes itself
-through torchrun, one process per GPU; every process runs pgolf.train.run, rank 0 writes.
+through torchrun, one process per GPU; every process runs pgolf.train.train.run, rank 0 writes.
 """
 
 from __future__ import annotations
 
 import sys
 
-from pgolf import config, dist
-from pgolf.shards import ShardError
-from pgolf.train_files import HessianError
-from pgolf.tensorfile import TensorFileError
-from pgolf.train import TrainError, run
-from pgolf.io import OutputError
+from pgolf import config
+from pgolf.shared import dist
+from pgolf.shared.shards import ShardError
+from pgolf.shared.train_files import HessianError
+from pgolf.shared.tensorfile import TensorFileError
+from pgolf.train.train import TrainError, run
+from pgolf.shared.io import OutputError
 
 from stages import entry
 

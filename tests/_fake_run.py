@@ -12,9 +12,9 @@ from pathlib import Path
 import yaml
 
 from conftest import tiny_model
-from pgolf import artifact, pack
+from pgolf.compress import artifact, pack
 from pgolf.config import CompressConfig
-from pgolf.io import file_sha256
+from pgolf.shared.io import file_sha256
 from test_compress import quantized
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from conftest import single_thread
-from pgolf import train_files
+from pgolf.shared import train_files
 from pgolf.config import ModelConfig
-from pgolf.model import GPT
+from pgolf.shared.model import GPT
 
 MICRO = ModelConfig(vocab_size=256, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=3,
                     xsa_last_n=2, bigram_buckets=64, bigram_dim=16, ve_dim=16, ve_last_n=1, rope_dims=8)

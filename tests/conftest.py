@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pgolf.config import ModelConfig  # noqa: E402 - after TRITON_INTERPRET, before any kernel module
-from pgolf.model import GPT  # noqa: E402
+from pgolf.shared.model import GPT  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,4 @@
-"""pgolf.artifact: bit-exact round trip of every dtype through both codecs, the packing layout
+"""pgolf.compress.artifact: bit-exact round trip of every dtype through both codecs, the packing layout
 against the alternatives it was chosen over (measured here on GPTQ-like int6 codes), bad files
 (other format version, checksum mismatch, truncation, foreign file), dequantization, CODE_FILES."""
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 import zstandard
 
-from pgolf import artifact as A
-from pgolf import tensorfile
+from pgolf.compress import artifact as A
+from pgolf.shared import tensorfile
 from pgolf import config
 from pgolf.config import CompressConfig, ConfigError
 

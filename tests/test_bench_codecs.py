@@ -4,7 +4,7 @@ bytes depend on the thread count."""
 import json
 
 from bench import bench_codecs
-from pgolf import artifact
+from pgolf.compress import artifact
 
 
 def test_bench_runs_on_a_small_body_and_writes_its_json(tmp_path):

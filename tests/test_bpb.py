@@ -1,4 +1,4 @@
-"""pgolf.bpb: val_bpb against a hand computation (one full forward per target), the sliding
+"""pgolf.shared.bpb: val_bpb against a hand computation (one full forward per target), the sliding
 window set (every target scored exactly once, enough context, the reference's tail duplicates
 quantified on the spec's numbers), truncation, batching/rank-split invariance, val shards."""
 
@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CROSS_PATH_RTOL, tiny_model
-from pgolf import bpb
-from pgolf.byte_tables import ByteTables
-from pgolf.shards import write_shard
+from pgolf.shared import bpb
+from pgolf.shared.byte_tables import ByteTables
+from pgolf.shared.shards import write_shard
 
 
 

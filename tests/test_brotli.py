@@ -1,4 +1,4 @@
-"""brotli beside lzma and zstd (pgolf.artifact / pgolf.compress): off by default, round trip,
+"""brotli beside lzma and zstd (pgolf.compress.artifact / pgolf.compress.compress): off by default, round trip,
 byte-identical reruns, quality and window really used, chosen by size, lazy import with a clear
 error when an artifact needs it, bad names and ranges named."""
 
@@ -9,7 +9,7 @@ import sys
 import brotli
 import pytest
 
-from pgolf import artifact as A
+from pgolf.compress import artifact as A
 from pgolf import config
 from pgolf.config import CompressConfig, ConfigError
 from test_artifact import bits_equal, every_dtype

@@ -1,4 +1,4 @@
-"""Tests of pgolf.checkpoint on its own: state trees through a tensorfile, the fingerprint and its
+"""Tests of pgolf.train.checkpoint on its own: state trees through a tensorfile, the fingerprint and its
 diff, reading a missing / unreadable / foreign file, the completeness check, and a save -> load ->
 apply round trip into fresh parts that restores every piece of state (model, optimizer, EMA/SWA,
 Hessian sums, timers, log, RNG, counters) and keeps the documented file layout."""
@@ -13,14 +13,16 @@ import pytest
 import torch
 
 from conftest import MICRO_CFG, TINY_PROFILE
-from pgolf import checkpoint as C
-from pgolf import config, hessian, tensorfile
-from pgolf.averages import WeightAverages
-from pgolf.dist import DistInfo
-from pgolf.model import GPT
-from pgolf.optim import build_optimizers
-from pgolf.timing import StepTimer
-from pgolf.train import RunLog
+from pgolf.train import checkpoint as C
+from pgolf import config
+from pgolf.shared import tensorfile
+from pgolf.train import hessian
+from pgolf.train.averages import WeightAverages
+from pgolf.shared.dist import DistInfo
+from pgolf.shared.model import GPT
+from pgolf.train.optim import build_optimizers
+from pgolf.train.timing import StepTimer
+from pgolf.train.train import RunLog
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

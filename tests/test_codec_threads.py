@@ -1,4 +1,4 @@
-"""Chunked lzma (compress.lzma_chunk_bytes, compress.threads; pgolf.artifact codec id 4): bad values
+"""Chunked lzma (compress.lzma_chunk_bytes, compress.threads; pgolf.compress.artifact codec id 4): bad values
 are refused naming the param, the bytes never depend on the thread count, and the file reads back
 through the reader evaluate uses and through the one inside the packed train_gpt.py."""
 
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from pgolf import artifact as A
-from pgolf import compress, config, pack
+from pgolf.compress import artifact as A
+from pgolf import config
+from pgolf.compress import compress, pack
 from pgolf.config import CompressConfig, ConfigError
 from test_compress import write_quant  # quant.pgt of a micro model, as the quantize stage writes it
 
@@ -84,7 +85,7 @@ def test_chunked_is_bounded_and_checks_its_table(monkeypatch):
 
 
 def test_stage_writes_chunked_lzma_that_evaluate_and_the_packed_script_read(tmp_path):
-    """compress.build with codec lzma chunked -> model.ptz; read back by pgolf.artifact.read_artifact
+    """compress.build with codec lzma chunked -> model.ptz; read back by pgolf.compress.artifact.read_artifact
     (evaluate's reader) here, and by the artifact module unpacked from the packed train_gpt.py in a
     fresh interpreter (the submission's reader)."""
     quant = write_quant(tmp_path / "quant" / "quant.pgt", tiny_model())
@@ -99,7 +100,7 @@ def test_stage_writes_chunked_lzma_that_evaluate_and_the_packed_script_read(tmp_
     for rel, text in pack.unpack(script)["files"].items():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_text(text, encoding="utf-8")
-    code = ("import sys, hashlib; sys.path.insert(0, sys.argv[1]); import pgolf.artifact as A; "
+    code = ("import sys, hashlib; sys.path.insert(0, sys.argv[1]); import pgolf.compress.artifact as A; "
             "assert A.__file__.startswith(sys.argv[1]); t, m = A.read_artifact(sys.argv[2]); "
             "print(sorted(t), len(A.dequantize_state(t, m)))")
     out = subprocess.run([sys.executable, "-c", code, str(src), str(ptz)], cwd=tmp_path, capture_output=True,

@@ -1,4 +1,4 @@
-"""stages.compress / pgolf.compress: quant.pgt -> model.ptz + train_gpt.py + code_files.json +
+"""stages.compress / pgolf.compress.compress: quant.pgt -> model.ptz + train_gpt.py + code_files.json +
 metrics/size.json; codec choice, code bytes (the packed script's), the cap check (over the cap:
 metrics written, exit 1 with the excess), bad input."""
 
@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from conftest import MICRO_CFG, params_yaml, tiny_model
-from pgolf import artifact, config, pack, tensorfile
+from pgolf import config
+from pgolf.shared import tensorfile
+from pgolf.compress import artifact, pack
 from pgolf.config import CompressConfig
-from pgolf.rowquant import qmax_for, quantize, row_scale
-from pgolf.model import GPT
+from pgolf.shared.rowquant import qmax_for, quantize, row_scale
+from pgolf.shared.model import GPT
 from stages import compress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +56,7 @@ def write_quant(path: Path, model: GPT, lossless: bool = False) -> Path:
 def copy_code(dst: Path) -> None:
     """The packed sources, the raw evaluation files + this stage into a scratch repo (code bytes
     are counted from cwd)."""
-    for rel in {*pack.PACKED_FILES, *artifact.CODE_FILES, "pgolf/pack.py", "stages/compress.py"}:
+    for rel in {*pack.PACKED_FILES, *artifact.CODE_FILES, "pgolf/compress/pack.py", "stages/compress.py"}:
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         (dst / rel).write_bytes((ROOT / rel).read_bytes())
 

@@ -1,4 +1,4 @@
-"""Pruning in the compress stage (pgolf.compress + pgolf.prune) on the quantize stage's output of a
+"""Pruning in the compress stage (pgolf.compress.compress + pgolf.compress.prune) on the quantize stage's output of a
 really trained micro model: a forced target is met at or under it at the real size; slack 0 is the
 exact contract (n fits, n - 1 does not); reruns are byte-identical; the search uses few real
 compressions; an unreachable target names the smallest size; missing Hessian diagonals are named."""
@@ -13,9 +13,11 @@ import torch
 
 from _quant_model import write_train_dir
 from conftest import single_thread
-from pgolf import artifact, config, prune, tensorfile
-from pgolf import compress as C
-from pgolf import quantize as Q
+from pgolf import config
+from pgolf.shared import tensorfile
+from pgolf.compress import artifact, prune
+from pgolf.compress import compress as C
+from pgolf.quantize import quantize as Q
 from pgolf.config import CompressConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -78,7 +78,7 @@ def test_params_yaml_is_the_tiny_profile():
 def test_profile_apply_round_trip(tmp_path):
     import shutil
 
-    from pgolf import profiles
+    from pgolf.params import profiles
 
     shutil.copytree(ROOT / "profiles", tmp_path / "profiles")
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
@@ -136,7 +136,7 @@ def test_stages_report_invalid_yaml_without_traceback(tmp_path, stage):
 
 
 def test_profile_with_a_typo_blames_the_profile(tmp_path):
-    from pgolf import profiles
+    from pgolf.params import profiles
 
     shutil.copytree(ROOT / "profiles", tmp_path / "profiles")
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")

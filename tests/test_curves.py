@@ -1,4 +1,4 @@
-"""pgolf.curves / stage `curves`: plots/train.tsv drawn as a PNG that DVC declares as a plot."""
+"""pgolf.curves.curves / stage `curves`: plots/train.tsv drawn as a PNG that DVC declares as a plot."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pgolf import curves
+from pgolf.curves import curves
 
 ROOT = Path(__file__).resolve().parents[1]
 TSV = "step\ttrain_loss\tlr_scale\ttokens_per_second\n1\t6.9\t1.0\t14000.0\n10\t5.7\t1.0\t15000.0\n20\t5.1\t0.5\t15100.0\n"

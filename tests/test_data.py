@@ -1,5 +1,5 @@
-"""Tests for the token data modules: pgolf.shards (challenge shard format), pgolf.loader (the training
-token loader), pgolf.byte_tables, pgolf.tokenizer_meta."""
+"""Tests for the token data modules: pgolf.shared.shards (challenge shard format), pgolf.train.loader (the training
+token loader), pgolf.shared.byte_tables, pgolf.shared.tokenizer_meta."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf import byte_tables
-from pgolf.byte_tables import ByteTables, load_byte_tables
-from pgolf.loader import DistributedTokenLoader, TokenStream
-from pgolf.shards import ShardError, list_shards, load_tokens, read_shard, write_shard
-from pgolf.tokenizer_meta import read_tokenizer_meta
+from pgolf.shared import byte_tables
+from pgolf.shared.byte_tables import ByteTables, load_byte_tables
+from pgolf.train.loader import DistributedTokenLoader, TokenStream
+from pgolf.shared.shards import ShardError, list_shards, load_tokens, read_shard, write_shard
+from pgolf.shared.tokenizer_meta import read_tokenizer_meta
 
 FIXTURE = Path(__file__).parent / "fixtures" / "fineweb_val_prefix20k.bin"  # first 20,000 official val tokens
 OFFICIAL_MODEL = Path(__file__).resolve().parents[1] / "data" / "tokenizer_src" / "fineweb_1024_bpe.model"
 
 
 def _raw_shard(tokens, magic=20240520, version=1, count=None) -> bytes:
-    """A shard built by hand from the spec (§1.1), independent of pgolf.shards' writer."""
+    """A shard built by hand from the spec (§1.1), independent of pgolf.shared.shards' writer."""
     header = struct.pack("<3i", magic, version, len(tokens) if count is None else count) + b"\0" * (1024 - 12)
     return header + struct.pack(f"<{len(tokens)}H", *tokens)
 
@@ -209,7 +209,7 @@ def test_distributed_loader_bad_batch(tmp_path):
 
 @pytest.fixture(scope="module")
 def official_tables():
-    from pgolf.tokenizer import build_byte_tables, load_tokenizer
+    from pgolf.prepare.tokenizer import build_byte_tables, load_tokenizer
 
     sp = load_tokenizer(OFFICIAL_MODEL, 1024)
     return sp, build_byte_tables(sp, 1024)

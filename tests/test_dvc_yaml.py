@@ -1,9 +1,13 @@
-"""dvc.yaml's deps are the truth about what each stage runs: every pgolf module a stage imports is
-a dep of it (else editing that module would not rerun the stage), training code is not a dep of
-quantize or evaluate, and of compress only as a source packed into train_gpt.py; compress, the one
-stage that counts code bytes (the packed script's) and owns the byte budget, depends on every
-packed source and every baked params section, so editing any of them recounts; quantize depends
-on its own code and params only, so a file only evaluate or summary uses never reruns it."""
+"""dvc.yaml's deps are the truth about what each stage runs, at the grain of pgolf's folders: a
+stage's code deps are its entry point (stages/<stage>.py) and exactly the folders holding a pgolf
+module it imports, its own pgolf/<stage>/ and pgolf/shared/ among them (tests/test_folders.py keeps
+the others upstream of it). So every pgolf module a stage imports lies under a dep (else editing it
+would not rerun the stage) and no folder is a dep of a stage that imports nothing from it.
+Training code (pgolf/train/) is not a dep of quantize or evaluate, and of compress only as sources
+packed into train_gpt.py; compress, the one stage that counts code bytes (the packed script's) and
+owns the byte budget, depends on every packed source and every baked params section, so editing
+any of them recounts; quantize depends on its own folder, pgolf/shared and its params only, so a
+file only compress, evaluate or summary uses never reruns it."""
 
 from __future__ import annotations
 
@@ -14,13 +18,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pgolf.artifact import CODE_FILES
-from pgolf.pack import BAKED_SECTIONS, PACKED_FILES
+from pgolf.compress.artifact import CODE_FILES
+from pgolf.compress.pack import BAKED_SECTIONS, PACKED_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("params", "prepare", "train", "curves", "quantize", "compress", "evaluate")
-PLUMBING = {"stages/__init__.py", "pgolf/__init__.py", "pgolf/config.py", "pgolf/io.py", "pgolf/tensorfile.py"}  # see dvc.yaml header
-TRAINING_CODE = ("pgolf/train.py", "pgolf/loader.py", "pgolf/optim.py", "pgolf/hessian.py", "pgolf/kernels")
+PLUMBING = {"stages/__init__.py", "pgolf/__init__.py", "pgolf/config.py"}  # see dvc.yaml header
+TRAINING_CODE = "pgolf/train"  # the folder of the train stage
 
 
 def _deps(stage: str) -> list[str]:
@@ -28,16 +32,32 @@ def _deps(stage: str) -> list[str]:
     return [d for d in doc["stages"][stage]["deps"] if not d.startswith("${")]
 
 
+def _code_deps(stage: str) -> set[str]:
+    return {d for d in _deps(stage) if d.startswith(("pgolf/", "stages/"))}
+
+
 def _imported_files(stage: str) -> set[str]:
-    code = (f"import sys, importlib; importlib.import_module('stages.{stage}'); "
+    """The pgolf and stages files `python -m stages.<stage>` imports; for params also the range-check
+    modules of every section (pgolf.config.CHECKS), which it imports while checking params.yaml."""
+    checks = ("from pgolf import config; [importlib.import_module(m) for m in config.CHECKS.values()]; "
+              if stage == "params" else "")
+    code = (f"import sys, importlib; importlib.import_module('stages.{stage}'); {checks}"
             "print('\\n'.join(m.__file__ for n, m in list(sys.modules.items()) "
             "if n.split('.')[0] in ('pgolf', 'stages') and getattr(m, '__file__', None)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     return {str(Path(f).resolve().relative_to(ROOT)) for f in out.split()}
 
 
-def _covered(path: str, deps: list[str]) -> bool:
+def _covered(path: str, deps) -> bool:
     return any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+def _grain(path: str) -> str:
+    """The dep that stands for a code file: its folder pgolf/<folder> for a module of a stage folder
+    or of pgolf/shared, the file itself otherwise (stages/*.py, pgolf/config.py, and pgolf/submit/,
+    which runs after the pipeline and whose only packed module is the recipe)."""
+    parts = path.split("/")
+    return "/".join(parts[:2]) if parts[0] == "pgolf" and len(parts) > 2 and parts[1] != "submit" else path
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -47,35 +67,52 @@ def test_every_imported_module_is_a_dep(stage):
     assert not missing, f"dvc.yaml stage {stage} imports {missing} without listing them as deps"
 
 
+@pytest.mark.parametrize("stage", STAGES)
+def test_code_deps_are_the_folders_the_stage_imports(stage):
+    """stages/<stage>.py + pgolf/<stage> + pgolf/shared + the upstream folders it imports, nothing else
+    (compress: also what it counts, the packed sources and CODE_FILES; params: also the schema)."""
+    needed = _imported_files(stage) - PLUMBING
+    if stage == "compress":
+        needed |= {*PACKED_FILES, *CODE_FILES}
+    if stage == "params":
+        needed.add("pgolf/config.py")
+    assert _code_deps(stage) == {_grain(f) for f in needed}
+    assert {f"stages/{stage}.py", f"pgolf/{stage}", "pgolf/shared"} <= _code_deps(stage)
+
+
 @pytest.mark.parametrize("stage", ("quantize", "compress", "evaluate"))
 def test_downstream_stages_depend_on_training_code_only_as_packed_sources(stage):
-    deps = _deps(stage)
-    allowed = set(PACKED_FILES) if stage == "compress" else set()
-    assert not [d for d in deps if d.startswith(TRAINING_CODE) and d not in allowed]
+    train = [d for d in _deps(stage) if _covered(d, [TRAINING_CODE])]
+    if stage != "compress":
+        assert not train
+    else:  # every file under such a dep is packed into train_gpt.py
+        files = {str(p.relative_to(ROOT)) for d in train for p in (ROOT / d).rglob("*.py")}
+        assert train and files <= set(PACKED_FILES), sorted(files - set(PACKED_FILES))
 
 
 def test_evaluation_code_carries_no_training_code():
     """CODE_FILES (what scoring the artifact needs) holds no training module, the token loader included."""
-    assert not [f for f in CODE_FILES if f.startswith(TRAINING_CODE)]
+    assert not [f for f in CODE_FILES if _covered(f, [TRAINING_CODE])]
 
 
 def test_compress_counts_code_bytes_so_depends_on_every_packed_source_and_baked_param():
     deps = _deps("compress")
-    want = {*PACKED_FILES, "pgolf/pack.py", *CODE_FILES}
-    assert want <= set(deps), sorted(want - set(deps))
+    want = {*PACKED_FILES, "pgolf/compress/pack.py", *CODE_FILES}
+    assert not [f for f in want if not _covered(f, deps)]
     params = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["compress"]["params"]
     assert set(BAKED_SECTIONS) <= set(params), sorted(set(BAKED_SECTIONS) - set(params))
 
 
 def test_quantize_depends_on_its_own_code_and_params_only():
-    """Exactly the files stages.quantize imports (+ its inputs): no packed-script source, codec or
+    """Its entry point, its folder and pgolf/shared (+ its inputs): no packed-script source, codec or
     pruning code, no evaluate/summary file; only the quantize params (issue 11)."""
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["quantize"]
-    code = {d for d in stage["deps"] if d.endswith(".py")}
-    assert code == _imported_files("quantize") - PLUMBING
-    for other in ("pgolf/pack.py", "pgolf/compress.py", "pgolf/prune.py", "pgolf/artifact.py", "pgolf/evaluate.py",
-                  "pgolf/bpb.py", "pgolf/summary.py", "pgolf/ttt.py", "stages/evaluate.py"):
-        assert other not in stage["deps"]
+    code = _code_deps("quantize")
+    assert code == {"stages/quantize.py", "pgolf/quantize", "pgolf/shared"}
+    for other in ("pgolf/compress/pack.py", "pgolf/compress/compress.py", "pgolf/compress/prune.py",
+                  "pgolf/compress/artifact.py", "pgolf/evaluate/evaluate.py", "pgolf/evaluate/ttt.py",
+                  "pgolf/submit/summary.py", "stages/evaluate.py", "pgolf/train/train.py"):
+        assert not _covered(other, stage["deps"]), other
     assert stage["params"] == ["quantize"]
     assert set(stage["deps"]) - code == {"artifacts/train", "artifacts/params/quantize.json"}
 
@@ -86,9 +123,9 @@ SOURCES = {"data/tokenizer_src"}  # committed inputs of prepare, not files passe
 
 
 def _layout_io() -> dict[str, dict[str, set[str]]]:
-    """Per stage, the inter-stage files (pgolf.layout) it reads (deps) and writes (outs, metrics, plots)."""
+    """Per stage, the inter-stage files (pgolf.shared.layout) it reads (deps) and writes (outs, metrics, plots)."""
     from pgolf import config
-    from pgolf import layout as L
+    from pgolf.shared import layout as L
 
     def p(*paths) -> set[str]:
         return {Path(x).as_posix() for x in paths}
@@ -114,7 +151,7 @@ def _entries(items) -> set[str]:
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_files_are_the_layout_modules_paths(stage):
-    """dvc.yaml cannot import pgolf.layout: its outs/metrics/plots and the data deps of every stage
+    """dvc.yaml cannot import pgolf.shared.layout: its outs/metrics/plots and the data deps of every stage
     must equal the layout's paths, so that the code and the DAG cannot drift apart."""
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
     want = _layout_io()[stage]
@@ -125,7 +162,7 @@ def test_stage_files_are_the_layout_modules_paths(stage):
 
 
 def test_top_level_plots_read_the_layouts_tsv():
-    from pgolf import layout
+    from pgolf.shared import layout
 
     plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
     assert {f for entry in plots for spec in entry.values() for f in spec["y"]} == {layout.TRAIN_TSV.as_posix()}

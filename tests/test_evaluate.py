@@ -1,4 +1,4 @@
-"""pgolf.evaluate / stages.evaluate: the model rebuilt from the artifact alone scores exactly as
+"""pgolf.evaluate.evaluate / stages.evaluate: the model rebuilt from the artifact alone scores exactly as
 the model it came from (lossless artifact) or as its dequantized weights (int6), sliding and
 non-sliding; metrics/eval.json keys; stride 0; the torchrun relaunch (2 CPU ranks, gloo) gives
 the single-process numbers; every bad input exits 1 with `evaluate: error:` naming the file."""
@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf import artifact, bpb
+from pgolf.shared import bpb
+from pgolf.compress import artifact
 from pgolf.config import CompressConfig, EvaluateConfig
-from pgolf.byte_tables import ByteTables
-from pgolf.shards import write_shard
-from pgolf.evaluate import Paths, load_model, run
-from pgolf.model import GPT
+from pgolf.shared.byte_tables import ByteTables
+from pgolf.shared.shards import write_shard
+from pgolf.evaluate.evaluate import Paths, load_model, run
+from pgolf.shared.model import GPT
 from stages import evaluate as stage
 from conftest import CROSS_PATH_RTOL, tiny_model
 from test_compress import TOKENIZER, quantized

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from _fake_run import finished_run, update_metric
-from pgolf import export, pack, summary
+from pgolf.compress import pack
+from pgolf.submit import export, summary
 
 
 @pytest.fixture
@@ -86,7 +87,7 @@ def test_refuses_params_changed_since_the_run(run, tmp_path):
 
 
 def test_refuses_code_changed_since_the_run(run, tmp_path):
-    p = run / "pgolf" / "model.py"
+    p = run / "pgolf" / "shared" / "model.py"
     p.write_text(p.read_text() + "\n# a comment is not packed: no change\n")
     _export(run, tmp_path / "rec" / "ok")
     p.write_text(p.read_text() + "EDITED_AFTER_THE_RUN = 1\n")

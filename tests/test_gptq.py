@@ -1,4 +1,4 @@
-"""Full GPTQ (pgolf.gptq): against a plain reference implementation, against round-to-nearest
+"""Full GPTQ (pgolf.quantize.gptq): against a plain reference implementation, against round-to-nearest
 (RTN) at the same bits and scale rule, per-row clip choice, act-order, dead columns, damping."""
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 
 from _quant_model import MICRO, eval_loss, trained
 from conftest import assert_codes_close
-from pgolf import rowquant
-from pgolf.gptq import GPTQSpec, gptq_batch, gptq_lite_batch, gptq_matrices, row_errors
+from pgolf.shared import rowquant
+from pgolf.quantize.gptq import GPTQSpec, gptq_batch, gptq_lite_batch, gptq_matrices, row_errors
 
 QS = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 

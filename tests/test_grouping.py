@@ -1,4 +1,4 @@
-"""Grouped serialisation (compress.layout "grouped", pgolf.grouping): codes of one role grouped,
+"""Grouped serialisation (compress.layout "grouped", pgolf.compress.grouping): codes of one role grouped,
 rows ordered, undone at load bit-exactly; deterministic; a corrupt permutation is an error naming
 the file; an unknown layout is named; the compress stage writes it and evaluation reads it."""
 
@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from pgolf import artifact as A
-from pgolf import grouping, lqer
+from pgolf.compress import artifact as A
+from pgolf.quantize import lqer
+from pgolf.compress import grouping
 from pgolf import config
 from pgolf.config import CompressConfig, ConfigError
-from pgolf.rowquant import dequantize
+from pgolf.shared.rowquant import dequantize
 from test_artifact import bits_equal, every_dtype
 from test_compress import build, quantized, workdir  # noqa: F401 - fixture
 
@@ -48,7 +49,7 @@ def test_grouped_round_trip_is_bit_exact_and_deterministic():
     back, meta2 = A.deserialize(raw)
     assert list(back) == list(tensors) and all(bits_equal(back[k], v) for k, v in tensors.items())
     assert A.dequantize_state(back, meta2).keys() == A.dequantize_state(tensors, meta).keys()
-    stored, header = __import__("pgolf.tensorfile", fromlist=["loads"]).loads(raw, kind="artifact")
+    stored, header = __import__("pgolf.shared.tensorfile", fromlist=["loads"]).loads(raw, kind="artifact")
     groups = [k for k in stored if k.startswith(grouping.GROUP)]
     encs = {e["name"]: e["enc"] for e in header["meta"]["layout"]}
     assert encs["blocks.0.mlp.fc.weight.q"] == encs["blocks.1.mlp.fc.weight.q"] == "group"
@@ -60,7 +61,7 @@ def test_grouped_round_trip_is_bit_exact_and_deterministic():
 
 def test_corrupt_permutation_names_the_file():
     tensors, meta = codes_and_meta()
-    from pgolf import tensorfile
+    from pgolf.shared import tensorfile
     stored, header = tensorfile.loads(A.serialize(tensors, meta, "grouped"), kind="artifact")
     k = next(k for k in stored if k.startswith(grouping.PERM))
     stored[k] = torch.zeros_like(stored[k])

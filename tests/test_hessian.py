@@ -1,4 +1,4 @@
-"""Tests of pgolf.hessian on its own: the accumulator's per-row mean and the validation of the
+"""Tests of pgolf.train.hessian on its own: the accumulator's per-row mean and the validation of the
 result, the schedule's decisions (every N steps inside the start-scale window, the forced last
 chance, the fallback, the window labels) over step/scale sequences against hand-written
 expectations, and the overhead accounting from per-step times."""
@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgolf import hessian, train_files
+from pgolf.shared import train_files
+from pgolf.train import hessian
 
 
 def schedule(every: int, start_scale: float, iterations: int = 10, cap_s: float = 0.0):

@@ -1,7 +1,7 @@
-"""Tests for pgolf.kernels.fused_mlp: fused Triton MLP vs the eager PyTorch reference.
+"""Tests for pgolf.shared.kernels.fused_mlp: fused Triton MLP vs the eager PyTorch reference.
 
 Without CUDA the kernels run under the Triton CPU interpreter: TRITON_INTERPRET must be set before
-triton decorates the kernels (import time), so it is set here before importing pgolf.kernels.
+triton decorates the kernels (import time), so it is set here before importing pgolf.shared.kernels.
 With CUDA the same small-shape tests run on the GPU, plus the @pytest.mark.gpu record-shape tests.
 """
 
@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from pgolf.kernels import fused_mlp as fm  # noqa: E402
+from pgolf.shared.kernels import fused_mlp as fm  # noqa: E402
 
 DEVICE = "cpu" if fm.INTERPRETED else "cuda"
 on_gpu = pytest.mark.skipif(fm.INTERPRETED or not torch.cuda.is_available(),

@@ -1,4 +1,4 @@
-"""LQER (pgolf.lqer, quantize.lqer_*): the factors are the best rank-r approximation of the
+"""LQER (pgolf.quantize.lqer, quantize.lqer_*): the factors are the best rank-r approximation of the
 quantization error; quantize corrects exactly the top-K matrices by ||W - Q(W)||_F and leaves the
 codes alone; the artifact carries the block, evaluation applies it (round trip, bit-exact) and
 its bytes count; a misshapen block is an error naming the artifact; bad params are named."""
@@ -10,11 +10,12 @@ import torch
 
 from _quant_model import trained, write_train_dir
 from conftest import tiny_model
-from pgolf import artifact, lqer
-from pgolf.compress import build
+from pgolf.quantize import lqer
+from pgolf.compress import artifact
+from pgolf.compress.compress import build
 from pgolf.config import CompressConfig
-from pgolf.evaluate import load_model
-from pgolf.rowquant import dequantize
+from pgolf.evaluate.evaluate import load_model
+from pgolf.shared.rowquant import dequantize
 from test_compress import quantized
 from test_quantize import fails_cleanly, load_quant, qcfg, run_in, set_params, stage_dir  # noqa: F401 - fixture
 

@@ -1,4 +1,4 @@
-"""pgolf.model: parameter inventory, config checks, forward math against hand-written references
+"""pgolf.shared.model: parameter inventory, config checks, forward math against hand-written references
 (naive GQA attention, RoPE, XSA, RMSNorm, LeakyReLU^2), Hessian accumulation, QAT (eager and
 under torch.compile without recompiling), export round trip, causality, BigramHash hash."""
 
@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from pgolf.config import ModelConfig
-from pgolf.rowquant import fake_quant
-from pgolf.model import (GPT, Rotary, SmearGate, bigram_hash, count_params, layer_order, mlp_hidden, softcap,
+from pgolf.shared.rowquant import fake_quant
+from pgolf.shared.model import (GPT, Rotary, SmearGate, bigram_hash, count_params, layer_order, mlp_hidden, softcap,
                          check_config, xsa)
-from pgolf.shards import BOS_ID
+from pgolf.shared.shards import BOS_ID
 
 TINY = ModelConfig(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=3,
                    xsa_last_n=2, bigram_buckets=31, bigram_dim=8, ve_dim=8, ve_last_n=1, rope_dims=4,
@@ -465,7 +465,7 @@ def test_optimizer_groups_partition_parameters():
 
 @pytest.mark.gpu
 def test_fused_mlp_path_matches_eager_on_cuda():
-    pytest.importorskip("pgolf.kernels.fused_mlp")
+    pytest.importorskip("pgolf.shared.kernels.fused_mlp")
     m = make_tiny(cfg=dataclasses.replace(TINY, model_dim=128, num_heads=4)).cuda()
     x, y = batch(T=64)
     x, y = x.cuda(), y.cuda()

@@ -1,4 +1,4 @@
-"""Tests of pgolf.optim: NS5 numerics, Muon vs hand-written and torch.optim.Muon references,
+"""Tests of pgolf.train.optim: NS5 numerics, Muon vs hand-written and torch.optim.Muon references,
 banks vs slices, ParallelMuon / Optimizers on 2 gloo processes vs one process on the full batch,
 and state_dict round trips (including across world sizes)."""
 
@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pgolf.config import TrainConfig
-from pgolf.dist import DistInfo
-from pgolf.optim import (Muon, ParallelMuon, build_optimizers, ns_coefficients, shape_scale,
+from pgolf.shared.dist import DistInfo
+from pgolf.train.optim import (Muon, ParallelMuon, build_optimizers, ns_coefficients, shape_scale,
                          zeropower_via_newtonschulz5)
 
 CPU1 = DistInfo(0, 0, 1, torch.device("cpu"))
@@ -486,7 +486,7 @@ def test_state_dict_resumes_across_world_sizes(dist_results):
 # ------------------------------------------------------------------ GPU (skipped without CUDA)
 @pytest.mark.gpu
 def test_gpu_ns5_bf16_band_and_compiled_matches_eager():
-    from pgolf.optim import compiled_newtonschulz5
+    from pgolf.train.optim import compiled_newtonschulz5
     torch.manual_seed(11)
     G = torch.randn(3, 256, 512, device="cuda")
     X = zeropower_via_newtonschulz5(G)

@@ -1,5 +1,5 @@
-"""pgolf.pack: the packed train_gpt.py is deterministic, holds exactly the recipe's sources and the
-baked params, runs its bootstrap, and its file list covers every module pgolf.recipe imports."""
+"""pgolf.compress.pack: the packed train_gpt.py is deterministic, holds exactly the recipe's sources and the
+baked params, runs its bootstrap, and its file list covers every module pgolf.submit.recipe imports."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from conftest import params_yaml
-from pgolf import config, pack
+from pgolf import config
+from pgolf.compress import pack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,8 +94,8 @@ def test_missing_source_and_bad_params_are_named(tmp_path):
 
 def test_packed_files_are_what_the_recipe_imports():
     """Every pgolf module the script's entry point imports (plus the Triton kernels, which
-    pgolf.model imports lazily on CUDA), and nothing else."""
-    code = ("import sys, importlib; importlib.import_module('pgolf.recipe'); importlib.import_module('pgolf.kernels'); "
+    pgolf.shared.model imports lazily on CUDA), and nothing else."""
+    code = ("import sys, importlib; importlib.import_module('pgolf.submit.recipe'); importlib.import_module('pgolf.shared.kernels'); "
             "print('\\n'.join(m.__file__ for n, m in list(sys.modules.items()) "
             "if n.split('.')[0] == 'pgolf' and getattr(m, '__file__', None)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout

@@ -1,4 +1,4 @@
-"""The params gate (pgolf.params, stage `params`): every section of params.yaml is type- and
+"""The params gate (pgolf.params.params, stage `params`): every section of params.yaml is type- and
 range-checked by the stages' own checks before DVC runs any stage; one validated file per section.
 The gate's purpose, a bad value never costs the outputs of its stage under `dvc repro`, is
 tested end to end in test_pipeline_dvc.py."""
@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from conftest import params_yaml
-from pgolf import config, params
+from pgolf import config
+from pgolf.params import params
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = {

@@ -13,10 +13,12 @@ import sentencepiece as spm
 import zstandard
 
 from conftest import params_yaml
-from pgolf import byte_tables, config, fineweb, prepare, shards, tokenizer, tokenizer_meta
+from pgolf import config
+from pgolf.shared import byte_tables, shards, tokenizer_meta
+from pgolf.prepare import fineweb, prepare, tokenizer
 from pgolf.config import ConfigError, PrepareConfig
-from pgolf.corpus import CorpusError, corpus_files, read_documents
-from pgolf.tokenizer import TokenizerError
+from pgolf.prepare.corpus import CorpusError, corpus_files, read_documents
+from pgolf.prepare.tokenizer import TokenizerError
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL_MODEL = REPO / "data" / "tokenizer_src" / "fineweb_1024_bpe.model"

@@ -1,4 +1,4 @@
-"""pgolf.progress: a bar on a terminal, plain periodic lines (count/total, rate, ETA) otherwise;
+"""pgolf.shared.progress: a bar on a terminal, plain periodic lines (count/total, rate, ETA) otherwise;
 the evaluation loop reports through it when stderr is not a terminal."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import io
 
 import numpy as np
 
-from pgolf import bpb, progress
-from pgolf.progress import Progress, track
+from pgolf.shared import bpb, progress
+from pgolf.shared.progress import Progress, track
 
 
 class Tty(io.StringIO):

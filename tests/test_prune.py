@@ -1,11 +1,11 @@
-"""Selective ±1 pruning (pgolf.prune): candidate costs and order, applying, the count search.
+"""Selective ±1 pruning (pgolf.compress.prune): candidate costs and order, applying, the count search.
 The search against the real serialisation and codecs is in test_quantize.py."""
 
 import numpy as np
 import pytest
 import torch
 
-from pgolf import prune
+from pgolf.compress import prune
 
 
 def test_candidates_cost_scale_sq_times_hessian_diag_in_stable_order():

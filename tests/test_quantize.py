@@ -15,8 +15,10 @@ import yaml
 
 from _quant_model import MICRO, eval_loss, trained, write_train_dir
 from conftest import single_thread
-from pgolf import artifact, config, pack, rowquant, tensorfile
-from pgolf import quantize as Q
+from pgolf import config
+from pgolf.shared import rowquant, tensorfile
+from pgolf.compress import artifact, pack
+from pgolf.quantize import quantize as Q
 from stages import quantize as stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,7 +276,7 @@ def test_odd_mlp_width_and_attention_gate_quantize_and_load(tmp_path):
     import dataclasses
 
     from _quant_model import QAT_QUANTILE, SEQ, collect_hessians, markov_tokens, model_meta
-    from pgolf.model import GPT
+    from pgolf.shared.model import GPT
 
     cfg = dataclasses.replace(MICRO, mlp_mult=1.515625, attn_gate_window=12, smear_bos_mask=True)
     torch.manual_seed(0)

@@ -30,3 +30,25 @@ def test_stage_table_lists_every_dvc_stage():
     table = README[README.index("## The stages"):README.index("## Everyday workflows")]
     for name in stages:
         assert f"`python -m stages.{name}`" in table, name
+
+
+def test_cited_code_paths_and_names_exist():
+    """Every pgolf/... path and pgolf.x.y name the README cites is in the tree (they move with the
+    folder layout): a path is a file or folder, a dotted name a module or an attribute of one."""
+    import importlib
+
+    paths = set(re.findall(r"(?<![\w/.])((?:pgolf|stages|tests|scripts|profiles)/[\w./-]*\w)", README))
+    missing = sorted(p for p in paths if not (ROOT / p).exists())
+    assert not missing, missing
+    names = set(re.findall(r"(?<![\w/.])pgolf(?:\.\w+)+", README))
+    for name in sorted(names):
+        parts = name.split(".")
+        for i in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+                break
+            except ModuleNotFoundError:
+                continue
+        for attr in parts[i:]:
+            assert hasattr(obj, attr), f"README cites {name}: {'.'.join(parts[:i])} has no {attr}"
+            obj = getattr(obj, attr)

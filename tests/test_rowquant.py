@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pgolf import rowquant
+from pgolf.shared import rowquant
 
 
 @pytest.mark.parametrize("n", [7, 64, 512, 1536])

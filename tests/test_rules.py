@@ -1,4 +1,4 @@
-"""pgolf.rules on fake finished runs (tests/_fake_run.py) with known figures: each rule passes on
+"""pgolf.submit.rules on fake finished runs (tests/_fake_run.py) with known figures: each rule passes on
 the run as built and fails when its one figure is moved past the limit."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from _fake_run import finished_run, update_metric
 from conftest import tiny_model
-from pgolf import rules
+from pgolf.submit import rules
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""pgolf.seeds: Student's t against known values, the seed summary on fake runs with known answers,
+"""pgolf.submit.seeds: Student's t against known values, the seed summary on fake runs with known answers,
 and the bad inputs (fewer than 2 runs, runs with different params, a shared seed)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from pgolf import seeds as S
+from pgolf.submit import seeds as S
 
 LN2 = math.log(2)
 

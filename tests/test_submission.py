@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from _dvc_repo import dvc, micro_repo, run
-from pgolf import export, pack, seeds
+from pgolf.compress import pack
+from pgolf.submit import export, seeds
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""pgolf.summary: the end-of-pipeline summary from metrics/*.json, and its errors."""
+"""pgolf.submit.summary: the end-of-pipeline summary from metrics/*.json, and its errors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pgolf import summary
-from pgolf.io import MetricsError
+from pgolf.submit import summary
+from pgolf.shared.io import MetricsError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pgolf import tensorfile
-from pgolf.tensorfile import TensorFileError
+from pgolf.shared import tensorfile
+from pgolf.shared.tensorfile import TensorFileError
 
 
 def _tensors():
@@ -60,7 +60,7 @@ def test_atomic_outputs_get_normal_permissions(tmp_path):
     import os
     import stat
 
-    from pgolf.io import atomic_write_text, staged_dir
+    from pgolf.shared.io import atomic_write_text, staged_dir
 
     mask = os.umask(0o022)
     try:

@@ -1,8 +1,8 @@
-"""Tests of pgolf.train / stages.train at a micro config on real FineWeb tokens (the 20k-token
+"""Tests of pgolf.train.train / stages.train at a micro config on real FineWeb tokens (the 20k-token
 fixture): schedule numbers against hand computations, loss going down, outputs and metric keys,
 bit-exact resume after a crash, warmup restore, late QAT, SWA, Hessians against a hand X^T X,
-bad inputs, and the 2-process gloo path (both ranks identical, = 1 process). pgolf.checkpoint
-and pgolf.hessian on their own: test_checkpoint.py, test_hessian.py."""
+bad inputs, and the 2-process gloo path (both ranks identical, = 1 process). pgolf.train.checkpoint
+and pgolf.train.hessian on their own: test_checkpoint.py, test_hessian.py."""
 
 from __future__ import annotations
 
@@ -22,13 +22,15 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
 
-from pgolf import checkpoint, config, schedule, tensorfile, train_files
-from pgolf import train as T
+from pgolf import config
+from pgolf.shared import tensorfile, train_files
+from pgolf.train import checkpoint, schedule
+from pgolf.train import train as T
 from pgolf.config import ConfigError, ModelConfig, TrainConfig
-from pgolf.loader import DistributedTokenLoader
-from pgolf.shards import ShardError, read_shard, write_shard
-from pgolf.model import GPT
-from pgolf.timing import StepTimer
+from pgolf.train.loader import DistributedTokenLoader
+from pgolf.shared.shards import ShardError, read_shard, write_shard
+from pgolf.shared.model import GPT
+from pgolf.train.timing import StepTimer
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "fineweb_val_prefix20k.bin"
@@ -46,8 +48,8 @@ MICRO_TRAIN = {"device": "cpu", "batch_tokens": 2048, "seq_len": 128, "iteration
 
 
 def _write_data(root: Path) -> None:
-    from pgolf.shards import read_shard
-    from pgolf.tokenizer import build_byte_tables, file_sha256, load_tokenizer
+    from pgolf.shared.shards import read_shard
+    from pgolf.prepare.tokenizer import build_byte_tables, file_sha256, load_tokenizer
 
     toks = read_shard(FIXTURE)  # 20,000 official val tokens
     write_shard(root / "shards" / "fineweb_train_000000.bin", toks[:10000])
@@ -261,8 +263,8 @@ def test_run_learns_and_writes_contract_outputs(data_root, tmp_path):
 
 
 def _val_bytes(data_root: Path, val_tokens: int, seq_len: int) -> int:
-    from pgolf.byte_tables import load_byte_tables
-    from pgolf.shards import read_shard
+    from pgolf.shared.byte_tables import load_byte_tables
+    from pgolf.shared.shards import read_shard
 
     toks = read_shard(data_root / "shards" / "fineweb_val_000000.bin")[:val_tokens + 1]
     n = (len(toks) - 1) // seq_len * seq_len + 1
@@ -586,7 +588,7 @@ def test_short_or_out_of_vocab_data_is_named(data_root, tmp_path):
 
 def _vocab512(root: Path) -> Path:
     """A tokenizer folder that claims 512 tokens (so only the shard check can fail)."""
-    from pgolf.byte_tables import ByteTables
+    from pgolf.shared.byte_tables import ByteTables
 
     tok = root / "tok512"
     tok.mkdir()
@@ -633,7 +635,7 @@ def _dist_worker(rank: int, world: int, port: int, data_root: str, tmp: str) -> 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from pgolf import dist
+    from pgolf.shared import dist
 
     for name, kw in (("steps", DIST_KW), ("clock", WALLCLOCK_KW)):
         out = Path(tmp) / name

@@ -1,4 +1,4 @@
-"""pgolf.ttt: score-first test-time training is legal and does what it says.
+"""pgolf.evaluate.ttt: score-first test-time training is legal and does what it says.
 
 Legality (openai/parameter-golf #1017) is tested with a micro GPT and a large learning rate, so an
 update is plainly visible in the scores: every target scored exactly once; each chunk's scores are
@@ -24,9 +24,10 @@ import torch.nn.functional as F
 import yaml
 
 from conftest import tiny_model
-from pgolf import bpb, ttt
+from pgolf.shared import bpb
+from pgolf.evaluate import ttt
 from pgolf.config import ConfigError, EvaluateConfig
-from pgolf.evaluate import load_model, run
+from pgolf.evaluate.evaluate import load_model, run
 from stages import evaluate as stage
 from test_bpb import tiny_tables, tiny_tokens
 from test_evaluate import PARAMS, make_workdir, paths, tables as wd_tables, val_tokens
@@ -195,7 +196,7 @@ def test_run_reports_ttt_score_time_and_the_plain_score(tmp_path):
     assert m["val_bpb"] == pytest.approx(ref.val_bpb, abs=1e-12) and m["val_bpb"] != m["val_bpb_pre_ttt"]
     assert m["ttt_chunks"] == 4 and m["ttt_seconds"] > 0 and m["scored_tokens"] == 192
     assert json.loads((root / "metrics/eval.json").read_text()) == m
-    from pgolf.summary import render
+    from pgolf.submit.summary import render
     assert f"val_bpb        {m['val_bpb']:.4f}  (score-first TTT, " in render(root / "metrics")
 
 

@@ -1,0 +1,76 @@
+"""Grouped serialisation of the integer codes (compress.layout "grouped"): rows of the same role
+side by side, ordered so that similar rows are neighbours, undone at load.
+
+The flat layout (pgolf.compress.artifact) stores each int8 code matrix on its own, in file order. The
+grouped one puts every code matrix of one role and width (e.g. `blocks.*.mlp.fc.weight.q`, all
+layers) into one (R, C) uint8 block and orders its rows by their projection on the block's first
+principal direction (a cheap 1-D ordering: rows with similar projections tend to be similar; the
+records' L1 nearest-neighbour sort, PR #1855, is O(R^2 C)). The permutation is stored beside the
+block (int32, R values) and undone at load, so the decoded codes are bit-identical.
+
+Stored names: `.group.<k>` (R, C) uint8 rows in sorted order and `.perm.<k>` (R,) int32 (sorted
+row i is original row perm[i]); a member's layout entry is {"enc": "group", "group": k, "row0": r}
+(its rows are original rows [r, r + rows) of the block).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+GROUP = ".group."
+PERM = ".perm."
+
+
+def role(name: str) -> str:
+    """`blocks.3.mlp.fc.weight.q` -> `blocks.*.mlp.fc.weight.q` (the layer index dropped)."""
+    return re.sub(r"^blocks\.\d+\.", "blocks.*.", name)
+
+
+def row_order(block: np.ndarray, iters: int = 8) -> np.ndarray:
+    """(R, C) uint8 -> (R,) int64 permutation: argsort of the rows' projection on the first
+    principal direction (power iteration from a fixed start, float64; stable sort)."""
+    x = block.astype(np.float64)
+    x -= x.mean(axis=0, keepdims=True)  # (R, C)
+    v = np.ones(x.shape[1]) / np.sqrt(x.shape[1])  # (C,)
+    for _ in range(iters):
+        w = x.T @ (x @ v)  # (C,)
+        n = np.linalg.norm(w)
+        if n == 0:
+            break
+        v = w / n
+    return np.argsort(x @ v, kind="stable")
+
+
+def group(codes: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """2-D uint8 code tensors (file order) -> (stored blocks + permutations, name -> layout fields)."""
+    members: dict[tuple[str, int], list[str]] = {}
+    for name, t in codes.items():
+        if t.dim() == 2 and t.shape[0] > 0:
+            members.setdefault((role(name), t.shape[1]), []).append(name)
+    stored, entries = {}, {}
+    for k, names in enumerate(members.values()):
+        block = np.concatenate([codes[n].numpy() for n in names])  # (R, C)
+        perm = row_order(block)  # (R,)
+        stored[f"{GROUP}{k}"] = torch.from_numpy(np.ascontiguousarray(block[perm]))
+        stored[f"{PERM}{k}"] = torch.from_numpy(perm.astype(np.int32))
+        r0 = 0
+        for n in names:
+            entries[n] = {"enc": "group", "group": k, "row0": r0}
+            r0 += codes[n].shape[0]
+    return stored, entries
+
+
+def ungroup(stored: dict[str, torch.Tensor], entry: dict, shape: list[int]) -> torch.Tensor:
+    """The uint8 (rows, C) of one member: KeyError / ValueError when the tables do not fit."""
+    block, perm = stored[f"{GROUP}{entry['group']}"].numpy(), stored[f"{PERM}{entry['group']}"].numpy()
+    if perm.shape != (block.shape[0],) or sorted(perm.tolist()) != list(range(block.shape[0])):
+        raise ValueError(f"group {entry['group']}: permutation does not fit its {block.shape[0]} rows")
+    original = np.empty_like(block)
+    original[perm] = block  # (R, C) back in member order
+    r0, rows = int(entry["row0"]), int(shape[0])
+    if r0 < 0 or r0 + rows > block.shape[0] or list(shape[1:]) != [block.shape[1]]:
+        raise ValueError(f"group {entry['group']}: rows [{r0}, {r0 + rows}) x {shape[1:]} outside its {block.shape}")
+    return torch.from_numpy(np.ascontiguousarray(original[r0:r0 + rows]))

@@ -1,0 +1,198 @@
+"""The packed submission script: pgolf's code + a run's params in one self-extracting `train_gpt.py`.
+
+The challenge counts the bytes of one file, `train_gpt.py`, that trains, quantizes, compresses and
+evaluates. This module owns that file: `build_script(root, params)` puts every source file of
+`PACKED_FILES` (read from `root`, stripped of comments, docstrings and blank lines by
+`strip_source`: the same syntax tree otherwise, about 40 % fewer code bytes) and the run's baked params (the `model`, `train`, `quantize`,
+`compress` and `evaluate` sections, typed and checked by pgolf.config) into one JSON archive,
+compresses it with raw LZMA2 (preset 9 extreme), encodes it in base85 and wraps it in a short
+bootstrap. Run, the bootstrap unpacks the sources into a temp folder, puts it first on
+`sys.path` and calls `main` of ENTRY_MODULE, `pgolf.submit.recipe` (which runs the whole recipe;
+see that module).
+
+The output is a pure function of the sources and the params (sorted keys, no timestamps), so the
+compress stage's count (`metrics/size.json` `code_bytes`) and the exported file are the same bytes;
+the export regenerates it and compares sha256s. A test keeps `PACKED_FILES` equal to the pgolf
+modules ENTRY_MODULE imports, and another keeps them among the DVC deps of compress, the one
+stage that counts code bytes (and prunes to the target they are part of).
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import io
+import json
+import lzma
+import tokenize
+from pathlib import Path
+
+from pgolf import config
+from pgolf.shared import layout
+
+ENTRY_MODULE = "pgolf.submit.recipe"  # the bootstrap runs its main(params, script path)
+PACKED_FILES: tuple[str, ...] = (  # every pgolf file ENTRY_MODULE imports (+ the kernels, imported on CUDA)
+    "pgolf/__init__.py",
+    "pgolf/compress/__init__.py",
+    "pgolf/compress/artifact.py",
+    "pgolf/compress/compress.py",
+    "pgolf/compress/grouping.py",
+    "pgolf/compress/prune.py",
+    "pgolf/config.py",
+    "pgolf/evaluate/__init__.py",
+    "pgolf/evaluate/evaluate.py",
+    "pgolf/evaluate/ttt.py",
+    "pgolf/prepare/__init__.py",
+    "pgolf/prepare/corpus.py",
+    "pgolf/prepare/prepare.py",
+    "pgolf/prepare/tokenizer.py",
+    "pgolf/quantize/__init__.py",
+    "pgolf/quantize/gptq.py",
+    "pgolf/quantize/lqer.py",
+    "pgolf/quantize/quantize.py",
+    "pgolf/shared/__init__.py",
+    "pgolf/shared/bpb.py",
+    "pgolf/shared/byte_tables.py",
+    "pgolf/shared/dist.py",
+    "pgolf/shared/io.py",
+    "pgolf/shared/kernels/__init__.py",
+    "pgolf/shared/kernels/fused_mlp.py",
+    "pgolf/shared/layout.py",
+    "pgolf/shared/model.py",
+    "pgolf/shared/progress.py",
+    "pgolf/shared/rowquant.py",
+    "pgolf/shared/shards.py",
+    "pgolf/shared/tensorfile.py",
+    "pgolf/shared/tokenizer_meta.py",
+    "pgolf/shared/train_files.py",
+    "pgolf/submit/__init__.py",
+    "pgolf/submit/recipe.py",
+    "pgolf/train/__init__.py",
+    "pgolf/train/averages.py",
+    "pgolf/train/checkpoint.py",
+    "pgolf/train/hessian.py",
+    "pgolf/train/loader.py",
+    "pgolf/train/optim.py",
+    "pgolf/train/schedule.py",
+    "pgolf/train/timing.py",
+    "pgolf/train/train.py",
+)
+BAKED_SECTIONS: tuple[str, ...] = ("model", "train", "quantize", "compress", "evaluate")
+_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+
+# The bootstrap: stdlib only; {blob} is base85 text (no quotes or backslashes in its alphabet),
+# {entry} is ENTRY_MODULE.
+_BOOTSTRAP = '''\
+"""pgolf parameter-golf submission: the pgolf recipe (prepare, train, quantize, compress, evaluate) with
+its params, packed. Run `python train_gpt.py` or `torchrun --standalone --nproc_per_node=8 train_gpt.py`
+in a folder holding ./data/datasets/fineweb10B_sp1024/ and ./data/tokenizers/; outputs go to ./pgolf_run/."""
+import atexit, base64, json, lzma, os, shutil, sys, tempfile
+A = json.loads(lzma.decompress(base64.b85decode("{blob}"), lzma.FORMAT_RAW,
+                               filters=[{{"id": lzma.FILTER_LZMA2}}]))
+D = tempfile.mkdtemp(prefix="pgolf_src_")
+atexit.register(shutil.rmtree, D, True)
+for path, text in A["files"].items():
+    os.makedirs(os.path.dirname(os.path.join(D, path)), exist_ok=True)
+    with open(os.path.join(D, path), "w", encoding="utf-8") as f:
+        f.write(text)
+sys.path.insert(0, D)
+from {entry} import main
+if __name__ == "__main__":
+    sys.exit(main(A["params"], os.path.abspath(__file__)))
+'''
+
+
+class PackError(ValueError):
+    """A source file of the packed script that is missing or not UTF-8 text; names the file."""
+
+
+def baked_params(params_path: str | Path = "params.yaml") -> dict:
+    """{section: {key: value}} of BAKED_SECTIONS, through the typed dataclasses (ConfigError on a bad one)."""
+    return {s: config.to_dict(config.load(s, params_path)) for s in BAKED_SECTIONS}
+
+
+def _docstrings(tree: ast.Module):
+    """(owner, docstring statement) of the module, every class and every function that has one."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                yield node, first
+
+
+def without_docstrings(tree: ast.Module) -> ast.Module:
+    """`tree` with every docstring dropped (`pass` where it was the whole body), in place."""
+    for node, _ in list(_docstrings(tree)):
+        node.body = node.body[1:] or [ast.Pass()]
+    return tree
+
+
+def _char_col(line: str, byte_col: int) -> int:
+    """ast's UTF-8 byte column on `line` -> a character column."""
+    return len(line.encode("utf-8")[:byte_col].decode("utf-8"))
+
+
+def _verbatim_rows(tree: ast.Module, docs: set[int]) -> set[int]:
+    """1-based rows that end inside a string spanning lines (not a docstring): kept as they are."""
+    rows: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Constant, ast.JoinedStr)) and id(node) not in docs and node.end_lineno > node.lineno:
+            rows.update(range(node.lineno, node.end_lineno))
+    return rows
+
+
+def strip_source(text: str) -> str:
+    """Python source without comments, docstrings and blank lines. Every edit is a deletion (a
+    docstring that was a whole body becomes `pass`) at positions from `ast` and `tokenize`, so the
+    result parses to the tree of `without_docstrings(ast.parse(text))` on any Python version."""
+    tree = ast.parse(text)
+    lines = text.split("\n")
+    edits = []  # (row0, col0, row1, col1, replacement): 1-based rows, character columns
+    docs = list(_docstrings(tree))
+    for owner, stmt in docs:
+        edits.append((stmt.lineno, _char_col(lines[stmt.lineno - 1], stmt.col_offset), stmt.end_lineno,
+                      _char_col(lines[stmt.end_lineno - 1], stmt.end_col_offset), "" if owner.body[1:] else "pass"))
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type == tokenize.COMMENT:
+            edits.append((*tok.start, *tok.end, ""))
+    for r0, c0, r1, c1, new in sorted(edits, reverse=True):  # right to left, bottom up
+        lines[r0 - 1:r1] = [lines[r0 - 1][:c0] + new + lines[r1 - 1][c1:]] + [""] * (r1 - r0)  # rows keep their numbers
+    keep = _verbatim_rows(tree, {id(stmt.value) for _, stmt in docs})
+    out = (line if row in keep else line.rstrip() for row, line in enumerate(lines, 1))
+    return "\n".join(line for row, line in enumerate(out, 1) if line or row in keep) + "\n"
+
+
+def read_sources(root: str | Path = ".") -> dict[str, str]:
+    """{relative path: text} of PACKED_FILES under `root`, as they are (see `packed_sources`)."""
+    root, out = Path(root), {}
+    for rel in PACKED_FILES:
+        p = root / rel
+        if not p.is_file():
+            raise PackError(f"{p}: source file of the packed {layout.SCRIPT_FILE} missing")
+        try:
+            out[rel] = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise PackError(f"{p}: not UTF-8 text ({e})") from None
+    return out
+
+
+def packed_sources(root: str | Path = ".") -> dict[str, str]:
+    """{relative path: text} of PACKED_FILES under `root`, stripped (`strip_source`)."""
+    return {rel: strip_source(text) for rel, text in read_sources(root).items()}
+
+
+def build_script(root: str | Path = ".", params: dict | None = None, params_path: str | Path = "params.yaml") -> bytes:
+    """The bytes of the packed train_gpt.py (deterministic)."""
+    params = baked_params(params_path) if params is None else params
+    archive = json.dumps({"files": packed_sources(root), "params": params}, sort_keys=True,
+                         separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    blob = base64.b85encode(lzma.compress(archive, lzma.FORMAT_RAW, filters=_FILTERS)).decode("ascii")
+    return _BOOTSTRAP.format(blob=blob, entry=ENTRY_MODULE).encode("ascii")
+
+
+def unpack(script: bytes) -> dict:
+    """The archive inside a packed script: {"files": {path: text}, "params": {...}} (for checks and tests)."""
+    text = script.decode("ascii")
+    start = text.index('b85decode("') + len('b85decode("')
+    blob = text[start:text.index('"', start)]
+    return json.loads(lzma.decompress(base64.b85decode(blob), lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}]))

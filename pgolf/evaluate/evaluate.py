@@ -1,0 +1,154 @@
+"""Scoring the submission: rebuild the GPT from the artifact alone, check it against the data,
+run sliding and non-sliding val_bpb (pgolf.shared.bpb), write metrics/eval.json.
+
+The model is rebuilt only from `artifacts/final/model.ptz` (`read_artifact` ->
+`dequantize_state` -> `GPT.load_export_state_dict`); the float checkpoint is never read. Before
+scoring, the artifact's tokenizer (meta["tokenizer"]: sha256, vocab_size) must match the one the
+validation shards were made with (`data/tokenizer/tokenizer.json`, and the byte tables' meta),
+so a model is never scored on tokens of another vocabulary.
+
+With evaluate.ttt_enabled, score-first test-time training (pgolf.evaluate.ttt) runs last, on the same
+tokens and windows; its score becomes val_bpb / val_loss (the plain sliding score stays as
+val_bpb_pre_ttt) and its time is ttt_seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+from pgolf.shared import bpb, dist, layout
+from pgolf.evaluate import ttt
+from pgolf.compress.artifact import MODEL_FILE, ArtifactError, dequantize_state, read_artifact
+from pgolf.config import EvaluateConfig, ModelConfig, bad
+from pgolf.shared.byte_tables import ByteTables, byte_tables_path, load_byte_tables
+from pgolf.shared.tokenizer_meta import read_tokenizer_meta, tokenizer_meta_path
+from pgolf.shared.io import file_sha256, write_json
+from pgolf.shared.model import GPT
+
+
+class EvaluateError(ValueError):
+    """Inputs of the evaluate stage that do not fit together (tokenizer, vocabulary, params)."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    artifact: Path = layout.FINAL / MODEL_FILE
+    shards: Path = layout.SHARDS
+    tokenizer: Path = layout.TOKENIZER
+    metrics: Path = layout.EVAL_METRICS
+
+
+def check_config(cfg: EvaluateConfig) -> None:
+    """Range checks of the `evaluate` section, test-time training's keys included (pgolf.evaluate.ttt);
+    pgolf.config runs them when it loads the section."""
+    if cfg.context <= 0:
+        raise bad(cfg, "context", "must be positive")
+    if not 0 <= cfg.stride <= cfg.context:
+        raise bad(cfg, "stride", f"must be in [0, evaluate.context={cfg.context}]")
+    if cfg.batch_seqs <= 0:
+        raise bad(cfg, "batch_seqs", "must be positive")
+    if cfg.max_tokens < 0:
+        raise bad(cfg, "max_tokens", "must be >= 0")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise bad(cfg, "device", "must be auto, cpu or cuda")
+    if cfg.nproc_per_node < 1:
+        raise bad(cfg, "nproc_per_node", "must be >= 1")
+    ttt.check_config(cfg)
+
+
+def load_model(path: str | Path, device="cpu") -> tuple[GPT, dict]:
+    """GPT rebuilt from an artifact file alone: (model in eval mode on `device`, artifact meta)."""
+    tensors, meta = read_artifact(path)
+    for key in ("model", "train_seq_len", "quant"):
+        if key not in meta:
+            raise ArtifactError(f"{path}: artifact meta lacks {key!r}")
+    try:
+        model = GPT(ModelConfig(**meta["model"]), train_seq_len=int(meta["train_seq_len"]))
+        model.load_export_state_dict(dequantize_state(tensors, meta))
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{path}: cannot rebuild the model: {e}") from None
+    return model.to(device).eval(), meta
+
+
+def check_tokenizer(meta: dict, tables: ByteTables, tokenizer_dir: str | Path, artifact: str | Path) -> None:
+    """The artifact's tokenizer must be the validation data's (sha256 and vocabulary size)."""
+    tok = read_tokenizer_meta(tokenizer_dir)
+    tok_path = tokenizer_meta_path(tokenizer_dir)
+    want = meta.get("tokenizer")
+    if not isinstance(want, dict) or "sha256" not in want or "vocab_size" not in want:
+        raise EvaluateError(f"{artifact}: artifact meta lacks tokenizer {{sha256, vocab_size}}")
+    if int(want["vocab_size"]) != int(tok["vocab_size"]):
+        raise EvaluateError(f"{artifact}: model vocab_size {want['vocab_size']} but the validation data's tokenizer "
+                            f"({tok_path}) has vocab_size {tok['vocab_size']}")
+    if want["sha256"] != tok["sha256"]:
+        raise EvaluateError(f"{artifact}: trained with tokenizer sha256 {want['sha256'][:12]}… but the validation "
+                            f"shards were made with {tok['sha256'][:12]}… ({tok_path}); re-run prepare with the "
+                            f"model's tokenizer")
+    table_sha = tables.meta.get("tokenizer_sha256")
+    if table_sha is not None and table_sha != tok["sha256"]:
+        raise EvaluateError(f"{byte_tables_path(tokenizer_dir)}: built for tokenizer {table_sha[:12]}…, "
+                            f"not {tok['sha256'][:12]}… ({tok_path})")
+    if tables.vocab_size < int(meta["model"]["vocab_size"]):
+        raise EvaluateError(f"{byte_tables_path(tokenizer_dir)}: {tables.vocab_size} entries for a model "
+                            f"vocabulary of {meta['model']['vocab_size']}")
+
+
+def run(cfg: EvaluateConfig, paths: Paths = Paths(), progress: bool = True) -> dict:
+    """Evaluate the artifact on every rank (`cfg` as pgolf.config loads it); rank 0 writes
+    metrics/eval.json. Returns the metrics."""
+    info = dist.init(cfg.device)
+    t0 = time.perf_counter()
+    model, meta = load_model(paths.artifact, info.device)
+    tables = load_byte_tables(paths.tokenizer)
+    check_tokenizer(meta, tables, paths.tokenizer, paths.artifact)
+    tokens = bpb.load_val_tokens(paths.shards, cfg.max_tokens)
+    if len(tokens) < cfg.context + 1:
+        raise EvaluateError(f"{paths.shards}: {len(tokens) - 1:,} validation targets (evaluate.max_tokens "
+                            f"{cfg.max_tokens}) are fewer than one window of evaluate.context {cfg.context}")
+    tokens = bpb.truncate(tokens, cfg.context)  # spec §2.2, L = context: whole windows of targets
+    common = dict(device=info.device, rank=info.rank, world=info.world_size)
+    compile_ = cfg.compile and info.device.type == "cuda"
+    compile_s = bpb.warm_up(model, cfg.context, cfg.batch_seqs, info.device, compile_)  # both passes' one shape
+    t1 = time.perf_counter()
+    flat = bpb.eval_nonsliding(model, tokens, tables, cfg.context, cfg.batch_seqs, compile=compile_,
+                               progress=progress and info.is_main, **common)
+    t2 = time.perf_counter()
+    if cfg.stride > 0:
+        ev = bpb.eval_sliding(model, tokens, tables, cfg.context, cfg.stride, cfg.batch_seqs,
+                              progress=progress and info.is_main, compile=compile_, **common)
+    else:
+        ev = {"val_loss": flat["val_loss"], "val_bpb": flat["val_bpb"], "scored_tokens": flat["tokens"],
+              "scored_bytes": flat["bytes"], "windows": flat["tokens"] // cfg.context}
+    metrics = {
+        "val_loss": ev["val_loss"], "val_bpb": ev["val_bpb"], "stride": cfg.stride, "context": cfg.context,
+        "scored_tokens": ev["scored_tokens"], "scored_bytes": ev["scored_bytes"],
+        "eval_seconds": round(time.perf_counter() - t0, 3),  # load + compile + both evaluations
+        "sliding_seconds": round(time.perf_counter() - t2, 3) if cfg.stride > 0 else 0.0,
+        "nonsliding_seconds": round(t2 - t1, 3), "compile_seconds": compile_s,
+        "load_seconds": round(t1 - t0 - compile_s, 3),
+        "val_bpb_nonsliding": flat["val_bpb"], "val_loss_nonsliding": flat["val_loss"],
+        "windows": ev["windows"], "world_size": info.world_size, "device": str(info.device),
+        "artifact_sha256": file_sha256(paths.artifact),
+    }
+    if cfg.ttt_enabled:
+        metrics.update(_ttt_metrics(model, tokens, tables, cfg, info, progress, metrics))
+        metrics["eval_seconds"] = round(time.perf_counter() - t0, 3)
+    if info.is_main:
+        write_json(paths.metrics, metrics)
+    return metrics
+
+
+def _ttt_metrics(model, tokens, tables, cfg: EvaluateConfig, info, progress: bool, plain: dict) -> dict:
+    """Score-first TTT (adapts `model`): its score as val_loss / val_bpb, the plain one kept beside."""
+    t0 = time.perf_counter()
+    r = ttt.eval_ttt(model, tokens, tables, cfg, info.device, info.rank, info.world_size,
+                     progress=progress and info.is_main)
+    if (r.scored_tokens, r.scored_bytes) != (plain["scored_tokens"], plain["scored_bytes"]):
+        raise EvaluateError(f"TTT scored {r.scored_tokens} targets / {r.scored_bytes} bytes, the plain evaluation "
+                            f"{plain['scored_tokens']} / {plain['scored_bytes']}")
+    return {"val_loss": r.val_loss, "val_bpb": r.val_bpb, "val_loss_pre_ttt": plain["val_loss"],
+            "val_bpb_pre_ttt": plain["val_bpb"], "ttt_seconds": round(time.perf_counter() - t0, 3),
+            "ttt_chunks": r.chunks, "ttt_mode": cfg.ttt_mode, "ttt_trainable_params": r.trainable_params}

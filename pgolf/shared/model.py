@@ -1,0 +1,726 @@
+"""The record GPT (recipe-spec §3, PR #1072 choices): architecture, banks, QAT, online Hessians.
+
+This module owns the network: BigramHash + SmearGate front end, 11 pre-norm blocks with GQA
+attention (QK-norm, partial RoPE with the NTK rule, per-head query gain, XSA), value embeddings
+on the last layers, LeakyReLU(0.5)^2 MLP, U-Net skips, tied softcapped head. The 66 block
+matrices live in four 3-D fp32 parameter banks (spec §3.9); `export_state_dict` /
+`load_export_state_dict` convert to and from the per-layer names used by quantization.
+
+Precision: every parameter is fp32; the training loop runs the forward under bf16 autocast on
+CUDA; `model.residual_dtype: bf16` casts the residual stream (embeddings onward) to the autocast
+dtype, as the record script's bf16 model does. Late QAT (spec §4.8, §12.3) is not in the graph:
+`qat_weights()` swaps Q(w) into the banks for one optimizer step's forwards and backwards and
+restores w before the update, which is the straight-through estimator exactly (the forward sees
+Q(w), the gradient lands unchanged on w) at the cost of one fake-quantisation per step instead of
+one per micro-batch, and switching it on never recompiles a `torch.compile`d model.
+When `forward` gets a `hessians` dict it adds x^T x (fp32) of every quantizable matrix's input
+into it in place (spec §6.5).
+
+Knobs of the later records, each off / at the seeds' value by default: `smear_bos_mask` (no
+SmearGate mix at a BOS), `logit_softcap_neg` (asymmetric softcap), `attn_gate_window` /
+`attn_gate_scale` (sparse per-head attention output gate), a real `mlp_mult` (`mlp_hidden`),
+`parallel_start_layer` / `parallel_final_lane` (two residual lanes in the decoder), `num_loops` /
+`loop_start` / `loop_end` (depth recurrence: `layer_order`; a looped layer's Hessian sums the
+inputs of every pass and QAT quantizes its one set of weights).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from pgolf.config import ModelConfig
+from pgolf.shared.shards import BOS_ID
+from pgolf.shared.rowquant import fake_quant_values, qmax_for
+
+try:  # FlashAttention-3 (Hopper); optional, SDPA otherwise (spec §11)
+    from flash_attn_interface import flash_attn_func as _fa3_func
+
+    HAS_FA3 = True
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _fa3_func = None
+    HAS_FA3 = False
+
+QAT_BITS = 6
+BIGRAM_MUL_CUR = 36313
+BIGRAM_MUL_PREV = 27191
+MATRIX_KINDS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")
+RESIDUAL_DTYPES = ("fp32", "bf16")
+PARALLEL_FINAL_LANES = ("mean", "attn", "mlp")
+PARALLEL_RESID_INIT = 1.1  # the records' init of the lanes' self-weights (post weights start at 1)
+ATTN_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+# ----------------------------------------------------------------------------- config checks
+
+
+def check_config(cfg: ModelConfig) -> None:
+    """Raise ValueError naming `model.<field>` for an architecture that cannot be built (pgolf.config
+    runs this when it loads the `model` section; GPT runs it on a config read from an artifact)."""
+    positive = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
+                "bigram_dim", "ve_dim")
+    for name in positive:
+        if not getattr(cfg, name) > 0:  # also rejects NaN
+            raise ValueError(f"model.{name} must be positive, got {getattr(cfg, name)}")
+    if not math.isfinite(cfg.mlp_mult) or mlp_hidden(cfg) < 1:
+        raise ValueError(f"model.mlp_mult * model.model_dim must round to a width >= 1, got {cfg.mlp_mult}")
+    if cfg.vocab_size > 65536:
+        raise ValueError(f"model.vocab_size must be <= 65536 (uint16 shards), got {cfg.vocab_size}")
+    if cfg.bigram_buckets < 2:
+        raise ValueError(f"model.bigram_buckets must be >= 2, got {cfg.bigram_buckets}")
+    if cfg.model_dim % cfg.num_heads:
+        raise ValueError(f"model.num_heads ({cfg.num_heads}) must divide model.model_dim ({cfg.model_dim})")
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise ValueError(f"model.num_kv_heads ({cfg.num_kv_heads}) must divide model.num_heads ({cfg.num_heads})")
+    for name in ("xsa_last_n", "ve_last_n"):
+        n = getattr(cfg, name)
+        if not 0 <= n <= cfg.num_layers:
+            raise ValueError(f"model.{name} must be in [0, model.num_layers={cfg.num_layers}], got {n}")
+    head_dim = cfg.model_dim // cfg.num_heads
+    if cfg.rope_dims % 2 or not 0 <= cfg.rope_dims <= head_dim:
+        raise ValueError(f"model.rope_dims must be even and in [0, head_dim={head_dim}], got {cfg.rope_dims}")
+    if cfg.rope_dims == 2:
+        raise ValueError("model.rope_dims must not be 2 (the NTK exponent rope_dims/(rope_dims-2) is undefined)")
+    if cfg.rope_base <= 0:
+        raise ValueError(f"model.rope_base must be positive, got {cfg.rope_base}")
+    for name in ("logit_softcap", "logit_softcap_neg", "attn_gate_scale"):
+        if not 0 < getattr(cfg, name) < math.inf:
+            raise ValueError(f"model.{name} must be positive and finite, got {getattr(cfg, name)}")
+    if not 0 <= cfg.attn_gate_window <= cfg.model_dim:
+        raise ValueError(f"model.attn_gate_window must be in [0, model.model_dim={cfg.model_dim}], "
+                         f"got {cfg.attn_gate_window}")
+    if cfg.leaky_slope < 0:
+        raise ValueError(f"model.leaky_slope must be >= 0, got {cfg.leaky_slope}")
+    if cfg.parallel_start_layer and not cfg.num_layers // 2 <= cfg.parallel_start_layer < cfg.num_layers:
+        raise ValueError(f"model.parallel_start_layer must be 0 (off) or a decoder layer in "
+                         f"[{cfg.num_layers // 2}, {cfg.num_layers}), got {cfg.parallel_start_layer}")
+    if cfg.parallel_final_lane not in PARALLEL_FINAL_LANES:
+        raise ValueError(f"model.parallel_final_lane must be one of {list(PARALLEL_FINAL_LANES)}, "
+                         f"got {cfg.parallel_final_lane!r}")
+    _validate_loops(cfg)
+    if cfg.residual_dtype not in RESIDUAL_DTYPES:
+        raise ValueError(f"model.residual_dtype must be one of {sorted(RESIDUAL_DTYPES)}, got {cfg.residual_dtype!r}")
+    if cfg.attn_backend not in ATTN_BACKENDS:
+        raise ValueError(f"model.attn_backend must be one of {sorted(ATTN_BACKENDS)}, got {cfg.attn_backend!r}")
+
+
+def _validate_loops(cfg: ModelConfig) -> None:
+    if cfg.num_loops < 0:
+        raise ValueError(f"model.num_loops must be >= 0, got {cfg.num_loops}")
+    if cfg.num_loops == 0:
+        return
+    if not 0 <= cfg.loop_start <= cfg.loop_end < cfg.num_layers:
+        raise ValueError(f"model.loop_start <= model.loop_end must be layers in [0, {cfg.num_layers}), "
+                         f"got {cfg.loop_start}..{cfg.loop_end}")
+    if cfg.parallel_start_layer and cfg.loop_end >= cfg.parallel_start_layer:
+        raise ValueError(f"model.loop_end ({cfg.loop_end}) must be below model.parallel_start_layer "
+                         f"({cfg.parallel_start_layer}): the looped layers run on one lane")
+
+
+def layer_order(cfg: ModelConfig, looping: bool = True) -> list[int]:
+    """The layers a forward runs, in order: 0..L-1, or with depth recurrence the range
+    loop_start..loop_end num_loops + 1 times (11 layers, 3..5, 2 loops: 0 1 2 3 4 5 3 4 5 3 4 5 6 ...).
+    The first half of the list (rounded down) is the U-Net encoder, the rest the decoder."""
+    L = cfg.num_layers
+    if not looping or cfg.num_loops == 0:
+        return list(range(L))
+    seg = list(range(cfg.loop_start, cfg.loop_end + 1))
+    return list(range(cfg.loop_start)) + seg * (cfg.num_loops + 1) + list(range(cfg.loop_end + 1, L))
+
+
+def mlp_hidden(cfg: ModelConfig) -> int:
+    """MLP hidden width: mlp_mult * model_dim rounded half up to an integer (4.0 * 512 -> 2048,
+    2.999 * 128 = 383.87 -> 384); the fused kernel and GPTQ take any width >= 1."""
+    return int(math.floor(cfg.mlp_mult * cfg.model_dim + 0.5))
+
+
+# ----------------------------------------------------------------------------- small pieces
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """Parameter-free RMSNorm over the last dim, eps = dtype machine epsilon (spec §3.2)."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def bigram_hash(ids: torch.Tensor, buckets: int) -> torch.Tensor:
+    """(B, T) token ids -> (B, T) bucket ids (int64); int32 wrap-around arithmetic (spec §3.5)."""
+    t = ids.to(torch.int32)
+    mod = buckets - 1
+    cur = BIGRAM_MUL_CUR * t[..., 1:]  # (B, T-1) int32, wraps like the reference
+    prev = BIGRAM_MUL_PREV * t[..., :-1]  # (B, T-1)
+    rest = torch.remainder(torch.bitwise_xor(cur, prev), mod)  # (B, T-1) in [0, mod)
+    first = torch.full_like(t[..., :1], mod)  # (B, 1): the "no predecessor" bucket
+    return torch.cat([first, rest], dim=-1).long()
+
+
+class BigramHash(nn.Module):
+    """scale * proj(table[hash(prev, cur)]): zero table, orthogonal projection, scale 0.05."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int, proj_gain: float):
+        super().__init__()
+        self.buckets = buckets
+        self.proj_gain = proj_gain
+        self.embed = nn.Embedding(buckets, dim)
+        self.proj = nn.Linear(dim, model_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.embed.weight)
+        nn.init.orthogonal_(self.proj.weight)
+        with torch.no_grad():
+            self.proj.weight.mul_(self.proj_gain)
+            self.scale.fill_(0.05)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        e = self.embed(bigram_hash(ids, self.buckets))  # (B, T, bigram_dim)
+        return self.scale * self.proj(e)  # (B, T, D)
+
+
+class SmearGate(nn.Module):
+    """out_t = (1 - g) * e_t + g * e_{t-1}, g = sigmoid(gate), e_{-1} = 0 (spec §3.6).
+
+    With `bos_id` set (model.smear_bos_mask) g is 0 wherever ids_t == bos_id: a BOS keeps its own
+    embedding, so the last token of one document never reaches the next one through the smear
+    (the records' fix, PR #1851: mask the position whose current token is BOS)."""
+
+    def __init__(self, dim: int, bos_id: int | None = None):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+        self.bos_id = bos_id
+
+    def forward(self, e: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """e (B, T, D), ids (B, T) (needed only with a BOS mask) -> (B, T, D)."""
+        g = torch.sigmoid(self.gate).to(e.dtype)  # (D,)
+        prev = F.pad(e[:, :-1], (0, 0, 1, 0))  # (B, T, D): shifted right, zero at t=0
+        if self.bos_id is None:
+            return (1 - g) * e + g * prev
+        keep = (ids != self.bos_id).unsqueeze(-1).to(e.dtype)  # (B, T, 1): 0 at a BOS
+        gt = g * keep  # (B, T, D)
+        return (1 - gt) * e + gt * prev
+
+
+class ValueEmbedding(nn.Module):
+    """Shared VE table: scale * proj(embed[ids]) -> (B, T, kv_dim) (spec §3.7)."""
+
+    def __init__(self, vocab: int, dim: int, kv_dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.proj = nn.Linear(dim, kv_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.1))
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.embed.weight, mean=0.0, std=0.01)
+        nn.init.orthogonal_(self.proj.weight)
+        with torch.no_grad():
+            self.scale.fill_(0.1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.proj(self.embed(ids))  # (B, T, kv_dim)
+
+
+class Rotary(nn.Module):
+    """Partial-RoPE tables for the first `rope_dims` of each head, with the NTK base rule.
+
+    The tables up to `train_seq_len` are computed once (non-persistent buffers, so they follow
+    `.to(device)` and stay out of checkpoints): a compiled graph then loads them instead of
+    recomputing pow/cos/sin in every kernel that touches q or k (bench/results/PROFILE.md).
+    Longer sequences (NTK-scaled base) compute their tables on the fly."""
+
+    def __init__(self, rope_dims: int, base: float, train_seq_len: int):
+        super().__init__()
+        self.rope_dims = rope_dims
+        self.base = base
+        self.train_seq_len = train_seq_len
+        cos, sin = self.tables(train_seq_len, torch.device("cpu"))
+        self.register_buffer("cos", cos, persistent=False)  # (train_seq_len, rd/2)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def tables(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> cos, sin, each (T, rope_dims/2) fp32, computed now."""
+        rd = self.rope_dims
+        base = self.base
+        if seq_len > self.train_seq_len:  # NTK-aware base scaling (spec §3.4)
+            base = base * (seq_len / self.train_seq_len) ** (rd / (rd - 2))
+        j = torch.arange(0, rd, 2, device=device, dtype=torch.float32)  # (rd/2,) = 2j
+        inv_freq = 1.0 / (base ** (j / rd))  # (rd/2,)
+        t = torch.arange(seq_len, device=device, dtype=torch.float32)  # (T,)
+        freqs = torch.outer(t, inv_freq)  # (T, rd/2)
+        return freqs.cos(), freqs.sin()
+
+    def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> cos, sin, each (T, rope_dims/2) fp32: the stored tables' first T rows when they fit."""
+        if seq_len <= self.train_seq_len and self.cos.device == device:
+            return self.cos[:seq_len], self.sin[:seq_len]
+        return self.tables(seq_len, device)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, hd); rotate dims [0, rd): halves x1=[0, rd/2), x2=[rd/2, rd); rest passes."""
+    half = cos.size(-1)
+    rd = 2 * half
+    c = cos.to(x.dtype)[None, :, None, :]  # (1, T, 1, rd/2)
+    s = sin.to(x.dtype)[None, :, None, :]
+    x1, x2, rest = x[..., :half], x[..., half:rd], x[..., rd:]
+    return torch.cat([x1 * c + x2 * s, -x1 * s + x2 * c, rest], dim=-1)
+
+
+def xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exclusive self-attention: remove from each query head's output its own-position value dir.
+
+    y (B, T, H, hd), v (B, T, Hkv, hd) -> (B, T, H, hd); query head h uses KV head h // (H/Hkv).
+    """
+    B, T, H, hd = y.shape
+    hkv = v.size(2)
+    yg = y.reshape(B, T, hkv, H // hkv, hd)  # (B, T, Hkv, group, hd)
+    vn = F.normalize(v, dim=-1).unsqueeze(3)  # (B, T, Hkv, 1, hd)
+    yg = yg - (yg * vn).sum(dim=-1, keepdim=True) * vn
+    return yg.reshape(B, T, H, hd)
+
+
+def softcap(z: torch.Tensor, cap_pos: float, cap_neg: float) -> torch.Tensor:
+    """c * tanh(z / c) with c = cap_pos for z >= 0 and cap_neg for z < 0 (asymmetric, PR #1923);
+    one tanh when the caps are equal (the seeds' symmetric cap)."""
+    if cap_pos == cap_neg:
+        return cap_pos * torch.tanh(z / cap_pos)
+    return torch.where(z >= 0, cap_pos * torch.tanh(z / cap_pos), cap_neg * torch.tanh(z / cap_neg))
+
+
+def accumulate_gram(hessians: dict[str, torch.Tensor], names: tuple[str, ...], x: torch.Tensor) -> None:
+    """hessians[name] += x^T x in fp32 for each name; x (..., n) flattened to (M, n)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x2 = x.detach().reshape(-1, x.size(-1)).float()  # (M, n)
+        gram = x2.t() @ x2  # (n, n)
+    for name in names:
+        hessians[name].add_(gram)
+
+
+# ----------------------------------------------------------------------------- attention / MLP
+
+
+class CausalSelfAttention(nn.Module):
+    """GQA attention on bank slices; owns only the per-head query gain."""
+
+    def __init__(self, cfg: ModelConfig, use_xsa: bool):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.model_dim // cfg.num_heads
+        self.use_xsa = use_xsa
+        self.backend = ATTN_BACKENDS[cfg.attn_backend]
+        self.use_fa3 = HAS_FA3 and self.backend is None
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), float(cfg.qk_gain_init)))
+        self.gate_window = cfg.attn_gate_window
+        self.gate_scale = cfg.attn_gate_scale
+        if self.gate_window > 0:  # sparse output gate (PR #1787): zero init, sigmoid(0) = 1/2
+            self.gate_w = nn.Parameter(torch.zeros(cfg.num_heads, self.gate_window))
+        else:
+            self.gate_w = None
+
+    def output_gate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y_{t,h} * sigmoid(scale * gate_w[h] . x_t[:window]); x (B, T, D), y (B, T, H, hd)."""
+        z = F.linear(x[..., :self.gate_window], self.gate_w.to(x.dtype))  # (B, T, H)
+        g = torch.sigmoid(self.gate_scale * z).to(y.dtype)  # (B, T, H)
+        return y * g[..., None]
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention, q (B, T, H, hd), k/v (B, T, Hkv, hd) -> (B, T, H, hd)."""
+        if self.use_fa3 and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+            out = _fa3_func(q, k, v, causal=True)
+            return out[0] if isinstance(out, tuple) else out  # some builds return (out, lse)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, hd)
+        if self.backend is None or not q.is_cuda:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, hd)
+            return y.transpose(1, 2)
+        if self.backend != SDPBackend.FLASH_ATTENTION:  # cuDNN / efficient: K/V repeated to H heads
+            rep = q.size(1) // k.size(1)
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        with sdpa_kernel(self.backend):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               enable_gqa=self.backend == SDPBackend.FLASH_ATTENTION)
+        return y.transpose(1, 2)
+
+    def forward(self, x, w_q, w_k, w_v, w_o, cos, sin, ve=None, hessians=None, prefix=""):
+        """x (B, T, D) -> (B, T, D); ve (B, T, kvD) already scaled, or None."""
+        B, T, _ = x.shape
+        hd = self.head_dim
+        if hessians is not None:
+            accumulate_gram(hessians, tuple(f"{prefix}.attn.{n}.weight" for n in ("c_q", "c_k", "c_v")), x)
+        q = F.linear(x, w_q).view(B, T, self.num_heads, hd)  # (B, T, H, hd)
+        k = F.linear(x, w_k).view(B, T, self.num_kv_heads, hd)  # (B, T, Hkv, hd)
+        v = F.linear(x, w_v)  # (B, T, kvD)
+        if ve is not None:
+            v = v + ve.to(v.dtype)
+        v = v.view(B, T, self.num_kv_heads, hd)  # (B, T, Hkv, hd)
+        q, k = rms_norm(q), rms_norm(k)  # QK-norm over head_dim
+        if cos.size(-1) > 0:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        y = self._attend(q, k, v)  # (B, T, H, hd)
+        if self.use_xsa:
+            y = xsa(y, v.to(y.dtype))
+        if self.gate_w is not None:
+            y = self.output_gate(x, y)  # (B, T, H, hd)
+        y = y.reshape(B, T, self.num_heads * hd)  # (B, T, D)
+        if hessians is not None:
+            accumulate_gram(hessians, (f"{prefix}.attn.proj.weight",), y)
+        return F.linear(y, w_o)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+class MLP(nn.Module):
+    """LeakyReLU(slope)^2 MLP on bank slices; no parameters of its own."""
+
+    def __init__(self, slope: float):
+        super().__init__()
+        self.slope = slope
+        self.use_fused = False  # set by GPT.use_fused_mlp
+
+    def forward(self, x, w_up, w_down, hessians=None, prefix=""):
+        """x (B, T, D) -> (B, T, D)."""
+        if hessians is not None:
+            accumulate_gram(hessians, (f"{prefix}.mlp.fc.weight",), x)
+        elif self.use_fused and x.is_cuda:
+            from pgolf.shared.kernels.fused_mlp import fused_leaky_relu_sq_mlp
+
+            dt = _autocast_dtype(x)
+            x2 = x.reshape(-1, x.size(-1)).to(dt)  # (B*T, D)
+            y = fused_leaky_relu_sq_mlp(x2, w_up.to(dt), w_down.to(dt), self.slope)  # (B*T, D)
+            return y.view_as(x)
+        h = F.leaky_relu(F.linear(x, w_up), negative_slope=self.slope).square()  # (B, T, H)
+        if hessians is not None:
+            accumulate_gram(hessians, (f"{prefix}.mlp.proj.weight",), h)
+        return F.linear(h, w_down)
+
+
+class Block(nn.Module):
+    """Pre-norm block with x0 residual mix and learned branch scales (spec §3.3)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, use_xsa: bool):
+        super().__init__()
+        d = cfg.model_dim
+        self.layer = layer
+        self.ln_scale = 1.0 / math.sqrt(layer + 1)
+        self.attn = CausalSelfAttention(cfg, use_xsa)
+        self.mlp = MLP(cfg.leaky_slope)
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))  # (2, D)
+
+    def _attn_branch(self, h_in, w, cos, sin, ve, hessians):
+        """attn_scale * attention(rms_norm(h_in) * ln_scale) -> (B, T, D)."""
+        a = rms_norm(h_in) * self.ln_scale
+        attn = self.attn(a, *w[:4], cos, sin, ve=ve, hessians=hessians, prefix=f"blocks.{self.layer}")
+        return self.attn_scale.to(h_in.dtype) * attn
+
+    def _mlp_branch(self, h, w, hessians):
+        """mlp_scale * MLP(rms_norm(h) * ln_scale) -> (B, T, D)."""
+        m = rms_norm(h) * self.ln_scale
+        mlp = self.mlp(m, w[4], w[5], hessians=hessians, prefix=f"blocks.{self.layer}")
+        return self.mlp_scale.to(h.dtype) * mlp
+
+    def forward(self, h, x0, w, cos, sin, ve=None, hessians=None):
+        """h, x0 (B, T, D); w = (w_q, w_k, w_v, w_o, w_up, w_down) -> (B, T, D)."""
+        mix = self.resid_mix.to(h.dtype)
+        h_in = mix[0] * h + mix[1] * x0
+        h_mid = h_in + self._attn_branch(h_in, w, cos, sin, ve, hessians)
+        return h_mid + self._mlp_branch(h_mid, w, hessians)
+
+    def parallel(self, lane0, lane1, x0, w, cos, sin, ve=None, hessians=None):
+        """Two-lane block: attention reads lane0 (mixed with x0), the MLP reads lane1, side by
+        side. lane0, lane1, x0 (B, T, D) -> (attn_out, mlp_out), each (B, T, D), branch-scaled."""
+        mix = self.resid_mix.to(lane0.dtype)
+        attn = self._attn_branch(mix[0] * lane0 + mix[1] * x0, w, cos, sin, ve, hessians)
+        return attn, self._mlp_branch(lane1, w, hessians)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class GPT(nn.Module):
+    """The record model. `train_seq_len` only sets where the NTK RoPE rule starts (PR #1072: 2048)."""
+
+    def __init__(self, cfg: ModelConfig, qat_quantile: float = 0.9995, train_seq_len: int = 2048):
+        super().__init__()
+        check_config(cfg)
+        self.cfg = cfg
+        L, D = cfg.num_layers, cfg.model_dim
+        self.head_dim = D // cfg.num_heads
+        self.kv_dim = cfg.num_kv_heads * self.head_dim
+        self.hidden = mlp_hidden(cfg)
+        self.xsa_start = L - cfg.xsa_last_n
+        self.ve_start = L - cfg.ve_last_n
+        self.parallel_start = cfg.parallel_start_layer if cfg.parallel_start_layer > 0 else L  # L: off
+        self.set_qat_quantile(qat_quantile)
+
+        self.tok_emb = nn.Embedding(cfg.vocab_size, D)
+        self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, D, cfg.bigram_proj_gain)
+        self.smear = SmearGate(D, BOS_ID if cfg.smear_bos_mask else None)
+        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base, train_seq_len)
+        if cfg.ve_last_n > 0:
+            self.ve_shared = ValueEmbedding(cfg.vocab_size, cfg.ve_dim, self.kv_dim)
+            self.ve_layer_scales = nn.Parameter(torch.ones(cfg.ve_last_n))
+        else:
+            self.ve_shared = None
+        n_looped = len(layer_order(cfg))  # the skips of the looped order (the longer one)
+        self.skip_weights = nn.Parameter(torch.ones(min(n_looped // 2, n_looped - n_looped // 2), D))
+        self.looping = cfg.num_loops > 0  # depth recurrence on (the trainer may start it later)
+        if self.parallel_start < L:  # per parallel layer: lane <- resid * lane + post . branches
+            self.parallel_post = nn.Parameter(torch.ones(L - self.parallel_start, 2, 2))
+            self.parallel_resid = nn.Parameter(torch.full((L - self.parallel_start, 2), PARALLEL_RESID_INIT))
+        self.qo_bank = nn.Parameter(torch.empty(2 * L, D, D))  # Q in 0..L-1, O in L..2L-1
+        self.kv_bank = nn.Parameter(torch.empty(2 * L, self.kv_dim, D))  # K in 0..L-1, V in L..2L-1
+        self.mlp_up_bank = nn.Parameter(torch.empty(L, self.hidden, D))
+        self.mlp_down_bank = nn.Parameter(torch.empty(L, D, self.hidden))
+        self.blocks = nn.ModuleList(Block(cfg, i, use_xsa=i >= self.xsa_start) for i in range(L))
+        self.qat_on = False  # late QAT: `qat_weights()` fake-quantizes the banks while this is set
+        self.use_fused_mlp = False
+        self.use_fa3 = HAS_FA3 and cfg.attn_backend == "auto"
+        self.reset_parameters()
+
+    # -- init / flags
+
+    def reset_parameters(self) -> None:
+        """Spec §3.10: tied emb normal(0, std); Q, K, V, up orthogonal per slice; O, down zero."""
+        L = self.cfg.num_layers
+        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=self.cfg.tied_embed_init_std)
+        self.bigram.reset_parameters()
+        if self.ve_shared is not None:
+            self.ve_shared.reset_parameters()
+        with torch.no_grad():
+            for i in range(L):
+                nn.init.orthogonal_(self.qo_bank[i])
+                nn.init.orthogonal_(self.kv_bank[i])
+                nn.init.orthogonal_(self.kv_bank[L + i])
+                nn.init.orthogonal_(self.mlp_up_bank[i])
+            self.qo_bank[L:].zero_()
+            self.mlp_down_bank.zero_()
+            for block in self.blocks:
+                if block.attn.gate_w is not None:
+                    block.attn.gate_w.zero_()
+            if self.parallel_start < L:
+                self.parallel_post.fill_(1.0)
+                self.parallel_resid.fill_(PARALLEL_RESID_INIT)
+
+    @property
+    def use_fused_mlp(self) -> bool:
+        return self._use_fused_mlp
+
+    @use_fused_mlp.setter
+    def use_fused_mlp(self, value: bool) -> None:
+        self._use_fused_mlp = bool(value)
+        for block in getattr(self, "blocks", []):
+            block.mlp.use_fused = self._use_fused_mlp
+
+    @property
+    def use_fa3(self) -> bool:
+        """FlashAttention-3 on CUDA bf16/fp16 when importable; False forces SDPA."""
+        return self._use_fa3
+
+    @use_fa3.setter
+    def use_fa3(self, value: bool) -> None:
+        if value and not HAS_FA3:
+            raise ValueError("use_fa3=True but flash_attn_interface is not importable")
+        self._use_fa3 = bool(value)
+        for block in self.blocks:
+            block.attn.use_fa3 = self._use_fa3
+
+    def set_qat_quantile(self, quantile: float) -> None:
+        if not 0.0 < quantile <= 1.0:
+            raise ValueError(f"train.qat_clip_quantile must be in (0, 1], got {quantile}")
+        self.qat_quantile = float(quantile)
+
+    def set_looping(self, enabled: bool) -> None:
+        """Depth recurrence on/off (only with model.num_loops > 0); a compiled model recompiles once."""
+        self.looping = bool(enabled) and self.cfg.num_loops > 0
+
+    def set_qat(self, enabled: bool) -> None:
+        """Late QAT on/off: from now on `qat_weights()` fake-quantizes the banks (or not)."""
+        self.qat_on = bool(enabled)
+
+    def _banks(self) -> list[nn.Parameter]:
+        return [self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank]
+
+    @contextmanager
+    def qat_weights(self):
+        """While QAT is on, the banks hold Q(w) inside the block and w again after it.
+
+        Wrap one optimizer step's forwards and backwards (not the update): they see the int6
+        fake-quantized weights and their gradients land on the banks unchanged, i.e. the
+        straight-through estimator. A no-op while QAT is off."""
+        if not self.qat_on:
+            yield
+            return
+        qmax = qmax_for(QAT_BITS)
+        with torch.no_grad():
+            saved = [b.detach().clone() for b in self._banks()]
+            for b in self._banks():
+                b.copy_(fake_quant_values(b, self.qat_quantile, qmax))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, w in zip(self._banks(), saved):
+                    b.copy_(w)
+
+    # -- forward
+
+    def forward_hidden(self, idx: torch.Tensor, hessians: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """idx (B, T) -> final normed hidden states (B, T, D)."""
+        L = self.cfg.num_layers
+        T = idx.size(1)
+        qo, kv, up, down = self._banks()
+        e = self.tok_emb(idx) + self.bigram(idx)  # (B, T, D) fp32 (the tables are fp32)
+        x0 = self.smear(rms_norm(e), idx)  # (B, T, D)
+        if self.cfg.residual_dtype == "bf16":  # the whole residual stream in the autocast dtype
+            x0 = x0.to(_autocast_dtype(x0))
+        cos, sin = self.rotary(T, idx.device)  # (T, rd/2) each
+        ve = self.ve_shared(idx) if self.ve_shared is not None else None  # (B, T, kvD)
+        h = x0  # the stream; from model.parallel_start_layer on, lane 0 (lane1: lane 1)
+        lane1 = None
+        skips: list[torch.Tensor] = []
+        order = layer_order(self.cfg, self.looping)
+        n_enc = len(order) // 2
+        for pos, i in enumerate(order):
+            block = self.blocks[i]
+            if lane1 is None and i >= self.parallel_start:
+                lane1 = h  # both lanes start as the stream (before this layer's skip)
+            j = pos - n_enc
+            if j >= 0 and skips:
+                h = h + self.skip_weights[j].to(h.dtype) * skips.pop()
+            ve_i = self.ve_layer_scales[i - self.ve_start] * ve if i >= self.ve_start else None
+            w = (qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i])
+            if lane1 is None:
+                h = block(h, x0, w, cos, sin, ve=ve_i, hessians=hessians)
+            else:
+                h, lane1 = self._parallel_layer(i, h, lane1, x0, w, cos, sin, ve_i, hessians)
+            if pos < n_enc:
+                skips.append(h)
+        return rms_norm(self._final_lane(h, lane1))
+
+    def _parallel_layer(self, i, lane0, lane1, x0, w, cos, sin, ve, hessians):
+        """Both branches of block i on the two lanes; each lane keeps resid[k] of itself and adds
+        post[k, branch, lane] of each branch (PR #1530's parallel residuals). -> (lane0, lane1)."""
+        k = i - self.parallel_start
+        attn, mlp = self.blocks[i].parallel(lane0, lane1, x0, w, cos, sin, ve=ve, hessians=hessians)
+        post = self.parallel_post[k].to(lane0.dtype)  # (2 branches, 2 lanes)
+        res = self.parallel_resid[k].to(lane0.dtype)  # (2 lanes,)
+        lane0_new = res[0] * lane0 + post[0, 0] * attn + post[1, 0] * mlp
+        return lane0_new, res[1] * lane1 + post[0, 1] * attn + post[1, 1] * mlp
+
+    def _final_lane(self, lane0: torch.Tensor, lane1: torch.Tensor | None) -> torch.Tensor:
+        """The decoder output: the stream, or with two lanes their mean / one of them."""
+        if lane1 is None:
+            return lane0
+        if self.cfg.parallel_final_lane == "attn":
+            return lane0
+        if self.cfg.parallel_final_lane == "mlp":
+            return lane1
+        return 0.5 * (lane0 + lane1)
+
+    def forward_logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) -> softcapped logits (B, T, V)."""
+        return self.logits_from_hidden(self.forward_hidden(idx, None))
+
+    def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., D) -> softcapped tied-head logits (..., V); lets callers score only some rows."""
+        logits = F.linear(h, self.tok_emb.weight)  # (B, T, V), tied head
+        return softcap(logits, self.cfg.logit_softcap, self.cfg.logit_softcap_neg)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor,
+                hessians: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """idx, targets (B, T) -> mean CE (fp32 scalar); optionally accumulates Hessians."""
+        if hessians is not None:
+            self._check_hessians(hessians)
+        logits = self.logits_from_hidden(self.forward_hidden(idx, hessians))  # (B, T, V)
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+    # -- names, shapes, export
+
+    def quantizable_names(self) -> list[str]:
+        return [f"blocks.{i}.{k}.weight" for i in range(self.cfg.num_layers) for k in MATRIX_KINDS]
+
+    def hessian_shapes(self) -> dict[str, int]:
+        """name -> in_features of that matrix (its Hessian is (in, in))."""
+        d, hid = self.cfg.model_dim, self.hidden
+        return {n: (hid if n.endswith("mlp.proj.weight") else d) for n in self.quantizable_names()}
+
+    def zero_hessians(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """A fresh fp32 zero Hessian per quantizable name, on `device` (default: the model's)."""
+        device = device if device is not None else self.qo_bank.device
+        return {n: torch.zeros(k, k, device=device) for n, k in self.hessian_shapes().items()}
+
+    def _check_hessians(self, hessians: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self.quantizable_names() if n not in hessians]
+        if missing:
+            raise ValueError(f"hessians dict lacks {len(missing)} quantizable name(s), e.g. {missing[0]}")
+
+    def _bank_views(self) -> dict[str, torch.Tensor]:
+        """Unbanked name -> the bank slice (a view) it corresponds to."""
+        L = self.cfg.num_layers
+        views = {}
+        for i in range(L):
+            views[f"blocks.{i}.attn.c_q.weight"] = self.qo_bank[i]
+            views[f"blocks.{i}.attn.c_k.weight"] = self.kv_bank[i]
+            views[f"blocks.{i}.attn.c_v.weight"] = self.kv_bank[L + i]
+            views[f"blocks.{i}.attn.proj.weight"] = self.qo_bank[L + i]
+            views[f"blocks.{i}.mlp.fc.weight"] = self.mlp_up_bank[i]
+            views[f"blocks.{i}.mlp.proj.weight"] = self.mlp_down_bank[i]
+        return views
+
+    def _plain_params(self) -> dict[str, nn.Parameter]:
+        banks = {"qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank"}
+        return {n: p for n, p in self.named_parameters() if n not in banks}
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """Unbanked float state: per-layer matrix names + every other parameter by module name."""
+        out = {n: v.detach().clone() for n, v in self._bank_views().items()}
+        out.update({n: p.detach().clone() for n, p in self._plain_params().items()})
+        return out
+
+    def load_export_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load an `export_state_dict`-style dict back into banks and parameters (strict)."""
+        targets = {**self._bank_views(), **self._plain_params()}
+        missing = sorted(set(targets) - set(sd))
+        unexpected = sorted(set(sd) - set(targets))
+        if missing or unexpected:
+            raise ValueError(f"model state mismatch: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        for name, dst in targets.items():
+            src = sd[name]
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"model state: {name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+            if not src.is_floating_point():
+                raise ValueError(f"model state: {name} must be a float tensor, got {src.dtype}")
+        with torch.no_grad():
+            for name, dst in targets.items():
+                dst.copy_(sd[name])
+
+    def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Muon matrices / AdamW embeddings / AdamW scalars (spec §4.2); every param exactly once."""
+        matrix = [self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank, self.bigram.proj.weight]
+        embed = [self.tok_emb.weight, self.bigram.embed.weight]
+        if self.ve_shared is not None:
+            matrix.append(self.ve_shared.proj.weight)
+            embed.append(self.ve_shared.embed.weight)
+        taken = {id(p) for p in matrix + embed}
+        scalar = [p for p in self.parameters() if id(p) not in taken]
+        return {"matrix": matrix, "embed": embed, "scalar": scalar}
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameter count of GPT(cfg), built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        return GPT(cfg).num_params()

@@ -1,0 +1,210 @@
+"""The rules self-check: a finished run against the challenge rules that can be checked from its files.
+
+    python -m pgolf.rules            # the run in the current folder; exit 1 if a rule fails
+
+Each rule gives pass/fail and the figure behind it:
+
+* `size`: model bytes + the packed `train_gpt.py`'s bytes <= 16,000,000 (decimal), and the code
+  was counted packed (metrics/size.json `code_count`);
+* `train_time`: training wallclock (metrics/train.json `train_seconds`; online Hessian capture
+  runs inside the timed loop, so it is included) <= 600 s;
+* `eval_time`: evaluation wallclock (metrics/eval.json `eval_seconds`) <= 600 s;
+* `hessians`: GPTQ Hessians were accumulated from training batches inside the timed loop (at
+  least one accumulation, and the trainer's after-the-clock fallback absent from train.log);
+* `eval_once`: every validation target of the evaluated prefix scored exactly once (scored
+  tokens = the targets that `evaluate.max_tokens` and whole windows of `evaluate.context` keep,
+  from metrics/prepare.json's val_tokens), with stride <= context;
+* `causal`: a probe of the scored model itself (rebuilt from the artifact): changing the tokens
+  after position j leaves every logit at positions < j unchanged, and each position has one
+  finite logit per vocabulary entry (evaluation scores the softmax over them: a normalised
+  distribution over the full vocabulary). Without test-time training, scoring happens before
+  any update by construction: pgolf.evaluate.evaluate runs the model in eval mode with no optimizer.
+  With `evaluate.ttt_enabled` the probe covers the artifact's model before adaptation; the
+  score-first order (each chunk scored before the update that saw it, every target once) is
+  pgolf.evaluate.ttt's construction, proven by tests/test_ttt.py, and not probed from the files here.
+
+Figures are measured on the hardware of the run (the rules' limits are for 8xH100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pgolf.shared import layout, train_files
+from pgolf.compress import artifact
+
+CAP_BYTES = 16_000_000  # the challenge's decimal cap
+TRAIN_LIMIT_S = 600.0
+EVAL_LIMIT_S = 600.0
+HESSIAN_FALLBACK = "hessian: no step captured one"  # pgolf.train.train's line when Hessians came after the clock
+CAUSAL_ATOL = 1e-4
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    passed: bool
+    figure: str
+
+    def line(self) -> str:
+        return f"  {'PASS' if self.passed else 'FAIL'}  {self.name:<11} {self.figure}"
+
+
+class RulesError(ValueError):
+    """A run file the check needs is missing or unreadable; names the file."""
+
+
+def read_json(path: Path):
+    """The JSON document at `path`; RulesError naming the file when it is missing or not JSON."""
+    if not path.is_file():
+        raise RulesError(f"{path}: missing (run `dvc repro` first)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RulesError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_metrics(root: Path, name: str, keys: tuple[str, ...]) -> dict:
+    path = root / layout.metrics_file(name)
+    m = read_json(path)
+    missing = [k for k in keys if not isinstance(m, dict) or k not in m]
+    if missing:
+        raise RulesError(f"{path}: lacks {', '.join(missing)} (run `dvc repro` first)")
+    return m
+
+
+def check_size(size: dict, script_bytes: int | None) -> Rule:
+    code = size["code_bytes"] if script_bytes is None else script_bytes
+    total = size["model_bytes"] + code
+    packed = str(size.get("code_count", "")).startswith("packed")
+    how = "packed train_gpt.py" if packed else "code counted raw, not as the packed train_gpt.py"
+    return Rule("size", packed and total <= CAP_BYTES,
+                f"{total:,} bytes = model {size['model_bytes']:,} + code {code:,} ({how}); cap {CAP_BYTES:,}")
+
+
+def check_train_time(train: dict) -> Rule:
+    s = train["train_seconds"]
+    return Rule("train_time", s <= TRAIN_LIMIT_S,
+                f"{s:.1f} s of training incl. online Hessian capture ({train['steps']} steps, world "
+                f"{train['world_size']}, {train.get('device', '?')}); limit {TRAIN_LIMIT_S:.0f} s")
+
+
+def check_eval_time(ev: dict) -> Rule:
+    s = ev["eval_seconds"]
+    return Rule("eval_time", s <= EVAL_LIMIT_S, f"{s:.1f} s of evaluation; limit {EVAL_LIMIT_S:.0f} s")
+
+
+def check_hessians(train: dict, log_text: str) -> Rule:
+    n = int(train.get("hessian_accumulations") or 0)
+    fallback = HESSIAN_FALLBACK in log_text
+    ok = n >= 1 and not fallback
+    where = "after the training clock stopped (fallback)" if fallback else "inside the timed training loop"
+    return Rule("hessians", ok, f"{n} accumulation(s) of training micro-batches, {where}; "
+                                f"{int(train.get('hessian_rows') or 0):,} rows; never validation data")
+
+
+def expected_targets(val_tokens: int, max_tokens: int, context: int) -> int:
+    """Targets pgolf.evaluate.evaluate scores: the first max_tokens (0 = all) cut to whole context windows."""
+    n = min(val_tokens, max_tokens + 1) if max_tokens > 0 else val_tokens
+    return (n - 1) // context * context
+
+
+def check_eval_once(ev: dict, prep: dict, max_tokens: int) -> Rule:
+    want = expected_targets(int(prep["val_tokens"]), max_tokens, int(ev["context"]))
+    got = int(ev["scored_tokens"])
+    ok = got == want and 0 <= ev["stride"] <= ev["context"]
+    return Rule("eval_once", ok, f"{got:,} targets scored, {want:,} expected (each once, one pass; stride "
+                                 f"{ev['stride']} <= context {ev['context']})")
+
+
+@torch.no_grad()
+def causal_probe(logits_fn, vocab: int, length: int, seed: int = 0) -> dict:
+    """Probe a model: {"max_change": max |logit change| at positions < j when the tokens >= j change
+    (j = 1, T/2, T-1), "width": logits per position, "finite": all logits finite}.
+
+    `logits_fn`: (1, T) int64 token ids -> (1, T, V) logits.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (1, length), generator=g)  # (1, T)
+    base = logits_fn(x).float()  # (1, T, V)
+    worst = 0.0
+    for j in (1, length // 2, length - 1):
+        y = x.clone()
+        y[0, j:] = torch.randint(0, vocab, (length - j,), generator=g)
+        worst = max(worst, (logits_fn(y).float()[0, :j] - base[0, :j]).abs().max().item())
+    return {"max_change": worst, "width": int(base.shape[-1]), "finite": bool(torch.isfinite(base).all())}
+
+
+def judge_causal(probe: dict, vocab: int) -> Rule:
+    ok = probe["max_change"] <= CAUSAL_ATOL and probe["width"] == vocab and probe["finite"]
+    return Rule("causal", ok, f"future tokens change earlier logits by at most {probe['max_change']:.1e} (tolerance "
+                              f"{CAUSAL_ATOL:.0e}); scores are a softmax over {probe['width']} logits "
+                              f"(vocabulary {vocab}), {'all finite' if probe['finite'] else 'NOT finite'}; no update "
+                              f"before scoring (eval mode, no optimizer)")
+
+
+def check_causal(artifact: Path, context: int) -> Rule:
+    if not artifact.is_file():
+        return Rule("causal", False, f"{artifact}: not found, the scored model cannot be probed")
+    from pgolf.evaluate.evaluate import load_model
+
+    model, meta = load_model(artifact)
+    vocab = int(meta["model"]["vocab_size"])
+    return judge_causal(causal_probe(model.forward_logits, vocab, min(context, 64)), vocab)
+
+
+def check(root: str | Path = ".", max_tokens: int | None = None) -> list[Rule]:
+    """Every rule on the finished run under `root` (metrics/, artifacts/, params.yaml)."""
+    root = Path(root)
+    size = read_metrics(root, "size", ("model_bytes", "code_bytes"))
+    train = read_metrics(root, "train", ("train_seconds", "steps", "world_size"))
+    ev = read_metrics(root, "eval", ("eval_seconds", "scored_tokens", "stride", "context"))
+    prep = read_metrics(root, "prepare", ("val_tokens",))
+    log = root / layout.TRAIN / train_files.LOG_FILE
+    if not log.is_file():
+        raise RulesError(f"{log}: train log missing (run `dvc repro` first)")
+    if max_tokens is None:
+        from pgolf import config
+
+        max_tokens = config.load("evaluate", root / "params.yaml").max_tokens
+    script = root / layout.FINAL / layout.SCRIPT_FILE
+    return [check_size(size, script.stat().st_size if script.is_file() else None), check_train_time(train),
+            check_eval_time(ev), check_hessians(train, log.read_text(errors="replace")),
+            check_eval_once(ev, prep, max_tokens), check_causal(root / layout.FINAL / artifact.MODEL_FILE, ev["context"])]
+
+
+def report(rules: list[Rule]) -> str:
+    failed = [r.name for r in rules if not r.passed]
+    head = "rules self-check: " + (f"FAILED ({', '.join(failed)})" if failed else f"all {len(rules)} passed")
+    return "\n".join([head, *(r.line() for r in rules)])
+
+
+def as_json(rules: list[Rule]) -> dict:
+    return {"passed": all(r.passed for r in rules), "rules": [r.__dict__ for r in rules]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Check a finished run against the challenge rules.")
+    ap.add_argument("--root", type=Path, default=Path("."), help="the run's repo folder (default: .)")
+    a = ap.parse_args(argv)
+    from pgolf.config import ConfigError
+
+    from pgolf.shared.tensorfile import TensorFileError
+
+    try:
+        rules = check(a.root)
+    except (RulesError, ConfigError, TensorFileError) as e:
+        print(f"rules: error: {e}", file=sys.stderr)
+        return 1
+    print(report(rules))
+    return 0 if all(r.passed for r in rules) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
