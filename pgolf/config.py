@@ -156,7 +156,8 @@ class CompressConfig:
     target_bytes: int = 15_950_000  # model (chosen codec) + packed code bytes after pruning (§7)
     prune_slack_bytes: int = 2000  # stop once a fitting probe is within this of target_bytes (0 = exact n)
     lzma_chunk_bytes: int = 131072  # 0: one lzma stream; else independent streams of this many raw bytes (>= 65536)
-    threads: int = 0  # workers for the chunked lzma streams (0 = every core); never changes the bytes
+    zstd_chunk_bytes: int = 131072  # 0: one zstd frame; else independent frames of this many raw bytes (>= 65536)
+    threads: int = 0  # workers for the chunked lzma streams / zstd frames (0 = every core); never changes the bytes
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Chunked lzma (compress.lzma_chunk_bytes, compress.threads; pgolf.compress.artifact codec id 4): bad values
+"""Chunked lzma and zstd (compress.lzma_chunk_bytes / zstd_chunk_bytes, compress.threads;
+pgolf.compress.artifact codec ids 4 and 5): bad values
 are refused naming the param, the bytes never depend on the thread count, and the file reads back
 through the reader evaluate uses and through the one inside the packed train_gpt.py."""
 
@@ -33,6 +34,7 @@ def body() -> bytes:
 @pytest.mark.parametrize("key, value, message", [
     ("lzma_chunk_bytes", -1, r"compress\.lzma_chunk_bytes must be 0 \(one stream\) or >= 65536, got -1"),
     ("lzma_chunk_bytes", 4096, r"compress\.lzma_chunk_bytes must be 0 \(one stream\) or >= 65536, got 4096"),
+    ("zstd_chunk_bytes", 1000, r"compress\.zstd_chunk_bytes must be 0 \(one frame\) or >= 65536, got 1000"),
     ("threads", -2, r"compress\.threads must be >= 0 \(0 = every core\), got -2"),
 ])
 def test_bad_values_are_refused_naming_the_param(key, value, message):
@@ -84,17 +86,18 @@ def test_chunked_is_bounded_and_checks_its_table(monkeypatch):
         A.decompress(lying, "lying.ptz")
 
 
-def test_stage_writes_chunked_lzma_that_evaluate_and_the_packed_script_read(tmp_path):
+@pytest.mark.parametrize("codec, cid", [("lzma", A.LZMA_CHUNKED_ID), ("zstd", A.ZSTD_CHUNKED_ID)])
+def test_stage_writes_chunked_streams_that_evaluate_and_the_packed_script_read(tmp_path, codec, cid):
     """compress.build with codec lzma chunked -> model.ptz; read back by pgolf.compress.artifact.read_artifact
     (evaluate's reader) here, and by the artifact module unpacked from the packed train_gpt.py in a
     fresh interpreter (the submission's reader)."""
     quant = write_quant(tmp_path / "quant" / "quant.pgt", tiny_model())
-    cfg = dataclasses.replace(CHUNKED, codec="lzma", prune=False, threads=2)
+    cfg = dataclasses.replace(CHUNKED, codec=codec, prune=False, threads=2, zstd_level=3, zstd_chunk_bytes=1 << 16)
     script = pack.build_script(ROOT, params=pack.baked_params(ROOT / "params.yaml"))
     m = compress.build(cfg, script, quant, tmp_path / "final", tmp_path / "size.json")
     ptz = tmp_path / "final" / "model.ptz"
     blob = ptz.read_bytes()
-    assert m["codec"] == "lzma" and m["model_bytes"] == len(blob) and blob[len(A.MAGIC) + 1] == A.LZMA_CHUNKED_ID
+    assert m["codec"] == codec and m["model_bytes"] == len(blob) and blob[len(A.MAGIC) + 1] == cid
     tensors, meta = A.read_artifact(ptz)
     src = tmp_path / "packed_src"
     for rel, text in pack.unpack(script)["files"].items():
@@ -106,3 +109,33 @@ def test_stage_writes_chunked_lzma_that_evaluate_and_the_packed_script_read(tmp_
     out = subprocess.run([sys.executable, "-c", code, str(src), str(ptz)], cwd=tmp_path, capture_output=True,
                          text=True, check=True).stdout
     assert out.strip() == f"{sorted(tensors)} {len(A.dequantize_state(tensors, meta))}"
+
+
+ZSTD_CHUNKED = dataclasses.replace(CHUNKED, zstd_level=3, zstd_chunk_bytes=1 << 16)
+
+
+def test_zstd_frames_do_not_depend_on_the_thread_count_and_read_back():
+    raw = body()
+    one = A.compress(raw, "zstd", ZSTD_CHUNKED)
+    for threads in (2, 0):
+        assert A.compress(raw, "zstd", dataclasses.replace(ZSTD_CHUNKED, threads=threads)) == one
+    assert one[len(A.MAGIC) + 1] == A.ZSTD_CHUNKED_ID
+    (k,) = struct.unpack("<I", one[A.HEADER_BYTES:A.HEADER_BYTES + 4])
+    assert k == -(-(len(raw) + 4) // ZSTD_CHUNKED.zstd_chunk_bytes) >= 3
+    assert A.decompress(one, "z.ptz") == ("zstd", raw)
+    frame = A.compress(raw, "zstd", dataclasses.replace(ZSTD_CHUNKED, zstd_chunk_bytes=0))
+    assert frame[len(A.MAGIC) + 1] == A.CODEC_IDS["zstd"] and A.decompress(frame)[1] == raw
+
+
+def test_zstd_frames_are_bounded_and_check_their_table(monkeypatch):
+    monkeypatch.setattr(A, "MAX_RAW_BYTES", 150_000)
+    bomb = A.compress(bytes(150_001), "zstd", ZSTD_CHUNKED)
+    with pytest.raises(A.ArtifactError, match=r"^bomb\.ptz: zstd body expands to more than 150,000 bytes"):
+        A.decompress(bomb, "bomb.ptz")
+    ok = A.compress(bytes(140_000), "zstd", ZSTD_CHUNKED)
+    assert A.decompress(ok, "ok.ptz")[1] == bytes(140_000)
+    with pytest.raises(A.ArtifactError, match=r"^cut\.ptz: chunked zstd body: .*do not add up"):
+        A.decompress(ok[:-1], "cut.ptz")
+    lying = ok[:A.HEADER_BYTES] + struct.pack("<I", 10 ** 6) + ok[A.HEADER_BYTES + 4:]
+    with pytest.raises(A.ArtifactError, match=r"^lying\.ptz: chunked zstd body: bad table"):
+        A.decompress(lying, "lying.ptz")
