@@ -166,3 +166,16 @@ def test_top_level_plots_read_the_layouts_tsv():
 
     plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
     assert {f for entry in plots for spec in entry.values() for f in spec["y"]} == {layout.TRAIN_TSV.as_posix()}
+
+
+def test_bytecode_in_a_code_folder_is_not_a_dep_change():
+    """Code deps are folders, and imports (pytest, the stages) write __pycache__ into them: DVC must
+    ignore bytecode, or every stage would look changed after the tests ran (and dvc.lock would hash
+    machine-specific .pyc files)."""
+    from dvc.repo import Repo
+
+    repo = Repo(str(ROOT))
+    pyc = ROOT / "pgolf" / "shared" / "__pycache__" / "io.cpython-311.pyc"
+    assert repo.dvcignore.is_ignored(repo.fs, str(pyc))
+    assert repo.dvcignore.is_ignored(repo.fs, str(ROOT / "pgolf" / "shared" / "stray.pyc"))
+    assert not repo.dvcignore.is_ignored(repo.fs, str(ROOT / "pgolf" / "shared" / "io.py"))
