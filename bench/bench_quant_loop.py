@@ -161,7 +161,7 @@ def run(a: argparse.Namespace) -> dict:
         "seconds": {"setup": setup_s, "quantize": quantize_s, "compress_unpruned": unpruned_s,
                     "compress_pruned": compress_s, "prune_search": size["prune_seconds"], "evaluate": evaluate_s,
                     "evaluate_sliding": ev["sliding_seconds"], "evaluate_nonsliding": ev["nonsliding_seconds"],
-                    "evaluate_compile": ev.get("compile_seconds", 0.0),
+                    "evaluate_compile": ev["compile_seconds"],
                     "quantize_compress_evaluate": round(quantize_s + compress_s + evaluate_s, 3)},
         "pruned_values": size["pruned_values"], "prune_at_least": a.prune_at_least,
         "prune_candidates": size["prune_candidates"], "prune_slack_bytes": ccfg.prune_slack_bytes,

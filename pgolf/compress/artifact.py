@@ -6,7 +6,8 @@ This module owns `artifacts/final/model.ptz`. A file is
     1 byte   FORMAT_VERSION
     1 byte   codec id (1 = lzma raw LZMA2 stream, 2 = zstd frame, 3 = brotli stream,
              4 = lzma in independent raw LZMA2 streams: uint32 count k, k uint32 stream lengths,
-             the k streams; their outputs concatenated are the body)
+             the k streams; their outputs concatenated are the body; 5 = zstd in independent
+             frames, the same table)
     4 bytes  uint32 CRC-32 of the uncompressed tensorfile (its JSON header is covered too;
              the container's own sha256 covers only the payload)
     rest     the compressed body
@@ -363,7 +364,7 @@ def _inflate_lzma(body: bytes, limit: int, bound: int | None = None) -> bytes:
     d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9}])
     raw = d.decompress(body, max_length=limit + 1)
     if len(raw) > limit:
-        raise ArtifactError(f"lzma body expands to more than {bound or limit:,} bytes (the limit for an artifact body)")
+        raise _too_big("lzma", bound or limit)
     if not d.eof or d.unused_data:
         raise ArtifactError("lzma body is truncated or corrupt (stream incomplete or followed by extra bytes)")
     return raw
@@ -418,21 +419,12 @@ def compress(raw: bytes, codec: str, cfg: CompressConfig) -> bytes:
 def _inflate(codec: str, body: bytes, limit: int, chunked: bool = False) -> bytes:
     """The decompressed body, read in bounded steps: ArtifactError once it would pass `limit`
     bytes (a small crafted file must not expand without bound), or when the stream is incomplete."""
-    too_big = ArtifactError(f"{codec} body expands to more than {limit:,} bytes (the limit for an artifact body)")
-    if chunked:
-        return _unchunk(body, limit, codec, _inflate_lzma if codec == "lzma" else _inflate_zstd)
-    if codec == "lzma":
-        return _inflate_lzma(body, limit)
-    if codec == "brotli":
-        d = _brotli(ArtifactError("compressed with brotli, but the Python module 'brotli' is not installed "
-                                  "(pip install brotli)")).Decompressor()
-        raw = d.process(body, output_buffer_limit=limit + 1)
-        if len(raw) > limit:
-            raise too_big
-        if not d.is_finished():
-            raise ArtifactError(f"{codec} body is truncated or corrupt (stream incomplete)")
-        return raw
-    return _inflate_zstd(body, limit)
+    inflate_one = _INFLATE[codec]
+    return _unchunk(body, limit, codec, inflate_one) if chunked else inflate_one(body, limit)
+
+
+def _too_big(codec: str, limit: int) -> ArtifactError:
+    return ArtifactError(f"{codec} body expands to more than {limit:,} bytes (the limit for an artifact body)")
 
 
 def _inflate_zstd(body: bytes, limit: int, bound: int | None = None) -> bytes:
@@ -443,8 +435,23 @@ def _inflate_zstd(body: bytes, limit: int, bound: int | None = None) -> bytes:
     if size < 0:
         raise ArtifactError("zstd body does not record its decompressed size")
     if size > limit:
-        raise ArtifactError(f"zstd body expands to more than {bound or limit:,} bytes (the limit for an artifact body)")
+        raise _too_big("zstd", bound or limit)
     return zstandard.ZstdDecompressor().decompress(body, max_output_size=limit)
+
+
+def _inflate_brotli(body: bytes, limit: int, bound: int | None = None) -> bytes:
+    """One brotli stream, at most `limit` bytes (`bound`: the whole body's limit, for the message)."""
+    d = _brotli(ArtifactError("compressed with brotli, but the Python module 'brotli' is not installed "
+                              "(pip install brotli)")).Decompressor()
+    raw = d.process(body, output_buffer_limit=limit + 1)
+    if len(raw) > limit:
+        raise _too_big("brotli", bound or limit)
+    if not d.is_finished():
+        raise ArtifactError("brotli body is truncated or corrupt (stream incomplete)")
+    return raw
+
+
+_INFLATE = {"lzma": _inflate_lzma, "zstd": _inflate_zstd, "brotli": _inflate_brotli}  # one stream of each codec
 
 
 def decompress(blob: bytes, source: str = "<bytes>") -> tuple[str, bytes]:
