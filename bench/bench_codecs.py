@@ -1,6 +1,7 @@
 """Codec parallelism on the record-scale artifact body: zstd-22 single-threaded vs its
 multithreaded mode (thread counts, job sizes; are the frames equal across thread counts?), and
-lzma (pgolf's filters) as one stream vs 2/4/8/16 independent chunks. Writes one JSON to --out.
+lzma (pgolf's filters) as one stream vs 2/4/8/16 independent chunks, and pgolf's chunked zstd-22
+(compress.zstd_chunk_bytes; part zstd_frames). Writes one JSON to --out.
 
     python bench/bench_codecs.py --out bench/results/codecs_cpu.json              # everything
     python bench/bench_codecs.py --out bench/results/codecs_cpu.json --only zstd  # one part (merged into --out)
@@ -117,28 +118,29 @@ def zstd_part(body: bytes, level: int, splits: list[tuple[int, int]], rows: list
             "st_equals_mt": {r["label"]: r["sha256_16"] == rows[0]["sha256_16"] for r in rows[1:]}}
 
 
-def zstd_frames_part(body: bytes, level: int, frame_bytes: list[int], workers: int) -> dict:
-    """zstd-`level` of `body` as independent frames of N raw bytes (no shared window, so every frame
-    can go to its own core), each N of `frame_bytes`, `workers` threads; bytes include a chunk
-    table (a uint32 count + a uint32 length per frame), as pgolf's chunked lzma stores one."""
-    def one(part: bytes) -> bytes:  # a compressor per frame: one object must not run two compressions at once
-        return zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False).compress(part)
-
+def zstd_frames_part(body: bytes, level: int, frame_bytes: list[int]) -> dict:
+    """pgolf's chunked zstd (`artifact.compress` with compress.zstd_chunk_bytes = N, codec id 5:
+    independent frames of N raw bytes, every core) for each N of `frame_bytes`, 0 meaning one
+    frame; bytes are the file less its 12-byte header (the chunk table included), at 1 and 2
+    threads (the files must be equal)."""
+    cfg = dataclasses.replace(config.CompressConfig(), zstd_level=level)
+    plain = artifact._head_first(body, "body")  # compress() moves the header itself
     rows = []
     for n in frame_bytes:
-        parts = [body[i:i + n] for i in range(0, len(body), n)]
-        load = round(os.getloadavg()[0], 2)
-        w0, c0 = time.perf_counter(), time.process_time()
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            outs = list(pool.map(one, parts))
-        wall, cpu = round(time.perf_counter() - w0, 2), round(time.process_time() - c0, 2)
-        ok = b"".join(zstandard.ZstdDecompressor().decompress(o) for o in outs) == body
-        total = sum(len(o) for o in outs) + 4 * (len(outs) + 1)
-        rows.append({"frame_bytes": n, "frames": len(outs), "workers": workers, "bytes_with_chunk_table": total,
-                     "sha256_16": sha(b"".join(outs)), "seconds": wall, "cpu_seconds": cpu, "roundtrip": ok,
-                     "load_before": load})
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    return {"level": level, "runs": rows}
+        for t in (1, 2):
+            load = round(os.getloadavg()[0], 2)
+            out, wall, cpu = timed(artifact.compress, plain, "zstd", dataclasses.replace(cfg, zstd_chunk_bytes=n,
+                                                                                         threads=t))
+            ok = artifact.decompress(out) == ("zstd", plain)
+            rows.append({"zstd_chunk_bytes": n, "threads": t, "bytes": len(out) - artifact.HEADER_BYTES,
+                         "sha256_16": sha(out), "seconds": wall, "cpu_seconds": cpu, "roundtrip": ok,
+                         "load_before": load})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    same: dict[int, set] = {}
+    for r in rows:
+        same.setdefault(r["zstd_chunk_bytes"], set()).add(r["sha256_16"])
+    return {"level": level, "via": "pgolf.compress.artifact.compress", "runs": rows,
+            "files_equal_across_threads": {str(k): len(v) == 1 for k, v in same.items()}}
 
 
 def lzma_chunks(body: bytes, k: int, filters: list[dict], workers: int) -> tuple[list[bytes], float, float]:
@@ -198,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="cache of the raw body (built when missing)")
     ap.add_argument("--profile", default=str(ROOT / "profiles" / "record.yaml"))
     ap.add_argument("--only", choices=("zstd", "lzma", "zstd_frames"), help="one part; merged into an existing --out")
-    ap.add_argument("--zstd-frame-bytes", default="131072,1048576,4194304",
-                    help="independent zstd-22 frames of these raw sizes (part zstd_frames)")
+    ap.add_argument("--zstd-frame-bytes", default="0,65536,131072,262144,1048576",
+                    help="compress.zstd_chunk_bytes values (0 = one frame) run through pgolf.compress.artifact.compress")
     ap.add_argument("--zstd-splits", default="4:0,4:6,8:0,8:6,16:8",
                     help="explicit JOB_MIB:OVERLAP_LOG pairs (overlap log 0: zstd's default, 9 at level 22 = the "
                          "whole window; zstd raises a job smaller than its overlap to the overlap)")
@@ -235,8 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         result["lzma"] = lzma_part(body, 9, [int(x) for x in a.lzma_chunks.split(",") if x],
                                    [int(x) for x in a.lzma_chunk_bytes.split(",") if x], os.cpu_count() or 1, earlier)
     if a.only in (None, "zstd_frames"):
-        result["zstd_frames"] = zstd_frames_part(body, 22, [int(x) for x in a.zstd_frame_bytes.split(",") if x],
-                                                 os.cpu_count() or 1)
+        result["zstd_frames"] = zstd_frames_part(body, 22, [int(x) for x in a.zstd_frame_bytes.split(",") if x])
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -337,7 +337,7 @@ def _zstd_frame(raw: bytes, cfg: CompressConfig) -> bytes:
 
 def _zstd_chunked(raw: bytes, cfg: CompressConfig) -> bytes:
     """Independent zstd frames of the compress.zstd_chunk_bytes pieces (`_chunked`); on the
-    record-size synthetic body 128 KiB frames were 6 % smaller than one frame, at 11x less CPU."""
+    record-size synthetic body 128 KiB frames were 6 % smaller than one frame, at 12x less CPU."""
     return _chunked(raw, cfg.zstd_chunk_bytes, lambda b: _zstd_frame(b, cfg), cfg)
 
 
