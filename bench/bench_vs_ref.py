@@ -152,11 +152,24 @@ def ratios(results: list[dict], batches: list[int]) -> dict:
     return out
 
 
+def also_runs(also: list[str], batches: list[int]) -> dict[int, list[list[str]]]:
+    """`--also` entries ("BATCH section.key=value ...") -> {batch: [profile_train args, ...]}:
+    extra pgolf variants (e.g. fewer, larger micro-batches) run right after that batch's pair."""
+    out: dict[int, list[list[str]]] = {}
+    for entry in also:
+        head, *sets = entry.split()
+        if not head.isdigit() or int(head) not in batches or not sets or any("=" not in s for s in sets):
+            raise ValueError(f"--also {entry!r}: want 'BATCH section.key=value ...' with BATCH one of {batches}")
+        out.setdefault(int(head), []).append(["--set", *sets, "--profile-steps", "0"])
+    return out
+
+
 def plan(args) -> list[tuple]:
-    """pgolf then the reference at each batch size in the order given, then pgolf again at the
-    first one with a warm compile cache."""
-    x = args.pgolf_extra
-    runs = [run for batch in args.batches for run in (("pgolf", batch, x), ("reference", batch, None))]
+    """pgolf then the reference at each batch size in the order given (then that batch's `--also`
+    variants), then pgolf again at the first one with a warm compile cache."""
+    x, extra = args.pgolf_extra, also_runs(getattr(args, "also", []), args.batches)
+    runs = [run for batch in args.batches
+            for run in [("pgolf", batch, x), ("reference", batch, None), *[("pgolf", batch, x + v) for v in extra.get(batch, [])]]]
     return runs + [("pgolf", args.batches[0], x + ["--profile-steps", "0"])][:args.variants]
 
 
@@ -171,7 +184,13 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[786432, 196608],
                     help="tokens per step, in order (one value: a shorter call)")
     ap.add_argument("--pgolf-extra", nargs="*", default=[], help="more bench.profile_train arguments")
+    ap.add_argument("--also", action="append", default=[],
+                    help="an extra pgolf variant after a batch's pair: 'BATCH section.key=value ...' (repeatable)")
     args = ap.parse_args()
+    try:
+        plan(args)
+    except ValueError as e:
+        ap.error(str(e))
     args.data, args.ref = str(Path(args.data).resolve()), str(Path(args.ref).resolve())  # both run elsewhere
     for path in (Path(args.data), Path(args.ref)):
         if not path.exists():
@@ -193,7 +212,7 @@ def main() -> None:
         if prog == "reference":
             r = run_ref(Path(args.ref), Path(args.data), batch, left)
         else:
-            trace = args.trace_dir if (i < 2 * len(args.batches) and args.trace_dir) else None
+            trace = args.trace_dir if ("--profile-steps" not in extra and args.trace_dir) else None
             r = run_pgolf(batch, left, Path(args.data), scratch / f"run{i}.json", extra, trace)
         r["run_seconds"] = round(time.perf_counter() - t0, 1)
         add_mfu(r, fpt)

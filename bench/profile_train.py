@@ -60,8 +60,9 @@ def record_configs(overrides: list[str]) -> tuple[ModelConfig, TrainConfig]:
 
 
 def bench_config(cfg: TrainConfig, batch_tokens: int, args) -> TrainConfig:
-    """One GPU, no wallclock cap or warmdown (scale 1: late QAT off), Hessians every 25 steps."""
-    return dataclasses.replace(cfg, nproc_per_node=1, batch_tokens=batch_tokens, grad_accum_steps=8,
+    """One GPU (micro-batches: train.grad_accum_steps, 0 -> 8 as the reference on one GPU), no wallclock
+    cap or warmdown (scale 1: late QAT off), Hessians every 25 steps."""
+    return dataclasses.replace(cfg, nproc_per_node=1, batch_tokens=batch_tokens,
                                warmup_steps=args.warmup, iterations=args.steps, max_wallclock_seconds=0.0,
                                warmdown_iters=0, checkpoint_every=0, log_every=args.log_every, val_tokens=65536,
                                hessian_every=0 if args.no_hessian else 25, hessian_start_scale=1.01)
@@ -168,7 +169,8 @@ def run_batch(mcfg: ModelConfig, cfg: TrainConfig, paths, info, args, trace_dir:
     stalls = [{"step": i + 1, "ms": round(t, 1), "kind": k} for i, (t, k) in enumerate(zip(dev_ms, trainer.step_kind))
               if t > 1.5 * typical]
     tps = cfg.batch_tokens / med * 1000.0
-    out = {"batch_tokens": cfg.batch_tokens, "micro_batch": [cfg.batch_tokens // 8 // cfg.seq_len, cfg.seq_len],
+    out = {"batch_tokens": cfg.batch_tokens, "micro_batch": [cfg.batch_tokens // trainer.accum // info.world_size // cfg.seq_len, cfg.seq_len],
+           "grad_accum_steps": trainer.accum,
            "step_ms_steady": round(med, 2), "interval_ms_per_step": rates, "tokens_per_second": round(tps),
            "mfu": round(flops_per_token(trainer.model, mcfg, cfg.seq_len) * tps / PEAK_BF16, 4),
            "device_step_ms_median": round(typical, 2), "stalls": stalls,

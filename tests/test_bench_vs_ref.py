@@ -61,3 +61,17 @@ def test_plan_runs_both_programs_per_batch_in_order_then_a_warm_pgolf_run():
     args = argparse.Namespace(batches=[786432, 196608], pgolf_extra=["--no-hessian"], variants=0)
     assert [(p, b) for p, b, _ in B.plan(args)] == [
         ("pgolf", 786432), ("reference", 786432), ("pgolf", 196608), ("reference", 196608)]
+
+
+def test_also_adds_pgolf_variants_after_their_batch_pair_and_rejects_bad_entries():
+    args = argparse.Namespace(batches=[786432, 196608], pgolf_extra=[], variants=0,
+                              also=["196608 train.grad_accum_steps=2", "786432 train.grad_accum_steps=4"])
+    assert B.plan(args) == [
+        ("pgolf", 786432, []), ("reference", 786432, None),
+        ("pgolf", 786432, ["--set", "train.grad_accum_steps=4", "--profile-steps", "0"]),
+        ("pgolf", 196608, []), ("reference", 196608, None),
+        ("pgolf", 196608, ["--set", "train.grad_accum_steps=2", "--profile-steps", "0"])]
+    for bad in ("1234 train.grad_accum_steps=2", "196608", "196608 grad_accum_steps", "x train.a=1"):
+        args.also = [bad]
+        with pytest.raises(ValueError, match="--also"):
+            B.plan(args)
