@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from pgolf.config import ModelConfig
 from pgolf.shared.rowquant import fake_quant
-from pgolf.shared.model import (GPT, Rotary, SmearGate, bigram_hash, count_params, layer_order, mlp_hidden, softcap,
+from pgolf.shared.model import (GPT, Rotary, accumulate_gram, SmearGate, bigram_hash, count_params, layer_order, mlp_hidden, softcap,
                          check_config, xsa)
 from pgolf.shared.shards import BOS_ID
 
@@ -234,6 +234,17 @@ def capture_block_inputs(m, layer):
 
 
 @torch.no_grad()
+def test_accumulated_gram_is_exactly_symmetric_and_fp64_accurate_for_heavy_tailed_inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 96, generator=g) ** 3 * torch.exp(3 * torch.randn(96, generator=g))  # heavy tails
+    H = {"a": torch.zeros(96, 96), "b": torch.ones(96, 96)}
+    accumulate_gram(H, ("a", "b"), x.view(2, 2048, 96).to(torch.bfloat16))
+    ref = (lambda t: t.T @ t)(x.to(torch.bfloat16).double())  # (96, 96)
+    assert torch.equal(H["a"], H["a"].T) and H["a"].dtype == torch.float32
+    torch.testing.assert_close(H["a"].double(), ref, rtol=1e-6, atol=1e-6 * float(ref.diagonal().max()))
+    torch.testing.assert_close(H["b"], H["a"] + 1)
+
+
 def test_block_matches_hand_reference_and_hessians_are_xtx():
     m = make_tiny()
     L, layer = TINY.num_layers, TINY.num_layers - 1  # last layer: XSA + value embedding
