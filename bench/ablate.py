@@ -1,10 +1,12 @@
 """Ablations through the real pipeline: one `dvc repro` per row, one JSON for the table.
 
     python -m bench.ablate --rows bench/ablation_model.yaml --out results.json [--only a,b] [--budget 560]
+        [--common train.grad_accum_steps=2 ...]
 
 A rows file names a base profile (`profiles/<base>.yaml`), `common` overrides for every row
 (`section.key: value`, e.g. the data folder, one GPU, the wallclock) and the rows, each with its
-own overrides (and optionally its own `profile`). For each row the runner writes params.yaml,
+own overrides (and optionally its own `profile`); `--common section.key=value` (YAML values) adds
+to or replaces the file's `common` for one call, and the JSON's `common` is what ran. For each row the runner writes params.yaml,
 runs `dvc repro` and records which stages DVC ran and which it took from its cache: a row that
 changes only quantize/compress/evaluate params reuses the trained weights, and the row shows it
 (`ran` lacks train; `train_md5`, the hash of artifacts/train in dvc.lock, is the same). Per row:
@@ -76,6 +78,17 @@ def params_for(spec: dict, row: dict) -> dict:
     return params
 
 
+def with_common(spec: dict, items: list[str]) -> dict:
+    """The rows spec with `section.key=value` items (YAML values) added to its `common`."""
+    common = dict(spec.get("common") or {})
+    for item in items:
+        dotted, eq, value = item.partition("=")
+        if not eq or "." not in dotted:
+            raise RowsError(f"--common {item!r}: want section.key=value")
+        common[dotted] = yaml.safe_load(value)
+    return {**spec, "common": common}
+
+
 def read_metrics(root: Path) -> dict:
     out = {}
     for name, keys in KEEP.items():
@@ -145,8 +158,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=0.0, help="seconds; skip rows that would not finish")
     ap.add_argument("--log-dir", type=Path, default=Path("/tmp/ablate_logs"), help="each row's dvc output")
     ap.add_argument("--resume", action="store_true", help="keep the finished rows of --out and run the rest")
+    ap.add_argument("--common", nargs="*", default=[], help="section.key=value overrides for every row, after the file's")
     a = ap.parse_args(argv)
-    spec = load_rows(a.rows)
+    spec = with_common(load_rows(a.rows), a.common)
     rows = [r for r in spec["rows"] if not a.only or r["name"] in a.only.split(",")]
     for r in rows:
         params_for(spec, r)  # every override names a real key, before any run

@@ -131,3 +131,17 @@ def test_resume_refuses_a_file_that_is_not_an_ablation_result(repo, tmp_path):
     out.write_text("{}")
     with pytest.raises(A.RowsError, match=r"out.json: not an ablation result"):
         A.main(["--rows", str(rows_file(tmp_path / "r.yaml", [{"name": "a"}])), "--out", str(out), "--resume"])
+
+
+def test_common_on_the_command_line_overrides_the_file_for_every_row_and_is_recorded(repo, tmp_path):
+    rows = rows_file(tmp_path / "rows.yaml", [{"name": "a"}, {"name": "b", "set": {"train.iterations": 9}}])
+    out = tmp_path / "out.json"
+    A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(tmp_path / "logs"),
+            "--common", "train.iterations=5", "train.grad_accum_steps=2"])
+    res = json.loads(out.read_text())
+    assert res["common"] == {"train.iterations": 5, "train.grad_accum_steps": 2}
+    assert [r["train.steps"] for r in res["rows"]] == [5, 9]  # a row's own set still wins
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["grad_accum_steps"] == 2
+    for bad, msg in (("train.iterations", "want section.key=value"), ("train.nope=1", "'train.nope' is not a key")):
+        with pytest.raises(A.RowsError, match=msg):
+            A.main(["--rows", str(rows), "--out", str(tmp_path / "o2.json"), "--common", bad])
