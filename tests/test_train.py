@@ -199,6 +199,35 @@ def test_grad_accum_default_and_batch_check(tmp_path):
         T.check_batch(cfg, 5, 1)
 
 
+def test_a_step_gradient_is_the_mean_gradient_over_its_micro_batches(data_root, tmp_path):
+    """With grad_accum_steps k a step hands its optimizers the gradient of the mean loss over the
+    step's k micro-batches, i.e. what one micro-batch holding all of them gives, so fewer, larger
+    micro-batches (train.grad_accum_steps on one GPU) compute the same step to fp32 summation order.
+    (They do not see byte-identical sequences: the challenge loader takes each micro-batch's span
+    plus one target token, so boundaries shift by a token per micro-batch.)"""
+    from pgolf.shared import dist
+
+    cfg = tcfg(tmp_path, grad_accum_steps=4, iterations=1, hessian_every=0, grad_clip=0.0)  # the raw gradient
+    pth = paths(data_root, tmp_path)
+    tr = T.Trainer(mcfg(), cfg, pth, dist.init("cpu"), T.check_inputs(pth, mcfg(), cfg))
+    start = tr.loader.state_dict()
+    grads = {}
+    tr.opt.step = lambda *a, **k: grads.update({n: p.grad.clone() for n, p in tr.model.named_parameters()})
+    loss = float(tr._step(1, 1.0, None, ema=False))  # 4 micro-batches of 4 x 128
+    tr.loader.load_state_dict(start)
+    micro = [tr.loader.next_batch(cfg.batch_tokens, cfg.seq_len, 4) for _ in range(4)]
+    x, y = torch.cat([m[0] for m in micro]), torch.cat([m[1] for m in micro])  # (16, 128) each
+    tr.model.zero_grad(set_to_none=True)
+    whole = tr.fwd(x, y)  # one micro-batch of 16 x 128, same weights
+    whole.backward()
+    assert float(whole.detach()) == pytest.approx(loss, rel=1e-6)
+    assert sum(float(g.abs().max()) > 0 for g in grads.values()) > 5
+    for name, p in tr.model.named_parameters():
+        g = grads[name]
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6 * float(g.abs().max()) + 1e-9,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_step_timer_on_cpu_times_each_step_and_reloads():
     timer = StepTimer(cuda=False)
     for _ in range(3):
