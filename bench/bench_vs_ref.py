@@ -167,7 +167,7 @@ def also_runs(also: list[str], batches: list[int]) -> dict[int, list[list[str]]]
 def plan(args) -> list[tuple]:
     """pgolf then the reference at each batch size in the order given (then that batch's `--also`
     variants), then pgolf again at the first one with a warm compile cache."""
-    x, extra = args.pgolf_extra, also_runs(getattr(args, "also", []), args.batches)
+    x, extra = args.pgolf_extra, also_runs(args.also, args.batches)
     runs = [run for batch in args.batches
             for run in [("pgolf", batch, x), ("reference", batch, None), *[("pgolf", batch, x + v) for v in extra.get(batch, [])]]]
     return runs + [("pgolf", args.batches[0], x + ["--profile-steps", "0"])][:args.variants]
@@ -188,7 +188,7 @@ def main() -> None:
                     help="an extra pgolf variant after a batch's pair: 'BATCH section.key=value ...' (repeatable)")
     args = ap.parse_args()
     try:
-        plan(args)
+        runs = plan(args)
     except ValueError as e:
         ap.error(str(e))
     args.data, args.ref = str(Path(args.data).resolve()), str(Path(args.ref).resolve())  # both run elsewhere
@@ -203,7 +203,7 @@ def main() -> None:
     results = []
     fpt = record_flops_per_token()
     scratch = Path(tempfile.mkdtemp())
-    for i, (prog, batch, extra) in enumerate(plan(args)):
+    for i, (prog, batch, extra) in enumerate(runs):
         left = args.budget - (time.perf_counter() - t_all)
         if left < 30:
             results.append({"program": prog, "batch_tokens": batch, "variant": " ".join(extra or []), "skipped": "budget"})

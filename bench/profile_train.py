@@ -169,7 +169,7 @@ def run_batch(mcfg: ModelConfig, cfg: TrainConfig, paths, info, args, trace_dir:
     stalls = [{"step": i + 1, "ms": round(t, 1), "kind": k} for i, (t, k) in enumerate(zip(dev_ms, trainer.step_kind))
               if t > 1.5 * typical]
     tps = cfg.batch_tokens / med * 1000.0
-    out = {"batch_tokens": cfg.batch_tokens, "micro_batch": [cfg.batch_tokens // trainer.accum // info.world_size // cfg.seq_len, cfg.seq_len],
+    out = {"batch_tokens": cfg.batch_tokens, "micro_batch": [trainer.local_tokens // cfg.seq_len, cfg.seq_len],
            "grad_accum_steps": trainer.accum,
            "step_ms_steady": round(med, 2), "interval_ms_per_step": rates, "tokens_per_second": round(tps),
            "mfu": round(flops_per_token(trainer.model, mcfg, cfg.seq_len) * tps / PEAK_BF16, 4),

@@ -55,10 +55,10 @@ def test_paths_are_resolved_and_checked(tmp_path, monkeypatch):
 
 
 def test_plan_runs_both_programs_per_batch_in_order_then_a_warm_pgolf_run():
-    args = argparse.Namespace(batches=[196608], pgolf_extra=[], variants=1)
+    args = argparse.Namespace(batches=[196608], pgolf_extra=[], variants=1, also=[])
     assert B.plan(args) == [("pgolf", 196608, []), ("reference", 196608, None),
                                        ("pgolf", 196608, ["--profile-steps", "0"])]
-    args = argparse.Namespace(batches=[786432, 196608], pgolf_extra=["--no-hessian"], variants=0)
+    args = argparse.Namespace(batches=[786432, 196608], pgolf_extra=["--no-hessian"], variants=0, also=[])
     assert [(p, b) for p, b, _ in B.plan(args)] == [
         ("pgolf", 786432), ("reference", 786432), ("pgolf", 196608), ("reference", 196608)]
 
