@@ -294,9 +294,9 @@ def softcap(z: torch.Tensor, cap_pos: float, cap_neg: float) -> torch.Tensor:
 def accumulate_gram(hessians: dict[str, torch.Tensor], names: tuple[str, ...], x: torch.Tensor) -> None:
     """hessians[name] += x^T x for each name; x (..., n) flattened to (M, n).
 
-    Summed in fp64 and made exactly symmetric before the fp32 buffers take it: an fp32 matmul on
-    CUDA may run in TF32 (training enables it), whose operand rounding made (i, j) and (j, i)
-    differ by more than the Hessian check allows once activations are heavy-tailed."""
+    Summed in fp64 and made exactly symmetric before the fp32 buffers take it: the fp32 sums once
+    failed the Hessian check's symmetry test on an H200 (frontier profile), most likely because
+    an fp32 matmul there runs in TF32 (training enables it)."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         x2 = x.detach().reshape(-1, x.size(-1)).double()  # (M, n)
         g = x2.t() @ x2  # (n, n) fp64
