@@ -294,12 +294,17 @@ def softcap(z: torch.Tensor, cap_pos: float, cap_neg: float) -> torch.Tensor:
 def accumulate_gram(hessians: dict[str, torch.Tensor], names: tuple[str, ...], x: torch.Tensor) -> None:
     """hessians[name] += x^T x for each name; x (..., n) flattened to (M, n).
 
-    Summed in fp64 and made exactly symmetric before the fp32 buffers take it: the fp32 sums once
-    failed the Hessian check's symmetry test on an H200 (frontier profile), most likely because
-    an fp32 matmul there runs in TF32 (training enables it)."""
+    Every product is exact and every sum at least fp32, and the result is made exactly symmetric
+    before the fp32 buffers take it (the fp32 sums once failed the Hessian check's symmetry test
+    on an H200, frontier profile). bf16/fp16 inputs are multiplied in fp32: their values are exact
+    in TF32, so a GPU that runs fp32 matmuls in TF32 (training enables it) keeps the products
+    exact at tensor-core speed. fp32 inputs are multiplied in fp64, which TF32 would round. (With
+    fp64 for every input, a 48 x 2048-row capture made its step 2.3x a 2 x 48 x 2048 step on an
+    H200; by FLOP count mostly the fp64 GEMMs.)"""
     with torch.autocast(device_type=x.device.type, enabled=False):
-        x2 = x.detach().reshape(-1, x.size(-1)).double()  # (M, n)
-        g = x2.t() @ x2  # (n, n) fp64
+        x2 = x.detach().reshape(-1, x.size(-1))  # (M, n)
+        x2 = x2.float() if x2.dtype in (torch.bfloat16, torch.float16) else x2.double()
+        g = x2.t() @ x2  # (n, n)
         gram = ((g + g.t()) * 0.5).float()  # (n, n), gram == gram.T exactly
     for name in names:
         hessians[name].add_(gram)
