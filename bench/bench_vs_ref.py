@@ -5,7 +5,9 @@
 
 Both programs train the record model (11L, d 512) on the same challenge-format shards in `DIR`
 (`fineweb_train_*.bin`, `fineweb_val_*.bin`; the sp1024 tokenizer is pgolf's vendored copy),
-at 786,432 and 196,608 tokens per step (8 micro-batches of 48 or 12 x 2048), lr scale 1 (no
+at 786,432 and 196,608 tokens per step (the script: 8 micro-batches of 48 or 12 x 2048; pgolf:
+its profile's train.grad_accum_steps, auto = 8 of 48 or 2 of 48, and `--also "196608
+train.grad_accum_steps=8"` adds the script's own split), lr scale 1 (no
 warmdown, so neither switches late QAT on), 3 compile-priming steps, logging every 5 steps.
 Each run is its own process, one after the other on the same GPU (the reference as a
 subprocess of its unmodified script, pgolf through bench.profile_train on its real training

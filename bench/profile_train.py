@@ -60,7 +60,7 @@ def record_configs(overrides: list[str]) -> tuple[ModelConfig, TrainConfig]:
 
 
 def bench_config(cfg: TrainConfig, batch_tokens: int, args) -> TrainConfig:
-    """One GPU (micro-batches: train.grad_accum_steps, 0 -> 8 as the reference on one GPU), no wallclock
+    """One GPU (micro-batches: train.grad_accum_steps, 0 = auto: 8 of 48 x 2048 at 786,432 tokens), no wallclock
     cap or warmdown (scale 1: late QAT off), Hessians every 25 steps."""
     return dataclasses.replace(cfg, nproc_per_node=1, batch_tokens=batch_tokens,
                                warmup_steps=args.warmup, iterations=args.steps, max_wallclock_seconds=0.0,

@@ -87,7 +87,8 @@ class TrainConfig:
     batch_tokens: int = 786_432  # global tokens per optimizer step (§4.1)
     seq_len: int = 2048  # the (final) training sequence length; also where the NTK RoPE rule starts
     seq_len_schedule: str = ""  # "LEN@FRAC,...": LEN until training_frac FRAC, then seq_len ("" = off)
-    grad_accum_steps: int = 0  # 0 = 8 // world_size, as the record scripts
+    grad_accum_steps: int = 0  # micro-batches per rank and step; 0 = auto (max_micro_batch_seqs)
+    max_micro_batch_seqs: int = 48  # auto: fewest micro-batches of at most this many sequences per rank
     iterations: int = 20000
     max_wallclock_seconds: float = 590.0  # 0 = step-based warmdown
     warmdown_iters: int = 3000  # PR #1072

@@ -193,7 +193,12 @@ def test_muon_momentum_ramp(tmp_path):
 
 def test_grad_accum_default_and_batch_check(tmp_path):
     cfg = tcfg(tmp_path, grad_accum_steps=0, batch_tokens=786432, seq_len=2048)
-    assert [T.resolve_grad_accum(cfg, w) for w in (1, 2, 8, 16)] == [8, 4, 1, 1]
+    assert [T.resolve_grad_accum(cfg, w) for w in (1, 2, 4, 8, 16)] == [8, 4, 2, 1, 1]  # the records' 8 // world
+    quarter = dataclasses.replace(cfg, batch_tokens=196608)  # 96 sequences of 2048
+    assert [T.resolve_grad_accum(quarter, w) for w in (1, 2, 8)] == [2, 1, 1]  # not 8 micro-batches of 12
+    assert T.resolve_grad_accum(dataclasses.replace(quarter, max_micro_batch_seqs=40), 1) == 3  # 3 of 32
+    assert T.resolve_grad_accum(dataclasses.replace(quarter, max_micro_batch_seqs=1), 1) == 96
+    assert T.resolve_grad_accum(dataclasses.replace(quarter, grad_accum_steps=8), 1) == 8  # explicit wins
     assert T.check_batch(cfg, 8, 1) == 786432 // 8
     with pytest.raises(ConfigError, match=r"train.batch_tokens \(786432\) must be divisible .* 5 \* 1 \* 2048"):
         T.check_batch(cfg, 5, 1)
@@ -526,6 +531,7 @@ def _old_outputs(tmp: Path, p: T.Paths) -> dict[Path, bytes]:
     ({"qat_clip_quantile": 0.0}, ConfigError, "train.qat_clip_quantile"),
     ({"muon_comm_dtype": "fp8"}, ConfigError, "train.muon_comm_dtype"),
     ({"iterations": 0}, ConfigError, "train.iterations"),
+    ({"max_micro_batch_seqs": 0}, ConfigError, "train.max_micro_batch_seqs must be >= 1"),
     ({"adam_eps": 0.0}, ConfigError, "train.adam_eps"),
     ({"device": "tpu"}, ConfigError, "train.device"),
     ({"min_lr": 1.5}, ConfigError, r"train.min_lr must be in \[0, 1\]"),

@@ -119,7 +119,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.muon_comm_dtype not in ("auto", "bf16", "fp32"):
         raise bad(cfg, "muon_comm_dtype", "must be auto, bf16 or fp32")
     for key in ("nproc_per_node", "batch_tokens", "seq_len", "iterations", "muon_ns_steps", "swa_every",
-                "val_batch_seqs"):
+                "val_batch_seqs", "max_micro_batch_seqs"):
         if getattr(cfg, key) < 1:
             raise bad(cfg, key, "must be >= 1")
     for key in ("grad_accum_steps", "warmdown_iters", "warmup_steps", "muon_momentum_warmup_steps",
@@ -148,8 +148,17 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
-    """train.grad_accum_steps, or 8 // world_size (at least 1) when it is 0, as the records."""
-    return cfg.grad_accum_steps if cfg.grad_accum_steps > 0 else max(1, 8 // world_size)
+    """train.grad_accum_steps, or when it is 0 the fewest micro-batches per rank that split the
+    rank's sequences evenly into at most train.max_micro_batch_seqs each. At the records' 786,432
+    tokens of 2048 and 48 sequences that is their 8 // world_size; a smaller batch gets fewer,
+    fuller micro-batches (196,608 tokens on one GPU: 2 of 48, where 8 of 12 leave the GPU waiting
+    on the host). The step's gradient does not depend on the split (tests/test_train.py)."""
+    if cfg.grad_accum_steps > 0:
+        return cfg.grad_accum_steps
+    seqs, rest = divmod(cfg.batch_tokens, world_size * cfg.seq_len)  # sequences per rank and step
+    if rest or seqs == 0:
+        return 1  # check_batch names the mismatch
+    return next(d for d in range(1, seqs + 1) if seqs % d == 0 and seqs // d <= cfg.max_micro_batch_seqs)
 
 
 def check_batch(cfg: TrainConfig, world_size: int, accum: int) -> int:
