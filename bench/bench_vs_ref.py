@@ -8,7 +8,8 @@ Both programs train the record model (11L, d 512) on the same challenge-format s
 at 786,432 and 196,608 tokens per step (the script: 8 micro-batches of 48 or 12 x 2048; pgolf:
 its profile's train.grad_accum_steps, auto = 8 of 48 or 2 of 48, and `--also "196608
 train.grad_accum_steps=8"` adds the script's own split), lr scale 1 (no
-warmdown, so neither switches late QAT on), 3 compile-priming steps, logging every 5 steps.
+warmdown, so neither switches late QAT on), 3 compile-priming steps, logging every 5 steps,
+40 steps at 786,432 tokens and 100 otherwise unless `--steps` says.
 Each run is its own process, one after the other on the same GPU (the reference as a
 subprocess of its unmodified script, pgolf through bench.profile_train on its real training
 loop). Steady state for both: the median over logged intervals from step 10 on of
@@ -54,8 +55,9 @@ def ref_steady(marks: list[tuple[int, float]]) -> tuple[float, list[float]]:
     return statistics.median([r for r in rates if r <= 1.5 * med]), [round(r, 2) for r in rates]
 
 
-def steps_for(batch: int) -> int:
-    return STEPS.get(batch, 100)
+def steps_for(batch: int, steps: int = 0) -> int:
+    """`steps` (--steps) when given, else STEPS' count for this batch size."""
+    return steps or STEPS.get(batch, 100)
 
 
 def stream(cmd: list[str], cwd, env: dict, timeout: float, on_line=None) -> tuple[list[str], float | None]:
@@ -76,10 +78,11 @@ def stream(cmd: list[str], cwd, env: dict, timeout: float, on_line=None) -> tupl
     return lines, first
 
 
-def run_ref(script: Path, data: Path, batch: int, timeout: float) -> dict:
+def run_ref(script: Path, data: Path, batch: int, timeout: float, steps: int = 0) -> dict:
     """The unmodified record script on one GPU; stopped once its last training step is logged."""
+    n = steps_for(batch, steps)
     env = {**os.environ, **SAFE_ENV, "DATA_PATH": str(data), "TOKENIZER_PATH": str(SP_MODEL),
-           "TRAIN_BATCH_TOKENS": str(batch), "ITERATIONS": str(steps_for(batch)), "WARMDOWN_ITERS": "0",
+           "TRAIN_BATCH_TOKENS": str(batch), "ITERATIONS": str(n), "WARMDOWN_ITERS": "0",
            "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_LOG_EVERY": str(LOG_EVERY), "VAL_LOSS_EVERY": "0",
            "WARMUP_STEPS": "3", "SEED": "1337", "RUN_ID": f"bench{batch}"}
     marks, losses = [], []
@@ -89,7 +92,7 @@ def run_ref(script: Path, data: Path, batch: int, timeout: float) -> dict:
         if m:
             marks.append((int(m.group(1)), float(m.group(4))))
             losses.append([int(m.group(1)), float(m.group(3))])
-        return bool(m) and int(m.group(1)) >= steps_for(batch)
+        return bool(m) and int(m.group(1)) >= n
 
     with tempfile.TemporaryDirectory() as cwd:
         lines, first = stream([sys.executable, str(script)], cwd, env, timeout, on_line)
@@ -100,9 +103,11 @@ def run_ref(script: Path, data: Path, batch: int, timeout: float) -> dict:
             "loss_curve": losses, "log_tail": lines[-6:] if not rates else []}
 
 
-def run_pgolf(batch: int, timeout: float, data: Path, out: Path, extra: list[str], trace_dir: str | None) -> dict:
+def run_pgolf(batch: int, timeout: float, data: Path, out: Path, extra: list[str], trace_dir: str | None,
+              steps: int = 0) -> dict:
     """bench.profile_train in its own process; the time to its first logged step measured here."""
-    cmd = [sys.executable, "-m", "bench.profile_train", "--batch-tokens", str(batch), "--steps", str(steps_for(batch)),
+    cmd = [sys.executable, "-m", "bench.profile_train", "--batch-tokens", str(batch),
+           "--steps", str(steps_for(batch, steps)),
            "--log-every", str(LOG_EVERY), "--data", str(data), "--out", str(out), *extra]
     if trace_dir:
         cmd += ["--trace-dir", trace_dir]
@@ -186,6 +191,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[786432, 196608],
                     help="tokens per step, in order (one value: a shorter call)")
     ap.add_argument("--pgolf-extra", nargs="*", default=[], help="more bench.profile_train arguments")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="training steps of every run (0: 40 at 786,432 tokens, else 100)")
     ap.add_argument("--also", action="append", default=[],
                     help="an extra pgolf variant after a batch's pair: 'BATCH section.key=value ...' (repeatable)")
     args = ap.parse_args()
@@ -193,13 +200,15 @@ def main() -> None:
         runs = plan(args)
     except ValueError as e:
         ap.error(str(e))
+    if args.steps < 0:
+        ap.error(f"--steps must be >= 0, got {args.steps}")
     args.data, args.ref = str(Path(args.data).resolve()), str(Path(args.ref).resolve())  # both run elsewhere
     for path in (Path(args.data), Path(args.ref)):
         if not path.exists():
             ap.error(f"{path} does not exist")
     t_all = time.perf_counter()
     head = {"what": "training step throughput, PR #1072 record script vs pgolf, same GPU, same shards, one run",
-            **device_info(), "data": str(args.data), "steps": {b: steps_for(b) for b in args.batches},
+            **device_info(), "data": str(args.data), "steps": {b: steps_for(b, args.steps) for b in args.batches},
             "log_every": LOG_EVERY,
             "steady_state": f"median over logged intervals from step {FIRST_STEADY}, stalls excluded"}
     results = []
@@ -212,10 +221,10 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         if prog == "reference":
-            r = run_ref(Path(args.ref), Path(args.data), batch, left)
+            r = run_ref(Path(args.ref), Path(args.data), batch, left, args.steps)
         else:
             trace = args.trace_dir if ("--profile-steps" not in extra and args.trace_dir) else None
-            r = run_pgolf(batch, left, Path(args.data), scratch / f"run{i}.json", extra, trace)
+            r = run_pgolf(batch, left, Path(args.data), scratch / f"run{i}.json", extra, trace, args.steps)
         r["run_seconds"] = round(time.perf_counter() - t0, 1)
         add_mfu(r, fpt)
         results.append(r)

@@ -40,6 +40,22 @@ def test_reference_log_is_parsed_and_the_run_stopped_after_its_last_step(tmp_pat
     assert r["loss_curve"][0] == [1, 6.99] and r["loss_curve"][-1] == [100, 6.0]
 
 
+def test_steps_override_sets_the_references_iterations_and_where_it_is_stopped(tmp_path):
+    script = tmp_path / "train_gpt.py"
+    script.write_text(FAKE_REF)
+    r = B.run_ref(script, tmp_path, 786432, timeout=30, steps=25)  # default there: 40
+    assert r["loss_curve"][-1][0] == 25 and r["steps_logged"] == 10 + 3
+    assert B.steps_for(786432) == 40 and B.steps_for(786432, 200) == 200 and B.steps_for(12345) == 100
+
+
+def test_negative_steps_are_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_vs_ref", "--data", str(tmp_path), "--out", str(tmp_path / "o.json"),
+                                      "--steps", "-1"])
+    with pytest.raises(SystemExit):
+        B.main()
+    assert "--steps must be >= 0, got -1" in capsys.readouterr().err
+
+
 def test_steady_state_skips_first_steps_and_hessian_intervals():
     marks = [(1, 900.0), (5, 1300.0), (10, 1800.0), (15, 2300.0), (20, 2900.0), (25, 3400.0)]
     kinds = ["n"] * 25
