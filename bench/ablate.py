@@ -34,6 +34,7 @@ from pathlib import Path
 
 import yaml
 
+from bench import overrides
 from bench.bench_eval import versions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,13 +81,11 @@ def params_for(spec: dict, row: dict) -> dict:
 
 def with_common(spec: dict, items: list[str]) -> dict:
     """The rows spec with `section.key=value` items (YAML values) added to its `common`."""
-    common = dict(spec.get("common") or {})
-    for item in items:
-        dotted, eq, value = item.partition("=")
-        if not eq or "." not in dotted:
-            raise RowsError(f"--common {item!r}: want section.key=value")
-        common[dotted] = yaml.safe_load(value)
-    return {**spec, "common": common}
+    try:
+        sets = overrides.parse(items, "--common")
+    except ValueError as e:
+        raise RowsError(str(e)) from None
+    return {**spec, "common": {**(spec.get("common") or {}), **sets}}
 
 
 def read_metrics(root: Path) -> dict:

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import overrides
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REF = REPO.parent / "shared" / "anchors" / "pr1072" / "train_gpt.py"
 SP_MODEL = REPO / "data" / "tokenizer_src" / "fineweb_1024_bpe.model"
@@ -165,8 +167,9 @@ def also_runs(also: list[str], batches: list[int]) -> dict[int, list[list[str]]]
     out: dict[int, list[list[str]]] = {}
     for entry in also:
         head, *sets = entry.split()
-        if not head.isdigit() or int(head) not in batches or not sets or any("=" not in s for s in sets):
+        if not head.isdigit() or int(head) not in batches or not sets:
             raise ValueError(f"--also {entry!r}: want 'BATCH section.key=value ...' with BATCH one of {batches}")
+        overrides.parse(sets, "--also")  # each one is section.key=value, checked before any run
         out.setdefault(int(head), []).append(["--set", *sets, "--profile-steps", "0"])
     return out
 

@@ -4,6 +4,7 @@ how the reference's log is read and stopped, and the steady-state rule both prog
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -91,3 +92,18 @@ def test_also_adds_pgolf_variants_after_their_batch_pair_and_rejects_bad_entries
         args.also = [bad]
         with pytest.raises(ValueError, match="--also"):
             B.plan(args)
+
+
+def test_section_key_value_overrides_are_parsed_once_for_every_bench():
+    from bench import overrides
+    from bench.profile_train import record_configs
+
+    assert overrides.parse(["train.iterations=5", "model.smear_bos_mask=true"], "--x") == {
+        "train.iterations": 5, "model.smear_bos_mask": True}
+    for bad in ("train.iterations", "iterations=5", ".x=1", "train.=1"):
+        with pytest.raises(ValueError, match=rf"--x '{re.escape(bad)}': want section.key=value"):
+            overrides.parse([bad], "--x")
+    _, tcfg = record_configs(["train.grad_accum_steps=2"])
+    assert tcfg.grad_accum_steps == 2
+    with pytest.raises(ValueError, match="--set 'grad_accum_steps=2'"):
+        record_configs(["grad_accum_steps=2"])
