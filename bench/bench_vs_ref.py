@@ -80,11 +80,10 @@ def stream(cmd: list[str], cwd, env: dict, timeout: float, on_line=None) -> tupl
     return lines, first
 
 
-def run_ref(script: Path, data: Path, batch: int, timeout: float, steps: int = 0) -> dict:
-    """The unmodified record script on one GPU; stopped once its last training step is logged."""
-    n = steps_for(batch, steps)
+def run_ref(script: Path, data: Path, batch: int, timeout: float, steps: int) -> dict:
+    """The unmodified record script on one GPU for `steps` steps; stopped once the last is logged."""
     env = {**os.environ, **SAFE_ENV, "DATA_PATH": str(data), "TOKENIZER_PATH": str(SP_MODEL),
-           "TRAIN_BATCH_TOKENS": str(batch), "ITERATIONS": str(n), "WARMDOWN_ITERS": "0",
+           "TRAIN_BATCH_TOKENS": str(batch), "ITERATIONS": str(steps), "WARMDOWN_ITERS": "0",
            "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_LOG_EVERY": str(LOG_EVERY), "VAL_LOSS_EVERY": "0",
            "WARMUP_STEPS": "3", "SEED": "1337", "RUN_ID": f"bench{batch}"}
     marks, losses = [], []
@@ -94,7 +93,7 @@ def run_ref(script: Path, data: Path, batch: int, timeout: float, steps: int = 0
         if m:
             marks.append((int(m.group(1)), float(m.group(4))))
             losses.append([int(m.group(1)), float(m.group(3))])
-        return bool(m) and int(m.group(1)) >= n
+        return bool(m) and int(m.group(1)) >= steps
 
     with tempfile.TemporaryDirectory() as cwd:
         lines, first = stream([sys.executable, str(script)], cwd, env, timeout, on_line)
@@ -106,10 +105,9 @@ def run_ref(script: Path, data: Path, batch: int, timeout: float, steps: int = 0
 
 
 def run_pgolf(batch: int, timeout: float, data: Path, out: Path, extra: list[str], trace_dir: str | None,
-              steps: int = 0) -> dict:
+              steps: int) -> dict:
     """bench.profile_train in its own process; the time to its first logged step measured here."""
-    cmd = [sys.executable, "-m", "bench.profile_train", "--batch-tokens", str(batch),
-           "--steps", str(steps_for(batch, steps)),
+    cmd = [sys.executable, "-m", "bench.profile_train", "--batch-tokens", str(batch), "--steps", str(steps),
            "--log-every", str(LOG_EVERY), "--data", str(data), "--out", str(out), *extra]
     if trace_dir:
         cmd += ["--trace-dir", trace_dir]
@@ -209,9 +207,10 @@ def main() -> None:
     for path in (Path(args.data), Path(args.ref)):
         if not path.exists():
             ap.error(f"{path} does not exist")
+    steps = {b: steps_for(b, args.steps) for b in args.batches}
     t_all = time.perf_counter()
     head = {"what": "training step throughput, PR #1072 record script vs pgolf, same GPU, same shards, one run",
-            **device_info(), "data": str(args.data), "steps": {b: steps_for(b, args.steps) for b in args.batches},
+            **device_info(), "data": str(args.data), "steps": steps,
             "log_every": LOG_EVERY,
             "steady_state": f"median over logged intervals from step {FIRST_STEADY}, stalls excluded"}
     results = []
@@ -224,10 +223,10 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         if prog == "reference":
-            r = run_ref(Path(args.ref), Path(args.data), batch, left, args.steps)
+            r = run_ref(Path(args.ref), Path(args.data), batch, left, steps[batch])
         else:
             trace = args.trace_dir if ("--profile-steps" not in extra and args.trace_dir) else None
-            r = run_pgolf(batch, left, Path(args.data), scratch / f"run{i}.json", extra, trace, args.steps)
+            r = run_pgolf(batch, left, Path(args.data), scratch / f"run{i}.json", extra, trace, steps[batch])
         r["run_seconds"] = round(time.perf_counter() - t0, 1)
         add_mfu(r, fpt)
         results.append(r)

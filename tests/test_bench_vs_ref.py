@@ -33,7 +33,7 @@ FAKE_REF = textwrap.dedent("""
 def test_reference_log_is_parsed_and_the_run_stopped_after_its_last_step(tmp_path):
     script = tmp_path / "train_gpt.py"
     script.write_text(FAKE_REF)
-    r = B.run_ref(script, tmp_path, 196608, timeout=30)
+    r = B.run_ref(script, tmp_path, 196608, timeout=30, steps=B.steps_for(196608))
     assert r["steps_logged"] == 10 + 18  # steps 1..10, then every 5th up to 100
     assert r["step_ms_steady"] == 10.0  # the interval holding the 200 ms stall is dropped
     assert 50.0 in r["interval_ms_per_step"]  # ... but reported
