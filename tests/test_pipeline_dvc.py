@@ -86,11 +86,21 @@ def test_compress_param_reruns_only_compress_and_evaluate(repo, setting):
 
 def test_metrics_params_plots_diff_between_branches(repo):
     _run(["git", "checkout", "-q", "-b", "int5"], repo)
+    try:
+        _diff_main_and_int5(repo)
+    finally:  # the later tests start from main, also when this one fails
+        _run(["git", "checkout", "-q", "-f", "main"], repo)
+        _dvc("checkout", "-q", cwd=repo)
+
+
+def _diff_main_and_int5(repo):
     _set_params(repo, {"quantize": {"bits": 5}})
     out = _dvc("repro", cwd=repo)
     assert "Stage 'train' didn't change, skipping" in out
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "int5"], repo)
+    committed = _run(["git", "show", "int5:params.yaml"], repo)
+    assert "bits: 5" in committed, "git did not commit the params.yaml edit (see set_params)"
 
     diff = json.loads(_dvc("metrics", "diff", "main", "int5", "--json", cwd=repo))
     size, ev = diff["metrics/size.json"], diff["metrics/eval.json"]
@@ -99,7 +109,9 @@ def test_metrics_params_plots_diff_between_branches(repo):
     assert ev["val_bpb"]["old"] is not None and ev["val_bpb"]["new"] is not None
     assert "metrics/train.json" not in diff  # train did not rerun: same numbers on both branches
 
-    params = json.loads(_dvc("params", "diff", "main", "int5", "--json", cwd=repo))
+    out = _dvc("params", "diff", "main", "int5", "--json", cwd=repo)
+    params = json.loads(out)
+    assert "params.yaml" in params, f"dvc params diff main int5 saw no change:\n{out}"
     changed = params["params.yaml"]["quantize.bits"]
     assert (changed["old"], changed["new"]) == (6, 5)  # DVC >= 3.6x also reports "diff": -1
     assert list(params["params.yaml"]) == ["quantize.bits"]  # nothing else changed
@@ -111,8 +123,6 @@ def test_metrics_params_plots_diff_between_branches(repo):
     assert loss["revisions"] == ["main", "int5"]
     rows = loss["content"]["data"]["values"]
     assert {r["rev"] for r in rows} == {"main", "int5"} and all("train_loss" in r for r in rows)
-    _run(["git", "checkout", "-q", "main"], repo)
-    _dvc("checkout", "-q", cwd=repo)
 
 
 def test_training_curves_are_also_a_png_plot(repo):
