@@ -92,7 +92,7 @@ class TrainConfig:
     iterations: int = 20000
     max_wallclock_seconds: float = 590.0  # 0 = step-based warmdown
     warmdown_iters: int = 3000  # PR #1072
-    warmup_steps: int = 20  # compile priming steps, then state restored (§4.5)
+    warmup_steps: int = 20  # most compile-priming steps per graph (fewer once one compiles nothing), then state restored (§4.5)
     min_lr: float = 0.0  # floor of the lr multiplier during warmdown (records #1787: 0.10)
     loop_enable_frac: float = 0.0  # training_frac before model.num_loops starts (records: 0.35)
     matrix_lr: float = 0.025

@@ -394,9 +394,54 @@ def test_mismatched_or_corrupt_checkpoint_starts_fresh(data_root, tmp_path):
 def test_warmup_steps_restore_the_initial_state(data_root, tmp_path):
     a = run(data_root, tmp_path / "a", iterations=6, warmup_steps=0)
     b = run(data_root, tmp_path / "b", iterations=6, warmup_steps=3)
-    assert b.metrics["warmup_seconds"] > 0 and "warmup: 3 compile-priming steps" in b.log_text
+    # eager on the CPU: nothing compiles, so priming stops after its second step (the capture)
+    assert b.metrics["warmup_seconds"] > 0 and "warmup: 2 compile-priming steps" in b.log_text
+    assert (a.metrics["warmup_steps_run"], b.metrics["warmup_steps_run"]) == (0, 2)
     for n in a.export:
         assert torch.equal(a.export[n], b.export[n]), n
+
+
+def _fake_compiles(monkeypatch, loud_steps: int) -> None:
+    """compiles_so_far as if each of the first `loud_steps` priming steps built a graph
+    (it is read once before and once after every step)."""
+    reads = iter(range(10_000))
+    state = {"count": 0}
+
+    def fake() -> int:
+        i = next(reads)
+        if i % 2 == 1 and i // 2 < loud_steps:  # the read after a loud step
+            state["count"] += 1
+        return state["count"]
+    monkeypatch.setattr(T, "compiles_so_far", fake)
+
+
+@pytest.mark.parametrize("loud, cap, want", [(3, 10, 4), (0, 10, 2), (12, 5, 5), (5, 1, 1)])
+def test_priming_stops_after_a_step_that_compiles_nothing(data_root, tmp_path, monkeypatch, loud, cap, want):
+    _fake_compiles(monkeypatch, loud)
+    r = run(data_root, tmp_path, iterations=2, warmup_steps=cap)
+    assert r.metrics["warmup_steps_run"] == want
+    assert f"warmup: {want} compile-priming steps" in r.log_text
+
+
+def test_priming_counts_each_graph(data_root, tmp_path, monkeypatch):
+    _fake_compiles(monkeypatch, 3)  # the first graph needs 4 steps, the next ones 2
+    r = run(data_root, tmp_path, iterations=4, warmup_steps=10, seq_len_schedule="32@0.25,64@0.5")
+    assert r.metrics["warmup_steps_run"] == 4 + 2 + 2  # lengths 32, 64, 128
+
+
+def test_compiles_so_far_counts_forward_and_backward_graphs():
+    lin = torch.nn.Linear(8, 4)
+    fn = torch.compile(lambda x: F.gelu(lin(x)).sum(), dynamic=False, fullgraph=True)
+    x = torch.randn(3, 8)
+    before = T.compiles_so_far()
+    loss = fn(x)
+    after_fwd = T.compiles_so_far()
+    loss.backward()
+    after_bwd = T.compiles_so_far()
+    fn(x).backward()  # built: a second call compiles nothing
+    # the backward graph is built in the first backward, or with the forward when AOTAutograd's
+    # on-disk cache holds the pair from an earlier process
+    assert before + 1 < after_bwd == T.compiles_so_far() and before < after_fwd
 
 
 # ----------------------------------------------------------------------------- QAT, SWA, Hessians

@@ -16,8 +16,9 @@ the train stage:
   the device by the launch queue; the clock stops only after a final synchronisation). The
   elapsed time is all-reduced (MAX) after every step, so every rank computes the same lr scale
   and stops on the same step when the wallclock cap is reached.
-* compile priming (§4.5): `warmup_steps` real steps (the last one with a Hessian capture), then
-  the model, optimizer state and loader are restored.
+* compile priming (§4.5): real steps per graph (the second with a Hessian capture) until one,
+  from the second on, compiles nothing (`compiles_so_far`), at most `warmup_steps`; then the
+  model, optimizer state and loader are restored.
 * sequence-length schedule (`seq_len_schedule`): shorter sequences (same tokens per step) until
   given training fractions, then `seq_len`; compile priming runs every length.
 * depth recurrence (`model.num_loops`): off until `training_frac` reaches `loop_enable_frac`
@@ -81,6 +82,15 @@ TSV_COLUMNS = ("step", "train_loss", "lr_scale", "tokens_per_second")
 # that made kernels of 61 ms per step, which become one 6.4 ms column sum with the option off
 # (bench/results/inductor_variants_h200.json; the speed claim is vs_ref_h200.json's ratio).
 INDUCTOR_OPTIONS = {"triton.mix_order_reduction": False}
+
+def compiles_so_far() -> int:
+    """Graphs torch.compile has built in this process: dynamo's new graphs plus inductor's
+    compiled graphs (forward and backward, whether its on-disk cache held them or not)."""
+    from torch._dynamo.utils import counters
+    built = counters["inductor"]
+    return counters["stats"]["unique_graphs"] + sum(
+        built[k] for k in ("fxgraph_cache_miss", "fxgraph_cache_hit", "fxgraph_cache_bypass"))
+
 
 class TrainError(ValueError):
     """Bad training input (data, tokenizer, checkpoint) or a diverged run; names the file/param."""
@@ -284,6 +294,7 @@ class Trainer:
         self.resumed_from = 0
         self.checkpoint_status = "no checkpoint"
         self.warmup_seconds = 0.0
+        self.warmup_steps_run = 0
         self._loader_state: dict | None = None  # set by a resume, applied after the warmup
 
     def _build_model(self) -> tuple[GPT, torch.nn.Module]:
@@ -399,14 +410,14 @@ class Trainer:
     # -- compile priming
 
     def warmup(self) -> None:
-        """`warmup_steps` real steps to compile the graphs (the last one with a Hessian capture),
-        then restore the model and optimizer state and re-create the loader (§4.5)."""
+        """Compile priming: real steps until every graph is built (`_prime_graphs`), then restore
+        the model and optimizer state and re-create the loader (§4.5)."""
         n = self.cfg.warmup_steps
         if n > 0:
             t0 = time.perf_counter()
             model_state = {k: p.detach().clone() for k, p in self.model.named_parameters()}
             opt_state = self.opt.state_dict()
-            self._prime_graphs(n)
+            steps = self._prime_graphs(n)
             with torch.no_grad():
                 for k, p in self.model.named_parameters():
                     p.copy_(model_state[k])
@@ -414,25 +425,42 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             del model_state, opt_state
             self.warmup_seconds = time.perf_counter() - t0
-            self.log(f"warmup: {n} compile-priming steps in {self.warmup_seconds:.1f} s; state restored")
+            self.warmup_steps_run = steps
+            self.log(f"warmup: {steps} compile-priming steps in {self.warmup_seconds:.1f} s "
+                     f"(per graph: until a step compiles nothing, at most {n}); state restored")
         self.loader = self._new_loader()
         if self._loader_state is not None:
             self.loader.load_state_dict(self._loader_state)
 
-    def _prime_graphs(self, n: int) -> None:
-        """`n` steps (no EMA) per graph training will run: each sequence length, looped and not."""
+    def _prime_graphs(self, n: int) -> int:
+        """Priming steps (no EMA) for every graph training will run: each sequence length, looped
+        and not -> the steps run."""
         scratch = self.model.zero_hessians()
         looping, seq_len = self.model.looping, self.seq_len
         lengths = sorted({self.cfg.seq_len} | {length for length, _ in self.seq_schedule})
+        steps = 0
         for mode in ([False, True] if self.mcfg.num_loops > 0 and not looping else [looping]):
             self.model.set_looping(mode)  # prime the looped graph too when it comes later
             for length in lengths:  # and one graph per training sequence length
                 self.seq_len = length
-                for i in range(n):
-                    self._step(self.step, 1.0, scratch if (i == n - 1 and n > 1) else None, ema=False)
+                steps += self._prime_graph(n, scratch)
         self.model.set_looping(looping)
         self.seq_len = seq_len
         self._sync()
+        return steps
+
+    def _prime_graph(self, n: int, scratch: dict[str, Tensor]) -> int:
+        """At most `n` steps of the current graph; the second captures Hessians (its eager
+        forward's kernels are built too). Stops after the first step from the second on that
+        compiled nothing on any rank: the graphs are built, and more steps would only run them.
+        -> the steps run."""
+        for i in range(n):
+            before = compiles_so_far()
+            self._step(self.step, 1.0, scratch if i == 1 else None, ema=False)
+            built = compiles_so_far() - before
+            if i >= 1 and self._shared_max(float(built)) == 0:
+                return i + 1
+        return n
 
     # -- the loop
 
@@ -629,6 +657,7 @@ class Trainer:
             "seq_len": cfg.seq_len,
             "model_params": self.model.num_params(),
             "warmup_seconds": round(self.warmup_seconds, 3),
+            "warmup_steps_run": self.warmup_steps_run,
             "resumed_from_step": self.resumed_from,
             "checkpoint": self.checkpoint_status,
             "device": torch.cuda.get_device_name(self.dev) if self.cuda else (platform.processor() or "cpu"),
