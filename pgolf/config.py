@@ -82,6 +82,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = True  # torch.compile on CUDA (ignored on CPU)
+    compile_scope: str = "model"  # model: one graph | blocks: each block compiled on its own (regional)
     fused_mlp: bool = True  # Triton fused LeakyReLU^2 MLP on CUDA
     nproc_per_node: int = 8  # >1: the stage relaunches itself through torchrun
     batch_tokens: int = 786_432  # global tokens per optimizer step (§4.1)

@@ -784,3 +784,52 @@ def test_stage_relaunches_itself_under_torchrun(data_root, tmp_path):
     assert outs == ["hessians.pgt", "model.pgt", "train.log"]
     assert p.stdout.count("step:8/8") == 1  # printed by rank 0 only
     assert not (tmp_path / ".checkpoints" / "train" / checkpoint.CHECKPOINT_FILE).exists()
+
+
+# ----------------------------------------------------------------------------- compile scopes
+
+
+def _compiled_vs_eager(scope: str, **model_kw):
+    """(eager model, compiled model with the same weights, the compiled forward, graphs built)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()  # graphs of earlier tests would serve alike blocks here too
+    torch.manual_seed(0)
+    m = mcfg(**model_kw)
+    eager, compiled = GPT(m, train_seq_len=64), GPT(m, train_seq_len=64)
+    compiled.load_state_dict(eager.state_dict())
+    before = counters["stats"]["unique_graphs"]
+    fwd = T.compile_forward(compiled, scope, backend="aot_eager")  # dynamo + AOTAutograd, no kernels
+    x = torch.randint(0, m.vocab_size, (2, 64))  # (B, T)
+    y = torch.roll(x, -1, dims=1)
+    loss_e, loss_c = eager(x, y), fwd(x, y)
+    loss_e.backward()
+    loss_c.backward()
+    return eager, compiled, (x, y), (loss_e, loss_c), counters["stats"]["unique_graphs"] - before
+
+
+@pytest.mark.parametrize("scope", T.COMPILE_SCOPES)
+def test_compile_scopes_match_eager(scope):
+    eager, compiled, _, (loss_e, loss_c), _ = _compiled_vs_eager(scope, num_layers=4, xsa_last_n=2, ve_last_n=1)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_blocks_scope_shares_one_graph_between_alike_blocks():
+    # 6 layers, XSA in all, value embeddings in the last: graphs for the first block (its two
+    # inputs are one tensor), the other plain blocks, the value-embedding block, the loss head.
+    # Per-layer graphs (the layer index or its norm scale baked in) would be 6 + 1.
+    eager, compiled, (x, y), _, graphs = _compiled_vs_eager("blocks", num_layers=6, xsa_last_n=6, ve_last_n=1)
+    assert graphs == 4
+    h_c, h_e = compiled.zero_hessians(), eager.zero_hessians()
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # the trainer's capture
+        compiled(x, y, hessians=h_c)
+    with torch.no_grad():
+        eager(x, y, hessians=h_e)
+    for name in h_e:
+        torch.testing.assert_close(h_c[name], h_e[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_compile_scope_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="train.compile_scope must be one of model, blocks"):
+        T.check_config(tcfg(tmp_path, compile_scope="layers"))

@@ -419,23 +419,30 @@ class Block(nn.Module):
         super().__init__()
         d = cfg.model_dim
         self.layer = layer
-        self.ln_scale = 1.0 / math.sqrt(layer + 1)
+        # a tensor, not a float: torch.compile would bake a float into the graph, so that no two
+        # blocks could share one compiled graph (train.compile_scope: blocks)
+        self.register_buffer("ln_scale", torch.tensor(1.0 / math.sqrt(layer + 1)), persistent=False)  # ()
         self.attn = CausalSelfAttention(cfg, use_xsa)
         self.mlp = MLP(cfg.leaky_slope)
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))  # (2, D)
 
+    def _prefix(self, hessians) -> str:
+        """The Hessians' name prefix; the layer index is read only when capturing, so the
+        forward of a compiled block does not depend on it."""
+        return f"blocks.{self.layer}" if hessians is not None else ""
+
     def _attn_branch(self, h_in, w, cos, sin, ve, hessians):
         """attn_scale * attention(rms_norm(h_in) * ln_scale) -> (B, T, D)."""
         a = rms_norm(h_in) * self.ln_scale
-        attn = self.attn(a, *w[:4], cos, sin, ve=ve, hessians=hessians, prefix=f"blocks.{self.layer}")
+        attn = self.attn(a, *w[:4], cos, sin, ve=ve, hessians=hessians, prefix=self._prefix(hessians))
         return self.attn_scale.to(h_in.dtype) * attn
 
     def _mlp_branch(self, h, w, hessians):
         """mlp_scale * MLP(rms_norm(h) * ln_scale) -> (B, T, D)."""
         m = rms_norm(h) * self.ln_scale
-        mlp = self.mlp(m, w[4], w[5], hessians=hessians, prefix=f"blocks.{self.layer}")
+        mlp = self.mlp(m, w[4], w[5], hessians=hessians, prefix=self._prefix(hessians))
         return self.mlp_scale.to(h.dtype) * mlp
 
     def forward(self, h, x0, w, cos, sin, ve=None, hessians=None):
@@ -588,7 +595,10 @@ class GPT(nn.Module):
         """idx (B, T) -> final normed hidden states (B, T, D)."""
         L = self.cfg.num_layers
         T = idx.size(1)
-        qo, kv, up, down = self._banks()
+        # one view per matrix, by unbind: its backward stacks the slices' gradients into one bank
+        # gradient, where indexing (qo[i]) gives each slice a zero-filled bank-sized gradient to
+        # sum (in eager autograd: the CPU, and between the graphs of train.compile_scope: blocks)
+        qo, kv, up, down = (bank.unbind(0) for bank in self._banks())
         e = self.tok_emb(idx) + self.bigram(idx)  # (B, T, D) fp32 (the tables are fp32)
         x0 = self.smear(rms_norm(e), idx)  # (B, T, D)
         if self.cfg.residual_dtype == "bf16":  # the whole residual stream in the autocast dtype
@@ -651,7 +661,11 @@ class GPT(nn.Module):
         """idx, targets (B, T) -> mean CE (fp32 scalar); optionally accumulates Hessians."""
         if hessians is not None:
             self._check_hessians(hessians)
-        logits = self.logits_from_hidden(self.forward_hidden(idx, hessians))  # (B, T, V)
+        return self.loss_from_hidden(self.forward_hidden(idx, hessians), targets)
+
+    def loss_from_hidden(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """h (B, T, D), targets (B, T) -> mean CE of the softcapped tied head (fp32 scalar)."""
+        logits = self.logits_from_hidden(h)  # (B, T, V)
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
     # -- names, shapes, export

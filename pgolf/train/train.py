@@ -83,6 +83,35 @@ TSV_COLUMNS = ("step", "train_loss", "lr_scale", "tokens_per_second")
 # (bench/results/inductor_variants_h200.json; the speed claim is vs_ref_h200.json's ratio).
 INDUCTOR_OPTIONS = {"triton.mix_order_reduction": False}
 
+COMPILE_SCOPES = ("model", "blocks")
+
+
+def compile_forward(model: GPT, scope: str, backend: str = "inductor") -> Callable:
+    """The training forward `(x, y) -> loss` under torch.compile (`train.compile_scope`):
+
+    * `model`: one graph of the whole forward and loss;
+    * `blocks` (regional compilation): every Block compiled in place (its `forward`, and its
+      `parallel` for two-lane layers), plus the loss head; the embeddings, the U-Net skips and
+      the lane mixing between them run eagerly. Blocks with the same flags (XSA, value
+      embedding, lanes) share one compiled graph, so a few block graphs are traced and built
+      instead of the whole unrolled model. An uncompiled call of `model` (the Hessian capture)
+      must run under `torch.compiler.set_stance("force_eager")`.
+    """
+    opts = {"dynamic": False, "fullgraph": True, "backend": backend}
+    if backend == "inductor":
+        opts["options"] = INDUCTOR_OPTIONS
+    if scope == "model":
+        return torch.compile(model, **opts)
+    # one compiled code object serves every block: a cache entry per flag combination, sequence
+    # length and grad mode, more than dynamo's default of 8 with a sequence-length schedule
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in model.blocks:
+        block.compile(**opts)
+        block.parallel = torch.compile(block.parallel, **opts)
+    model.loss_from_hidden = torch.compile(model.loss_from_hidden, **opts)
+    return model
+
+
 def compiles_so_far() -> int:
     """Graphs torch.compile has built in this process: dynamo's new graphs plus inductor's
     compiled graphs (forward and backward, whether its on-disk cache held them or not)."""
@@ -126,6 +155,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise bad(cfg, "device", "must be auto, cpu or cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise bad(cfg, "device", "is cuda but CUDA is not available")
+    if cfg.compile_scope not in COMPILE_SCOPES:
+        raise bad(cfg, "compile_scope", f"must be one of {', '.join(COMPILE_SCOPES)}")
     if cfg.muon_comm_dtype not in ("auto", "bf16", "fp32"):
         raise bad(cfg, "muon_comm_dtype", "must be auto, bf16 or fp32")
     for key in ("nproc_per_node", "batch_tokens", "seq_len", "iterations", "muon_ns_steps", "swa_every",
@@ -310,7 +341,7 @@ class Trainer:
             model.use_fused_mlp = cfg.fused_mlp
         if not self.compiled:
             return model, model
-        return model, torch.compile(model, dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS)
+        return model, compile_forward(model, cfg.compile_scope)
 
     # -- helpers
 
@@ -374,8 +405,8 @@ class Trainer:
         matrix into `hessians` with one extra no-grad forward of the uncompiled model (the same
         weights the step's forward sees), so no second graph is ever compiled. (An eager forward
         captures inside the training forward itself, at no extra cost.)"""
-        with record_function("pgolf.hessian"), self._autocast():
-            self.model(x, y, hessians=hessians)
+        with record_function("pgolf.hessian"), self._autocast(), torch.compiler.set_stance("force_eager"):
+            self.model(x, y, hessians=hessians)  # eager also where compile_scope compiled the blocks in place
 
     # -- resume
 
