@@ -8,7 +8,7 @@ lzma (pgolf's filters) as one stream vs 2/4/8/16 independent chunks, and pgolf's
 
 The body is what `pgolf.compress.artifact.compress` compresses: `serialize` of the quantized tensors of
 bench/bench_quant_loop.py's synthetic record-scale model (profiles/record.yaml; the quantize stage
-run on it), with the tensorfile header moved behind the arrays (`artifact._head_last`). It is
+run on it), with the tensorfile header moved behind the arrays (`artifact.move_head_last`). It is
 built once (~2 minutes on 2 cores) and cached in --raw; later runs read the cache.
 
 Every measurement is one run (no repeats: lzma-9 and zstd-22 of 27.5 MB take ~40 s each on
@@ -45,7 +45,7 @@ MiB = 1 << 20
 
 
 def build_body(raw_path: Path, profile: str) -> bytes:
-    """Synthetic record-scale model -> quantize.run -> artifact.serialize -> _head_last, cached in raw_path."""
+    """Synthetic record-scale model -> quantize.run -> artifact.serialize -> move_head_last, cached in raw_path."""
     from bench.bench_quant_loop import synthetic_data, synthetic_train_dir
     from pgolf.quantize import quantize
     from pgolf.compress import compress
@@ -60,7 +60,7 @@ def build_body(raw_path: Path, profile: str) -> bytes:
     qcfg = dataclasses.replace(config.from_doc(doc, "quantize"), device="cpu")
     quantize.run(qcfg, train, work / "quant", work / "quant.json")
     tensors, meta = compress.load_quant(work / "quant" / "quant.pgt")
-    body = artifact._head_last(artifact.serialize(tensors, meta, config.from_doc(doc, "compress").layout))
+    body = artifact.move_head_last(artifact.serialize(tensors, meta, config.from_doc(doc, "compress").layout))
     raw_path.parent.mkdir(parents=True, exist_ok=True)
     raw_path.write_bytes(body)
     return body
@@ -124,7 +124,7 @@ def zstd_frames_part(body: bytes, level: int, frame_bytes: list[int]) -> dict:
     frame; bytes are the file less its 12-byte header (the chunk table included), at 1 and 2
     threads (the files must be equal)."""
     cfg = dataclasses.replace(config.CompressConfig(), zstd_level=level)
-    plain = artifact._head_first(body, "body")  # compress() moves the header itself
+    plain = artifact.move_head_first(body, "body")  # compress() moves the header itself
     rows = []
     for n in frame_bytes:
         for t in (1, 2):
@@ -173,8 +173,8 @@ def lzma_part(body: bytes, preset: int, chunk_counts: list[int], chunk_bytes: li
         for t in (1, 2):
             c = dataclasses.replace(cfg, lzma_chunk_bytes=size, threads=t)
             load = round(os.getloadavg()[0], 2)
-            # compress() moves the header itself: undo the bench's _head_last, so the body is the same
-            out, wall, cpu = timed(artifact.compress, artifact._head_first(body, "body"), "lzma", c)
+            # compress() moves the header itself: undo the bench's move_head_last, so the body is the same
+            out, wall, cpu = timed(artifact.compress, artifact.move_head_first(body, "body"), "lzma", c)
             (k,) = struct.unpack("<I", out[artifact.HEADER_BYTES:artifact.HEADER_BYTES + 4])
             rows.append({"chunks": k, "lzma_chunk_bytes": size, "workers": t, "via": "pgolf.compress.artifact.compress",
                          "bytes": len(out) - artifact.HEADER_BYTES - 4 * (k + 1),

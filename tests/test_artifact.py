@@ -201,11 +201,11 @@ def test_lzma_preset_and_extreme_are_used():
     raw = A.serialize(every_dtype(), {"quant": {}}) * 20
     small = A.compress(raw, "lzma", dataclasses.replace(CFG, lzma_chunk_bytes=0, lzma_preset=0))
     best = A.compress(raw, "lzma", dataclasses.replace(CFG, lzma_chunk_bytes=0, lzma_preset=9, lzma_extreme=True))
-    assert best[A.HEADER_BYTES:] == lzma.compress(A._head_last(raw), format=lzma.FORMAT_RAW, filters=[
+    assert best[A.HEADER_BYTES:] == lzma.compress(A.move_head_last(raw), format=lzma.FORMAT_RAW, filters=[
         {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
     assert len(best) <= len(small)
     z = A.compress(raw, "zstd", dataclasses.replace(CFG, zstd_level=3, zstd_chunk_bytes=0))  # one frame
-    assert zstandard.ZstdDecompressor().decompress(z[A.HEADER_BYTES:]) == A._head_last(raw)
+    assert zstandard.ZstdDecompressor().decompress(z[A.HEADER_BYTES:]) == A.move_head_last(raw)
     assert A.decompress(z) == ("zstd", raw)
 
 
@@ -213,9 +213,9 @@ def test_header_goes_behind_the_payload_inside_the_codec():
     raw = A.serialize(every_dtype(), {"quant": {}})
     n = A._head_len(raw)
     assert 12 < n < len(raw)
-    moved = A._head_last(raw)
-    assert moved.startswith(raw[n:]) and A._head_first(moved, "x") == raw
-    assert A._head_first(A._head_last(b"not a tensorfile"), "x") == b"not a tensorfile"
+    moved = A.move_head_last(raw)
+    assert moved.startswith(raw[n:]) and A.move_head_first(moved, "x") == raw
+    assert A.move_head_first(A.move_head_last(b"not a tensorfile"), "x") == b"not a tensorfile"
 
 
 # ----------------------------------------------------------------------------- dequantize

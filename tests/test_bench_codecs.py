@@ -9,7 +9,7 @@ from pgolf.compress import artifact
 
 def test_bench_runs_on_a_small_body_and_writes_its_json(tmp_path):
     raw = tmp_path / "body.bin"
-    raw.write_bytes(artifact._head_last(bytes(range(256)) * 800))  # 204,800 bytes + the length field
+    raw.write_bytes(artifact.move_head_last(bytes(range(256)) * 800))  # 204,800 bytes + the length field
     out = tmp_path / "codecs.json"
     args = ["--out", str(out), "--raw", str(raw), "--zstd-splits", "1:1", "--lzma-chunks", "2",
             "--lzma-chunk-bytes", "65536"]

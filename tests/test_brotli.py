@@ -39,7 +39,7 @@ def test_quality_and_window_are_used():
     raw = A.serialize(every_dtype(), {"quant": {}}) * 30
     cfg = dataclasses.replace(FAST, brotli_quality=11, brotli_window=24)
     blob = A.compress(raw, "brotli", cfg)
-    assert blob[A.HEADER_BYTES:] == brotli.compress(A._head_last(raw), quality=11, lgwin=24)
+    assert blob[A.HEADER_BYTES:] == brotli.compress(A.move_head_last(raw), quality=11, lgwin=24)
     assert len(blob) < len(A.compress(raw, "brotli", dataclasses.replace(cfg, brotli_quality=1)))
 
 

@@ -377,12 +377,15 @@ def _head_len(raw: bytes) -> int:
     return min(len(raw), 12 + struct.unpack("<I", raw[8:12])[0])
 
 
-def _head_last(raw: bytes) -> bytes:
+def move_head_last(raw: bytes) -> bytes:
+    """The tensorfile `raw` with its magic + header moved to the end, then the header's length
+    (4 bytes): what the codecs compress, so the tensors' bytes start the stream."""
     n = _head_len(raw)
     return raw[n:] + raw[:n] + struct.pack("<I", n)
 
 
-def _head_first(plain: bytes, source: str) -> bytes:
+def move_head_first(plain: bytes, source: str) -> bytes:
+    """The inverse of `move_head_last`; a body it cannot be names `source`."""
     if len(plain) < 4:
         raise ArtifactError(f"{source}: decompressed body too short ({len(plain)} bytes)")
     (n,) = struct.unpack("<I", plain[-4:])
@@ -401,7 +404,7 @@ def compress(raw: bytes, codec: str, cfg: CompressConfig) -> bytes:
     if codec not in CODEC_IDS:
         raise ValueError(f"codec must be one of {', '.join(CODEC_IDS)}; got {codec!r}")
     crc = struct.pack("<I", zlib.crc32(raw))
-    raw = _head_last(raw)
+    raw = move_head_last(raw)
     cid = CODEC_IDS[codec]
     if codec == "lzma" and cfg.lzma_chunk_bytes:
         body, cid = _lzma_chunked(raw, cfg), LZMA_CHUNKED_ID
@@ -471,7 +474,7 @@ def decompress(blob: bytes, source: str = "<bytes>") -> tuple[str, bytes]:
         raise ArtifactError(f"{source}: {e}") from None
     except Exception as e:  # noqa: BLE001 - lzma / zstd / brotli errors, EOF: all mean corrupt
         raise ArtifactError(f"{source}: {codec} body is truncated or corrupt ({type(e).__name__}: {e})") from None
-    raw = _head_first(raw, source)
+    raw = move_head_first(raw, source)
     if zlib.crc32(raw) != crc:
         raise ArtifactError(f"{source}: checksum mismatch (CRC-32 of the decompressed body; header or payload "
                             f"modified or corrupt)")
