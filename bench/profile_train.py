@@ -159,6 +159,7 @@ def run_batch(mcfg: ModelConfig, cfg: TrainConfig, paths, info, args, trace_dir:
         if tr.step == 1 or tr.step % cfg.log_every == 0:
             marks.append((tr.step, tr.elapsed_ms))
 
+    before_warmup = time.perf_counter() - t_start  # imports, data, model, optimizers
     trainer.warmup()
     if trainer.cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -175,6 +176,7 @@ def run_batch(mcfg: ModelConfig, cfg: TrainConfig, paths, info, args, trace_dir:
            "mfu": round(flops_per_token(trainer.model, mcfg, cfg.seq_len) * tps / PEAK_BF16, 4),
            "device_step_ms_median": round(typical, 2), "stalls": stalls,
            "seconds_to_first_step": round(first[0], 1), "warmup_seconds": round(trainer.warmup_seconds, 2),
+           "warmup_step_seconds": trainer.warmup_step_seconds, "seconds_before_warmup": round(before_warmup, 1),
            "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20) if trainer.cuda else None,
            "loss_curve": [[r["step"], round(r["train_loss"], 4)] for r in trainer.log.rows]}
     trace = trace_dir / f"trace_{cfg.batch_tokens}.json.gz" if trace_dir else None

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -419,8 +420,10 @@ def _fake_compiles(monkeypatch, loud_steps: int) -> None:
 def test_priming_stops_after_a_step_that_compiles_nothing(data_root, tmp_path, monkeypatch, loud, cap, want):
     _fake_compiles(monkeypatch, loud)
     r = run(data_root, tmp_path, iterations=2, warmup_steps=cap)
-    assert r.metrics["warmup_steps_run"] == want
+    assert r.metrics["warmup_steps_run"] == want == len(r.metrics["warmup_step_seconds"])
     assert f"warmup: {want} compile-priming steps" in r.log_text
+    built = ", ".join(str(int(i < loud)) for i in range(want))  # what each step compiled, in the log
+    assert re.search(rf"warmup: seq_len 128: step seconds [\d., ]+; graphs built {built}\n", r.log_text)
 
 
 def test_priming_counts_each_graph(data_root, tmp_path, monkeypatch):

@@ -326,6 +326,7 @@ class Trainer:
         self.checkpoint_status = "no checkpoint"
         self.warmup_seconds = 0.0
         self.warmup_steps_run = 0
+        self.warmup_step_seconds: list[float] = []  # each priming step, graphs in priming order
         self._loader_state: dict | None = None  # set by a resume, applied after the warmup
 
     def _build_model(self) -> tuple[GPT, torch.nn.Module]:
@@ -484,14 +485,20 @@ class Trainer:
         """At most `n` steps of the current graph; the second captures Hessians (its eager
         forward's kernels are built too). Stops after the first step from the second on that
         compiled nothing on any rank: the graphs are built, and more steps would only run them.
-        -> the steps run."""
+        Logs each step's seconds and graphs built (where compile time goes). -> the steps run."""
+        seconds, built = [], []
         for i in range(n):
-            before = compiles_so_far()
+            t0, before = time.perf_counter(), compiles_so_far()
             self._step(self.step, 1.0, scratch if i == 1 else None, ema=False)
-            built = compiles_so_far() - before
-            if i >= 1 and self._shared_max(float(built)) == 0:
-                return i + 1
-        return n
+            self._sync()
+            seconds.append(time.perf_counter() - t0)
+            built.append(compiles_so_far() - before)
+            if i >= 1 and self._shared_max(float(built[-1])) == 0:
+                break
+        self.log(f"warmup: seq_len {self.seq_len}{' looped' if self.model.looping else ''}: step seconds "
+                 f"{', '.join(f'{t:.1f}' for t in seconds)}; graphs built {', '.join(map(str, built))}")
+        self.warmup_step_seconds += [round(t, 2) for t in seconds]
+        return len(seconds)
 
     # -- the loop
 
@@ -689,6 +696,7 @@ class Trainer:
             "model_params": self.model.num_params(),
             "warmup_seconds": round(self.warmup_seconds, 3),
             "warmup_steps_run": self.warmup_steps_run,
+            "warmup_step_seconds": self.warmup_step_seconds,
             "resumed_from_step": self.resumed_from,
             "checkpoint": self.checkpoint_status,
             "device": torch.cuda.get_device_name(self.dev) if self.cuda else (platform.processor() or "cpu"),
