@@ -61,6 +61,14 @@ def set_params(repo: Path, updates: dict) -> None:
     os.utime(path, ns=(mtime, mtime))
 
 
+def commit_all(repo: Path, message: str) -> None:
+    """Commit every change in `repo`. `git add --renormalize` re-reads each tracked file's
+    content, so a change that git's stat data hides (see `set_params`) is committed too."""
+    run(["git", "add", "-A"], repo)
+    run(["git", "add", "--renormalize", "."], repo)
+    run(["git", "commit", "-qm", message], repo)
+
+
 def micro_repo(dst: Path) -> Path:
     """A fresh git+DVC repo at `dst` holding the tracked files of this checkout, at the micro
     config, after `dvc repro` and a commit of its results."""
@@ -72,10 +80,8 @@ def micro_repo(dst: Path) -> Path:
             shutil.copy2(ROOT / rel, dst / rel)
     set_params(dst, MICRO)
     run(["git", "init", "-q", "-b", "main"], dst)
-    run(["git", "add", "-A"], dst)
-    run(["git", "commit", "-qm", "micro"], dst)
+    commit_all(dst, "micro")
     out = dvc("repro", cwd=dst)
     assert "Running stage 'evaluate'" in out
-    run(["git", "add", "-A"], dst)
-    run(["git", "commit", "-qm", "repro"], dst)
+    commit_all(dst, "repro")
     return dst

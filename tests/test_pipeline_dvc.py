@@ -23,7 +23,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from _dvc_repo import ROOT, dvc as _dvc, micro_repo, run as _run, set_params as _set_params
+from _dvc_repo import ROOT, commit_all, dvc as _dvc, micro_repo, run as _run, set_params as _set_params
 
 pytestmark = pytest.mark.slow
 
@@ -97,8 +97,7 @@ def _diff_main_and_int5(repo):
     _set_params(repo, {"quantize": {"bits": 5}})
     out = _dvc("repro", cwd=repo)
     assert "Stage 'train' didn't change, skipping" in out
-    _run(["git", "add", "-A"], repo)
-    _run(["git", "commit", "-qm", "int5"], repo)
+    commit_all(repo, "int5")
     committed = _run(["git", "show", "int5:params.yaml"], repo)
     assert "bits: 5" in committed, "git did not commit the params.yaml edit (see set_params)"
 
