@@ -836,3 +836,29 @@ def test_blocks_scope_shares_one_graph_between_alike_blocks():
 def test_compile_scope_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="train.compile_scope must be one of model, blocks"):
         T.check_config(tcfg(tmp_path, compile_scope="layers"))
+
+
+@pytest.mark.parametrize("scope", T.COMPILE_SCOPES)
+def test_compiled_training_primes_two_steps_and_learns_as_eager(data_root, tmp_path, monkeypatch, scope):
+    """The trainer's compiled path on the CPU (dynamo + AOTAutograd, no kernels): priming stops
+    after its second step, which builds nothing; the Hessians come from the separate eager
+    capture forward; weights and Hessians match the eager run's."""
+    torch._dynamo.reset()
+
+    class CompiledOnCPU(T.Trainer):
+        def _build_model(self):
+            model, _ = super()._build_model()
+            self.compiled = True
+            return model, T.compile_forward(model, scope, backend="aot_eager")
+
+    kw = dict(iterations=8, hessian_every=4, warmup_steps=6)
+    eager = run(data_root, tmp_path / "eager", **kw)
+    monkeypatch.setattr(T, "Trainer", CompiledOnCPU)
+    compiled = run(data_root, tmp_path / "compiled", **kw)
+    assert compiled.metrics["warmup_steps_run"] == 2
+    assert re.search(r"graphs built [1-9]\d*, 0\n", compiled.log_text)
+    assert compiled.hessian_meta["accumulations"] == eager.hessian_meta["accumulations"] > 0
+    for name in eager.hessians:
+        torch.testing.assert_close(compiled.hessians[name], eager.hessians[name], rtol=1e-4, atol=1e-5, msg=name)
+    for name in eager.export:
+        torch.testing.assert_close(compiled.export[name], eager.export[name], rtol=1e-4, atol=1e-5, msg=name)
