@@ -810,9 +810,17 @@ def _compiled_vs_eager(scope: str, **model_kw):
     return eager, compiled, (x, y), (loss_e, loss_c), counters["stats"]["unique_graphs"] - before
 
 
+KNOB_MODELS = {  # the seeds' blocks; the records' two lanes, depth recurrence and output gate
+    "seed": dict(num_layers=4, xsa_last_n=2, ve_last_n=1),
+    "records": dict(num_layers=4, xsa_last_n=4, ve_last_n=1, parallel_start_layer=3, num_loops=1,
+                    loop_start=1, loop_end=2, attn_gate_window=8, smear_bos_mask=True, logit_softcap_neg=20.0),
+}
+
+
+@pytest.mark.parametrize("model", KNOB_MODELS)
 @pytest.mark.parametrize("scope", T.COMPILE_SCOPES)
-def test_compile_scopes_match_eager(scope):
-    eager, compiled, _, (loss_e, loss_c), _ = _compiled_vs_eager(scope, num_layers=4, xsa_last_n=2, ve_last_n=1)
+def test_compile_scopes_match_eager(scope, model):
+    eager, compiled, _, (loss_e, loss_c), _ = _compiled_vs_eager(scope, **KNOB_MODELS[model])
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6)
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
