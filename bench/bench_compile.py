@@ -6,7 +6,7 @@
 For each scope (`model`: one graph; `blocks`: regional compilation, pgolf.train.train.compile_forward)
 a fresh process builds the profile's model, compiles it with `--backend`, and times the first
 forward+backward (trace + build + run) and the next `--steps` (run only). Each scope runs twice on
-one scratch compile cache (TORCHINDUCTOR_CACHE_DIR): first cold, then warm, as a rerun of the
+one scratch compile cache (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR): first cold, then warm, as a rerun of the
 train stage on the same machine would find it. Recorded per run: the first step's seconds, the
 median later step, dynamo's graph count, and dynamo's own timings of its phases (tracing,
 AOTAutograd, the backend). `aot_eager` stops after AOTAutograd (no kernels are generated): the
@@ -57,6 +57,9 @@ def measure(profile: Path, scope: str, backend: str, batch: tuple[int, int], ste
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = GPT(mcfg, train_seq_len=batch[1]).to(dev)
+    if dev.type == "cuda":  # as the trainer runs it (train.fused_mlp: true)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        model.use_fused_mlp = True
     fwd = compile_forward(model, scope, backend=backend)
     x = torch.randint(0, mcfg.vocab_size, batch, device=dev)  # (B, T)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -80,7 +83,7 @@ def measure(profile: Path, scope: str, backend: str, batch: tuple[int, int], ste
 
 def run_child(args, scope: str, cache: Path) -> dict:
     """One measurement in a fresh process on the compile cache `cache`."""
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
     cmd = [sys.executable, "-m", "bench.bench_compile", "--child", scope, "--profile", str(args.profile),
            "--backend", args.backend, "--batch", args.batch, "--steps", str(args.steps)]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -124,9 +127,9 @@ def main(argv: list[str] | None = None) -> None:
         result["runs"][scope] = {"cold": cold, "warm": warm}
         print(f"{scope}: cold {cold['first_step_seconds']} s, warm {warm['first_step_seconds']} s, "
               f"{cold['graphs']} graphs, later step {warm['later_step_seconds']} s", flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        if args.out:  # after every scope: a run cut short keeps the scopes before it
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
