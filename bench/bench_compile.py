@@ -5,9 +5,9 @@
 
 For each scope (`model`: one graph; `blocks`: regional compilation, pgolf.train.train.compile_forward)
 a fresh process builds the profile's model, compiles it with `--backend`, and times the first
-forward+backward (trace + build + run) and the next `--steps` (run only). Each scope runs twice on
-one scratch compile cache (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR): first cold, then warm, as a rerun of the
-train stage on the same machine would find it. Recorded per run: the first step's seconds, the
+forward+backward (trace + build + run) and the next `--steps` (run only). Each scope runs twice
+on one scratch compile cache (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR): first cold, then warm,
+as a rerun of the train stage on the same machine would find it. Recorded per run: the first step's seconds, the
 median later step, dynamo's graph count, and dynamo's own timings of its phases (tracing,
 AOTAutograd, the backend). `aot_eager` stops after AOTAutograd (no kernels are generated): the
 front-end cost, which is the same on every device; `inductor` adds kernel generation and the
@@ -62,14 +62,15 @@ def measure(profile: Path, scope: str, backend: str, batch: tuple[int, int], ste
         model.use_fused_mlp = True
     fwd = compile_forward(model, scope, backend=backend)
     x = torch.randint(0, mcfg.vocab_size, batch, device=dev)  # (B, T)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    cuda = dev.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
     def step() -> float:
         t0 = time.perf_counter()
         with autocast:
             loss = fwd(x, x)
         loss.backward()
-        if dev.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
@@ -101,7 +102,8 @@ def versions() -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", type=Path, default=REPO / "profiles" / "record.yaml", help="its model section is built")
+    ap.add_argument("--profile", type=Path, default=REPO / "profiles" / "record.yaml",
+                    help="its model section is built")
     ap.add_argument("--backend", default="aot_eager", choices=("aot_eager", "inductor"))
     ap.add_argument("--batch", default="1x128", help="BxT of the timed forward+backward")
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the first")
