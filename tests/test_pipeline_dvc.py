@@ -90,6 +90,7 @@ def test_metrics_params_plots_diff_between_branches(repo):
         _diff_main_and_int5(repo)
     finally:  # the later tests start from main, also when this one fails
         _run(["git", "checkout", "-q", "-f", "main"], repo)
+        (repo / "params.yaml").write_text(_run(["git", "show", "main:params.yaml"], repo))  # by content
         _dvc("checkout", "-q", cwd=repo)
 
 
