@@ -23,7 +23,6 @@ train did not run again. Needs dvc on the PATH of `python -m dvc` and, for the G
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import re
@@ -71,11 +70,10 @@ def params_for(spec: dict, row: dict) -> dict:
     profile = row.get("profile", spec["base"])
     params = yaml.safe_load((REPO / "profiles" / f"{profile}.yaml").read_text())
     for where, sets in (("common", spec.get("common") or {}), (row["name"], row.get("set") or {})):
-        for dotted, value in sets.items():
-            section, _, key = dotted.partition(".")
-            if key not in params.get(section, {}):
-                raise RowsError(f"{where}: {dotted!r} is not a key of profiles/{profile}.yaml")
-            params[section][key] = copy.deepcopy(value)
+        try:
+            overrides.apply(params, sets, where, f"profiles/{profile}.yaml")
+        except ValueError as e:
+            raise RowsError(str(e)) from None
     return params
 
 

@@ -37,7 +37,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from bench.bench_train import PEAK_BF16, flops_per_token, shard_paths, synthetic_data
-from bench.overrides import parse as parse_overrides
+from bench.overrides import apply as apply_overrides, parse as parse_overrides
 from pgolf.shared import dist
 from pgolf.config import ModelConfig, TrainConfig, from_dict
 from pgolf.shared.io import write_json
@@ -53,9 +53,7 @@ def record_configs(overrides: list[str]) -> tuple[ModelConfig, TrainConfig]:
     import yaml
 
     params = yaml.safe_load(RECORD.read_text())
-    for dotted, value in parse_overrides(overrides, "--set").items():
-        section, _, name = dotted.partition(".")
-        params[section][name] = value
+    apply_overrides(params, parse_overrides(overrides, "--set"), "--set", "profiles/record.yaml")
     return from_dict("model", params["model"]), from_dict("train", params["train"])
 
 

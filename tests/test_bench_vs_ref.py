@@ -107,3 +107,5 @@ def test_section_key_value_overrides_are_parsed_once_for_every_bench():
     assert tcfg.grad_accum_steps == 2
     with pytest.raises(ValueError, match="--set 'grad_accum_steps=2'"):
         record_configs(["grad_accum_steps=2"])
+    with pytest.raises(ValueError, match=r"--set: 'train.grad_acum_steps' is not a key of profiles/record.yaml"):
+        record_configs(["train.grad_acum_steps=2"])  # one check for --set and the ablation rows
