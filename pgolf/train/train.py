@@ -325,7 +325,6 @@ class Trainer:
         self.resumed_from = 0
         self.checkpoint_status = "no checkpoint"
         self.warmup_seconds = 0.0
-        self.warmup_steps_run = 0
         self.warmup_step_seconds: list[float] = []  # each priming step, graphs in priming order
         self._loader_state: dict | None = None  # set by a resume, applied after the warmup
 
@@ -449,7 +448,7 @@ class Trainer:
             t0 = time.perf_counter()
             model_state = {k: p.detach().clone() for k, p in self.model.named_parameters()}
             opt_state = self.opt.state_dict()
-            steps = self._prime_graphs(n)
+            self._prime_graphs(n)
             with torch.no_grad():
                 for k, p in self.model.named_parameters():
                     p.copy_(model_state[k])
@@ -457,35 +456,32 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             del model_state, opt_state
             self.warmup_seconds = time.perf_counter() - t0
-            self.warmup_steps_run = steps
-            self.log(f"warmup: {steps} compile-priming steps in {self.warmup_seconds:.1f} s "
+            self.log(f"warmup: {len(self.warmup_step_seconds)} compile-priming steps in {self.warmup_seconds:.1f} s "
                      f"(per graph: until a step compiles nothing, at most {n}); state restored")
         self.loader = self._new_loader()
         if self._loader_state is not None:
             self.loader.load_state_dict(self._loader_state)
 
-    def _prime_graphs(self, n: int) -> int:
+    def _prime_graphs(self, n: int) -> None:
         """Priming steps (no EMA) for every graph training will run: each sequence length, looped
-        and not -> the steps run."""
+        and not."""
         scratch = self.model.zero_hessians()
         looping, seq_len = self.model.looping, self.seq_len
         lengths = sorted({self.cfg.seq_len} | {length for length, _ in self.seq_schedule})
-        steps = 0
         for mode in ([False, True] if self.mcfg.num_loops > 0 and not looping else [looping]):
             self.model.set_looping(mode)  # prime the looped graph too when it comes later
             for length in lengths:  # and one graph per training sequence length
                 self.seq_len = length
-                steps += self._prime_graph(n, scratch)
+                self._prime_graph(n, scratch)
         self.model.set_looping(looping)
-        self.seq_len = seq_len
-        self._sync()
-        return steps
+        self.seq_len = seq_len  # (each priming step ended with a device synchronisation)
 
-    def _prime_graph(self, n: int, scratch: dict[str, Tensor]) -> int:
+    def _prime_graph(self, n: int, scratch: dict[str, Tensor]) -> None:
         """At most `n` steps of the current graph; the second captures Hessians (its eager
         forward's kernels are built too). Stops after the first step from the second on that
         compiled nothing on any rank: the graphs are built, and more steps would only run them.
-        Logs each step's seconds and graphs built (where compile time goes). -> the steps run."""
+        Logs each step's seconds and graphs built (where compile time goes), and keeps the
+        seconds in `warmup_step_seconds`."""
         seconds, built = [], []
         for i in range(n):
             t0, before = time.perf_counter(), compiles_so_far()
@@ -498,7 +494,6 @@ class Trainer:
         self.log(f"warmup: seq_len {self.seq_len}{' looped' if self.model.looping else ''}: step seconds "
                  f"{', '.join(f'{t:.1f}' for t in seconds)}; graphs built {', '.join(map(str, built))}")
         self.warmup_step_seconds += [round(t, 2) for t in seconds]
-        return len(seconds)
 
     # -- the loop
 
@@ -695,7 +690,7 @@ class Trainer:
             "seq_len": cfg.seq_len,
             "model_params": self.model.num_params(),
             "warmup_seconds": round(self.warmup_seconds, 3),
-            "warmup_steps_run": self.warmup_steps_run,
+            "warmup_steps_run": len(self.warmup_step_seconds),
             "warmup_step_seconds": self.warmup_step_seconds,
             "resumed_from_step": self.resumed_from,
             "checkpoint": self.checkpoint_status,
