@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.bench_eval import versions
+
 REPO = Path(__file__).resolve().parents[1]
 SCOPES = ("model", "blocks")
 PHASES = ("bytecode_tracing", "OutputGraph.call_user_compiler", "create_aot_dispatcher_function",
@@ -93,13 +95,6 @@ def run_child(args, scope: str, cache: Path) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def versions() -> dict:
-    import torch
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"torch": torch.__version__, "python": platform.python_version(), "gpu": gpu,
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", type=Path, default=REPO / "profiles" / "record.yaml",
@@ -120,8 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     scopes = [s.strip() for s in args.scopes.split(",")]
     if bad := [s for s in scopes if s not in SCOPES]:
         raise SystemExit(f"--scopes: unknown {bad}; choose from {', '.join(SCOPES)}")
+    host = {**versions(), "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
     result = {"profile": str(args.profile.relative_to(REPO) if args.profile.is_relative_to(REPO) else args.profile),
-              "backend": args.backend, "batch": list(batch), "versions": versions(), "runs": {}}
+              "backend": args.backend, "batch": list(batch), "versions": host, "runs": {}}
     for scope in scopes:
         with tempfile.TemporaryDirectory(prefix="pgolf-compile-") as cache:
             cold = run_child(args, scope, Path(cache))
