@@ -793,7 +793,8 @@ def test_stage_relaunches_itself_under_torchrun(data_root, tmp_path):
 
 
 def _compiled_vs_eager(scope: str, **model_kw):
-    """(eager model, compiled model with the same weights, the compiled forward, graphs built)."""
+    """One forward+backward of an eager model and of a copy compiled in `scope` (aot_eager) ->
+    (eager model, compiled model, (x, y), (eager loss, compiled loss), graphs built)."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()  # graphs of earlier tests would serve alike blocks here too
     torch.manual_seed(0)
