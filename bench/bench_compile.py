@@ -8,8 +8,8 @@ a fresh process builds the profile's model, compiles it with `--backend`, and ti
 forward+backward (trace + build + run) and the next `--steps` (run only). Each scope runs twice
 on one scratch compile cache (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR): first cold, then warm,
 as a rerun of the train stage on the same machine would find it. Recorded per run: the first step's seconds, the
-median later step, dynamo's graph count, and dynamo's own timings of its phases (tracing,
-AOTAutograd, the backend). `aot_eager` stops after AOTAutograd (no kernels are generated): the
+median later step, dynamo's graph count, AOTAutograd's on-disk cache counts (hit, miss,
+bypass), and dynamo's own timings of its phases (tracing, AOTAutograd, the backend). `aot_eager` stops after AOTAutograd (no kernels are generated): the
 front-end cost, which is the same on every device; `inductor` adds kernel generation and the
 compile of the kernels (C++ on a CPU, Triton on a GPU), which is where devices differ.
 """
@@ -81,6 +81,8 @@ def measure(profile: Path, scope: str, backend: str, batch: tuple[int, int], ste
     names, seconds = compile_times(repr="csv", aggregate=True)
     return {"first_step_seconds": round(first, 2), "later_step_seconds": round(statistics.median(later), 4),
             "graphs": counters["stats"]["unique_graphs"],
+            "aot_autograd_cache": {k.removeprefix("autograd_cache_"): v for k, v in counters["aot_autograd"].items()
+                                   if k.startswith("autograd_cache_")},
             "phase_seconds": {k: round(float(v), 2) for k, v in zip(names, seconds) if k in PHASES}}
 
 

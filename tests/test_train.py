@@ -447,6 +447,37 @@ def test_compiles_so_far_counts_forward_and_backward_graphs():
     assert before + 1 < after_bwd == T.compiles_so_far() and before < after_fwd
 
 
+def test_warm_compile_reuses_aot_autograd_cache_with_the_fused_mlp(tmp_path, monkeypatch):
+    """The fused MLP's autograd.Function made AOTAutograd's on-disk cache bypass the graph (a warm
+    rerun traced forward+backward again); after compile_forward's setting, a second compile of the
+    same graph in a fresh dynamo state is a cache hit, and the kernels still give the same values."""
+    from torch._dynamo.utils import counters
+    import torch._functorch.config as functorch_config
+    from pgolf.shared.kernels import fused_mlp as fm
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(functorch_config, "autograd_cache_allow_custom_autograd_functions", False)
+    gen = torch.Generator().manual_seed(3)
+    x, w_up, w_down = (torch.randn(*s, generator=gen) * 0.3 for s in ((32, 16), (48, 16), (16, 48)))
+    want = fm.eager_mlp(x, w_up, w_down)
+
+    def compiled_once() -> dict:
+        torch._dynamo.reset()
+        counters["aot_autograd"].clear()
+        fn = torch.compile(lambda a, b, c: fm.fused_leaky_relu_sq_mlp(a, b, c, 0.5), fullgraph=True)
+        leaves = [t.clone().requires_grad_() for t in (x, w_up, w_down)]
+        out = fn(*leaves)
+        out.sum().backward()
+        assert torch.allclose(out, want, rtol=1e-5, atol=1e-6)
+        return dict(counters["aot_autograd"])
+
+    assert compiled_once().get("autograd_cache_bypass") == 1  # torch's default: no cache
+    T.compile_forward(GPT(mcfg(), train_seq_len=128), "model", backend="aot_eager")  # sets it
+    first, second = compiled_once(), compiled_once()
+    assert first.get("autograd_cache_miss") == 1 and first.get("autograd_cache_saved") == 1
+    assert second.get("autograd_cache_hit") == 1 and "autograd_cache_bypass" not in second
+
+
 # ----------------------------------------------------------------------------- QAT, SWA, Hessians
 
 
