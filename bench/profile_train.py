@@ -12,7 +12,7 @@ torch.profiler. Reported per batch size:
 * steady-state ms/step: the median over the logged intervals of (training clock at the end -
   at the start) / steps, intervals that hold a Hessian capture or the first step excluded
   (the method the reference's log lines allow); stalls: steps whose device time (CUDA events)
-  exceeds 1.5x the median, with their kind;
+  exceeds 1.5x the median, with their kind; the device time of every Hessian-capture step;
 * seconds from process start to the first training step (imports, build, compile, priming);
 * the loss at every logged step (the curve), tokens/s, MFU as bench_train counts it, peak memory;
 * the profile: top GPU kernels by time, GPU busy vs idle time per step, host time per call of
@@ -173,6 +173,7 @@ def run_batch(mcfg: ModelConfig, cfg: TrainConfig, paths, info, args, trace_dir:
            "step_ms_steady": round(med, 2), "interval_ms_per_step": rates, "tokens_per_second": round(tps),
            "mfu": round(flops_per_token(trainer.model, mcfg, cfg.seq_len) * tps / PEAK_BF16, 4),
            "device_step_ms_median": round(typical, 2), "stalls": stalls,
+           "capture_step_ms": [round(t, 1) for t, k in zip(dev_ms, trainer.step_kind) if k == "h"],
            "seconds_to_first_step": round(first[0], 1), "warmup_seconds": round(trainer.warmup_seconds, 2),
            "warmup_step_seconds": trainer.warmup_step_seconds, "seconds_before_warmup": round(before_warmup, 1),
            "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20) if trainer.cuda else None,

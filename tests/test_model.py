@@ -249,6 +249,27 @@ def test_accumulated_gram_is_exactly_symmetric_and_accurate_for_heavy_tailed_inp
     torch.testing.assert_close(H["b"], H["a"] + 1)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gram_under_autocast_is_that_of_the_rows_the_layer_multiplies(dtype):
+    """Under autocast an fp32 input (rms_norm's, the MLP square's) is multiplied in the autocast
+    dtype, so its gram is that of the cast rows; outside autocast the fp32 rows themselves."""
+    x = torch.randn(2, 512, 64, generator=torch.Generator().manual_seed(1))  # fp32
+    H = {"in": torch.zeros(64, 64), "out": torch.zeros(64, 64)}
+    with torch.autocast("cpu", dtype=dtype):
+        accumulate_gram(H, ("in",), x)
+    accumulate_gram(H, ("out",), x)
+
+    def err(got, rows):  # max |got - X^T X| relative to the bound sqrt(H_ii H_jj)
+        rows = rows.reshape(-1, 64).double()
+        ref = rows.T @ rows
+        d = ref.diagonal()
+        return float(((got.double() - ref).abs() / (d[:, None] * d[None, :]).sqrt()).max())
+
+    assert err(H["in"], x.to(dtype)) < 2e-6 and err(H["out"], x) < 1e-7
+    assert err(H["in"], x) > 1e-5  # the cast is visible: not the fp32 rows' gram
+
+
 def test_block_matches_hand_reference_and_hessians_are_xtx():
     m = make_tiny()
     L, layer = TINY.num_layers, TINY.num_layers - 1  # last layer: XSA + value embedding

@@ -397,7 +397,7 @@ class Trainer:
                     x, y = self.loader.next_batch(self.cfg.batch_tokens, self.seq_len, self.accum)  # (B, T)
                 capture = hessians if micro == 0 else None
                 if capture is not None and self.compiled:  # keep the compiled graph capture-free
-                    self._capture_hessians(x, y, capture)
+                    self._capture_hessians(x, capture)
                     capture = None
                 with record_function("pgolf.fwd"), self._autocast():
                     loss = self.fwd(x, y, hessians=capture)  # eager: captured in the training forward
@@ -415,13 +415,14 @@ class Trainer:
         return total / self.accum
 
     @torch.no_grad()
-    def _capture_hessians(self, x: Tensor, y: Tensor, hessians: dict[str, Tensor]) -> None:
+    def _capture_hessians(self, x: Tensor, hessians: dict[str, Tensor]) -> None:
         """Compiled training only: add x^T x of this micro-batch's inputs to every quantizable
         matrix into `hessians` with one extra no-grad forward of the uncompiled model (the same
-        weights the step's forward sees), so no second graph is ever compiled. (An eager forward
-        captures inside the training forward itself, at no extra cost.)"""
+        weights the step's forward sees) up to the final norm (the tied head has no Hessian, so no
+        logits or loss), and no second graph is ever compiled. (An eager forward captures inside
+        the training forward itself, at no extra cost.)"""
         with record_function("pgolf.hessian"), self._autocast(), torch.compiler.set_stance("force_eager"):
-            self.model(x, y, hessians=hessians)  # eager also where compile_scope compiled the blocks in place
+            self.model.forward_hidden(x, hessians)  # eager also where compile_scope compiled the blocks in place
 
     # -- resume
 
