@@ -11,8 +11,9 @@ does (fp32 weights, bf16 autocast, TF32, fused MLP) and times, with CUDA events 
 `--repeats` after two warm-up calls), on one `--batch` of random tokens:
 
 * `forward`: the eager no-grad forward and loss, no capture;
-* `capture`: the same forward with capture (today's capture call);
-* `capture_hidden`: the capture forward stopped at the final norm (no logits, no loss);
+* `capture`: the same forward with capture;
+* `capture_hidden`: the capture forward stopped at the final norm (no logits, no loss: the
+  trainer's capture call);
 * `grams`: accumulate_gram alone on random bf16 inputs of the captured shapes, by gram variant:
   `fp32` (the inputs cast to fp32, TF32 GEMM) and `bf16_out_fp32` (a bf16 GEMM that accumulates
   and returns fp32, torch.mm's out_dtype);
@@ -22,6 +23,9 @@ does (fp32 weights, bf16 autocast, TF32, fused MLP) and times, with CUDA events 
 and the capture's top kernels by device time from torch.profiler. Meant for a GPU; on a CPU
 (the tests) the same calls are timed by the host clock, the profile lists CPU ops, and a gram
 variant the CPU lacks is reported as unsupported.
+
+bench/results/capture_h200_machine6.json was measured at commit 75945f6, before accumulate_gram
+took the grams of the autocast-dtype rows: its captures still multiplied fp32 rows in fp64.
 """
 
 from __future__ import annotations
