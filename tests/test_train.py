@@ -591,6 +591,33 @@ def test_hessians_equal_hand_xtx_over_rows(data_root, tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 
+def test_fallback_capture_after_the_clock_equals_hand_xtx(data_root, tmp_path, monkeypatch):
+    """If no step captured (the schedule never says so), one extra micro-batch after training is
+    captured with the final raw weights, through the same capture call as compiled steps."""
+    from pgolf.train import hessian
+
+    monkeypatch.setattr(hessian.HessianSchedule, "due", lambda self, step, scale, elapsed_ms: False)
+    end = {}
+
+    def watch(tr):
+        end["params"] = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+        end["loader"] = json.loads(json.dumps(tr.loader.state_dict()))
+
+    r = run(data_root, tmp_path, on_step=watch, iterations=2, late_qat_threshold=0.0)
+    assert r.hessian_meta == {"rows": 2048, "accumulations": 1, "world_size": 1}
+    assert hessian.FALLBACK_NOTE in r.log_text
+    model = GPT(mcfg(), train_seq_len=128)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(end["params"][n])
+    loader = DistributedTokenLoader(sorted((data_root / "shards").glob("fineweb_train_*.bin")))
+    loader.load_state_dict(end["loader"])
+    x, y = loader.next_batch(2048, 128, 1)
+    for n, g in _capture_linear_inputs(model, x, y).items():
+        ref = (g / 2048).float()
+        assert torch.allclose(r.hessians[n], ref, rtol=1e-4, atol=1e-6 * ref.abs().max()), n
+
+
 def _old_outputs(tmp: Path, p: T.Paths) -> dict[Path, bytes]:
     files = {Path(p.out_dir) / "model.pgt": b"old model", Path(p.metrics): b"{}\n", Path(p.plots): b"old\n"}
     for f, b in files.items():

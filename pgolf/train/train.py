@@ -416,11 +416,11 @@ class Trainer:
 
     @torch.no_grad()
     def _capture_hessians(self, x: Tensor, hessians: dict[str, Tensor]) -> None:
-        """Compiled training only: add x^T x of this micro-batch's inputs to every quantizable
-        matrix into `hessians` with one extra no-grad forward of the uncompiled model (the same
-        weights the step's forward sees) up to the final norm (the tied head has no Hessian, so no
-        logits or loss), and no second graph is ever compiled. (An eager forward captures inside
-        the training forward itself, at no extra cost.)"""
+        """Compiled training (and the fallback after the clock): add x^T x of this micro-batch's
+        inputs to every quantizable matrix into `hessians` with one extra no-grad forward of the
+        uncompiled model (the weights the step's forward sees) up to the final norm (the tied
+        head has no Hessian, so no logits or loss); no second graph is ever compiled. (An eager
+        training step captures inside its training forward, at no extra cost.)"""
         with record_function("pgolf.hessian"), self._autocast(), torch.compiler.set_stance("force_eager"):
             self.model.forward_hidden(x, hessians)  # eager also where compile_scope compiled the blocks in place
 
@@ -631,9 +631,8 @@ class Trainer:
     def _fallback_hessian(self) -> None:
         """The schedule's fallback: one no-grad forward of the next training micro-batch with
         capture, after the clock stopped."""
-        x, y = self.loader.next_batch(self.cfg.batch_tokens, self.cfg.seq_len, self.accum)  # (B, T)
-        with self._autocast():
-            self.model(x, y, hessians=self.hess.sums)
+        x, _ = self.loader.next_batch(self.cfg.batch_tokens, self.cfg.seq_len, self.accum)  # (B, T)
+        self._capture_hessians(x, self.hess.sums)
         self.hess.record(x.numel())
         self.log(hessian.FALLBACK_NOTE)
 
