@@ -7,11 +7,12 @@ For each scope (`model`: one graph; `blocks`: regional compilation, pgolf.train.
 a fresh process builds the profile's model, compiles it with `--backend`, and times the first
 forward+backward (trace + build + run) and the next `--steps` (run only). Each scope runs twice
 on one scratch compile cache (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR): first cold, then warm,
-as a rerun of the train stage on the same machine would find it. Recorded per run: the first step's seconds, the
-median later step, dynamo's graph count, AOTAutograd's on-disk cache counts (hit, miss,
-bypass), and dynamo's own timings of its phases (tracing, AOTAutograd, the backend). `aot_eager` stops after AOTAutograd (no kernels are generated): the
-front-end cost, which is the same on every device; `inductor` adds kernel generation and the
-compile of the kernels (C++ on a CPU, Triton on a GPU), which is where devices differ.
+as a rerun of the train stage on the same machine would find it. Recorded per run: the first
+step's seconds, the median later step, dynamo's graph count, AOTAutograd's on-disk cache counts
+(hit, miss, bypass), and dynamo's own timings of its phases (tracing, AOTAutograd, the backend).
+`aot_eager` stops after AOTAutograd (no kernels are generated): the front-end cost, which is the
+same on every device; `inductor` adds kernel generation and the compile of the kernels (C++ on
+a CPU, Triton on a GPU), which is where devices differ.
 """
 
 from __future__ import annotations
