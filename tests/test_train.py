@@ -563,23 +563,22 @@ def _capture_linear_inputs(model: GPT, x: torch.Tensor, y: torch.Tensor) -> dict
     return grams
 
 
-def test_hessians_equal_hand_xtx_over_rows(data_root, tmp_path):
-    before = {}
+def _snapshot(tr) -> dict:
+    """The trainer's raw weights and loader position now (from an on_step callback)."""
+    return {"params": {n: p.detach().clone() for n, p in tr.model.named_parameters()},
+            "loader": json.loads(json.dumps(tr.loader.state_dict()))}
 
-    def watch(tr):
-        if tr.step == 2:  # the state the last step (index 2) starts from
-            before["params"] = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
-            before["loader"] = json.loads(json.dumps(tr.loader.state_dict()))
 
-    # hessian_every 0: no scheduled capture, so exactly the forced one at the last step
-    r = run(data_root, tmp_path, on_step=watch, iterations=3, hessian_every=0, late_qat_threshold=0.0)
+def _assert_hessians_are_hand_xtx(r: T.TrainResult, state: dict, data_root: Path) -> None:
+    """r's Hessians = X^T X / rows of every matrix's inputs, from the model in `state` on the
+    2048-token micro-batch the loader in `state` gives next (the one capture of the run)."""
     assert r.hessian_meta == {"rows": 2048, "accumulations": 1, "world_size": 1}
     model = GPT(mcfg(), train_seq_len=128)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            p.copy_(before["params"][n])
+            p.copy_(state["params"][n])
     loader = DistributedTokenLoader(sorted((data_root / "shards").glob("fineweb_train_*.bin")))
-    loader.load_state_dict(before["loader"])
+    loader.load_state_dict(state["loader"])
     x, y = loader.next_batch(2048, 128, 1)
     grams = _capture_linear_inputs(model, x, y)
     assert sorted(grams) == sorted(model.quantizable_names())
@@ -588,7 +587,16 @@ def test_hessians_equal_hand_xtx_over_rows(data_root, tmp_path):
         assert torch.allclose(r.hessians[n], ref, rtol=1e-4, atol=1e-6 * ref.abs().max()), n
 
 
-# ----------------------------------------------------------------------------- bad input
+def test_hessians_equal_hand_xtx_over_rows(data_root, tmp_path):
+    before = {}
+
+    def watch(tr):
+        if tr.step == 2:  # the state the last step (index 2) starts from
+            before.update(_snapshot(tr))
+
+    # hessian_every 0: no scheduled capture, so exactly the forced one at the last step
+    r = run(data_root, tmp_path, on_step=watch, iterations=3, hessian_every=0, late_qat_threshold=0.0)
+    _assert_hessians_are_hand_xtx(r, before, data_root)
 
 
 def test_fallback_capture_after_the_clock_equals_hand_xtx(data_root, tmp_path, monkeypatch):
@@ -598,24 +606,13 @@ def test_fallback_capture_after_the_clock_equals_hand_xtx(data_root, tmp_path, m
 
     monkeypatch.setattr(hessian.HessianSchedule, "due", lambda self, step, scale, elapsed_ms: False)
     end = {}
-
-    def watch(tr):
-        end["params"] = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
-        end["loader"] = json.loads(json.dumps(tr.loader.state_dict()))
-
-    r = run(data_root, tmp_path, on_step=watch, iterations=2, late_qat_threshold=0.0)
-    assert r.hessian_meta == {"rows": 2048, "accumulations": 1, "world_size": 1}
+    r = run(data_root, tmp_path, on_step=lambda tr: end.update(_snapshot(tr)), iterations=2,
+            late_qat_threshold=0.0)
     assert hessian.FALLBACK_NOTE in r.log_text
-    model = GPT(mcfg(), train_seq_len=128)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(end["params"][n])
-    loader = DistributedTokenLoader(sorted((data_root / "shards").glob("fineweb_train_*.bin")))
-    loader.load_state_dict(end["loader"])
-    x, y = loader.next_batch(2048, 128, 1)
-    for n, g in _capture_linear_inputs(model, x, y).items():
-        ref = (g / 2048).float()
-        assert torch.allclose(r.hessians[n], ref, rtol=1e-4, atol=1e-6 * ref.abs().max()), n
+    _assert_hessians_are_hand_xtx(r, end, data_root)
+
+
+# ----------------------------------------------------------------------------- bad input
 
 
 def _old_outputs(tmp: Path, p: T.Paths) -> dict[Path, bytes]:
