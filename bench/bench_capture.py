@@ -24,8 +24,9 @@ and the capture's top kernels by device time from torch.profiler. Meant for a GP
 (the tests) the same calls are timed by the host clock, the profile lists CPU ops, and a gram
 variant the CPU lacks is reported as unsupported.
 
-bench/results/capture_h200_machine6.json was measured at commit 75945f6, before accumulate_gram
-took the grams of the autocast-dtype rows: its captures still multiplied fp32 rows in fp64.
+bench/results/capture_h200_machine6.json was measured on the tree between 75945f6 and d99f58a,
+before accumulate_gram took the grams of the autocast-dtype rows: its captures still multiplied
+fp32 rows in fp64.
 """
 
 from __future__ import annotations
