@@ -57,6 +57,7 @@ PACKED_FILES: tuple[str, ...] = (  # every pgolf file ENTRY_MODULE imports (+ th
     "pgolf/shared/io.py",
     "pgolf/shared/kernels/__init__.py",
     "pgolf/shared/kernels/fused_mlp.py",
+    "pgolf/shared/kernels/qk_norm_rope.py",
     "pgolf/shared/layout.py",
     "pgolf/shared/model.py",
     "pgolf/shared/progress.py",

@@ -270,6 +270,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * c + x2 * s, -x1 * s + x2 * c, rest], dim=-1)
 
 
+def norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              gain: torch.Tensor | None = None) -> torch.Tensor:
+    """QK-norm over head_dim, partial RoPE, then the per-head gain (or none, for k):
+    x (B, T, H, hd) -> (B, T, H, hd); cos/sin (T, rd/2). `fused_qk_norm_rope` is the same in one
+    Triton kernel (train.fused_qk_norm_rope)."""
+    x = rms_norm(x)
+    if cos.size(-1) > 0:
+        x = apply_rotary(x, cos, sin)
+    return x if gain is None else x * gain.to(x.dtype)[None, None, :, None]
+
+
 def xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Exclusive self-attention: remove from each query head's output its own-position value dir.
 
@@ -339,6 +350,7 @@ class CausalSelfAttention(nn.Module):
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
         self.use_xsa = use_xsa
+        self.use_fused = False  # set by GPT.use_fused_qk
         self.backend = ATTN_BACKENDS[cfg.attn_backend]
         self.use_fa3 = HAS_FA3 and self.backend is None
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), float(cfg.qk_gain_init)))
@@ -384,10 +396,11 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             v = v + ve.to(v.dtype)
         v = v.view(B, T, self.num_kv_heads, hd)  # (B, T, Hkv, hd)
-        q, k = rms_norm(q), rms_norm(k)  # QK-norm over head_dim
-        if cos.size(-1) > 0:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        if self.use_fused and q.is_cuda:
+            from pgolf.shared.kernels.qk_norm_rope import fused_qk_norm_rope
+            q, k = fused_qk_norm_rope(q, cos, sin, self.q_gain), fused_qk_norm_rope(k, cos, sin)
+        else:
+            q, k = norm_rope(q, cos, sin, self.q_gain), norm_rope(k, cos, sin)
         y = self._attend(q, k, v)  # (B, T, H, hd)
         if self.use_xsa:
             y = xsa(y, v.to(y.dtype))
@@ -518,6 +531,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i, use_xsa=i >= self.xsa_start) for i in range(L))
         self.qat_on = False  # late QAT: `qat_weights()` fake-quantizes the banks while this is set
         self.use_fused_mlp = False
+        self.use_fused_qk = False
         self.use_fa3 = HAS_FA3 and cfg.attn_backend == "auto"
         self.reset_parameters()
 
@@ -554,6 +568,17 @@ class GPT(nn.Module):
         self._use_fused_mlp = bool(value)
         for block in getattr(self, "blocks", []):
             block.mlp.use_fused = self._use_fused_mlp
+
+    @property
+    def use_fused_qk(self) -> bool:
+        """q/k norm + RoPE + q gain in one Triton kernel on CUDA (`fused_qk_norm_rope`)."""
+        return self._use_fused_qk
+
+    @use_fused_qk.setter
+    def use_fused_qk(self, value: bool) -> None:
+        self._use_fused_qk = bool(value)
+        for block in getattr(self, "blocks", []):
+            block.attn.use_fused = self._use_fused_qk
 
     @property
     def use_fa3(self) -> bool:

@@ -354,6 +354,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             model.use_fused_mlp = cfg.fused_mlp
+            model.use_fused_qk = cfg.fused_qk_norm_rope
         if not self.compiled:
             return model, model
         return model, compile_forward(model, cfg.compile_scope)
