@@ -112,6 +112,7 @@ def build(profile: Path, batch: tuple[int, int], dev: torch.device):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         model.use_fused_mlp = tcfg.fused_mlp
+        model.use_fused_qk = tcfg.fused_qk_norm_rope
     x = torch.randint(0, mcfg.vocab_size, batch, device=dev)  # (B, T)
     return model, x, torch.roll(x, -1, dims=1)
 

@@ -60,9 +60,9 @@ def measure(profile: Path, scope: str, backend: str, batch: tuple[int, int], ste
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = GPT(mcfg, train_seq_len=batch[1]).to(dev)
-    if dev.type == "cuda":  # as the trainer runs it (train.fused_mlp: true)
+    if dev.type == "cuda":  # as the trainer runs it (train.fused_mlp, train.fused_qk_norm_rope: true)
         torch.backends.cuda.matmul.allow_tf32 = True
-        model.use_fused_mlp = True
+        model.use_fused_mlp = model.use_fused_qk = True
     fwd = compile_forward(model, scope, backend=backend)
     x = torch.randint(0, mcfg.vocab_size, batch, device=dev)  # (B, T)
     cuda = dev.type == "cuda"

@@ -7,7 +7,8 @@ For q (8 heads, with the gain) and k (4 heads, no gain): forward and forward+bac
 `norm_rope` compiled by torch.compile under bf16 autocast and cast down to bf16 (what the
 attention receives in the training graph), and of `fused_qk_norm_rope`; medians from
 bench_kernels' timer, the bytes that must move (x in, out; backward: x, g in, dx out), the
-achieved GB/s, and the fused result's error against the fp32 eager value.
+achieved GB/s, and the fused result's error against the fp32 eager value. Then the two kernels
+alone at each launch configuration of SWEEP (BLOCK_R, NUM_WARPS in the kernel module).
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ import triton  # noqa: E402
 
 from bench.bench_kernels import rel, timer  # noqa: E402
 from pgolf.shared.io import write_json  # noqa: E402
-from pgolf.shared.kernels.qk_norm_rope import fused_qk_norm_rope  # noqa: E402
+from pgolf.shared.kernels.qk_norm_rope import fused_qk_norm_rope, launch_bwd, launch_fwd  # noqa: E402
 from pgolf.shared.model import Rotary, norm_rope  # noqa: E402
+
+
+SWEEP = [(r, w) for r in (16, 32, 64, 128) for w in (2, 4, 8)]  # (rows per program, warps)
 
 
 def inductor_version(x, cos, sin, gain):
@@ -52,10 +56,26 @@ def case(name, B, T, H, hd, rd, with_gain, dev, bench, compiled):
                       "fwd_gbps": round(out["bytes_fwd"] / fwd / 1e6, 1),
                       "fwd_bwd_gbps": round(out["bytes_fwd_bwd"] / both / 1e6, 1),
                       "err_out_vs_fp32": rel(fn(x, cos, sin, gain).detach(), want)}
+    out["launch_configs"] = sweep(x.detach().reshape(-1, hd), g.reshape(-1, hd), cos, sin,
+                                  None if gain is None else gain.detach(), H, bench, nbytes)
     out["speedup_fwd_bwd"] = round(out["inductor"]["fwd_bwd_ms"] / out["fused"]["fwd_bwd_ms"], 3)
     print(f"{name}: inductor {out['inductor']['fwd_ms']:.3f}/{out['inductor']['fwd_bwd_ms']:.3f} ms, "
           f"fused {out['fused']['fwd_ms']:.3f}/{out['fused']['fwd_bwd_ms']:.3f} ms (fwd / fwd+bwd)")
     return out
+
+
+def sweep(x, g, cos, sin, gain, heads, bench, nbytes):
+    """The two kernels alone at each (rows per program, warps): ms and GB/s, fwd and bwd."""
+    out, dx = torch.empty_like(x), torch.empty_like(x)  # (R, hd)
+    rows = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
+    res = []
+    for block_r, warps in SWEEP:
+        fwd = bench(lambda: launch_fwd(x, cos, sin, gain, heads, out, block_r, warps))
+        bwd = bench(lambda: launch_bwd(x, g, cos, sin, gain, heads, dx, rows if gain is not None else None,
+                                       block_r, warps))
+        res.append({"block_r": block_r, "num_warps": warps, "fwd_ms": round(fwd, 4), "bwd_ms": round(bwd, 4),
+                    "fwd_gbps": round(2 * nbytes / fwd / 1e6, 1), "bwd_gbps": round(3 * nbytes / bwd / 1e6, 1)})
+    return res
 
 
 def main():

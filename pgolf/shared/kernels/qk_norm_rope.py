@@ -32,7 +32,7 @@ from torch import Tensor
 
 from pgolf.shared.kernels.fused_mlp import INTERPRETED
 
-BLOCK_R = 64  # rows of hd per program (memory-bound: enough bytes in flight per SM)
+BLOCK_R = 16  # rows of hd per program: the best of bench_qk_norm_rope's sweep on an H200
 NUM_WARPS = 4
 
 # ----------------------------------------------------------------------------------------------
@@ -128,30 +128,27 @@ def _check(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, heads: int)
         raise ValueError(f"{where}: gain must be fp32 ({heads},), got {tuple(gain.shape)} {gain.dtype}")
 
 
-def _grid(R: int) -> tuple[int]:
-    return (triton.cdiv(R, BLOCK_R),)
-
-
 def launch_fwd(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, heads: int,
-               out: Tensor) -> None:
+               out: Tensor, block_r: int = BLOCK_R, num_warps: int = NUM_WARPS) -> None:
     """out = rope(rms_norm(x)) * gain[row % heads]; x, out (R, hd); rows ordered (token, head)."""
     _check(x, cos, sin, gain, heads)
     R, hd = x.shape
-    _qk_norm_rope_fwd_kernel[_grid(R)](
+    _qk_norm_rope_fwd_kernel[(triton.cdiv(R, block_r),)](
         x, cos, sin, x if gain is None else gain, out, R, heads, max(cos.shape[0], 1),
         torch.finfo(torch.float32).eps, HD=hd, HALF=cos.shape[1], HAS_GAIN=gain is not None,
-        BLOCK_R=BLOCK_R, num_warps=NUM_WARPS)
+        BLOCK_R=block_r, num_warps=num_warps)
 
 
 def launch_bwd(x: Tensor, g: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, heads: int,
-               dx: Tensor, dgain_rows: Tensor | None) -> None:
+               dx: Tensor, dgain_rows: Tensor | None, block_r: int = BLOCK_R,
+               num_warps: int = NUM_WARPS) -> None:
     """dx = d out/d x^T g; dgain_rows (R,) fp32 = sum_c g * rope(rms_norm(x)) when gain is given."""
     _check(x, cos, sin, gain, heads)
     R, hd = x.shape
-    _qk_norm_rope_bwd_kernel[_grid(R)](
+    _qk_norm_rope_bwd_kernel[(triton.cdiv(R, block_r),)](
         x, g, cos, sin, x if gain is None else gain, dx, dx if dgain_rows is None else dgain_rows,
         R, heads, max(cos.shape[0], 1), torch.finfo(torch.float32).eps, HD=hd, HALF=cos.shape[1],
-        HAS_GAIN=gain is not None, BLOCK_R=BLOCK_R, num_warps=NUM_WARPS)
+        HAS_GAIN=gain is not None, BLOCK_R=block_r, num_warps=num_warps)
 
 
 # ----------------------------------------------------------------------------------------------
