@@ -11,12 +11,13 @@ pass. All of it in fp32, one read and one write of x's dtype, as `CausalSelfAtte
 it under autocast (rms_norm there runs in fp32 and the attention casts the result down).
 
 * forward: each program normalises BLOCK_R rows of hd; the rotation's partner of column c
-  (c + rd/2 or c - rd/2) is a second load of the same row (an L1 hit), so no column shuffle.
+  (c + rd/2 or c - rd/2) is a second load of the same row's cache lines, so no column shuffle.
 * backward: recomputes the rotated norm from x, writes dx, and one fp32 number per row,
   sum_c g * rope(norm(x)) — the gain's gradient is their per-head sum (one small torch sum).
 
-On one H200 inductor's own kernels for this took 15.6 ms forward and 21.5 ms backward per 786k
-step (bench/results/PROFILE.md, fifth round); the byte count allows about 7 and 10.
+Per 786k-token step on an H200, inductor's own kernels for this took 15.6 ms forward and 21.5 ms
+backward, these 9.4 and 13.6 ms; the bytes allow about 7 and 10 (bench/results/PROFILE.md,
+sixth round).
 
 The launches are torch.library custom ops (opaque to Dynamo/Inductor) under an
 autograd.Function, as in `fused_mlp`. Under TRITON_INTERPRET=1 (set before importing this
@@ -40,19 +41,9 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _rotated_norm(x_ptr, cos_ptr, sin_ptr, rows, cols, R, H, T, eps,
-                  HD: tl.constexpr, HALF: tl.constexpr):
-    """-> (o, n, rstd): o = rope(n) (BLOCK_R, HD) fp32, n = rms_norm(x) rows, rstd (BLOCK_R,)."""
-    rmask = rows < R
-    partner = tl.where(cols < HALF, cols + HALF, tl.where(cols < 2 * HALF, cols - HALF, cols))
-    base = rows.to(tl.int64)[:, None] * HD  # (BR, 1)
-    x = tl.load(x_ptr + base + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-    xp = tl.load(x_ptr + base + partner[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HD + eps)  # (BR,)
-    n = x * rstd[:, None]
-    npart = xp * rstd[:, None]
-    c, s_signed = _rope_tables(cos_ptr, sin_ptr, rows, cols, rmask, H, T, HALF)
-    return n * c + npart * s_signed, n, rstd
+def _partner(cols, HALF: tl.constexpr):
+    """The column each column rotates with: c + rd/2 on [0, rd/2), c - rd/2 on [rd/2, rd), else c."""
+    return tl.where(cols < HALF, cols + HALF, tl.where(cols < 2 * HALF, cols - HALF, cols))
 
 
 @triton.jit
@@ -69,12 +60,28 @@ def _rope_tables(cos_ptr, sin_ptr, rows, cols, rmask, H, T, HALF: tl.constexpr):
 
 
 @triton.jit
+def _rotated_norm(x_ptr, cos_ptr, sin_ptr, rows, cols, R, H, T, eps,
+                  HD: tl.constexpr, HALF: tl.constexpr):
+    """-> (o, n, rstd, c, s): o = rope(n) (BR, HD) fp32, n = rms_norm(x) rows, rstd (BR,), and
+    the rotation's cos / signed sin (BR, HD) from `_rope_tables`."""
+    rmask = rows < R
+    base = rows.to(tl.int64)[:, None] * HD  # (BR, 1)
+    x = tl.load(x_ptr + base + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    xp = tl.load(x_ptr + base + _partner(cols, HALF)[None, :], mask=rmask[:, None],
+                 other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HD + eps)  # (BR,)
+    n = x * rstd[:, None]
+    c, s_signed = _rope_tables(cos_ptr, sin_ptr, rows, cols, rmask, H, T, HALF)
+    return n * c + xp * rstd[:, None] * s_signed, n, rstd, c, s_signed
+
+
+@triton.jit
 def _qk_norm_rope_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, R, H, T, eps,
                              HD: tl.constexpr, HALF: tl.constexpr, HAS_GAIN: tl.constexpr,
                              BLOCK_R: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,) rows of (R, HD)
     cols = tl.arange(0, HD)
-    o, n, rstd = _rotated_norm(x_ptr, cos_ptr, sin_ptr, rows, cols, R, H, T, eps, HD, HALF)
+    o, _, _, _, _ = _rotated_norm(x_ptr, cos_ptr, sin_ptr, rows, cols, R, H, T, eps, HD, HALF)
     if HAS_GAIN:
         o = o * tl.load(gain_ptr + rows % H, mask=rows < R, other=0.0)[:, None]
     offs = rows.to(tl.int64)[:, None] * HD + cols[None, :]
@@ -85,20 +92,20 @@ def _qk_norm_rope_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, R, H, T
 def _qk_norm_rope_bwd_kernel(x_ptr, g_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_ptr,
                              R, H, T, eps, HD: tl.constexpr, HALF: tl.constexpr,
                              HAS_GAIN: tl.constexpr, BLOCK_R: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,) rows of (R, HD)
     cols = tl.arange(0, HD)
     rmask = rows < R
-    o, n, rstd = _rotated_norm(x_ptr, cos_ptr, sin_ptr, rows, cols, R, H, T, eps, HD, HALF)
-    partner = tl.where(cols < HALF, cols + HALF, tl.where(cols < 2 * HALF, cols - HALF, cols))
+    o, n, rstd, c, s_signed = _rotated_norm(x_ptr, cos_ptr, sin_ptr, rows, cols, R, H, T, eps,
+                                            HD, HALF)
     base = rows.to(tl.int64)[:, None] * HD
     g = tl.load(g_ptr + base + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-    gp = tl.load(g_ptr + base + partner[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    gp = tl.load(g_ptr + base + _partner(cols, HALF)[None, :], mask=rmask[:, None],
+                 other=0.0).to(tl.float32)
     if HAS_GAIN:
         tl.store(dgain_ptr + rows, tl.sum(g * o, axis=1), mask=rmask)  # d gain[h], row's share
         gain = tl.load(gain_ptr + rows % H, mask=rmask, other=0.0)[:, None]
         g = g * gain
         gp = gp * gain
-    c, s_signed = _rope_tables(cos_ptr, sin_ptr, rows, cols, rmask, H, T, HALF)
     dn = g * c - gp * s_signed  # rope^T: the partner's share enters with the opposite sign
     dot = tl.sum(dn * n, axis=1) / HD  # (BR,)
     dx = rstd[:, None] * (dn - n * dot[:, None])
