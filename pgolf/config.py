@@ -84,7 +84,7 @@ class TrainConfig:
     compile: bool = True  # torch.compile on CUDA (ignored on CPU)
     compile_scope: str = "model"  # model: one graph | blocks: each block compiled on its own (regional)
     fused_mlp: bool = True  # Triton fused LeakyReLU^2 MLP on CUDA
-    fused_qk_norm_rope: bool = True  # Triton fused q/k RMSNorm + partial RoPE + q gain on CUDA
+    fused_qk_norm_rope: bool = True  # Triton fused q/k RMSNorm + partial RoPE + q gain (CUDA, power-of-two head dim)
     nproc_per_node: int = 8  # >1: the stage relaunches itself through torchrun
     batch_tokens: int = 786_432  # global tokens per optimizer step (§4.1)
     seq_len: int = 2048  # the (final) training sequence length; also where the NTK RoPE rule starts

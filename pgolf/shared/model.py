@@ -396,7 +396,7 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             v = v + ve.to(v.dtype)
         v = v.view(B, T, self.num_kv_heads, hd)  # (B, T, Hkv, hd)
-        if self.use_fused and q.is_cuda:
+        if self.use_fused and q.is_cuda and not hd & (hd - 1):  # the kernel tiles a power-of-two hd
             from pgolf.shared.kernels.qk_norm_rope import fused_qk_norm_rope
             q, k = fused_qk_norm_rope(q, cos, sin, self.q_gain), fused_qk_norm_rope(k, cos, sin)
         else:
@@ -571,7 +571,8 @@ class GPT(nn.Module):
 
     @property
     def use_fused_qk(self) -> bool:
-        """q/k norm + RoPE + q gain in one Triton kernel on CUDA (`fused_qk_norm_rope`)."""
+        """q/k norm + RoPE + q gain in one Triton kernel on CUDA (`fused_qk_norm_rope`), where the
+        head dim is a power of two; elsewhere the eager `norm_rope`."""
         return self._use_fused_qk
 
     @use_fused_qk.setter
