@@ -8,6 +8,7 @@ import torch
 from pgolf.shared.kernels import fused_mlp as fm
 from pgolf.shared.kernels import qk_norm_rope as qk
 from pgolf.shared.model import Rotary, norm_rope
+from tests.test_kernels import rel
 
 DEVICE = "cpu" if fm.INTERPRETED else "cuda"
 
@@ -38,10 +39,6 @@ def run(fn, x, g, gain, cos, sin, dtype=None):
     out = fn(xl, cos.to(fdtype), sin.to(fdtype), gl)
     out.backward(g.to(out.dtype))
     return out.detach(), xl.grad, None if gl is None else gl.grad
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.mark.parametrize("with_gain", [True, False])
@@ -110,6 +107,14 @@ def test_bad_shapes_are_named(bad, match):
     gain = torch.ones(bad.get("gain_heads", 2), device=DEVICE)
     with pytest.raises(ValueError, match=match):
         qk.fused_qk_norm_rope(x, cos, sin, gain)
+
+
+def test_tables_on_another_device_are_named():
+    """The launcher's check (an op call with a meta tensor would run the fake implementation)."""
+    cos, sin = tables(4, 8)
+    x = torch.randn(8, 16, device=DEVICE)  # (tokens * heads, hd)
+    with pytest.raises(ValueError, match="fused_qk_norm_rope: tensors on different devices"):
+        qk.launch_fwd(x, cos.to("meta"), sin.to("meta"), None, 2, torch.empty_like(x))
 
 
 @pytest.mark.gpu

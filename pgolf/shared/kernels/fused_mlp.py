@@ -255,15 +255,17 @@ def launch_config(direction: str, dtype: torch.dtype, device: torch.device) -> L
 # Launchers (write into caller-provided outputs so tests can poison them)
 
 
-def _check_runnable(*tensors: Tensor) -> None:
+def check_runnable(*tensors: Tensor, where: str = "fused_mlp") -> None:
+    """The kernels of pgolf.shared.kernels can run on `tensors`: one device, CUDA without the
+    Triton interpreter or a CPU with it; errors start with `where` (the public function)."""
     dev = tensors[0].device
     if any(t.device != dev for t in tensors):
-        raise ValueError(f"fused_mlp: tensors on different devices {[str(t.device) for t in tensors]}")
+        raise ValueError(f"{where}: tensors on different devices {[str(t.device) for t in tensors]}")
     if dev.type != "cuda" and not INTERPRETED:
-        raise RuntimeError("fused_mlp: needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+        raise RuntimeError(f"{where}: needs CUDA tensors, or TRITON_INTERPRET=1 set before "
                            "pgolf.shared.kernels is imported (CPU interpreter)")
     if dev.type == "cuda" and INTERPRETED:
-        raise RuntimeError("fused_mlp: TRITON_INTERPRET=1 was set when pgolf.shared.kernels was imported "
+        raise RuntimeError(f"{where}: TRITON_INTERPRET=1 was set when pgolf.shared.kernels was imported "
                            "but the tensors are on CUDA; set it only on machines without CUDA")
 
 
@@ -356,7 +358,7 @@ def launch_up_act(x: Tensor, w_up: Tensor, pre: Tensor, post: Tensor, slope: flo
     """pre = x @ w_up^T, post = LeakyReLU_slope(pre)^2.
 
     x (M, D), w_up (H, D), pre/post (M, H) contiguous."""
-    _check_runnable(x, w_up, pre, post)
+    check_runnable(x, w_up, pre, post)
     _check_outputs((x.shape[0], w_up.shape[0]), x.dtype, pre, post)
     _launch(x, w_up, True, w_up.shape[0], pre, post, pre, slope,
             forward=True, store_post=True, config=config)
@@ -367,7 +369,7 @@ def launch_act_bwd(g: Tensor, w_down: Tensor, pre: Tensor, dpre: Tensor, post: T
     """dpre = (g @ w_down) * act'(pre); also post = act(pre) when `post` is given.
 
     g (M, D), w_down (D, H), pre/dpre/post (M, H) contiguous."""
-    _check_runnable(g, w_down, pre, dpre)
+    check_runnable(g, w_down, pre, dpre)
     _check_outputs((g.shape[0], w_down.shape[1]), g.dtype, pre, dpre,
                    *(() if post is None else (post,)))
     _launch(g, w_down, False, w_down.shape[1], pre, dpre if post is None else post, dpre, slope,

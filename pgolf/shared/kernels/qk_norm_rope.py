@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pgolf.shared.kernels.fused_mlp import INTERPRETED
+from pgolf.shared.kernels.fused_mlp import check_runnable
 
 BLOCK_R = 16  # rows of hd per program: the best of bench_qk_norm_rope's sweep on an H200
 NUM_WARPS = 4
@@ -119,9 +119,7 @@ def _qk_norm_rope_bwd_kernel(x_ptr, g_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, d
 def _check(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, heads: int) -> None:
     """x (R, hd) contiguous, R = tokens * heads; cos/sin (T, rd/2) fp32 contiguous; gain (heads,)."""
     where = "fused_qk_norm_rope"
-    if x.device.type != "cuda" and not INTERPRETED:
-        raise RuntimeError(f"{where}: needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                           "pgolf.shared.kernels is imported (CPU interpreter)")
+    check_runnable(x, cos, sin, *(() if gain is None else (gain,)), where=where)
     hd = x.shape[-1]
     if x.dim() != 2 or not x.is_contiguous() or hd & (hd - 1) or x.shape[0] % heads:
         raise ValueError(f"{where}: x must be a contiguous (tokens * {heads}, hd) matrix with hd a "
