@@ -104,15 +104,13 @@ def build(profile: Path, batch: tuple[int, int], dev: torch.device):
     """The profile's model as the trainer builds it, and one random batch (x, y)."""
     from pgolf import config
     from pgolf.shared.model import GPT
+    from pgolf.train.train import use_cuda_training_kernels
 
     mcfg, tcfg = config.load("model", profile), config.load("train", profile)
     torch.manual_seed(0)
     model = GPT(mcfg, qat_quantile=tcfg.qat_clip_quantile, train_seq_len=batch[1]).to(dev)
     if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        model.use_fused_mlp = tcfg.fused_mlp
-        model.use_fused_qk = tcfg.fused_qk_norm_rope
+        use_cuda_training_kernels(model, tcfg)
     x = torch.randint(0, mcfg.vocab_size, batch, device=dev)  # (B, T)
     return model, x, torch.roll(x, -1, dims=1)
 

@@ -54,15 +54,14 @@ def measure(profile: Path, scope: str, backend: str, batch: tuple[int, int], ste
 
     from pgolf import config
     from pgolf.shared.model import GPT
-    from pgolf.train.train import compile_forward
+    from pgolf.train.train import compile_forward, use_cuda_training_kernels
 
     mcfg = config.load("model", profile)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = GPT(mcfg, train_seq_len=batch[1]).to(dev)
-    if dev.type == "cuda":  # as the trainer runs it (train.fused_mlp, train.fused_qk_norm_rope: true)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        model.use_fused_mlp = model.use_fused_qk = True
+    if dev.type == "cuda":  # as the trainer runs it
+        use_cuda_training_kernels(model, config.load("train", profile))
     fwd = compile_forward(model, scope, backend=backend)
     x = torch.randint(0, mcfg.vocab_size, batch, device=dev)  # (B, T)
     cuda = dev.type == "cuda"
@@ -101,7 +100,7 @@ def run_child(args, scope: str, cache: Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", type=Path, default=REPO / "profiles" / "record.yaml",
-                    help="its model section is built")
+                    help="its model section is built, with its train section's CUDA kernels")
     ap.add_argument("--backend", default="aot_eager", choices=("aot_eager", "inductor"))
     ap.add_argument("--batch", default="1x128", help="BxT of the timed forward+backward")
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the first")

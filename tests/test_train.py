@@ -897,6 +897,23 @@ def test_blocks_scope_shares_one_graph_between_alike_blocks():
         torch.testing.assert_close(h_c[name], h_e[name], rtol=1e-6, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("mlp, qk", [(True, False), (False, True)])
+def test_cuda_training_kernels_follow_the_train_section(tmp_path, mlp, qk):
+    """What the trainer and the benches turn on for CUDA: TF32, and each block's fused kernels
+    as train.fused_mlp / train.fused_qk_norm_rope say."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32  # (cuBLAS's flag object defeats monkeypatch)
+    try:
+        matmul.allow_tf32 = cudnn.allow_tf32 = False
+        model = GPT(mcfg(), train_seq_len=128)
+        T.use_cuda_training_kernels(model, tcfg(tmp_path, fused_mlp=mlp, fused_qk_norm_rope=qk))
+        assert matmul.allow_tf32 and cudnn.allow_tf32
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
+    assert (model.use_fused_mlp, model.use_fused_qk) == (mlp, qk)
+    assert all((b.mlp.use_fused, b.attn.use_fused) == (mlp, qk) for b in model.blocks)
+
+
 def test_compile_scope_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="train.compile_scope must be one of model, blocks"):
         T.check_config(tcfg(tmp_path, compile_scope="layers"))

@@ -113,6 +113,16 @@ def compile_forward(model: GPT, scope: str, backend: str = "inductor") -> Callab
     return model
 
 
+def use_cuda_training_kernels(model: GPT, cfg: TrainConfig) -> None:
+    """What training turns on for a model on CUDA: TF32 matmuls and convolutions, and the fused
+    Triton kernels that `train.fused_mlp` and `train.fused_qk_norm_rope` ask for (the benches
+    that build the model as the trainer does call this too)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    model.use_fused_mlp = cfg.fused_mlp
+    model.use_fused_qk = cfg.fused_qk_norm_rope
+
+
 def allow_custom_function_caching() -> None:
     """Let AOTAutograd's on-disk cache keep graphs that hold an autograd.Function (the fused MLP).
 
@@ -351,10 +361,7 @@ class Trainer:
         model = GPT(self.mcfg, qat_quantile=cfg.qat_clip_quantile, train_seq_len=cfg.seq_len).to(self.dev)
         self.compiled = self.cuda and cfg.compile
         if self.cuda:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            model.use_fused_mlp = cfg.fused_mlp
-            model.use_fused_qk = cfg.fused_qk_norm_rope
+            use_cuda_training_kernels(model, cfg)
         if not self.compiled:
             return model, model
         return model, compile_forward(model, cfg.compile_scope)
