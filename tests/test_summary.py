@@ -23,7 +23,7 @@ def metrics(tmp_path) -> Path:
 
 
 def _cli(metrics: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pgolf.summary", str(metrics)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pgolf", "summary", str(metrics)], capture_output=True, text=True,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
 
 
