@@ -28,14 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pgolf.config import ModelConfig, QuantizeConfig  # noqa: E402
 from pgolf.quantize.gptq import GPTQSpec, gptq_matrices  # noqa: E402
 from pgolf.shared.rowquant import qmax_for  # noqa: E402
-from pgolf.shared.model import mlp_hidden  # noqa: E402
 
 SMALL = ModelConfig(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, xsa_last_n=2)
 
 
 def shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """name -> (rows, cols) of the block matrices, in GPT.quantizable_names() order."""
-    d, kv, hid = cfg.model_dim, cfg.model_dim // cfg.num_heads * cfg.num_kv_heads, mlp_hidden(cfg)
+    d, kv, hid = cfg.model_dim, cfg.model_dim // cfg.num_heads * cfg.num_kv_heads, cfg.mlp_hidden
     per = {"attn.c_q": (d, d), "attn.c_k": (kv, d), "attn.c_v": (kv, d), "attn.proj": (d, d),
            "mlp.fc": (hid, d), "mlp.proj": (d, hid)}
     return {f"blocks.{i}.{k}.weight": s for i in range(cfg.num_layers) for k, s in per.items()}
@@ -76,7 +75,7 @@ def main() -> int:
 
     cfg = SMALL if args.small else ModelConfig()
     q = QuantizeConfig()
-    quantiles = tuple(dict.fromkeys([float(x) for x in q.clip_quantiles.split(",")] + [0.9995]))
+    quantiles = tuple(dict.fromkeys(q.clip_quantiles + (0.9995,)))
     spec = GPTQSpec(qmax=qmax_for(q.bits), quantiles=quantiles, damp=q.damp, block_size=q.block_size,
                     act_order=q.act_order)
     weights, hessians = make_inputs(cfg, args.device)

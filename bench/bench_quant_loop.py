@@ -141,7 +141,8 @@ def run(a: argparse.Namespace) -> dict:
         work / "train", mcfg, read_tokenizer_meta(tok), config.from_doc(doc, "train").qat_clip_quantile)
     setup_s = round(time.perf_counter() - t0, 3)
     q, quantize_s = timed(quantize.run, qcfg, train_dir, work / "quant", work / "quant.json")
-    script = pack.build_script(ROOT, params=pack.baked_params(a.profile))
+    script = pack.build_script(ROOT, {"model": mcfg, "train": config.from_doc(doc, "train"), "quantize": qcfg,
+                                       "compress": ccfg, "evaluate": ecfg})
     quant = work / "quant" / "quant.pgt"
     plain, unpruned_s = timed(compress.build, dataclasses.replace(ccfg, prune=False), script, quant, work / "final0",
                               work / "size0.json")

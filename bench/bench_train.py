@@ -38,7 +38,7 @@ from pgolf.shared.byte_tables import BYTE_TABLES_FILE  # noqa: E402
 from pgolf.shared.shards import write_shard  # noqa: E402
 from pgolf.shared.tokenizer_meta import TOKENIZER_META_FILE  # noqa: E402
 from pgolf.shared.io import write_json  # noqa: E402
-from pgolf.train.train import Paths, Trainer, check_inputs, resolve_grad_accum  # noqa: E402
+from pgolf.train.train import Paths, Trainer, check_inputs  # noqa: E402
 
 PEAK_BF16 = 989e12
 SP_MODEL = Path(__file__).resolve().parents[1] / "data" / "tokenizer_src" / "fineweb_1024_bpe.model"
@@ -135,7 +135,7 @@ def main() -> None:
             "what": "ms per optimizer step of the record config (11L 512d, 786,432 tokens/step), synthetic tokens",
             "device": dev, "world_size": info.world_size, "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "batch_tokens": cfg.batch_tokens, "seq_len": cfg.seq_len,
-            "grad_accum_steps": resolve_grad_accum(cfg, info.world_size), "results": results})
+            "grad_accum_steps": cfg.batch_split(info.world_size).accum, "results": results})
     dist.shutdown()
 
 

@@ -1,34 +1,101 @@
-"""Typed configuration: `params.yaml` sections -> frozen dataclasses.
+"""The schema of params.yaml: one frozen dataclass per section, each with its checks beside it.
 
-This module owns the one config path of the project. Every constant of the recipe lives in
-`params.yaml`; each section maps one-to-one onto a dataclass below, whose field comments say
-where the default comes from (recipe-spec section numbers). The defaults are the record profile's
-values (`profiles/record.yaml`; a test keeps them equal), so no third, silent profile hides here.
+This module owns what a value of params.yaml may be. Each section (`prepare`, `model`, `train`,
+`quantize`, `compress`, `evaluate`) is a dataclass below: one field per key, whose default is the
+record profile's value and whose comment says what the key does (recipe-spec section numbers where
+the value comes from a record), then `check()`, the section's range checks. `check_across` holds the
+rules that read two sections. The names a key may take (codecs, sources, ...) are defined here and
+imported from here by the code that uses them. Plain Python: no torch, no other pgolf module.
 
-Loading validates each section once, here: every key known and of the right type, no section or
-key missing (a run never starts on a default it did not ask for), then the section's range checks
-(`check`: the `check_config(cfg)` of the module that owns the section, `CHECKS`, which raises
-`bad(cfg, key, why)`). Errors name the file and the offending `section.key`. The stages and the
-library take the loaded dataclasses as valid and do not check them again.
+Loading (`from_dict`, `from_doc`, `load`) checks every key (known, of the right type, lists as YAML
+lists) and runs `check()`; errors are ConfigError naming the file and `section.key`. `restore`
+rebuilds a dataclass from values checked before (the params gate's files, a packed script's params).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+# ---- the names and bounds a key may take (the code using a key imports them from here)
+DEVICES = ("auto", "cpu", "cuda")
+PREPARE_SOURCES = ("embedded", "local", "fineweb")
+MAX_VOCAB = 65536  # uint16 shards
+MAX_SHARD_TOKENS = 2**31 - 1  # the shard header's int32 count
+MATRIX_KINDS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")  # a block's matrices
+RESIDUAL_DTYPES = ("fp32", "bf16")
+PARALLEL_FINAL_LANES = ("mean", "attn", "mlp")
+ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient")
+COMPILE_SCOPES = ("model", "blocks")
+MUON_COMM_DTYPES = ("auto", "bf16", "fp32")
+NS_SCHEDULES = {"quintic": None, "polar_express": 5}  # Newton-Schulz schedule -> most steps it defines
+BITS_RANGE = (2, 8)  # integer code widths the quantizer supports
+EMBED_MODES = ("int8", "fp16")
+CODECS = ("lzma", "zstd", "brotli")
+LAYOUTS = ("flat", "grouped")
+MIN_CHUNK_BYTES = 1 << 16  # compress.*_chunk_bytes: 0 or at least 64 KiB
+TTT_MODES = ("lora", "full")
+TTT_OPTIMIZERS = ("sgd", "adam")
+TTT_SCHEDULES = ("cosine", "constant")
+
 
 class ConfigError(ValueError):
-    """A params.yaml value that is missing, unknown, of the wrong type or out of range."""
+    """A params value that is missing, unknown, of the wrong type or out of range; names file and key."""
+
+
+class Section:
+    """What every section dataclass shares: its params.yaml name and the error of one bad key."""
+
+    name: typing.ClassVar[str]
+
+    def bad(self, key: str, why: str) -> ConfigError:
+        """`<section>.<key> <why>, got <value>` (loaders prefix the file)."""
+        return ConfigError(f"{self.name}.{key} {why}, got {getattr(self, key)!r}")
+
+    def check(self) -> None:
+        raise NotImplementedError
+
+
+def _each(cfg: Section, keys: tuple[str, ...], ok, why: str) -> None:
+    """cfg.bad(key, why) for the first key whose value fails `ok` (NaN fails every comparison)."""
+    for key in keys:
+        if not ok(getattr(cfg, key)):
+            raise cfg.bad(key, why)
+
+
+def _one_of(cfg: Section, key: str, allowed) -> None:
+    if getattr(cfg, key) not in allowed:
+        raise cfg.bad(key, f"must be one of {', '.join(allowed)}")
+
+
+def _at_least(cfg: Section, low, *keys: str) -> None:
+    _each(cfg, keys, lambda v: v >= low, f"must be >= {low}")
+
+
+def _fraction(cfg: Section, *keys: str, closed: bool = True) -> None:
+    """Each key in [0, 1] (closed) or [0, 1)."""
+    ok = (lambda v: 0.0 <= v <= 1.0) if closed else (lambda v: 0.0 <= v < 1.0)
+    _each(cfg, keys, ok, "must be in [0, 1]" if closed else "must be in [0, 1)")
+
+
+def _positive_finite(cfg: Section, *keys: str) -> None:
+    _each(cfg, keys, lambda v: 0 < v < math.inf, "must be positive and finite")
+
+
+def _distinct_subset(cfg: Section, key: str, allowed, empty_ok: bool = False) -> None:
+    values = getattr(cfg, key)
+    if (not values and not empty_ok) or any(v not in allowed for v in values) or len(set(values)) < len(values):
+        raise cfg.bad(key, f"must list distinct names among {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)
-class PrepareConfig:
+class PrepareConfig(Section):
+    name: typing.ClassVar[str] = "prepare"
     source: str = "fineweb"  # embedded | local | fineweb
     corpus: str = "data/fineweb10B_sp1024"  # file or folder of .jsonl / .jsonl.zst / .txt, or the shard folder
     val_source: str = "data/fineweb10B_sp1024"  # validation documents; "" = first `val_docs` docs of corpus
@@ -43,15 +110,32 @@ class PrepareConfig:
     fineweb_train_shards: int = 80  # train shards to download when fineweb_dir is missing
     workers: int = 16  # processes for tokenization
 
+    def check(self) -> None:
+        _one_of(self, "source", PREPARE_SOURCES)
+        _each(self, ("vocab_size",), lambda v: 1 <= v <= MAX_VOCAB, f"must be in [1, {MAX_VOCAB}]")
+        _each(self, ("shard_tokens",), lambda v: 1 <= v <= MAX_SHARD_TOKENS, f"must be in [1, {MAX_SHARD_TOKENS}]")
+        _at_least(self, 0, "val_docs", "max_train_docs", "tokenizer_train_docs")
+        _at_least(self, 1, "workers")
+        if not self.corpus:
+            raise self.bad("corpus", "must name a file or folder")
+        if not self.tokenizer:
+            raise self.bad("tokenizer", "must be a .model path or 'train'")
+        if self.source != "fineweb" and not self.val_source and self.val_docs == 0:
+            raise self.bad("val_docs", "must be > 0 when prepare.val_source is empty (no validation documents)")
+        if self.source == "fineweb" and self.tokenizer == "train":
+            raise self.bad("tokenizer", "must be the export's .model file for source 'fineweb' (its shards are "
+                                        "pre-tokenized)")
+
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
+    name: typing.ClassVar[str] = "model"
     vocab_size: int = 1024
     num_layers: int = 11  # spec §3
     model_dim: int = 512
     num_heads: int = 8
     num_kv_heads: int = 4
-    mlp_mult: float = 3.0  # MLP hidden = floor(mlp_mult * model_dim + 0.5) (model.mlp_hidden); records: 4.0
+    mlp_mult: float = 3.0  # MLP hidden = floor(mlp_mult * model_dim + 0.5) (mlp_hidden); records: 4.0
     leaky_slope: float = 0.5  # LeakyReLU(0.5)^2
     xsa_last_n: int = 11  # PR #1072: all layers
     bigram_buckets: int = 4096  # PR #1072 code default (§3.5)
@@ -76,9 +160,66 @@ class ModelConfig:
     residual_dtype: str = "bf16"  # fp32 | bf16: the residual stream / embeddings under autocast (CUDA)
     attn_backend: str = "auto"  # auto (FA3 if importable, else SDPA's choice) | flash | cudnn | efficient
 
+    @property
+    def mlp_hidden(self) -> int:
+        """MLP hidden width: mlp_mult * model_dim rounded half up (4.0 * 512 -> 2048, 2.999 * 128 -> 384)."""
+        return int(math.floor(self.mlp_mult * self.model_dim + 0.5))
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    def check(self) -> None:
+        _each(self, ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "bigram_dim",
+                     "ve_dim"), lambda v: v > 0, "must be positive")
+        if not math.isfinite(self.mlp_mult) or self.mlp_hidden < 1:
+            raise self.bad("mlp_mult", "times model.model_dim must round to a width >= 1")
+        _each(self, ("vocab_size",), lambda v: v <= MAX_VOCAB, f"must be <= {MAX_VOCAB} (uint16 shards)")
+        _at_least(self, 2, "bigram_buckets")
+        if self.model_dim % self.num_heads:
+            raise self.bad("num_heads", f"must divide model.model_dim ({self.model_dim})")
+        if self.num_heads % self.num_kv_heads:
+            raise self.bad("num_kv_heads", f"must divide model.num_heads ({self.num_heads})")
+        _each(self, ("xsa_last_n", "ve_last_n"), lambda n: 0 <= n <= self.num_layers,
+              f"must be in [0, model.num_layers={self.num_layers}]")
+        if self.rope_dims % 2 or not 0 <= self.rope_dims <= self.head_dim or self.rope_dims == 2:
+            raise self.bad("rope_dims", f"must be even, not 2 (the NTK exponent rope_dims/(rope_dims-2)), and in "
+                                        f"[0, head_dim={self.head_dim}]")
+        _positive_finite(self, "rope_base", "logit_softcap", "logit_softcap_neg", "attn_gate_scale")
+        _each(self, ("attn_gate_window",), lambda n: 0 <= n <= self.model_dim,
+              f"must be in [0, model.model_dim={self.model_dim}]")
+        _at_least(self, 0, "leaky_slope")
+        if self.parallel_start_layer and not self.num_layers // 2 <= self.parallel_start_layer < self.num_layers:
+            raise self.bad("parallel_start_layer", f"must be 0 (off) or a decoder layer in "
+                                                   f"[{self.num_layers // 2}, {self.num_layers})")
+        _one_of(self, "parallel_final_lane", PARALLEL_FINAL_LANES)
+        self._check_loops()
+        _one_of(self, "residual_dtype", RESIDUAL_DTYPES)
+        _one_of(self, "attn_backend", ATTN_BACKENDS)
+
+    def _check_loops(self) -> None:
+        _at_least(self, 0, "num_loops")
+        if self.num_loops == 0:
+            return
+        if not 0 <= self.loop_start <= self.loop_end < self.num_layers:
+            raise self.bad("loop_end", f"and model.loop_start ({self.loop_start}) must be layers in "
+                                       f"[0, {self.num_layers}), start <= end")
+        if self.parallel_start_layer and self.loop_end >= self.parallel_start_layer:
+            raise self.bad("loop_end", f"must be below model.parallel_start_layer ({self.parallel_start_layer}): "
+                                       f"the looped layers run on one lane")
+
 
 @dataclass(frozen=True)
-class TrainConfig:
+class BatchSplit:
+    """How one optimizer step's train.batch_tokens split over ranks and micro-batches."""
+
+    accum: int  # micro-batches per rank and step
+    micro_tokens: int  # tokens of one micro-batch on one rank
+
+
+@dataclass(frozen=True)
+class TrainConfig(Section):
+    name: typing.ClassVar[str] = "train"
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = True  # torch.compile on CUDA (ignored on CPU)
@@ -88,7 +229,7 @@ class TrainConfig:
     nproc_per_node: int = 8  # >1: the stage relaunches itself through torchrun
     batch_tokens: int = 786_432  # global tokens per optimizer step (§4.1)
     seq_len: int = 2048  # the (final) training sequence length; also where the NTK RoPE rule starts
-    seq_len_schedule: str = ""  # "LEN@FRAC,...": LEN until training_frac FRAC, then seq_len ("" = off)
+    seq_len_schedule: tuple[tuple[int, float], ...] = ()  # [[LEN, FRAC], ...]: LEN until training_frac FRAC, then seq_len
     grad_accum_steps: int = 0  # micro-batches per rank and step; 0 = auto (max_micro_batch_seqs)
     max_micro_batch_seqs: int = 48  # auto: fewest micro-batches of at most this many sequences per rank
     iterations: int = 20000
@@ -126,14 +267,71 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between resumable checkpoints (0 = off)
     checkpoint_dir: str = ".checkpoints/train"  # git-ignored, not a DVC output
 
+    def check(self) -> None:
+        _one_of(self, "device", DEVICES)
+        _one_of(self, "compile_scope", COMPILE_SCOPES)
+        _one_of(self, "muon_comm_dtype", MUON_COMM_DTYPES)
+        _at_least(self, 1, "nproc_per_node", "batch_tokens", "seq_len", "iterations", "muon_ns_steps", "swa_every",
+                  "val_batch_seqs", "max_micro_batch_seqs")
+        _at_least(self, 0, "grad_accum_steps", "warmdown_iters", "warmup_steps", "muon_momentum_warmup_steps",
+                  "hessian_every", "val_tokens", "log_every", "checkpoint_every", "max_wallclock_seconds",
+                  "matrix_lr", "scalar_lr", "tied_embed_lr", "muon_wd", "adam_wd", "grad_clip", "hessian_start_scale")
+        _fraction(self, "muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay", closed=False)
+        _fraction(self, "swa_threshold", "late_qat_threshold", "min_lr", "loop_enable_frac")
+        _one_of(self, "muon_ns_coeffs", NS_SCHEDULES)
+        most = NS_SCHEDULES[self.muon_ns_coeffs]
+        if most is not None and self.muon_ns_steps > most:
+            raise self.bad("muon_ns_steps", f"must be <= {most} with train.muon_ns_coeffs {self.muon_ns_coeffs}")
+        _each(self, ("qat_clip_quantile",), lambda q: 0.0 < q <= 1.0, "must be in (0, 1]")
+        _each(self, ("adam_eps",), lambda v: v > 0, "must be > 0")
+        if self.checkpoint_every > 0 and not self.checkpoint_dir:
+            raise self.bad("checkpoint_dir", "must name a folder when train.checkpoint_every > 0")
+        if self.seq_len > self.batch_tokens:
+            raise self.bad("seq_len", f"must be <= train.batch_tokens ({self.batch_tokens})")
+        if 0 < self.val_tokens < self.seq_len:
+            raise self.bad("val_tokens", f"must be 0 (all) or >= train.seq_len ({self.seq_len}), one sequence")
+        self._check_seq_len_schedule()
+        self.batch_split(self.nproc_per_node)
+
+    def _check_seq_len_schedule(self) -> None:
+        fracs = [f for _, f in self.seq_len_schedule]
+        if not all(0 < f <= 1 for f in fracs) or fracs != sorted(set(fracs)):
+            raise self.bad("seq_len_schedule", "fractions must increase within (0, 1]")
+        if not all(1 <= n <= self.seq_len for n, _ in self.seq_len_schedule):
+            raise self.bad("seq_len_schedule", f"lengths must be in [1, train.seq_len={self.seq_len}]")
+
+    def seq_lens(self) -> list[int]:
+        """Every training sequence length: the schedule's, then seq_len."""
+        return [n for n, _ in self.seq_len_schedule] + [self.seq_len]
+
+    def batch_split(self, world_size: int) -> BatchSplit:
+        """The step's split over `world_size` ranks: train.grad_accum_steps micro-batches, or when it
+        is 0 the fewest that cut a rank's sequences evenly into at most train.max_micro_batch_seqs
+        each (786,432 tokens of 2048 on 8 ranks: the records' 1; 196,608 on one GPU: 2 of 48).
+        ConfigError unless every training sequence length divides a micro-batch evenly."""
+        accum = self.grad_accum_steps or self._auto_accum(world_size)
+        for n in self.seq_lens():
+            denom = world_size * accum * n
+            if self.batch_tokens % denom:
+                raise self.bad("batch_tokens", f"must be divisible by world_size * micro-batches * sequence length "
+                                               f"= {world_size} * {accum} * {n} = {denom}")
+        return BatchSplit(accum, self.batch_tokens // (world_size * accum))
+
+    def _auto_accum(self, world_size: int) -> int:
+        seqs, rest = divmod(self.batch_tokens, world_size * self.seq_len)  # sequences per rank and step
+        if rest or seqs == 0:
+            return 1  # batch_split names the mismatch
+        return next(d for d in range(1, seqs + 1) if seqs % d == 0 and seqs // d <= self.max_micro_batch_seqs)
+
 
 @dataclass(frozen=True)
-class QuantizeConfig:
+class QuantizeConfig(Section):
+    name: typing.ClassVar[str] = "quantize"
     bits: int = 6  # int6 codes in [-31, 31]
     damp: float = 0.01  # fraction of mean diag(H)
     block_size: int = 128
     act_order: bool = True
-    clip_quantiles: str = "0.999,0.9995,0.9999,0.99999,1.0"  # GPTQ-lite set (§6.2)
+    clip_quantiles: tuple[float, ...] = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite set (§6.2)
     passthrough_max_numel: int = 65536  # §6.1 rule 1
     embed_mode: str = "int8"  # int8 | fp16 for tok_emb
     int8_clip_quantile: float = 0.9999984
@@ -143,9 +341,23 @@ class QuantizeConfig:
     lqer_rank: int = 4  # PR #1855: 4
     lqer_bits: int = 4  # factor codes, symmetric per row, fp16 scales (PR #1855: 4)
 
+    def check(self) -> None:
+        low, high = BITS_RANGE
+        _each(self, ("bits", "lqer_bits"), lambda b: low <= b <= high, f"must be in the supported range [{low}, {high}]")
+        _one_of(self, "embed_mode", EMBED_MODES)
+        qs = self.clip_quantiles
+        if not qs or not all(0.0 < q <= 1.0 for q in qs) or len(set(qs)) < len(qs):
+            raise self.bad("clip_quantiles", "must be a list of distinct numbers in (0, 1]")
+        _positive_finite(self, "damp")
+        _at_least(self, 1, "block_size", "lqer_top_k", "lqer_rank")
+        _at_least(self, 0, "passthrough_max_numel")
+        _each(self, ("int8_clip_quantile",), lambda q: 0.0 < q <= 1.0, "must be in (0, 1]")
+        _one_of(self, "device", DEVICES)
+
 
 @dataclass(frozen=True)
-class CompressConfig:
+class CompressConfig(Section):
+    name: typing.ClassVar[str] = "compress"
     codec: str = "auto"  # auto (smallest) | lzma | zstd | brotli
     lzma_preset: int = 9
     lzma_extreme: bool = False
@@ -162,9 +374,23 @@ class CompressConfig:
     zstd_chunk_bytes: int = 131072  # 0: one zstd frame; else independent frames of this many raw bytes (>= 65536)
     threads: int = 0  # workers for the chunked lzma streams / zstd frames (0 = every core); never changes the bytes
 
+    def check(self) -> None:
+        _one_of(self, "codec", ("auto", *CODECS))
+        for key, lo, hi in (("lzma_preset", 0, 9), ("zstd_level", 1, 22), ("brotli_quality", 0, 11),
+                            ("brotli_window", 10, 24)):
+            _each(self, (key,), lambda v: lo <= v <= hi, f"must be in [{lo}, {hi}]")
+        _one_of(self, "layout", LAYOUTS)
+        _at_least(self, 1, "cap_bytes", "target_bytes")
+        if self.target_bytes > self.cap_bytes:
+            raise self.bad("target_bytes", f"must be <= compress.cap_bytes ({self.cap_bytes})")
+        _at_least(self, 0, "prune_slack_bytes", "threads")
+        _each(self, ("lzma_chunk_bytes", "zstd_chunk_bytes"), lambda n: n == 0 or n >= MIN_CHUNK_BYTES,
+              f"must be 0 (unchunked) or >= {MIN_CHUNK_BYTES}")
+
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(Section):
+    name: typing.ClassVar[str] = "evaluate"
     context: int = 2048
     stride: int = 64  # 0 = non-sliding only
     batch_seqs: int = 32
@@ -175,7 +401,7 @@ class EvaluateConfig:
     # score-first test-time training (pgolf.evaluate.ttt); facts from the records PR #549 / #1855
     ttt_enabled: bool = False  # off: val_bpb is the plain sliding score
     ttt_mode: str = "lora"  # lora (rank-r adapters) | full (the chosen matrices themselves)
-    ttt_targets: str = "attn.c_q,attn.c_k,attn.c_v,attn.proj,mlp.fc,mlp.proj"  # matrix kinds adapted
+    ttt_targets: tuple[str, ...] = MATRIX_KINDS  # matrix kinds adapted
     ttt_first_layer: int = 0  # adapt layers >= this (PR #549: 0, all blocks)
     ttt_rank: int = 8  # LoRA rank (ttt_mode lora)
     ttt_optimizer: str = "sgd"  # sgd (momentum) | adam (AdamW)
@@ -190,93 +416,121 @@ class EvaluateConfig:
     ttt_lr_schedule: str = "cosine"  # cosine (over a rank's chunks) | constant
     ttt_seed: int = 1337  # LoRA init
 
+    def check(self) -> None:
+        _at_least(self, 1, "context", "batch_seqs", "nproc_per_node")
+        _each(self, ("stride",), lambda s: 0 <= s <= self.context, f"must be in [0, evaluate.context={self.context}]")
+        _each(self, ("max_tokens",), lambda n: n == 0 or n >= self.context,
+              f"must be 0 (all) or >= evaluate.context ({self.context}), one window")
+        _one_of(self, "device", DEVICES)
+        self._check_ttt()
 
-SECTIONS: dict[str, type] = {
-    "prepare": PrepareConfig,
-    "model": ModelConfig,
-    "train": TrainConfig,
-    "quantize": QuantizeConfig,
-    "compress": CompressConfig,
-    "evaluate": EvaluateConfig,
-}
-# section -> the module owning its range checks, `check_config(cfg)` (imported when a section is
-# checked: those modules import this one for their dataclasses)
-CHECKS: dict[str, str] = {
-    "prepare": "pgolf.prepare.prepare",
-    "model": "pgolf.shared.model",
-    "train": "pgolf.train.train",
-    "quantize": "pgolf.quantize.quantize",
-    "compress": "pgolf.compress.compress",
-    "evaluate": "pgolf.evaluate.evaluate",
-}
-_SECTION_OF = {cls: name for name, cls in SECTIONS.items()}
-
-
-def bad(cfg, key: str, why: str) -> ConfigError:
-    """The error of one value out of range, `<section>.<key> <why>, got <value>` (`check` adds the file)."""
-    return ConfigError(f"{_SECTION_OF[type(cfg)]}.{key} {why}, got {getattr(cfg, key)!r}")
+    def _check_ttt(self) -> None:
+        """The ttt_* keys, checked even while TTT is off."""
+        _one_of(self, "ttt_mode", TTT_MODES)
+        _one_of(self, "ttt_optimizer", TTT_OPTIMIZERS)
+        _one_of(self, "ttt_lr_schedule", TTT_SCHEDULES)
+        _distinct_subset(self, "ttt_targets", MATRIX_KINDS)
+        _at_least(self, 0, "ttt_first_layer", "ttt_weight_decay", "ttt_grad_clip")
+        _at_least(self, 1, "ttt_rank", "ttt_epochs", "ttt_batch_seqs")
+        _fraction(self, "ttt_momentum", "ttt_beta2", closed=False)
+        _positive_finite(self, "ttt_lr")
+        if self.ttt_chunk_tokens < max(self.stride, 1):
+            raise self.bad("ttt_chunk_tokens", f"must be >= evaluate.stride ({self.stride}) and >= 1 (a chunk shorter "
+                                               f"than the stride would split one window's scored targets)")
 
 
-def check(cfg, source: str = "params.yaml"):
-    """Run the range checks of `cfg`'s section and return `cfg`; ConfigError naming `source` and the
-    key. Loading calls it; call it on a dataclass built or changed by hand (dataclasses.replace)."""
-    section = _SECTION_OF[type(cfg)]
+SECTIONS: dict[str, type[Section]] = {cls.name: cls for cls in (
+    PrepareConfig, ModelConfig, TrainConfig, QuantizeConfig, CompressConfig, EvaluateConfig)}
+
+
+def check_across(cfgs: dict[str, Section]) -> None:
+    """The rules that read two sections (`cfgs`: every section, checked alone); ConfigError."""
+    model, ev = cfgs["model"], cfgs["evaluate"]
+    if ev.ttt_enabled and ev.ttt_first_layer >= model.num_layers:
+        raise ev.bad("ttt_first_layer", f"must be < model.num_layers ({model.num_layers})")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def check(cfg: Section, source: str = "params.yaml") -> Section:
+    """Run cfg's range checks and return it; ConfigError naming `source` and the key. Loading calls
+    it; call it on a dataclass built or changed by hand (dataclasses.replace)."""
     try:
-        importlib.import_module(CHECKS[section]).check_config(cfg)
-    except ValueError as e:  # ConfigError, or the ValueError of a parser the checks reuse
+        cfg.check()
+    except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     return cfg
 
 
-def _coerce(section: str, key: str, value, typ, source: str = "params.yaml"):
-    """Return `value` as `typ`, or raise ConfigError naming `source` and `section.key`."""
+def _type_name(typ) -> str:
+    args = typing.get_args(typ)
+    if typing.get_origin(typ) is not tuple:
+        return typ.__name__
+    if args[-1] is Ellipsis:
+        return f"a list of {_type_name(args[0])}"
+    return "[" + ", ".join(_type_name(a) for a in args) + "]"
+
+
+def _coerce(value, typ):
+    """`value` as `typ` (YAML lists become tuples); ValueError when it is not one."""
+    if typing.get_origin(typ) is tuple:
+        args = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)) or (args[-1] is not Ellipsis and len(value) != len(args)):
+            raise ValueError
+        types = [args[0]] * len(value) if args[-1] is Ellipsis else args
+        return tuple(_coerce(v, t) for v, t in zip(value, types))
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads 1e-8 as a string
-        except ValueError:
-            pass
+        return float(value)  # YAML 1.1 reads 1e-8 as a string
     if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
         return value
-    raise ConfigError(f"{source}: {section}.{key} must be {typ.__name__}, got {type(value).__name__} {value!r}")
+    raise ValueError
 
 
-def from_dict(section: str, data: dict | None, source: str = "params.yaml"):
-    """Build the dataclass of `section` from a (possibly partial) dict, checking keys, types and ranges.
-
-    Keys left out take the dataclass defaults (the record profile's values): for tests and tools
-    that override a few values. A params file goes through `from_doc`, which requires every key.
-    """
+def _typed(section: str, data, source: str, complete: bool) -> dict:
+    """{key: value as the field's type} of a section's mapping; ConfigError for an unknown key, a
+    value of the wrong type, or (complete) a missing key."""
     cls = SECTIONS[section]
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: section '{section}' must be a mapping of keys to values")
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(fields))
+    missing = [k for k in fields if k not in data] if complete else []
+    problems = [f"{what} key(s) {', '.join(section + '.' + k for k in keys)}"
+                for what, keys in (("unknown", unknown), ("missing", missing)) if keys]
+    if problems:
+        raise ConfigError(f"{source}: {'; '.join(problems)}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(section + '.' + k for k in unknown)}")
-    values = {k: _coerce(section, k, v, hints[k], source) for k, v in data.items()}
-    return check(cls(**values), source)
+    out = {}
+    for key, value in data.items():
+        try:
+            out[key] = _coerce(value, hints[key])
+        except ValueError:
+            raise ConfigError(f"{source}: {section}.{key} must be {_type_name(hints[key])}, got "
+                              f"{type(value).__name__} {value!r}") from None
+    return out
 
 
-def from_doc(doc: dict, section: str, source: str = "params.yaml"):
-    """The dataclass of `section` from a whole params document: the section and every one of its
-    keys must be there (no run may start on a default it did not ask for)."""
+def from_dict(section: str, data: dict | None, source: str = "params.yaml") -> Section:
+    """The checked dataclass of `section` from a (possibly partial) mapping: keys left out take the
+    record defaults (for tests and tools that set a few values; a params file goes through `from_doc`)."""
+    return check(SECTIONS[section](**_typed(section, data, source, complete=False)), source)
+
+
+def from_doc(doc: dict, section: str, source: str = "params.yaml") -> Section:
+    """The checked dataclass of `section` from a whole params document, in which the section and
+    every one of its keys must be present (no run starts on a default it did not ask for)."""
     if section not in doc:
-        raise ConfigError(f"{source}: section '{section}' is missing (every section of profiles/tiny.yaml "
-                          f"must be present)")
-    data = {} if doc[section] is None else doc[section]
-    if isinstance(data, dict):
-        fields = [f.name for f in dataclasses.fields(SECTIONS[section])]
-        unknown = sorted(set(data) - set(fields))
-        missing = [k for k in fields if k not in data]
-        problems = [f"{what} key(s) {', '.join(section + '.' + k for k in keys)}"
-                    for what, keys in (("unknown", unknown), ("missing", missing)) if keys]
-        if problems:
-            raise ConfigError(f"{source}: {'; '.join(problems)}")
-    return from_dict(section, data, source)
+        raise ConfigError(f"{source}: section '{section}' is missing (write params.yaml with `pgolf profiles NAME`)")
+    return check(SECTIONS[section](**_typed(section, doc[section], source, complete=True)), source)
+
+
+def restore(section: str, data: dict, source: str) -> Section:
+    """The dataclass of values checked before (typed again, every key required, no range checks)."""
+    return SECTIONS[section](**_typed(section, data, source, complete=True))
 
 
 def read_doc(path: str | Path = "params.yaml") -> dict:
@@ -300,16 +554,34 @@ def parse_doc(text: str, source: str) -> dict:
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
         why = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{source}: not valid YAML{at}: {why}") from None
+    if doc is None:
+        doc = {}
     if not isinstance(doc, dict):
         raise ConfigError(f"{source}: must be a mapping of sections (prepare, model, train, ...), "
                           f"got {type(doc).__name__}")
     return doc
 
 
-def load(section: str, path: str | Path = "params.yaml"):
-    """Read one section of a params file into its dataclass (every key required, every value checked)."""
+def load(section: str, path: str | Path = "params.yaml") -> Section:
+    """One section of a complete params file (every key required, every value checked)."""
     return from_doc(read_doc(path), section, str(path))
 
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+def load_all(doc: dict, source: str = "params.yaml") -> dict[str, Section]:
+    """{section: checked dataclass} of a complete params document, the rules across sections included."""
+    cfgs = {s: from_doc(doc, s, source) for s in SECTIONS}
+    try:
+        check_across(cfgs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfgs
+
+
+def _plain(value):
+    """Tuples as lists, all the way down (for YAML and JSON)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def to_dict(cfg: Section) -> dict:
+    """{key: value} of a section, lists as lists."""
+    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from pgolf import config
-from pgolf.shared import layout, tensorfile
+from pgolf.shared import checked, layout, tensorfile
 from pgolf.compress import artifact, pack
 from pgolf.compress.compress import CompressError, build, over_cap_message, summary_line
 from pgolf.shared.io import OutputError
@@ -25,9 +25,9 @@ EXPECTED_ERRORS = (config.ConfigError, tensorfile.TensorFileError, CompressError
 
 @entry("compress", EXPECTED_ERRORS)
 def main() -> int:
-    cfg = config.load("compress")
-    script = pack.build_script(Path("."))
-    m = build(cfg, script, eval_files=artifact.code_files("."))
+    cfgs = checked.read_all(pack.BAKED_SECTIONS)
+    script = pack.build_script(Path("."), cfgs)
+    m = build(cfgs["compress"], script, eval_files=artifact.code_files("."))
     print(summary_line(m))
     if not m["under_cap"]:
         return fail("compress", f"{over_cap_message(m)}; {layout.SIZE_METRICS} written")

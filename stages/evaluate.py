@@ -1,7 +1,7 @@
 """Stage `evaluate`: artifacts/final/model.ptz (+ val shards, tokenizer) -> metrics/eval.json.
 
 Scores the artifact alone (sliding window, and non-sliding over the same tokens) and prints one
-result line (`python -m pgolf.summary` prints the whole summary, once, at the end of the
+result line (`pgolf summary` prints the whole summary, once, at the end of the
 Quickstart). With evaluate.nproc_per_node > 1 (and not already under torchrun)
 the stage re-executes itself through torchrun; every rank scores its share, rank 0 writes.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from pgolf import config
-from pgolf.shared import dist
+from pgolf.shared import checked, dist
 from pgolf.compress.artifact import ArtifactError
 from pgolf.shared.shards import ShardError
 from pgolf.evaluate.evaluate import EvaluateError, run
@@ -25,7 +25,7 @@ EXPECTED_ERRORS = (OutputError, config.ConfigError, ArtifactError, TensorFileErr
 
 @entry("evaluate", EXPECTED_ERRORS)
 def main() -> int:
-    cfg = config.load("evaluate")
+    cfg = checked.read("evaluate")
     if cfg.nproc_per_node > 1 and not dist.under_torchrun():
         return dist.relaunch_with_torchrun("stages.evaluate", cfg.nproc_per_node)
     m = run(cfg)

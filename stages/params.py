@@ -1,5 +1,5 @@
-"""Stage `params`: params.yaml -> artifacts/params/<section>.json, the gate every other stage
-depends on (pgolf.params.params says why): a bad value stops the pipeline here, outputs intact."""
+"""Stage `params`: params.yaml -> artifacts/params/<section>.json, the checked values every stage
+reads (pgolf.params.params): a bad value stops the pipeline here, every output intact."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from pgolf import config
+from pgolf.shared import checked
 from pgolf.prepare.corpus import CorpusError
 from pgolf.shared.shards import ShardError
 from pgolf.prepare.prepare import run
@@ -19,7 +20,7 @@ EXPECTED_ERRORS = (OutputError, config.ConfigError, CorpusError, ShardError, Tok
 
 @entry("prepare", EXPECTED_ERRORS)
 def main() -> int:
-    m = run(config.load("prepare"))
+    m = run(checked.read("prepare"))
     print(f"prepare: vocab {m['vocab_size']}, train {m['train_tokens']:,} tokens in {m['train_docs']:,} docs, "
           f"val {m['val_tokens']:,} tokens in {m['val_docs']:,} docs, val {m['val_bytes']:,} bytes "
           f"({m['bytes_per_token']:.4f} bytes/token), tokenizer sha256 {m['tokenizer_sha256'][:12]}, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from pgolf import config
+from pgolf.shared import checked
 from pgolf.shared.io import OutputError
 from pgolf.quantize.quantize import QuantizeError, qat_warning, run, summary_line
 from pgolf.shared.tensorfile import TensorFileError
@@ -21,7 +22,7 @@ EXPECTED_ERRORS = (OutputError, config.ConfigError, QuantizeError, HessianError,
 
 @entry("quantize", EXPECTED_ERRORS)
 def main() -> int:
-    m = run(config.load("quantize"))
+    m = run(checked.read("quantize"))
     warning = qat_warning(m)
     if warning:
         print(warning)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from pgolf import config
-from pgolf.shared import dist
+from pgolf.shared import checked, dist
 from pgolf.shared.shards import ShardError
 from pgolf.shared.train_files import HessianError
 from pgolf.shared.tensorfile import TensorFileError
@@ -24,7 +24,7 @@ SAME_ON_EVERY_RANK = (config.ConfigError, ShardError, TrainError)  # printed by 
 
 @entry("train", EXPECTED_ERRORS, rank0_only=SAME_ON_EVERY_RANK)
 def main() -> int:
-    mcfg, tcfg = config.load("model"), config.load("train")
+    mcfg, tcfg = checked.read("model"), checked.read("train")
     if tcfg.nproc_per_node > 1 and not dist.under_torchrun():
         return dist.relaunch_with_torchrun("stages.train", tcfg.nproc_per_node)
     result = run(mcfg, tcfg)

@@ -13,6 +13,8 @@ import yaml
 
 from conftest import tiny_model
 from pgolf.compress import artifact, pack
+from pgolf.params import params
+from pgolf.shared import checked
 from pgolf.config import CompressConfig
 from pgolf.shared.io import file_sha256
 from test_compress import quantized
@@ -65,7 +67,8 @@ def finished_run(root: Path) -> Path:
     final.mkdir(parents=True)
     tensors, meta = quantized(tiny_model())
     (final / "model.ptz").write_bytes(artifact.compress(artifact.serialize(tensors, meta), "lzma", FAST))
-    script = pack.build_script(root)
+    params.run(root / "params.yaml", root)  # the gate: artifacts/params/<section>.json
+    script = pack.build_script(root, checked.read_all(pack.BAKED_SECTIONS, root))
     (final / "train_gpt.py").write_bytes(script)
     files = artifact.code_files(root)
     (final / "code_files.json").write_text(json.dumps({

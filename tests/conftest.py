@@ -76,12 +76,21 @@ def one_thread():
         yield
 
 
-TINY_PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "tiny.yaml"
+TINY_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"  # the tiny profile written out (test_config)
+
+
+def write_params(root: Path, **sections: dict) -> None:
+    """params.yaml under `root` (the tiny profile with `sections` replaced) and the params gate's
+    checked files beside it, as `dvc repro` leaves them before any other stage runs."""
+    from pgolf.params import params
+
+    (root / "params.yaml").write_text(params_yaml(**sections))
+    params.run(root / "params.yaml", root)
 
 
 def params_yaml(**sections: dict) -> str:
     """The tiny profile (every section and key, as a params file must have) with some values replaced."""
-    doc = yaml.safe_load(TINY_PROFILE.read_text())
+    doc = yaml.safe_load(TINY_PARAMS.read_text())
     for section, values in sections.items():
         doc[section].update(values)
     return yaml.safe_dump(doc, sort_keys=False)

@@ -86,7 +86,7 @@ def test_corrupt_brotli_body_names_the_file():
 
 
 @pytest.mark.parametrize("over,message", [
-    ({"codec": "gzip"}, "compress.codec must be one of auto, lzma, zstd, brotli; got 'gzip'"),
+    ({"codec": "gzip"}, "compress.codec must be one of auto, lzma, zstd, brotli, got 'gzip'"),
     ({"brotli_quality": 12}, "compress.brotli_quality must be in [0, 11], got 12"),
     ({"brotli_window": 25}, "compress.brotli_window must be in [10, 24], got 25"),
     ({"brotli_window": 9}, "compress.brotli_window must be in [10, 24], got 9"),
@@ -98,7 +98,7 @@ def test_bad_codec_params_are_named(over, message):
 
 
 def test_unknown_codec_name_in_the_compress_stage(workdir):  # noqa: F811
-    with pytest.raises(ConfigError, match="compress.codec must be one of auto, lzma, zstd, brotli; got 'lz4'"):
+    with pytest.raises(ConfigError, match="compress.codec must be one of auto, lzma, zstd, brotli, got 'lz4'"):
         config.from_dict("compress", {"codec": "lz4"})
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import MICRO_CFG, TINY_PROFILE
+from conftest import MICRO_CFG, TINY_PARAMS
 from pgolf.train import checkpoint as C
 from pgolf import config
 from pgolf.shared import tensorfile
@@ -33,7 +33,7 @@ META_KEYS = ["fingerprint", "step", "elapsed_ms", "qat_on", "qat_start_step", "l
 
 
 def tcfg(tmp: Path, **kw) -> config.TrainConfig:
-    base = config.load("train", TINY_PROFILE)
+    base = config.load("train", TINY_PARAMS)
     return dataclasses.replace(base, device="cpu", checkpoint_dir=str(tmp / "ckpt"), swa_enabled=True,
                                swa_every=1, swa_threshold=1.0, **kw)
 

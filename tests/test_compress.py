@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import MICRO_CFG, params_yaml, tiny_model
+import conftest
+from conftest import MICRO_CFG, tiny_model
 from pgolf import config
-from pgolf.shared import tensorfile
+from pgolf.shared import checked, tensorfile
 from pgolf.compress import artifact, pack
 from pgolf.config import CompressConfig
 from pgolf.shared.rowquant import qmax_for, quantize, row_scale
@@ -76,8 +77,9 @@ def build(workdir, cfg=FAST):
 
 
 def write_params(workdir: Path, **compress_kv) -> None:
-    """The repo's params.yaml with compress.* overridden (the packed script bakes every section)."""
-    (workdir / "params.yaml").write_text(params_yaml(compress=compress_kv))
+    """The repo's params.yaml with compress.* overridden and the params gate's checked files (the
+    packed script bakes every section)."""
+    conftest.write_params(workdir, compress=compress_kv)
 
 
 def test_build_writes_artifact_code_list_and_metrics(workdir):
@@ -113,12 +115,13 @@ def test_forced_codec(workdir, codec):
 def test_over_cap_writes_metrics_and_exits_nonzero(workdir, monkeypatch, capsys):
     monkeypatch.chdir(workdir)
     copy_code(workdir)
-    write_params(workdir, codec="auto", lzma_preset=6, zstd_level=19, cap_bytes=50000)
+    write_params(workdir, codec="auto", lzma_preset=6, zstd_level=19, cap_bytes=50000, target_bytes=50000, prune=False)
     assert compress.main() == 1
     size = json.loads((workdir / "metrics/size.json").read_text())
     over = size["total_bytes"] - 50000
     assert size["under_cap"] is False and size["cap_bytes"] == 50000 and over > 0
-    assert size["code_bytes"] == len(pack.build_script(workdir)) == (workdir / "artifacts/final/train_gpt.py").stat().st_size
+    baked = checked.read_all(pack.BAKED_SECTIONS, workdir)
+    assert size["code_bytes"] == len(pack.build_script(workdir, baked)) == (workdir / "artifacts/final/train_gpt.py").stat().st_size
     err = capsys.readouterr().err
     assert f"compress: error: artifact is over the cap by {over:,} bytes" in err
     assert f"+ packed code {size['code_bytes']:,}" in err
@@ -178,4 +181,4 @@ def test_disk_full_is_an_error_naming_the_file_and_outputs_stay(workdir):
     assert p.stderr.startswith("compress: error: artifacts/final/model.ptz: cannot write (File too large"), p.stderr
     assert "Traceback" not in p.stderr
     assert {p: (workdir / p).read_bytes() for p in before} == before
-    assert sorted(q.name for q in (workdir / "artifacts").iterdir()) == ["final", "quant"]  # no temp folder left
+    assert sorted(q.name for q in (workdir / "artifacts").iterdir()) == ["final", "params", "quant"]  # no temp folder left

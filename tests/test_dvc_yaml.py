@@ -22,7 +22,7 @@ from pgolf.compress.artifact import CODE_FILES
 from pgolf.compress.pack import BAKED_SECTIONS, PACKED_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("params", "prepare", "train", "curves", "quantize", "compress", "evaluate")
+STAGES = ("params", "prepare", "data_check", "train", "curves", "quantize", "compress", "evaluate")
 PLUMBING = {"stages/__init__.py", "pgolf/__init__.py", "pgolf/config.py"}  # see dvc.yaml header
 TRAINING_CODE = "pgolf/train"  # the folder of the train stage
 
@@ -37,11 +37,8 @@ def _code_deps(stage: str) -> set[str]:
 
 
 def _imported_files(stage: str) -> set[str]:
-    """The pgolf and stages files `python -m stages.<stage>` imports; for params also the range-check
-    modules of every section (pgolf.config.CHECKS), which it imports while checking params.yaml."""
-    checks = ("from pgolf import config; [importlib.import_module(m) for m in config.CHECKS.values()]; "
-              if stage == "params" else "")
-    code = (f"import sys, importlib; importlib.import_module('stages.{stage}'); {checks}"
+    """The pgolf and stages files `python -m stages.<stage>` imports."""
+    code = (f"import sys, importlib; importlib.import_module('stages.{stage}'); "
             "print('\\n'.join(m.__file__ for n, m in list(sys.modules.items()) "
             "if n.split('.')[0] in ('pgolf', 'stages') and getattr(m, '__file__', None)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
@@ -70,14 +67,16 @@ def test_every_imported_module_is_a_dep(stage):
 @pytest.mark.parametrize("stage", STAGES)
 def test_code_deps_are_the_folders_the_stage_imports(stage):
     """stages/<stage>.py + pgolf/<stage> + pgolf/shared + the upstream folders it imports, nothing else
-    (compress: also what it counts, the packed sources and CODE_FILES; params: also the schema)."""
+    (compress: also what it counts, the packed sources and CODE_FILES; the two gates: also the schema,
+    pgolf/config.py, whose checks they run; data_check's code lives in pgolf/params)."""
     needed = _imported_files(stage) - PLUMBING
     if stage == "compress":
         needed |= {*PACKED_FILES, *CODE_FILES}
-    if stage == "params":
+    if stage in ("params", "data_check"):
         needed.add("pgolf/config.py")
     assert _code_deps(stage) == {_grain(f) for f in needed}
-    assert {f"stages/{stage}.py", f"pgolf/{stage}", "pgolf/shared"} <= _code_deps(stage)
+    folder = "pgolf/params" if stage == "data_check" else f"pgolf/{stage}"
+    assert {f"stages/{stage}.py", folder, "pgolf/shared"} <= _code_deps(stage)
 
 
 @pytest.mark.parametrize("stage", ("quantize", "compress", "evaluate"))
@@ -134,12 +133,15 @@ def _layout_io() -> dict[str, dict[str, set[str]]]:
         "params": {"deps": set(), "outs": p(*map(L.params_file, config.SECTIONS))},
         "prepare": {"deps": p(L.params_file("prepare")), "outs": p(L.TOKENIZER, L.SHARDS),
                     "metrics": p(L.PREPARE_METRICS)},
-        "train": {"deps": p(L.SHARDS, L.TOKENIZER, L.params_file("model"), L.params_file("train")),
+        "data_check": {"deps": p(L.TOKENIZER, L.PREPARE_METRICS, *map(L.params_file, ("model", "train", "evaluate"))),
+                       "outs": p(L.DATA_CHECK)},
+        "train": {"deps": p(L.SHARDS, L.TOKENIZER, L.params_file("model"), L.params_file("train"), L.DATA_CHECK),
                   "outs": p(L.TRAIN), "metrics": p(L.TRAIN_METRICS), "plots": p(L.TRAIN_TSV)},
         "curves": {"deps": p(L.TRAIN_TSV), "plots": p(L.TRAIN_PNG)},
         "quantize": {"deps": p(L.TRAIN, L.params_file("quantize")), "outs": p(L.QUANT), "metrics": p(L.QUANT_METRICS)},
-        "compress": {"deps": p(L.QUANT, L.params_file("compress")), "outs": p(L.FINAL), "metrics": p(L.SIZE_METRICS)},
-        "evaluate": {"deps": p(L.FINAL, L.SHARDS, L.TOKENIZER, L.params_file("evaluate")),
+        "compress": {"deps": p(L.QUANT, *map(L.params_file, BAKED_SECTIONS)), "outs": p(L.FINAL),
+                     "metrics": p(L.SIZE_METRICS)},
+        "evaluate": {"deps": p(L.FINAL, L.SHARDS, L.TOKENIZER, L.params_file("evaluate"), L.DATA_CHECK),
                      "metrics": p(L.EVAL_METRICS)},
     }
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf.shared import bpb
+from pgolf import config
+from pgolf.shared import bpb, checked
 from pgolf.compress import artifact
 from pgolf.config import CompressConfig, EvaluateConfig
 from pgolf.shared.byte_tables import ByteTables
@@ -59,7 +60,13 @@ def make_workdir(root: Path, model: GPT, lossless=False, nproc=1) -> Path:
     (tok / "tokenizer.json").write_text(json.dumps({"model_file": "tokenizer.model", **TOKENIZER, "source": "t"}))
     tables().save(tok / "byte_tables.pgt")
     (root / "params.yaml").write_text(PARAMS.format(nproc=nproc))
+    gate(root)
     return root
+
+
+def gate(root: Path) -> None:
+    """What the params gate writes for the evaluate section of root/params.yaml (ConfigError if bad)."""
+    checked.write({"evaluate": config.load("evaluate", root / "params.yaml")}, root)
 
 
 def paths(root: Path) -> Paths:
@@ -136,7 +143,7 @@ def run_main(root, monkeypatch, capsys):
 
 
 def test_stage_main_prints_its_result_line_not_the_summary(tmp_path, monkeypatch, capsys):
-    """The Quickstart ends with `python -m pgolf.summary`; the stage itself must not print the
+    """The Quickstart ends with `pgolf summary`; the stage itself must not print the
     summary too (it used to appear twice)."""
     root = make_workdir(tmp_path, tiny_model(5))
     rc, out, err = run_main(root, monkeypatch, capsys)
@@ -188,13 +195,12 @@ BAD = {
                           "data/tokenizer/byte_tables.pgt: built for tokenizer bbbbbbbbbbbb"),
     "no val shards": (lambda r: [p.unlink() for p in (r / "data/shards").glob("fineweb_val_*")],
                       "data/shards: no fineweb_val_*.bin shards"),
-    "too few tokens": (lambda r: (r / "params.yaml").write_text(PARAMS.format(nproc=1).replace("max_tokens: 200",
-                                                                                               "max_tokens: 10")),
-                       "10 validation targets (evaluate.max_tokens 10) are fewer than one window of evaluate.context 16"),
-    "bad device": (lambda r: (r / "params.yaml").write_text(PARAMS.format(nproc=1).replace("device: cpu", "device: gpu")),
-                   "evaluate.device must be auto, cpu or cuda"),
-    "bad stride": (lambda r: (r / "params.yaml").write_text(PARAMS.format(nproc=1).replace("stride: 4", "stride: 17")),
-                   "evaluate.stride must be in [0, evaluate.context=16]"),
+}
+BAD_PARAMS = {
+    "too few tokens": (("max_tokens: 200", "max_tokens: 10"),
+                       "evaluate.max_tokens must be 0 (all) or >= evaluate.context (16), one window, got 10"),
+    "bad device": (("device: cpu", "device: gpu"), "evaluate.device must be one of auto, cpu, cuda, got 'gpu'"),
+    "bad stride": (("stride: 4", "stride: 17"), "evaluate.stride must be in [0, evaluate.context=16]"),
 }
 
 
@@ -208,6 +214,16 @@ def test_bad_input_exits_1_naming_the_file(tmp_path, monkeypatch, capsys, case):
     assert err.startswith("evaluate: error: "), err
     assert message in err, err
     assert not (root / "metrics/eval.json").exists()
+
+
+@pytest.mark.parametrize("case", list(BAD_PARAMS))
+def test_bad_params_stop_at_the_gate_before_the_stage(tmp_path, case):
+    root = make_workdir(tmp_path, tiny_model(6))
+    (old, new), message = BAD_PARAMS[case]
+    (root / "params.yaml").write_text(PARAMS.format(nproc=1).replace(old, new))
+    with pytest.raises(config.ConfigError) as e:
+        gate(root)
+    assert str(e.value).startswith(f"{root / 'params.yaml'}: {message}")
 
 
 def test_cli_under_torchrun_two_ranks_matches_one(tmp_path):

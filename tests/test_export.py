@@ -11,6 +11,7 @@ import pytest
 
 from _fake_run import finished_run, update_metric
 from pgolf.compress import pack
+from pgolf.shared import checked
 from pgolf.submit import export, summary
 
 
@@ -40,7 +41,7 @@ def test_export_writes_a_records_folder(run, tmp_path):
                             "train.log", "params.yaml", "rules_check.txt", "rules_check.json",
                             *(f"metrics_{n}.json" for n in export.NEEDED)])
     script = (run / "artifacts/final/train_gpt.py").read_bytes()
-    assert (out / "train_gpt.py").read_bytes() == script == pack.build_script(run)
+    assert (out / "train_gpt.py").read_bytes() == script == pack.build_script(run, checked.read_all(pack.BAKED_SECTIONS, run))
     sub = json.loads((out / "submission.json").read_text())
     assert sub["val_bpb"] == 2.4 and sub["bytes_code"] == len(script)
     assert sub["bytes_total"] == sub["bytes_model"] + len(script)

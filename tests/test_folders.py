@@ -33,7 +33,7 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
     "submit": ("evaluate", "curves"),
 }
 SHARED = "shared"
-TOP_LEVEL = {"__init__", "config"}  # pgolf/__init__.py and the params schema; the rest at the top are entry modules
+TOP_LEVEL = {"__init__", "config"}  # pgolf/__init__.py and the params schema; the rest at the top: the pgolf command
 
 
 def _allowed(folder: str) -> set[str]:
@@ -94,7 +94,7 @@ def test_imports_follow_the_pipeline(path):
     if len(rel.parts) == 1:  # a top-level module
         if rel.stem in TOP_LEVEL:
             assert not imported, f"pgolf/{rel} imports {sorted(imported)}"
-        return  # entry modules: test_documented_commands_are_entry_modules_of_their_owner
+        return  # the pgolf command: test_each_subcommand_is_the_main_of_its_owner_and_has_help
     folder = rel.parts[0]
     bad = sorted(n for n in imported if _folder_of(n) and _folder_of(n) not in _allowed(folder))
     assert not bad, f"pgolf/{rel} (folder {folder}) imports {bad}: not shared, not upstream of {folder}"
@@ -113,38 +113,40 @@ def test_the_import_check_sees_an_upward_import(tmp_path):
     assert {_folder_of(n) for n in names} - _allowed("evaluate") == set()
 
 
-def test_range_checks_loaded_by_name_still_import():
-    """pgolf.config runs each section's check_config from the module CHECKS names (the params stage
-    runs them all): each imports, has it, and lies in the folder of the stage owning the section."""
-    from pgolf import config
-
-    assert set(config.CHECKS) == set(config.SECTIONS)
-    for section, name in config.CHECKS.items():
-        assert callable(importlib.import_module(name).check_config), name
-        assert _folder_of(name) == (SHARED if section == "model" else section), (section, name)
+def test_config_and_the_gate_load_no_stage_folder():
+    """pgolf.config (the schema and every section's checks) imports nothing of pgolf; the params
+    gates import only pgolf.config and pgolf/shared (checked by the rule above: params has no
+    upstream folder)."""
+    assert not _imports(PGOLF / "config.py")
+    assert UPSTREAM["params"] == ()
 
 
 def _documented_commands() -> list[str]:
     readme = (ROOT / "README.md").read_text()
-    return sorted(set(re.findall(r"python -m (pgolf\.[a-z_]+)\b", readme)))
+    return sorted(set(re.findall(r"(?<![\w/.-])pgolf (summary|profiles|export|rules|seeds|fineweb)\b", readme)))
 
 
-def test_readme_documents_the_entry_modules():
-    assert _documented_commands() == ["pgolf.export", "pgolf.fineweb", "pgolf.profiles", "pgolf.rules",
-                                      "pgolf.seeds", "pgolf.summary"]
+def test_readme_documents_every_subcommand_of_the_pgolf_command():
+    from pgolf import cli
+
+    assert _documented_commands() == sorted(cli.SUBCOMMANDS)
+    assert not re.search(r"python -m pgolf\.\w", (ROOT / "README.md").read_text())  # the old alias modules are gone
 
 
-@pytest.mark.parametrize("command", _documented_commands())
-def test_documented_commands_are_entry_modules_of_their_owner(command):
-    """`python -m pgolf.X` runs the `main` of pgolf.<folder>.X, the module that owns the code."""
-    name = command.split(".")[1]
-    entry = PGOLF / f"{name}.py"
-    assert entry.is_file(), entry
-    owners = [n for n in _imports(entry) if _folder_of(n)]
-    assert len(owners) == 1 and owners[0].endswith(f".{name}.main"), owners
-    owner = importlib.import_module(owners[0].rsplit(".", 1)[0])
-    assert importlib.import_module(f"pgolf.{name}").main is owner.main
-    args = ["metrics"] if name == "summary" else ["--help"]  # summary takes a metrics folder, no options
-    p = subprocess.run([sys.executable, "-m", command, *args], cwd=ROOT, capture_output=True, text=True)
+@pytest.mark.parametrize("name", sorted(__import__("pgolf.cli").cli.SUBCOMMANDS))
+def test_each_subcommand_is_the_main_of_its_owner_and_has_help(name):
+    """`pgolf NAME` runs the `main(argv)` of the module that owns the code, in a folder of pgolf."""
+    from pgolf import cli
+
+    owner = cli.SUBCOMMANDS[name][0]
+    assert _folder_of(owner) in UPSTREAM and callable(importlib.import_module(owner).main)
+    p = subprocess.run([sys.executable, "-m", "pgolf", name, "--help"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.startswith("pgolf summary" if name == "summary" else "usage:"), p.stdout[:200]
+    assert p.stdout.startswith(f"usage: pgolf {name}"), p.stdout[:200]
+
+
+def test_pgolf_alone_lists_the_subcommands():
+    p = subprocess.run([sys.executable, "-m", "pgolf", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0 and all(name in p.stdout for name in ("summary", "profiles", "export", "rules"))
+    p = subprocess.run([sys.executable, "-m", "pgolf", "nope"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2 and "invalid choice: 'nope'" in p.stderr

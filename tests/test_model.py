@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from pgolf.config import ModelConfig
 from pgolf.shared.rowquant import fake_quant
-from pgolf.shared.model import (GPT, Rotary, accumulate_gram, SmearGate, bigram_hash, count_params, layer_order, mlp_hidden, softcap,
-                         check_config, xsa)
+from pgolf.config import check as check_config
+from pgolf.shared.model import (GPT, Rotary, accumulate_gram, SmearGate, bigram_hash, count_params, layer_order, softcap,
+                         xsa)
 from pgolf.shared.shards import BOS_ID
 
 TINY = ModelConfig(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=3,
@@ -616,7 +617,7 @@ def test_sparse_attention_gate_params_groups_and_export():
 @pytest.mark.parametrize("mult,dim,hidden", [(3.0, 512, 1536), (4.0, 512, 2048), (2.999, 128, 384),
                                              (2.515625, 32, 81), (3.03125, 32, 97), (0.5, 2, 1)])
 def test_mlp_hidden_rounds_half_up(mult, dim, hidden):
-    assert mlp_hidden(ModelConfig(model_dim=dim, num_heads=1, num_kv_heads=1, mlp_mult=mult)) == hidden
+    assert ModelConfig(model_dim=dim, num_heads=1, num_kv_heads=1, mlp_mult=mult).mlp_hidden == hidden
 
 
 def test_odd_mlp_width_builds_trains_and_exports():
@@ -696,7 +697,7 @@ def test_layer_order_and_param_count_of_depth_recurrence():
     for bad in (dict(loop_start=4, loop_end=3), dict(loop_end=11), dict(num_loops=-1)):
         with pytest.raises(ValueError, match=r"model\.(loop_start|num_loops)"):
             check_config(dataclasses.replace(rec, **bad))
-    with pytest.raises(ValueError, match=r"model\.loop_end \(5\) must be below model\.parallel_start_layer"):
+    with pytest.raises(ValueError, match=r"model\.loop_end must be below model\.parallel_start_layer \(5\)"):
         check_config(dataclasses.replace(rec, parallel_start_layer=5))
     assert GPT(dataclasses.replace(TINY, num_loops=1)).looping  # as the evaluate stage rebuilds it
 

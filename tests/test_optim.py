@@ -137,12 +137,15 @@ def test_polar_express_lands_closer_to_orthogonal_than_quintic():
 def test_ns_coefficient_schedules_and_errors():
     assert ns_coefficients("quintic", 3) == ((3.4445, -4.7750, 2.0315),) * 3
     assert list(ns_coefficients("polar_express", 5)) == PE_HAND
-    with pytest.raises(ValueError, match=r"train\.muon_ns_steps must be <= 5"):
+    with pytest.raises(ValueError, match=r"no Newton-Schulz schedule 'polar_express' of 6 steps"):
         ns_coefficients("polar_express", 6)
-    with pytest.raises(ValueError, match=r"train\.muon_ns_coeffs must be one of"):
+    with pytest.raises(ValueError, match=r"no Newton-Schulz schedule 'cubic'"):
         ns_coefficients("cubic", 5)
-    with pytest.raises(ValueError, match=r"train\.muon_ns_steps"):
+    with pytest.raises(ValueError, match=r"of 7 steps"):
         Muon([torch.nn.Parameter(torch.zeros(4, 4))], ns_steps=7, ns_coeffs="polar_express")
+    from pgolf.config import NS_SCHEDULES  # the names and bounds train.muon_ns_* are checked against
+
+    assert set(NS_SCHEDULES) == {"quintic", "polar_express"} and NS_SCHEDULES["polar_express"] == len(PE_HAND)
 
 
 def test_muon_with_polar_express_steps_with_its_schedule():

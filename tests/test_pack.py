@@ -4,28 +4,28 @@ baked params, runs its bootstrap, and its file list covers every module pgolf.su
 from __future__ import annotations
 
 import ast
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import params_yaml
 from pgolf import config
 from pgolf.compress import pack
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = config.load_all(config.read_doc(ROOT / "params.yaml"))  # the checked sections of the committed params
 
 
 def test_script_is_deterministic_and_roundtrips_sources_and_params():
-    a, b = pack.build_script(ROOT, params_path=ROOT / "params.yaml"), pack.build_script(ROOT)
+    a, b = pack.build_script(ROOT, TINY), pack.build_script(ROOT, dict(TINY))
     assert a == b and a.isascii()
     archive = pack.unpack(a)
     assert sorted(archive["files"]) == sorted(pack.PACKED_FILES)
     for rel, text in archive["files"].items():
         assert text == pack.strip_source((ROOT / rel).read_text(encoding="utf-8"))
-    assert archive["params"] == pack.baked_params(ROOT / "params.yaml")
+    assert archive["params"] == {s: config.to_dict(TINY[s]) for s in pack.BAKED_SECTIONS}
     assert set(archive["params"]) == set(pack.BAKED_SECTIONS)
     raw = sum((ROOT / f).stat().st_size for f in pack.PACKED_FILES)
     assert len(a) < raw / 2  # packed: well under half the raw sources
@@ -71,25 +71,17 @@ def test_strip_source_keeps_strings_and_drops_only_comments_docstrings_and_blank
     assert namespace["f"]("a") == 'a#keep   \n\n  # not a comment\n' and namespace["E"].__doc__ is None
 
 
-def test_params_change_the_script(tmp_path):
-    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
-    doc["evaluate"]["stride"] = 32
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc))
-    other = pack.build_script(ROOT, params_path=tmp_path / "p.yaml")
-    assert other != pack.build_script(ROOT)
+def test_params_change_the_script():
+    other = pack.build_script(ROOT, {**TINY, "evaluate": dataclasses.replace(TINY["evaluate"], stride=32)})
+    assert other != pack.build_script(ROOT, TINY)
     assert pack.unpack(other)["params"]["evaluate"]["stride"] == 32
-    doc["prepare"]["workers"] = 1  # not baked: the script prepares from the challenge layout itself
-    doc["evaluate"]["stride"] = 64
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc))
-    assert pack.build_script(ROOT, params_path=tmp_path / "p.yaml") == pack.build_script(ROOT)
+    same = {**TINY, "prepare": dataclasses.replace(TINY["prepare"], workers=1)}  # not baked: the script prepares itself
+    assert pack.build_script(ROOT, same) == pack.build_script(ROOT, TINY)
 
 
-def test_missing_source_and_bad_params_are_named(tmp_path):
+def test_missing_source_is_named(tmp_path):
     with pytest.raises(pack.PackError, match=r"pgolf/__init__.py: source file of the packed train_gpt.py missing"):
-        pack.build_script(tmp_path)
-    (tmp_path / "p.yaml").write_text(params_yaml(train={"seed": "one"}))
-    with pytest.raises(config.ConfigError, match="train.seed must be int"):
-        pack.baked_params(tmp_path / "p.yaml")
+        pack.build_script(tmp_path, TINY)
 
 
 def test_packed_files_are_what_the_recipe_imports():
@@ -107,7 +99,7 @@ def test_bootstrap_unpacks_and_reports_a_missing_data_layout(tmp_path):
     """The script runs from any folder: it unpacks itself, validates the baked params and names the
     challenge data it did not find (the full run is tests/test_submission.py)."""
     script = tmp_path / "train_gpt.py"
-    script.write_bytes(pack.build_script(ROOT))
+    script.write_bytes(pack.build_script(ROOT, TINY))
     p = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True)
     assert p.returncode == 1
     assert "data/datasets/fineweb10B_sp1024: challenge shard folder not found" in p.stderr
@@ -115,9 +107,10 @@ def test_bootstrap_unpacks_and_reports_a_missing_data_layout(tmp_path):
 
 
 def test_bootstrap_names_a_bad_baked_param(tmp_path):
-    params = pack.baked_params(ROOT / "params.yaml")
-    params["evaluate"]["stride"] = 10_000
+    """The baked values were checked by the params gate; the script types them again (no range
+    checks) and names one that is not of its field's type."""
     script = tmp_path / "train_gpt.py"
-    script.write_bytes(pack.build_script(ROOT, params))
+    script.write_bytes(pack.build_script(ROOT, {**TINY, "train": dataclasses.replace(TINY["train"], seed="one")}))
     p = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True)
-    assert p.returncode == 1 and "evaluate.stride must be in [0, evaluate.context=256]" in p.stderr
+    assert p.returncode == 1 and "baked params: train.seed must be int, got str 'one'" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr

@@ -8,8 +8,9 @@
 - `dvc metrics diff` / `params diff` / `plots diff` between two branches show the expected keys
   and differences (checked in the --json output: DVC exits 0 even when it cannot read metrics);
   the training curves are also an image plot (plots/train.png);
-- a bad param stops `dvc repro` / `dvc exp run` at the `params` gate: the outputs of the stage it
-  belongs to are not deleted;
+- a bad param stops `dvc repro` / `dvc exp run` at the `params` gate, or at `data_check` when only
+  the data can tell (model.vocab_size against the tokenizer, train.batch_tokens against the
+  training tokens): no stage's outputs are deleted;
 - the README's `dvc exp show` command gives a narrow table;
 - the README's sharing workflow: `dvc push` to a (local-folder) remote, `dvc pull` in a second
   clone, whose `dvc repro` then reruns nothing; `dvc exp push` / `dvc exp pull` likewise.
@@ -132,26 +133,44 @@ def test_training_curves_are_also_a_png_plot(repo):
     assert [p["type"] for p in shown["plots/train.png"]] == ["image"]
 
 
-QUANT_OUTPUTS = ("artifacts/quant/quant.pgt", "artifacts/quant/table.json", "metrics/quant.json",
-                 "artifacts/final/model.ptz", "metrics/size.json", "metrics/eval.json")
+OUTPUTS = ("artifacts/params/model.json", "data/tokenizer/tokenizer.json", "metrics/prepare.json",
+           "artifacts/train/model.pgt", "artifacts/train/hessians.pgt", "metrics/train.json", "plots/train.tsv",
+           "artifacts/quant/quant.pgt", "artifacts/quant/table.json", "metrics/quant.json",
+           "artifacts/final/model.ptz", "metrics/size.json", "metrics/eval.json")
+BAD = {  # a value a check rejects -> the gate (and the message) that stops `dvc repro` before any output is lost
+    "quantize.bits=9": ("params", "params.yaml: quantize.bits must be in the supported range [2, 8], got 9"),
+    "model.vocab_size=512": ("data_check", "params.yaml: model.vocab_size is 512 but data/tokenizer/tokenizer.json "
+                                           "says the tokenizer has 1024 tokens; set model.vocab_size to 1024"),
+    "evaluate.max_tokens=100": ("params", "params.yaml: evaluate.max_tokens must be 0 (all) or >= evaluate.context "
+                                          "(128), one window, got 100"),
+    "train.batch_tokens=16777216": ("data_check", "params.yaml: train.batch_tokens (16777216) must be below the "),
+}
 
 
 @pytest.mark.parametrize("how", ["repro", "exp run"])
-def test_bad_param_stops_at_the_gate_and_loses_no_output(repo, how):
-    before = {p: (repo / p).read_bytes() for p in QUANT_OUTPUTS}
+@pytest.mark.parametrize("setting", list(BAD))
+def test_bad_param_stops_at_a_gate_and_loses_no_output(repo, how, setting):
+    """Every output of every stage (the train stage's uncached metrics and plots included) is
+    byte-identical after a value that a check rejects, whether it needs the data or not."""
+    before = {p: (repo / p).read_bytes() for p in OUTPUTS}
     params = (repo / "params.yaml").read_text()
+    gate, message = BAD[setting]
+    key, value = setting.split("=")
     if how == "repro":
-        _set_params(repo, {"quantize": {"bits": 9}})
+        section, name = key.split(".")
+        _set_params(repo, {section: {name: int(value)}})
         out = _dvc("repro", cwd=repo, fail=True)
     else:
-        out = _dvc("exp", "run", "-S", "quantize.bits=9", cwd=repo, fail=True)
-    assert "params: error: params.yaml: quantize.bits must be in the supported range [2, 8], got 9" in out
-    assert "Running stage 'quantize'" not in out
-    assert {p: (repo / p).read_bytes() for p in QUANT_OUTPUTS} == before
+        out = _dvc("exp", "run", "-S", setting, cwd=repo, fail=True)
+    assert f"{gate}: error: {message}" in out
+    ran = [s for s in ("prepare", "data_check", "train", "quantize", "compress", "evaluate") if f"Running stage '{s}'" in out]
+    assert ran == (["data_check"] if gate == "data_check" else []), ran
     (repo / "params.yaml").write_text(params)  # (git checkout can miss it: DVC restores the mtime)
+    assert {p: (repo / p).read_bytes() for p in OUTPUTS if p != "artifacts/params/model.json"} == \
+        {p: v for p, v in before.items() if p != "artifacts/params/model.json"}
     out = _dvc("repro", cwd=repo)  # the gate reruns (or comes from the run-cache); nothing else
-    assert "Running stage" not in out.replace("Running stage 'params'", "")
-    assert {p: (repo / p).read_bytes() for p in QUANT_OUTPUTS} == before
+    assert "Running stage" not in out.replace("Running stage 'params'", ""), out
+    assert {p: (repo / p).read_bytes() for p in OUTPUTS} == before
     assert "Data and pipelines are up to date" in _dvc("repro", cwd=repo)
 
 

@@ -12,7 +12,7 @@ import pytest
 import sentencepiece as spm
 import zstandard
 
-from conftest import params_yaml
+from conftest import write_params
 from pgolf import config
 from pgolf.shared import byte_tables, shards, tokenizer_meta
 from pgolf.prepare import fineweb, prepare, tokenizer
@@ -416,15 +416,11 @@ def test_prepare_export_rejects_foreign_shard(tmp_path):
 # ----------------------------------------------------------------------------- stage entry point
 
 
-def test_stage_reports_bad_params_without_traceback(tmp_path, monkeypatch, capsys):
+def test_stage_reports_bad_input_without_traceback(tmp_path, monkeypatch, capsys):
     from stages import prepare as stage
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(params_yaml(prepare={"workers": "two"}))
-    assert stage.main() == 1
-    err = capsys.readouterr().err
-    assert "prepare.workers must be int" in err and "Traceback" not in err
-    (tmp_path / "params.yaml").write_text(params_yaml(prepare={"corpus": "nowhere", "tokenizer": "x.model"}))
+    write_params(tmp_path, prepare={"corpus": "nowhere", "tokenizer": "x.model"})
     assert stage.main() == 1
     assert "nowhere: corpus path not found" in capsys.readouterr().err
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from _quant_model import MICRO, eval_loss, trained, write_train_dir
-from conftest import single_thread
+from conftest import single_thread, write_params
 from pgolf import config
+from pgolf.config import ConfigError
 from pgolf.shared import rowquant, tensorfile
 from pgolf.compress import artifact, pack
 from pgolf.quantize import quantize as Q
@@ -161,9 +161,7 @@ def stage_dir(tmp_path, monkeypatch):
     for rel in pack.PACKED_FILES:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, tmp_path / rel)
-    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
-    doc["quantize"].update(passthrough_max_numel=512)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    write_params(tmp_path, quantize={"passthrough_max_numel": 512})
     (tmp_path / "artifacts" / "quant").mkdir(parents=True)
     (tmp_path / "artifacts" / "quant" / "quant.pgt").write_bytes(b"previous")
     (tmp_path / "metrics").mkdir()
@@ -173,9 +171,8 @@ def stage_dir(tmp_path, monkeypatch):
 
 
 def set_params(root: Path, **kw):
-    doc = yaml.safe_load((root / "params.yaml").read_text())
-    doc["quantize"].update(kw)
-    (root / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    """quantize.* changed in params.yaml and through the params gate (ConfigError for a bad value)."""
+    write_params(root, quantize={"passthrough_max_numel": 512, **kw})
 
 
 def fails_cleanly(root: Path, capsys, match: str):
@@ -185,7 +182,7 @@ def fails_cleanly(root: Path, capsys, match: str):
     assert (root / "artifacts" / "quant" / "quant.pgt").read_bytes() == b"previous"
     assert sorted(p.name for p in (root / "artifacts" / "quant").iterdir()) == ["quant.pgt"]
     assert (root / "metrics" / "quant.json").read_text() == '{"previous": true}\n'
-    assert sorted(p.name for p in (root / "artifacts").iterdir()) == ["quant", "train"]  # no temp dirs left
+    assert sorted(p.name for p in (root / "artifacts").iterdir()) == ["params", "quant", "train"]  # no temp dirs left
     return err
 
 
@@ -234,13 +231,16 @@ def test_hessian_not_finite(stage_dir, capsys, value):
     ("bits", 9, "quantize.bits must be in the supported range [2, 8], got 9"),
     ("bits", 1, "quantize.bits must be in the supported range [2, 8], got 1"),
     ("embed_mode", "int4", "quantize.embed_mode must be one of int8, fp16, got 'int4'"),
-    ("clip_quantiles", "0.999,abc", "quantize.clip_quantiles must be comma-separated numbers in (0, 1]"),
-    ("clip_quantiles", "0.999,1.5", "quantize.clip_quantiles must be comma-separated numbers in (0, 1]"),
-    ("clip_quantiles", "", "quantize.clip_quantiles"),
+    ("clip_quantiles", "0.999,1.0", "quantize.clip_quantiles must be a list of float, got str"),
+    ("clip_quantiles", [0.999, 1.5], "quantize.clip_quantiles must be a list of distinct numbers in (0, 1]"),
+    ("clip_quantiles", [], "quantize.clip_quantiles"),
 ])
-def test_bad_params(stage_dir, capsys, key, value, match):
-    set_params(stage_dir, **{key: value})
-    fails_cleanly(stage_dir, capsys, match)
+def test_bad_params_stop_at_the_gate_and_the_outputs_stay(stage_dir, key, value, match):
+    with pytest.raises(ConfigError) as e:
+        set_params(stage_dir, **{key: value})
+    assert match in str(e.value)
+    assert (stage_dir / "artifacts" / "quant" / "quant.pgt").read_bytes() == b"previous"
+    assert (stage_dir / "metrics" / "quant.json").read_text() == '{"previous": true}\n'
 
 
 def test_other_bits_work_and_the_qat_mismatch_is_reported(stage_dir, capsys):

@@ -36,9 +36,10 @@ def test_fake_quant_forward_is_quantized_and_gradient_straight_through():
     assert torch.equal(w.grad, torch.ones_like(w))
 
 
-def test_bits_out_of_range():
-    with pytest.raises(ValueError, match="quantize.bits"):
-        rowquant.qmax_for(9)
+def test_qmax_of_each_width_the_config_allows():
+    from pgolf.config import BITS_RANGE
+
+    assert [rowquant.qmax_for(b) for b in range(BITS_RANGE[0], BITS_RANGE[1] + 1)] == [1, 3, 7, 15, 31, 63, 127]
 
 
 def test_fp16_round_matches_half_cast_also_under_compile():

@@ -7,12 +7,13 @@
   artifact's sha256, the byte counts and val_bpb must be equal;
 - export refuses the run once params.yaml changed after it;
 - the same script with train.nproc_per_node = 2 relaunches itself under torchrun (2 CPU ranks);
-- N seeds as DVC experiments, summarised by `python -m pgolf.seeds` from `dvc exp show`, with
+- N seeds as DVC experiments, summarised by `pgolf seeds` from `dvc exp show`, with
   every seed's train log, and exported with the run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ import pytest
 
 from _dvc_repo import dvc, micro_repo, run
 from pgolf.compress import pack
+from pgolf.shared import checked
 from pgolf.submit import export, seeds
 
 pytestmark = pytest.mark.slow
@@ -95,7 +97,7 @@ def test_seeds_as_dvc_experiments_then_summary_and_export(repo, tmp_path):
     runs = seeds.runs_from_exp_show(seeds.exp_show(repo))
     assert sorted((r.name, r.seed) for r in runs) == [("seed7", 7), ("seed8", 8)]
     base = max(r.val_bpb for r in runs) + 1.0  # a much worse baseline: the improvement is clear
-    out = run([sys.executable, "-m", "pgolf.seeds", "--baseline-bpb", str(base), "--out", str(tmp_path / "seeds")],
+    out = run([sys.executable, "-m", "pgolf", "seeds", "--baseline-bpb", str(base), "--out", str(tmp_path / "seeds")],
               repo)
     assert "seeds: 2 runs" in out
     summary = json.loads((tmp_path / "seeds" / "seeds.json").read_text())
@@ -103,7 +105,7 @@ def test_seeds_as_dvc_experiments_then_summary_and_export(repo, tmp_path):
     assert "step:24/24" in (tmp_path / "seeds" / "train_seed7.log").read_text()
     records = export.export(repo, tmp_path / "rec", "n", "a", "g", "", seeds=tmp_path / "seeds")
     assert (records / "train_seed8.log").exists() and (records / "seeds.json").exists()
-    one = run([sys.executable, "-m", "pgolf.seeds", "--baseline-bpb", "9", "--exp", "seed7"], repo, check=False)
+    one = run([sys.executable, "-m", "pgolf", "seeds", "--baseline-bpb", "9", "--exp", "seed7"], repo, check=False)
     assert "seeds: error: 1 run(s) with metrics/eval.json; a seed summary needs at least 2" in one
 
 
@@ -111,10 +113,10 @@ def test_script_relaunches_itself_under_torchrun_with_two_ranks(repo, tmp_path):
     """train.nproc_per_node = 2 baked in, started with plain python: the script relaunches itself
     through torchrun (gloo on CPU); rank 0 prepares, quantizes and compresses, both ranks train and
     evaluate, and only rank 0 prints."""
-    params = pack.baked_params(repo / "params.yaml")
-    params["train"]["nproc_per_node"] = 2
+    cfgs = checked.read_all(pack.BAKED_SECTIONS, repo)  # the micro run's checked values
+    cfgs["train"] = dataclasses.replace(cfgs["train"], nproc_per_node=2)
     folder = challenge_folder(tmp_path / "challenge", None, repo)
-    (folder / "train_gpt.py").write_bytes(pack.build_script(repo, params))
+    (folder / "train_gpt.py").write_bytes(pack.build_script(repo, cfgs))
     p = subprocess.run([sys.executable, "train_gpt.py"], cwd=folder, capture_output=True, text=True)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     out = folder / "pgolf_run"

@@ -74,12 +74,12 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def mcfg(**kw) -> ModelConfig:
-    base = config.load("model", ROOT / "profiles" / "tiny.yaml")
+    base = config.load("model", ROOT / "params.yaml")
     return dataclasses.replace(base, **{**MICRO_MODEL, **kw})
 
 
 def tcfg(tmp: Path, **kw) -> TrainConfig:
-    base = config.load("train", ROOT / "profiles" / "tiny.yaml")
+    base = config.load("train", ROOT / "params.yaml")
     return dataclasses.replace(base, **{**MICRO_TRAIN, "checkpoint_dir": str(tmp / "ckpt"), **kw})
 
 
@@ -157,18 +157,10 @@ def test_depth_recurrence_switches_on_at_its_fraction(data_root, tmp_path):
     assert model.looping  # exported and evaluated with the loop, as the evaluate stage rebuilds it
 
 
-def test_seq_len_schedule_parse_and_lookup(tmp_path):
-    cfg = tcfg(tmp_path, seq_len=128, seq_len_schedule="32@0.25, 64@0.5")
-    sched = schedule.parse_seq_len_schedule(cfg)
-    assert sched == [(32, 0.25), (64, 0.5)]
-    assert [schedule.seq_len_at(f, cfg, sched) for f in (0.0, 0.2499, 0.25, 0.4999, 0.5, 1.0)] == [32, 32, 64, 64, 128, 128]
-    assert schedule.parse_seq_len_schedule(tcfg(tmp_path)) == [] and schedule.seq_len_at(0.0, tcfg(tmp_path), []) == 128
-    for bad, msg in (("64", "must be 'LEN@FRAC"), ("64@0.5,32@0.25", "fractions must increase"),
-                     ("64@1.5", "fractions"), ("256@0.5", r"lengths must be in \[1, train.seq_len=128\]")):
-        with pytest.raises(ConfigError, match=f"train.seq_len_schedule {msg}"):
-            schedule.parse_seq_len_schedule(tcfg(tmp_path, seq_len_schedule=bad))
-    with pytest.raises(ConfigError, match=r"train.seq_len_schedule = 1 \* 1 \* 48"):
-        T.check_batch(tcfg(tmp_path, seq_len_schedule="48@0.5"), 1, 1)  # 2048 tokens: not whole sequences
+def test_seq_len_schedule_lookup(tmp_path):
+    cfg = tcfg(tmp_path, seq_len=128, seq_len_schedule=((32, 0.25), (64, 0.5)))
+    assert [schedule.seq_len_at(f, cfg) for f in (0.0, 0.2499, 0.25, 0.4999, 0.5, 1.0)] == [32, 32, 64, 64, 128, 128]
+    assert schedule.seq_len_at(0.0, tcfg(tmp_path)) == 128  # no schedule
 
 
 def test_seq_len_schedule_drives_the_batches(data_root, tmp_path):
@@ -177,7 +169,8 @@ def test_seq_len_schedule_drives_the_batches(data_root, tmp_path):
     def watch(tr):
         seen[tr.step] = tr.seq_len
 
-    r = run(data_root, tmp_path, on_step=watch, iterations=12, seq_len_schedule="32@0.25,64@0.5", warmup_steps=1)
+    r = run(data_root, tmp_path, on_step=watch, iterations=12, seq_len_schedule=((32, 0.25), (64, 0.5)),
+            warmup_steps=1)
     assert [seen[s] for s in range(1, 13)] == [32] * 3 + [64] * 3 + [128] * 6  # same 2048 tokens per step
     assert "seq_len: 64 from step 3" in r.log_text and "seq_len: 128 from step 6" in r.log_text
     assert r.metrics["seq_len"] == 128
@@ -190,19 +183,6 @@ def test_muon_momentum_ramp(tmp_path):
     assert schedule.muon_momentum_at(50, cfg) == pytest.approx(0.99)
     assert schedule.muon_momentum_at(500, cfg) == pytest.approx(0.99)
     assert schedule.muon_momentum_at(0, dataclasses.replace(cfg, muon_momentum_warmup_steps=0)) == pytest.approx(0.99)
-
-
-def test_grad_accum_default_and_batch_check(tmp_path):
-    cfg = tcfg(tmp_path, grad_accum_steps=0, batch_tokens=786432, seq_len=2048)
-    assert [T.resolve_grad_accum(cfg, w) for w in (1, 2, 4, 8, 16)] == [8, 4, 2, 1, 1]  # the records' 8 // world
-    quarter = dataclasses.replace(cfg, batch_tokens=196608)  # 96 sequences of 2048
-    assert [T.resolve_grad_accum(quarter, w) for w in (1, 2, 8)] == [2, 1, 1]  # not 8 micro-batches of 12
-    assert T.resolve_grad_accum(dataclasses.replace(quarter, max_micro_batch_seqs=40), 1) == 3  # 3 of 32
-    assert T.resolve_grad_accum(dataclasses.replace(quarter, max_micro_batch_seqs=1), 1) == 96
-    assert T.resolve_grad_accum(dataclasses.replace(quarter, grad_accum_steps=8), 1) == 8  # explicit wins
-    assert T.check_batch(cfg, 8, 1) == 786432 // 8
-    with pytest.raises(ConfigError, match=r"train.batch_tokens \(786432\) must be divisible .* 5 \* 1 \* 2048"):
-        T.check_batch(cfg, 5, 1)
 
 
 def test_a_step_gradient_is_the_mean_gradient_over_its_micro_batches(data_root, tmp_path):
@@ -221,7 +201,7 @@ def test_a_step_gradient_is_the_mean_gradient_over_its_micro_batches(data_root, 
     tr.opt.step = lambda *a, **k: grads.update({n: p.grad.clone() for n, p in tr.model.named_parameters()})
     loss = float(tr._step(1, 1.0, None, ema=False))  # 4 micro-batches of 4 x 128
     tr.loader.load_state_dict(start)
-    micro = [tr.loader.next_batch(cfg.batch_tokens, cfg.seq_len, 4) for _ in range(4)]
+    micro = [tr.loader.next_batch(cfg.batch_tokens // 4, cfg.seq_len) for _ in range(4)]
     x, y = torch.cat([m[0] for m in micro]), torch.cat([m[1] for m in micro])  # (16, 128) each
     tr.model.zero_grad(set_to_none=True)
     whole = tr.fwd(x, y)  # one micro-batch of 16 x 128, same weights
@@ -428,7 +408,7 @@ def test_priming_stops_after_a_step_that_compiles_nothing(data_root, tmp_path, m
 
 def test_priming_counts_each_graph(data_root, tmp_path, monkeypatch):
     _fake_compiles(monkeypatch, 3)  # the first graph needs 4 steps, the next ones 2
-    r = run(data_root, tmp_path, iterations=4, warmup_steps=10, seq_len_schedule="32@0.25,64@0.5")
+    r = run(data_root, tmp_path, iterations=4, warmup_steps=10, seq_len_schedule=((32, 0.25), (64, 0.5)))
     assert r.metrics["warmup_steps_run"] == 4 + 2 + 2  # lengths 32, 64, 128
 
 
@@ -579,7 +559,7 @@ def _assert_hessians_are_hand_xtx(r: T.TrainResult, state: dict, data_root: Path
             p.copy_(state["params"][n])
     loader = DistributedTokenLoader(sorted((data_root / "shards").glob("fineweb_train_*.bin")))
     loader.load_state_dict(state["loader"])
-    x, y = loader.next_batch(2048, 128, 1)
+    x, y = loader.next_batch(2048, 128)
     grams = _capture_linear_inputs(model, x, y)
     assert sorted(grams) == sorted(model.quantizable_names())
     for n, g in grams.items():
@@ -626,7 +606,7 @@ def _old_outputs(tmp: Path, p: T.Paths) -> dict[Path, bytes]:
 @pytest.mark.parametrize("kw, err, msg", [
     ({"seq_len": 0}, ConfigError, "train.seq_len must be >= 1"),
     ({"seq_len": -5}, ConfigError, "train.seq_len"),
-    ({"batch_tokens": 2000}, ConfigError, r"train.batch_tokens \(2000\) must be divisible"),
+    ({"batch_tokens": 2000}, ConfigError, r"train.batch_tokens must be divisible .* got 2000"),
     ({"ema_decay": 1.0}, ConfigError, r"train.ema_decay must be in \[0, 1\)"),
     ({"late_qat_threshold": 1.5}, ConfigError, "train.late_qat_threshold"),
     ({"swa_threshold": -0.1}, ConfigError, "train.swa_threshold"),
@@ -639,7 +619,7 @@ def _old_outputs(tmp: Path, p: T.Paths) -> dict[Path, bytes]:
     ({"device": "tpu"}, ConfigError, "train.device"),
     ({"min_lr": 1.5}, ConfigError, r"train.min_lr must be in \[0, 1\]"),
     ({"loop_enable_frac": -0.1}, ConfigError, "train.loop_enable_frac"),
-    ({"seq_len_schedule": "64@0.5,32@0.2"}, ConfigError, "train.seq_len_schedule"),
+    ({"seq_len_schedule": ((64, 0.5), (32, 0.2))}, ConfigError, "train.seq_len_schedule"),
     ({"muon_ns_coeffs": "cubic"}, ConfigError, "train.muon_ns_coeffs must be one of"),
     ({"muon_ns_coeffs": "polar_express", "muon_ns_steps": 6}, ConfigError, "train.muon_ns_steps must be <= 5"),
 ])
@@ -665,11 +645,9 @@ def test_bad_data_fails_with_named_file_and_keeps_outputs(data_root, tmp_path):
     p = paths(bad, tmp_path)
     old = _old_outputs(tmp_path, p)
     m, t = mcfg(), tcfg(tmp_path)
-    with pytest.raises(T.TrainError, match=r"model.vocab_size is 512 but .*tokenizer.json says .* 1024"):
-        T.run(mcfg(vocab_size=512), t, p)
     meta = json.loads((bad / "tokenizer" / "tokenizer.json").read_text())
     (bad / "tokenizer" / "tokenizer.json").write_text(json.dumps({**meta, "vocab_size": 2048}))
-    with pytest.raises(T.TrainError, match="says the tokenizer has 2048 tokens"):
+    with pytest.raises(T.TrainError, match="byte tables cover 1024 tokens, .*tokenizer.json says 2048"):
         T.run(m, t, p)
     (bad / "tokenizer" / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
@@ -699,16 +677,12 @@ def test_nan_loss_stops_clearly_and_keeps_the_last_good_checkpoint(data_root, tm
     assert {f: f.read_bytes() for f in old} == old
 
 
-def test_short_or_out_of_vocab_data_is_named(data_root, tmp_path):
+def test_out_of_vocab_data_is_named(data_root, tmp_path):
     import shutil
 
     bad = tmp_path / "bad"
     shutil.copytree(data_root, bad)
     p = paths(bad, tmp_path)
-    with pytest.raises(T.TrainError, match="validation tokens, fewer than one sequence"):
-        T.run(mcfg(), tcfg(tmp_path, seq_len=4096, batch_tokens=8192), p)
-    with pytest.raises(T.TrainError, match="fewer than one batch"):
-        T.run(mcfg(), tcfg(tmp_path, batch_tokens=16384, seq_len=128), p)
     good = read_shard(bad / "shards" / "fineweb_train_000000.bin")
     tok512 = _vocab512(bad)
     ok = np.minimum(good, 511).astype(np.uint16)
@@ -738,26 +712,13 @@ def _vocab512(root: Path) -> Path:
 
 
 def test_stage_prints_clear_error_and_exits_1(tmp_path):
-    doc = yaml.safe_load((ROOT / "profiles" / "tiny.yaml").read_text())
-    doc["train"]["seq_len"] = 0
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert p.returncode == 1 and "train: error: params.yaml: train.seq_len must be >= 1" in p.stderr, p.stderr
-    doc["train"]["seq_len"] = 256
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
+    assert subprocess.run([sys.executable, "-m", "stages.params"], cwd=tmp_path, env=env).returncode == 0
     p = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert p.returncode == 1 and "train: error: data/shards: shard folder not found" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
-
-
-def test_profiles_pass_validation():
-    for name in ("tiny", "record", "frontier"):
-        m = config.load("model", ROOT / "profiles" / f"{name}.yaml")
-        t = dataclasses.replace(config.load("train", ROOT / "profiles" / f"{name}.yaml"), device="auto")
-        config.check(m), config.check(t)
-    t = config.load("train", ROOT / "profiles" / "record.yaml")
-    assert T.check_batch(t, 8, T.resolve_grad_accum(t, 8)) == 786432 // 8  # 48 sequences of 2048 per rank
 
 
 # ----------------------------------------------------------------------------- 2 processes (gloo)
@@ -828,11 +789,12 @@ def test_stage_relaunches_itself_under_torchrun(data_root, tmp_path):
     import shutil
 
     shutil.copytree(data_root, tmp_path / "data")
-    doc = yaml.safe_load((ROOT / "profiles" / "tiny.yaml").read_text())
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
     doc["model"].update(MICRO_MODEL)
     doc["train"].update({**MICRO_TRAIN, "nproc_per_node": 2, "iterations": 8, "checkpoint_every": 4})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    assert subprocess.run([sys.executable, "-m", "stages.params"], cwd=tmp_path, env=env).returncode == 0
     p = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -874,7 +836,7 @@ KNOB_MODELS = {  # the seeds' blocks; the records' two lanes, depth recurrence a
 
 
 @pytest.mark.parametrize("model", KNOB_MODELS)
-@pytest.mark.parametrize("scope", T.COMPILE_SCOPES)
+@pytest.mark.parametrize("scope", config.COMPILE_SCOPES)
 def test_compile_scopes_match_eager(scope, model):
     eager, compiled, _, (loss_e, loss_c), _ = _compiled_vs_eager(scope, **KNOB_MODELS[model])
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6)
@@ -914,12 +876,7 @@ def test_cuda_training_kernels_follow_the_train_section(tmp_path, mlp, qk):
     assert all((b.mlp.use_fused, b.attn.use_fused) == (mlp, qk) for b in model.blocks)
 
 
-def test_compile_scope_is_checked(tmp_path):
-    with pytest.raises(ConfigError, match="train.compile_scope must be one of model, blocks"):
-        T.check_config(tcfg(tmp_path, compile_scope="layers"))
-
-
-@pytest.mark.parametrize("scope", T.COMPILE_SCOPES)
+@pytest.mark.parametrize("scope", config.COMPILE_SCOPES)
 def test_compiled_training_primes_two_steps_and_learns_as_eager(data_root, tmp_path, monkeypatch, scope):
     """The trainer's compiled path on the CPU (dynamo + AOTAutograd, no kernels): priming stops
     after its second step, which builds nothing; the Hessians come from the separate eager

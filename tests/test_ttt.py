@@ -30,7 +30,7 @@ from pgolf.config import ConfigError, EvaluateConfig
 from pgolf.evaluate.evaluate import load_model, run
 from stages import evaluate as stage
 from test_bpb import tiny_tables, tiny_tokens
-from test_evaluate import PARAMS, make_workdir, paths, tables as wd_tables, val_tokens
+from test_evaluate import PARAMS, gate, make_workdir, paths, tables as wd_tables, val_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = EvaluateConfig(context=16, stride=4, batch_seqs=4, device="cpu", compile=False, ttt_enabled=True,
@@ -152,7 +152,7 @@ def test_changing_a_token_never_moves_an_earlier_score(j):
 
 @pytest.mark.parametrize("mode,opt", [("lora", "sgd"), ("lora", "adam"), ("full", "sgd"), ("full", "adam")])
 def test_modes_and_optimizers_adapt_and_count_params(mode, opt):
-    cfg = dataclasses.replace(CFG, ttt_mode=mode, ttt_optimizer=opt, ttt_lr=0.01, ttt_targets="attn.c_q,mlp.fc",
+    cfg = dataclasses.replace(CFG, ttt_mode=mode, ttt_optimizer=opt, ttt_lr=0.01, ttt_targets=("attn.c_q", "mlp.fc"),
                               ttt_first_layer=1)
     r = run_ttt(cfg)
     D, hid = 32, 64  # MICRO_CFG: model_dim 32, mlp_mult 2; one layer (1 of 2) adapted, c_q (D, D) + fc (hid, D)
@@ -203,25 +203,36 @@ def test_run_reports_ttt_score_time_and_the_plain_score(tmp_path):
 BAD = {
     "chunk shorter than the stride": ({"ttt_chunk_tokens": 3}, "evaluate.ttt_chunk_tokens must be >= evaluate.stride (4)"),
     "rank 0": ({"ttt_rank": 0}, "evaluate.ttt_rank must be >= 1, got 0"),
-    "lr 0": ({"ttt_lr": 0.0}, "evaluate.ttt_lr must be a positive number, got 0.0"),
-    "lr negative": ({"ttt_lr": -0.1}, "evaluate.ttt_lr must be a positive number, got -0.1"),
+    "lr 0": ({"ttt_lr": 0.0}, "evaluate.ttt_lr must be positive and finite, got 0.0"),
+    "lr negative": ({"ttt_lr": -0.1}, "evaluate.ttt_lr must be positive and finite, got -0.1"),
     "unknown mode": ({"ttt_mode": "qlora"}, "evaluate.ttt_mode must be one of lora, full"),
-    "unknown target": ({"ttt_targets": "attn.c_q,attn.bogus"}, "evaluate.ttt_targets must be a comma-separated subset"),
+    "unknown target": ({"ttt_targets": ["attn.c_q", "attn.bogus"]}, "evaluate.ttt_targets must list distinct names among"),
+    "comma string": ({"ttt_targets": "attn.c_q,mlp.fc"}, "evaluate.ttt_targets must be a list of str, got str"),
     "unknown optimizer": ({"ttt_optimizer": "lion"}, "evaluate.ttt_optimizer must be one of sgd, adam"),
     "zero epochs": ({"ttt_epochs": 0}, "evaluate.ttt_epochs must be >= 1"),
-    "first layer past the model": ({"ttt_first_layer": 2}, "evaluate.ttt_first_layer must be < the model's 2 layers"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_ttt_params_exit_1_naming_the_param(tmp_path, monkeypatch, capsys, case):
+def test_bad_ttt_params_stop_at_the_gate_naming_the_param(tmp_path, case):
     root = make_workdir(tmp_path, tiny_model(6))
     over, message = BAD[case]
     (root / "params.yaml").write_text(ttt_params(**over))
+    with pytest.raises(ConfigError) as e:
+        gate(root)
+    assert str(e.value).startswith(f"{root / 'params.yaml'}: ") and message in str(e.value)
+
+
+def test_a_first_layer_past_the_artifacts_model_is_named(tmp_path, monkeypatch, capsys):
+    """The gate checks evaluate.ttt_first_layer against model.num_layers; an artifact of another
+    model (not this run's) is caught where the adapters are attached."""
+    root = make_workdir(tmp_path, tiny_model(6))
+    (root / "params.yaml").write_text(ttt_params(ttt_first_layer=2))
+    gate(root)
     monkeypatch.chdir(root)
     rc = stage.main()
     err = capsys.readouterr().err
-    assert rc == 1 and err.startswith("evaluate: error: params.yaml: ") and message in err, err
+    assert rc == 1 and "evaluate.ttt_first_layer must be < the artifact model's 2 layers" in err, err
     assert not (root / "metrics/eval.json").exists()
 
 
@@ -230,6 +241,7 @@ def test_stage_under_torchrun_two_ranks_sums_the_rank_slices(tmp_path):
     in-process rank results summed."""
     root = make_workdir(tmp_path, tiny_model(9), nproc=2)
     (root / "params.yaml").write_text(ttt_params(nproc=2))
+    gate(root)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "stages.evaluate"], cwd=root, capture_output=True, text=True, env=env,
                        timeout=300)

@@ -76,7 +76,7 @@ import torch
 from pgolf.shared import tensorfile
 from pgolf.quantize import lqer
 from pgolf.compress import grouping
-from pgolf.config import CompressConfig, ConfigError, bad
+from pgolf.config import CompressConfig, ConfigError
 from pgolf.shared.rowquant import dequantize
 from pgolf.shared.tensorfile import TensorFileError
 
@@ -89,11 +89,9 @@ LZMA_CHUNKED_ID = 4  # the header's codec id of chunked lzma (its codec name sta
 ZSTD_CHUNKED_ID = 5  # the header's codec id of chunked zstd (its codec name stays "zstd")
 CHUNKED_IDS = {LZMA_CHUNKED_ID: "lzma", ZSTD_CHUNKED_ID: "zstd"}
 CODEC_NAMES = {**{v: k for k, v in CODEC_IDS.items()}, **CHUNKED_IDS}
-MIN_CHUNK = 1 << 16  # compress.lzma_chunk_bytes / zstd_chunk_bytes: 0 or at least 64 KiB
 HEADER_BYTES = len(MAGIC) + 6
 MAX_RAW_BYTES = 1 << 28  # 256 MiB: decompressed-body bound (a record artifact body is ~27 MB)
 PLANES = ".planes."  # stored-name prefix of a float byte-plane group
-LAYOUTS = ("flat", "grouped")
 
 CODE_FILES: tuple[str, ...] = (
     "stages/__init__.py",
@@ -111,6 +109,7 @@ CODE_FILES: tuple[str, ...] = (
     "pgolf/shared/__init__.py",
     "pgolf/shared/bpb.py",
     "pgolf/shared/byte_tables.py",
+    "pgolf/shared/checked.py",
     "pgolf/shared/dist.py",
     "pgolf/shared/io.py",
     "pgolf/shared/layout.py",
@@ -120,6 +119,7 @@ CODE_FILES: tuple[str, ...] = (
     "pgolf/shared/shards.py",
     "pgolf/shared/tensorfile.py",
     "pgolf/shared/tokenizer_meta.py",
+    "pgolf/shared/train_files.py",
 )
 
 
@@ -222,8 +222,6 @@ def serialize(tensors: dict[str, torch.Tensor], meta: dict, layout: str = "flat"
     `meta` is the quantized file's meta (model, train_seq_len, tokenizer, quant); it is stored
     whole, plus the artifact version and the layout table.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
     stored, layout = _encode(tensors, grouped=layout == "grouped")
     full = {**meta, "artifact_version": FORMAT_VERSION, "layout": layout}
     return tensorfile.dumps(stored, kind=KIND, meta=full)
@@ -246,29 +244,6 @@ def deserialize(raw: bytes, source: str = "<bytes>") -> tuple[dict[str, torch.Te
 
 
 # ----------------------------------------------------------------------------- codecs
-
-
-def check_config(cfg: CompressConfig) -> None:
-    """Range checks of the codec and layout keys of `compress` (pgolf.compress.compress.check_config runs them)."""
-    if cfg.codec not in ("auto", *CODEC_IDS):
-        raise ConfigError(f"compress.codec must be one of auto, {', '.join(CODEC_IDS)}; got {cfg.codec!r}")
-    for key, lo, hi in (("lzma_preset", 0, 9), ("zstd_level", 1, 22), ("brotli_quality", 0, 11),
-                        ("brotli_window", 10, 24)):
-        if not lo <= getattr(cfg, key) <= hi:
-            raise bad(cfg, key, f"must be in [{lo}, {hi}]")
-    if cfg.layout not in LAYOUTS:
-        raise ConfigError(f"compress.layout must be one of {', '.join(LAYOUTS)}; got {cfg.layout!r}")
-    if cfg.cap_bytes <= 0:
-        raise bad(cfg, "cap_bytes", "must be positive")
-    _check_chunking(cfg)
-
-
-def _check_chunking(cfg: CompressConfig) -> None:
-    for key, one in (("lzma_chunk_bytes", "one stream"), ("zstd_chunk_bytes", "one frame")):
-        if getattr(cfg, key) != 0 and getattr(cfg, key) < MIN_CHUNK:
-            raise bad(cfg, key, f"must be 0 ({one}) or >= {MIN_CHUNK}")
-    if cfg.threads < 0:
-        raise bad(cfg, "threads", "must be >= 0 (0 = every core)")
 
 
 def workers(cfg: CompressConfig) -> int:

@@ -29,23 +29,13 @@ import torch
 
 from pgolf.shared import layout, tensorfile
 from pgolf.compress import artifact, prune
-from pgolf.config import CompressConfig, bad
+from pgolf.config import CompressConfig
 from pgolf.shared.io import atomic_write_bytes, file_sha256, staged_dir, write_json
 from pgolf.quantize.quantize import HDIAG, HDIAG_KIND, KIND as QUANT_KIND, QUANT_FILE  # quantize's outputs
 
 
 class CompressError(ValueError):
     pass
-
-
-def check_config(cfg: CompressConfig) -> None:
-    """Range checks of the `compress` section: codecs, layout, cap (pgolf.compress.artifact), pruning
-    (pgolf.config runs them when it loads the section)."""
-    artifact.check_config(cfg)
-    if cfg.target_bytes <= 0:
-        raise bad(cfg, "target_bytes", "must be positive")
-    if cfg.prune_slack_bytes < 0:
-        raise bad(cfg, "prune_slack_bytes", "must be >= 0")
 
 
 def load_quant(quant: Path) -> tuple[dict[str, torch.Tensor], dict]:

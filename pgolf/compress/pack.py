@@ -1,10 +1,10 @@
 """The packed submission script: pgolf's code + a run's params in one self-extracting `train_gpt.py`.
 
 The challenge counts the bytes of one file, `train_gpt.py`, that trains, quantizes, compresses and
-evaluates. This module owns that file: `build_script(root, params)` puts every source file of
+evaluates. This module owns that file: `build_script(root, cfgs)` puts every source file of
 `PACKED_FILES` (read from `root`, stripped of comments, docstrings and blank lines by
 `strip_source`: the same syntax tree otherwise, about 40 % fewer code bytes) and the run's baked params (the `model`, `train`, `quantize`,
-`compress` and `evaluate` sections, typed and checked by pgolf.config) into one JSON archive,
+`compress` and `evaluate` sections, as the params gate checked them) into one JSON archive,
 compresses it with raw LZMA2 (preset 9 extreme), encodes it in base85 and wraps it in a short
 bootstrap. Run, the bootstrap unpacks the sources into a temp folder, puts it first on
 `sys.path` and calls `main` of ENTRY_MODULE, `pgolf.submit.recipe` (which runs the whole recipe;
@@ -107,9 +107,9 @@ class PackError(ValueError):
     """A source file of the packed script that is missing or not UTF-8 text; names the file."""
 
 
-def baked_params(params_path: str | Path = "params.yaml") -> dict:
-    """{section: {key: value}} of BAKED_SECTIONS, through the typed dataclasses (ConfigError on a bad one)."""
-    return {s: config.to_dict(config.load(s, params_path)) for s in BAKED_SECTIONS}
+def baked_params(cfgs: dict) -> dict:
+    """{section: {key: value}} of BAKED_SECTIONS from {section: checked dataclass}."""
+    return {s: config.to_dict(cfgs[s]) for s in BAKED_SECTIONS}
 
 
 def _docstrings(tree: ast.Module):
@@ -182,10 +182,9 @@ def packed_sources(root: str | Path = ".") -> dict[str, str]:
     return {rel: strip_source(text) for rel, text in read_sources(root).items()}
 
 
-def build_script(root: str | Path = ".", params: dict | None = None, params_path: str | Path = "params.yaml") -> bytes:
-    """The bytes of the packed train_gpt.py (deterministic)."""
-    params = baked_params(params_path) if params is None else params
-    archive = json.dumps({"files": packed_sources(root), "params": params}, sort_keys=True,
+def build_script(root: str | Path, cfgs: dict) -> bytes:
+    """The bytes of the packed train_gpt.py (deterministic) for the checked sections `cfgs`."""
+    archive = json.dumps({"files": packed_sources(root), "params": baked_params(cfgs)}, sort_keys=True,
                          separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     blob = base64.b85encode(lzma.compress(archive, lzma.FORMAT_RAW, filters=_FILTERS)).decode("ascii")
     return _BOOTSTRAP.format(blob=blob, entry=ENTRY_MODULE).encode("ascii")

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from pgolf.shared import bpb, dist, layout
+from pgolf.shared import bpb, dist, layout, train_files
 from pgolf.evaluate import ttt
 from pgolf.compress.artifact import MODEL_FILE, ArtifactError, dequantize_state, read_artifact
-from pgolf.config import EvaluateConfig, ModelConfig, bad
+from pgolf.config import EvaluateConfig
 from pgolf.shared.byte_tables import ByteTables, byte_tables_path, load_byte_tables
 from pgolf.shared.tokenizer_meta import read_tokenizer_meta, tokenizer_meta_path
 from pgolf.shared.io import file_sha256, write_json
@@ -41,24 +41,6 @@ class Paths:
     metrics: Path = layout.EVAL_METRICS
 
 
-def check_config(cfg: EvaluateConfig) -> None:
-    """Range checks of the `evaluate` section, test-time training's keys included (pgolf.evaluate.ttt);
-    pgolf.config runs them when it loads the section."""
-    if cfg.context <= 0:
-        raise bad(cfg, "context", "must be positive")
-    if not 0 <= cfg.stride <= cfg.context:
-        raise bad(cfg, "stride", f"must be in [0, evaluate.context={cfg.context}]")
-    if cfg.batch_seqs <= 0:
-        raise bad(cfg, "batch_seqs", "must be positive")
-    if cfg.max_tokens < 0:
-        raise bad(cfg, "max_tokens", "must be >= 0")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise bad(cfg, "device", "must be auto, cpu or cuda")
-    if cfg.nproc_per_node < 1:
-        raise bad(cfg, "nproc_per_node", "must be >= 1")
-    ttt.check_config(cfg)
-
-
 def load_model(path: str | Path, device="cpu") -> tuple[GPT, dict]:
     """GPT rebuilt from an artifact file alone: (model in eval mode on `device`, artifact meta)."""
     tensors, meta = read_artifact(path)
@@ -66,7 +48,7 @@ def load_model(path: str | Path, device="cpu") -> tuple[GPT, dict]:
         if key not in meta:
             raise ArtifactError(f"{path}: artifact meta lacks {key!r}")
     try:
-        model = GPT(ModelConfig(**meta["model"]), train_seq_len=int(meta["train_seq_len"]))
+        model = GPT(train_files.model_config(meta, str(path)), train_seq_len=int(meta["train_seq_len"]))
         model.load_export_state_dict(dequantize_state(tensors, meta))
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"{path}: cannot rebuild the model: {e}") from None

@@ -15,7 +15,7 @@ A target is therefore scored exactly once, causally, by weights that saw only ea
 a model whose update is visible. Scores are cross-entropies over the full-vocabulary softmax.
 
 What adapts (`ttt_mode`), on the block matrices of `ttt_targets` (kinds of
-`pgolf.shared.model.MATRIX_KINDS`) in layers >= `ttt_first_layer`:
+`pgolf.config.MATRIX_KINDS`) in layers >= `ttt_first_layer`:
   * "lora": W + B A with A (r, in) random, B (out, r) zero (so the start is the artifact's model);
   * "full": W + D with D (out, in) zero, i.e. the matrices themselves (weight decay pulls toward
     the artifact's W instead of 0).
@@ -38,48 +38,14 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from pgolf.shared import bpb
-from pgolf.config import ConfigError, EvaluateConfig, bad
+from pgolf.config import ConfigError, EvaluateConfig
 from pgolf.shared.byte_tables import ByteTables
 from pgolf.shared.dist import all_reduce_
-from pgolf.shared.model import MATRIX_KINDS
 from pgolf.shared.progress import track
 
-MODES = ("lora", "full")
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("cosine", "constant")
 # matrix kind -> (bank, which half): slice index = half * num_layers + layer (as GPT._bank_views)
 BANK_SLOTS = {"attn.c_q": ("qo_bank", 0), "attn.proj": ("qo_bank", 1), "attn.c_k": ("kv_bank", 0),
               "attn.c_v": ("kv_bank", 1), "mlp.fc": ("mlp_up_bank", 0), "mlp.proj": ("mlp_down_bank", 0)}
-
-
-def parse_targets(text: str) -> tuple[str, ...]:
-    """"attn.c_q,mlp.fc" -> the matrix kinds; ConfigError naming evaluate.ttt_targets."""
-    kinds = tuple(dict.fromkeys(k.strip() for k in str(text).split(",") if k.strip()))
-    bad = [k for k in kinds if k not in MATRIX_KINDS]
-    if not kinds or bad:
-        raise ConfigError(f"evaluate.ttt_targets must be a comma-separated subset of "
-                          f"{','.join(MATRIX_KINDS)}; got {text!r}")
-    return kinds
-
-
-def check_config(cfg: EvaluateConfig) -> None:
-    """Range checks of the evaluate.ttt_* keys (even while TTT is off; pgolf.evaluate.evaluate.check_config runs them)."""
-    for key, allowed in (("ttt_mode", MODES), ("ttt_optimizer", OPTIMIZERS), ("ttt_lr_schedule", SCHEDULES)):
-        if getattr(cfg, key) not in allowed:
-            raise bad(cfg, key, f"must be one of {', '.join(allowed)}")
-    parse_targets(cfg.ttt_targets)
-    for key, low in (("ttt_first_layer", 0), ("ttt_rank", 1), ("ttt_epochs", 1), ("ttt_batch_seqs", 1),
-                     ("ttt_weight_decay", 0), ("ttt_grad_clip", 0)):
-        if getattr(cfg, key) < low:
-            raise bad(cfg, key, f"must be >= {low}")
-    for key in ("ttt_momentum", "ttt_beta2"):
-        if not 0.0 <= getattr(cfg, key) < 1.0:
-            raise bad(cfg, key, "must be in [0, 1)")
-    if not (cfg.ttt_lr > 0 and math.isfinite(cfg.ttt_lr)):
-        raise bad(cfg, "ttt_lr", "must be a positive number")
-    if cfg.ttt_chunk_tokens < max(cfg.stride, 1):
-        raise bad(cfg, "ttt_chunk_tokens", f"must be >= evaluate.stride ({cfg.stride}) and >= 1 (a chunk shorter "
-                                      f"than the stride would split one window's scored targets)")
 
 
 # ----------------------------------------------------------------------------- chunks
@@ -141,12 +107,12 @@ def attach(model, cfg: EvaluateConfig) -> list[nn.Parameter]:
     """Freeze `model`, parametrize the banks of the chosen matrices; returns the trainable tensors."""
     L = model.cfg.num_layers
     if cfg.ttt_first_layer >= L:
-        raise ConfigError(f"params.yaml: evaluate.ttt_first_layer must be < the model's {L} layers, "
+        raise ConfigError(f"evaluate.ttt_first_layer must be < the artifact model's {L} layers, "
                           f"got {cfg.ttt_first_layer}")
     for p in model.parameters():
         p.requires_grad_(False)
     slices: dict[str, list[int]] = {}
-    for kind in parse_targets(cfg.ttt_targets):
+    for kind in cfg.ttt_targets:
         bank, half = BANK_SLOTS[kind]
         slices.setdefault(bank, []).extend(half * L + i for i in range(cfg.ttt_first_layer, L))
     gen = torch.Generator().manual_seed(cfg.ttt_seed)

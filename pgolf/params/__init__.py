@@ -1,3 +1,3 @@
-"""The params stage, the gate before every other stage: checking all of params.yaml with each
-section owner's range checks (params) and the complete params files of profiles/ (profiles,
-`python -m pgolf.profiles`)."""
+"""The params gates and profiles: params.yaml checked whole before any stage runs (params), its
+values checked against the prepared data before training (data_check), the checked values the
+stages read (params.read), and profiles/ written out as a complete params.yaml (profiles)."""

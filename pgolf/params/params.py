@@ -1,12 +1,13 @@
-"""The params gate: all of params.yaml checked before DVC runs (and so before it empties) any stage.
+"""The params gate: params.yaml checked whole, then one file of checked values per section,
+`artifacts/params/<section>.json` (pgolf.shared.checked), which is what the stages read.
 
-DVC deletes a stage's outputs before it runs the stage's command, so a stage that rejects its
-own params has already lost its previous results by then. The `params` stage comes first in
-dvc.yaml: it loads every section (pgolf.config: no missing, unknown or mistyped key, every range
-check of the section's owner module), then writes one JSON file per section under `artifacts/params/`.
-Every other stage depends on the files of its sections, so a bad value stops `dvc repro` /
-`dvc exp run` at this cheap stage with every earlier output intact; and a section's file changes
-only when that section's values do, so a `quantize.*` change still never reruns `train`.
+DVC deletes a stage's outputs before it runs the stage's command, so a stage that rejected its own
+params would already have lost its previous results. The `params` stage runs first: `run` loads
+every section through pgolf.config (no missing, unknown or mistyped key, every range check, the
+rules across sections) and asks for CUDA only where a `device` key says `cuda`. A bad value stops
+`dvc repro` here, every output intact. A section's file changes only when its values do, so a
+`quantize.*` change never reruns `train`. The checks that need the prepared data run in
+pgolf.params.data_check, after prepare; the stages read the files through pgolf.shared.checked.
 """
 
 from __future__ import annotations
@@ -14,17 +15,26 @@ from __future__ import annotations
 from pathlib import Path
 
 from pgolf import config
-from pgolf.shared import layout
-from pgolf.shared.io import write_json
-
-def check(doc: dict, source: str = "params.yaml") -> dict:
-    """{section: dataclass} of a params document whose every value each stage accepts."""
-    return {s: config.from_doc(doc, s, source) for s in config.SECTIONS}
+from pgolf.shared import checked
 
 
-def run(params: str | Path = "params.yaml", out_dir: str | Path = layout.PARAMS) -> dict:
-    """Check `params` and write `<out_dir>/<section>.json` (its validated values) per section."""
-    cfgs = check(config.read_doc(params), str(params))
-    for section, cfg in cfgs.items():
-        write_json(Path(out_dir) / layout.params_file(section).name, config.to_dict(cfg))
+def check_devices(cfgs: dict) -> None:
+    """ConfigError when a `device: cuda` key asks for CUDA on a machine without it (torch only then)."""
+    wants = [f"{s}.device" for s, cfg in cfgs.items() if getattr(cfg, "device", None) == "cuda"]
+    if not wants:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise config.ConfigError(f"{', '.join(wants)} is cuda but CUDA is not available")
+
+
+def run(params: str | Path = "params.yaml", root: str | Path = ".") -> dict:
+    """Check `params` whole and write each section's checked values under `root` (pgolf.shared.checked)."""
+    cfgs = config.load_all(config.read_doc(params), str(params))
+    try:
+        check_devices(cfgs)
+    except config.ConfigError as e:
+        raise config.ConfigError(f"{params}: {e}") from None
+    checked.write(cfgs, root)
     return cfgs

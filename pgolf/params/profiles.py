@@ -1,36 +1,98 @@
-"""Profiles: complete params files for the tiny CPU run, the record recipe and the (unmeasured)
-frontier recipe (the record plus the later records' knobs).
+"""Profiles: `profiles/<name>.yaml` holds only what a recipe changes from the record defaults (the
+field defaults of pgolf.config); `pgolf profiles NAME` writes the whole params.yaml from it.
 
-`profiles/<name>.yaml` sets every key of every section, so switching profile is copying one file
-onto `params.yaml`: every value stays visible to DVC as a param (`dvc params diff` shows the
-switch key by key), and nothing hides in environment variables.
+params.yaml keeps every key of every section, so DVC tracks each value as a param (`dvc params
+diff` shows a profile switch key by key) and no run starts on a value hidden in code. Each key is
+written with the comment of its field in pgolf/config.py. A profile is checked as a whole before
+params.yaml is replaced (the same loader as the params gate), and a profile that repeats a default
+is allowed but pointless (tests keep the committed profiles to their differences).
 
-    python -m pgolf.profiles record      # params.yaml <- profiles/record.yaml
-    python -m pgolf.profiles tiny        # back to the CPU profile
+    pgolf profiles record      # params.yaml <- the record defaults
+    pgolf profiles tiny        # back to the CPU profile (the committed params.yaml)
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
+
+import yaml
 
 from pgolf import config
 from pgolf.shared.io import atomic_write_text
 
 PROFILE_DIR = Path("profiles")
+_FIELD_LINE = re.compile(r"^    (\w+): [^=]+ = .*?  # (.*)$")
+_HEADER = """\
+# Written by `pgolf profiles {name}`: profiles/{name}.yaml over the record defaults of pgolf/config.py,
+# every key of every section. Each key is a field of pgolf/config.py (its comment says what it does,
+# its section's check() what it may be). Edit values here or with `dvc exp run -S section.key=value`.
+"""
 
 
 def available(root: Path = Path(".")) -> list[str]:
     return sorted(p.stem for p in (root / PROFILE_DIR).glob("*.yaml"))
 
 
-def validate(text: str, source: str) -> dict:
-    """The profile's document, every section and key present and typed; errors name `source`."""
-    doc = config.parse_doc(text, source)
-    for section in config.SECTIONS:
-        config.from_doc(doc, section, source)
+def differences(name: str, root: Path = Path(".")) -> dict:
+    """{section: {key: value}} that profiles/<name>.yaml sets (keys known, values typed; not yet checked)."""
+    src = root / PROFILE_DIR / f"{name}.yaml"
+    if not src.is_file():
+        raise config.ConfigError(f"{src}: no such profile (have: {', '.join(available(root))})")
+    doc = config.read_doc(src)
+    unknown = sorted(set(doc) - set(config.SECTIONS))
+    if unknown:
+        raise config.ConfigError(f"{src}: unknown section(s) {', '.join(unknown)}")
+    for section, values in doc.items():
+        config.from_dict(section, values, str(src))  # keys known and typed (the whole is checked in `resolve`)
+    return {s: dict(v or {}) for s, v in doc.items()}
+
+
+def resolve(name: str, root: Path = Path(".")) -> dict:
+    """The complete params document of a profile: every section, every key (record defaults + its
+    differences), checked as the params gate checks params.yaml."""
+    diff = differences(name, root)
+    doc = {s: {**config.to_dict(cls()), **diff.get(s, {})} for s, cls in config.SECTIONS.items()}
+    config.load_all(doc, str(root / PROFILE_DIR / f"{name}.yaml"))
     return doc
+
+
+def load(name: str, root: Path = Path(".")) -> dict:
+    """{section: checked dataclass} of a profile (for tools and benches that run one)."""
+    return config.load_all(resolve(name, root), str(root / PROFILE_DIR / f"{name}.yaml"))
+
+
+def field_comments() -> dict[tuple[str, str], str]:
+    """{(section, key): the comment of its field in pgolf/config.py}."""
+    out, section = {}, None
+    for line in Path(config.__file__).read_text(encoding="utf-8").splitlines():
+        if line.startswith("class "):
+            section = None
+        found = re.match(r'^    name: typing.ClassVar\[str\] = "(\w+)"', line)
+        if found:
+            section = found.group(1)
+        found = _FIELD_LINE.match(line)
+        if section and found:
+            out[(section, found.group(1))] = found.group(2)
+    return out
+
+
+def render(name: str, doc: dict) -> str:
+    """The text of params.yaml for a complete document: a header, then each key with its comment."""
+    comments = field_comments()
+    lines = [_HEADER.format(name=name).rstrip("\n")]
+    for section, values in doc.items():
+        lines.append(f"{section}:")
+        for key, value in values.items():
+            text = yaml.safe_dump({key: value}, default_flow_style=True, width=1 << 16).strip()[1:-1]
+            note = comments.get((section, key))
+            lines.append(f"  {text:<40}  # {note}" if note else f"  {text}")
+    text = "\n".join(lines) + "\n"
+    if yaml.safe_load(text) != doc:  # what DVC and the gate will read back
+        raise config.ConfigError(f"profiles/{name}.yaml: params.yaml would not read back as written")
+    return text
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:
@@ -39,25 +101,25 @@ def changed_keys(old: dict, new: dict) -> list[str]:
 
 
 def apply(name: str, root: Path = Path(".")) -> list[str]:
-    """Copy profiles/<name>.yaml onto params.yaml after validating it; return the changed keys."""
-    src = root / PROFILE_DIR / f"{name}.yaml"
-    if not src.exists():
-        raise config.ConfigError(f"{src}: no such profile (have: {', '.join(available(root))})")
-    text = src.read_text()
-    new = validate(text, str(src))
+    """Write params.yaml from profiles/<name>.yaml after checking it whole; return the changed keys."""
+    doc = resolve(name, root)
     params = root / "params.yaml"
     try:
         old = config.read_doc(params)
     except config.ConfigError:
         old = {}  # a broken params.yaml is what a profile replaces
-    atomic_write_text(params, text)
-    return changed_keys(old, new)
+    atomic_write_text(params, render(name, doc))
+    return changed_keys(old, doc)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("name", help="profile name (a file in profiles/)")
+    ap = argparse.ArgumentParser(prog="pgolf profiles", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name", nargs="?", help="profile name (a file in profiles/); none: list the profiles")
     args = ap.parse_args(argv)
+    if args.name is None:
+        print("\n".join(available()))
+        return 0
     try:
         changes = apply(args.name)
     except config.ConfigError as e:
@@ -67,7 +129,3 @@ def main(argv: list[str] | None = None) -> int:
     for line in changes:
         print("  " + line)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 This module owns the one network step of the project, kept outside the DVC stages:
 
-    python -m pgolf.fineweb --train-shards 8 --out data/fineweb10B_sp1024
+    pgolf fineweb --train-shards 8 --out data/fineweb10B_sp1024
 
 fetches from the Hugging Face dataset repo `willdepueoai/parameter-golf` (recipe-spec §1.1):
 
@@ -147,7 +147,7 @@ def main(argv: list | None = None) -> int:
     except config.ConfigError as e:
         print(f"fineweb: error: {e}", file=sys.stderr)
         return 1
-    ap = argparse.ArgumentParser(prog="python -m pgolf.fineweb", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="pgolf fineweb", description=__doc__.split("\n\n")[0])
     ap.add_argument("--train-shards", type=int, default=defaults.fineweb_train_shards,
                     help="training shards to fetch (100M tokens each; default: params.yaml's "
                          "prepare.fineweb_train_shards, else the record profile's, %(default)s)")

@@ -29,40 +29,13 @@ import sentencepiece as spm
 
 from pgolf.shared import byte_tables, layout, shards, tokenizer_meta
 from pgolf.prepare import tokenizer
-from pgolf.config import PrepareConfig, bad
+from pgolf.config import PrepareConfig
 from pgolf.prepare.corpus import CorpusError, corpus_files, iter_documents
 from pgolf.shared.io import staged_dir, write_json
 from pgolf.shared.progress import Progress, track
 
-SOURCES = ("embedded", "local", "fineweb")
 CHUNK_DOCS = 256  # documents per encoding task
 MIN_TEXT_TOKENS = 256  # fewer text tokens in a split (BOS not counted) = an empty or near-empty corpus
-
-
-# ----------------------------------------------------------------------------- config
-
-
-def check_config(cfg: PrepareConfig) -> None:
-    """Range checks of the `prepare` section (pgolf.config runs them when it loads the section)."""
-    if cfg.source not in SOURCES:
-        raise bad(cfg, "source", f"must be one of {', '.join(SOURCES)}")
-    if not 1 <= cfg.vocab_size <= tokenizer.MAX_VOCAB:
-        raise bad(cfg, "vocab_size", f"must be in [1, {tokenizer.MAX_VOCAB}]")
-    if not 1 <= cfg.shard_tokens <= shards.MAX_TOKENS_PER_SHARD:
-        raise bad(cfg, "shard_tokens", f"must be in [1, {shards.MAX_TOKENS_PER_SHARD}]")
-    for key in ("val_docs", "max_train_docs", "tokenizer_train_docs"):
-        if getattr(cfg, key) < 0:
-            raise bad(cfg, key, "must be >= 0")
-    if cfg.workers < 1:
-        raise bad(cfg, "workers", "must be >= 1")
-    if not cfg.corpus:
-        raise bad(cfg, "corpus", "must name a file or folder")
-    if not cfg.tokenizer:
-        raise bad(cfg, "tokenizer", "must be a .model path or 'train'")
-    if cfg.source != "fineweb" and not cfg.val_source and cfg.val_docs == 0:
-        raise bad(cfg, "val_docs", "must be > 0 when prepare.val_source is empty (no validation documents)")
-    if cfg.source == "fineweb" and cfg.tokenizer == "train":
-        raise bad(cfg, "tokenizer", "must be the export's .model file for source 'fineweb' (its shards are pre-tokenized)")
 
 
 def _path(root: Path, p: str) -> Path:
@@ -270,7 +243,7 @@ def _prepare_fineweb(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> 
     """Train shards from cfg.corpus, val shards from cfg.val_source (or cfg.corpus), linked unchanged."""
     folder = _path(root, cfg.corpus)
     if not folder.is_dir():
-        raise CorpusError(f"{folder}: challenge shard folder not found (download it with `python -m pgolf.fineweb "
+        raise CorpusError(f"{folder}: challenge shard folder not found (download it with `pgolf fineweb "
                           f"--train-shards {cfg.fineweb_train_shards} --out {cfg.corpus}`)")
     src = _path(root, cfg.tokenizer)
     tokenizer.load_tokenizer(src, cfg.vocab_size)

@@ -19,10 +19,10 @@ import torch
 
 from pgolf.shared.byte_tables import ByteTables
 
+from pgolf.config import MAX_VOCAB
 from pgolf.shared.shards import BOS_ID
 from pgolf.shared.io import atomic_write_bytes, file_sha256  # noqa: F401 - file_sha256 is part of this API
 
-MAX_VOCAB = 65536  # uint16 shards
 SPACE = "\u2581"  # SentencePiece's "▁"
 PAD_ID, EOS_ID, UNK_ID = 0, 2, 3  # BOS_ID = 1 comes from pgolf.shared.shards (the shard format)
 
@@ -81,8 +81,6 @@ def training_sentences(docs: Iterable[str]) -> Iterator[str]:
 
 def train_tokenizer(docs: Iterable[str], vocab_size: int, out_path: str | Path, num_threads: int = 2) -> Path:
     """Train a BPE with the challenge settings on `docs`; writes the .model atomically."""
-    if vocab_size > MAX_VOCAB:
-        raise TokenizerError(f"prepare.vocab_size {vocab_size} > {MAX_VOCAB} does not fit uint16 shards")
     sentences = training_sentences(docs)
     first = next(sentences, None)
     if first is None:

@@ -41,7 +41,6 @@ of any other; the correction is of the error before pruning).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +50,7 @@ import torch.nn as nn
 
 from pgolf.shared import layout, tensorfile, train_files
 from pgolf.quantize import lqer
-from pgolf.config import ConfigError, ModelConfig, QuantizeConfig, bad
+from pgolf.config import ConfigError, ModelConfig, QuantizeConfig
 from pgolf.quantize.gptq import GPTQSpec, MatrixResult, gptq_lite_matrices, gptq_matrices
 from pgolf.shared.rowquant import dequantize, fp16_round, qmax_for, quantize, row_scale
 from pgolf.shared.io import staged_dir, write_json
@@ -61,8 +60,6 @@ KIND = "quantized"
 QUANT_FILE = "quant.pgt"  # the codes, scales and passthrough tensors (kind KIND); compress reads it
 HDIAG = "hdiag.pgt"  # name -> (C,) float32 input Hessian diagonal of each GPTQ matrix; compress reads it
 HDIAG_KIND = "hessian_diag"
-EMBED_MODES = ("int8", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
 INT8_QMAX = 127
 
 
@@ -73,48 +70,6 @@ class QuantizeError(ValueError):
 # ----------------------------------------------------------------------------- config
 
 
-def parse_quantiles(text: str) -> tuple[float, ...]:
-    """"0.999,0.9995,1.0" -> (0.999, 0.9995, 1.0); ConfigError naming quantize.clip_quantiles."""
-    error = ConfigError(f"quantize.clip_quantiles must be comma-separated numbers in (0, 1], got {text!r}")
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        raise error from None
-    if not values or not all(0.0 < v <= 1.0 for v in values):
-        raise error
-    return tuple(dict.fromkeys(values))  # de-duplicated, order kept (ties prefer the earlier one)
-
-
-def check_config(cfg: QuantizeConfig) -> None:
-    """Range checks of the `quantize` section (pgolf.config runs them when it loads the section)."""
-    try:
-        qmax_for(cfg.bits)
-    except ValueError:
-        raise bad(cfg, "bits", "must be in the supported range [2, 8]") from None
-    if cfg.embed_mode not in EMBED_MODES:
-        raise bad(cfg, "embed_mode", f"must be one of {', '.join(EMBED_MODES)}")
-    parse_quantiles(cfg.clip_quantiles)
-    if not (cfg.damp > 0 and math.isfinite(cfg.damp)):
-        raise bad(cfg, "damp", "must be a positive number")
-    if cfg.block_size < 1:
-        raise bad(cfg, "block_size", "must be >= 1")
-    if cfg.passthrough_max_numel < 0:
-        raise bad(cfg, "passthrough_max_numel", "must be >= 0")
-    if not 0.0 < cfg.int8_clip_quantile <= 1.0:
-        raise bad(cfg, "int8_clip_quantile", "must be in (0, 1]")
-    if cfg.device not in DEVICES:
-        raise bad(cfg, "device", f"must be one of {', '.join(DEVICES)}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise bad(cfg, "device", "is cuda but no CUDA device is available")
-    if cfg.lqer_top_k < 1:
-        raise bad(cfg, "lqer_top_k", "must be >= 1")
-    if cfg.lqer_rank < 1:
-        raise bad(cfg, "lqer_rank", "must be >= 1")
-    if not 2 <= cfg.lqer_bits <= 8:
-        raise bad(cfg, "lqer_bits", "must be in [2, 8]")
-
-
 def resolve_device(cfg: QuantizeConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -123,7 +78,7 @@ def resolve_device(cfg: QuantizeConfig) -> torch.device:
 
 def candidates(cfg: QuantizeConfig, qat_quantile: float) -> tuple[float, ...]:
     """Clip candidates: quantize.clip_quantiles, then the QAT quantile if it is not among them."""
-    return tuple(dict.fromkeys(parse_quantiles(cfg.clip_quantiles) + (float(qat_quantile),)))
+    return tuple(dict.fromkeys(cfg.clip_quantiles + (float(qat_quantile),)))
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -168,9 +123,9 @@ def _model_config(meta: dict, path: Path) -> ModelConfig:
     if not isinstance(q, (int, float)) or not 0.0 < q <= 1.0:
         raise QuantizeError(f"{path}: meta qat_quantile must be in (0, 1], got {q!r}")
     try:
-        return ModelConfig(**meta["model"])
-    except TypeError as e:
-        raise QuantizeError(f"{path}: meta 'model' is not a ModelConfig ({e})") from None
+        return train_files.model_config(meta, str(path))
+    except ConfigError as e:
+        raise QuantizeError(str(e)) from None
 
 
 def _check_weights(inp: Inputs, model: GPT, path: Path) -> None:

@@ -4,7 +4,8 @@ This module owns the paths (relative to the repo root) that stages write and rea
 dvc.yaml repeats as outs/deps/metrics/plots (tests/test_dvc_yaml.py keeps the two equal):
 
     data/shards, data/tokenizer                 prepare -> train, evaluate
-    artifacts/params/<section>.json             params  -> every stage (the gate)
+    artifacts/params/<section>.json             params  -> every stage (the checked values)
+    artifacts/params/data_check.json            data_check -> train, evaluate (the second gate)
     artifacts/train/                            train   -> quantize
     artifacts/quant/                            quantize -> compress
     artifacts/final/                            compress -> evaluate, export
@@ -51,6 +52,7 @@ def metrics_file(name: str) -> Path:
 
 
 # ---- stand-alone files
+DATA_CHECK = PARAMS / "data_check.json"  # the prepared data's facts the params were checked against
 PREPARE_METRICS = metrics_file("prepare")
 TRAIN_METRICS = metrics_file("train")
 QUANT_METRICS = metrics_file("quant")

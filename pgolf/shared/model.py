@@ -18,7 +18,7 @@ into it in place (spec §6.5).
 
 Knobs of the later records, each off / at the seeds' value by default: `smear_bos_mask` (no
 SmearGate mix at a BOS), `logit_softcap_neg` (asymmetric softcap), `attn_gate_window` /
-`attn_gate_scale` (sparse per-head attention output gate), a real `mlp_mult` (`mlp_hidden`),
+`attn_gate_scale` (sparse per-head attention output gate), a real `mlp_mult` (ModelConfig.mlp_hidden),
 `parallel_start_layer` / `parallel_final_lane` (two residual lanes in the decoder), `num_loops` /
 `loop_start` / `loop_end` (depth recurrence: `layer_order`; a looped layer's Hessian sums the
 inputs of every pass and QAT quantizes its one set of weights).
@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pgolf.config import ModelConfig
+from pgolf.config import MATRIX_KINDS, ModelConfig
 from pgolf.shared.shards import BOS_ID
 from pgolf.shared.rowquant import fake_quant_values, qmax_for
 
@@ -49,78 +49,9 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
 QAT_BITS = 6
 BIGRAM_MUL_CUR = 36313
 BIGRAM_MUL_PREV = 27191
-MATRIX_KINDS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")
-RESIDUAL_DTYPES = ("fp32", "bf16")
-PARALLEL_FINAL_LANES = ("mean", "attn", "mlp")
 PARALLEL_RESID_INIT = 1.1  # the records' init of the lanes' self-weights (post weights start at 1)
 ATTN_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION}
-
-
-# ----------------------------------------------------------------------------- config checks
-
-
-def check_config(cfg: ModelConfig) -> None:
-    """Raise ValueError naming `model.<field>` for an architecture that cannot be built (pgolf.config
-    runs this when it loads the `model` section; GPT runs it on a config read from an artifact)."""
-    positive = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
-                "bigram_dim", "ve_dim")
-    for name in positive:
-        if not getattr(cfg, name) > 0:  # also rejects NaN
-            raise ValueError(f"model.{name} must be positive, got {getattr(cfg, name)}")
-    if not math.isfinite(cfg.mlp_mult) or mlp_hidden(cfg) < 1:
-        raise ValueError(f"model.mlp_mult * model.model_dim must round to a width >= 1, got {cfg.mlp_mult}")
-    if cfg.vocab_size > 65536:
-        raise ValueError(f"model.vocab_size must be <= 65536 (uint16 shards), got {cfg.vocab_size}")
-    if cfg.bigram_buckets < 2:
-        raise ValueError(f"model.bigram_buckets must be >= 2, got {cfg.bigram_buckets}")
-    if cfg.model_dim % cfg.num_heads:
-        raise ValueError(f"model.num_heads ({cfg.num_heads}) must divide model.model_dim ({cfg.model_dim})")
-    if cfg.num_heads % cfg.num_kv_heads:
-        raise ValueError(f"model.num_kv_heads ({cfg.num_kv_heads}) must divide model.num_heads ({cfg.num_heads})")
-    for name in ("xsa_last_n", "ve_last_n"):
-        n = getattr(cfg, name)
-        if not 0 <= n <= cfg.num_layers:
-            raise ValueError(f"model.{name} must be in [0, model.num_layers={cfg.num_layers}], got {n}")
-    head_dim = cfg.model_dim // cfg.num_heads
-    if cfg.rope_dims % 2 or not 0 <= cfg.rope_dims <= head_dim:
-        raise ValueError(f"model.rope_dims must be even and in [0, head_dim={head_dim}], got {cfg.rope_dims}")
-    if cfg.rope_dims == 2:
-        raise ValueError("model.rope_dims must not be 2 (the NTK exponent rope_dims/(rope_dims-2) is undefined)")
-    if cfg.rope_base <= 0:
-        raise ValueError(f"model.rope_base must be positive, got {cfg.rope_base}")
-    for name in ("logit_softcap", "logit_softcap_neg", "attn_gate_scale"):
-        if not 0 < getattr(cfg, name) < math.inf:
-            raise ValueError(f"model.{name} must be positive and finite, got {getattr(cfg, name)}")
-    if not 0 <= cfg.attn_gate_window <= cfg.model_dim:
-        raise ValueError(f"model.attn_gate_window must be in [0, model.model_dim={cfg.model_dim}], "
-                         f"got {cfg.attn_gate_window}")
-    if cfg.leaky_slope < 0:
-        raise ValueError(f"model.leaky_slope must be >= 0, got {cfg.leaky_slope}")
-    if cfg.parallel_start_layer and not cfg.num_layers // 2 <= cfg.parallel_start_layer < cfg.num_layers:
-        raise ValueError(f"model.parallel_start_layer must be 0 (off) or a decoder layer in "
-                         f"[{cfg.num_layers // 2}, {cfg.num_layers}), got {cfg.parallel_start_layer}")
-    if cfg.parallel_final_lane not in PARALLEL_FINAL_LANES:
-        raise ValueError(f"model.parallel_final_lane must be one of {list(PARALLEL_FINAL_LANES)}, "
-                         f"got {cfg.parallel_final_lane!r}")
-    _validate_loops(cfg)
-    if cfg.residual_dtype not in RESIDUAL_DTYPES:
-        raise ValueError(f"model.residual_dtype must be one of {sorted(RESIDUAL_DTYPES)}, got {cfg.residual_dtype!r}")
-    if cfg.attn_backend not in ATTN_BACKENDS:
-        raise ValueError(f"model.attn_backend must be one of {sorted(ATTN_BACKENDS)}, got {cfg.attn_backend!r}")
-
-
-def _validate_loops(cfg: ModelConfig) -> None:
-    if cfg.num_loops < 0:
-        raise ValueError(f"model.num_loops must be >= 0, got {cfg.num_loops}")
-    if cfg.num_loops == 0:
-        return
-    if not 0 <= cfg.loop_start <= cfg.loop_end < cfg.num_layers:
-        raise ValueError(f"model.loop_start <= model.loop_end must be layers in [0, {cfg.num_layers}), "
-                         f"got {cfg.loop_start}..{cfg.loop_end}")
-    if cfg.parallel_start_layer and cfg.loop_end >= cfg.parallel_start_layer:
-        raise ValueError(f"model.loop_end ({cfg.loop_end}) must be below model.parallel_start_layer "
-                         f"({cfg.parallel_start_layer}): the looped layers run on one lane")
 
 
 def layer_order(cfg: ModelConfig, looping: bool = True) -> list[int]:
@@ -132,12 +63,6 @@ def layer_order(cfg: ModelConfig, looping: bool = True) -> list[int]:
         return list(range(L))
     seg = list(range(cfg.loop_start, cfg.loop_end + 1))
     return list(range(cfg.loop_start)) + seg * (cfg.num_loops + 1) + list(range(cfg.loop_end + 1, L))
-
-
-def mlp_hidden(cfg: ModelConfig) -> int:
-    """MLP hidden width: mlp_mult * model_dim rounded half up to an integer (4.0 * 512 -> 2048,
-    2.999 * 128 = 383.87 -> 384); the fused kernel and GPTQ take any width >= 1."""
-    return int(math.floor(cfg.mlp_mult * cfg.model_dim + 0.5))
 
 
 # ----------------------------------------------------------------------------- small pieces
@@ -498,12 +423,11 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: ModelConfig, qat_quantile: float = 0.9995, train_seq_len: int = 2048):
         super().__init__()
-        check_config(cfg)
-        self.cfg = cfg
+        self.cfg = cfg  # checked where it was loaded (pgolf.config)
         L, D = cfg.num_layers, cfg.model_dim
         self.head_dim = D // cfg.num_heads
         self.kv_dim = cfg.num_kv_heads * self.head_dim
-        self.hidden = mlp_hidden(cfg)
+        self.hidden = cfg.mlp_hidden
         self.xsa_start = L - cfg.xsa_last_n
         self.ve_start = L - cfg.ve_last_n
         self.parallel_start = cfg.parallel_start_layer if cfg.parallel_start_layer > 0 else L  # L: off

@@ -13,8 +13,7 @@ import torch
 
 
 def qmax_for(bits: int) -> int:
-    if not 2 <= bits <= 8:
-        raise ValueError(f"quantize.bits must be in [2, 8], got {bits}")
+    """Levels each side of zero for `bits`-bit codes (bits as pgolf.config.BITS_RANGE allows)."""
     return 2 ** (bits - 1) - 1
 
 

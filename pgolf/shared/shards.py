@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pgolf.config import MAX_SHARD_TOKENS
 from pgolf.shared.io import atomic_write_bytes
 
 MAGIC = 20240520
 VERSION = 1
 HEADER_WORDS = 256
 HEADER_BYTES = HEADER_WORDS * 4
-MAX_TOKENS_PER_SHARD = 2**31 - 1
 BOS_ID = 1  # every document of a shard starts with this token (pgolf.prepare.tokenizer trains it in)
 
 
@@ -34,8 +34,8 @@ def encode_shard(tokens) -> bytes:
     toks = np.asarray(tokens)
     if toks.ndim != 1:
         raise ShardError(f"tokens must be 1-D, got shape {toks.shape}")
-    if toks.size > MAX_TOKENS_PER_SHARD:
-        raise ShardError(f"{toks.size} tokens do not fit in one shard (limit {MAX_TOKENS_PER_SHARD})")
+    if toks.size > MAX_SHARD_TOKENS:
+        raise ShardError(f"{toks.size} tokens do not fit in one shard (limit {MAX_SHARD_TOKENS})")
     if toks.dtype != np.uint16 and toks.size:
         if not np.issubdtype(toks.dtype, np.integer):
             raise ShardError(f"tokens must be integers, got dtype {toks.dtype}")

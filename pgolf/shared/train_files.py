@@ -4,7 +4,8 @@ This module owns those files, their names, tensorfile kinds, writers and readers
 writer (pgolf.train.train, pgolf.train.hessian) and the reader (pgolf.quantize.quantize) share one definition:
 
 * `model.pgt` (kind "float_weights"): the averaged float weights, meta {model, train_seq_len,
-  qat_quantile, qat_bits, tokenizer} (pgolf.train.train.model_meta writes it, pgolf.quantize.quantize reads it);
+  qat_quantile, qat_bits, tokenizer} (`model_meta` makes it; `model_config` reads its `model`
+  section back through pgolf.config's loader, here and from the artifact that copies it);
 * `hessians.pgt` (kind "hessians"): per quantizable matrix the (n, n) fp32 mean of x^T x over
   the rows that fed it, meta {rows, accumulations, world_size}; `validate_hessians` is the one
   check of them, run by training before it writes and by quantize when it reads;
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from pgolf import config
 from pgolf.shared import tensorfile
 
 MODEL_FILE = "model.pgt"
@@ -32,6 +34,22 @@ HESSIAN_META_KEYS = ("rows", "accumulations", "world_size")
 
 class HessianError(ValueError):
     """Hessians that are missing, mis-shaped or not a valid Gram matrix (NaN, negative diagonal)."""
+
+
+def model_meta(mcfg: config.ModelConfig, train_seq_len: int, qat_quantile: float, qat_bits: int,
+               tokenizer: dict) -> dict:
+    """The model.pgt meta: the model section, where the NTK RoPE rule starts, training's QAT clip
+    quantile and bits, the tokenizer's sha256 and vocabulary size (tokenizer.json)."""
+    return {"model": config.to_dict(mcfg), "train_seq_len": train_seq_len, "qat_quantile": qat_quantile,
+            "qat_bits": qat_bits, "tokenizer": {"sha256": tokenizer["sha256"], "vocab_size": int(tokenizer["vocab_size"])}}
+
+
+def model_config(meta: dict, source: str) -> config.ModelConfig:
+    """The `model` section of a model.pgt (or artifact) meta, every key and value checked by
+    pgolf.config's loader; ConfigError naming `source`."""
+    if not isinstance(meta.get("model"), dict):
+        raise config.ConfigError(f"{source}: meta lacks the 'model' section")
+    return config.from_doc(meta, "model", f"{source} meta")
 
 
 def save_weights(path: str | Path, weights: dict[str, torch.Tensor], meta: dict) -> int:

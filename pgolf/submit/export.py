@@ -1,6 +1,6 @@
 """Export a finished run as a challenge records folder: the packed train_gpt.py and what backs it.
 
-    python -m pgolf.export --out records/track_10min_16mb/2026-12-02_MyRun \
+    pgolf export --out records/track_10min_16mb/2026-12-02_MyRun \
         --name "My run" --author "Jane Doe" --github-id jdoe --blurb "what changed" [--seeds seeds/]
 
 Reads only the pipeline's outputs (metrics/*.json, params.yaml, dvc.lock, artifacts/final/, the
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from pgolf.shared import layout, train_files
+from pgolf.shared import checked, layout, train_files
 from pgolf.compress import artifact, pack
 from pgolf.submit import rules
 from pgolf.config import ConfigError
@@ -142,7 +142,7 @@ def check_script(root: Path, m: dict) -> bytes:
     if _sha(script) != want or len(script) != m["size"]["code_bytes"]:
         raise ExportError(f"{counted}: not the script metrics/size.json counted; rerun `dvc repro`")
     try:
-        now = pack.build_script(root, params_path=root / "params.yaml")
+        now = pack.build_script(root, checked.read_all(pack.BAKED_SECTIONS, root))
     except (pack.PackError, ConfigError) as e:
         raise ExportError(str(e)) from None
     if now != script:
@@ -170,12 +170,12 @@ def check_code_list(path: Path) -> dict:
 
 
 def check_seeds(folder: Path) -> tuple[dict, list[Path]]:
-    """seeds.json of `python -m pgolf.seeds --out` and every seed's train log beside it."""
+    """seeds.json of `pgolf seeds --out` and every seed's train log beside it."""
     path = folder / "seeds.json"
     summary = _read_json(path)
     runs = summary.get("runs") if isinstance(summary, dict) else None
     if not isinstance(runs, list) or not all(isinstance(r, dict) and "seed" in r for r in runs):
-        raise ExportError(f"{path}: not a seed summary of `python -m pgolf.seeds --out` (no runs with seeds)")
+        raise ExportError(f"{path}: not a seed summary of `pgolf seeds --out` (no runs with seeds)")
     logs = [folder / f"train_seed{r['seed']}.log" for r in runs]
     missing = [str(p) for p in logs if not p.is_file()]
     if missing:
@@ -308,13 +308,13 @@ def _write(out: Path, force: bool, fill) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Export a finished run as a challenge records folder.")
+    ap = argparse.ArgumentParser(prog="pgolf export", description="Export a finished run as a challenge records folder.")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--name", required=True)
     ap.add_argument("--author", required=True)
     ap.add_argument("--github-id", required=True)
     ap.add_argument("--blurb", default="")
-    ap.add_argument("--seeds", type=Path, help="folder written by `python -m pgolf.seeds --out`")
+    ap.add_argument("--seeds", type=Path, help="folder written by `pgolf seeds --out`")
     ap.add_argument("--force", action="store_true", help="replace a non-empty --out")
     a = ap.parse_args(argv)
     try:

@@ -53,8 +53,9 @@ class RecipeError(ValueError):
 
 
 def configs(params: dict) -> dict:
-    """{section: dataclass} of the baked params, checked as pgolf.config checks every loaded section."""
-    return {s: config.from_dict(s, params.get(s)) for s in ("model", "train", "quantize", "compress", "evaluate")}
+    """{section: dataclass} of the baked params (checked by the params gate before compress baked them)."""
+    return {s: config.restore(s, params.get(s), "train_gpt.py's baked params")
+            for s in ("model", "train", "quantize", "compress", "evaluate")}
 
 
 def challenge_inputs(cwd: Path, vocab: int) -> tuple[Path, Path]:
@@ -158,7 +159,7 @@ def run(cfgs: dict, script_path: Path, cwd: Path) -> int:
 
 
 def main(params: dict, script_path: str) -> int:
-    """Entry point of the packed script: validate the baked params, relaunch under torchrun if
+    """Entry point of the packed script: read the baked params, relaunch under torchrun if
     asked, run the recipe; a clear one-line error (exit 1) on bad input."""
     try:
         cfgs = configs(params)

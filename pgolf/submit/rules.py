@@ -1,6 +1,6 @@
 """The rules self-check: a finished run against the challenge rules that can be checked from its files.
 
-    python -m pgolf.rules            # the run in the current folder; exit 1 if a rule fails
+    pgolf rules            # the run in the current folder; exit 1 if a rule fails
 
 Each rule gives pass/fail and the figure behind it:
 
@@ -170,9 +170,9 @@ def check(root: str | Path = ".", max_tokens: int | None = None) -> list[Rule]:
     if not log.is_file():
         raise RulesError(f"{log}: train log missing (run `dvc repro` first)")
     if max_tokens is None:
-        from pgolf import config
+        from pgolf.shared import checked
 
-        max_tokens = config.load("evaluate", root / "params.yaml").max_tokens
+        max_tokens = checked.read("evaluate", root).max_tokens
     script = root / layout.FINAL / layout.SCRIPT_FILE
     return [check_size(size, script.stat().st_size if script.is_file() else None), check_train_time(train),
             check_eval_time(ev), check_hessians(train, log.read_text(errors="replace")),
@@ -190,7 +190,7 @@ def as_json(rules: list[Rule]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Check a finished run against the challenge rules.")
+    ap = argparse.ArgumentParser(prog="pgolf rules", description="Check a finished run against the challenge rules.")
     ap.add_argument("--root", type=Path, default=Path("."), help="the run's repo folder (default: .)")
     a = ap.parse_args(argv)
     from pgolf.config import ConfigError

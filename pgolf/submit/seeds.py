@@ -4,7 +4,7 @@ Run N seeds as DVC experiments (README "Seeds and significance"):
 
     dvc exp run --queue -S train.seed=1337 && dvc exp run --queue -S train.seed=42 \
         && dvc exp run --queue -S train.seed=2025 && dvc queue start -j 1 && dvc queue logs -f <exp>
-    python -m pgolf.seeds --baseline-bpb 1.1194 --out seeds/
+    pgolf seeds --baseline-bpb 1.1194 --out seeds/
 
 This module reads the experiments (`dvc exp show --json`), checks that they differ only in
 `train.seed`, and tests the improvement over the baseline one-sided, in nats per token as the
@@ -216,7 +216,7 @@ def write_out(out: Path, summary: dict, logs: dict[str, str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Summarise seed runs (DVC experiments) and test them against a baseline.")
+    ap = argparse.ArgumentParser(prog="pgolf seeds", description="Summarise seed runs (DVC experiments) and test them against a baseline.")
     ap.add_argument("--baseline-bpb", type=float, required=True, help="val_bpb of the run to beat")
     ap.add_argument("--exp", nargs="*", default=None, help="experiment names (default: every finished one)")
     ap.add_argument("--out", type=Path, help="write seeds.json and each seed's train log here")

@@ -1,12 +1,13 @@
 """The short end-of-pipeline summary: val_bpb, artifact bytes vs the cap, codec, train speed.
 
-Printed by `python -m pgolf.summary` (the Quickstart's last command; it reads only
+Printed by `pgolf summary` (the Quickstart's last command; it reads only
 metrics/*.json, so it works on any checked-out branch). A metrics file that is not valid JSON or
 lacks a key the summary shows is an error naming the file, never a traceback.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -70,9 +71,12 @@ def render(metrics_dir: str | Path = layout.METRICS) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pgolf summary", description="Print the summary of a run's metrics files.")
+    ap.add_argument("metrics", nargs="?", default=str(layout.METRICS), help="the metrics folder (default: %(default)s)")
+    args = ap.parse_args(argv)
     try:
-        print(render(sys.argv[1] if len(sys.argv) > 1 else layout.METRICS))
+        print(render(args.metrics))
     except MetricsError as e:
         print(f"summary: error: {e}", file=sys.stderr)
         return 1

@@ -21,7 +21,6 @@ file after a successful run.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +30,7 @@ import torch.distributed as tdist
 from torch import Tensor
 
 from pgolf.shared import tensorfile
+from pgolf import config
 from pgolf.config import ModelConfig, TrainConfig
 
 if TYPE_CHECKING:
@@ -81,8 +81,8 @@ class Progress:
 def fingerprint(mcfg: ModelConfig, cfg: TrainConfig, world_size: int, data_id: dict) -> dict:
     """What must match for a checkpoint to be resumed: model + train params (minus the log and
     checkpoint knobs), world size, the training shards (names, sizes) and the tokenizer."""
-    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in FINGERPRINT_EXCLUDE}
-    return {"version": CHECKPOINT_VERSION, "model": dataclasses.asdict(mcfg), "train": train,
+    train = {k: v for k, v in config.to_dict(cfg).items() if k not in FINGERPRINT_EXCLUDE}
+    return {"version": CHECKPOINT_VERSION, "model": config.to_dict(mcfg), "train": train,
             "world_size": world_size, "data": data_id}
 
 

@@ -69,14 +69,9 @@ class DistributedTokenLoader:
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.stream = TokenStream(paths)
 
-    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y) int64 of shape (local/seq_len, seq_len) for this rank's next micro-batch."""
-        denom = self.world_size * grad_accum_steps
-        if global_tokens % denom:
-            raise ValueError(f"batch tokens {global_tokens} not divisible by world_size*grad_accum_steps = {denom}")
-        local = global_tokens // denom
-        if local % seq_len:
-            raise ValueError(f"local batch {local} tokens not divisible by seq_len {seq_len}")
+    def next_batch(self, local: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) int64 of shape (local/seq_len, seq_len) for this rank's next micro-batch of `local`
+        tokens (TrainConfig.batch_split's micro_tokens, a multiple of seq_len)."""
         span = local + 1
         chunk = self.stream.take(span * self.world_size)  # (world*(local+1),)
         mine = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))  # (local+1,)

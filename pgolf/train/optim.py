@@ -49,19 +49,16 @@ POLAR_EXPRESS_COEFFS = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
-NS_SCHEDULES = ("quintic", "polar_express")
 
 
 def ns_coefficients(name: str, steps: int) -> tuple[tuple[float, float, float], ...]:
-    """The (a, b, c) of each of `steps` Newton-Schulz iterations under schedule `name`."""
+    """The (a, b, c) of each of `steps` Newton-Schulz iterations under schedule `name` (the names of
+    pgolf.config.NS_SCHEDULES); ValueError for another name or more steps than polar_express defines."""
     if name == "quintic":
         return (NS_COEFFS,) * steps
-    if name == "polar_express":
-        if steps > len(POLAR_EXPRESS_COEFFS):
-            raise ValueError(f"train.muon_ns_steps must be <= {len(POLAR_EXPRESS_COEFFS)} with "
-                             f"train.muon_ns_coeffs polar_express, got {steps}")
+    if name == "polar_express" and steps <= len(POLAR_EXPRESS_COEFFS):
         return POLAR_EXPRESS_COEFFS[:steps]
-    raise ValueError(f"train.muon_ns_coeffs must be one of {list(NS_SCHEDULES)}, got {name!r}")
+    raise ValueError(f"no Newton-Schulz schedule {name!r} of {steps} steps")
 
 # torch 2.13 renamed the tensor collectives; older versions (the GPU boxes) only have the old names
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor

@@ -4,35 +4,13 @@ the growing sequence length (`train.seq_len_schedule`). pgolf.train.train's loop
 
 from __future__ import annotations
 
-from pgolf.config import ConfigError, TrainConfig
+from pgolf.config import TrainConfig
 
 
-def parse_seq_len_schedule(cfg: TrainConfig) -> list[tuple[int, float]]:
-    """`train.seq_len_schedule` "LEN@FRAC,..." -> [(LEN, FRAC)]: each LEN (<= train.seq_len) is used
-    while training_frac < its FRAC (increasing, in (0, 1]), then train.seq_len. "" -> []."""
-    if not cfg.seq_len_schedule.strip():
-        return []
-    out = []
-    for item in cfg.seq_len_schedule.split(","):
-        try:
-            length, frac = item.split("@")
-            out.append((int(length), float(frac)))
-        except ValueError:
-            raise ConfigError(f"train.seq_len_schedule must be 'LEN@FRAC,...', got "
-                              f"{cfg.seq_len_schedule!r}") from None
-    fracs = [f for _, f in out]
-    if not all(0 < f <= 1 for f in fracs) or fracs != sorted(set(fracs)):
-        raise ConfigError(f"train.seq_len_schedule fractions must increase within (0, 1], "
-                          f"got {cfg.seq_len_schedule!r}")
-    if not all(1 <= n <= cfg.seq_len for n, _ in out):
-        raise ConfigError(f"train.seq_len_schedule lengths must be in [1, train.seq_len="
-                          f"{cfg.seq_len}], got {cfg.seq_len_schedule!r}")
-    return out
-
-
-def seq_len_at(frac: float, cfg: TrainConfig, schedule: list[tuple[int, float]]) -> int:
-    """The training sequence length at training_frac `frac` under the parsed schedule."""
-    return next((n for n, until in schedule if frac < until), cfg.seq_len)
+def seq_len_at(frac: float, cfg: TrainConfig) -> int:
+    """The training sequence length at training_frac `frac`: the first [LEN, UNTIL] of
+    train.seq_len_schedule with frac < UNTIL, else train.seq_len."""
+    return next((n for n, until in cfg.seq_len_schedule if frac < until), cfg.seq_len)
 
 
 def lr_scale(step: int, elapsed_ms: float, cfg: TrainConfig) -> float:

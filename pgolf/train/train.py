@@ -44,7 +44,6 @@ the train stage:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import platform
 import time
@@ -62,15 +61,16 @@ from torch.profiler import record_function
 from pgolf.shared import dist, layout, train_files
 from pgolf.train import checkpoint, hessian
 from pgolf.train.averages import WeightAverages
-from pgolf.config import ConfigError, ModelConfig, TrainConfig, bad
+from pgolf import config
+from pgolf.config import ModelConfig, TrainConfig
 from pgolf.shared.byte_tables import byte_tables_path, load_byte_tables
 from pgolf.train.loader import DistributedTokenLoader
 from pgolf.shared.shards import list_shards, max_token_id, read_shard, read_shard_header
 from pgolf.shared.tokenizer_meta import read_tokenizer_meta, tokenizer_meta_path
 from pgolf.shared.io import atomic_write_text, staged_dir, write_json
 from pgolf.shared.model import GPT, QAT_BITS, layer_order
-from pgolf.train.optim import build_optimizers, ns_coefficients
-from pgolf.train.schedule import lr_multiplier, lr_scale, muon_momentum_at, parse_seq_len_schedule, seq_len_at, training_frac
+from pgolf.train.optim import build_optimizers
+from pgolf.train.schedule import lr_multiplier, lr_scale, muon_momentum_at, seq_len_at, training_frac
 from pgolf.train.timing import Clock, StepTimer
 
 TSV_COLUMNS = ("step", "train_loss", "lr_scale", "tokens_per_second")
@@ -82,9 +82,6 @@ TSV_COLUMNS = ("step", "train_loss", "lr_scale", "tokens_per_second")
 # that made kernels of 61 ms per step, which become one 6.4 ms column sum with the option off
 # (bench/results/inductor_variants_h200.json; the speed claim is vs_ref_h200.json's ratio).
 INDUCTOR_OPTIONS = {"triton.mix_order_reduction": False}
-
-COMPILE_SCOPES = ("model", "blocks")
-
 
 def compile_forward(model: GPT, scope: str, backend: str = "inductor") -> Callable:
     """The training forward `(x, y) -> loss` under torch.compile (`train.compile_scope`):
@@ -171,74 +168,6 @@ class TrainResult:
     rows: list[dict] = field(default_factory=list)  # the plots/train.tsv rows
 
 
-# ----------------------------------------------------------------------------- config checks
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Range checks of the `train` section (pgolf.config runs them when it loads the section)."""
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise bad(cfg, "device", "must be auto, cpu or cuda")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise bad(cfg, "device", "is cuda but CUDA is not available")
-    if cfg.compile_scope not in COMPILE_SCOPES:
-        raise bad(cfg, "compile_scope", f"must be one of {', '.join(COMPILE_SCOPES)}")
-    if cfg.muon_comm_dtype not in ("auto", "bf16", "fp32"):
-        raise bad(cfg, "muon_comm_dtype", "must be auto, bf16 or fp32")
-    for key in ("nproc_per_node", "batch_tokens", "seq_len", "iterations", "muon_ns_steps", "swa_every",
-                "val_batch_seqs", "max_micro_batch_seqs"):
-        if getattr(cfg, key) < 1:
-            raise bad(cfg, key, "must be >= 1")
-    for key in ("grad_accum_steps", "warmdown_iters", "warmup_steps", "muon_momentum_warmup_steps",
-                "hessian_every", "val_tokens", "log_every", "checkpoint_every", "max_wallclock_seconds",
-                "matrix_lr", "scalar_lr", "tied_embed_lr", "muon_wd", "adam_wd", "grad_clip"):
-        if not getattr(cfg, key) >= 0:  # also rejects NaN
-            raise bad(cfg, key, "must be >= 0")
-    for key in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay"):
-        if not 0.0 <= getattr(cfg, key) < 1.0:
-            raise bad(cfg, key, "must be in [0, 1)")
-    ns_coefficients(cfg.muon_ns_coeffs, cfg.muon_ns_steps)  # ValueError naming train.muon_ns_*
-    for key in ("swa_threshold", "late_qat_threshold", "min_lr", "loop_enable_frac"):
-        if not 0.0 <= getattr(cfg, key) <= 1.0:
-            raise bad(cfg, key, "must be in [0, 1]")
-    if not cfg.hessian_start_scale >= 0:  # > 1: capture from the first step (the scale is <= 1)
-        raise bad(cfg, "hessian_start_scale", "must be >= 0")
-    if not 0.0 < cfg.qat_clip_quantile <= 1.0:
-        raise bad(cfg, "qat_clip_quantile", "must be in (0, 1]")
-    if not cfg.adam_eps > 0:
-        raise bad(cfg, "adam_eps", "must be > 0")
-    if cfg.checkpoint_every > 0 and not cfg.checkpoint_dir:
-        raise bad(cfg, "checkpoint_dir", "must name a folder when train.checkpoint_every > 0")
-    if cfg.seq_len > cfg.batch_tokens:
-        raise bad(cfg, "seq_len", f"must be <= train.batch_tokens ({cfg.batch_tokens})")
-    parse_seq_len_schedule(cfg)
-
-
-def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
-    """train.grad_accum_steps, or when it is 0 the fewest micro-batches per rank that split the
-    rank's sequences evenly into at most train.max_micro_batch_seqs each. At the records' 786,432
-    tokens of 2048 and 48 sequences that is their 8 // world_size; a smaller batch gets fewer,
-    fuller micro-batches (196,608 tokens on one GPU: 2 of 48, where 8 of 12 leave the GPU waiting
-    on the host). The step's gradient does not depend on the split (tests/test_train.py)."""
-    if cfg.grad_accum_steps > 0:
-        return cfg.grad_accum_steps
-    seqs, rest = divmod(cfg.batch_tokens, world_size * cfg.seq_len)  # sequences per rank and step
-    if rest or seqs == 0:
-        return 1  # check_batch names the mismatch
-    return next(d for d in range(1, seqs + 1) if seqs % d == 0 and seqs // d <= cfg.max_micro_batch_seqs)
-
-
-def check_batch(cfg: TrainConfig, world_size: int, accum: int) -> int:
-    """Tokens of one micro-batch per rank; ConfigError unless the global batch splits evenly into
-    sequences of train.seq_len and of every length of train.seq_len_schedule."""
-    for key, n in [("seq_len", cfg.seq_len)] + [("seq_len_schedule", n) for n, _ in parse_seq_len_schedule(cfg)]:
-        denom = world_size * accum * n
-        if cfg.batch_tokens % denom:
-            raise ConfigError(
-                f"params.yaml: train.batch_tokens ({cfg.batch_tokens}) must be divisible by world_size * "
-                f"grad_accum_steps * train.{key} = {world_size} * {accum} * {n} = {denom}")
-    return cfg.batch_tokens // (world_size * accum)
-
-
 # ----------------------------------------------------------------------------- run log
 
 
@@ -278,37 +207,25 @@ class Inputs:
 
 
 def check_inputs(paths: Paths, mcfg: ModelConfig, cfg: TrainConfig) -> Inputs:
-    """Shards, tokenizer metadata and byte tables present and consistent with model.vocab_size."""
+    """Shards, tokenizer metadata and byte tables present, every token id within model.vocab_size
+    (the params against the data's metadata are the data_check gate's: pgolf.params.data_check)."""
     train = list_shards(paths.shards, "train")
     sizes = [read_shard_header(p) for p in train]
-    if sum(sizes) <= cfg.batch_tokens:
-        raise TrainError(f"{paths.shards}: {sum(sizes)} training tokens, fewer than one batch "
-                         f"(train.batch_tokens = {cfg.batch_tokens})")
     try:
         meta = read_tokenizer_meta(paths.tokenizer)
     except ValueError as e:
         raise TrainError(str(e)) from None
-    meta_path = tokenizer_meta_path(paths.tokenizer)
-    if int(meta["vocab_size"]) != mcfg.vocab_size:
-        raise TrainError(f"model.vocab_size is {mcfg.vocab_size} but {meta_path} says the tokenizer has "
-                         f"{meta['vocab_size']} tokens; set model.vocab_size to {meta['vocab_size']}")
     tables = load_byte_tables(paths.tokenizer)
-    if tables.vocab_size != mcfg.vocab_size:
+    if tables.vocab_size != int(meta["vocab_size"]):
         raise TrainError(f"{byte_tables_path(paths.tokenizer)}: byte tables cover {tables.vocab_size} "
-                         f"tokens, model.vocab_size is {mcfg.vocab_size}")
+                         f"tokens, {tokenizer_meta_path(paths.tokenizer)} says {meta['vocab_size']}")
     for shard in train:  # every shard, before step 1 (a bad id would otherwise fail at its step)
         top = max_token_id(shard)
         if top >= mcfg.vocab_size:
             raise TrainError(f"{shard}: token id {top} >= model.vocab_size {mcfg.vocab_size}")
     from pgolf.shared.bpb import load_val_tokens
 
-    try:
-        val = load_val_tokens(paths.shards, cfg.val_tokens)
-    except ValueError as e:
-        raise TrainError(str(e)) from None
-    if len(val) < cfg.seq_len + 1:
-        raise TrainError(f"{paths.shards}: {len(val)} validation tokens, fewer than one sequence of "
-                         f"train.seq_len + 1 = {cfg.seq_len + 1} (check train.val_tokens)")
+    val = load_val_tokens(paths.shards, cfg.val_tokens)
     if int(val.max()) >= mcfg.vocab_size:
         raise TrainError(f"{paths.shards}: validation token id {int(val.max())} >= model.vocab_size {mcfg.vocab_size}")
     data_id = {"train_shards": [[p.name, n] for p, n in zip(train, sizes)], "tokenizer_sha256": meta["sha256"]}
@@ -325,8 +242,8 @@ class Trainer:
         self.mcfg, self.cfg, self.paths, self.info, self.inputs = mcfg, cfg, paths, info, inputs
         self.dev = info.device
         self.cuda = self.dev.type == "cuda"
-        self.accum = resolve_grad_accum(cfg, info.world_size)
-        self.local_tokens = check_batch(cfg, info.world_size, self.accum)  # tokens of one micro-batch per rank
+        self.split = cfg.batch_split(info.world_size)  # micro-batches per rank, tokens of one
+        self.accum = self.split.accum
         self.log = RunLog(info.is_main)
         self.model, self.fwd = self._build_model()
         self.opt = build_optimizers(self.model.optimizer_groups(), cfg, info)
@@ -344,8 +261,7 @@ class Trainer:
         if mcfg.num_loops > 0 and cfg.loop_enable_frac > 0:
             self.model.set_looping(False)  # depth recurrence starts at train.loop_enable_frac
         self.loop_start_step: int | None = 0 if self.model.looping else None
-        self.seq_schedule = parse_seq_len_schedule(cfg)
-        self.seq_len = seq_len_at(0.0, cfg, self.seq_schedule)  # this step's training sequence length
+        self.seq_len = seq_len_at(0.0, cfg)  # this step's training sequence length
         self.timer = StepTimer(self.cuda)  # per-step device time, for the Hessian overhead
         self.resumed_from = 0
         self.checkpoint_status = "no checkpoint"
@@ -402,7 +318,7 @@ class Trainer:
         with self.model.qat_weights():  # late QAT: the banks hold Q(w) until the update
             for micro in range(self.accum):
                 with record_function("pgolf.data"):
-                    x, y = self.loader.next_batch(self.cfg.batch_tokens, self.seq_len, self.accum)  # (B, T)
+                    x, y = self.loader.next_batch(self.split.micro_tokens, self.seq_len)  # (B, T)
                 capture = hessians if micro == 0 else None
                 if capture is not None and self.compiled:  # keep the compiled graph capture-free
                     self._capture_hessians(x, capture)
@@ -491,7 +407,7 @@ class Trainer:
         and not."""
         scratch = self.model.zero_hessians()
         looping, seq_len = self.model.looping, self.seq_len
-        lengths = sorted({self.cfg.seq_len} | {length for length, _ in self.seq_schedule})
+        lengths = sorted(set(self.cfg.seq_lens()))
         for mode in ([False, True] if self.mcfg.num_loops > 0 and not looping else [looping]):
             self.model.set_looping(mode)  # prime the looped graph too when it comes later
             for length in lengths:  # and one graph per training sequence length
@@ -551,7 +467,7 @@ class Trainer:
         lr = lr_multiplier(scale, cfg)  # the schedule's triggers above read the unfloored scale
         loss = self._step(step, lr, self.hess.sums if capture else None)
         if capture:
-            self.hess.record(self.local_tokens)
+            self.hess.record(self.split.micro_tokens)
         self.timer.stop()  # no sync: the host queues the next step while the device works
         self.hess_schedule.label(capture, scale)
         self.step += 1
@@ -586,7 +502,7 @@ class Trainer:
 
     def _set_seq_len(self, step: int) -> None:
         """Follow train.seq_len_schedule (a no-op without one); log each change."""
-        n = seq_len_at(training_frac(step, self.elapsed_ms, self.cfg), self.cfg, self.seq_schedule)
+        n = seq_len_at(training_frac(step, self.elapsed_ms, self.cfg), self.cfg)
         if n != self.seq_len:
             self.log(f"seq_len: {n} from step {step}")
         self.seq_len = n
@@ -639,7 +555,7 @@ class Trainer:
     def _fallback_hessian(self) -> None:
         """The schedule's fallback: one no-grad forward of the next training micro-batch with
         capture, after the clock stopped."""
-        x, _ = self.loader.next_batch(self.cfg.batch_tokens, self.cfg.seq_len, self.accum)  # (B, T)
+        x, _ = self.loader.next_batch(self.split.micro_tokens, self.cfg.seq_len)  # (B, T)
         self._capture_hessians(x, self.hess.sums)
         self.hess.record(x.numel())
         self.log(hessian.FALLBACK_NOTE)
@@ -719,25 +635,19 @@ class Trainer:
             "checkpoint": self.checkpoint_status,
             "device": torch.cuda.get_device_name(self.dev) if self.cuda else (platform.processor() or "cpu"),
             "versions": {"torch": torch.__version__, "triton": triton_v, "python": platform.python_version()},
-            "config": {"model": dataclasses.asdict(self.mcfg), "train": dataclasses.asdict(cfg)},
+            "config": {"model": config.to_dict(self.mcfg), "train": config.to_dict(cfg)},
         }
 
 
 # ----------------------------------------------------------------------------- outputs
 
 
-def model_meta(mcfg: ModelConfig, cfg: TrainConfig, tokenizer_meta: dict) -> dict:
-    """The model.pgt meta of the contract."""
-    return {"model": dataclasses.asdict(mcfg), "train_seq_len": cfg.seq_len,
-            "qat_quantile": cfg.qat_clip_quantile, "qat_bits": QAT_BITS,
-            "tokenizer": {"sha256": tokenizer_meta["sha256"], "vocab_size": int(tokenizer_meta["vocab_size"])}}
-
-
 def write_outputs(result: TrainResult, mcfg: ModelConfig, cfg: TrainConfig, paths: Paths,
                   tokenizer_meta: dict) -> None:
     """artifacts/train/ in one staged swap, then metrics/train.json and plots/train.tsv."""
     with staged_dir(paths.out_dir) as tmp:
-        train_files.save_weights(tmp / train_files.MODEL_FILE, result.export, model_meta(mcfg, cfg, tokenizer_meta))
+        train_files.save_weights(tmp / train_files.MODEL_FILE, result.export, train_files.model_meta(
+            mcfg, cfg.seq_len, cfg.qat_clip_quantile, QAT_BITS, tokenizer_meta))
         train_files.save_hessians(tmp / train_files.HESSIANS_FILE, result.hessians, result.hessian_meta)
         atomic_write_text(tmp / train_files.LOG_FILE, result.log_text)
     write_json(paths.metrics, result.metrics)
@@ -753,7 +663,7 @@ def run(mcfg: ModelConfig, cfg: TrainConfig, paths: Paths | None = None,
     steps done, checkpoint already written): tests use it to observe or to simulate a crash."""
     paths = paths or Paths()
     info = dist.init(cfg.device)
-    check_batch(cfg, info.world_size, resolve_grad_accum(cfg, info.world_size))
+    cfg.batch_split(info.world_size)  # ConfigError before any input is read, on a world other than nproc_per_node
     inputs = check_inputs(paths, mcfg, cfg)
     trainer = Trainer(mcfg, cfg, paths, info, inputs)
     trainer.resume_or_fresh()
