@@ -18,7 +18,7 @@ def fail(stage: str, error: object, rank0_only: tuple[type[Exception], ...] = ()
     An error of a type in `rank0_only` is printed by rank 0 alone (every rank raises the same one).
     """
     # the torchrun variables as pgolf.shared.dist.env_place reads them; not imported from there, which
-    # would load torch into the stages that never need it (params, prepare, curves)
+    # would load torch into the stages that never need it (params, data_check, curves)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if rank == 0 or not isinstance(error, rank0_only):
         where = f"{stage} (rank {rank})" if world > 1 else stage
