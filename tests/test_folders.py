@@ -3,8 +3,8 @@ imports no stage folder; a stage folder imports only pgolf/shared, pgolf/config.
 of the stages upstream of it; pgolf/submit/ (after the pipeline) may import any stage folder and
 none imports it. So a stage's DVC deps can be its own folder plus those (tests/test_dvc_yaml.py).
 Checked on the import statements themselves (ast, imports inside functions included). Also: every
-folder says what it owns, the range checks pgolf.config loads by name (CHECKS) still import, and
-every `python -m pgolf.<name>` the README documents still runs, from a tiny top-level entry module."""
+folder says what it owns, pgolf.config imports nothing of pgolf, and
+every `pgolf <subcommand>` the README documents is the main of the module that owns it, with --help."""
 
 from __future__ import annotations
 

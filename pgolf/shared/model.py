@@ -230,8 +230,8 @@ def softcap(z: torch.Tensor, cap_pos: float, cap_neg: float) -> torch.Tensor:
 def gram_matrix(x2: torch.Tensor) -> torch.Tensor:
     """x2 (M, n) bf16/fp16 -> x2^T x2 (n, n) fp32, every product exact and every sum fp32: on a
     GPU one half-precision GEMM that accumulates and returns fp32 (torch.mm's out_dtype), else
-    the inputs cast to fp32 first. On one H200, a 48 x 2048-row capture's grams take 9.2 ms
-    this way against 53.2 ms cast to fp32 for a TF32 GEMM (bench/results/capture_h200_machine6.json)."""
+    the inputs cast to fp32 first (a fifth of the time of an fp32 cast and a TF32 GEMM on a GPU:
+    bench/results/capture_h200_machine6.json)."""
     if x2.is_cuda:
         return torch.mm(x2.t(), x2, out_dtype=torch.float32)
     x2 = x2.float()
@@ -243,13 +243,12 @@ def accumulate_gram(hessians: dict[str, torch.Tensor], names: tuple[str, ...], x
     (..., n) flattened and, under autocast, cast to the autocast dtype as F.linear casts it.
 
     (Autocast hands some inputs over in fp32, the outputs of rms_norm and of the MLP's square,
-    and the layer multiplies them in bf16. Their grams in fp64 made a 48 x 2048-row capture take
-    182 ms against 63 ms for the same eager forward without capture on an H200.)
+    and the layer multiplies them in bf16, so their gram is taken in bf16 too.)
 
     Every product is exact and every sum at least fp32, and the result is made exactly symmetric
-    before the fp32 buffers take it (the fp32 sums once failed the Hessian check's symmetry test
-    on an H200, frontier profile). bf16/fp16 rows: `gram_matrix`; fp32 rows (no autocast, e.g. on
-    a CPU) are multiplied in fp64, which TF32 would round."""
+    before the fp32 buffers take it (fp32 sums alone need not be, and the Hessian check tests
+    symmetry). bf16/fp16 rows: `gram_matrix`; fp32 rows (no autocast, e.g. on a CPU) are
+    multiplied in fp64, which TF32 would round."""
     dtype = _autocast_dtype(x)
     with torch.autocast(device_type=x.device.type, enabled=False):
         x2 = x.detach().reshape(-1, x.size(-1)).to(dtype)  # (M, n)

@@ -15,9 +15,7 @@ it under autocast (rms_norm there runs in fp32 and the attention casts the resul
 * backward: recomputes the rotated norm from x, writes dx, and one fp32 number per row,
   sum_c g * rope(norm(x)) — the gain's gradient is their per-head sum (one small torch sum).
 
-Per 786k-token step on an H200, inductor's own kernels for this took 15.6 ms forward and 21.5 ms
-backward, these 9.4 and 13.6 ms; the bytes allow about 7 and 10 (bench/results/PROFILE.md,
-sixth round).
+Their timings against inductor's kernels: docs/performance.md (bench/results/qk_norm_rope_h200.json).
 
 The launches are torch.library custom ops (opaque to Dynamo/Inductor) under an
 autograd.Function, as in `fused_mlp`. Under TRITON_INTERPRET=1 (set before importing this
@@ -33,7 +31,7 @@ from torch import Tensor
 
 from pgolf.shared.kernels.fused_mlp import check_runnable
 
-BLOCK_R = 16  # rows of hd per program: the best of bench_qk_norm_rope's sweep on an H200
+BLOCK_R = 16  # rows of hd per program: the best of bench_qk_norm_rope's sweep (qk_norm_rope_h200.json)
 NUM_WARPS = 4
 
 # ----------------------------------------------------------------------------------------------
