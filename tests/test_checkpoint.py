@@ -22,7 +22,7 @@ from pgolf.shared.dist import DistInfo
 from pgolf.shared.model import GPT
 from pgolf.train.optim import build_optimizers
 from pgolf.train.timing import StepTimer
-from pgolf.train.train import RunLog
+from pgolf.train.outputs import RunLog
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -25,7 +25,7 @@ import yaml
 
 from pgolf import config
 from pgolf.shared import tensorfile, train_files
-from pgolf.train import checkpoint, schedule
+from pgolf.train import checkpoint, priming, schedule
 from pgolf.train import train as T
 from pgolf.config import ConfigError, ModelConfig, TrainConfig
 from pgolf.train.loader import DistributedTokenLoader
@@ -167,7 +167,7 @@ def test_seq_len_schedule_drives_the_batches(data_root, tmp_path):
     seen = {}
 
     def watch(tr):
-        seen[tr.step] = tr.seq_len
+        seen[tr.step] = tr.triggers.seq_len
 
     r = run(data_root, tmp_path, on_step=watch, iterations=12, seq_len_schedule=((32, 0.25), (64, 0.5)),
             warmup_steps=1)
@@ -199,7 +199,7 @@ def test_a_step_gradient_is_the_mean_gradient_over_its_micro_batches(data_root, 
     start = tr.loader.state_dict()
     grads = {}
     tr.opt.step = lambda *a, **k: grads.update({n: p.grad.clone() for n, p in tr.model.named_parameters()})
-    loss = float(tr._step(1, 1.0, None, ema=False))  # 4 micro-batches of 4 x 128
+    loss = float(tr._step(1, 1.0, cfg.seq_len, None, ema=False))  # 4 micro-batches of 4 x 128
     tr.loader.load_state_dict(start)
     micro = [tr.loader.next_batch(cfg.batch_tokens // 4, cfg.seq_len) for _ in range(4)]
     x, y = torch.cat([m[0] for m in micro]), torch.cat([m[1] for m in micro])  # (16, 128) each
@@ -393,7 +393,7 @@ def _fake_compiles(monkeypatch, loud_steps: int) -> None:
         if i % 2 == 1 and i // 2 < loud_steps:  # the read after a loud step
             state["count"] += 1
         return state["count"]
-    monkeypatch.setattr(T, "compiles_so_far", fake)
+    monkeypatch.setattr(priming, "compiles_so_far", fake)
 
 
 @pytest.mark.parametrize("loud, cap, want", [(3, 10, 4), (0, 10, 2), (12, 5, 5), (5, 1, 1)])
@@ -416,15 +416,15 @@ def test_compiles_so_far_counts_forward_and_backward_graphs():
     lin = torch.nn.Linear(8, 4)
     fn = torch.compile(lambda x: F.gelu(lin(x)).sum(), dynamic=False, fullgraph=True)
     x = torch.randn(3, 8)
-    before = T.compiles_so_far()
+    before = priming.compiles_so_far()
     loss = fn(x)
-    after_fwd = T.compiles_so_far()
+    after_fwd = priming.compiles_so_far()
     loss.backward()
-    after_bwd = T.compiles_so_far()
+    after_bwd = priming.compiles_so_far()
     fn(x).backward()  # built: a second call compiles nothing
     # the backward graph is built in the first backward, or with the forward when AOTAutograd's
     # on-disk cache holds the pair from an earlier process
-    assert before + 1 < after_bwd == T.compiles_so_far() and before < after_fwd
+    assert before + 1 < after_bwd == priming.compiles_so_far() and before < after_fwd
 
 
 def test_warm_compile_reuses_aot_autograd_cache_with_the_fused_mlp(tmp_path, monkeypatch):
@@ -452,7 +452,7 @@ def test_warm_compile_reuses_aot_autograd_cache_with_the_fused_mlp(tmp_path, mon
         return dict(counters["aot_autograd"])
 
     assert compiled_once().get("autograd_cache_bypass") == 1  # torch's default: no cache
-    T.compile_forward(GPT(mcfg(), train_seq_len=128), "model", backend="aot_eager")  # sets it
+    priming.compile_forward(GPT(mcfg(), train_seq_len=128), "model", backend="aot_eager")  # sets it
     first, second = compiled_once(), compiled_once()
     assert first.get("autograd_cache_miss") == 1 and first.get("autograd_cache_saved") == 1
     assert second.get("autograd_cache_hit") == 1 and "autograd_cache_bypass" not in second
@@ -819,7 +819,7 @@ def _compiled_vs_eager(scope: str, **model_kw):
     eager, compiled = GPT(m, train_seq_len=64), GPT(m, train_seq_len=64)
     compiled.load_state_dict(eager.state_dict())
     before = counters["stats"]["unique_graphs"]
-    fwd = T.compile_forward(compiled, scope, backend="aot_eager")  # dynamo + AOTAutograd, no kernels
+    fwd = priming.compile_forward(compiled, scope, backend="aot_eager")  # dynamo + AOTAutograd, no kernels
     x = torch.randint(0, m.vocab_size, (2, 64))  # (B, T)
     y = torch.roll(x, -1, dims=1)
     loss_e, loss_c = eager(x, y), fwd(x, y)
@@ -868,7 +868,7 @@ def test_cuda_training_kernels_follow_the_train_section(tmp_path, mlp, qk):
     try:
         matmul.allow_tf32 = cudnn.allow_tf32 = False
         model = GPT(mcfg(), train_seq_len=128)
-        T.use_cuda_training_kernels(model, tcfg(tmp_path, fused_mlp=mlp, fused_qk_norm_rope=qk))
+        priming.use_cuda_training_kernels(model, tcfg(tmp_path, fused_mlp=mlp, fused_qk_norm_rope=qk))
         assert matmul.allow_tf32 and cudnn.allow_tf32
     finally:
         matmul.allow_tf32, cudnn.allow_tf32 = saved
@@ -887,7 +887,7 @@ def test_compiled_training_primes_two_steps_and_learns_as_eager(data_root, tmp_p
         def _build_model(self):
             model, _ = super()._build_model()
             self.compiled = True
-            return model, T.compile_forward(model, scope, backend="aot_eager")
+            return model, priming.compile_forward(model, scope, backend="aot_eager")
 
     kw = dict(iterations=8, hessian_every=4, warmup_steps=6)
     eager = run(data_root, tmp_path / "eager", **kw)

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from pgolf.train.hessian import HessianAccumulator, HessianSchedule
     from pgolf.shared.model import GPT
     from pgolf.train.timing import StepTimer
-    from pgolf.train.train import RunLog
+    from pgolf.train.outputs import RunLog
 
 CHECKPOINT_FILE = "train_state.pgt"
 CHECKPOINT_KIND = "train_checkpoint"

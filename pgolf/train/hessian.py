@@ -1,21 +1,24 @@
-"""Online Hessians of the quantizable matrices: schedule, accumulation, cross-rank sum.
+"""Online Hessians of the quantizable matrices: schedule, capture, accumulation, cross-rank sum.
 
 This module computes the content of `artifacts/train/hessians.pgt` (recipe-spec §6.5, with its
-§12.8 fix; the file itself, its check and its reader are pgolf.shared.train_files'): for every matrix name of `GPT.quantizable_names()` the mean per
-token of x^T x over the rows x that fed that matrix, summed over all ranks. It also owns when
-training captures them and what that costs (`HessianSchedule`, `hessian_overhead`).
+§12.8 fix; the file itself, its check and its reader are pgolf.shared.train_files'): for every
+matrix name of `GPT.quantizable_names()` the mean per token of x^T x over the rows x that fed that
+matrix, summed over all ranks. It also owns when training captures them, how, and what that costs
+(`HessianSchedule`, `capture`, `hessian_overhead`).
 
 How training uses it (pgolf.train.train): before each step the trainer asks
 `HessianSchedule.due(step, scale, elapsed_ms)`: every `train.hessian_every` steps once the lr
 scale is below `train.hessian_start_scale` (the window), or forced on the last chance (the last
 iteration, or the next step would reach the wallclock cap) when nothing was captured yet. On a
-capture step the forward of that step's first micro-batch runs with `hessians=acc.sums`, so the
-model adds x^T x (fp32, on the device) of that micro-batch into the buffers while it computes the
-training loss; then `acc.record(rows)`, and `schedule.label(...)` records the step's kind for the
-overhead. No extra data is consumed and nothing runs after the training clock stops, except the
-fallback (`needs_fallback`): when no step captured one, one extra micro-batch after training. At
-the end `acc.finalize()` sums buffers and row counts over ranks (all_reduce) and divides by the
-rows; `train_files.validate_hessians` checks the result and `train_files.save_hessians` writes it.
+capture step the step's first micro-batch feeds the buffers `acc.sums` (fp32, on the device):
+inside its training forward when the model runs eagerly (CPU), or, when that forward is
+compiled, through one extra no-grad forward of the uncompiled model with the same weights
+(`capture`; so only one graph is ever compiled); then `acc.record(rows)`, and `schedule.label(...)`
+records the step's kind for the overhead. No extra data is consumed and nothing runs after the
+training clock stops, except the fallback (`needs_fallback`, `capture_fallback`): when no step
+captured one, one extra micro-batch after training. At the end `acc.finalize()` sums buffers and
+row counts over ranks (all_reduce) and divides by the rows; `train_files.validate_hessians` checks
+the result and `train_files.save_hessians` writes it.
 
 Differences from PR #1072 (deliberate): Hessians are summed over ranks instead of rank 0's only;
 they are normalised by the number of rows (a per-token mean, independent of batch size and of
@@ -28,9 +31,12 @@ from __future__ import annotations
 import statistics
 
 import torch
+from torch.profiler import record_function
 
 from pgolf.shared.dist import all_reduce_
+from pgolf.shared.model import GPT
 from pgolf.shared.train_files import HessianError
+from pgolf.train.device import autocast
 
 
 class HessianAccumulator:
@@ -88,6 +94,27 @@ class HessianAccumulator:
             s = all_reduce_(t.clone())  # (n, n) sum over ranks
             out[n] = (s.double() / rows).float().cpu()
         return out, {"rows": rows, "accumulations": self.accumulations, "world_size": world}
+
+
+# ----------------------------------------------------------------------------- capture
+
+
+@torch.no_grad()
+def capture(model: GPT, x: torch.Tensor, sums: dict[str, torch.Tensor], cuda: bool) -> None:
+    """Add x^T x of micro-batch `x` (B, T) into `sums` for every quantizable matrix, with one extra
+    no-grad forward of the uncompiled `model` (the weights the step's forward sees) up to the final
+    norm (the tied head has no Hessian, so no logits or loss); no second graph is ever compiled.
+    For compiled training and the fallback; an eager training step captures inside its training
+    forward, at no extra cost."""
+    with record_function("pgolf.hessian"), autocast(cuda), torch.compiler.set_stance("force_eager"):
+        model.forward_hidden(x, sums)  # eager also where compile_scope compiled the blocks in place
+
+
+def capture_fallback(model: GPT, x: torch.Tensor, acc: HessianAccumulator, cuda: bool) -> None:
+    """The schedule's fallback (`HessianSchedule.needs_fallback`): capture the next training
+    micro-batch `x` after the clock stopped, and count it."""
+    capture(model, x, acc.sums, cuda)
+    acc.record(x.numel())
 
 
 # ----------------------------------------------------------------------------- the schedule

@@ -1,6 +1,7 @@
 """The training schedules, as pure functions of the step, the elapsed time and the `train` params:
 the warmdown lr scale and its `min_lr` floor, the training fraction, Muon's momentum warmup and
-the growing sequence length (`train.seq_len_schedule`). pgolf.train.train's loop reads them each step."""
+the growing sequence length (`train.seq_len_schedule`). The loop (pgolf.train.train) and its
+triggers (pgolf.train.triggers) read them each step."""
 
 from __future__ import annotations
 
