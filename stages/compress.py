@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pgolf import config
 from pgolf.shared import checked, layout, tensorfile
-from pgolf.compress import artifact, pack
+from pgolf.compress import pack
 from pgolf.compress.compress import CompressError, build, over_cap_message, summary_line
 from pgolf.shared.io import OutputError
 from pgolf.compress.prune import PruneError
@@ -27,7 +27,7 @@ EXPECTED_ERRORS = (config.ConfigError, tensorfile.TensorFileError, CompressError
 def main() -> int:
     cfgs = checked.read_all(pack.BAKED_SECTIONS)
     script = pack.build_script(Path("."), cfgs)
-    m = build(cfgs["compress"], script, eval_files=artifact.code_files("."))
+    m = build(cfgs["compress"], script, eval_files=pack.code_files("."))
     print(summary_line(m))
     if not m["under_cap"]:
         return fail("compress", f"{over_cap_message(m)}; {layout.SIZE_METRICS} written")

@@ -55,7 +55,7 @@ def update_metric(root: Path, name: str, **kv) -> None:
 
 def finished_run(root: Path) -> Path:
     """The fake run under `root` (the repo's sources and params.yaml, so the script regenerates)."""
-    for rel in {*pack.PACKED_FILES, *artifact.CODE_FILES}:
+    for rel in {*pack.PACKED_FILES, *pack.CODE_FILES}:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, root / rel)
     shutil.copy2(ROOT / "params.yaml", root / "params.yaml")
@@ -70,7 +70,7 @@ def finished_run(root: Path) -> Path:
     params.run(root / "params.yaml", root)  # the gate: artifacts/params/<section>.json
     script = pack.build_script(root, checked.read_all(pack.BAKED_SECTIONS, root))
     (final / "train_gpt.py").write_bytes(script)
-    files = artifact.code_files(root)
+    files = pack.code_files(root)
     (final / "code_files.json").write_text(json.dumps({
         "script": "train_gpt.py", "bytes": len(script), "sha256": hashlib.sha256(script).hexdigest(),
         "eval_files_raw": {"files": files, "total": sum(f["bytes"] for f in files)}}))

@@ -14,6 +14,9 @@ import torch
 import zstandard
 
 from pgolf.compress import artifact as A
+from pgolf.compress import compress as C
+from pgolf.compress import pack
+from pgolf.compress.dequant import dequantize_state
 from pgolf.shared import tensorfile
 from pgolf import config
 from pgolf.config import CompressConfig, ConfigError
@@ -185,12 +188,12 @@ def test_missing_file(tmp_path):
 
 def test_sizes_choose_and_forced_codec():
     raw = A.serialize(every_dtype(), {"quant": {}})
-    s = A.sizes(raw, FAST)
+    s = C.sizes(raw, FAST)
     assert set(s) == {"lzma", "zstd"}
-    codec, blob = A.choose(raw, FAST)
+    codec, blob = C.choose(raw, FAST)
     assert len(blob) == min(s.values()) and s[codec] == len(blob)
     for forced in ("lzma", "zstd"):
-        c, b = A.choose(raw, dataclasses.replace(FAST, codec=forced))
+        c, b = C.choose(raw, dataclasses.replace(FAST, codec=forced))
         assert c == forced and len(b) == s[forced]
         assert A.decompress(b) == (forced, raw)
     with pytest.raises(ConfigError, match="compress.codec"):  # checked where params are loaded
@@ -227,12 +230,12 @@ def test_dequantize_state_follows_quant_table():
     t = {"w.q": q, "w.scale": s, "emb.q": q.clone(), "emb.scale": s.clone(), "g": torch.ones(6).half()}
     meta = {"quant": {"w": {"type": "int6", "bits": 6}, "emb": {"type": "int8", "bits": 8},
                       "g": {"type": "passthrough"}}}
-    sd = A.dequantize_state(t, meta)
+    sd = dequantize_state(t, meta)
     assert torch.equal(sd["w"], q.float() * s.float()[:, None]) and sd["g"].dtype == torch.float32
     with pytest.raises(A.ArtifactError, match="lacks its .q or .scale"):
-        A.dequantize_state({k: v for k, v in t.items() if k != "w.scale"}, meta)
+        dequantize_state({k: v for k, v in t.items() if k != "w.scale"}, meta)
     with pytest.raises(A.ArtifactError, match="without a quant entry"):
-        A.dequantize_state({**t, "stray": torch.zeros(1)}, meta)
+        dequantize_state({**t, "stray": torch.zeros(1)}, meta)
 
 
 # ----------------------------------------------------------------------------- layout measurement
@@ -286,7 +289,7 @@ def test_layout_beats_reference_and_bitpacking_on_both_codecs():
     bare payloads without any header. Sample: lzma 238,949 / zstd 240,109 vs reference
     239,543 / 246,094 and bit-packed 261,673 / 268,168 bytes."""
     t = gptq_like()
-    ours = A.sizes(A.serialize(t, {"quant": {}}), CFG)
+    ours = C.sizes(A.serialize(t, {"quant": {}}), CFG)
     zc = zstandard.ZstdCompressor(level=CFG.zstd_level)
     lz = lambda b: len(lzma.compress(b, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9}]))
     sizes = {name: {"lzma": lz(b), "zstd": len(zc.compress(b))}
@@ -307,11 +310,11 @@ def test_code_files_cover_every_pgolf_module_the_evaluate_stage_imports():
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     imported = {str(Path(f).resolve().relative_to(ROOT)) for f in out.split()}
     assert imported, "probe found no modules"
-    missing = imported - set(A.CODE_FILES)
+    missing = imported - set(pack.CODE_FILES)
     assert not missing, f"stages.evaluate imports {sorted(missing)} but CODE_FILES does not count them"
-    assert all((ROOT / f).is_file() for f in A.CODE_FILES)
-    files = A.code_files(ROOT)
-    assert A.code_bytes(ROOT) == sum(f["bytes"] for f in files) == sum((ROOT / f).stat().st_size for f in A.CODE_FILES)
+    assert all((ROOT / f).is_file() for f in pack.CODE_FILES)
+    files = pack.code_files(ROOT)
+    assert pack.code_bytes(ROOT) == sum(f["bytes"] for f in files) == sum((ROOT / f).stat().st_size for f in pack.CODE_FILES)
 
 
 # ----------------------------------------------------------------------------- crafted files (issue 17 item 10)

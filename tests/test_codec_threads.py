@@ -16,6 +16,7 @@ from conftest import tiny_model
 from pgolf.compress import artifact as A
 from pgolf import config
 from pgolf.compress import compress, pack
+from pgolf.compress.dequant import dequantize_state
 from pgolf.config import CompressConfig, ConfigError
 from test_compress import write_quant  # quant.pgt of a micro model, as the quantize stage writes it
 
@@ -103,11 +104,12 @@ def test_stage_writes_chunked_streams_that_evaluate_and_the_packed_script_read(t
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_text(text, encoding="utf-8")
     code = ("import sys, hashlib; sys.path.insert(0, sys.argv[1]); import pgolf.compress.artifact as A; "
+            "from pgolf.compress.dequant import dequantize_state; "
             "assert A.__file__.startswith(sys.argv[1]); t, m = A.read_artifact(sys.argv[2]); "
-            "print(sorted(t), len(A.dequantize_state(t, m)))")
+            "print(sorted(t), len(dequantize_state(t, m)))")
     out = subprocess.run([sys.executable, "-c", code, str(src), str(ptz)], cwd=tmp_path, capture_output=True,
                          text=True, check=True).stdout
-    assert out.strip() == f"{sorted(tensors)} {len(A.dequantize_state(tensors, meta))}"
+    assert out.strip() == f"{sorted(tensors)} {len(dequantize_state(tensors, meta))}"
 
 
 ZSTD_CHUNKED = dataclasses.replace(CHUNKED, zstd_level=3, zstd_chunk_bytes=1 << 16)

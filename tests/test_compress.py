@@ -57,7 +57,7 @@ def write_quant(path: Path, model: GPT, lossless: bool = False) -> Path:
 def copy_code(dst: Path) -> None:
     """The packed sources, the raw evaluation files + this stage into a scratch repo (code bytes
     are counted from cwd)."""
-    for rel in {*pack.PACKED_FILES, *artifact.CODE_FILES, "pgolf/compress/pack.py", "stages/compress.py"}:
+    for rel in {*pack.PACKED_FILES, *pack.CODE_FILES, "pgolf/compress/pack.py", "stages/compress.py"}:
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         (dst / rel).write_bytes((ROOT / rel).read_bytes())
 
@@ -73,7 +73,7 @@ SCRIPT = b"# a stand-in for the packed train_gpt.py\n" * 10
 
 def build(workdir, cfg=FAST):
     return compress.build(cfg, SCRIPT, workdir / "artifacts/quant/quant.pgt", workdir / "artifacts/final",
-                          workdir / "metrics/size.json", artifact.code_files(ROOT))
+                          workdir / "metrics/size.json", pack.code_files(ROOT))
 
 
 def write_params(workdir: Path, **compress_kv) -> None:
@@ -94,8 +94,8 @@ def test_build_writes_artifact_code_list_and_metrics(workdir):
     assert (final / "train_gpt.py").read_bytes() == SCRIPT and m["code_bytes"] == len(SCRIPT) == code["bytes"]
     assert m["code_count"] == "packed train_gpt.py" and code["sha256"] == m["code_sha256"]
     raw = code["eval_files_raw"]
-    assert [f["path"] for f in raw["files"]] == list(artifact.CODE_FILES)
-    assert raw["total"] == m["code_bytes_eval_files_raw"] == artifact.code_bytes(ROOT)
+    assert [f["path"] for f in raw["files"]] == list(pack.CODE_FILES)
+    assert raw["total"] == m["code_bytes_eval_files_raw"] == pack.code_bytes(ROOT)
     assert m["total_bytes"] == m["model_bytes"] + m["code_bytes"] and m["under_cap"] is True
     assert m["cap_bytes"] == 16_000_000
     # the artifact holds exactly the quantized tensors and meta

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pgolf.compress.artifact import CODE_FILES
-from pgolf.compress.pack import BAKED_SECTIONS, PACKED_FILES
+from pgolf.compress.pack import BAKED_SECTIONS, CODE_FILES, PACKED_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("params", "prepare", "data_check", "train", "curves", "quantize", "compress", "evaluate")

@@ -17,6 +17,7 @@ import torch
 from pgolf import config
 from pgolf.shared import bpb, checked
 from pgolf.compress import artifact
+from pgolf.compress.dequant import dequantize_state
 from pgolf.config import CompressConfig, EvaluateConfig
 from pgolf.shared.byte_tables import ByteTables
 from pgolf.shared.shards import write_shard
@@ -99,7 +100,7 @@ def test_int6_artifact_scores_as_its_dequantized_weights(tmp_path):
     m = run(CFG, paths(root), progress=False)
     tensors, meta = quantized(model)
     deq = GPT(model.cfg, train_seq_len=64)
-    deq.load_export_state_dict(artifact.dequantize_state(tensors, meta))
+    deq.load_export_state_dict(dequantize_state(tensors, meta))
     ref = bpb.eval_sliding(deq.eval(), val_tokens(root), tables(), 16, 4, 4, "cpu")
     assert m["val_bpb"] == pytest.approx(ref["val_bpb"], abs=1e-12)
     float_ref = bpb.eval_sliding(model, val_tokens(root), tables(), 16, 4, 4, "cpu")

@@ -10,6 +10,7 @@ import torch
 
 from conftest import tiny_model
 from pgolf.compress import artifact as A
+from pgolf.compress.dequant import dequantize_state
 from pgolf.quantize import lqer
 from pgolf.compress import grouping
 from pgolf import config
@@ -48,7 +49,7 @@ def test_grouped_round_trip_is_bit_exact_and_deterministic():
     assert raw == A.serialize(tensors, meta, "grouped") and raw != A.serialize(tensors, meta)
     back, meta2 = A.deserialize(raw)
     assert list(back) == list(tensors) and all(bits_equal(back[k], v) for k, v in tensors.items())
-    assert A.dequantize_state(back, meta2).keys() == A.dequantize_state(tensors, meta).keys()
+    assert dequantize_state(back, meta2).keys() == dequantize_state(tensors, meta).keys()
     stored, header = __import__("pgolf.shared.tensorfile", fromlist=["loads"]).loads(raw, kind="artifact")
     groups = [k for k in stored if k.startswith(grouping.GROUP)]
     encs = {e["name"]: e["enc"] for e in header["meta"]["layout"]}

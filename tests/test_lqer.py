@@ -13,7 +13,8 @@ from _quant_model import trained, write_train_dir
 from conftest import tiny_model
 from pgolf.quantize import lqer
 from pgolf.compress import artifact
-from pgolf.compress.compress import build
+from pgolf.compress.compress import build, choose
+from pgolf.compress.dequant import dequantize_state
 from pgolf.config import CompressConfig, ConfigError
 from pgolf.evaluate.evaluate import load_model
 from pgolf.shared.rowquant import dequantize
@@ -83,10 +84,10 @@ def test_artifact_round_trip_applies_the_correction_and_its_bytes_count(pair, tm
     t0, meta0 = load_quant(r0)
     t1, meta1 = load_quant(r1)
     cfg = CompressConfig(lzma_preset=6, zstd_level=19)
-    blob0, blob1 = (artifact.choose(artifact.serialize(t, m), cfg)[1] for t, m in ((t0, meta0), (t1, meta1)))
+    blob0, blob1 = (choose(artifact.serialize(t, m), cfg)[1] for t, m in ((t0, meta0), (t1, meta1)))
     assert len(blob1) > len(blob0) + 100  # the factors are in the file, so in model_bytes
     back, meta = artifact.loads_artifact(blob1)
-    sd1, sd0 = artifact.dequantize_state(back, meta), artifact.dequantize_state(t0, meta0)
+    sd1, sd0 = dequantize_state(back, meta), dequantize_state(t0, meta0)
     w = trained()[0]
     for n, info in meta["quant"].items():
         if "lqer" not in info:
@@ -142,7 +143,7 @@ def test_stage_with_lqer_and_pruning_counts_the_block(stage_dir, capsys):  # noq
     m = json.loads((stage_dir / "metrics/quant.json").read_text())
     tensors, meta = load_quant(stage_dir)
     assert m["lqer_tensors"] == 2 and sum("lqer" in i for i in meta["quant"].values()) == 2
-    size = len(artifact.choose(artifact.serialize(tensors, meta), CompressConfig())[1])
+    size = len(choose(artifact.serialize(tensors, meta), CompressConfig())[1])
     target = size + 1000 - 600  # 600 bytes to prune, counting the factors (code: 1,000 bytes)
     sm = build(CompressConfig(target_bytes=target, prune_slack_bytes=0), b"#" * 1000, stage_dir / "artifacts/quant/quant.pgt",
                stage_dir / "final", stage_dir / "size.json")

@@ -18,6 +18,7 @@ from pgolf import config
 from pgolf.config import ConfigError
 from pgolf.shared import rowquant, tensorfile
 from pgolf.compress import artifact, pack
+from pgolf.compress.dequant import dequantize_state
 from pgolf.quantize import quantize as Q
 from stages import quantize as stage
 
@@ -101,7 +102,7 @@ def test_artifact_round_trip_loads_into_the_model_and_stays_close(done):
     root, _ = done
     tensors, meta = load_quant(root)
     back, meta2 = artifact.deserialize(artifact.serialize(tensors, meta))
-    sd = artifact.dequantize_state(back, meta2)
+    sd = dequantize_state(back, meta2)
     w, _, _ = trained()
     assert abs(eval_loss(sd) - eval_loss(w)) < 0.02
 
@@ -296,7 +297,7 @@ def test_odd_mlp_width_and_attention_gate_quantize_and_load(tmp_path):
     assert tensors["blocks.1.mlp.fc.weight.q"].shape == (97, 64)
     assert meta["quant"]["blocks.1.attn.gate_w"]["type"] == "passthrough"
     back = GPT(config.ModelConfig(**meta["model"]), train_seq_len=SEQ)  # as the evaluate stage rebuilds it
-    back.load_export_state_dict(artifact.dequantize_state(tensors, meta))
+    back.load_export_state_dict(dequantize_state(tensors, meta))
     x = markov_tokens(16, seed=4)
     with torch.no_grad():
         lq, lf = float(back(x[:, :-1], x[:, 1:])), float(model(x[:, :-1], x[:, 1:]))

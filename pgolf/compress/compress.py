@@ -5,9 +5,9 @@ This module writes `artifacts/final/` (model.ptz, train_gpt.py, code_files.json)
 `metrics/size.json` (paths and names: pgolf.shared.layout; model.ptz's name: pgolf.compress.artifact). It
 serializes the quantized tensors in the artifact layout (pgolf.compress.artifact), compresses with lzma
 and zstd (and brotli with compress.brotli) concurrently and keeps the smallest (or
-compress.codec; `artifact.pick`). Code bytes are the bytes of the packed
+compress.codec; `pick`). Code bytes are the bytes of the packed
 `train_gpt.py` (pgolf.compress.pack), as the challenge counts them: model + that script against
-compress.cap_bytes. The older count (the raw evaluation files of pgolf.compress.artifact.CODE_FILES) stays
+compress.cap_bytes. The older count (the raw evaluation files of pgolf.compress.pack.CODE_FILES) stays
 as the extra key `code_bytes_eval_files_raw`.
 
 Pruning (compress.prune, pgolf.compress.prune): when model + code bytes exceed compress.target_bytes, the
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,45 @@ def load_hdiag(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CompressError(f"{path}: not found (pruning needs the Hessian diagonals; rerun the quantize stage)")
     return tensorfile.load(path, kind=HDIAG_KIND)[0]
+
+
+# ----------------------------------------------------------------------------- the codec choice
+
+
+def codec_names(cfg: CompressConfig) -> tuple[str, ...]:
+    """The codecs a run computes (and "auto" chooses among): lzma and zstd, plus brotli when
+    compress.brotli is on or compress.codec forces it."""
+    return ("lzma", "zstd") + (("brotli",) if cfg.brotli or cfg.codec == "brotli" else ())
+
+
+def compress_all(raw: bytes, cfg: CompressConfig) -> dict[str, bytes]:
+    """Every codec's artifact file of the body `raw` (`codec_names(cfg)`), computed concurrently:
+    the coders release the GIL, so this divides the wall time of a record-size body."""
+    names = codec_names(cfg)
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        futures = {c: pool.submit(artifact.compress, raw, c, cfg) for c in names}
+        return {c: f.result() for c, f in futures.items()}
+
+
+def sizes(raw: bytes, cfg: CompressConfig) -> dict[str, int]:
+    """Compressed file size per codec of `codec_names(cfg)`: {"lzma": n, "zstd": n, ...} (header included)."""
+    return {c: len(b) for c, b in compress_all(raw, cfg).items()}
+
+
+def pick(blobs: dict[str, bytes], cfg: CompressConfig) -> str:
+    """The codec choice: cfg.codec "auto" keeps the smallest of `blobs` (ties by name), else the forced one."""
+    if cfg.codec == "auto":
+        return min(blobs, key=lambda c: (len(blobs[c]), c))
+    return cfg.codec
+
+
+def choose(raw: bytes, cfg: CompressConfig) -> tuple[str, bytes]:
+    """(codec, file bytes) by `pick`: every codec for "auto", only the forced one otherwise."""
+    if cfg.codec == "auto":
+        blobs = compress_all(raw, cfg)
+        codec = pick(blobs, cfg)
+        return codec, blobs[codec]
+    return cfg.codec, artifact.compress(raw, cfg.codec, cfg)
 
 
 # ----------------------------------------------------------------------------- pruning
@@ -113,14 +153,14 @@ def build(cfg: CompressConfig, script: bytes, quant: Path = layout.QUANT / QUANT
     """Write the artifact folder (model.ptz, the packed script, code_files.json) and metrics/size.json.
 
     `script` is the packed train_gpt.py whose bytes count as code; `eval_files` the raw
-    evaluation files ([{"path", "bytes"}], pgolf.compress.artifact.code_files) recorded as the extra count.
+    evaluation files ([{"path", "bytes"}], pgolf.compress.pack.code_files) recorded as the extra count.
     """
     t0 = time.perf_counter()
     quant = Path(quant)
     tensors, meta = load_quant(quant)
     raw = artifact.serialize(tensors, meta, cfg.layout)
-    blobs = artifact.compress_all(raw, cfg)
-    codec = artifact.pick(blobs, cfg)
+    blobs = compress_all(raw, cfg)
+    codec = pick(blobs, cfg)
     blob, code, pruned = blobs[codec], len(script), None
     if cfg.prune and len(blob) + code > cfg.target_bytes:
         pruned = prune_to_target(tensors, meta, load_hdiag(quant.parent / HDIAG), cfg, codec, code, blob)

@@ -1,4 +1,5 @@
-"""The packed submission script: pgolf's code + a run's params in one self-extracting `train_gpt.py`.
+"""The code bytes: the packed submission script (pgolf's code + a run's params in one self-extracting
+`train_gpt.py`), and the raw evaluation files.
 
 The challenge counts the bytes of one file, `train_gpt.py`, that trains, quantizes, compresses and
 evaluates. This module owns that file: `build_script(root, cfgs)` puts every source file of
@@ -15,6 +16,10 @@ compress stage's count (`metrics/size.json` `code_bytes`) and the exported file 
 the export regenerates it and compares sha256s. A test keeps `PACKED_FILES` equal to the pgolf
 modules ENTRY_MODULE imports, and another keeps them among the DVC deps of compress, the one
 stage that counts code bytes (and prunes to the target they are part of).
+
+The older, extra count (`code_files`, `metrics/size.json` `code_bytes_eval_files_raw`): the raw
+bytes of `CODE_FILES`, the source a user ships to rebuild the model from the artifact and score
+it (`python -m stages.evaluate`); a test keeps it equal to the modules that stage imports.
 """
 
 from __future__ import annotations
@@ -31,11 +36,28 @@ from pgolf import config
 from pgolf.shared import layout
 
 ENTRY_MODULE = "pgolf.submit.recipe"  # the bootstrap runs its main(params, script path)
+SHARED_FILES: tuple[str, ...] = (  # the pgolf/shared modules that rebuild and score the model: in both counts
+    "pgolf/shared/__init__.py",
+    "pgolf/shared/bpb.py",
+    "pgolf/shared/byte_tables.py",
+    "pgolf/shared/dist.py",
+    "pgolf/shared/io.py",
+    "pgolf/shared/layout.py",
+    "pgolf/shared/model.py",
+    "pgolf/shared/progress.py",
+    "pgolf/shared/rowquant.py",
+    "pgolf/shared/shards.py",
+    "pgolf/shared/tensorfile.py",
+    "pgolf/shared/tokenizer_meta.py",
+    "pgolf/shared/train_files.py",
+)
 PACKED_FILES: tuple[str, ...] = (  # every pgolf file ENTRY_MODULE imports (+ the kernels, imported on CUDA)
     "pgolf/__init__.py",
     "pgolf/compress/__init__.py",
     "pgolf/compress/artifact.py",
+    "pgolf/compress/codecs.py",
     "pgolf/compress/compress.py",
+    "pgolf/compress/dequant.py",
     "pgolf/compress/grouping.py",
     "pgolf/compress/prune.py",
     "pgolf/config.py",
@@ -50,33 +72,44 @@ PACKED_FILES: tuple[str, ...] = (  # every pgolf file ENTRY_MODULE imports (+ th
     "pgolf/quantize/gptq.py",
     "pgolf/quantize/lqer.py",
     "pgolf/quantize/quantize.py",
-    "pgolf/shared/__init__.py",
-    "pgolf/shared/bpb.py",
-    "pgolf/shared/byte_tables.py",
-    "pgolf/shared/dist.py",
-    "pgolf/shared/io.py",
+    *SHARED_FILES,
     "pgolf/shared/kernels/__init__.py",
     "pgolf/shared/kernels/fused_mlp.py",
     "pgolf/shared/kernels/qk_norm_rope.py",
-    "pgolf/shared/layout.py",
-    "pgolf/shared/model.py",
-    "pgolf/shared/progress.py",
-    "pgolf/shared/rowquant.py",
-    "pgolf/shared/shards.py",
-    "pgolf/shared/tensorfile.py",
-    "pgolf/shared/tokenizer_meta.py",
-    "pgolf/shared/train_files.py",
     "pgolf/submit/__init__.py",
     "pgolf/submit/recipe.py",
     "pgolf/train/__init__.py",
     "pgolf/train/averages.py",
     "pgolf/train/checkpoint.py",
+    "pgolf/train/device.py",
     "pgolf/train/hessian.py",
+    "pgolf/train/inputs.py",
     "pgolf/train/loader.py",
     "pgolf/train/optim.py",
+    "pgolf/train/outputs.py",
+    "pgolf/train/priming.py",
     "pgolf/train/schedule.py",
     "pgolf/train/timing.py",
     "pgolf/train/train.py",
+    "pgolf/train/triggers.py",
+)
+CODE_FILES: tuple[str, ...] = (  # every pgolf and stages file `python -m stages.evaluate` imports
+    "stages/__init__.py",
+    "stages/evaluate.py",
+    "pgolf/__init__.py",
+    "pgolf/compress/__init__.py",
+    "pgolf/compress/artifact.py",
+    "pgolf/compress/codecs.py",
+    "pgolf/compress/dequant.py",
+    "pgolf/compress/grouping.py",
+    "pgolf/config.py",
+    "pgolf/evaluate/__init__.py",
+    "pgolf/evaluate/evaluate.py",
+    "pgolf/evaluate/ttt.py",
+    "pgolf/quantize/__init__.py",
+    "pgolf/quantize/lqer.py",
+    *SHARED_FILES,
+    "pgolf/shared/checked.py",
 )
 BAKED_SECTIONS: tuple[str, ...] = ("model", "train", "quantize", "compress", "evaluate")
 _FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
@@ -196,3 +229,22 @@ def unpack(script: bytes) -> dict:
     start = text.index('b85decode("') + len('b85decode("')
     blob = text[start:text.index('"', start)]
     return json.loads(lzma.decompress(base64.b85decode(blob), lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}]))
+
+
+# ----------------------------------------------------------------------------- the raw evaluation files
+
+
+def code_files(root: str | Path = ".") -> list[dict]:
+    """[{"path", "bytes"}] for every file of CODE_FILES (FileNotFoundError if one is missing)."""
+    root = Path(root)
+    out = []
+    for rel in CODE_FILES:
+        p = root / rel
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: counted code file missing")
+        out.append({"path": rel, "bytes": p.stat().st_size})
+    return out
+
+
+def code_bytes(root: str | Path = ".") -> int:
+    return sum(e["bytes"] for e in code_files(root))

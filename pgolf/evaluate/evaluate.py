@@ -21,7 +21,8 @@ from pathlib import Path
 
 from pgolf.shared import bpb, dist, layout, train_files
 from pgolf.evaluate import ttt
-from pgolf.compress.artifact import MODEL_FILE, ArtifactError, dequantize_state, read_artifact
+from pgolf.compress.artifact import MODEL_FILE, ArtifactError, read_artifact
+from pgolf.compress.dequant import dequantize_state
 from pgolf.config import EvaluateConfig
 from pgolf.shared.byte_tables import ByteTables, byte_tables_path, load_byte_tables
 from pgolf.shared.tokenizer_meta import read_tokenizer_meta, tokenizer_meta_path

@@ -163,9 +163,9 @@ def check_code_list(path: Path) -> dict:
         raise ExportError(f"{path}: does not name the packed {layout.SCRIPT_FILE} (written by an older compress stage?)")
     files = (listing.get("eval_files_raw") or {}).get("files") or []
     bad = [e.get("path") if isinstance(e, dict) else e for e in files
-           if not isinstance(e, dict) or e.get("path") not in artifact.CODE_FILES]
+           if not isinstance(e, dict) or e.get("path") not in pack.CODE_FILES]
     if bad:
-        raise ExportError(f"{path}: entry {bad[0]!r} is not one of the counted code files (pgolf.compress.artifact.CODE_FILES)")
+        raise ExportError(f"{path}: entry {bad[0]!r} is not one of the counted code files (pgolf.compress.pack.CODE_FILES)")
     return listing
 
 
