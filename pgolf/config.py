@@ -235,6 +235,7 @@ class TrainConfig(Section):
     iterations: int = 20000
     max_wallclock_seconds: float = 590.0  # 0 = step-based warmdown
     warmdown_iters: int = 3000  # PR #1072
+    warmdown_frac: float = 0.0  # > 0: warm down over this last fraction of training_frac instead (PR #2135: 0.85)
     warmup_steps: int = 20  # most compile-priming steps per graph (fewer once one compiles nothing), then state restored (§4.5)
     min_lr: float = 0.0  # floor of the lr multiplier during warmdown (records #1787: 0.10)
     loop_enable_frac: float = 0.0  # training_frac before model.num_loops starts (records: 0.35)
@@ -277,7 +278,7 @@ class TrainConfig(Section):
                   "hessian_every", "val_tokens", "log_every", "checkpoint_every", "max_wallclock_seconds",
                   "matrix_lr", "scalar_lr", "tied_embed_lr", "muon_wd", "adam_wd", "grad_clip", "hessian_start_scale")
         _fraction(self, "muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay", closed=False)
-        _fraction(self, "swa_threshold", "late_qat_threshold", "min_lr", "loop_enable_frac")
+        _fraction(self, "swa_threshold", "late_qat_threshold", "min_lr", "loop_enable_frac", "warmdown_frac")
         _one_of(self, "muon_ns_coeffs", NS_SCHEDULES)
         most = NS_SCHEDULES[self.muon_ns_coeffs]
         if most is not None and self.muon_ns_steps > most:

@@ -115,6 +115,19 @@ def test_lr_scale_wallclock_matches_hand_numbers(tmp_path):
     assert schedule.lr_scale(120, 12000.0, cfg) == 0.0  # past the cap
 
 
+def test_warmdown_frac_matches_the_pr2135_rule_by_hand(tmp_path):
+    """train.warmdown_frac f: scale = (1 - frac) / f once frac >= 1 - f, else 1 (PR #2135's lr_mul),
+    frac wallclock-based with a cap, step-based without one; it takes over from warmdown_iters."""
+    cfg = tcfg(tmp_path, warmdown_frac=0.8, max_wallclock_seconds=10.0, warmdown_iters=100)
+    got = [schedule.lr_scale(0, ms, cfg) for ms in (0.0, 1000.0, 2000.0, 4000.0, 6000.0, 9000.0, 10000.0, 12000.0)]
+    want = [1.0, 1.0, 1.0, 0.75, 0.5, 0.125, 0.0, 0.0]  # frac 0, .1, .2 (the start), .4, .6, .9, 1, past the cap
+    assert got == pytest.approx(want, abs=1e-12)
+    steps = tcfg(tmp_path, warmdown_frac=0.5, max_wallclock_seconds=0.0, iterations=10)
+    assert [schedule.lr_scale(s, 1e9, steps) for s in range(10)] == pytest.approx([1.0] * 6 + [0.8, 0.6, 0.4, 0.2])
+    with pytest.raises(ConfigError, match=r"train.warmdown_frac must be in \[0, 1\], got 1.5"):
+        config.check(tcfg(tmp_path, warmdown_frac=1.5))
+
+
 def test_min_lr_floors_the_lr_multiplier_only(tmp_path):
     cfg = tcfg(tmp_path, iterations=10, warmdown_iters=4, max_wallclock_seconds=0.0, min_lr=0.4)
     scales = [schedule.lr_scale(s, 0.0, cfg) for s in range(10)]

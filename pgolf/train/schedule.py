@@ -17,10 +17,14 @@ def seq_len_at(frac: float, cfg: TrainConfig) -> int:
 def lr_scale(step: int, elapsed_ms: float, cfg: TrainConfig) -> float:
     """The warmdown multiplier before step `step` (0-based) after `elapsed_ms` of training (§4.5).
 
-    Wallclock: step_ms = elapsed/step, W = warmdown_iters*step_ms, R = max(cap - elapsed, 0),
-    scale = R/W if R <= W else 1. Step-based (cap 0): (iterations - step)/warmdown_iters over
-    the last warmdown_iters steps, else 1. warmdown_iters 0: always 1.
+    warmdown_frac > 0: min((1 - frac) / warmdown_frac, 1) of the training fraction (PR #2135's
+    rule, wallclock- or step-based as `training_frac`). Else wallclock: step_ms = elapsed/step,
+    W = warmdown_iters*step_ms, R = max(cap - elapsed, 0), scale = R/W if R <= W else 1.
+    Step-based (cap 0): (iterations - step)/warmdown_iters over the last warmdown_iters steps,
+    else 1. warmdown_iters 0: always 1.
     """
+    if cfg.warmdown_frac > 0:
+        return min(max(1.0 - training_frac(step, elapsed_ms, cfg), 0.0) / cfg.warmdown_frac, 1.0)
     if cfg.warmdown_iters <= 0:
         return 1.0
     if cfg.max_wallclock_seconds <= 0:
