@@ -3,14 +3,17 @@
     python -m bench.ablate --rows bench/ablation_model.yaml --out results.json [--only a,b] [--budget 560]
         [--common train.grad_accum_steps=2 ...]
 
-A rows file names a base profile (`profiles/<base>.yaml`), `common` overrides for every row
-(`section.key: value`, e.g. the data folder, one GPU, the wallclock) and the rows, each with its
-own overrides (and optionally its own `profile`); `--common section.key=value` (YAML values) adds
-to or replaces the file's `common` for one call, and the JSON's `common` is what ran. For each row the runner writes params.yaml,
-runs `dvc repro` and records which stages DVC ran and which it took from its cache: a row that
-changes only quantize/compress/evaluate params reuses the trained weights, and the row shows it
-(`ran` lacks train; `train_md5`, the hash of artifacts/train in dvc.lock, is the same). Per row:
-steps, float val_bpb, artifact val_bpb (sliding, and non-sliding), bytes, stage seconds.
+A rows file names a base profile (`profiles/<base>.yaml`: only its differences from the record
+defaults, resolved to every key), `common` overrides for every row (`section.key: value`, e.g. the
+data folder, one GPU, the wallclock) and the rows, each with its own overrides (and optionally its
+own `profile`); `--common section.key=value` (YAML values) adds to or replaces the file's `common`
+for one call, and the JSON's `common` is what ran. Every row's params are checked (keys and
+values, as the params stage checks them) before the first run. For each row the runner writes
+the complete params.yaml, runs `dvc repro` and records which stages DVC ran and which it took from
+its cache: a row that changes only quantize/compress/evaluate params reuses the trained weights,
+and the row shows it (`ran` lacks train; `train_md5`, the hash of artifacts/train in dvc.lock, is
+the same). Per row: steps, float val_bpb, artifact val_bpb (sliding, and non-sliding), bytes,
+stage seconds.
 
 The JSON is rewritten after every row, so a run cut short keeps the rows before; `--budget`
 (seconds) skips the rows that would not finish in time, estimated from the slowest row so far
@@ -35,6 +38,7 @@ import yaml
 
 from bench import overrides
 from bench.bench_eval import versions
+from pgolf import config
 
 REPO = Path(__file__).resolve().parents[1]
 RAN = re.compile(r"Running stage '([^']+)'")
@@ -66,14 +70,17 @@ def load_rows(path: Path) -> dict:
 
 
 def params_for(spec: dict, row: dict) -> dict:
-    """profiles/<profile>.yaml with the common, then the row's, `section.key` overrides applied."""
+    """The complete params of a row: profiles/<profile>.yaml resolved (record defaults + its
+    differences), the common, then the row's, `section.key` overrides applied, every value checked
+    as the params gate will check it (a bad row stops the call before any run)."""
     profile = row.get("profile", spec["base"])
-    params = yaml.safe_load((REPO / "profiles" / f"{profile}.yaml").read_text())
-    for where, sets in (("common", spec.get("common") or {}), (row["name"], row.get("set") or {})):
-        try:
-            overrides.apply(params, sets, where, f"profiles/{profile}.yaml")
-        except ValueError as e:
-            raise RowsError(str(e)) from None
+    try:
+        source, params = overrides.resolve(profile, REPO)
+        for where, sets in (("common", spec.get("common") or {}), (row["name"], row.get("set") or {})):
+            overrides.apply(params, sets, where, source)
+        config.load_all(params, f"{row['name']}: {source} with the overrides")
+    except ValueError as e:  # ConfigError too
+        raise RowsError(str(e)) from None
     return params
 
 

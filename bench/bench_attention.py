@@ -4,8 +4,8 @@
 
 Shapes: (B, T, H, Hkv, hd) = (48 or 12, 2048, 8, 4, 64), bf16. Backends: SDPA flash, cuDNN and
 memory-efficient (each with `enable_gqa` and with K/V repeated to H heads), and FlexAttention
-with a causal block mask. Median ms of fwd+bwd (triton.testing.do_bench) and the max abs
-difference of each output from the flash backend's.
+with a causal block mask. Median ms of fwd+bwd (bench.timing.kernel_ms: triton.testing.do_bench)
+and the max abs difference of each output from the flash backend's.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bench.timing import kernel_ms
 from pgolf.shared.io import write_json
 
 
@@ -42,14 +43,12 @@ def flex_fn(T: int):
 
 
 def time_fwd_bwd(fn, q, k, v) -> float:
-    import triton.testing
-
     g = torch.randn_like(q)
 
     def step():
         out = fn(q, k, v)
         out.backward(g)
-    return triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median")
+    return kernel_ms(step, warmup_ms=50, rep_ms=300)
 
 
 def main() -> None:

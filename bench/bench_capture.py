@@ -7,8 +7,8 @@ micro-batch (pgolf.train.train.Trainer._capture_hessians): every quantizable mat
 adds X^T X to its Hessian (pgolf.shared.model.accumulate_gram). On one H200 at 196,608 tokens
 per step (2 micro-batches of 48 x 2048) such a step took 327-336 ms against 151 ms
 (bench/results/vs_ref_h200_machine5_196k.json). This bench builds the profile's model as the trainer
-does (fp32 weights, bf16 autocast, TF32, fused MLP) and times, with CUDA events (median of
-`--repeats` after two warm-up calls), on one `--batch` of random tokens:
+does (fp32 weights, bf16 autocast, TF32, fused MLP) and times, with CUDA events (bench.timing:
+the median of `--repeats` after two warm-up calls), on one `--batch` of random tokens:
 
 * `forward`: the eager no-grad forward and loss, no capture;
 * `capture`: the same forward with capture;
@@ -33,16 +33,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 from unittest import mock
 
 import torch
 
+from bench import overrides
 from bench.bench_eval import versions
-
-REPO = Path(__file__).resolve().parents[1]
+from bench.timing import median_ms, timed
 
 
 def gram_fp32(x2: torch.Tensor) -> torch.Tensor:
@@ -57,27 +55,6 @@ def gram_bf16_out_fp32(x2: torch.Tensor) -> torch.Tensor:
 
 
 GRAMS = {"fp32": gram_fp32, "bf16_out_fp32": gram_bf16_out_fp32}
-
-
-def device_ms(fn, repeats: int) -> float:
-    """Median milliseconds of `fn()` over `repeats` calls after two warm-up calls: CUDA events on
-    a GPU, the host clock otherwise."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1000.0)
-    return round(statistics.median(times), 3)
 
 
 def top_kernels(fn, n: int = 15) -> dict:
@@ -100,13 +77,13 @@ def top_kernels(fn, n: int = 15) -> dict:
             "top": [{"name": k[:100], "ms": round(sum(v) / 1000.0, 3), "calls": len(v)} for k, v in rows]}
 
 
-def build(profile: Path, batch: tuple[int, int], dev: torch.device):
+def build(profile: str, batch: tuple[int, int], dev: torch.device):
     """The profile's model as the trainer builds it, and one random batch (x, y)."""
-    from pgolf import config
     from pgolf.shared.model import GPT
     from pgolf.train.train import use_cuda_training_kernels
 
-    mcfg, tcfg = config.load("model", profile), config.load("train", profile)
+    cfgs = overrides.load(profile)
+    mcfg, tcfg = cfgs["model"], cfgs["train"]
     torch.manual_seed(0)
     model = GPT(mcfg, qat_quantile=tcfg.qat_clip_quantile, train_seq_len=batch[1]).to(dev)
     if dev.type == "cuda":
@@ -132,7 +109,7 @@ def measure(args) -> dict:
     calls = {"forward": run(lambda: model(x, y)),
              "capture": run(lambda: model(x, y, hessians=hess)),
              "capture_hidden": run(lambda: model.forward_hidden(x, hess))}
-    out = {"ms": {name: device_ms(fn, args.repeats) for name, fn in calls.items()}}
+    out = {"ms": {name: median_ms(fn, args.repeats, device=dev) for name, fn in calls.items()}}
     rows = args.batch[0] * args.batch[1]
     widths = sorted(set(model.hessian_shapes().values()))
     counts = _gram_calls(model)  # width -> accumulate_gram calls per capture
@@ -144,20 +121,17 @@ def measure(args) -> dict:
         except RuntimeError as e:  # e.g. torch.mm's out_dtype on a CPU
             out["grams_ms"][variant] = f"unsupported here: {str(e).splitlines()[0][:120]}"
             continue
-        out["grams_ms"][variant] = {str(w): round(device_ms(lambda w=w: gram(inputs[w]), args.repeats) * counts[w], 3)
-                                    for w in widths}  # all calls of that width in one capture
+        out["grams_ms"][variant] = {  # all calls of that width in one capture
+            str(w): round(median_ms(lambda w=w: gram(inputs[w]), args.repeats, device=dev) * counts[w], 3)
+            for w in widths}
         with mock.patch.object(M, "gram_matrix", gram):  # accumulate_gram's bf16/fp16 rows
-            out["ms"][f"capture_gram_{variant}"] = device_ms(calls["capture"], args.repeats)
+            out["ms"][f"capture_gram_{variant}"] = median_ms(calls["capture"], args.repeats, device=dev)
     out["profile_capture"] = top_kernels(calls["capture"])
     out["profile_forward"] = top_kernels(calls["forward"])
     if args.compiled:
         fn = torch.compile(lambda: model(x, y, hessians=hess), fullgraph=True, dynamic=False)
-        t0 = time.perf_counter()
-        run(fn)()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        out["capture_compiled_first_seconds"] = round(time.perf_counter() - t0, 1)
-        out["ms"]["capture_compiled"] = device_ms(run(fn), args.repeats)
+        out["capture_compiled_first_seconds"] = round(timed(run(fn), sync_device=dev)[1], 1)
+        out["ms"]["capture_compiled"] = median_ms(run(fn), args.repeats, device=dev)
     return out
 
 
@@ -174,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     from bench.bench_compile import parse_batch
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", type=Path, default=REPO / "profiles" / "record.yaml")
+    overrides.add_profile_argument(ap, "its model is built, with its train section's CUDA kernels")
     ap.add_argument("--batch", default="48x2048", help="BxT of the captured micro-batch")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--compiled", action="store_true", help="also time a compiled capture forward")
@@ -183,10 +157,10 @@ def main(argv: list[str] | None = None) -> None:
     args.batch = parse_batch(args.batch)
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
-    t0 = time.perf_counter()
-    result = {"profile": str(args.profile), "batch": list(args.batch), "versions": versions(),
-              **measure(args), "seconds": None}
-    result["seconds"] = round(time.perf_counter() - t0, 1)
+    source, _ = overrides.resolve(args.profile)  # a bad profile stops here
+    measured, seconds = timed(measure, args)
+    result = {"profile": source, "batch": list(args.batch), "versions": versions(), **measured,
+              "seconds": round(seconds, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["ms"]), json.dumps(result["grams_ms"]))

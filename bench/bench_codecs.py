@@ -7,8 +7,8 @@ lzma (pgolf's filters) as one stream vs 2/4/8/16 independent chunks, and pgolf's
     python bench/bench_codecs.py --out bench/results/codecs_cpu.json --only zstd  # one part (merged into --out)
 
 The body is what `pgolf.compress.artifact.compress` compresses: `serialize` of the quantized tensors of
-bench/bench_quant_loop.py's synthetic record-scale model (profiles/record.yaml; the quantize stage
-run on it), with the tensorfile header moved behind the arrays (`artifact.move_head_last`). It is
+bench/bench_quant_loop.py's synthetic record-scale model (--profile, the record's by default; the
+quantize stage run on it), with the tensorfile header moved behind the arrays (`artifact.move_head_last`). It is
 built once (~2 minutes on 2 cores) and cached in --raw; later runs read the cache.
 
 Every measurement is one run (no repeats: lzma-9 and zstd-22 of 27.5 MB take ~40 s each on
@@ -29,7 +29,6 @@ import platform
 import struct
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,8 +37,10 @@ sys.path.insert(0, str(ROOT))
 
 import zstandard  # noqa: E402
 
-from pgolf import config
-from pgolf.compress import artifact  # noqa: E402
+from bench import overrides  # noqa: E402
+from bench.timing import Stopwatch, timed  # noqa: E402
+from pgolf import config  # noqa: E402
+from pgolf.compress import artifact, codecs  # noqa: E402
 
 MiB = 1 << 20
 
@@ -51,25 +52,17 @@ def build_body(raw_path: Path, profile: str) -> bytes:
     from pgolf.compress import compress
     from pgolf.shared.tokenizer_meta import read_tokenizer_meta
 
-    doc = config.read_doc(profile)
-    mcfg = config.from_dict("model", doc["model"])
+    cfgs = overrides.load(profile)
+    mcfg = cfgs["model"]
     work = Path(tempfile.mkdtemp(prefix="bench_codecs_"))
     _, tok = synthetic_data(work / "data", mcfg.vocab_size, 4096)
-    train = synthetic_train_dir(work / "train", mcfg, read_tokenizer_meta(tok),
-                                config.from_doc(doc, "train").qat_clip_quantile)
-    qcfg = dataclasses.replace(config.from_doc(doc, "quantize"), device="cpu")
-    quantize.run(qcfg, train, work / "quant", work / "quant.json")
-    tensors, meta = compress.load_quant(work / "quant" / "quant.pgt")
-    body = artifact.move_head_last(artifact.serialize(tensors, meta, config.from_doc(doc, "compress").layout))
+    train = synthetic_train_dir(work / "train", mcfg, cfgs["train"], read_tokenizer_meta(tok))
+    quantize.run(dataclasses.replace(cfgs["quantize"], device="cpu"), train, work / "quant", work / "quant.json")
+    tensors, meta = compress.load_quant(work / "quant" / quantize.QUANT_FILE)
+    body = artifact.move_head_last(artifact.serialize(tensors, meta, cfgs["compress"].layout))
     raw_path.parent.mkdir(parents=True, exist_ok=True)
     raw_path.write_bytes(body)
     return body
-
-
-def timed(fn, *args):
-    w0, c0 = time.perf_counter(), time.process_time()
-    out = fn(*args)
-    return out, round(time.perf_counter() - w0, 2), round(time.process_time() - c0, 2)
 
 
 def sha(b: bytes) -> str:
@@ -91,10 +84,11 @@ def zstd_part(body: bytes, level: int, splits: list[tuple[int, int]], rows: list
             c = zstandard.ZstdCompressor(compression_params=p)
         else:
             c = zstandard.ZstdCompressor(level=level, threads=threads, write_content_size=True, write_checksum=False)
-        out, wall, cpu = timed(c.compress, body)
+        with Stopwatch() as sw:
+            out = c.compress(body)
         ok = zstandard.ZstdDecompressor().decompress(out) == body
         rows.append({"label": label, "threads": threads, "job_size_mib": job_mib, "overlap_log": overlap_log,
-                     "bytes": len(out), "sha256_16": sha(out), "seconds": wall, "cpu_seconds": cpu,
+                     "bytes": len(out), "sha256_16": sha(out), **sw.as_dict(2),
                      "roundtrip": ok, "load_before": round(os.getloadavg()[0], 2)})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
@@ -129,12 +123,11 @@ def zstd_frames_part(body: bytes, level: int, frame_bytes: list[int]) -> dict:
     for n in frame_bytes:
         for t in (1, 2):
             load = round(os.getloadavg()[0], 2)
-            out, wall, cpu = timed(artifact.compress, plain, "zstd", dataclasses.replace(cfg, zstd_chunk_bytes=n,
-                                                                                         threads=t))
+            with Stopwatch() as sw:
+                out = artifact.compress(plain, "zstd", dataclasses.replace(cfg, zstd_chunk_bytes=n, threads=t))
             ok = artifact.decompress(out) == ("zstd", plain)
             rows.append({"zstd_chunk_bytes": n, "threads": t, "bytes": len(out) - artifact.HEADER_BYTES,
-                         "sha256_16": sha(out), "seconds": wall, "cpu_seconds": cpu, "roundtrip": ok,
-                         "load_before": load})
+                         "sha256_16": sha(out), **sw.as_dict(2), "roundtrip": ok, "load_before": load})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     same: dict[int, set] = {}
     for r in rows:
@@ -143,14 +136,12 @@ def zstd_frames_part(body: bytes, level: int, frame_bytes: list[int]) -> dict:
             "files_equal_across_threads": {str(k): len(v) == 1 for k, v in same.items()}}
 
 
-def lzma_chunks(body: bytes, k: int, filters: list[dict], workers: int) -> tuple[list[bytes], float, float]:
+def lzma_chunks(body: bytes, k: int, filters: list[dict], workers: int) -> list[bytes]:
     """`body` cut into k equal byte ranges, each its own raw LZMA2 stream, `workers` at a time."""
     step = -(-len(body) // k)
     parts = [body[i:i + step] for i in range(0, len(body), step)]
-    w0, c0 = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        outs = list(pool.map(lambda p: lzma.compress(p, format=lzma.FORMAT_RAW, filters=filters), parts))
-    return outs, round(time.perf_counter() - w0, 2), round(time.process_time() - c0, 2)
+        return list(pool.map(lambda p: lzma.compress(p, format=lzma.FORMAT_RAW, filters=filters), parts))
 
 
 def lzma_part(body: bytes, preset: int, chunk_counts: list[int], chunk_bytes: list[int], workers: int,
@@ -159,14 +150,15 @@ def lzma_part(body: bytes, preset: int, chunk_counts: list[int], chunk_bytes: li
     pgolf's own chunked codec (`artifact.compress` with compress.lzma_chunk_bytes, the file bytes
     less the 12-byte file header) at 1 and 2 threads; `rows`: earlier runs to append to."""
     cfg = dataclasses.replace(config.CompressConfig(), lzma_preset=preset)
-    filters = artifact._lzma_filters(cfg)
+    filters = codecs._lzma_filters(cfg)  # the codec's own filters (pgolf.compress.codecs)
     fresh = not rows
     rows = list(rows or [])
     for k in ([1] + chunk_counts) if fresh else chunk_counts:
-        outs, wall, cpu = lzma_chunks(body, k, filters, 1 if k == 1 else workers)
+        with Stopwatch() as sw:  # the pool's start and end included, as before
+            outs = lzma_chunks(body, k, filters, 1 if k == 1 else workers)
         total = sum(len(o) for o in outs)
         rows.append({"chunks": k, "workers": 1 if k == 1 else workers, "bytes": total,
-                     "bytes_with_chunk_table": total + (4 * k if k > 1 else 0), "seconds": wall, "cpu_seconds": cpu,
+                     "bytes_with_chunk_table": total + (4 * k if k > 1 else 0), **sw.as_dict(2),
                      "load_before": round(os.getloadavg()[0], 2)})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     for size in chunk_bytes:
@@ -174,12 +166,14 @@ def lzma_part(body: bytes, preset: int, chunk_counts: list[int], chunk_bytes: li
             c = dataclasses.replace(cfg, lzma_chunk_bytes=size, threads=t)
             load = round(os.getloadavg()[0], 2)
             # compress() moves the header itself: undo the bench's move_head_last, so the body is the same
-            out, wall, cpu = timed(artifact.compress, artifact.move_head_first(body, "body"), "lzma", c)
+            plain = artifact.move_head_first(body, "body")
+            with Stopwatch() as sw:
+                out = artifact.compress(plain, "lzma", c)
             (k,) = struct.unpack("<I", out[artifact.HEADER_BYTES:artifact.HEADER_BYTES + 4])
             rows.append({"chunks": k, "lzma_chunk_bytes": size, "workers": t, "via": "pgolf.compress.artifact.compress",
                          "bytes": len(out) - artifact.HEADER_BYTES - 4 * (k + 1),
                          "bytes_with_chunk_table": len(out) - artifact.HEADER_BYTES, "sha256_16": sha(out),
-                         "seconds": wall, "cpu_seconds": cpu, "load_before": load})
+                         **sw.as_dict(2), "load_before": load})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     base = rows[0]["bytes"]
     for r in rows:
@@ -198,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--raw", type=Path, default=Path(tempfile.gettempdir()) / "pgolf_record_body.bin",
                     help="cache of the raw body (built when missing)")
-    ap.add_argument("--profile", default=str(ROOT / "profiles" / "record.yaml"))
+    overrides.add_profile_argument(ap, "the model and params of the synthetic body")
     ap.add_argument("--only", choices=("zstd", "lzma", "zstd_frames"), help="one part; merged into an existing --out")
     ap.add_argument("--zstd-frame-bytes", default="0,65536,131072,262144,1048576",
                     help="compress.zstd_chunk_bytes values (0 = one frame) run through pgolf.compress.artifact.compress")
@@ -216,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.raw.is_file():
         body, build_s = a.raw.read_bytes(), None
     else:
-        body, build_s, _ = timed(build_body, a.raw, a.profile)
+        body, build_s = timed(build_body, a.raw, a.profile)
     result = json.loads(a.out.read_text()) if a.only and a.out.is_file() else {}
     result.update({
         "machine": {"node": platform.node(), "processor": platform.processor() or platform.machine(),
@@ -227,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                  "(bench_quant_loop.synthetic_train_dir -> quantize.run -> artifact.serialize, header last)"},
     })
     if build_s is not None:
-        result["body"]["build_seconds"] = build_s
+        result["body"]["build_seconds"] = round(build_s, 2)
     if a.only in (None, "zstd"):
         splits = [tuple(int(v) for v in x.split(":")) for x in a.zstd_splits.split(",") if x]
         earlier = result.get("zstd", {}).get("runs") if a.zstd_append else None

@@ -25,10 +25,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from bench import overrides
 from bench.bench_eval import versions
+from bench.timing import timed
 
 REPO = Path(__file__).resolve().parents[1]
 SCOPES = ("model", "blocks")
@@ -47,37 +48,33 @@ def parse_batch(text: str) -> tuple[int, int]:
     return b, t
 
 
-def measure(profile: Path, scope: str, backend: str, batch: tuple[int, int], steps: int) -> dict:
+def measure(profile: str, scope: str, backend: str, batch: tuple[int, int], steps: int) -> dict:
     """In this process: build, compile, and time the first and later forward+backward passes."""
     import torch
     from torch._dynamo.utils import compile_times, counters
 
-    from pgolf import config
     from pgolf.shared.model import GPT
     from pgolf.train.train import compile_forward, use_cuda_training_kernels
 
-    mcfg = config.load("model", profile)
+    cfgs = overrides.load(profile)
+    mcfg = cfgs["model"]
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = GPT(mcfg, train_seq_len=batch[1]).to(dev)
     if dev.type == "cuda":  # as the trainer runs it
-        use_cuda_training_kernels(model, config.load("train", profile))
+        use_cuda_training_kernels(model, cfgs["train"])
     fwd = compile_forward(model, scope, backend=backend)
     x = torch.randint(0, mcfg.vocab_size, batch, device=dev)  # (B, T)
     cuda = dev.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
-    def step() -> float:
-        t0 = time.perf_counter()
+    def fwd_bwd() -> None:
         with autocast:
             loss = fwd(x, x)
         loss.backward()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
 
-    first = step()
-    later = [step() for _ in range(steps)]
+    first = timed(fwd_bwd, sync_device=dev)[1]  # trace + build + run
+    later = [timed(fwd_bwd, sync_device=dev)[1] for _ in range(steps)]
     names, seconds = compile_times(repr="csv", aggregate=True)
     return {"first_step_seconds": round(first, 2), "later_step_seconds": round(statistics.median(later), 4),
             "graphs": counters["stats"]["unique_graphs"],
@@ -99,8 +96,7 @@ def run_child(args, scope: str, cache: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", type=Path, default=REPO / "profiles" / "record.yaml",
-                    help="its model section is built, with its train section's CUDA kernels")
+    overrides.add_profile_argument(ap, "its model is built, with its train section's CUDA kernels")
     ap.add_argument("--backend", default="aot_eager", choices=("aot_eager", "inductor"))
     ap.add_argument("--batch", default="1x128", help="BxT of the timed forward+backward")
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the first")
@@ -118,8 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     if bad := [s for s in scopes if s not in SCOPES]:
         raise SystemExit(f"--scopes: unknown {bad}; choose from {', '.join(SCOPES)}")
     host = {**versions(), "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
-    result = {"profile": str(args.profile.relative_to(REPO) if args.profile.is_relative_to(REPO) else args.profile),
-              "backend": args.backend, "batch": list(batch), "versions": host, "runs": {}}
+    source, _ = overrides.resolve(args.profile)  # a bad profile stops before any run
+    if Path(args.profile).suffix:  # a file: the runs start in REPO
+        args.profile = str(Path(args.profile).resolve())
+    result = {"profile": source, "backend": args.backend, "batch": list(batch), "versions": host, "runs": {}}
     for scope in scopes:
         with tempfile.TemporaryDirectory(prefix="pgolf-compile-") as cache:
             cold = run_child(args, scope, Path(cache))

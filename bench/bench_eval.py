@@ -1,10 +1,10 @@
 """Time the headline evaluation: stride-64 sliding val_bpb over the official validation prefix.
 
 GPU:  python bench/bench_eval.py --tokens PATH/fineweb_val_000000.bin --out bench_eval.json
-      (the RECORD model, ModelConfig() defaults, random init; context 2048, stride 64, 32 windows
+      (the RECORD profile's model, random init; its context 2048, stride 64, 32 windows
       per forward, bf16 autocast + torch.compile; target <= 10 s for the 1.04 M-token prefix)
 CPU:  python bench/bench_eval.py --small --out /tmp/bench_eval_small.json   (smoke test: the
-      tiny-profile model, context 256, the 20k-token test fixture)
+      tiny profile's model and context 256, the 20k-token test fixture)
 
 Times pgolf.shared.bpb.eval_sliding exactly as the evaluate stage calls it, after one untimed warm-up
 pass on a short prefix (compiles the fixed-shape graph; its time is reported as compile_seconds),
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +24,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench import overrides  # noqa: E402
+from bench.timing import timed  # noqa: E402
 from pgolf.shared import bpb  # noqa: E402
-from pgolf.config import ModelConfig  # noqa: E402
 from pgolf.shared.byte_tables import ByteTables  # noqa: E402
 from pgolf.shared.shards import read_shard  # noqa: E402
 from pgolf.shared.io import write_json  # noqa: E402
@@ -34,8 +34,6 @@ from pgolf.shared.model import GPT  # noqa: E402
 
 OFFICIAL = ROOT.parent / "shared/data/fineweb_sp1024_val_prefix/fineweb_val_000000.bin"  # beside the checkout
 FIXTURE = ROOT / "tests/fixtures/fineweb_val_prefix20k.bin"
-TINY = ModelConfig(num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, xsa_last_n=4, bigram_buckets=512,
-                   bigram_dim=32, ve_dim=32, rope_dims=8)
 
 
 def parse_args():
@@ -44,7 +42,7 @@ def parse_args():
     ap.add_argument("--tokens", type=Path, default=None, help="a fineweb_val_*.bin shard (default: the official "
                     "prefix if present, else the test fixture)")
     ap.add_argument("--small", action="store_true", help="CPU smoke test: tiny model, context 256")
-    ap.add_argument("--context", type=int, default=None)
+    ap.add_argument("--context", type=int, default=None, help="default: the profile's evaluate.context")
     ap.add_argument("--stride", type=int, default=64)
     ap.add_argument("--batch-seqs", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=0, help="score only the first N targets (0 = all)")
@@ -66,16 +64,12 @@ def versions() -> dict:
             "gpu": torch.cuda.get_device_name(0) if cuda else None, "cuda": torch.version.cuda if cuda else None}
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main() -> int:
     a = parse_args()
     device = torch.device("cpu" if a.small or not torch.cuda.is_available() else "cuda")
-    cfg = TINY if a.small else ModelConfig()
-    context = a.context or (256 if a.small else 2048)
+    cfgs = overrides.load("tiny" if a.small else "record")
+    cfg = cfgs["model"]
+    context = a.context or cfgs["evaluate"].context
     path = a.tokens or (OFFICIAL if OFFICIAL.is_file() and not a.small else FIXTURE)
     tokens = read_shard(path)
     if a.max_tokens:
@@ -88,17 +82,13 @@ def main() -> int:
     compile_ = not a.no_compile and device.type == "cuda"
     kw = dict(context=context, stride=a.stride, batch_seqs=a.batch_seqs, device=device, compile=compile_)
 
-    t0 = time.perf_counter()  # warm-up: compiles the one (batch_seqs, context) graph
-    bpb.eval_sliding(model, tokens[:context + a.stride * a.batch_seqs + 1], tables, **kw)
-    synchronize(device)
-    compile_s = time.perf_counter() - t0
+    # warm-up: compiles the one (batch_seqs, context) graph
+    _, compile_s = timed(bpb.eval_sliding, model, tokens[:context + a.stride * a.batch_seqs + 1], tables,
+                         sync_device=device, **kw)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    t0 = time.perf_counter()
-    ev = bpb.eval_sliding(model, tokens, tables, **kw)
-    synchronize(device)
-    secs = time.perf_counter() - t0
+    ev, secs = timed(bpb.eval_sliding, model, tokens, tables, sync_device=device, **kw)
     out = {**versions(), "device": str(device), "tokens_file": str(path), "model": "tiny" if a.small else "record",
            "params": model.num_params(), "context": context, "stride": a.stride, "batch_seqs": a.batch_seqs,
            "compile": compile_, "fused_mlp": a.fused_mlp, "compile_seconds": round(compile_s, 3),
@@ -107,10 +97,9 @@ def main() -> int:
            "forward_tokens_per_second": round(ev["windows"] * context / secs, 1),
            "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None}
     if a.nonsliding:
-        t0 = time.perf_counter()
-        flat = bpb.eval_nonsliding(model, tokens, tables, context, a.batch_seqs, device, compile=compile_)
-        synchronize(device)
-        out["nonsliding_seconds"] = round(time.perf_counter() - t0, 3)
+        flat, secs_flat = timed(bpb.eval_nonsliding, model, tokens, tables, context, a.batch_seqs, device,
+                                compile=compile_, sync_device=device)
+        out["nonsliding_seconds"] = round(secs_flat, 3)
         out["nonsliding_tokens"] = flat["tokens"]
     write_json(a.out, out)
     print(f"bench_eval: {out['model']} model on {out['gpu'] or 'cpu'}: {ev['scored_tokens']:,} tokens, "

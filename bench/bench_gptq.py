@@ -18,18 +18,18 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pgolf.config import ModelConfig, QuantizeConfig  # noqa: E402
+from bench.overrides import SMALL_MODEL  # noqa: E402
+from bench.timing import timed  # noqa: E402
+from pgolf.config import ModelConfig, QuantizeConfig, TrainConfig  # noqa: E402
 from pgolf.quantize.gptq import GPTQSpec, gptq_matrices  # noqa: E402
+from pgolf.quantize.quantize import candidates  # noqa: E402
 from pgolf.shared.rowquant import qmax_for  # noqa: E402
-
-SMALL = ModelConfig(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, xsa_last_n=2)
 
 
 def shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -60,11 +60,6 @@ def make_inputs(cfg: ModelConfig, device) -> tuple[dict, dict]:
     return weights, hessians
 
 
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="tiny config (CPU smoke test)")
@@ -73,19 +68,16 @@ def main() -> int:
     ap.add_argument("--out", default="", help="also write the JSON here")
     args = ap.parse_args()
 
-    cfg = SMALL if args.small else ModelConfig()
+    cfg = ModelConfig(**SMALL_MODEL) if args.small else ModelConfig()
     q = QuantizeConfig()
-    quantiles = tuple(dict.fromkeys(q.clip_quantiles + (0.9995,)))
+    quantiles = candidates(q, TrainConfig().qat_clip_quantile)  # the quantize stage's: clip_quantiles + QAT's
     spec = GPTQSpec(qmax=qmax_for(q.bits), quantiles=quantiles, damp=q.damp, block_size=q.block_size,
                     act_order=q.act_order)
     weights, hessians = make_inputs(cfg, args.device)
     times = []
     for _ in range(1 + args.repeats):
-        sync(args.device)
-        t0 = time.perf_counter()
-        res = gptq_matrices(weights, hessians, spec, args.device)
-        sync(args.device)
-        times.append(time.perf_counter() - t0)
+        res, seconds = timed(gptq_matrices, weights, hessians, spec, args.device, sync_device=args.device)
+        times.append(seconds)
     err = sum(r.err for r in res.values())
     err_rtn = sum(r.err_rtn for r in res.values())
     out = {

@@ -14,6 +14,7 @@ Every variant runs inside its own try block: a failure is recorded in the JSON a
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import subprocess
 import sys
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from bench.timing import kernel_ms  # noqa: E402
 from pgolf.shared.io import write_json  # noqa: E402
 from pgolf.shared.kernels import fused_mlp as fm  # noqa: E402
 
@@ -51,22 +53,6 @@ def parse_args():
 
 def rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def timer(dry: bool):
-    """Median milliseconds of fn(): do_bench on GPU, a few perf_counter runs on the interpreter."""
-    def run(fn, grad_to_none=None):
-        if not dry:
-            return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none,
-                                           return_mode="median")
-        fn()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return sorted(times)[1]
-    return run
 
 
 def make_inputs(M, D, H, dtype, device):
@@ -285,7 +271,7 @@ def main():
     dtype = torch.float16 if dry else torch.bfloat16
     inputs = make_inputs(M, D, H, dtype, device)
     ref = fp32_reference(*inputs, args.slope)
-    bench = timer(dry)
+    bench = functools.partial(kernel_ms, interpreted=dry)  # median ms: do_bench, or 3 calls on the interpreter
     flops = (4 * M * D * H, 12 * M * D * H)
     info = {"device": torch.cuda.get_device_name() if not dry else "cpu (TRITON_INTERPRET)",
             "capability": list(torch.cuda.get_device_capability()) if not dry else None,

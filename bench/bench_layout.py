@@ -8,42 +8,39 @@ with the identity permutation (rows not reordered), which separates grouping fro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
-import time
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
 
-from pgolf.shared import tensorfile
-from pgolf.compress import artifact, grouping
+from bench.timing import timed
+from pgolf.compress import artifact, compress, grouping
 from pgolf.config import CompressConfig
+from pgolf.quantize.quantize import QUANT_FILE
+from pgolf.shared.layout import QUANT
 
 
 def measure(quant: Path) -> dict:
-    tensors, header = tensorfile.load(quant, kind="quantized")
+    tensors, meta = compress.load_quant(quant)
     cfg = CompressConfig(brotli=True)
     rows = []
     identity = mock.patch.object(grouping, "row_order", lambda block: np.arange(len(block)))
     for name, layout, patch in (("flat", "flat", None), ("grouped", "grouped", None),
                                 ("grouped_file_order", "grouped", identity)):
-        t0 = time.perf_counter()
-        if patch is None:
-            raw = artifact.serialize(tensors, header["meta"], layout)
-        else:
-            with patch:
-                raw = artifact.serialize(tensors, header["meta"], layout)
-        serialize_s = time.perf_counter() - t0
+        with patch or contextlib.nullcontext():
+            raw, serialize_s = timed(artifact.serialize, tensors, meta, layout)
         rows.append({"layout": name, "raw_bytes": len(raw), "serialize_seconds": round(serialize_s, 3),
-                     **{f"{c}_bytes": n for c, n in artifact.sizes(raw, cfg).items()}})
+                     **{f"{c}_bytes": n for c, n in compress.sizes(raw, cfg).items()}})
     return {"quant": str(quant), "tensors": len(tensors), "codecs": "lzma preset 9, zstd 22, brotli 11 window 24",
             "python": platform.python_version(), "rows": rows}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quant", type=Path, default=Path("artifacts/quant/quant.pgt"))
+    ap.add_argument("--quant", type=Path, default=QUANT / QUANT_FILE)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     result = measure(args.quant)

@@ -4,7 +4,8 @@
     torchrun --standalone --nproc_per_node=8 bench/bench_optim.py   # sharded ParallelMuon
 
 Times, per step: reduce-scatter launch + sharded momentum/NS5/all-gather/apply (ParallelMuon),
-and on one process also plain `Muon.step` and the NS5 alone on the full banks. Every rank gets
+and on one process also plain `Muon.step` and the NS5 alone on the full banks (bench.timing: the
+host clock around each step, synchronised after it, as the collectives run on their own streams). Every rank gets
 the same random gradients, so the numbers measure cost, not training.
 """
 
@@ -13,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import call_ms, summary_ms  # noqa: E402
 from pgolf.shared import dist as pdist  # noqa: E402
 from pgolf.train.optim import Muon, ParallelMuon, zeropower_via_newtonschulz5, compiled_newtonschulz5  # noqa: E402
 
@@ -39,26 +40,6 @@ def make_params(device) -> list[torch.nn.Parameter]:
     return ps
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def time_ms(fn, steps: int, warmup: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    _sync()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return {"mean_ms": round(sum(times) / len(times), 3), "median_ms": round(times[len(times) // 2], 3),
-            "min_ms": round(times[0], 3)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=50)
@@ -73,6 +54,9 @@ def main() -> None:
     comm = torch.bfloat16 if args.comm_dtype == "bf16" else torch.float32  # bf16: as PR #1072
     pm = ParallelMuon(make_params(info.device), comm_dtype=comm, **kw)
 
+    def time_ms(fn) -> dict:
+        return summary_ms(call_ms(fn, args.steps, args.warmup, info.device, host=True))
+
     def parallel_step():
         pm.launch_reduce_scatters()
         pm.step()
@@ -80,13 +64,13 @@ def main() -> None:
     out = {"device": torch.cuda.get_device_name(info.device) if cuda else "cpu", "torch": torch.__version__,
            "world_size": info.world_size, "compile": args.compile, "comm_dtype": args.comm_dtype,
            "shapes": {k: list(v) for k, v in SHAPES.items()},
-           "parallel_muon_step": time_ms(parallel_step, args.steps, args.warmup)}
+           "parallel_muon_step": time_ms(parallel_step)}
     if info.world_size == 1:
         m = Muon(make_params(info.device), **kw)
-        out["muon_step"] = time_ms(m.step, args.steps, args.warmup)
+        out["muon_step"] = time_ms(m.step)
         ns = compiled_newtonschulz5() if args.compile else zeropower_via_newtonschulz5
         grads = [p.grad for p in m.param_groups[0]["params"]]
-        out["ns5_only"] = time_ms(lambda: [ns(g, 5, 1e-7, torch.bfloat16) for g in grads], args.steps, args.warmup)
+        out["ns5_only"] = time_ms(lambda: [ns(g, 5, 1e-7, torch.bfloat16) for g in grads])
     if cuda:
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(info.device) / 2**30, 3)
     if info.is_main:

@@ -6,7 +6,7 @@ CPU:  python -m bench.bench_qk_norm_rope --dry --out /tmp/qk.json   (Triton inte
 For q (8 heads, with the gain) and k (4 heads, no gain): forward and forward+backward of
 `norm_rope` compiled by torch.compile under bf16 autocast and cast down to bf16 (what the
 attention receives in the training graph), and of `fused_qk_norm_rope`; medians from
-bench_kernels' timer, the bytes that must move (x in, out; backward: x, g in, dx out), the
+bench.timing.kernel_ms, the bytes that must move (x in, out; backward: x, g in, dx out), the
 achieved GB/s, and the fused result's error against the fp32 eager value. Then the two kernels
 alone at each launch configuration of SWEEP (BLOCK_R, NUM_WARPS in the kernel module).
 """
@@ -14,6 +14,7 @@ alone at each launch configuration of SWEEP (BLOCK_R, NUM_WARPS in the kernel mo
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -24,7 +25,8 @@ if "--dry" in sys.argv:  # must precede the first import of triton's jit decorat
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from bench.bench_kernels import rel, timer  # noqa: E402
+from bench.bench_kernels import rel  # noqa: E402
+from bench.timing import kernel_ms  # noqa: E402
 from pgolf.shared.io import write_json  # noqa: E402
 from pgolf.shared.kernels.qk_norm_rope import fused_qk_norm_rope, launch_bwd, launch_fwd  # noqa: E402
 from pgolf.shared.model import Rotary, norm_rope  # noqa: E402
@@ -89,7 +91,7 @@ def main():
     dev = "cpu" if args.dry else "cuda"
     B, T = args.batch or (2 if args.dry else 48), 16 if args.dry else 2048
     compiled = inductor_version if args.dry else torch.compile(inductor_version, fullgraph=True)
-    bench = timer(args.dry)
+    bench = functools.partial(kernel_ms, interpreted=args.dry)
     t0 = time.perf_counter()
     info = {"device": torch.cuda.get_device_name() if not args.dry else "cpu (TRITON_INTERPRET)",
             "torch": torch.__version__, "triton": triton.__version__,

@@ -5,14 +5,15 @@ search) -> evaluate, each part timed; writes one JSON to --out.
     python bench/bench_quant_loop.py --train-dir artifacts/train --data data/shards \\
         --tokenizer data/tokenizer --out bench/results/quant_loop_h200.json                     # GPU, a real run
 
-Without --train-dir the model is synthetic, of profiles/record.yaml's model section (27.3M
+Without --train-dir the model is synthetic, of the --profile's model section (the record's: 27.3M
 parameters): the GPT's own init, then every block matrix replaced by weights shaped like trained
 ones (Student-t values with per-row and per-column log-normal scales, large enough that row clips
 sit above the int6 scale floor and the codes spread as a record artifact's do: ~15-17 MB
 compressed for 27.5 MB of codes), Hessians random SPD
 (bench.bench_gptq.random_hessian; q/k/v share one). Without --data the validation stream is
 synthetic too (Zipf-distributed tokens, byte tables of 1-6 bytes per token). The params are the
-profile's (--profile) with --context / --stride / --max-tokens / --device overriding evaluate's.
+profile's (--profile: a name, a profiles/*.yaml file or a complete params file) with --context /
+--stride / --max-tokens / --device overriding evaluate's.
 
 Pruning is forced: target_bytes = unpruned total - the entropy predictor's saving for
 --prune-at-least x 1.5 values (so the search must remove >= that many; the JSON says how many
@@ -29,7 +30,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,19 +38,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import overrides  # noqa: E402
 from bench.bench_gptq import random_hessian  # noqa: E402
-from pgolf import config
-from pgolf.shared import tensorfile, train_files
-from pgolf.quantize import quantize
-from pgolf.compress import compress, pack, prune
+from bench.timing import timed  # noqa: E402
+from pgolf import config  # noqa: E402
+from pgolf.compress import artifact, compress, pack, prune  # noqa: E402
 from pgolf.evaluate import evaluate  # noqa: E402
-from pgolf.shared.byte_tables import ByteTables  # noqa: E402
-from pgolf.shared.shards import write_shard  # noqa: E402
-from pgolf.shared.tokenizer_meta import read_tokenizer_meta  # noqa: E402
+from pgolf.quantize import quantize  # noqa: E402
+from pgolf.shared import train_files  # noqa: E402
+from pgolf.shared.byte_tables import ByteTables, byte_tables_path  # noqa: E402
 from pgolf.shared.model import GPT, QAT_BITS  # noqa: E402
-
-SMALL = {"num_layers": 2, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2, "xsa_last_n": 2, "bigram_buckets": 64,
-         "bigram_dim": 16, "ve_dim": 16, "ve_last_n": 1, "rope_dims": 8}  # --small: the test's size
+from pgolf.shared.shards import write_shard  # noqa: E402
+from pgolf.shared.tokenizer_meta import read_tokenizer_meta, write_tokenizer_meta  # noqa: E402
 
 
 def trained_like(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
@@ -67,11 +66,12 @@ def _student_t(rows: int, cols: int, g: torch.Generator, dof: int = 4) -> torch.
     return z / (chi2 / dof).sqrt()
 
 
-def synthetic_train_dir(out: Path, mcfg: config.ModelConfig, tok_meta: dict, qat_quantile: float) -> Path:
-    """out/{model,hessians}.pgt as the train stage writes them, for a synthetic model."""
+def synthetic_train_dir(out: Path, mcfg: config.ModelConfig, tcfg: config.TrainConfig, tok_meta: dict) -> Path:
+    """out/{model,hessians}.pgt as the train stage writes them (pgolf.shared.train_files), for a
+    synthetic model trained, as far as the files say, with `tcfg`."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    model = GPT(mcfg, qat_quantile=qat_quantile)
+    model = GPT(mcfg, qat_quantile=tcfg.qat_clip_quantile)
     sd = model.export_state_dict()
     shared, hessians = {}, {}
     for name, cols in model.hessian_shapes().items():
@@ -81,10 +81,10 @@ def synthetic_train_dir(out: Path, mcfg: config.ModelConfig, tok_meta: dict, qat
             shared[key] = random_hessian(cols, 2 * cols, g, "cpu")
         hessians[name] = shared[key]
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": dataclasses.asdict(mcfg), "train_seq_len": 2048, "qat_quantile": qat_quantile,
-            "qat_bits": QAT_BITS, "tokenizer": {"sha256": tok_meta["sha256"], "vocab_size": int(tok_meta["vocab_size"])}}
-    tensorfile.save(out / "model.pgt", sd, kind="float_weights", meta=meta)
-    train_files.save_hessians(out / "hessians.pgt", hessians, {"rows": 4096, "accumulations": 1, "world_size": 1})
+    meta = train_files.model_meta(mcfg, tcfg.seq_len, tcfg.qat_clip_quantile, QAT_BITS, tok_meta)
+    train_files.save_weights(out / train_files.MODEL_FILE, sd, meta)
+    train_files.save_hessians(out / train_files.HESSIANS_FILE, hessians,
+                              {"rows": 4096, "accumulations": 1, "world_size": 1})
     return out
 
 
@@ -97,70 +97,73 @@ def synthetic_data(out: Path, vocab: int, tokens: int) -> tuple[Path, Path]:
     tok = out / "tokenizer"
     tok.mkdir(parents=True, exist_ok=True)
     meta = {"model_file": "none", "vocab_size": vocab, "sha256": "b" * 64, "source": "bench"}
-    (tok / "tokenizer.json").write_text(json.dumps(meta))
+    write_tokenizer_meta(tok, meta)
     g = torch.Generator().manual_seed(0)
     boundary = torch.zeros(vocab, dtype=torch.bool)
     boundary[:2] = True
     ByteTables(torch.randint(1, 7, (vocab,), generator=g), torch.rand(vocab, generator=g) < 0.4, boundary,
-               {"tokenizer_sha256": meta["sha256"], "vocab_size": vocab}).save(tok / "byte_tables.pgt")
+               {"tokenizer_sha256": meta["sha256"], "vocab_size": vocab}).save(byte_tables_path(tok))
     return out / "shards", tok
 
 
 def forced_target(quant: Path, unpruned_total: int, at_least: int) -> int:
     """Unpruned total - the predicted saving of 1.5 x at_least pruned values (k = 1)."""
-    tensors, header = tensorfile.load(quant, kind="quantized")
-    codes, cands = compress.candidates(tensors, header["meta"], compress.load_hdiag(quant.parent / compress.HDIAG))
+    tensors, meta = compress.load_quant(quant)
+    codes, cands = compress.candidates(tensors, meta, compress.load_hdiag(quant.parent / quantize.HDIAG))
     n = min(int(at_least * 1.5), cands.total)
     P = prune.Entropy(codes, cands)
     return unpruned_total - max(int(P(0) - P(n)), 1)
 
 
-def timed(fn, *args, **kw):
-    t0 = time.perf_counter()
-    out = fn(*args, **kw)
-    return out, round(time.perf_counter() - t0, 3)
+def configs(a: argparse.Namespace) -> dict[str, config.Section]:
+    """{section: checked dataclass}: the --profile's, with --small's model and the evaluate arguments."""
+    cfgs = overrides.load(a.profile)
+    ev = cfgs["evaluate"]
+    changed = {
+        "model": dataclasses.replace(cfgs["model"], **(overrides.SMALL_MODEL if a.small else {})),
+        "quantize": dataclasses.replace(cfgs["quantize"], device=a.device,
+                                        **({"passthrough_max_numel": 512} if a.small else {})),
+        "evaluate": dataclasses.replace(ev, device=a.device, stride=a.stride, context=a.context or ev.context,
+                                        max_tokens=a.max_tokens, batch_seqs=a.batch_seqs or ev.batch_seqs,
+                                        nproc_per_node=1, ttt_enabled=False)}
+    return {**cfgs, **{s: config.check(c, "the bench's arguments") for s, c in changed.items()}}
 
 
 def run(a: argparse.Namespace) -> dict:
-    doc = config.read_doc(a.profile)
-    mcfg = config.from_dict("model", {**doc["model"], **(SMALL if a.small else {})})
-    qcfg = dataclasses.replace(config.from_doc(doc, "quantize"), device=a.device,
-                               **({"passthrough_max_numel": 512} if a.small else {}))
-    ccfg = config.from_doc(doc, "compress")
-    ecfg = dataclasses.replace(config.from_doc(doc, "evaluate"), device=a.device, stride=a.stride,
-                               context=a.context or doc["evaluate"]["context"], max_tokens=a.max_tokens,
-                               batch_seqs=a.batch_seqs or doc["evaluate"]["batch_seqs"], nproc_per_node=1,
-                               ttt_enabled=False)
+    cfgs = configs(a)
+    mcfg, qcfg, ccfg, ecfg = cfgs["model"], cfgs["quantize"], cfgs["compress"], cfgs["evaluate"]
     work = Path(a.work or tempfile.mkdtemp(prefix="bench_quant_loop_"))
     if a.data:
         shards, tok = Path(a.data), Path(a.tokenizer)
     else:
         shards, tok = synthetic_data(work / "data", mcfg.vocab_size, max(a.max_tokens, ecfg.context) + 1)
-    t0 = time.perf_counter()
-    train_dir = Path(a.train_dir) if a.train_dir else synthetic_train_dir(
-        work / "train", mcfg, read_tokenizer_meta(tok), config.from_doc(doc, "train").qat_clip_quantile)
-    setup_s = round(time.perf_counter() - t0, 3)
+    if a.train_dir:
+        train_dir, setup_s = Path(a.train_dir), 0.0
+    else:
+        train_dir, setup_s = timed(synthetic_train_dir, work / "train", mcfg, cfgs["train"], read_tokenizer_meta(tok))
     q, quantize_s = timed(quantize.run, qcfg, train_dir, work / "quant", work / "quant.json")
-    script = pack.build_script(ROOT, {"model": mcfg, "train": config.from_doc(doc, "train"), "quantize": qcfg,
-                                       "compress": ccfg, "evaluate": ecfg})
-    quant = work / "quant" / "quant.pgt"
+    script = pack.build_script(ROOT, cfgs)
+    quant = work / "quant" / quantize.QUANT_FILE
     plain, unpruned_s = timed(compress.build, dataclasses.replace(ccfg, prune=False), script, quant, work / "final0",
                               work / "size0.json")
     target = forced_target(quant, plain["total_bytes"], a.prune_at_least)
     size, compress_s = timed(compress.build, dataclasses.replace(ccfg, target_bytes=target), script, quant,
                              work / "final", work / "size.json")
-    paths = evaluate.Paths(work / "final" / "model.ptz", shards, tok, work / "eval.json")
+    paths = evaluate.Paths(work / "final" / artifact.MODEL_FILE, shards, tok, work / "eval.json")
     ev, evaluate_s = timed(evaluate.run, ecfg, paths, progress=False)
+    weights, _ = train_files.load_weights(train_dir / train_files.MODEL_FILE)
     return {
         "machine": {"node": platform.node(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "device": ev["device"], "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "torch": torch.__version__, "python": platform.python_version(),
-        "model": {"source": str(a.train_dir) if a.train_dir else "synthetic", "params": sum(t.numel() for t in tensorfile.load(train_dir / "model.pgt")[0].values()),
-                  "config": "small" if a.small else a.profile},
+        "model": {"source": str(a.train_dir) if a.train_dir else "synthetic",
+                  "params": sum(t.numel() for t in weights.values()),
+                  "config": "small" if a.small else overrides.resolve(a.profile)[0]},
         "data": str(a.data) if a.data else "synthetic",
-        "seconds": {"setup": setup_s, "quantize": quantize_s, "compress_unpruned": unpruned_s,
-                    "compress_pruned": compress_s, "prune_search": size["prune_seconds"], "evaluate": evaluate_s,
+        "seconds": {"setup": round(setup_s, 3), "quantize": round(quantize_s, 3),
+                    "compress_unpruned": round(unpruned_s, 3), "compress_pruned": round(compress_s, 3),
+                    "prune_search": size["prune_seconds"], "evaluate": round(evaluate_s, 3),
                     "evaluate_sliding": ev["sliding_seconds"], "evaluate_nonsliding": ev["nonsliding_seconds"],
                     "evaluate_compile": ev["compile_seconds"],
                     "quantize_compress_evaluate": round(quantize_s + compress_s + evaluate_s, 3)},
@@ -183,7 +186,7 @@ def run(a: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--profile", default=str(ROOT / "profiles" / "record.yaml"))
+    overrides.add_profile_argument(ap, "its model (without --train-dir) and post-training params")
     ap.add_argument("--train-dir", help="a trained artifacts/train folder (model.pgt, hessians.pgt)")
     ap.add_argument("--data", help="a folder of fineweb_val_*.bin shards (with --tokenizer)")
     ap.add_argument("--tokenizer", default="data/tokenizer", help="prepare's tokenizer folder (tokenizer.json, byte tables)")

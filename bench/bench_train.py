@@ -31,12 +31,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pgolf.shared import dist
+from bench.overrides import SMALL_MODEL  # noqa: E402
+from pgolf.shared import dist  # noqa: E402
 from pgolf.prepare import tokenizer  # noqa: E402
 from pgolf.config import ModelConfig, TrainConfig  # noqa: E402
-from pgolf.shared.byte_tables import BYTE_TABLES_FILE  # noqa: E402
+from pgolf.shared.byte_tables import byte_tables_path  # noqa: E402
 from pgolf.shared.shards import write_shard  # noqa: E402
-from pgolf.shared.tokenizer_meta import TOKENIZER_META_FILE  # noqa: E402
+from pgolf.shared.tokenizer_meta import write_tokenizer_meta  # noqa: E402
 from pgolf.shared.io import write_json  # noqa: E402
 from pgolf.train.train import Paths, Trainer, check_inputs  # noqa: E402
 
@@ -60,9 +61,11 @@ def shard_paths(root: Path, shards: Path, mcfg: ModelConfig) -> Paths:
     tok = root / "tokenizer"
     tok.mkdir(parents=True)
     sp = tokenizer.load_tokenizer(SP_MODEL, mcfg.vocab_size)
-    tokenizer.build_byte_tables(sp, mcfg.vocab_size).save(tok / BYTE_TABLES_FILE)
-    meta = {"model_file": SP_MODEL.name, "vocab_size": mcfg.vocab_size, "sha256": tokenizer.file_sha256(SP_MODEL)}
-    (tok / TOKENIZER_META_FILE).write_text(json.dumps(meta))
+    sha = tokenizer.file_sha256(SP_MODEL)
+    tokenizer.build_byte_tables(sp, mcfg.vocab_size, {"tokenizer_sha256": sha, "vocab_size": mcfg.vocab_size}).save(
+        byte_tables_path(tok))
+    write_tokenizer_meta(tok, {"model_file": SP_MODEL.name, "vocab_size": mcfg.vocab_size, "sha256": sha,
+                               "source": str(SP_MODEL)})
     return Paths(shards=shards, tokenizer=tok, out_dir=root / "out", metrics=root / "m.json", plots=root / "p.tsv")
 
 
@@ -91,7 +94,7 @@ def run_variant(name: str, mcfg: ModelConfig, cfg: TrainConfig, paths: Paths, in
         "mfu": round(fpt * cfg.batch_tokens / (med / 1000.0) / (PEAK_BF16 * world), 4),
         "hessian_step_ms_median": round(statistics.median(hess), 2) if hess else None,
         "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 0) if trainer.cuda else None,
-        "warmup_seconds": round(trainer.warmup_seconds, 1),
+        "warmup_seconds": round(trainer.priming.seconds, 1),
     }
     if hess and cfg.hessian_every > 0:
         out["hessian_overhead_pct_at_every"] = {
@@ -117,8 +120,7 @@ def main() -> None:
                       max_wallclock_seconds=0.0, warmdown_iters=0, checkpoint_every=0, log_every=0,
                       hessian_every=4, hessian_start_scale=1.01, late_qat_threshold=0.0, val_tokens=4096)
     if args.small:
-        mcfg = dataclasses.replace(mcfg, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, xsa_last_n=2,
-                                   bigram_buckets=64, bigram_dim=16, ve_dim=16, ve_last_n=1, rope_dims=8)
+        mcfg = dataclasses.replace(mcfg, **SMALL_MODEL)
         cfg = dataclasses.replace(cfg, batch_tokens=2048, seq_len=128, grad_accum_steps=1, compile=False)
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -36,25 +36,22 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from bench import overrides
 from bench.bench_train import PEAK_BF16, flops_per_token, shard_paths, synthetic_data
-from bench.overrides import apply as apply_overrides, parse as parse_overrides
+from bench.timing import sync
 from pgolf.shared import dist
-from pgolf.config import ModelConfig, TrainConfig, from_dict
+from pgolf.config import ModelConfig, TrainConfig
 from pgolf.shared.io import write_json
 from pgolf.train.train import Trainer, check_inputs
 
-RECORD = Path(__file__).resolve().parents[1] / "profiles" / "record.yaml"
 FIRST_STEADY = 10  # the reference logs (and syncs) every step up to 10: compare from there on
 PHASES = ("pgolf.fwd", "pgolf.bwd", "pgolf.optimizer", "pgolf.ema", "pgolf.data", "pgolf.hessian")
 
 
-def record_configs(overrides: list[str]) -> tuple[ModelConfig, TrainConfig]:
-    """(model, train) of profiles/record.yaml with `section.key=value` overrides (YAML values)."""
-    import yaml
-
-    params = yaml.safe_load(RECORD.read_text())
-    apply_overrides(params, parse_overrides(overrides, "--set"), "--set", "profiles/record.yaml")
-    return from_dict("model", params["model"]), from_dict("train", params["train"])
+def record_configs(items: list[str]) -> tuple[ModelConfig, TrainConfig]:
+    """(model, train) of the record profile with `section.key=value` overrides (YAML values), checked."""
+    cfgs = overrides.load("record", overrides.parse(items, "--set"), "--set")
+    return cfgs["model"], cfgs["train"]
 
 
 def bench_config(cfg: TrainConfig, batch_tokens: int, args) -> TrainConfig:
@@ -134,8 +131,8 @@ def profile_steps(trainer: Trainer, n: int, trace_path: Path | None) -> dict:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.cuda else [])
     with profile(activities=acts) as prof:
         for _ in range(n):
-            trainer._step(trainer.step, 1.0, None)
-            trainer._sync()
+            trainer._step(trainer.step, 1.0, trainer.triggers.seq_len, None)
+            sync(trainer.dev)
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         raw = Path(f.name).read_bytes()
@@ -168,14 +165,14 @@ def run_batch(mcfg: ModelConfig, cfg: TrainConfig, paths, info, args, trace_dir:
     stalls = [{"step": i + 1, "ms": round(t, 1), "kind": k} for i, (t, k) in enumerate(zip(dev_ms, trainer.step_kind))
               if t > 1.5 * typical]
     tps = cfg.batch_tokens / med * 1000.0
-    out = {"batch_tokens": cfg.batch_tokens, "micro_batch": [trainer.local_tokens // cfg.seq_len, cfg.seq_len],
+    out = {"batch_tokens": cfg.batch_tokens, "micro_batch": [trainer.split.micro_tokens // cfg.seq_len, cfg.seq_len],
            "grad_accum_steps": trainer.accum,
            "step_ms_steady": round(med, 2), "interval_ms_per_step": rates, "tokens_per_second": round(tps),
            "mfu": round(flops_per_token(trainer.model, mcfg, cfg.seq_len) * tps / PEAK_BF16, 4),
            "device_step_ms_median": round(typical, 2), "stalls": stalls,
            "capture_step_ms": [round(t, 1) for t, k in zip(dev_ms, trainer.step_kind) if k == "h"],
-           "seconds_to_first_step": round(first[0], 1), "warmup_seconds": round(trainer.warmup_seconds, 2),
-           "warmup_step_seconds": trainer.warmup_step_seconds, "seconds_before_warmup": round(before_warmup, 1),
+           "seconds_to_first_step": round(first[0], 1), "warmup_seconds": round(trainer.priming.seconds, 2),
+           "warmup_step_seconds": trainer.priming.step_seconds, "seconds_before_warmup": round(before_warmup, 1),
            "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20) if trainer.cuda else None,
            "loss_curve": [[r["step"], round(r["train_loss"], 4)] for r in trainer.log.rows]}
     trace = trace_dir / f"trace_{cfg.batch_tokens}.json.gz" if trace_dir else None
@@ -215,8 +212,7 @@ def main() -> None:
     info = dist.init("cpu" if args.small else "cuda")
     mcfg, base = record_configs(args.set)
     if args.small:
-        mcfg = dataclasses.replace(mcfg, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, xsa_last_n=2,
-                                   bigram_buckets=64, bigram_dim=16, ve_dim=16, ve_last_n=1, rope_dims=8)
+        mcfg = dataclasses.replace(mcfg, **overrides.SMALL_MODEL)
         base = dataclasses.replace(base, seq_len=128, compile=False)
     trace_dir = Path(args.trace_dir) if args.trace_dir else None
     import triton

@@ -17,9 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import ablate as A  # noqa: E402
+from pgolf import config  # noqa: E402
+from pgolf.config import QuantizeConfig  # noqa: E402
+from pgolf.params import profiles  # noqa: E402
 
 # A fake `python -m dvc repro`: "trains" when model/train params differ from the last run, writes
-# metrics from the params, and fails when quantize.damp is negative.
+# metrics from the params, and fails when quantize.damp is above 0.5 (a value the params accept: a
+# stage failing mid-pipeline).
 FAKE_DVC = textwrap.dedent('''
     import json, pathlib, sys, yaml
     p = yaml.safe_load(pathlib.Path("params.yaml").read_text())
@@ -34,7 +38,7 @@ FAKE_DVC = textwrap.dedent('''
     else:
         print("Stage 'train' is cached - skipping run, checking out outputs")
     print("Running stage 'quantize':")
-    if p["quantize"]["damp"] < 0:
+    if p["quantize"]["damp"] > 0.5:
         print("quantize: error: damp"); sys.exit(1)
     m = pathlib.Path("metrics"); m.mkdir(exist_ok=True)
     (m / "train.json").write_text(json.dumps({"steps": p["train"]["iterations"], "val_bpb_float": 1.5}))
@@ -70,14 +74,17 @@ def test_rows_run_through_dvc_and_a_post_training_row_reuses_the_weights(repo, t
     assert res["damp"]["train_md5"] == res["base"]["train_md5"] != res["wide"]["train_md5"]
     assert res["damp"]["eval.val_bpb"] == pytest.approx(1.5) and res["base"]["train.steps"] == 7
     assert "eval.ignored" not in res["base"]
-    params = yaml.safe_load((repo / "params.yaml").read_text())  # the last row's params
-    assert params["model"]["model_dim"] == 192 and params["train"]["iterations"] == 7
-    assert params["quantize"]["damp"] == yaml.safe_load((repo / "profiles/tiny.yaml").read_text())["quantize"]["damp"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())  # the last row's params, every key
+    want = profiles.resolve("tiny", repo)
+    want["model"]["model_dim"], want["train"]["iterations"] = 192, 7
+    assert params == want
+    assert params["quantize"]["damp"] == QuantizeConfig().damp  # tiny.yaml leaves it at the record default
+    config.load_all(params)  # what the params stage will read
     assert "Running stage 'quantize'" in (tmp_path / "logs" / "damp.log").read_text()
 
 
 def test_a_failed_row_keeps_its_error_and_no_stale_metrics(repo, tmp_path):
-    rows = rows_file(tmp_path / "rows.yaml", [{"name": "ok"}, {"name": "bad", "set": {"quantize.damp": -1.0}}])
+    rows = rows_file(tmp_path / "rows.yaml", [{"name": "ok"}, {"name": "bad", "set": {"quantize.damp": 0.75}}])
     out = tmp_path / "out.json"
     A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(tmp_path / "logs")])
     bad = json.loads(out.read_text())["rows"][1]
@@ -90,6 +97,30 @@ def test_an_override_of_an_unknown_key_stops_before_any_run(repo, tmp_path):
     with pytest.raises(A.RowsError, match=r"typo: 'model.model_dimm' is not a key of profiles/tiny.yaml"):
         A.main(["--rows", str(rows), "--out", str(tmp_path / "o.json")])
     assert not (repo / "params.yaml").exists()
+
+
+def test_a_value_the_params_stage_would_refuse_stops_before_any_run(repo, tmp_path):
+    rows = rows_file(tmp_path / "rows.yaml", [{"name": "ok"}, {"name": "neg", "set": {"quantize.damp": -1.0}},
+                                              {"name": "sched", "set": {"train.seq_len_schedule": "1024@0.3"}}])
+    with pytest.raises(A.RowsError, match=r"neg: profiles/tiny.yaml .*quantize.damp must be positive and finite"):
+        A.main(["--rows", str(rows), "--out", str(tmp_path / "o.json")])
+    with pytest.raises(A.RowsError, match=r"sched: .*train.seq_len_schedule must be a list of \[int, float\]"):
+        A.main(["--rows", str(rows), "--out", str(tmp_path / "o.json"), "--only", "sched"])
+    assert not (repo / "params.yaml").exists()
+
+
+def test_a_row_profile_of_only_differences_is_resolved_before_its_overrides(repo, tmp_path):
+    spec = {"base": "tiny", "common": {"train.iterations": 3},
+            "rows": [{"name": "f", "profile": "frontier", "set": {"quantize.damp": 0.5}}]}
+    params = A.params_for(spec, spec["rows"][0])
+    want = profiles.resolve("frontier", repo)
+    assert params["model"] == want["model"] and params["model"]["smear_bos_mask"] is True
+    assert params["train"] == {**want["train"], "iterations": 3}
+    assert params["quantize"] == {**want["quantize"], "damp": 0.5} and params["prepare"] == want["prepare"]
+    with pytest.raises(A.RowsError, match=r"f: 'train.nope' is not a key of profiles/frontier.yaml"):
+        A.params_for(spec, {**spec["rows"][0], "set": {"train.nope": 1}})
+    with pytest.raises(A.RowsError, match=r"profiles/nope.yaml: no such profile"):
+        A.params_for(spec, {"name": "x", "profile": "nope"})
 
 
 def test_rows_need_unique_names(tmp_path):
@@ -113,7 +144,8 @@ def test_the_committed_rows_files_name_real_keys():
 
 def test_resume_keeps_finished_rows_and_runs_only_the_rest(repo, tmp_path):
     rows = rows_file(tmp_path / "rows.yaml", [
-        {"name": "base"}, {"name": "bad", "set": {"quantize.damp": -1.0}}, {"name": "damp", "set": {"quantize.damp": 0.25}}])
+        {"name": "base"}, {"name": "bad", "set": {"quantize.damp": 0.75}},
+        {"name": "damp", "set": {"quantize.damp": 0.25}}])
     out, logs = tmp_path / "out.json", tmp_path / "logs"
     A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(logs), "--only", "base,bad"])
     first = json.loads(out.read_text())["rows"][0]

@@ -19,6 +19,7 @@ def test_runs_both_scopes_cold_and_warm(tmp_path):
     out = tmp_path / "compile.json"
     C.main(["--profile", str(ROOT / "profiles" / "tiny.yaml"), "--batch", "1x32", "--steps", "1", "--out", str(out)])
     r = json.loads(out.read_text())
+    assert r["profile"] == "profiles/tiny.yaml"  # a file of only differences, resolved
     assert r["backend"] == "aot_eager" and r["batch"] == [1, 32] and r["versions"]["torch"]
     assert set(r["runs"]) == {"model", "blocks"}
     for scope, runs in r["runs"].items():
@@ -38,3 +39,9 @@ def test_runs_both_scopes_cold_and_warm(tmp_path):
 def test_bad_arguments_are_named(argv, msg):
     with pytest.raises(SystemExit, match=msg.replace("[", r"\[").replace("]", r"\]")):
         C.main(argv)
+
+
+def test_a_missing_profile_is_named_before_any_run(monkeypatch):
+    monkeypatch.setattr(C, "run_child", lambda *a: pytest.fail("ran a child"))
+    with pytest.raises(ValueError, match="profiles/nope.yaml: no such profile"):
+        C.main(["--profile", "nope", "--steps", "1"])
