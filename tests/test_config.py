@@ -234,6 +234,9 @@ def test_profile_with_a_typo_blames_the_profile(tmp_path):
     bad.write_text("trian:\n  seed: 1\n")
     with pytest.raises(config.ConfigError, match=r"profiles/typo.yaml: unknown section\(s\) trian"):
         profiles.apply("typo", tmp_path)
+    bad.write_text("train: 5\n")
+    with pytest.raises(config.ConfigError, match=r"profiles/typo.yaml: section\(s\) train must be a mapping"):
+        profiles.apply("typo", tmp_path)
     bad.write_text("train: {\n")
     with pytest.raises(config.ConfigError, match=r"profiles/typo.yaml: not valid YAML"):
         profiles.apply("typo", tmp_path)

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pgolf.config import CompressConfig, ConfigError
 
+
 class CodecError(ValueError):
     """A body that does not inflate within its limit, or whose stream or chunk table is broken."""
 

@@ -37,7 +37,7 @@ def available(root: Path = Path(".")) -> list[str]:
 
 
 def differences(name: str, root: Path = Path(".")) -> dict:
-    """{section: {key: value}} that profiles/<name>.yaml sets (keys known, values typed; not yet checked)."""
+    """{section: {key: value}} that profiles/<name>.yaml sets, as written (`resolve` checks them)."""
     src = root / PROFILE_DIR / f"{name}.yaml"
     if not src.is_file():
         raise config.ConfigError(f"{src}: no such profile (have: {', '.join(available(root))})")
@@ -45,8 +45,9 @@ def differences(name: str, root: Path = Path(".")) -> dict:
     unknown = sorted(set(doc) - set(config.SECTIONS))
     if unknown:
         raise config.ConfigError(f"{src}: unknown section(s) {', '.join(unknown)}")
-    for section, values in doc.items():
-        config.from_dict(section, values, str(src))  # keys known and typed (the whole is checked in `resolve`)
+    flat = [s for s, v in doc.items() if not isinstance(v, (dict, type(None)))]
+    if flat:
+        raise config.ConfigError(f"{src}: section(s) {', '.join(flat)} must be a mapping of keys to values")
     return {s: dict(v or {}) for s, v in doc.items()}
 
 

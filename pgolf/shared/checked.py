@@ -23,30 +23,33 @@ def write(cfgs: dict, root: str | Path = ".") -> None:
 
 def read(section: str, root: str | Path = ".") -> config.Section:
     """The checked values of `section` from artifacts/params/<section>.json under `root`."""
+    return read_all((section,), root)[section]
+
+
+def read_all(sections, root: str | Path = ".") -> dict:
+    """{section: dataclass} of several sections, params.yaml read once to refuse stale files."""
     root = Path(root)
+    params = root / "params.yaml"
+    now = config.read_doc(params) if params.is_file() else None  # no params.yaml: nothing to compare
+    return {s: _read(s, root, now, params) for s in sections}
+
+
+def _read(section: str, root: Path, now: dict | None, params: Path) -> config.Section:
     path = root / layout.params_file(section)
     try:
         cfg = config.restore(section, read_json(path), str(path))
     except MetricsError:
         raise config.ConfigError(f"{path}: no checked values of section '{section}' (run `dvc repro`, or "
                                  f"`python -m stages.params` first)") from None
-    _refuse_stale(cfg, root / "params.yaml", path)
+    if now is not None and cfg != _restored(section, now, params):
+        raise config.ConfigError(f"{path}: older than the '{section}' section of {params} (run `dvc repro`, or "
+                                 f"`python -m stages.params` first)")
     return cfg
 
 
-def read_all(sections, root: str | Path = ".") -> dict:
-    """{section: dataclass} of several sections (`read` each)."""
-    return {s: read(s, root) for s in sections}
-
-
-def _refuse_stale(cfg: config.Section, params: Path, path: Path) -> None:
-    """ConfigError when params.yaml now says otherwise than the gate's file (no params.yaml: nothing to compare)."""
-    if not params.is_file():
-        return
+def _restored(section: str, doc: dict, params: Path) -> config.Section | None:
+    """params.yaml's `section` typed as the gate types it, None when it is not even that."""
     try:
-        current = config.restore(cfg.name, config.read_doc(params).get(cfg.name), str(params))
+        return config.restore(section, doc.get(section), str(params))
     except config.ConfigError:
-        current = None
-    if current != cfg:
-        raise config.ConfigError(f"{path}: older than the '{cfg.name}' section of {params} (run `dvc repro`, or "
-                                 f"`python -m stages.params` first)")
+        return None
