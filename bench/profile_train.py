@@ -138,7 +138,7 @@ def profile_steps(trainer: Trainer, n: int, trace_path: Path | None) -> dict:
         raw = Path(f.name).read_bytes()
     if trace_path is not None:
         trace_path.write_bytes(gzip.compress(raw, 6))
-    return summarise_trace(json.loads(raw), n, trainer.accum)
+    return summarise_trace(json.loads(raw), n, trainer.split.accum)
 
 
 def run_batch(mcfg: ModelConfig, cfg: TrainConfig, paths, info, args, trace_dir: Path | None, t_start: float) -> dict:
@@ -166,7 +166,7 @@ def run_batch(mcfg: ModelConfig, cfg: TrainConfig, paths, info, args, trace_dir:
               if t > 1.5 * typical]
     tps = cfg.batch_tokens / med * 1000.0
     out = {"batch_tokens": cfg.batch_tokens, "micro_batch": [trainer.split.micro_tokens // cfg.seq_len, cfg.seq_len],
-           "grad_accum_steps": trainer.accum,
+           "grad_accum_steps": trainer.split.accum,
            "step_ms_steady": round(med, 2), "interval_ms_per_step": rates, "tokens_per_second": round(tps),
            "mfu": round(flops_per_token(trainer.model, mcfg, cfg.seq_len) * tps / PEAK_BF16, 4),
            "device_step_ms_median": round(typical, 2), "stalls": stalls,

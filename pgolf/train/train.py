@@ -51,7 +51,6 @@ class Trainer:
         self.dev = info.device
         self.cuda = self.dev.type == "cuda"
         self.split = cfg.batch_split(info.world_size)  # micro-batches per rank, tokens of one
-        self.accum = self.split.accum
         self.log = RunLog(info.is_main)
         self.model, self.fwd = self._build_model()
         self.opt = build_optimizers(self.model.optimizer_groups(), cfg, info)
@@ -105,7 +104,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.dev)
         with self.model.qat_weights():  # late QAT: the banks hold Q(w) until the update
-            for micro in range(self.accum):
+            for micro in range(self.split.accum):
                 total += self._micro_step(seq_len, hessians if micro == 0 else None)
         with record_function("pgolf.optimizer"):
             if self.cfg.grad_clip > 0:
@@ -115,7 +114,7 @@ class Trainer:
         if ema:
             with record_function("pgolf.ema"):
                 self.avg.update_ema()
-        return total / self.accum
+        return total / self.split.accum
 
     def _micro_step(self, seq_len: int, capture: dict[str, Tensor] | None) -> Tensor:
         """One micro-batch's forward and backward -> its loss (detached)."""
@@ -127,7 +126,7 @@ class Trainer:
         with record_function("pgolf.fwd"), autocast(self.cuda):
             loss = self.fwd(x, y, hessians=capture)  # eager: captured in the training forward
         with record_function("pgolf.bwd"):
-            (loss / self.accum).backward()
+            (loss / self.split.accum).backward()
         return loss.detach()
 
     # -- resume
@@ -177,7 +176,7 @@ class Trainer:
     def train(self, on_step: Callable[["Trainer"], None] | None = None) -> None:
         if self.resumed_from == 0:
             self.log(f"train: {self.model.num_params():,} params, world {self.info.world_size}, grad_accum "
-                     f"{self.accum}, {self.cfg.batch_tokens:,} tokens/step, device {self.dev}, "
+                     f"{self.split.accum}, {self.cfg.batch_tokens:,} tokens/step, device {self.dev}, "
                      f"compile {self.compiled}, exported weights: "
                      f"{'swa' if self.cfg.swa_enabled else 'ema'}")
         self.clock.start()
@@ -250,7 +249,7 @@ class Trainer:
         hess, hmeta = self._hessians()
         ev, eval_s = self._evaluate_final()
         export = {n: t.detach().float().cpu().contiguous() for n, t in self.model.export_state_dict().items()}
-        run = Counters(self.step, self.elapsed_ms, self.info.world_size, self.accum, self.stopped_by,
+        run = Counters(self.step, self.elapsed_ms, self.info.world_size, self.split.accum, self.stopped_by,
                        self.resumed_from, self.checkpoint_status)
         m = train_metrics(run, ev, eval_s, hmeta, self.hess_schedule.overhead(self.step_ms), self.triggers,
                           self.avg, self.priming, self.model, self.cfg, self.info)
