@@ -1,7 +1,15 @@
-"""Ablations through the real pipeline: one `dvc repro` per row, one JSON for the table.
+"""Ablations through the real pipeline: one `dvc repro` per row and seed, one JSON for the table.
 
     python -m bench.ablate --rows bench/ablation_model.yaml --out results.json [--only a,b] [--budget 560]
-        [--common train.grad_accum_steps=2 ...]
+        [--common train.grad_accum_steps=2 ...] [--seeds 1337,42] [--baseline ROW] [--quick]
+
+The protocol (README "Seeds and significance"): a row is "better" than the baseline row (the first
+one unless `--baseline`) only from at least 2 seeds and at least 180 s of training per run, the
+arms paired (every seed runs every row, back to back on this machine), and `pgolf.seeds`' test
+passed (`seeds.paired`: the one-sided t test of the gain in nats per token). By default the runner
+refuses a plan that cannot meet it (one seed, or a row whose train.max_wallclock_seconds is below
+`--min-train-seconds`); `--quick` runs such a plan anyway and marks the result `claims: false`.
+The JSON's `comparisons` hold each row's paired test against the baseline and its verdict.
 
 A rows file names a base profile (`profiles/<base>.yaml`: only its differences from the record
 defaults, resolved to every key), `common` overrides for every row (`section.key: value`, e.g. the
@@ -49,7 +57,7 @@ KEEP = {  # metrics file -> keys copied into a row
               "qat_bits_match"),
     "size": ("codec", "model_bytes", "code_bytes", "total_bytes", "lzma_bytes", "zstd_bytes", "brotli_bytes",
              "under_cap", "compress_seconds", "pruned_values", "prune_compressions", "prune_seconds"),
-    "eval": ("val_bpb", "val_bpb_nonsliding", "val_bpb_sliding", "scored_tokens", "eval_seconds", "sliding_seconds",
+    "eval": ("val_bpb", "val_loss", "scored_tokens", "scored_bytes", "val_bpb_nonsliding", "val_bpb_sliding", "scored_tokens", "eval_seconds", "sliding_seconds",
              "nonsliding_seconds", "ttt_seconds", "ttt_enabled"),
 }
 
@@ -110,12 +118,13 @@ def train_md5(root: Path) -> str | None:
     return None
 
 
-def run_row(spec: dict, row: dict, log_dir: Path) -> dict:
+def run_row(spec: dict, row: dict, seed: int, log_dir: Path) -> dict:
     params = params_for(spec, row)
+    params["train"]["seed"] = seed
     (REPO / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     t0 = time.perf_counter()
     lines = []
-    with open(log_dir / f"{row['name']}.log", "w") as log:  # streamed, each line with its second
+    with open(log_dir / f"{row['name']}_seed{seed}.log", "w") as log:  # streamed, each line with its second
         proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=REPO, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for line in proc.stdout:
@@ -124,8 +133,8 @@ def run_row(spec: dict, row: dict, log_dir: Path) -> dict:
             log.flush()
         proc.wait()
     seconds, out = round(time.perf_counter() - t0, 1), "\n".join(lines)
-    rec = {"name": row["name"], "profile": row.get("profile", spec["base"]), "set": row.get("set") or {},
-           "ran": RAN.findall(out), "seconds": seconds, "rc": proc.returncode}
+    rec = {"name": row["name"], "seed": seed, "profile": row.get("profile", spec["base"]),
+           "set": row.get("set") or {}, "ran": RAN.findall(out), "seconds": seconds, "rc": proc.returncode}
     if proc.returncode != 0:  # the metrics files may be an earlier row's: keep none
         return rec | {"error_tail": lines[-15:]}
     return rec | read_metrics(REPO) | {"train_md5": train_md5(REPO)}
@@ -137,12 +146,53 @@ def too_slow(rec_so_far: list[dict], trains: bool, left: float) -> bool:
     return bool(same) and max(same) > left
 
 
-def trains(spec: dict, row: dict, prev: dict | None) -> bool:
-    """Whether the row changes model/train/prepare params relative to the previous row."""
-    if prev is None:
+def trains(spec: dict, job: tuple[dict, int], prev: tuple[dict, int] | None) -> bool:
+    """Whether a (row, seed) changes model/train/prepare params relative to the previous one."""
+    if prev is None or job[1] != prev[1]:
         return True
-    a, b = params_for(spec, row), params_for(spec, prev)
+    a, b = params_for(spec, job[0]), params_for(spec, prev[0])
     return any(a[s] != b[s] for s in ("prepare", "model", "train"))
+
+
+def check_protocol(spec: dict, rows: list[dict], seeds: list[int], min_seconds: float) -> None:
+    """RowsError unless the plan can show a row better: >= 2 distinct seeds and every row's
+    train.max_wallclock_seconds >= min_seconds (0, step-based, is checked on the runs instead)."""
+    if len(set(seeds)) < 2 or len(set(seeds)) != len(seeds):
+        raise RowsError(f"--seeds {seeds}: the protocol needs at least 2 distinct seeds (--quick to run anyway, "
+                        f"without claims)")
+    for row in rows:
+        wall = params_for(spec, row)["train"]["max_wallclock_seconds"]
+        if 0 < wall < min_seconds:
+            raise RowsError(f"{row['name']}: train.max_wallclock_seconds {wall} is below the protocol's "
+                            f"{min_seconds} s per arm (--quick to run anyway, without claims)")
+
+
+def _as_run(rec: dict):
+    from pgolf.submit import seeds
+
+    return seeds.Run(f"{rec['name']}_seed{rec['seed']}", "", {"train.seed": rec["seed"]}, rec["eval.val_loss"],
+                     rec["eval.val_bpb"], rec["eval.scored_bytes"] / rec["eval.scored_tokens"])
+
+
+def compare(result: dict, baseline: str, min_seconds: float, claims: bool) -> dict:
+    """Each row's paired test against `baseline` (seeds.paired) and its verdict: "better" only when
+    claims are on, every run of both arms trained >= min_seconds and the test passed."""
+    from pgolf.submit import seeds
+
+    done = [r for r in result["rows"] if r.get("rc") == 0 and "eval.val_loss" in r]
+    base = [r for r in done if r["name"] == baseline]
+    out = {}
+    for name in dict.fromkeys(r["name"] for r in done if r["name"] != baseline):
+        arm = [r for r in done if r["name"] == name]
+        try:
+            test = seeds.paired([_as_run(r) for r in base], [_as_run(r) for r in arm])
+        except seeds.SeedsError as e:
+            out[name] = {"verdict": "no test", "why": str(e)}
+            continue
+        long_enough = all(r.get("train.train_seconds", 0) >= min_seconds for r in base + arm)
+        verdict = ("better" if test["significant"] else "not shown better") if claims and long_enough else "no claim"
+        out[name] = {**test, "trained_long_enough": long_enough, "verdict": verdict}
+    return out
 
 
 def resumed(old: dict, path: Path, env: dict) -> dict:
@@ -154,45 +204,66 @@ def resumed(old: dict, path: Path, env: dict) -> dict:
     return old
 
 
+def jobs(rows: list[dict], seeds: list[int]) -> list[tuple[dict, int]]:
+    """(row, seed) in run order: every row for the first seed, then every row for the next (the
+    arms of one seed run back to back, so a slow spell of the machine hits them alike)."""
+    return [(row, seed) for seed in seeds for row in rows]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--only", default="", help="comma-separated row names (default: all, in file order)")
-    ap.add_argument("--budget", type=float, default=0.0, help="seconds; skip rows that would not finish")
-    ap.add_argument("--log-dir", type=Path, default=Path("/tmp/ablate_logs"), help="each row's dvc output")
-    ap.add_argument("--resume", action="store_true", help="keep the finished rows of --out and run the rest")
+    ap.add_argument("--budget", type=float, default=0.0, help="seconds; skip runs that would not finish")
+    ap.add_argument("--log-dir", type=Path, default=Path("/tmp/ablate_logs"), help="each run's dvc output")
+    ap.add_argument("--resume", action="store_true", help="keep the finished runs of --out and run the rest")
     ap.add_argument("--common", nargs="*", default=[], help="section.key=value overrides for every row, after the file's")
+    ap.add_argument("--seeds", default="1337,42", help="comma-separated train.seed values, each run for every row")
+    ap.add_argument("--baseline", default="", help="the row the others are tested against (default: the first)")
+    ap.add_argument("--min-train-seconds", type=float, default=180.0, help="training per run the protocol needs")
+    ap.add_argument("--quick", action="store_true", help="run a plan below the protocol; the result makes no claims")
     a = ap.parse_args(argv)
     spec = with_common(load_rows(a.rows), a.common)
     rows = [r for r in spec["rows"] if not a.only or r["name"] in a.only.split(",")]
+    try:
+        seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise RowsError(f"--seeds {a.seeds!r}: want comma-separated integers") from None
+    baseline = a.baseline or rows[0]["name"]
+    if baseline not in [r["name"] for r in rows]:
+        raise RowsError(f"--baseline {baseline!r} is not one of the rows run ({', '.join(r['name'] for r in rows)})")
     for r in rows:
         params_for(spec, r)  # every override names a real key, before any run
+    if not a.quick:
+        check_protocol(spec, rows, seeds, a.min_train_seconds)
     log_dir = a.log_dir
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**versions(), "host": platform.node()}
     result = {"rows_file": str(a.rows), "title": spec.get("title", ""), "base": spec["base"],
-              "common": spec.get("common") or {}, "environment": env, "rows": []}
+              "common": spec.get("common") or {}, "environment": env, "seeds": seeds, "baseline": baseline,
+              "min_train_seconds": a.min_train_seconds, "claims": not a.quick, "rows": []}
     if a.resume and a.out.exists():
         result = resumed(json.loads(a.out.read_text()), a.out, env)
     data_info = REPO / ".devrun" / "shards" / "proxy_shards.json"
     if data_info.exists():
         result["data"] = json.loads(data_info.read_text())
-    done = [r["name"] for r in result["rows"]]
-    t0, prev = time.perf_counter(), next((r for r in spec["rows"] if done and r["name"] == done[-1]), None)
-    for row in rows:
-        if row["name"] in done:
+    done = {(r["name"], r.get("seed")) for r in result["rows"]}
+    t0, prev = time.perf_counter(), None
+    for row, seed in jobs(rows, seeds):
+        if (row["name"], seed) in done:
             continue
         left = a.budget - (time.perf_counter() - t0) if a.budget > 0 else float("inf")
-        if too_slow(result["rows"], trains(spec, row, prev), left):
-            result["rows"].append({"name": row["name"], "skipped": f"budget: {left:.0f} s left"})
+        if too_slow(result["rows"], trains(spec, (row, seed), prev), left):
+            result["rows"].append({"name": row["name"], "seed": seed, "skipped": f"budget: {left:.0f} s left"})
         else:
-            rec = run_row(spec, row, log_dir)
+            rec = run_row(spec, row, seed, log_dir)
             result["rows"].append(rec)
-            prev = row
-            print(json.dumps({k: rec.get(k) for k in ("name", "ran", "seconds", "rc", "train.steps",
+            prev = (row, seed)
+            print(json.dumps({k: rec.get(k) for k in ("name", "seed", "ran", "seconds", "rc", "train.steps",
                                                        "train.val_bpb_float", "eval.val_bpb", "size.total_bytes")}),
                   flush=True)
+        result["comparisons"] = compare(result, baseline, result["min_train_seconds"], result["claims"])
         a.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 

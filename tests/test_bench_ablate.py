@@ -5,6 +5,7 @@ the trained-weights hash taken per row, failed rows kept without stale metrics, 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import textwrap
@@ -41,8 +42,11 @@ FAKE_DVC = textwrap.dedent('''
     if p["quantize"]["damp"] > 0.5:
         print("quantize: error: damp"); sys.exit(1)
     m = pathlib.Path("metrics"); m.mkdir(exist_ok=True)
-    (m / "train.json").write_text(json.dumps({"steps": p["train"]["iterations"], "val_bpb_float": 1.5}))
-    (m / "eval.json").write_text(json.dumps({"val_bpb": 1.25 + p["quantize"]["damp"], "ignored": 1}))
+    (m / "train.json").write_text(json.dumps({"steps": p["train"]["iterations"], "val_bpb_float": 1.5,
+                                              "train_seconds": p["train"]["max_wallclock_seconds"]}))
+    bpb = 1.25 + p["quantize"]["damp"] + (p["model"]["model_dim"] - 128) * 1e-4 + (p["train"]["seed"] - 1337) * 1e-6
+    (m / "eval.json").write_text(json.dumps({"val_bpb": bpb, "val_loss": bpb * 0.693 * 4.0, "scored_tokens": 1000,
+                                             "scored_bytes": 4000, "ignored": 1}))
 ''')
 
 
@@ -54,6 +58,9 @@ def repo(tmp_path, monkeypatch):
     (tmp_path / "dvc" / "__main__.py").write_text(FAKE_DVC)
     monkeypatch.setattr(A, "REPO", tmp_path)
     return tmp_path
+
+
+QUICK = ["--quick", "--seeds", "1337"]
 
 
 def rows_file(path: Path, rows: list[dict], common: dict | None = None) -> Path:
@@ -68,7 +75,7 @@ def test_rows_run_through_dvc_and_a_post_training_row_reuses_the_weights(repo, t
         {"name": "wide", "set": {"model.model_dim": 192}},
     ])
     out = tmp_path / "out.json"
-    assert A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(tmp_path / "logs")]) == 0
+    assert A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(tmp_path / "logs"), *QUICK]) == 0
     res = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
     assert res["base"]["ran"] == ["train", "quantize"] and res["damp"]["ran"] == ["quantize"]
     assert res["damp"]["train_md5"] == res["base"]["train_md5"] != res["wide"]["train_md5"]
@@ -76,17 +83,17 @@ def test_rows_run_through_dvc_and_a_post_training_row_reuses_the_weights(repo, t
     assert "eval.ignored" not in res["base"]
     params = yaml.safe_load((repo / "params.yaml").read_text())  # the last row's params, every key
     want = profiles.resolve("tiny", repo)
-    want["model"]["model_dim"], want["train"]["iterations"] = 192, 7
+    want["model"]["model_dim"], want["train"]["iterations"], want["train"]["seed"] = 192, 7, 1337
     assert params == want
     assert params["quantize"]["damp"] == QuantizeConfig().damp  # tiny.yaml leaves it at the record default
     config.load_all(params)  # what the params stage will read
-    assert "Running stage 'quantize'" in (tmp_path / "logs" / "damp.log").read_text()
+    assert "Running stage 'quantize'" in (tmp_path / "logs" / "damp_seed1337.log").read_text()
 
 
 def test_a_failed_row_keeps_its_error_and_no_stale_metrics(repo, tmp_path):
     rows = rows_file(tmp_path / "rows.yaml", [{"name": "ok"}, {"name": "bad", "set": {"quantize.damp": 0.75}}])
     out = tmp_path / "out.json"
-    A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(tmp_path / "logs")])
+    A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(tmp_path / "logs"), *QUICK])
     bad = json.loads(out.read_text())["rows"][1]
     assert bad["rc"] == 1 and "quantize: error: damp" in bad["error_tail"]
     assert not any(k.startswith("eval.") for k in bad)
@@ -147,13 +154,13 @@ def test_resume_keeps_finished_rows_and_runs_only_the_rest(repo, tmp_path):
         {"name": "base"}, {"name": "bad", "set": {"quantize.damp": 0.75}},
         {"name": "damp", "set": {"quantize.damp": 0.25}}])
     out, logs = tmp_path / "out.json", tmp_path / "logs"
-    A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(logs), "--only", "base,bad"])
+    A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(logs), "--only", "base,bad", *QUICK])
     first = json.loads(out.read_text())["rows"][0]
-    (logs / "base.log").unlink()
-    A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(logs), "--resume"])
+    (logs / "base_seed1337.log").unlink()
+    A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(logs), "--resume", *QUICK])
     res = json.loads(out.read_text())
     assert [r["name"] for r in res["rows"]] == ["base", "bad", "damp"] and res["rows"][0] == first
-    assert not (logs / "base.log").exists() and len(res["resumed"]) == 1  # base was not rerun
+    assert not (logs / "base_seed1337.log").exists() and len(res["resumed"]) == 1  # base was not rerun
     assert res["rows"][1]["rc"] == 1 and res["rows"][2]["ran"] == ["quantize"]  # the failed row ran again
     assert res["rows"][2]["train_md5"] == first["train_md5"]
 
@@ -169,7 +176,7 @@ def test_common_on_the_command_line_overrides_the_file_for_every_row_and_is_reco
     rows = rows_file(tmp_path / "rows.yaml", [{"name": "a"}, {"name": "b", "set": {"train.iterations": 9}}])
     out = tmp_path / "out.json"
     A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(tmp_path / "logs"),
-            "--common", "train.iterations=5", "train.grad_accum_steps=2"])
+            "--common", "train.iterations=5", "train.grad_accum_steps=2", *QUICK])
     res = json.loads(out.read_text())
     assert res["common"] == {"train.iterations": 5, "train.grad_accum_steps": 2}
     assert [r["train.steps"] for r in res["rows"]] == [5, 9]  # a row's own set still wins
@@ -177,3 +184,51 @@ def test_common_on_the_command_line_overrides_the_file_for_every_row_and_is_reco
     for bad, msg in (("train.iterations", "want section.key=value"), ("train.nope=1", "'train.nope' is not a key")):
         with pytest.raises(A.RowsError, match=msg):
             A.main(["--rows", str(rows), "--out", str(tmp_path / "o2.json"), "--common", bad])
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+
+def test_by_default_every_row_runs_two_seeds_paired_and_is_tested_against_the_baseline(repo, tmp_path):
+    rows = rows_file(tmp_path / "rows.yaml", [{"name": "base"}, {"name": "narrow", "set": {"model.model_dim": 64}},
+                                              {"name": "damp", "set": {"quantize.damp": 0.02}}],
+                     common={"train.iterations": 7, "train.max_wallclock_seconds": 180.0})
+    out = tmp_path / "out.json"
+    assert A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(tmp_path / "logs")]) == 0
+    res = json.loads(out.read_text())
+    assert [(r["name"], r["seed"]) for r in res["rows"]] == [
+        ("base", 1337), ("narrow", 1337), ("damp", 1337), ("base", 42), ("narrow", 42), ("damp", 42)]
+    assert res["claims"] and res["baseline"] == "base"
+    narrow, damp = res["comparisons"]["narrow"], res["comparisons"]["damp"]
+    # model_dim 64 lowers the fake bpb by 0.0064 on both seeds exactly: sd 0, far above 0.005 nats
+    assert narrow["seeds"] == [1337, 42] and narrow["improvement_nats_mean"] == pytest.approx(0.0064 * math.log(2) * 4)
+    assert narrow["significant"] and narrow["verdict"] == "better" and narrow["trained_long_enough"]
+    assert damp["verdict"] == "not shown better" and damp["improvement_nats_mean"] < 0
+
+
+def test_a_plan_below_the_protocol_is_refused_unless_quick_and_quick_makes_no_claims(repo, tmp_path):
+    rows = rows_file(tmp_path / "rows.yaml", [{"name": "base"}, {"name": "narrow", "set": {"model.model_dim": 64}}],
+                     common={"train.iterations": 7, "train.max_wallclock_seconds": 30.0})
+    out = tmp_path / "out.json"
+    with pytest.raises(A.RowsError, match=r"base: train.max_wallclock_seconds 30.0 is below the protocol's 180.0 s"):
+        A.main(["--rows", str(rows), "--out", str(out)])
+    with pytest.raises(A.RowsError, match=r"at least 2 distinct seeds"):
+        A.main(["--rows", str(rows), "--out", str(out), "--seeds", "1337", "--min-train-seconds", "10"])
+    assert not out.exists() and not (repo / "params.yaml").exists()
+    A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(tmp_path / "logs"), "--quick"])
+    res = json.loads(out.read_text())
+    assert not res["claims"] and res["comparisons"]["narrow"]["verdict"] == "no claim"
+
+
+def test_step_based_rows_are_judged_on_their_measured_training_time(repo, tmp_path):
+    rows = rows_file(tmp_path / "rows.yaml", [{"name": "base"}, {"name": "narrow", "set": {"model.model_dim": 64}}])
+    out = tmp_path / "out.json"  # tiny: step-based (max_wallclock_seconds 0), the fake reports 0 s of training
+    A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(tmp_path / "logs")])
+    narrow = json.loads(out.read_text())["comparisons"]["narrow"]
+    assert narrow["significant"] and not narrow["trained_long_enough"] and narrow["verdict"] == "no claim"
+
+
+def test_a_baseline_that_is_not_a_row_is_refused(repo, tmp_path):
+    rows = rows_file(tmp_path / "rows.yaml", [{"name": "base"}])
+    with pytest.raises(A.RowsError, match=r"--baseline 'nope' is not one of the rows run \(base\)"):
+        A.main(["--rows", str(rows), "--out", str(tmp_path / "o.json"), "--baseline", "nope"])

@@ -122,23 +122,48 @@ def check_runs(runs: list[Run]) -> None:
         raise SeedsError(f"two runs share a seed ({SEED_KEY} values {seeds})")
 
 
-def summarize(runs: list[Run], baseline_bpb: float, min_nats: float = MIN_NATS, alpha: float = ALPHA) -> dict:
-    """Mean, std and the one-sided test of (baseline - run) > min_nats nats per token."""
-    check_runs(runs)
-    n = len(runs)
-    bpb = [r.val_bpb for r in runs]
-    loss = [r.val_loss for r in runs]
-    gain = [(baseline_bpb - r.val_bpb) * math.log(2) * r.bytes_per_token for r in runs]  # nats per token
+def one_sided(gain: list[float], min_nats: float = MIN_NATS, alpha: float = ALPHA) -> dict:
+    """The test of mean(gain) > min_nats (nats per token), one-sided Student's t with n - 1 df."""
+    n = len(gain)
     mean, sd = statistics.fmean(gain), statistics.stdev(gain)
     t = (mean - min_nats) / (sd / math.sqrt(n)) if sd > 0 else (math.inf if mean > min_nats else -math.inf)
     p = 1.0 - t_cdf(t, n - 1) if math.isfinite(t) else (0.0 if t > 0 else 1.0)
+    return {"improvement_nats_mean": mean, "improvement_nats_std": sd, "min_improvement_nats": min_nats,
+            "alpha": alpha, "t": t, "df": n - 1, "p_value": p, "significant": bool(mean > min_nats and p < alpha)}
+
+
+def nats_gain(baseline_bpb: float, run: Run) -> float:
+    """(baseline - run) in nats per token of the run (its own bytes per token: bpb compares across
+    tokenizers, nats per token does not)."""
+    return (baseline_bpb - run.val_bpb) * math.log(2) * run.bytes_per_token
+
+
+def summarize(runs: list[Run], baseline_bpb: float, min_nats: float = MIN_NATS, alpha: float = ALPHA) -> dict:
+    """Mean, std and the one-sided test of (baseline - run) > min_nats nats per token."""
+    check_runs(runs)
+    bpb = [r.val_bpb for r in runs]
+    loss = [r.val_loss for r in runs]
     return {"runs": [{"name": r.name, "rev": r.rev, "seed": r.seed, "val_bpb": r.val_bpb, "val_loss": r.val_loss}
                      for r in runs],
-            "n": n, "val_bpb_mean": statistics.fmean(bpb), "val_bpb_std": statistics.stdev(bpb),
+            "n": len(runs), "val_bpb_mean": statistics.fmean(bpb), "val_bpb_std": statistics.stdev(bpb),
             "val_loss_mean": statistics.fmean(loss), "val_loss_std": statistics.stdev(loss),
-            "baseline_val_bpb": baseline_bpb, "improvement_nats_mean": mean, "improvement_nats_std": sd,
-            "min_improvement_nats": min_nats, "alpha": alpha, "t": t, "df": n - 1, "p_value": p,
-            "significant": bool(mean > min_nats and p < alpha)}
+            "baseline_val_bpb": baseline_bpb,
+            **one_sided([nats_gain(baseline_bpb, r) for r in runs], min_nats, alpha)}
+
+
+def paired(base: list[Run], arm: list[Run], min_nats: float = MIN_NATS, alpha: float = ALPHA) -> dict:
+    """The same test for two arms run with the same seeds on one machine: each seed's gain is the
+    arm's over the base run of that seed (`nats_gain`). SeedsError unless both arms pass
+    `check_runs` and hold the same seeds."""
+    check_runs(base)
+    check_runs(arm)
+    by_seed = {r.seed: r for r in base}
+    if sorted(by_seed) != sorted(r.seed for r in arm):
+        raise SeedsError(f"arms are not paired: base seeds {sorted(by_seed)}, arm seeds {sorted(r.seed for r in arm)}")
+    gain = [nats_gain(by_seed[r.seed].val_bpb, r) for r in arm]
+    return {"n": len(arm), "seeds": [r.seed for r in arm],
+            "base_val_bpb": [by_seed[r.seed].val_bpb for r in arm], "arm_val_bpb": [r.val_bpb for r in arm],
+            **one_sided(gain, min_nats, alpha)}
 
 
 def render(s: dict) -> str:
