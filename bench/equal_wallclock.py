@@ -1,0 +1,200 @@
+"""An anchor's script and its pgolf profile at equal wallclock, paired by seed, on one GPU.
+
+    python -m bench.equal_wallclock --anchor pr2135 --data DIR --out bench/results/x.json \\
+        [--seconds 180] [--seeds 1337 42] [--stub-dir .devrun/fa3_stub] [--set section.key=value ...]
+
+For each seed, the anchor's unmodified script (bench.anchors: its logged runs' settings, the
+shards in DIR, MAX_WALLCLOCK_SECONDS=--seconds, its own batch) and then pgolf's stages params ->
+prepare -> data_check -> train on the anchor's profile (`prepare.source: fineweb` on the same
+shards, one GPU, the same batch and wallclock, the same seed). Each arm: steps, steady ms/step
+(median of logged intervals, as bench_vs_ref), the post-EMA float val_bpb and val_loss on the
+validation shard (the script's own "post-ema" line; pgolf's metrics/train.json val_bpb_float),
+seconds to the first step, run seconds. The script is stopped once its post-EMA line is out
+(what follows, GPTQ and evaluation, is not this bench's). The JSON is rewritten after every arm;
+`comparison` holds the paired test (pgolf.seeds.paired) of pgolf against the script.
+
+The pgolf arm writes params.yaml and the pipeline's outputs of this checkout: run it on a lent
+machine or in a scratch clone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from bench import anchors, overrides
+from bench.bench_vs_ref import SAFE_ENV, device_info, stream
+
+REPO = Path(__file__).resolve().parents[1]
+LOG_EVERY = 25
+FIRST_STEADY = 10
+PGOLF_STEP = re.compile(r"^step:(\d+)/\d+ train_loss:([\d.]+) .*step_avg:([\d.]+)ms")
+STAGES = ("params", "prepare", "data_check", "train")
+
+
+def steady(marks: list[tuple[int, float]]) -> float | None:
+    """Median ms/step over logged intervals from step FIRST_STEADY on, intervals over 1.5x the
+    median (stalls: compiles, evaluations, Hessian passes) dropped."""
+    rates = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(marks, marks[1:]) if s0 >= FIRST_STEADY and s1 > s0]
+    if not rates:
+        return None
+    med = statistics.median(rates)
+    return round(statistics.median([r for r in rates if r <= 1.5 * med]), 2)
+
+
+def ref_env(anchor: anchors.Anchor, data: Path, seed: int, seconds: float, stub_dir: Path | None) -> dict:
+    env = {**os.environ, **SAFE_ENV, **anchor.env, "DATA_PATH": str(data), "TOKENIZER_PATH": str(anchor.tokenizer),
+           "SEED": str(seed), "MAX_WALLCLOCK_SECONDS": str(seconds), "TRAIN_LOG_EVERY": str(LOG_EVERY),
+           "VAL_LOSS_EVERY": "0", "RUN_ID": f"wallclock{seed}"}
+    if stub_dir is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(stub_dir), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def run_reference(anchor: anchors.Anchor, data: Path, seed: int, seconds: float, batch: int, timeout: float,
+                  stub_dir: Path | None) -> dict:
+    """The script until its post-EMA evaluation line (or `timeout`)."""
+    marks, post, t0 = [], {}, time.perf_counter()
+
+    def on_line(line: str) -> bool:
+        step = anchor.parse_step(line, batch)
+        if step:
+            marks.append((step[0], step[2]))
+            post.setdefault("first", time.perf_counter() - t0)
+        got = anchor.parse_post_ema(line)
+        if got:
+            post.update(val_loss=got[0], val_bpb=got[1])
+        return bool(got)
+
+    env = ref_env(anchor, data, seed, seconds, stub_dir)
+    with tempfile.TemporaryDirectory() as cwd:
+        lines, _ = stream([sys.executable, str(anchor.script)], cwd, env, timeout, on_line)
+    return {"arm": "reference", "seed": seed, "steps": marks[-1][0] if marks else 0, "step_ms_steady": steady(marks),
+            "train_seconds": round(marks[-1][1] / 1000.0, 1) if marks else None,
+            "post_ema_val_bpb": post.get("val_bpb"), "post_ema_val_loss": post.get("val_loss"),
+            "seconds_to_first_step": round(post["first"], 1) if "first" in post else None,
+            "log_tail": lines[-8:] if "val_bpb" not in post else []}
+
+
+def pgolf_params(anchor: anchors.Anchor, data: Path, seed: int, seconds: float, batch: int, sets: dict) -> dict:
+    """The anchor's profile, on the shards in `data`, one GPU, this seed, batch and wallclock; checked."""
+    source, params = overrides.resolve(anchor.profile, REPO)
+    common = {"prepare.source": "fineweb", "prepare.corpus": str(data), "prepare.val_source": str(data),
+              "prepare.tokenizer": str(anchor.tokenizer), "prepare.workers": 16,
+              "train.nproc_per_node": 1, "train.seed": seed, "train.batch_tokens": batch,
+              "train.max_wallclock_seconds": seconds, "train.log_every": LOG_EVERY, "train.checkpoint_every": 0}
+    overrides.apply(params, {**common, **sets}, "equal_wallclock", source)
+    from pgolf import config
+
+    config.load_all(params, f"{source} with the bench's overrides")
+    return params
+
+
+def run_pgolf(params: dict, seed: int, timeout: float) -> dict:
+    """pgolf's stages params -> train in this checkout; its train log read as it runs."""
+    (REPO / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    metrics_path = REPO / "metrics" / "train.json"
+    metrics_path.unlink(missing_ok=True)  # a failed stage must not leave an earlier run's figures
+    t0, marks, first, tail = time.perf_counter(), [], None, []
+    for stage in STAGES:
+        left = timeout - (time.perf_counter() - t0)
+
+        def on_line(line: str) -> bool:
+            m = PGOLF_STEP.match(line)
+            if m:
+                marks.append((int(m.group(1)), int(m.group(1)) * float(m.group(3))))
+            return False
+
+        lines, first_step = stream([sys.executable, "-m", f"stages.{stage}"], REPO, {**os.environ, **SAFE_ENV}, left,
+                                   on_line if stage == "train" else None)
+        tail = lines[-8:]
+        if stage == "train" and first_step is not None:
+            first = first_step
+    m = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    if m.get("config", {}).get("train", {}).get("seed") != seed:
+        return {"arm": "pgolf", "seed": seed, "error": "no metrics/train.json from this run", "log_tail": tail}
+    return {"arm": "pgolf", "seed": seed, "steps": m["steps"], "step_ms_steady": steady(marks),
+            "train_seconds": m["train_seconds"], "post_ema_val_bpb": m["val_bpb_float"],
+            "post_ema_val_loss": m["val_loss_float"], "exported_weights": m.get("exported_weights"),
+            "seconds_to_first_step": round(first, 1) if first else None, "model_params": m.get("model_params")}
+
+
+def comparison(results: list[dict]) -> dict:
+    """pgolf against the script, paired by seed (seeds.paired: gain in nats per token, one-sided t);
+    `no_higher` is the issue's target, pgolf's post-EMA val_bpb <= the script's on every seed."""
+    from pgolf.submit import seeds
+
+    def runs(arm: str) -> list:
+        out = []
+        for r in results:
+            if r["arm"] == arm and r.get("post_ema_val_bpb") and r.get("post_ema_val_loss"):
+                bpt = r["post_ema_val_loss"] / (r["post_ema_val_bpb"] * math.log(2))  # bytes per token
+                out.append(seeds.Run(f"{arm}_{r['seed']}", "", {"train.seed": r["seed"]}, r["post_ema_val_loss"],
+                                     r["post_ema_val_bpb"], bpt))
+        return out
+
+    ref, pg = runs("reference"), runs("pgolf")
+    try:
+        test = seeds.paired(ref, pg)
+    except seeds.SeedsError as e:
+        return {"test": None, "why": str(e)}
+    return {**test, "no_higher": all(a <= b for a, b in zip(test["arm_val_bpb"], test["base_val_bpb"]))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--anchor", required=True, help=f"one of {', '.join(anchors.ANCHORS)}")
+    ap.add_argument("--data", type=Path, required=True, help="the shards both programs read")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seconds", type=float, default=180.0, help="training wallclock of every arm")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 42])
+    ap.add_argument("--batch-tokens", type=int, default=786432, help="tokens per step (the scripts' default)")
+    ap.add_argument("--stub-dir", type=Path, default=None, help="folder holding a flash_attn_interface stand-in")
+    ap.add_argument("--set", nargs="*", default=[], help="pgolf overrides, section.key=value")
+    ap.add_argument("--arms", nargs="+", default=["reference", "pgolf"], choices=["reference", "pgolf"])
+    ap.add_argument("--budget", type=float, default=0.0, help="seconds for all arms; later arms are skipped")
+    a = ap.parse_args(argv)
+    try:
+        anchor = anchors.get(a.anchor)
+        sets = overrides.parse(a.set, "--set")
+        params = {s: pgolf_params(anchor, a.data.resolve(), s, a.seconds, a.batch_tokens, sets) for s in a.seeds}
+    except ValueError as e:
+        ap.error(str(e))
+    for path in (a.data, anchor.script, anchor.tokenizer):
+        if not path.exists():
+            ap.error(f"{path} does not exist")
+    stub = a.stub_dir.resolve() if a.stub_dir else None
+    head = {"what": f"{a.anchor} script vs pgolf profile {anchor.profile!r}, equal wallclock, paired seeds, one GPU",
+            **device_info(), "data": str(a.data), "seconds": a.seconds, "batch_tokens": a.batch_tokens,
+            "seeds": a.seeds, "reference_attention": "FlashAttention-3 stand-in: " + (
+                (stub / "flash_attn_interface.py").read_text().split('"""')[1].strip() if stub else "none")}
+    results, t_all = [], time.perf_counter()
+    for seed in a.seeds:
+        for arm in a.arms:
+            left = (a.budget - (time.perf_counter() - t_all)) if a.budget > 0 else 3600.0
+            if left < a.seconds + 30:
+                results.append({"arm": arm, "seed": seed, "skipped": "budget"})
+                continue
+            t0 = time.perf_counter()
+            r = (run_reference(anchor, a.data.resolve(), seed, a.seconds, a.batch_tokens, left, stub)
+                 if arm == "reference" else run_pgolf(params[seed], seed, left))
+            r["run_seconds"] = round(time.perf_counter() - t0, 1)
+            results.append(r)
+            print(json.dumps({k: v for k, v in r.items() if k != "log_tail"}), flush=True)
+            a.out.write_text(json.dumps({**head, "comparison": comparison(results), "results": results}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
