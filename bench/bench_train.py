@@ -55,17 +55,17 @@ def synthetic_data(root: Path, mcfg: ModelConfig, train_tokens: int, seed: int =
     return shard_paths(root, shards, mcfg)
 
 
-def shard_paths(root: Path, shards: Path, mcfg: ModelConfig) -> Paths:
-    """Paths for training on the challenge-format `shards` folder, with the sp1024 tokenizer
-    files (tokenizer.json, byte tables) written under `root`."""
+def shard_paths(root: Path, shards: Path, mcfg: ModelConfig, sp_model: Path = SP_MODEL) -> Paths:
+    """Paths for training on the challenge-format `shards` folder, with the files of the
+    tokenizer `sp_model` (sp1024 by default: tokenizer.json, byte tables) written under `root`."""
     tok = root / "tokenizer"
     tok.mkdir(parents=True)
-    sp = tokenizer.load_tokenizer(SP_MODEL, mcfg.vocab_size)
-    sha = tokenizer.file_sha256(SP_MODEL)
+    sp = tokenizer.load_tokenizer(sp_model, mcfg.vocab_size)
+    sha = tokenizer.file_sha256(sp_model)
     tokenizer.build_byte_tables(sp, mcfg.vocab_size, {"tokenizer_sha256": sha, "vocab_size": mcfg.vocab_size}).save(
         byte_tables_path(tok))
-    write_tokenizer_meta(tok, {"model_file": SP_MODEL.name, "vocab_size": mcfg.vocab_size, "sha256": sha,
-                               "source": str(SP_MODEL)})
+    write_tokenizer_meta(tok, {"model_file": sp_model.name, "vocab_size": mcfg.vocab_size, "sha256": sha,
+                               "source": str(sp_model)})
     return Paths(shards=shards, tokenizer=tok, out_dir=root / "out", metrics=root / "m.json", plots=root / "p.tsv")
 
 

@@ -1,7 +1,11 @@
-"""Side-by-side training throughput: the PR #1072 record script and pgolf, one GPU, one run.
+"""Side-by-side training throughput: an anchor's record script and pgolf, one GPU, one run.
 
     python -m bench.bench_vs_ref --data DIR --out bench/results/vs_ref_h200.json \\
-        [--ref ../shared/anchors/pr1072/train_gpt.py] [--trace-dir DIR]
+        [--anchor pr1072|pr535|pr2135] [--stub-dir DIR] [--ref SCRIPT] [--trace-dir DIR]
+
+`--anchor` (bench.anchors; PR #1072 by default) picks the script, its logged runs' settings, its
+log format, the tokenizer of the shards and the pgolf profile trained beside it; PR #535 and PR
+#2135 need a FlashAttention-3 stand-in (`--stub-dir`). What follows describes the PR #1072 pair.
 
 Both programs train the record model (11L, d 512) on the same challenge-format shards in `DIR`
 (`fineweb_train_*.bin`, `fineweb_val_*.bin`; the sp1024 tokenizer is pgolf's vendored copy),
@@ -33,17 +37,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import overrides
+from bench import anchors, overrides
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_REF = REPO.parent / "shared" / "anchors" / "pr1072" / "train_gpt.py"
-SP_MODEL = REPO / "data" / "tokenizer_src" / "fineweb_1024_bpe.model"
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
             "PYTHONUNBUFFERED": "1"}
 STEPS = {786432: 40, 196608: 100}  # other batch sizes (smoke runs): 100 steps
 LOG_EVERY = 5
 FIRST_STEADY = 10
-REF_STEP = re.compile(r"^step:(\d+)/(\d+) train_loss:([\d.]+) train_time:(\d+)ms")
 FIRST_STEP = re.compile(r"^step:1/\d+ ")
 
 
@@ -80,23 +81,29 @@ def stream(cmd: list[str], cwd, env: dict, timeout: float, on_line=None) -> tupl
     return lines, first
 
 
-def run_ref(script: Path, data: Path, batch: int, timeout: float, steps: int) -> dict:
-    """The unmodified record script on one GPU for `steps` steps; stopped once the last is logged."""
-    env = {**os.environ, **SAFE_ENV, "DATA_PATH": str(data), "TOKENIZER_PATH": str(SP_MODEL),
-           "TRAIN_BATCH_TOKENS": str(batch), "ITERATIONS": str(steps), "WARMDOWN_ITERS": "0",
+def run_ref(script: Path, data: Path, batch: int, timeout: float, steps: int,
+            anchor: anchors.Anchor = anchors.ANCHORS["pr1072"], stub_dir: Path | None = None) -> dict:
+    """The unmodified record script on one GPU for `steps` steps at lr scale 1 (no warmdown);
+    stopped once the last is logged."""
+    env = {**os.environ, **SAFE_ENV, **anchor.env, "DATA_PATH": str(data), "TOKENIZER_PATH": str(anchor.tokenizer),
+           "TRAIN_BATCH_TOKENS": str(batch), "ITERATIONS": str(steps), "WARMDOWN_ITERS": "0", "WARMDOWN_FRAC": "0",
            "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_LOG_EVERY": str(LOG_EVERY), "VAL_LOSS_EVERY": "0",
            "WARMUP_STEPS": "3", "SEED": "1337", "RUN_ID": f"bench{batch}"}
-    marks, losses = [], []
+    if stub_dir is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(stub_dir), env.get("PYTHONPATH", "")) if p)
+    marks, losses, t0, seen = [], [], time.perf_counter(), {}
 
     def on_line(line: str) -> bool:
-        m = REF_STEP.match(line)
-        if m:
-            marks.append((int(m.group(1)), float(m.group(4))))
-            losses.append([int(m.group(1)), float(m.group(3))])
-        return bool(m) and int(m.group(1)) >= steps
+        got = anchor.parse_step(line, batch)
+        if got:
+            seen.setdefault("first", time.perf_counter() - t0)
+            marks.append((got[0], got[2]))
+            losses.append([got[0], got[1]])
+        return bool(got) and got[0] >= steps
 
     with tempfile.TemporaryDirectory() as cwd:
         lines, first = stream([sys.executable, str(script)], cwd, env, timeout, on_line)
+    first = first or seen.get("first")
     med, rates = ref_steady(marks)
     return {"program": "reference", "batch_tokens": batch, "step_ms_steady": round(med, 2),
             "interval_ms_per_step": rates, "tokens_per_second": round(batch / med * 1000.0) if rates else None,
@@ -105,10 +112,11 @@ def run_ref(script: Path, data: Path, batch: int, timeout: float, steps: int) ->
 
 
 def run_pgolf(batch: int, timeout: float, data: Path, out: Path, extra: list[str], trace_dir: str | None,
-              steps: int) -> dict:
-    """bench.profile_train in its own process; the time to its first logged step measured here."""
+              steps: int, profile_args: tuple[str, ...] = ()) -> dict:
+    """bench.profile_train in its own process (`profile_args`: the anchor's profile and tokenizer);
+    the time to its first logged step measured here."""
     cmd = [sys.executable, "-m", "bench.profile_train", "--batch-tokens", str(batch), "--steps", str(steps),
-           "--log-every", str(LOG_EVERY), "--data", str(data), "--out", str(out), *extra]
+           "--log-every", str(LOG_EVERY), "--data", str(data), "--out", str(out), *profile_args, *extra]
     if trace_dir:
         cmd += ["--trace-dir", trace_dir]
     lines, first = stream(cmd, REPO, {**os.environ, **SAFE_ENV}, timeout)
@@ -136,14 +144,14 @@ def add_mfu(r: dict, fpt: float) -> None:
         r["mfu"] = round(fpt * r["tokens_per_second"] / PEAK_BF16, 4)
 
 
-def record_flops_per_token() -> float:
+def record_flops_per_token(profile: str = "record") -> float:
     import torch
 
     from bench.bench_train import flops_per_token
     from bench.profile_train import record_configs
     from pgolf.shared.model import GPT
 
-    mcfg, tcfg = record_configs([])
+    mcfg, tcfg = record_configs([], profile)
     with torch.device("meta"):
         return flops_per_token(GPT(mcfg), mcfg, tcfg.seq_len)
 
@@ -184,7 +192,9 @@ def plan(args) -> list[tuple]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="folder of fineweb_train_*.bin / fineweb_val_*.bin shards")
-    ap.add_argument("--ref", default=str(DEFAULT_REF), help="the PR #1072 train_gpt.py")
+    ap.add_argument("--anchor", default="pr1072", help=f"the script run beside pgolf: {', '.join(anchors.ANCHORS)}")
+    ap.add_argument("--ref", default=None, help="its train_gpt.py (default: the anchor's in ../shared/anchors)")
+    ap.add_argument("--stub-dir", default=None, help="folder with a flash_attn_interface stand-in (PR #535, #2135)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--trace-dir", default=None)
     ap.add_argument("--budget", type=float, default=560.0, help="seconds for all runs; later runs are skipped")
@@ -203,18 +213,26 @@ def main() -> None:
         ap.error(str(e))
     if args.steps < 0:
         ap.error(f"--steps must be >= 0, got {args.steps}")
+    try:
+        anchor = anchors.get(args.anchor)
+    except ValueError as e:
+        ap.error(str(e))
+    args.ref = args.ref or str(anchor.script)
+    profile_args = ["--profile", anchor.profile, "--tokenizer", str(anchor.tokenizer)]
+    stub = Path(args.stub_dir).resolve() if args.stub_dir else None
     args.data, args.ref = str(Path(args.data).resolve()), str(Path(args.ref).resolve())  # both run elsewhere
     for path in (Path(args.data), Path(args.ref)):
         if not path.exists():
             ap.error(f"{path} does not exist")
     steps = {b: steps_for(b, args.steps) for b in args.batches}
     t_all = time.perf_counter()
-    head = {"what": "training step throughput, PR #1072 record script vs pgolf, same GPU, same shards, one run",
+    head = {"what": f"training step throughput, the {anchor.name} script vs pgolf's {anchor.profile} profile, same GPU, "
+                    f"same shards, one run", "reference_stub": str(stub) if stub else None,
             **device_info(), "data": str(args.data), "steps": steps,
             "log_every": LOG_EVERY,
             "steady_state": f"median over logged intervals from step {FIRST_STEADY}, stalls excluded"}
     results = []
-    fpt = record_flops_per_token()
+    fpt = record_flops_per_token(anchor.profile)
     scratch = Path(tempfile.mkdtemp())
     for i, (prog, batch, extra) in enumerate(runs):
         left = args.budget - (time.perf_counter() - t_all)
@@ -223,10 +241,11 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         if prog == "reference":
-            r = run_ref(Path(args.ref), Path(args.data), batch, left, steps[batch])
+            r = run_ref(Path(args.ref), Path(args.data), batch, left, steps[batch], anchor, stub)
         else:
             trace = args.trace_dir if ("--profile-steps" not in extra and args.trace_dir) else None
-            r = run_pgolf(batch, left, Path(args.data), scratch / f"run{i}.json", extra, trace, steps[batch])
+            r = run_pgolf(batch, left, Path(args.data), scratch / f"run{i}.json", extra, trace, steps[batch],
+                          tuple(profile_args))
         r["run_seconds"] = round(time.perf_counter() - t0, 1)
         add_mfu(r, fpt)
         results.append(r)

@@ -48,9 +48,10 @@ FIRST_STEADY = 10  # the reference logs (and syncs) every step up to 10: compare
 PHASES = ("pgolf.fwd", "pgolf.bwd", "pgolf.optimizer", "pgolf.ema", "pgolf.data", "pgolf.hessian")
 
 
-def record_configs(items: list[str]) -> tuple[ModelConfig, TrainConfig]:
-    """(model, train) of the record profile with `section.key=value` overrides (YAML values), checked."""
-    cfgs = overrides.load("record", overrides.parse(items, "--set"), "--set")
+def record_configs(items: list[str], profile: str = "record") -> tuple[ModelConfig, TrainConfig]:
+    """(model, train) of a profile (the record's by default) with `section.key=value` overrides
+    (YAML values), checked."""
+    cfgs = overrides.load(profile, overrides.parse(items, "--set"), "--set")
     return cfgs["model"], cfgs["train"]
 
 
@@ -59,7 +60,7 @@ def bench_config(cfg: TrainConfig, batch_tokens: int, args) -> TrainConfig:
     cap or warmdown (scale 1: late QAT off), Hessians every 25 steps."""
     return dataclasses.replace(cfg, nproc_per_node=1, batch_tokens=batch_tokens,
                                warmup_steps=args.warmup, iterations=args.steps, max_wallclock_seconds=0.0,
-                               warmdown_iters=0, checkpoint_every=0, log_every=args.log_every, val_tokens=65536,
+                               warmdown_iters=0, warmdown_frac=0.0, checkpoint_every=0, log_every=args.log_every, val_tokens=65536,
                                hessian_every=0 if args.no_hessian else 25, hessian_start_scale=1.01)
 
 
@@ -195,7 +196,9 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="folder of challenge shards (default: random tokens)")
     ap.add_argument("--trace-dir", default=None)
     ap.add_argument("--no-hessian", action="store_true", help="skip Hessian capture (and its compile)")
-    ap.add_argument("--set", nargs="*", default=[], help="overrides of profiles/record.yaml, section.key=value")
+    ap.add_argument("--set", nargs="*", default=[], help="overrides of the profile, section.key=value")
+    ap.add_argument("--profile", default="record", help="the profile trained (a name in profiles/ or a file)")
+    ap.add_argument("--tokenizer", default=None, help="the shards' .model (default: the sp1024 one)")
     ap.add_argument("--inductor", nargs="*", default=[], help="torch._inductor.config overrides, key=value")
     ap.add_argument("--small", action="store_true", help="CPU smoke run of this script at a micro config")
     args = ap.parse_args()
@@ -210,21 +213,21 @@ def main() -> None:
             target = getattr(target, name)
         setattr(target, key.split(".")[-1], yaml.safe_load(value))
     info = dist.init("cpu" if args.small else "cuda")
-    mcfg, base = record_configs(args.set)
+    mcfg, base = record_configs(args.set, args.profile)
     if args.small:
         mcfg = dataclasses.replace(mcfg, **overrides.SMALL_MODEL)
         base = dataclasses.replace(base, seq_len=128, compile=False)
     trace_dir = Path(args.trace_dir) if args.trace_dir else None
     import triton
 
-    head = {"what": "the record config's training loop on 1 GPU: steady state, stalls, loss curve, profile",
+    head = {"what": f"the {args.profile} profile's training loop on 1 GPU: steady state, stalls, loss curve, profile",
             "device": torch.cuda.get_device_name() if info.device.type == "cuda" else "cpu",
             "torch": torch.__version__, "triton": triton.__version__, "data": args.data or "random tokens",
             "overrides": args.set, "inductor": args.inductor}
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.data:
-            paths = shard_paths(Path(tmp), Path(args.data), mcfg)
+            paths = shard_paths(Path(tmp), Path(args.data), mcfg, *([Path(args.tokenizer)] if args.tokenizer else []))
         else:
             most = max(args.batch_tokens) * (args.steps + args.warmup + args.profile_steps + 2) + 1
             paths = synthetic_data(Path(tmp), mcfg, most)

@@ -109,3 +109,24 @@ def test_section_key_value_overrides_are_parsed_once_for_every_bench():
         record_configs(["grad_accum_steps=2"])
     with pytest.raises(ValueError, match=r"--set: 'train.grad_acum_steps' is not a key of profiles/record.yaml"):
         record_configs(["train.grad_acum_steps=2"])  # one check for --set and the ablation rows
+
+
+FAKE_2135 = textwrap.dedent("""
+    import os, time
+    n, batch = int(os.environ["ITERATIONS"]), int(os.environ["TRAIN_BATCH_TOKENS"])
+    assert os.environ["WARMDOWN_FRAC"] == "0" and os.environ["CASEOPS_ENABLED"] == "1"
+    for s in range(1, n + 1):
+        if s <= 5 or s % 5 == 0:  # its clock: cumulative tokens per second, 40 ms a step
+            print(f"{s}/{n} train_loss: {3 - s / 100:.4f} train_time: 0.0m tok/s: {batch / 0.04:.0f}", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_another_anchors_log_format_and_settings_are_used(tmp_path):
+    from bench import anchors
+
+    script = tmp_path / "train_gpt.py"
+    script.write_text(FAKE_2135)
+    r = B.run_ref(script, tmp_path, 196608, timeout=30, steps=40, anchor=anchors.get("pr2135"))
+    assert r["steps_logged"] == 5 + 7 and r["step_ms_steady"] == pytest.approx(40.0)
+    assert r["loss_curve"][-1] == [40, 2.6] and r["seconds_to_first_step"] is not None
