@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ANCHOR_DIR = REPO.parent / "shared" / "anchors"
+# ../shared/anchors beside the checkout; on a lent machine (which gets the checkout alone) a
+# carried copy in the git-ignored .devrun/anchors
+ANCHOR_DIR = next((d for d in (REPO.parent / "shared" / "anchors", REPO / ".devrun" / "anchors") if d.is_dir()),
+                  REPO.parent / "shared" / "anchors")
 SP1024 = REPO / "data" / "tokenizer_src" / "fineweb_1024_bpe.model"
 CASEOPS_MODEL = "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 
