@@ -25,14 +25,18 @@ import yaml
 # ---- the names and bounds a key may take (the code using a key imports them from here)
 DEVICES = ("auto", "cpu", "cuda")
 PREPARE_SOURCES = ("embedded", "local", "fineweb")
+TEXT_TRANSFORMS = ("none", "caseops")  # prepare.text_transform (pgolf.prepare.caseops)
 MAX_VOCAB = 65536  # uint16 shards
 MAX_SHARD_TOKENS = 2**31 - 1  # the shard header's int32 count
 MATRIX_KINDS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")  # a block's matrices
 RESIDUAL_DTYPES = ("fp32", "bf16")
 PARALLEL_FINAL_LANES = ("mean", "attn", "mlp")
+SMEAR_FORMS = ("mix", "add")
 ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient")
 COMPILE_SCOPES = ("model", "blocks")
+DOC_ATTN_BACKENDS = ("auto", "reference", "varlen", "flex", "fa4", "fa3")  # pgolf.shared.docattn.BACKENDS + auto
 MUON_COMM_DTYPES = ("auto", "bf16", "fp32")
+GRAD_CLIP_SCOPES = ("global", "local")  # train.grad_clip_scope
 NS_SCHEDULES = {"quintic": None, "polar_express": 5}  # Newton-Schulz schedule -> most steps it defines
 BITS_RANGE = (2, 8)  # integer code widths the quantizer supports
 EMBED_MODES = ("int8", "fp16")
@@ -109,9 +113,11 @@ class PrepareConfig(Section):
     fineweb_repo: str = "willdepueoai/parameter-golf"  # HF dataset repo of the export
     fineweb_train_shards: int = 80  # train shards to download when fineweb_dir is missing
     workers: int = 16  # processes for tokenization
+    text_transform: str = "none"  # none | caseops (PR #2135 lossless caps: needs a CaseOps .model; val_bpb on original bytes)
 
     def check(self) -> None:
         _one_of(self, "source", PREPARE_SOURCES)
+        _one_of(self, "text_transform", TEXT_TRANSFORMS)
         _each(self, ("vocab_size",), lambda v: 1 <= v <= MAX_VOCAB, f"must be in [1, {MAX_VOCAB}]")
         _each(self, ("shard_tokens",), lambda v: 1 <= v <= MAX_SHARD_TOKENS, f"must be in [1, {MAX_SHARD_TOKENS}]")
         _at_least(self, 0, "val_docs", "max_train_docs", "tokenizer_train_docs")
@@ -138,21 +144,28 @@ class ModelConfig(Section):
     mlp_mult: float = 3.0  # MLP hidden = floor(mlp_mult * model_dim + 0.5) (mlp_hidden); records: 4.0
     leaky_slope: float = 0.5  # LeakyReLU(0.5)^2
     xsa_last_n: int = 11  # PR #1072: all layers
-    bigram_buckets: int = 4096  # PR #1072 code default (§3.5)
+    bigram_buckets: int = 4096  # PR #1072 code default (§3.5); 0 = no BigramHash (PR #2135)
     bigram_dim: int = 128
     bigram_proj_gain: float = 1.0  # PR #535 uses 1/sqrt(2*layers)
     ve_dim: int = 128  # value embeddings (§3.7)
+    ve_proj_gain: float = 1.0  # init gain of the orthogonal VE projection (PR #535: 1/sqrt(2*layers), §3.7)
     ve_last_n: int = 2  # layers 9,10 of 11
     rope_dims: int = 16  # partial RoPE (§3.4)
     rope_base: float = 10000.0  # PR #1072; PR #535 effectively 22082
+    rope_ntk: bool = True  # NTK base scaling past train.seq_len (False: one base at every length, PR #2135 ROPE_YARN=0)
     qk_gain_init: float = 1.5
     logit_softcap: float = 30.0  # cap of the positive logits (and of the negative ones when equal)
     logit_softcap_neg: float = 30.0  # cap of the negative logits: c_neg * tanh(z / c_neg) for z < 0
     smear_bos_mask: bool = False  # SmearGate: no previous-token mix at a BOS (records #1851/#1855)
+    smear_form: str = "mix"  # SmearGate mix: #1072's (1-g) e_t + g e_{t-1}, post-norm | add: #2135's e_t + g_t e_{t-1}, pre-norm
+    smear_window: int = 12  # smear_form add: the leading embedding dims its gate reads (PR #2135: 12)
+    skip_gates: bool = False  # U-Net skips h <- lerp(w*skip, h, sigmoid(g)), g per dim from 0, not h + w*skip (#2135)
+    logit_softcap_learned: bool = False  # eval logits capped by learned softcap_pos/neg (from the caps); train loss: fixed (#2135)
     attn_gate_window: int = 0  # sparse attention output gate on the first N input dims (0 = off; records: 12)
     attn_gate_scale: float = 1.0  # its pre-sigmoid scale (records: #1787 1.0, #1855 0.5)
     parallel_start_layer: int = 0  # two-lane decoder from this layer (0 = off; records: 8)
     parallel_final_lane: str = "mean"  # the decoder output with two lanes: mean | attn | mlp
+    parallel_lambdas_all_layers: bool = False  # lane lambdas: a row per layer (#2135; rows below the start unused)
     num_loops: int = 0  # depth recurrence: extra passes of layers loop_start..loop_end (0 = off; records: 2)
     loop_start: int = 0  # first layer of the looped range
     loop_end: int = 0  # last layer of the looped range (inclusive; records: 3..5)
@@ -175,7 +188,8 @@ class ModelConfig(Section):
         if not math.isfinite(self.mlp_mult) or self.mlp_hidden < 1:
             raise self.bad("mlp_mult", "times model.model_dim must round to a width >= 1")
         _each(self, ("vocab_size",), lambda v: v <= MAX_VOCAB, f"must be <= {MAX_VOCAB} (uint16 shards)")
-        _at_least(self, 2, "bigram_buckets")
+        if self.bigram_buckets != 0 and self.bigram_buckets < 2:
+            raise self.bad("bigram_buckets", "must be 0 (off) or >= 2")
         if self.model_dim % self.num_heads:
             raise self.bad("num_heads", f"must divide model.model_dim ({self.model_dim})")
         if self.num_heads % self.num_kv_heads:
@@ -185,7 +199,8 @@ class ModelConfig(Section):
         if self.rope_dims % 2 or not 0 <= self.rope_dims <= self.head_dim or self.rope_dims == 2:
             raise self.bad("rope_dims", f"must be even, not 2 (the NTK exponent rope_dims/(rope_dims-2)), and in "
                                         f"[0, head_dim={self.head_dim}]")
-        _positive_finite(self, "rope_base", "logit_softcap", "logit_softcap_neg", "attn_gate_scale")
+        _positive_finite(self, "rope_base", "logit_softcap", "logit_softcap_neg", "attn_gate_scale", "bigram_proj_gain",
+                         "ve_proj_gain")
         _each(self, ("attn_gate_window",), lambda n: 0 <= n <= self.model_dim,
               f"must be in [0, model.model_dim={self.model_dim}]")
         _at_least(self, 0, "leaky_slope")
@@ -193,6 +208,9 @@ class ModelConfig(Section):
             raise self.bad("parallel_start_layer", f"must be 0 (off) or a decoder layer in "
                                                    f"[{self.num_layers // 2}, {self.num_layers})")
         _one_of(self, "parallel_final_lane", PARALLEL_FINAL_LANES)
+        _one_of(self, "smear_form", SMEAR_FORMS)
+        _each(self, ("smear_window",), lambda n: 1 <= n <= self.model_dim,
+              f"must be in [1, model.model_dim={self.model_dim}]")
         self._check_loops()
         _one_of(self, "residual_dtype", RESIDUAL_DTYPES)
         _one_of(self, "attn_backend", ATTN_BACKENDS)
@@ -226,6 +244,8 @@ class TrainConfig(Section):
     compile_scope: str = "model"  # model: one graph | blocks: each block compiled on its own (regional)
     fused_mlp: bool = True  # Triton fused LeakyReLU^2 MLP on CUDA
     fused_qk_norm_rope: bool = True  # Triton fused q/k RMSNorm + partial RoPE + q gain (CUDA, power-of-two head dim)
+    doc_packing: bool = False  # micro-batch = 1 row; attention within documents, cut every seq_len (PR #2135)
+    doc_attn_backend: str = "auto"  # its kernel: auto (docattn.resolve) | reference | varlen | flex | fa4 | fa3
     nproc_per_node: int = 8  # >1: the stage relaunches itself through torchrun
     batch_tokens: int = 786_432  # global tokens per optimizer step (§4.1)
     seq_len: int = 2048  # the (final) training sequence length; also where the NTK RoPE rule starts
@@ -248,12 +268,15 @@ class TrainConfig(Section):
     muon_ns_steps: int = 5
     muon_ns_coeffs: str = "quintic"  # quintic (one tuple) | polar_express (a tuple per step, <= 5 steps)
     muon_wd: float = 0.04
+    muon_row_normalize: bool = False  # Muon: rows of the update to unit L2 norm before Newton-Schulz (PR #2135: true)
     muon_comm_dtype: str = "auto"  # Parallel Muon communication: auto (bf16 on CUDA) | bf16 | fp32
-    adam_wd: float = 0.04
+    adam_wd: float = 0.04  # AdamW weight decay of the "scalar" group
+    embed_wd: float = 0.04  # AdamW weight decay of the "embed" group (record: = adam_wd; PR #2135 EMBED_WD: 0.085)
     beta1: float = 0.9
     beta2: float = 0.99  # PR #1072 (PR #535: 0.95)
     adam_eps: float = 1.0e-8
     grad_clip: float = 0.3
+    grad_clip_scope: str = "global"  # global: by the rank-averaged gradient's norm | local: per rank (PR #2135)
     ema_decay: float = 0.997
     swa_enabled: bool = False
     swa_every: int = 50
@@ -271,12 +294,15 @@ class TrainConfig(Section):
     def check(self) -> None:
         _one_of(self, "device", DEVICES)
         _one_of(self, "compile_scope", COMPILE_SCOPES)
+        _one_of(self, "doc_attn_backend", DOC_ATTN_BACKENDS)
         _one_of(self, "muon_comm_dtype", MUON_COMM_DTYPES)
+        _one_of(self, "grad_clip_scope", GRAD_CLIP_SCOPES)
         _at_least(self, 1, "nproc_per_node", "batch_tokens", "seq_len", "iterations", "muon_ns_steps", "swa_every",
                   "val_batch_seqs", "max_micro_batch_seqs")
         _at_least(self, 0, "grad_accum_steps", "warmdown_iters", "warmup_steps", "muon_momentum_warmup_steps",
                   "hessian_every", "val_tokens", "log_every", "checkpoint_every", "max_wallclock_seconds",
-                  "matrix_lr", "scalar_lr", "tied_embed_lr", "muon_wd", "adam_wd", "grad_clip", "hessian_start_scale")
+                  "matrix_lr", "scalar_lr", "tied_embed_lr", "muon_wd", "adam_wd", "embed_wd", "grad_clip",
+                  "hessian_start_scale")
         _fraction(self, "muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay", closed=False)
         _fraction(self, "swa_threshold", "late_qat_threshold", "min_lr", "loop_enable_frac", "warmdown_frac")
         _one_of(self, "muon_ns_coeffs", NS_SCHEDULES)

@@ -6,16 +6,18 @@ import sys
 
 from pgolf import config
 from pgolf.shared import checked
+from pgolf.prepare.caseops import CaseOpsError
 from pgolf.prepare.corpus import CorpusError
 from pgolf.shared.shards import ShardError
 from pgolf.prepare.prepare import run
 from pgolf.shared.tensorfile import TensorFileError
 from pgolf.prepare.tokenizer import TokenizerError
 from pgolf.shared.io import OutputError
+from pgolf.shared.val_bytes import SidecarError
 from stages import entry
 
 EXPECTED_ERRORS = (OutputError, config.ConfigError, CorpusError, ShardError, TokenizerError, TensorFileError,
-                   FileNotFoundError)
+                   FileNotFoundError, CaseOpsError, SidecarError)
 
 
 @entry("prepare", EXPECTED_ERRORS)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from pgolf.config import ModelConfig
 from pgolf.shared.rowquant import fake_quant
 from pgolf.config import check as check_config
-from pgolf.shared.model import (GPT, Rotary, accumulate_gram, SmearGate, bigram_hash, count_params, layer_order, softcap,
-                         xsa)
+from pgolf.shared.model import (GPT, AddSmearGate, Rotary, accumulate_gram, SmearGate, bigram_hash, count_params,
+                         layer_order, softcap, xsa)
 from pgolf.shared.shards import BOS_ID
 
 TINY = ModelConfig(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=3,
@@ -733,3 +733,156 @@ def test_depth_recurrence_matches_block_by_block_reference_and_sums_hessians():
     plain = GPT(TINY)
     plain.load_export_state_dict(dict(m.export_state_dict(), skip_weights=m.skip_weights[:1]))
     torch.testing.assert_close(m.forward_hidden(x), plain.forward_hidden(x))
+
+
+# ----------------------------------------------------------------------------- PR #2135's knobs
+
+
+def test_add_smear_gate_matches_hand_reference_and_its_bos_mask():
+    """smear_form add: out_t = e_t + lam * sigmoid(W . e_t[:w]) * e_{t-1}, out_0 = e_0; with the BOS
+    mask nothing is added where the current token is a BOS."""
+    torch.manual_seed(0)
+    plain, masked = AddSmearGate(5), AddSmearGate(5, bos_id=BOS_ID)
+    with torch.no_grad():
+        plain.gate.normal_()
+        plain.lam.fill_(0.7)
+        masked.load_state_dict(plain.state_dict())
+    ids, e = two_docs()
+    want = e.clone()
+    for t in range(1, e.size(1)):
+        g = 0.7 / (1.0 + math.exp(-float(plain.gate[0].detach() @ e[0, t, :5])))
+        want[0, t] = e[0, t] + g * e[0, t - 1]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(e, ids), want)
+        want[0, 5] = e[0, 5]  # the second document's BOS keeps its embedding
+        torch.testing.assert_close(masked(e, ids), want)
+    fresh = AddSmearGate(5)  # zero gate and lambda: the identity at init
+    assert torch.equal(fresh(e, ids), e)
+
+
+def test_add_smear_form_in_the_model_runs_before_the_embedding_norm():
+    cfg = dataclasses.replace(TINY, smear_form="add", smear_window=6)
+    m = make_tiny(cfg=cfg)
+    assert m.smear.gate.shape == (1, 6) and m.smear.lam.shape == (1,)
+    assert count_params(cfg) - count_params(TINY) == 6 + 1 - 32  # (1, 6) + lam instead of the (D,) gate
+    seen = capture_block_inputs(m, 0)
+    x, _ = batch()
+    with torch.no_grad():
+        m.forward_hidden(x)
+        e = m.tok_emb(x) + m.bigram(x)
+        torch.testing.assert_close(seen["x0"], naive_rms(m.smear(e, x)))
+    scalar = {id(p) for p in m.optimizer_groups()["scalar"]}
+    assert {id(m.smear.gate), id(m.smear.lam)} <= scalar  # scalar AdamW, as #2135
+    for bad in (dict(smear_form="both"), dict(smear_window=0), dict(smear_window=33)):
+        with pytest.raises(ValueError, match=r"model\.smear_(form|window)"):
+            check_config(dataclasses.replace(TINY, **bad))
+
+
+@torch.no_grad()
+def test_skip_gates_match_hand_reference():
+    """skip_gates: h <- lerp(w * skip, h, sigmoid(g)) = sigmoid(g) h + (1 - sigmoid(g)) w skip."""
+    cfg = dataclasses.replace(TINY, skip_gates=True)
+    assert GPT(cfg).skip_gates.abs().max() == 0  # zero init: sigmoid 1/2
+    m = make_tiny(cfg=cfg)
+    assert m.skip_gates.shape == m.skip_weights.shape == (1, 32)
+    assert count_params(cfg) - count_params(TINY) == 32
+    g = torch.Generator().manual_seed(5)
+    h, skip = torch.randn(2, 7, 32, generator=g), torch.randn(2, 7, 32, generator=g)
+    sg = torch.sigmoid(m.skip_gates[0])
+    torch.testing.assert_close(m._skip(0, h, skip), sg * h + (1 - sg) * m.skip_weights[0] * skip)
+    seen, out0 = capture_block_inputs(m, 1), {}  # 3 layers: layer 1 takes layer 0's output as its skip
+    m.blocks[0].register_forward_hook(lambda mod, args, out: out0.update(h=out))
+    x, _ = batch()
+    m.forward_hidden(x)
+    h0 = out0["h"]
+    torch.testing.assert_close(seen["h"], sg * h0 + (1 - sg) * m.skip_weights[0] * h0)
+    scalar = {id(p) for p in m.optimizer_groups()["scalar"]}
+    assert id(m.skip_gates) in scalar
+    other = GPT(cfg)
+    other.load_export_state_dict(m.export_state_dict())
+    xb, yb = batch()
+    assert torch.equal(m(xb, yb), other(xb, yb))
+
+
+def test_rotary_without_the_ntk_rule_keeps_its_base_at_every_length():
+    rot = Rotary(rope_dims=16, base=10000.0, train_seq_len=8, ntk=False)
+    long = Rotary(rope_dims=16, base=10000.0, train_seq_len=64)
+    cos, sin = rot(24, torch.device("cpu"))  # 3 * train_seq_len, no base scaling
+    want = long(24, torch.device("cpu"))
+    torch.testing.assert_close((cos, sin), want, rtol=0, atol=0)
+    ntk = Rotary(rope_dims=16, base=10000.0, train_seq_len=8)(24, torch.device("cpu"))
+    assert not torch.allclose(ntk[0], cos)
+    m = GPT(dataclasses.replace(TINY, rope_ntk=False), train_seq_len=8)
+    assert not m.rotary.ntk and GPT(TINY).rotary.ntk
+
+
+def test_learned_softcaps_cap_the_scoring_head_only_and_no_optimizer_trains_them():
+    cfg = dataclasses.replace(TINY, logit_softcap_learned=True, logit_softcap_neg=25.0)
+    assert count_params(cfg) - count_params(TINY) == 2
+    m = make_tiny(cfg=cfg)
+    assert m.softcap_pos.shape == () and GPT(cfg).softcap_pos == 30.0 and GPT(cfg).softcap_neg == 25.0
+    with torch.no_grad():
+        m.tok_emb.weight.mul_(400.0)
+        m.softcap_pos.fill_(12.0)
+        m.softcap_neg.fill_(6.0)
+    x, y = batch()
+    h = m.forward_hidden(x)
+    raw = h @ m.tok_emb.weight.T
+    with torch.no_grad():
+        torch.testing.assert_close(m.forward_logits(x), softcap(raw, 12.0, 6.0))  # eval: the learned caps
+        torch.testing.assert_close(m.logits_from_hidden(h), softcap(raw, 12.0, 6.0))
+        want = F.cross_entropy(softcap(raw, 30.0, 25.0).reshape(-1, 64), y.reshape(-1))
+        torch.testing.assert_close(m(x, y), want)  # training: the fixed caps
+    m(x, y).backward()
+    assert m.softcap_pos.grad is None and m.softcap_neg.grad is None
+    groups = m.optimizer_groups()
+    assert [id(p) for p in groups["untrained"]] == [id(m.softcap_pos), id(m.softcap_neg)]
+    assert not {id(m.softcap_pos)} & {id(p) for k in ("matrix", "embed", "scalar") for p in groups[k]}
+    sd = m.export_state_dict()
+    assert sd["softcap_neg"].shape == () and float(sd["softcap_neg"]) == 6.0
+    other = GPT(cfg)
+    other.load_export_state_dict(sd)
+    with torch.no_grad():
+        assert torch.equal(other.forward_logits(x), m.forward_logits(x))
+    assert GPT(TINY).optimizer_groups()["untrained"] == []
+
+
+def test_no_bigram_hash():
+    cfg = dataclasses.replace(TINY, bigram_buckets=0)
+    assert count_params(TINY) - count_params(cfg) == 31 * 8 + 8 * 32 + 1  # table, projection, scale
+    m = make_tiny(cfg=cfg)
+    assert m.bigram is None
+    g = m.optimizer_groups()
+    ids = [id(p) for grp in g.values() for p in grp]
+    assert len(ids) == len(set(ids)) == len(list(m.parameters()))
+    assert [tuple(p.shape) for p in g["matrix"]] == [(6, 32, 32), (6, 16, 32), (3, 96, 32), (3, 32, 96), (16, 8)]
+    seen = capture_block_inputs(m, 0)
+    x, y = batch()
+    with torch.no_grad():
+        m.forward_hidden(x)
+        torch.testing.assert_close(seen["x0"], m.smear(naive_rms(m.tok_emb(x)), x))
+    check_config(cfg)
+    for bad in (1, -1):
+        with pytest.raises(ValueError, match=r"model\.bigram_buckets must be 0 \(off\) or >= 2"):
+            check_config(dataclasses.replace(TINY, bigram_buckets=bad))
+
+
+@torch.no_grad()
+def test_parallel_lambdas_of_every_layer_read_the_parallel_layers_rows():
+    """parallel_lambdas_all_layers: (L, 2, 2) / (L, 2) lambdas; layer i reads row i, so the model
+    equals the one with rows only for the parallel layers when those rows agree."""
+    cfg = dataclasses.replace(TINY, parallel_start_layer=2)
+    full = dataclasses.replace(cfg, parallel_lambdas_all_layers=True)
+    assert count_params(full) - count_params(cfg) == 2 * (4 + 2)
+    m = make_tiny(cfg=full)
+    assert m.parallel_post.shape == (3, 2, 2) and m.parallel_resid.shape == (3, 2)
+    assert torch.all(GPT(full).parallel_post == 1) and torch.all(GPT(full).parallel_resid == 1.1)
+    short = GPT(cfg)
+    sd = m.export_state_dict()
+    short.load_export_state_dict({**sd, "parallel_post": sd["parallel_post"][2:],
+                                  "parallel_resid": sd["parallel_resid"][2:]})
+    x, y = batch()
+    assert torch.equal(m(x, y), short(x, y))
+    m.parallel_post[:2] += 1.0  # the rows of layers 0 and 1 are never read
+    m.parallel_resid[:2] += 1.0
+    assert torch.equal(m(x, y), short(x, y))

@@ -304,6 +304,41 @@ def test_odd_mlp_width_and_attention_gate_quantize_and_load(tmp_path):
     assert abs(lq - lf) < 0.02 * lf, (lq, lf)
 
 
+def test_pr2135_model_knobs_quantize_pack_and_load(tmp_path):
+    """PR #2135's front end and head (no BigramHash, no VE, the add-form SmearGate, skip gates, the
+    learned 0-d softcaps, lane lambdas for every layer): every small tensor passes through, the
+    artifact round trip keeps the shapes (the scalar caps too), and the model loads back."""
+    import dataclasses
+
+    from _quant_model import QAT_QUANTILE, SEQ, collect_hessians, markov_tokens, model_meta
+    from pgolf.shared.model import GPT
+
+    cfg = dataclasses.replace(MICRO, bigram_buckets=0, ve_last_n=0, smear_form="add", skip_gates=True,
+                              logit_softcap_learned=True, attn_gate_window=12, parallel_start_layer=1,
+                              parallel_lambdas_all_layers=True)
+    torch.manual_seed(0)
+    model = GPT(cfg, qat_quantile=QAT_QUANTILE, train_seq_len=SEQ)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    write_train_dir(tmp_path, model.export_state_dict(), collect_hessians(model, markov_tokens(64, seed=2)),
+                    model_meta() | {"model": dataclasses.asdict(cfg)})
+    with single_thread():
+        run_in(tmp_path, qcfg())
+    tensors, meta = load_quant(tmp_path)
+    for name in ("softcap_pos", "softcap_neg", "smear.gate", "smear.lam", "skip_gates", "parallel_post"):
+        assert meta["quant"][name]["type"] == "passthrough", name
+    tensors, meta = artifact.deserialize(artifact.serialize(tensors, meta))
+    assert tensors["softcap_pos"].shape == () and tensors["parallel_resid"].shape == (2, 2)
+    back = GPT(config.ModelConfig(**meta["model"]), train_seq_len=SEQ)  # as the evaluate stage rebuilds it
+    back.load_export_state_dict(dequantize_state(tensors, meta))
+    assert float(back.softcap_neg.detach()) == float(model.softcap_neg.detach().half())
+    x = markov_tokens(16, seed=4)
+    with torch.no_grad():
+        lq, lf = float(back(x[:, :-1], x[:, 1:])), float(model(x[:, :-1], x[:, 1:]))
+    assert abs(lq - lf) < 0.02 * lf, (lq, lf)
+
+
 def test_meta_without_qat_bits_is_unknown_and_a_bad_one_is_an_error(tmp_path):
     from _quant_model import model_meta
 

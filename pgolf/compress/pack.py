@@ -50,6 +50,7 @@ SHARED_FILES: tuple[str, ...] = (  # the pgolf/shared modules that rebuild and s
     "pgolf/shared/tensorfile.py",
     "pgolf/shared/tokenizer_meta.py",
     "pgolf/shared/train_files.py",
+    "pgolf/shared/val_bytes.py",
 )
 PACKED_FILES: tuple[str, ...] = (  # every pgolf file ENTRY_MODULE imports (+ the kernels, imported on CUDA)
     "pgolf/__init__.py",
@@ -65,6 +66,7 @@ PACKED_FILES: tuple[str, ...] = (  # every pgolf file ENTRY_MODULE imports (+ th
     "pgolf/evaluate/evaluate.py",
     "pgolf/evaluate/ttt.py",
     "pgolf/prepare/__init__.py",
+    "pgolf/prepare/caseops.py",
     "pgolf/prepare/corpus.py",
     "pgolf/prepare/prepare.py",
     "pgolf/prepare/tokenizer.py",
@@ -73,6 +75,7 @@ PACKED_FILES: tuple[str, ...] = (  # every pgolf file ENTRY_MODULE imports (+ th
     "pgolf/quantize/lqer.py",
     "pgolf/quantize/quantize.py",
     *SHARED_FILES,
+    "pgolf/shared/docattn.py",  # training only (train.doc_packing)
     "pgolf/shared/kernels/__init__.py",
     "pgolf/shared/kernels/fused_mlp.py",
     "pgolf/shared/kernels/qk_norm_rope.py",

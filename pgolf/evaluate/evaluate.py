@@ -5,7 +5,9 @@ The model is rebuilt only from `artifacts/final/model.ptz` (`read_artifact` ->
 `dequantize_state` -> `GPT.load_export_state_dict`); the float checkpoint is never read. Before
 scoring, the artifact's tokenizer (meta["tokenizer"]: sha256, vocab_size) must match the one the
 validation shards were made with (`data/tokenizer/tokenizer.json`, and the byte tables' meta),
-so a model is never scored on tokens of another vocabulary.
+so a model is never scored on tokens of another vocabulary. Bytes come from the validation byte
+sidecar where prepare wrote one (original bytes of CaseOps-transformed data, pgolf.shared.val_bytes),
+else from the byte tables; eval.json's `byte_source` says which.
 
 With evaluate.ttt_enabled, score-first test-time training (pgolf.evaluate.ttt) runs last, on the same
 tokens and windows; its score becomes val_bpb / val_loss (the plain sliding score stays as
@@ -19,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from pgolf.shared import bpb, dist, layout, train_files
+from pgolf.shared import bpb, dist, layout, train_files, val_bytes
 from pgolf.evaluate import ttt
 from pgolf.compress.artifact import MODEL_FILE, ArtifactError, read_artifact
 from pgolf.compress.dequant import dequantize_state
 from pgolf.config import EvaluateConfig
 from pgolf.shared.byte_tables import ByteTables, byte_tables_path, load_byte_tables
-from pgolf.shared.tokenizer_meta import read_tokenizer_meta, tokenizer_meta_path
+from pgolf.shared.tokenizer_meta import read_tokenizer_meta, text_transform, tokenizer_meta_path
 from pgolf.shared.io import file_sha256, write_json
 from pgolf.shared.model import GPT
 
@@ -88,6 +90,11 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths(), progress: bool = True) -> d
     tables = load_byte_tables(paths.tokenizer)
     check_tokenizer(meta, tables, paths.tokenizer, paths.artifact)
     tokens = bpb.load_val_tokens(paths.shards, cfg.max_tokens)
+    try:
+        transform = text_transform(read_tokenizer_meta(paths.tokenizer))
+        tables = val_bytes.byte_counter(paths.shards, tables, tokens, transform)  # the sidecar's counter, if any
+    except val_bytes.SidecarError as e:
+        raise EvaluateError(str(e)) from None
     if len(tokens) < cfg.context + 1:
         raise EvaluateError(f"{paths.shards}: {len(tokens) - 1:,} validation targets (evaluate.max_tokens "
                             f"{cfg.max_tokens}) are fewer than one window of evaluate.context {cfg.context}")
@@ -113,7 +120,8 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths(), progress: bool = True) -> d
         "nonsliding_seconds": round(t2 - t1, 3), "compile_seconds": compile_s,
         "load_seconds": round(t1 - t0 - compile_s, 3),
         "val_bpb_nonsliding": flat["val_bpb"], "val_loss_nonsliding": flat["val_loss"],
-        "windows": ev["windows"], "world_size": info.world_size, "device": str(info.device),
+        "windows": ev["windows"], "byte_source": val_bytes.byte_source(tables),
+        "world_size": info.world_size, "device": str(info.device),
         "artifact_sha256": file_sha256(paths.artifact),
     }
     if cfg.ttt_enabled:

@@ -184,6 +184,7 @@ def eval_ttt(model, tokens: np.ndarray, tables: ByteTables, cfg: EvaluateConfig,
     """Score-first TTT over every target of `tokens` (module docstring); sums all-reduced over ranks.
 
     Adapts `model` in place (parametrized banks): build it fresh from the artifact for anything else.
+    `tables` is the byte counter (ByteTables, or a byte sidecar's pgolf.shared.val_bytes.SidecarBytes).
     """
     device = torch.device(device)
     tokens = np.asarray(tokens)

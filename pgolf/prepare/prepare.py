@@ -6,8 +6,15 @@ into the stage outputs:
 * `data/tokenizer/`: `tokenizer.model` (copy or freshly trained), `tokenizer.json`
   {model_file, vocab_size, sha256, source}, `byte_tables.pgt` (recipe-spec §2.1);
 * `data/shards/`: `fineweb_val_%06d.bin` and `fineweb_train_%06d.bin` (§1.1/§1.2: one BOS
-  before every document, no EOS, raw text encoded, val and train never share a shard);
+  before every document, no EOS, raw text encoded, val and train never share a shard), and with
+  `text_transform: caseops` the validation byte sidecar `fineweb_val_bytes_%06d.bin`
+  (pgolf.shared.val_bytes: each val token's count of original bytes);
 * `metrics/prepare.json`.
+
+With `text_transform: caseops` every document goes through pgolf.prepare.caseops.encode before
+the tokenizer (which must have the operator pieces), exactly as PR #2135's
+`prepare_caseops_data.py`; every validation document is checked to decode back to itself, and
+`val_bytes` counts the original text (the sidecar's sum), not the transformed one.
 
 Both folders are built in temp folders and swapped in at the end (`pgolf.shared.io.staged_dir`), so a
 failure leaves the previous outputs untouched. For text sources the byte tables are checked
@@ -27,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from pgolf.shared import byte_tables, layout, shards, tokenizer_meta
-from pgolf.prepare import tokenizer
+from pgolf.shared import byte_tables, layout, shards, tokenizer_meta, val_bytes
+from pgolf.prepare import caseops, tokenizer
 from pgolf.config import PrepareConfig
 from pgolf.prepare.corpus import CorpusError, corpus_files, iter_documents
 from pgolf.shared.io import staged_dir, write_json
@@ -47,10 +54,12 @@ def _path(root: Path, p: str) -> Path:
 
 
 class ShardWriter:
-    """Appends tokens of one split and writes a full shard every `shard_tokens` tokens."""
+    """Appends tokens of one split and writes a full shard every `shard_tokens` tokens (files
+    `<prefix>%06d.bin`, prefix `fineweb_<split>_`; the byte sidecar's writer takes its own)."""
 
-    def __init__(self, folder: Path, split: str, shard_tokens: int):
+    def __init__(self, folder: Path, split: str, shard_tokens: int, prefix: str = ""):
         self.folder, self.split, self.shard_tokens = folder, split, shard_tokens
+        self.prefix = prefix or f"fineweb_{split}_"
         self.pending: list[np.ndarray] = []
         self.fill = 0
         self.shards = 0
@@ -69,8 +78,11 @@ class ShardWriter:
     def flush(self) -> None:
         if self.fill == 0:
             return
-        path = self.folder / f"fineweb_{self.split}_{self.shards:06d}.bin"
-        shards.write_shard(path, np.concatenate(self.pending))
+        path = self.folder / f"{self.prefix}{self.shards:06d}.bin"
+        if self.prefix == val_bytes.SIDECAR_PREFIX:
+            val_bytes.write_sidecar(path, np.concatenate(self.pending))
+        else:
+            shards.write_shard(path, np.concatenate(self.pending))
         self.tokens += self.fill
         self.shards += 1
         self.pending, self.fill = [], 0
@@ -86,23 +98,44 @@ def _init_worker(model_path: str) -> None:
     _worker_sp = spm.SentencePieceProcessor(model_file=model_path)
 
 
-def _encode_chunk(task: tuple[list[str], bool]) -> tuple[list[np.ndarray], list[int] | None]:
-    """Encode raw documents (no strip); with `want_bytes`, also the decoded text lengths."""
-    texts, want_bytes = task
-    ids = [np.asarray(d, dtype=np.int32) for d in _worker_sp.encode(texts)]
+def _original_byte_counts(texts: list[str], encoded: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(ids, original bytes per token) of CaseOps-encoded documents; CaseOpsError if one does not
+    decode back to its text or its tokens would credit more bytes than it has."""
+    ids, counts = [], []
+    for text, enc, m in zip(texts, encoded, _worker_sp.encode(encoded, out_type="offset_mapping")):
+        if caseops.decode(enc) != text:
+            raise caseops.CaseOpsError(f"a document (starting {text[:40]!r}) does not survive the CaseOps round trip")
+        c = caseops.piece_original_bytes(enc, m["offsets"])
+        if int(c.sum()) > len(text.encode("utf-8")):
+            raise caseops.CaseOpsError(f"a document (starting {text[:40]!r}): its tokens' spans overlap")
+        ids.append(np.asarray(m["ids"], dtype=np.int32))
+        counts.append(c)
+    return ids, counts
+
+
+def _encode_chunk(task: tuple[list[str], bool, str, bool]):
+    """Encode raw documents (no strip), CaseOps-encoded first with transform "caseops" -> (ids,
+    decoded text lengths with `want_bytes`, original bytes per token with `want_sidecar`)."""
+    texts, want_bytes, transform, want_sidecar = task
+    encoded = [caseops.encode(t) for t in texts] if transform == "caseops" else texts
+    if want_sidecar:
+        ids, counts = _original_byte_counts(texts, encoded)
+    else:
+        ids, counts = [np.asarray(d, dtype=np.int32) for d in _worker_sp.encode(encoded)], None
     nbytes = [tokenizer.decoded_bytes(_worker_sp, d) for d in ids] if want_bytes else None
-    return ids, nbytes
+    return ids, nbytes, counts
 
 
-def _chunks(docs: Iterable[str], want_bytes: bool) -> Iterator[tuple[list[str], bool]]:
+def _chunks(docs: Iterable[str], *flags) -> Iterator[tuple]:
     it = iter(docs)
     while chunk := list(islice(it, CHUNK_DOCS)):
-        yield chunk, want_bytes
+        yield (chunk, *flags)
 
 
-def _encoded(docs: Iterable[str], model_path: Path, workers: int, want_bytes: bool):
+def _encoded(docs: Iterable[str], model_path: Path, workers: int, want_bytes: bool, transform: str = "none",
+             want_sidecar: bool = False):
     """Encoded chunks in document order; a process pool once there is more than one chunk."""
-    chunks = _chunks(docs, want_bytes)
+    chunks = _chunks(docs, want_bytes, transform, want_sidecar)
     first = next(chunks, None)
     if first is None:
         return
@@ -124,23 +157,34 @@ def _encoded(docs: Iterable[str], model_path: Path, workers: int, want_bytes: bo
 
 
 def encode_split(docs: Iterable[str], model_path: Path, writer: ShardWriter, workers: int,
-                 tables: byte_tables.ByteTables | None = None, desc: str = "") -> dict:
-    """Encode documents as [BOS] + ids into `writer`; with `tables`, byte-check every document."""
-    n_docs = tab_bytes = txt_bytes = 0
+                 tables: byte_tables.ByteTables | None = None, desc: str = "", transform: str = "none",
+                 sidecar: ShardWriter | None = None) -> dict:
+    """Encode documents as [BOS] + ids into `writer` (CaseOps-encoded first with transform
+    "caseops"); with `tables`, byte-check every document; with `sidecar`, write each token's
+    original bytes there (0 for the BOS), parallel to `writer`."""
+    n_docs = tab_bytes = txt_bytes = side_bytes = 0
     bar = Progress(f"encode {desc}", unit="doc")
-    for ids, nbytes in _encoded(docs, model_path, workers, want_bytes=tables is not None):
+    for ids, nbytes, counts in _encoded(docs, model_path, workers, tables is not None, transform, sidecar is not None):
         if tables is not None:
             t, x = tokenizer.byte_check(ids, nbytes, tables, name=desc, first_index=n_docs)
             tab_bytes += t
             txt_bytes += x
-        for d in ids:
+        for i, d in enumerate(ids):
             writer.add(np.concatenate([[tokenizer.BOS_ID], d]).astype(np.uint16))
+            if sidecar is not None:
+                if counts[i].size and int(counts[i].max()) >= 2**16:
+                    raise val_bytes.SidecarError(f"{desc} document {n_docs + i}: a token accounts for "
+                                                 f"{int(counts[i].max())} bytes, more than a uint16 sidecar entry holds")
+                sidecar.add(np.concatenate([[0], counts[i]]).astype(np.uint16))
+                side_bytes += int(counts[i].sum())
         n_docs += len(ids)
         bar.update(len(ids))
     bar.close()
     writer.flush()
+    if sidecar is not None:
+        sidecar.flush()
     return {"docs": n_docs, "tokens": writer.tokens, "shards": writer.shards,
-            "table_bytes": tab_bytes, "text_bytes": txt_bytes}
+            "table_bytes": tab_bytes, "text_bytes": txt_bytes, "sidecar_bytes": side_bytes}
 
 
 # ----------------------------------------------------------------------------- tokenizer output
@@ -148,9 +192,13 @@ def encode_split(docs: Iterable[str], model_path: Path, writer: ShardWriter, wor
 
 def _write_tokenizer(tdir: Path, sp: spm.SentencePieceProcessor, cfg: PrepareConfig, source: str) -> tuple[str, byte_tables.ByteTables]:
     model = tdir / layout.TOKENIZER_MODEL_FILE
+    if cfg.text_transform == "caseops":
+        caseops.check_tokenizer(sp, source)
     sha = tokenizer.file_sha256(model)
-    tokenizer_meta.write_tokenizer_meta(
-        tdir, {"model_file": model.name, "vocab_size": int(sp.vocab_size()), "sha256": sha, "source": source})
+    meta = {"model_file": model.name, "vocab_size": int(sp.vocab_size()), "sha256": sha, "source": source}
+    if cfg.text_transform != "none":
+        meta[tokenizer_meta.TEXT_TRANSFORM] = cfg.text_transform
+    tokenizer_meta.write_tokenizer_meta(tdir, meta)
     tables = tokenizer.build_byte_tables(sp, cfg.vocab_size, {"tokenizer_sha256": sha, "vocab_size": cfg.vocab_size})
     tables.save(byte_tables.byte_tables_path(tdir))
     return sha, tables
@@ -193,13 +241,17 @@ def _prepare_text(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> dic
             raise CorpusError(f"{_path(root, p)}: empty corpus (no .jsonl, .jsonl.zst or .txt files)")
     val_docs, train_docs = _doc_sources(cfg, root)
     model = tdir / layout.TOKENIZER_MODEL_FILE
+    caps = cfg.text_transform == "caseops"
     if cfg.tokenizer == "train":
         docs = train_docs()
         if cfg.tokenizer_train_docs > 0:
             docs = islice(docs, cfg.tokenizer_train_docs)
-        tokenizer.train_tokenizer(docs, cfg.vocab_size, model, num_threads=cfg.workers)
+        if caps:
+            docs = map(caseops.encode, docs)
+        tokenizer.train_tokenizer(docs, cfg.vocab_size, model, num_threads=cfg.workers,
+                                  user_defined_symbols=caseops.OPERATORS if caps else ())
         n = cfg.tokenizer_train_docs or "all"
-        source = f"trained: SentencePiece BPE on {n} training docs of {cfg.corpus}"
+        source = f"trained: SentencePiece BPE on {n} {'CaseOps-encoded ' if caps else ''}training docs of {cfg.corpus}"
     else:
         src = _path(root, cfg.tokenizer)
         tokenizer.load_tokenizer(src, cfg.vocab_size)
@@ -208,25 +260,33 @@ def _prepare_text(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> dic
     sp = tokenizer.load_tokenizer(model, cfg.vocab_size)
     sha, tables = _write_tokenizer(tdir, sp, cfg, source)
 
+    sidecar = ShardWriter(sdir, "val", cfg.shard_tokens, prefix=val_bytes.SIDECAR_PREFIX) if caps else None
     val = encode_split(val_docs(), model, ShardWriter(sdir, "val", cfg.shard_tokens), cfg.workers,
-                       tables=tables, desc="val")
+                       tables=tables, desc="val", transform=cfg.text_transform, sidecar=sidecar)
     if val["docs"] == 0:
         raise CorpusError(f"{cfg.val_source or cfg.corpus}: no validation documents")
     _check_not_near_empty(val, _path(root, cfg.val_source or cfg.corpus), "validation")
     train = encode_split(train_docs(), model, ShardWriter(sdir, "train", cfg.shard_tokens), cfg.workers,
-                         desc="train")
+                         desc="train", transform=cfg.text_transform)
     if train["docs"] == 0:
         raise CorpusError(f"{cfg.corpus}: no training documents (after taking {cfg.val_docs} for validation)"
                           if not cfg.val_source else f"{cfg.corpus}: no training documents")
     _check_not_near_empty(train, _path(root, cfg.corpus), "training")
-    val_bytes = tables.stream_bytes(shards.load_tokens(shards.list_shards(sdir, "val")))
-    if val_bytes != val["text_bytes"]:
-        raise tokenizer.TokenizerError(f"byte check failed: validation shards hold {val_bytes} bytes, "
+    n_bytes = tables.stream_bytes(shards.load_tokens(shards.list_shards(sdir, "val")))
+    if n_bytes != val["text_bytes"]:
+        raise tokenizer.TokenizerError(f"byte check failed: validation shards hold {n_bytes} bytes, "
                                        f"the decoded validation text {val['text_bytes']}")
-    return {"vocab_size": int(sp.vocab_size()), "train_tokens": train["tokens"], "val_tokens": val["tokens"],
-            "val_bytes": val_bytes, "train_docs": train["docs"], "val_docs": val["docs"],
-            "tokenizer_sha256": sha, "train_shards": train["shards"], "val_shards": val["shards"],
-            "byte_check": "passed"}
+    out = {"vocab_size": int(sp.vocab_size()), "train_tokens": train["tokens"], "val_tokens": val["tokens"],
+           "val_bytes": n_bytes, "train_docs": train["docs"], "val_docs": val["docs"],
+           "tokenizer_sha256": sha, "train_shards": train["shards"], "val_shards": val["shards"],
+           "byte_check": "passed"}
+    if caps:
+        side = int(val_bytes.read_sidecar(sdir).sum())
+        if side != val["sidecar_bytes"]:
+            raise val_bytes.SidecarError(f"{sdir}: the byte sidecar files sum to {side} bytes, the encoder counted "
+                                         f"{val['sidecar_bytes']}")
+        out.update(val_bytes=side, val_bytes_transformed=n_bytes)
+    return out
 
 
 # ----------------------------------------------------------------------------- fineweb export
@@ -252,6 +312,12 @@ def _prepare_fineweb(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> 
     sha, tables = _write_tokenizer(tdir, sp, cfg, cfg.tokenizer)
 
     val_folder = _path(root, cfg.val_source) if cfg.val_source else folder
+    sidecar = val_bytes.list_sidecar(val_folder)
+    if cfg.text_transform != "none" and not sidecar:
+        raise val_bytes.SidecarError(f"{val_folder}: prepare.text_transform is {cfg.text_transform} but the folder has "
+                                     f"no byte sidecar {val_bytes.SIDECAR_PREFIX}*.bin for its validation shards")
+    for p in sidecar:
+        _link_or_copy(p, sdir / p.name)
     stats = {}
     for split in ("val", "train"):
         n_tok = n_docs = 0
@@ -264,9 +330,13 @@ def _prepare_fineweb(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> 
             n_docs += int(np.count_nonzero(toks == tokenizer.BOS_ID))
             _link_or_copy(p, sdir / p.name)
         stats[split] = (n_tok, n_docs, len(paths))
-    val_bytes = tables.stream_bytes(shards.load_tokens(shards.list_shards(sdir, "val")))
+    val_tokens = shards.load_tokens(shards.list_shards(sdir, "val"))
+    if sidecar:
+        n_bytes = int(val_bytes.byte_counter(sdir, tables, val_tokens).counts.sum())  # checked parallel to the shards
+    else:
+        n_bytes = tables.stream_bytes(val_tokens)
     return {"vocab_size": int(sp.vocab_size()), "train_tokens": stats["train"][0], "val_tokens": stats["val"][0],
-            "val_bytes": val_bytes, "train_docs": stats["train"][1], "val_docs": stats["val"][1],
+            "val_bytes": n_bytes, "train_docs": stats["train"][1], "val_docs": stats["val"][1],
             "tokenizer_sha256": sha, "train_shards": stats["train"][2], "val_shards": stats["val"][2],
             "byte_check": "not applicable (pre-tokenized export)"}
 
@@ -283,6 +353,8 @@ def run(cfg: PrepareConfig, root: str | Path = ".") -> dict:
         metrics = build(cfg, root, sdir, tdir)
     metrics["bytes_per_token"] = round(metrics["val_bytes"] / max(metrics["val_tokens"], 1), 6)
     metrics["source"] = cfg.source
+    metrics["text_transform"] = cfg.text_transform
+    metrics["byte_source"] = "sidecar" if val_bytes.list_sidecar(root / layout.SHARDS) else "tables"
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
     write_json(root / layout.PREPARE_METRICS, metrics)
     return metrics

@@ -79,8 +79,11 @@ def training_sentences(docs: Iterable[str]) -> Iterator[str]:
             yield text
 
 
-def train_tokenizer(docs: Iterable[str], vocab_size: int, out_path: str | Path, num_threads: int = 2) -> Path:
-    """Train a BPE with the challenge settings on `docs`; writes the .model atomically."""
+def train_tokenizer(docs: Iterable[str], vocab_size: int, out_path: str | Path, num_threads: int = 2,
+                    user_defined_symbols: tuple[str, ...] = ()) -> Path:
+    """Train a BPE with the challenge settings on `docs`; writes the .model atomically.
+    `user_defined_symbols` become pieces of their own right after the control ids (the CaseOps
+    operators: ids 4-7, as in PR #2135's model)."""
     sentences = training_sentences(docs)
     first = next(sentences, None)
     if first is None:
@@ -94,7 +97,8 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int, out_path: str | Path, 
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=all_sentences(), model_writer=model,
                                        vocab_size=vocab_size, num_threads=num_threads,
-                                       minloglevel=2, **TRAINER_SETTINGS)
+                                       minloglevel=2, **TRAINER_SETTINGS,
+                                       **({"user_defined_symbols": list(user_defined_symbols)} if user_defined_symbols else {}))
     except RuntimeError as e:
         raise TokenizerError(f"SentencePiece training failed (vocab_size {vocab_size}): {e}") from None
     out_path = Path(out_path)

@@ -4,7 +4,9 @@ This module owns how a model is scored. Both evaluations reduce to one primitive
 windows over the token stream, each `(start, length, first_scored)`; a window feeds
 `tokens[start : start+length]` (zero-padded to a fixed width), and scores the targets at window
 positions `[first_scored, length)`, i.e. target `tokens[start+p+1]` with context
-`tokens[start : start+p+1]` and byte credit `ByteTables.count(prev=tokens[start+p], tgt)`.
+`tokens[start : start+p+1]` and byte credit `ByteTables.count(prev=tokens[start+p], tgt)`, or, where
+prepare wrote a byte sidecar (pgolf.shared.val_bytes), the sidecar's entry of the target, its original bytes.
+Every function taking `tables` takes either counter.
 
 - non-sliding (§2.3): tokens truncated to `((N-1)//L)*L + 1` (§2.2), windows of L, all scored;
 - sliding (§2.4): the first window scores all its targets, every later one its last `stride`.
@@ -185,7 +187,7 @@ def local_sums(model, tok: torch.Tensor, windows: torch.Tensor, width: int, tab:
             nll = F.cross_entropy(logits.float(), tgt, reduction="sum")
             sums[0] += nll.double()
             sums[1] += tgt.numel()
-            sums[2] += tab.count(prev, tgt).sum().double()
+            sums[2] += tab.count(prev, tgt, win[rows_b, 0] + rows_p + 1).sum().double()
             sums[3] += len(win)
     model.train(was_training)
     return sums

@@ -41,8 +41,9 @@ class ByteTables:
         return ByteTables(self.base_bytes.to(device), self.has_leading_space.to(device),
                           self.is_boundary.to(device), self.meta)
 
-    def count(self, prev: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-        """Bytes credited to each target: base[tgt] + (space[tgt] and not boundary[prev]); int64."""
+    def count(self, prev: torch.Tensor, tgt: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Bytes credited to each target: base[tgt] + (space[tgt] and not boundary[prev]); int64.
+        (`pos`, the targets' stream positions, is for the byte sidecar's counter, pgolf.shared.val_bytes.)"""
         base = self.base_bytes[tgt].to(torch.int64)
         space = self.has_leading_space[tgt] & ~self.is_boundary[prev]
         return base + space.to(torch.int64)

@@ -15,7 +15,9 @@ dvc.yaml repeats as outs/deps/metrics/plots (tests/test_dvc_yaml.py keeps the tw
 The rule: folders and stand-alone files (params, metrics, plots) are defined here. A file inside
 a folder is named by the module that owns its format, which keeps that NAME constant and takes
 the folder from here: pgolf.shared.train_files (model.pgt, hessians.pgt, train.log), pgolf.shared.tokenizer_meta
-(tokenizer.json), pgolf.shared.byte_tables (byte_tables.pgt), pgolf.quantize.quantize (quant.pgt, hdiag.pgt),
+(tokenizer.json), pgolf.shared.byte_tables (byte_tables.pgt), pgolf.shared.shards (data/shards'
+fineweb_{train,val}_%06d.bin), pgolf.shared.val_bytes (data/shards' validation byte sidecar
+fineweb_val_bytes_%06d.bin, CaseOps data only), pgolf.quantize.quantize (quant.pgt, hdiag.pgt),
 pgolf.compress.artifact (model.ptz). The files no format module owns are named here (the `*_FILE`
 constants below). Paths only: this module imports nothing of pgolf and reads or writes nothing.
 """

@@ -22,6 +22,19 @@ SmearGate mix at a BOS), `logit_softcap_neg` (asymmetric softcap), `attn_gate_wi
 `parallel_start_layer` / `parallel_final_lane` (two residual lanes in the decoder), `num_loops` /
 `loop_start` / `loop_end` (depth recurrence: `layer_order`; a looped layer's Hessian sums the
 inputs of every pass and QAT quantizes its one set of weights).
+
+PR #2135's front end and head, each off by default: `bigram_buckets: 0` (no BigramHash),
+`smear_form: add` (`AddSmearGate`: e_t + lam * sigmoid(W . e_t[:smear_window]) * e_{t-1} on the raw
+embeddings, then the norm), `skip_gates` (h <- lerp(w * skip, h, sigmoid(g)) at each U-Net skip),
+`rope_ntk: false` (one RoPE base at every length), `logit_softcap_learned` (learned scalars
+`softcap_pos` / `softcap_neg` cap the eval logits, `logits_from_hidden`; the training loss,
+`loss_from_hidden`, keeps the fixed caps, and the training optimizers leave them alone:
+`optimizer_groups()["untrained"]`), `parallel_lambdas_all_layers` (the lane lambdas get a row per
+layer as #2135 allocates them; the rows below the parallel start are never read).
+
+Document packing (train.doc_packing, PR #2135's training layout): `forward(..., docs=...)` takes
+one packed row (B = 1) and a pgolf.shared.docattn.DocSegments; each attention then stays within
+its document segments (`docs.attend`) and RoPE runs at the positions within them (`docs.rope`).
 """
 
 from __future__ import annotations
@@ -130,11 +143,33 @@ class SmearGate(nn.Module):
         return (1 - gt) * e + gt * prev
 
 
+class AddSmearGate(nn.Module):
+    """out_t = e_t + lam * sigmoid(gate . e_t[:window]) * e_{t-1}, out_0 = e_0 (PR #2135's form,
+    model.smear_form add; applied to the raw embeddings, before their norm). gate (1, window) and
+    lam (1,) start at 0, so the smear starts off. With `bos_id` set nothing is added at a BOS."""
+
+    def __init__(self, window: int, bos_id: int | None = None):
+        super().__init__()
+        self.window = window
+        self.gate = nn.Parameter(torch.zeros(1, window))
+        self.lam = nn.Parameter(torch.zeros(1))
+        self.bos_id = bos_id
+
+    def forward(self, e: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """e (B, T, D), ids (B, T) (needed only with a BOS mask) -> (B, T, D)."""
+        z = F.linear(e[:, 1:, :self.window], self.gate.to(e.dtype))  # (B, T-1, 1): gate of token t
+        g = self.lam.to(e.dtype) * torch.sigmoid(z)  # (B, T-1, 1)
+        if self.bos_id is not None:
+            g = g * (ids[:, 1:] != self.bos_id).unsqueeze(-1).to(e.dtype)
+        return torch.cat([e[:, :1], e[:, 1:] + g * e[:, :-1]], dim=1)
+
+
 class ValueEmbedding(nn.Module):
     """Shared VE table: scale * proj(embed[ids]) -> (B, T, kv_dim) (spec §3.7)."""
 
-    def __init__(self, vocab: int, dim: int, kv_dim: int):
+    def __init__(self, vocab: int, dim: int, kv_dim: int, proj_gain: float = 1.0):
         super().__init__()
+        self.proj_gain = proj_gain  # model.ve_proj_gain
         self.embed = nn.Embedding(vocab, dim)
         self.proj = nn.Linear(dim, kv_dim, bias=False)
         self.scale = nn.Parameter(torch.tensor(0.1))
@@ -143,6 +178,7 @@ class ValueEmbedding(nn.Module):
         nn.init.normal_(self.embed.weight, mean=0.0, std=0.01)
         nn.init.orthogonal_(self.proj.weight)
         with torch.no_grad():
+            self.proj.weight.mul_(self.proj_gain)
             self.scale.fill_(0.1)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -150,18 +186,20 @@ class ValueEmbedding(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Partial-RoPE tables for the first `rope_dims` of each head, with the NTK base rule.
+    """Partial-RoPE tables for the first `rope_dims` of each head, with the NTK base rule (or,
+    with `ntk` False, model.rope_ntk: false, one base at every length, as PR #2135).
 
     The tables up to `train_seq_len` are computed once (non-persistent buffers, so they follow
     `.to(device)` and stay out of checkpoints): a compiled graph then loads them instead of
     recomputing pow/cos/sin in every kernel that touches q or k (bench/results/PROFILE.md).
     Longer sequences (NTK-scaled base) compute their tables on the fly."""
 
-    def __init__(self, rope_dims: int, base: float, train_seq_len: int):
+    def __init__(self, rope_dims: int, base: float, train_seq_len: int, ntk: bool = True):
         super().__init__()
         self.rope_dims = rope_dims
         self.base = base
         self.train_seq_len = train_seq_len
+        self.ntk = ntk
         cos, sin = self.tables(train_seq_len, torch.device("cpu"))
         self.register_buffer("cos", cos, persistent=False)  # (train_seq_len, rd/2)
         self.register_buffer("sin", sin, persistent=False)
@@ -170,7 +208,7 @@ class Rotary(nn.Module):
         """-> cos, sin, each (T, rope_dims/2) fp32, computed now."""
         rd = self.rope_dims
         base = self.base
-        if seq_len > self.train_seq_len:  # NTK-aware base scaling (spec §3.4)
+        if self.ntk and seq_len > self.train_seq_len:  # NTK-aware base scaling (spec §3.4)
             base = base * (seq_len / self.train_seq_len) ** (rd / (rd - 2))
         j = torch.arange(0, rd, 2, device=device, dtype=torch.float32)  # (rd/2,) = 2j
         inv_freq = 1.0 / (base ** (j / rd))  # (rd/2,)
@@ -219,10 +257,13 @@ def xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return yg.reshape(B, T, H, hd)
 
 
-def softcap(z: torch.Tensor, cap_pos: float, cap_neg: float) -> torch.Tensor:
+def softcap(z: torch.Tensor, cap_pos: float | torch.Tensor, cap_neg: float | torch.Tensor) -> torch.Tensor:
     """c * tanh(z / c) with c = cap_pos for z >= 0 and cap_neg for z < 0 (asymmetric, PR #1923);
-    one tanh when the caps are equal (the seeds' symmetric cap)."""
-    if cap_pos == cap_neg:
+    one tanh when two float caps are equal (the seeds' symmetric cap). Learned caps (0-d tensors,
+    model.logit_softcap_learned) always take the two-sided form, cast to z's dtype."""
+    if isinstance(cap_pos, torch.Tensor):
+        cap_pos, cap_neg = cap_pos.to(z.dtype), cap_neg.to(z.dtype)
+    elif cap_pos == cap_neg:
         return cap_pos * torch.tanh(z / cap_pos)
     return torch.where(z >= 0, cap_pos * torch.tanh(z / cap_pos), cap_neg * torch.tanh(z / cap_neg))
 
@@ -308,8 +349,9 @@ class CausalSelfAttention(nn.Module):
                                                enable_gqa=self.backend == SDPBackend.FLASH_ATTENTION)
         return y.transpose(1, 2)
 
-    def forward(self, x, w_q, w_k, w_v, w_o, cos, sin, ve=None, hessians=None, prefix=""):
-        """x (B, T, D) -> (B, T, D); ve (B, T, kvD) already scaled, or None."""
+    def forward(self, x, w_q, w_k, w_v, w_o, cos, sin, ve=None, hessians=None, prefix="", docs=None):
+        """x (B, T, D) -> (B, T, D); ve (B, T, kvD) already scaled, or None. With `docs` (a
+        pgolf.shared.docattn.DocSegments, B = 1) attention stays within its document segments."""
         B, T, _ = x.shape
         hd = self.head_dim
         if hessians is not None:
@@ -325,7 +367,7 @@ class CausalSelfAttention(nn.Module):
             q, k = fused_qk_norm_rope(q, cos, sin, self.q_gain), fused_qk_norm_rope(k, cos, sin)
         else:
             q, k = norm_rope(q, cos, sin, self.q_gain), norm_rope(k, cos, sin)
-        y = self._attend(q, k, v)  # (B, T, H, hd)
+        y = self._attend(q, k, v) if docs is None else docs.attend(q, k, v)  # (B, T, H, hd)
         if self.use_xsa:
             y = xsa(y, v.to(y.dtype))
         if self.gate_w is not None:
@@ -387,10 +429,10 @@ class Block(nn.Module):
         forward of a compiled block does not depend on it."""
         return f"blocks.{self.layer}" if hessians is not None else ""
 
-    def _attn_branch(self, h_in, w, cos, sin, ve, hessians):
+    def _attn_branch(self, h_in, w, cos, sin, ve, hessians, docs=None):
         """attn_scale * attention(rms_norm(h_in) * ln_scale) -> (B, T, D)."""
         a = rms_norm(h_in) * self.ln_scale
-        attn = self.attn(a, *w[:4], cos, sin, ve=ve, hessians=hessians, prefix=self._prefix(hessians))
+        attn = self.attn(a, *w[:4], cos, sin, ve=ve, hessians=hessians, prefix=self._prefix(hessians), docs=docs)
         return self.attn_scale.to(h_in.dtype) * attn
 
     def _mlp_branch(self, h, w, hessians):
@@ -399,18 +441,18 @@ class Block(nn.Module):
         mlp = self.mlp(m, w[4], w[5], hessians=hessians, prefix=self._prefix(hessians))
         return self.mlp_scale.to(h.dtype) * mlp
 
-    def forward(self, h, x0, w, cos, sin, ve=None, hessians=None):
+    def forward(self, h, x0, w, cos, sin, ve=None, hessians=None, docs=None):
         """h, x0 (B, T, D); w = (w_q, w_k, w_v, w_o, w_up, w_down) -> (B, T, D)."""
         mix = self.resid_mix.to(h.dtype)
         h_in = mix[0] * h + mix[1] * x0
-        h_mid = h_in + self._attn_branch(h_in, w, cos, sin, ve, hessians)
+        h_mid = h_in + self._attn_branch(h_in, w, cos, sin, ve, hessians, docs)
         return h_mid + self._mlp_branch(h_mid, w, hessians)
 
-    def parallel(self, lane0, lane1, x0, w, cos, sin, ve=None, hessians=None):
+    def parallel(self, lane0, lane1, x0, w, cos, sin, ve=None, hessians=None, docs=None):
         """Two-lane block: attention reads lane0 (mixed with x0), the MLP reads lane1, side by
         side. lane0, lane1, x0 (B, T, D) -> (attn_out, mlp_out), each (B, T, D), branch-scaled."""
         mix = self.resid_mix.to(lane0.dtype)
-        attn = self._attn_branch(mix[0] * lane0 + mix[1] * x0, w, cos, sin, ve, hessians)
+        attn = self._attn_branch(mix[0] * lane0 + mix[1] * x0, w, cos, sin, ve, hessians, docs)
         return attn, self._mlp_branch(lane1, w, hessians)
 
 
@@ -430,28 +472,38 @@ class GPT(nn.Module):
         self.xsa_start = L - cfg.xsa_last_n
         self.ve_start = L - cfg.ve_last_n
         self.parallel_start = cfg.parallel_start_layer if cfg.parallel_start_layer > 0 else L  # L: off
+        self.parallel_row0 = 0 if cfg.parallel_lambdas_all_layers else self.parallel_start  # layer of row 0
         self.set_qat_quantile(qat_quantile)
 
         self.tok_emb = nn.Embedding(cfg.vocab_size, D)
-        self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, D, cfg.bigram_proj_gain)
-        self.smear = SmearGate(D, BOS_ID if cfg.smear_bos_mask else None)
-        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base, train_seq_len)
+        self.bigram = (BigramHash(cfg.bigram_buckets, cfg.bigram_dim, D, cfg.bigram_proj_gain)
+                       if cfg.bigram_buckets > 0 else None)
+        bos = BOS_ID if cfg.smear_bos_mask else None
+        self.smear = SmearGate(D, bos) if cfg.smear_form == "mix" else AddSmearGate(cfg.smear_window, bos)
+        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base, train_seq_len, ntk=cfg.rope_ntk)
         if cfg.ve_last_n > 0:
-            self.ve_shared = ValueEmbedding(cfg.vocab_size, cfg.ve_dim, self.kv_dim)
+            self.ve_shared = ValueEmbedding(cfg.vocab_size, cfg.ve_dim, self.kv_dim, cfg.ve_proj_gain)
             self.ve_layer_scales = nn.Parameter(torch.ones(cfg.ve_last_n))
         else:
             self.ve_shared = None
         n_looped = len(layer_order(cfg))  # the skips of the looped order (the longer one)
         self.skip_weights = nn.Parameter(torch.ones(min(n_looped // 2, n_looped - n_looped // 2), D))
+        if cfg.skip_gates:  # sigmoid(0) = 1/2: each skip starts as the mean of the stream and w * skip
+            self.skip_gates = nn.Parameter(torch.zeros_like(self.skip_weights))
+        else:
+            self.skip_gates = None
         self.looping = cfg.num_loops > 0  # depth recurrence on (the trainer may start it later)
-        if self.parallel_start < L:  # per parallel layer: lane <- resid * lane + post . branches
-            self.parallel_post = nn.Parameter(torch.ones(L - self.parallel_start, 2, 2))
-            self.parallel_resid = nn.Parameter(torch.full((L - self.parallel_start, 2), PARALLEL_RESID_INIT))
+        if self.parallel_start < L:  # row k is layer parallel_row0 + k: lane <- resid * lane + post . branches
+            self.parallel_post = nn.Parameter(torch.ones(L - self.parallel_row0, 2, 2))
+            self.parallel_resid = nn.Parameter(torch.full((L - self.parallel_row0, 2), PARALLEL_RESID_INIT))
         self.qo_bank = nn.Parameter(torch.empty(2 * L, D, D))  # Q in 0..L-1, O in L..2L-1
         self.kv_bank = nn.Parameter(torch.empty(2 * L, self.kv_dim, D))  # K in 0..L-1, V in L..2L-1
         self.mlp_up_bank = nn.Parameter(torch.empty(L, self.hidden, D))
         self.mlp_down_bank = nn.Parameter(torch.empty(L, D, self.hidden))
         self.blocks = nn.ModuleList(Block(cfg, i, use_xsa=i >= self.xsa_start) for i in range(L))
+        if cfg.logit_softcap_learned:  # the eval head's caps, scalars (); the training loss keeps cfg's
+            self.softcap_pos = nn.Parameter(torch.tensor(float(cfg.logit_softcap)))
+            self.softcap_neg = nn.Parameter(torch.tensor(float(cfg.logit_softcap_neg)))
         self.qat_on = False  # late QAT: `qat_weights()` fake-quantizes the banks while this is set
         self.use_fused_mlp = False
         self.use_fused_qk = False
@@ -464,7 +516,8 @@ class GPT(nn.Module):
         """Spec §3.10: tied emb normal(0, std); Q, K, V, up orthogonal per slice; O, down zero."""
         L = self.cfg.num_layers
         nn.init.normal_(self.tok_emb.weight, mean=0.0, std=self.cfg.tied_embed_init_std)
-        self.bigram.reset_parameters()
+        if self.bigram is not None:
+            self.bigram.reset_parameters()
         if self.ve_shared is not None:
             self.ve_shared.reset_parameters()
         with torch.no_grad():
@@ -481,6 +534,11 @@ class GPT(nn.Module):
             if self.parallel_start < L:
                 self.parallel_post.fill_(1.0)
                 self.parallel_resid.fill_(PARALLEL_RESID_INIT)
+            if self.skip_gates is not None:
+                self.skip_gates.zero_()
+            if self.cfg.logit_softcap_learned:
+                self.softcap_pos.fill_(self.cfg.logit_softcap)
+                self.softcap_neg.fill_(self.cfg.logit_softcap_neg)
 
     @property
     def use_fused_mlp(self) -> bool:
@@ -557,19 +615,21 @@ class GPT(nn.Module):
 
     # -- forward
 
-    def forward_hidden(self, idx: torch.Tensor, hessians: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """idx (B, T) -> final normed hidden states (B, T, D)."""
+    def forward_hidden(self, idx: torch.Tensor, hessians: dict[str, torch.Tensor] | None = None,
+                       docs=None) -> torch.Tensor:
+        """idx (B, T) -> final normed hidden states (B, T, D). `docs` (train.doc_packing: a
+        pgolf.shared.docattn.DocSegments of the one row, B = 1): attention within its segments,
+        RoPE at the positions within them."""
         L = self.cfg.num_layers
         T = idx.size(1)
         # one view per matrix, by unbind: its backward stacks the slices' gradients into one bank
         # gradient, where indexing (qo[i]) gives each slice a zero-filled bank-sized gradient to
         # sum (in eager autograd: the CPU, and between the graphs of train.compile_scope: blocks)
         qo, kv, up, down = (bank.unbind(0) for bank in self._banks())
-        e = self.tok_emb(idx) + self.bigram(idx)  # (B, T, D) fp32 (the tables are fp32)
-        x0 = self.smear(rms_norm(e), idx)  # (B, T, D)
+        x0 = self._front_end(idx)  # (B, T, D)
         if self.cfg.residual_dtype == "bf16":  # the whole residual stream in the autocast dtype
             x0 = x0.to(_autocast_dtype(x0))
-        cos, sin = self.rotary(T, idx.device)  # (T, rd/2) each
+        cos, sin = self.rotary(T, idx.device) if docs is None else docs.rope(self.rotary)  # (T, rd/2) each
         ve = self.ve_shared(idx) if self.ve_shared is not None else None  # (B, T, kvD)
         h = x0  # the stream; from model.parallel_start_layer on, lane 0 (lane1: lane 1)
         lane1 = None
@@ -582,22 +642,41 @@ class GPT(nn.Module):
                 lane1 = h  # both lanes start as the stream (before this layer's skip)
             j = pos - n_enc
             if j >= 0 and skips:
-                h = h + self.skip_weights[j].to(h.dtype) * skips.pop()
+                h = self._skip(j, h, skips.pop())
             ve_i = self.ve_layer_scales[i - self.ve_start] * ve if i >= self.ve_start else None
             w = (qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i])
             if lane1 is None:
-                h = block(h, x0, w, cos, sin, ve=ve_i, hessians=hessians)
+                h = block(h, x0, w, cos, sin, ve=ve_i, hessians=hessians, docs=docs)
             else:
-                h, lane1 = self._parallel_layer(i, h, lane1, x0, w, cos, sin, ve_i, hessians)
+                h, lane1 = self._parallel_layer(i, h, lane1, x0, w, cos, sin, ve_i, hessians, docs)
             if pos < n_enc:
                 skips.append(h)
         return rms_norm(self._final_lane(h, lane1))
 
-    def _parallel_layer(self, i, lane0, lane1, x0, w, cos, sin, ve, hessians):
+    def _front_end(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) -> x0 (B, T, D): token embeddings (+ BigramHash), then the SmearGate and the
+        norm in model.smear_form's order (mix: norm, then smear; add: smear, then norm)."""
+        e = self.tok_emb(idx)  # (B, T, D) fp32 (the tables are fp32)
+        if self.bigram is not None:
+            e = e + self.bigram(idx)
+        if self.cfg.smear_form == "add":
+            return rms_norm(self.smear(e, idx))
+        return self.smear(rms_norm(e), idx)
+
+    def _skip(self, j: int, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """U-Net skip j into the stream (lane 0 in the two-lane decoder), h, skip (B, T, D) -> (B, T, D):
+        h + w_j * skip, or with model.skip_gates lerp(w_j * skip, h, sigmoid(g_j)), i.e.
+        sigmoid(g_j) * h + (1 - sigmoid(g_j)) * w_j * skip."""
+        scaled = self.skip_weights[j].to(h.dtype) * skip  # (B, T, D)
+        if self.skip_gates is None:
+            return h + scaled
+        return torch.lerp(scaled, h, torch.sigmoid(self.skip_gates[j].to(h.dtype)))
+
+    def _parallel_layer(self, i, lane0, lane1, x0, w, cos, sin, ve, hessians, docs=None):
         """Both branches of block i on the two lanes; each lane keeps resid[k] of itself and adds
         post[k, branch, lane] of each branch (PR #1530's parallel residuals). -> (lane0, lane1)."""
-        k = i - self.parallel_start
-        attn, mlp = self.blocks[i].parallel(lane0, lane1, x0, w, cos, sin, ve=ve, hessians=hessians)
+        k = i - self.parallel_row0
+        attn, mlp = self.blocks[i].parallel(lane0, lane1, x0, w, cos, sin, ve=ve, hessians=hessians, docs=docs)
         post = self.parallel_post[k].to(lane0.dtype)  # (2 branches, 2 lanes)
         res = self.parallel_resid[k].to(lane0.dtype)  # (2 lanes,)
         lane0_new = res[0] * lane0 + post[0, 0] * attn + post[1, 0] * mlp
@@ -618,20 +697,27 @@ class GPT(nn.Module):
         return self.logits_from_hidden(self.forward_hidden(idx, None))
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        """h (..., D) -> softcapped tied-head logits (..., V); lets callers score only some rows."""
+        """h (..., D) -> softcapped tied-head logits (..., V), the scoring head (evaluation, TTT);
+        lets callers score only some rows. Capped by the learned softcap_pos / softcap_neg with
+        model.logit_softcap_learned, else by the fixed caps."""
         logits = F.linear(h, self.tok_emb.weight)  # (B, T, V), tied head
+        if self.cfg.logit_softcap_learned:
+            return softcap(logits, self.softcap_pos, self.softcap_neg)
         return softcap(logits, self.cfg.logit_softcap, self.cfg.logit_softcap_neg)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor,
-                hessians: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """idx, targets (B, T) -> mean CE (fp32 scalar); optionally accumulates Hessians."""
+                hessians: dict[str, torch.Tensor] | None = None, docs=None) -> torch.Tensor:
+        """idx, targets (B, T) -> mean CE (fp32 scalar); optionally accumulates Hessians; `docs`:
+        a packed row's document segments (forward_hidden)."""
         if hessians is not None:
             self._check_hessians(hessians)
-        return self.loss_from_hidden(self.forward_hidden(idx, hessians), targets)
+        return self.loss_from_hidden(self.forward_hidden(idx, hessians, docs), targets)
 
     def loss_from_hidden(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """h (B, T, D), targets (B, T) -> mean CE of the softcapped tied head (fp32 scalar)."""
-        logits = self.logits_from_hidden(h)  # (B, T, V)
+        """h (B, T, D), targets (B, T) -> mean CE of the softcapped tied head (fp32 scalar): the
+        training loss, always with the fixed caps (PR #2135 trains with its fixed cap; the learned
+        ones of model.logit_softcap_learned only cap the scoring head, `logits_from_hidden`)."""
+        logits = softcap(F.linear(h, self.tok_emb.weight), self.cfg.logit_softcap, self.cfg.logit_softcap_neg)
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
     # -- names, shapes, export
@@ -696,15 +782,20 @@ class GPT(nn.Module):
                 dst.copy_(sd[name])
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Muon matrices / AdamW embeddings / AdamW scalars (spec §4.2); every param exactly once."""
-        matrix = [self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank, self.bigram.proj.weight]
-        embed = [self.tok_emb.weight, self.bigram.embed.weight]
-        if self.ve_shared is not None:
-            matrix.append(self.ve_shared.proj.weight)
-            embed.append(self.ve_shared.embed.weight)
-        taken = {id(p) for p in matrix + embed}
+        """Muon matrices / AdamW embeddings / AdamW scalars (spec §4.2), and "untrained": the learned
+        softcaps of model.logit_softcap_learned, which no training optimizer takes (PR #2135's
+        Optimizers leave them out; the training loss does not read them). Every param exactly once.
+        The small gates (SmearGate, skip gates, attention gates, lane lambdas) are scalars, as in #2135."""
+        matrix = [self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank]
+        embed = [self.tok_emb.weight]
+        for extra in (self.bigram, self.ve_shared):
+            if extra is not None:
+                matrix.append(extra.proj.weight)
+                embed.append(extra.embed.weight)
+        untrained = [self.softcap_pos, self.softcap_neg] if self.cfg.logit_softcap_learned else []
+        taken = {id(p) for p in matrix + embed + untrained}
         scalar = [p for p in self.parameters() if id(p) not in taken]
-        return {"matrix": matrix, "embed": embed, "scalar": scalar}
+        return {"matrix": matrix, "embed": embed, "scalar": scalar, "untrained": untrained}
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -11,6 +11,7 @@ little-endian uint16 token ids; the file is exactly 1024 + 2N bytes.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -94,13 +95,14 @@ def max_token_id(path: str | Path) -> int:
 
 
 def list_shards(folder: str | Path, split: str) -> list[Path]:
-    """Sorted `fineweb_{split}_*.bin` files of a folder; ShardError if there are none."""
+    """Sorted `fineweb_{split}_<digits>.bin` files of a folder; ShardError if there are none. (The
+    validation byte sidecar `fineweb_val_bytes_*.bin` of pgolf.shared.val_bytes is not a shard.)"""
     if split not in ("train", "val"):
         raise ShardError(f"split must be 'train' or 'val', got {split!r}")
     folder = Path(folder)
     if not folder.is_dir():
         raise ShardError(f"{folder}: shard folder not found")
-    paths = sorted(folder.glob(f"fineweb_{split}_*.bin"))
+    paths = sorted(p for p in folder.glob(f"fineweb_{split}_*.bin") if re.fullmatch(rf"fineweb_{split}_\d+\.bin", p.name))
     if not paths:
         raise ShardError(f"{folder}: no fineweb_{split}_*.bin shards")
     return paths

@@ -20,17 +20,23 @@ def _read(metrics_dir: Path, name: str) -> dict:
     return read_json(path) if path.exists() else {}
 
 
+def _bytes(source: str | None) -> str:
+    """The byte count's note: a val_bpb over a byte sidecar is over the ORIGINAL text (CaseOps data)."""
+    return "; original bytes, byte sidecar" if source == "sidecar" else ""
+
+
 def _eval(ev: dict) -> list[str]:
     how = (f"score-first TTT, {ev['ttt_seconds']:.1f} s; {ev['val_bpb_pre_ttt']:.4f} before" if "ttt_seconds" in ev
            else "sliding")
     return [f"  val_bpb        {ev['val_bpb']:.4f}  ({how}, context {ev['context']}, stride {ev['stride']}, "
-            f"{ev['scored_tokens']:,} tokens)"]
+            f"{ev['scored_tokens']:,} tokens{_bytes(ev.get('byte_source'))})"]
 
 
 def _float(train: dict) -> list[str]:
     if train.get("val_bpb_float") is None:
         return []
-    return [f"  float val_bpb  {train['val_bpb_float']:.4f}  (non-sliding, before quantization)"]
+    return [f"  float val_bpb  {train['val_bpb_float']:.4f}  (non-sliding, before quantization"
+            f"{_bytes(train.get('val_byte_source'))})"]
 
 
 def _size(size: dict) -> list[str]:

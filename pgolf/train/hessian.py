@@ -100,20 +100,21 @@ class HessianAccumulator:
 
 
 @torch.no_grad()
-def capture(model: GPT, x: torch.Tensor, sums: dict[str, torch.Tensor], cuda: bool) -> None:
-    """Add x^T x of micro-batch `x` (B, T) into `sums` for every quantizable matrix, with one extra
+def capture(model: GPT, x: torch.Tensor, sums: dict[str, torch.Tensor], cuda: bool, docs=None) -> None:
+    """Add x^T x of micro-batch `x` (B, T) (with train.doc_packing one row and its `docs`
+    segments, pgolf.shared.docattn) into `sums` for every quantizable matrix, with one extra
     no-grad forward of the uncompiled `model` (the weights the step's forward sees) up to the final
     norm (the tied head has no Hessian, so no logits or loss); no second graph is ever compiled.
     For compiled training and the fallback; an eager training step captures inside its training
     forward, at no extra cost."""
     with record_function("pgolf.hessian"), autocast(cuda), torch.compiler.set_stance("force_eager"):
-        model.forward_hidden(x, sums)  # eager also where compile_scope compiled the blocks in place
+        model.forward_hidden(x, sums, docs)  # eager also where compile_scope compiled the blocks in place
 
 
-def capture_fallback(model: GPT, x: torch.Tensor, acc: HessianAccumulator, cuda: bool) -> None:
+def capture_fallback(model: GPT, x: torch.Tensor, acc: HessianAccumulator, cuda: bool, docs=None) -> None:
     """The schedule's fallback (`HessianSchedule.needs_fallback`): capture the next training
-    micro-batch `x` after the clock stopped, and count it."""
-    capture(model, x, acc.sums, cuda)
+    micro-batch `x` (and its `docs`) after the clock stopped, and count it."""
+    capture(model, x, acc.sums, cuda, docs)
     acc.record(x.numel())
 
 

@@ -2,8 +2,8 @@
 
 This module owns `Paths` (dvc.yaml's deps and outs of the stage), `check_inputs` (shards,
 tokenizer metadata and byte tables present and consistent, every token id within
-`model.vocab_size`, read before step 1) and `TrainError`, the error a run stops with on bad input
-or divergence.
+`model.vocab_size`, the validation byte sidecar parallel to the val shards where there is one,
+read before step 1) and `TrainError`, the error a run stops with on bad input or divergence.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from pgolf.config import ModelConfig, TrainConfig
-from pgolf.shared import layout
+from pgolf.shared import layout, val_bytes
 from pgolf.shared.bpb import load_val_tokens
 from pgolf.shared.byte_tables import byte_tables_path, load_byte_tables
 from pgolf.shared.shards import list_shards, max_token_id, read_shard_header
-from pgolf.shared.tokenizer_meta import read_tokenizer_meta, tokenizer_meta_path
+from pgolf.shared.tokenizer_meta import read_tokenizer_meta, text_transform, tokenizer_meta_path
 
 
 class TrainError(ValueError):
@@ -40,7 +40,7 @@ class Paths:
 class Inputs:
     train_shards: list[Path]
     val_tokens: np.ndarray
-    tables: object  # ByteTables
+    tables: object  # the val byte counter: ByteTables, or the byte sidecar's SidecarBytes (pgolf.shared.val_bytes)
     tokenizer: dict  # tokenizer.json
     data_id: dict  # what the checkpoint fingerprint records about the data
 
@@ -65,5 +65,9 @@ def check_inputs(paths: Paths, mcfg: ModelConfig, cfg: TrainConfig) -> Inputs:
     val = load_val_tokens(paths.shards, cfg.val_tokens)
     if int(val.max()) >= mcfg.vocab_size:
         raise TrainError(f"{paths.shards}: validation token id {int(val.max())} >= model.vocab_size {mcfg.vocab_size}")
+    try:
+        tables = val_bytes.byte_counter(paths.shards, tables, val, text_transform(meta))
+    except val_bytes.SidecarError as e:
+        raise TrainError(str(e)) from None
     data_id = {"train_shards": [[p.name, n] for p, n in zip(train, sizes)], "tokenizer_sha256": meta["sha256"]}
     return Inputs(train, val, tables, meta, data_id)

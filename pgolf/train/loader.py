@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pgolf.shared.docattn import build_cu_seqlens, doc_starts
 from pgolf.shared.shards import ShardError, read_shard
 
 
@@ -61,7 +62,8 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Challenge loader: every rank reads the same stream and keeps its own slice (§1.4)."""
+    """Challenge loader: every rank reads the same stream and keeps its own slice (§1.4), as rows
+    of seq_len (`next_batch`) or, with train.doc_packing, as one packed row (`next_packed`)."""
 
     def __init__(self, paths, rank: int = 0, world_size: int = 1, device="cpu"):
         if not 0 <= rank < world_size:
@@ -69,17 +71,33 @@ class DistributedTokenLoader:
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.stream = TokenStream(paths)
 
+    def _span(self, local: int) -> np.ndarray:
+        """This rank's `local` + 1 tokens (uint16) of the next world * (local + 1) of the stream."""
+        span = local + 1
+        chunk = self.stream.take(span * self.world_size)  # (world*(local+1),)
+        return chunk[self.rank * span:(self.rank + 1) * span]  # (local+1,)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":  # one asynchronous copy from pinned memory: no host stall
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
     def next_batch(self, local: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) int64 of shape (local/seq_len, seq_len) for this rank's next micro-batch of `local`
         tokens (TrainConfig.batch_split's micro_tokens, a multiple of seq_len)."""
-        span = local + 1
-        chunk = self.stream.take(span * self.world_size)  # (world*(local+1),)
-        mine = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))  # (local+1,)
-        if self.device.type == "cuda":  # one asynchronous copy from pinned memory: no host stall
-            mine = mine.pin_memory().to(self.device, non_blocking=True)
+        mine = self._to_device(torch.from_numpy(self._span(local).astype(np.int64)))  # (local+1,)
         x = mine[:-1].reshape(-1, seq_len)  # (B, T)
         y = mine[1:].reshape(-1, seq_len)  # (B, T)
         return x, y
+
+    def next_packed(self, local: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """train.doc_packing: the same tokens as `next_batch` as ONE row, x and y (1, local) int64,
+        and the row's segment boundaries cu_seqlens (S,) int32, built on the host from x's BOS
+        positions with segments of at most `max_len` tokens (pgolf.shared.docattn.build_cu_seqlens)."""
+        span = self._span(local)
+        cu = torch.from_numpy(build_cu_seqlens(doc_starts(span[:-1]), local, max_len))  # (S,)
+        mine = self._to_device(torch.from_numpy(span.astype(np.int64)))  # (local+1,)
+        return mine[None, :-1], mine[None, 1:], self._to_device(cu)
 
     def state_dict(self) -> dict:
         return {"stream": self.stream.state_dict(), "world_size": self.world_size}

@@ -4,8 +4,8 @@ This module owns the optimizer math and its distribution:
 
 * pure functions — `zeropower_via_newtonschulz5` (quintic Newton-Schulz, batched over leading
   dims; coefficients by name: the seeds' one tuple or the records' per-step Polar Express
-  ones, `ns_coefficients`), `nesterov_momentum_`, `muon_update` (momentum -> NS5 -> shape
-  scale) and `apply_update_` (decoupled weight decay, then the step). The classes below only manage state
+  ones, `ns_coefficients`), `nesterov_momentum_`, `muon_update` (momentum -> [row normalisation] ->
+  NS5 -> shape scale) and `apply_update_` (decoupled weight decay, then the step). The classes below only manage state
   and communication (the layout of KellerJordan/Muon).
 * `Muon` — single-process Muon for 2-D matrices and 3-D banks (a bank is a batch of matrices).
 * `ParallelMuon` — Muon sharded over torch.distributed without DDP (PR #1072 design, §4.4):
@@ -24,8 +24,8 @@ This module owns the optimizer math and its distribution:
       (bf16 on CUDA, fp32 on CPU by default).
 * `Optimizers` / `build_optimizers` — Muon for "matrix" params plus AdamW for "embed" and
   "scalar" params; one `step(lr_scale, muon_momentum)` does all communication and updates, and
-  `clip_grad_norm_` clips by the norm of the *averaged* (global) gradient (PR #1072 clipped the
-  local, un-averaged gradients).
+  `clip_grad_norm_` clips by the norm of the *averaged* (global) gradient (PR #1072 and PR #2135
+  clipped the local, un-averaged gradients: `train.grad_clip_scope: local` does that).
 """
 
 from __future__ import annotations
@@ -109,14 +109,23 @@ def nesterov_momentum_(grad: Tensor, buf: Tensor, beta: float, nesterov: bool = 
     return torch.add(grad, buf, alpha=beta) if nesterov else buf
 
 
+def row_normalize(u: Tensor, eps: float = 1e-7) -> Tensor:
+    """Each row of each matrix of u (..., R, C) divided by its L2 norm (at least `eps`; zero rows stay 0)."""
+    return u / u.float().norm(dim=-1, keepdim=True).clamp_min(eps).to(u.dtype)
+
+
 def muon_update(grad: Tensor, momentum_buf: Tensor, beta: float, nesterov: bool = True,
                 ns_steps: int = 5, ns_dtype: torch.dtype | None = None, ns_fn=None,
-                ns_coeffs: str = "quintic") -> Tensor:
-    """One Muon direction for a matrix or a bank (..., R, C): momentum, NS5, shape scale.
+                ns_coeffs: str = "quintic", row_norm: bool = False) -> Tensor:
+    """One Muon direction for a matrix or a bank (..., R, C): momentum, [row normalisation], NS5,
+    shape scale. Row normalisation (`train.muon_row_normalize`, PR #2135) only changes what NS5
+    starts from: the rows' relative sizes, not the direction's overall scale (NS5 normalizes it).
 
     Updates `momentum_buf` in place; returns the scaled update in the NS dtype.
     """
     u = nesterov_momentum_(grad, momentum_buf, beta, nesterov)  # (..., R, C) fp32
+    if row_norm:
+        u = row_normalize(u)
     ns = ns_fn or zeropower_via_newtonschulz5
     return ns(u, ns_steps, 1e-7, ns_dtype or default_ns_dtype(u), ns_coeffs) * shape_scale(u.shape)
 
@@ -166,10 +175,10 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
                  ns_steps: int = 5, nesterov: bool = True, ns_dtype: torch.dtype | None = None,
-                 compile: bool = False, ns_coeffs: str = "quintic"):
+                 compile: bool = False, ns_coeffs: str = "quintic", row_normalize: bool = False):
         ns_coefficients(ns_coeffs, ns_steps)  # fail here, not at the first step
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps,
-                        nesterov=nesterov, ns_coeffs=ns_coeffs)
+                        nesterov=nesterov, ns_coeffs=ns_coeffs, row_normalize=row_normalize)
         super().__init__(params, defaults)
         _check_muon_params([p for g in self.param_groups for p in g["params"]])
         self.ns_dtype = ns_dtype
@@ -191,7 +200,7 @@ class Muon(torch.optim.Optimizer):
                 ns_fn = compiled_newtonschulz5() if self.compile and p.is_cuda else None
                 upd = muon_update(p.grad, state["momentum_buffer"], group["momentum"],
                                   group["nesterov"], group["ns_steps"], self.ns_dtype, ns_fn,
-                                  group.get("ns_coeffs", "quintic"))
+                                  group.get("ns_coeffs", "quintic"), group.get("row_normalize", False))
                 apply_update_(p, upd, group["lr"], group["weight_decay"])
         return loss
 
@@ -230,10 +239,10 @@ class ParallelMuon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
                  ns_steps: int = 5, nesterov: bool = True, comm_dtype: torch.dtype | None = None,
                  ns_dtype: torch.dtype | None = None, compile: bool = False, group=None,
-                 ns_coeffs: str = "quintic"):
+                 ns_coeffs: str = "quintic", row_normalize: bool = False):
         ns_coefficients(ns_coeffs, ns_steps)  # fail here, not at the first step
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps,
-                        nesterov=nesterov, ns_coeffs=ns_coeffs)
+                        nesterov=nesterov, ns_coeffs=ns_coeffs, row_normalize=row_normalize)
         super().__init__(params, defaults)
         all_params = [p for g in self.param_groups for p in g["params"]]
         _check_muon_params(all_params)
@@ -338,7 +347,7 @@ class ParallelMuon(torch.optim.Optimizer):
         g = s.group
         ns_fn = compiled_newtonschulz5() if self.compile and s.param.is_cuda else None
         return muon_update(s.shard, s.momentum, g["momentum"], g["nesterov"], g["ns_steps"],
-                           self.ns_dtype, ns_fn, g.get("ns_coeffs", "quintic"))
+                           self.ns_dtype, ns_fn, g.get("ns_coeffs", "quintic"), g.get("row_normalize", False))
 
     def _launch_gather(self, s: _Slot) -> None:
         if not self.distributed:
@@ -478,13 +487,19 @@ class Optimizers:
     """Muon ("matrix") + AdamW ("embed", "scalar"); the trainer calls only backward before `step`.
 
     Order inside a step when distributed: launch Muon reductions; all-reduce the replicated
-    (AdamW) gradients; optional clip by the global norm; AdamW steps; Muon step.
+    (AdamW) gradients; optional clip by the global norm; AdamW steps; Muon step. With
+    `clip_scope="local"` (`train.grad_clip_scope`, PR #2135's order) the clip comes first instead:
+    each rank scales its own gradients by its own norm, then they are averaged.
     """
 
-    def __init__(self, muon: Muon | ParallelMuon, adams: dict[str, torch.optim.AdamW], world_size: int = 1):
+    def __init__(self, muon: Muon | ParallelMuon, adams: dict[str, torch.optim.AdamW], world_size: int = 1,
+                 clip_scope: str = "global"):
+        if clip_scope not in ("global", "local"):
+            raise ValueError(f"clip_scope must be global or local, got {clip_scope!r}")
         self.muon = muon
         self.adams = adams
         self.world = world_size
+        self.clip_scope = clip_scope
         self.named = {"muon": muon, **adams}
         self.base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in self.named.items()}
         self._communicated = False
@@ -516,7 +531,11 @@ class Optimizers:
         Distributed: averages first (reduce-scatter / all-reduce), sums the squared norms of the
         Muon shares with one all-reduce, adds the replicated grads' (identical on all ranks)
         squared norm, then scales every gradient by min(1, max_norm / (norm + 1e-6)).
+        `clip_scope="local"` with world > 1: the same rule on each rank's own gradients before
+        any averaging; returns this rank's norm. (On one process both scopes are the same.)
         """
+        if self.clip_scope == "local" and self.world > 1:
+            return self._clip_local_(max_norm)
         self._communicate()
         muon_g = self._muon_grads()
         rep_g = [p.grad for p in self._replicated_params() if p.grad is not None]
@@ -528,6 +547,20 @@ class Optimizers:
         norm = (sq_muon + sq_rep).sqrt()
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in muon_g + rep_g:
+            g.mul_(coef.to(g.dtype))
+        return norm
+
+    def _clip_local_(self, max_norm: float) -> Tensor:
+        """Clip this rank's un-averaged gradients by their own norm (no communication)."""
+        if self._communicated:
+            raise RuntimeError("train.grad_clip_scope local clips before the gradients are averaged, "
+                               "not after")
+        grads = [p.grad for opt in self.named.values() for g in opt.param_groups for p in g["params"]
+                 if p.grad is not None]
+        dev = self._replicated_params()[0].device
+        norm = sum((g.float().square().sum() for g in grads), torch.zeros((), device=dev)).sqrt()
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
             g.mul_(coef.to(g.dtype))
         return norm
 
@@ -580,8 +613,9 @@ def build_optimizers(groups: dict[str, list[Tensor]], cfg, dist_info) -> Optimiz
     """Muon (sharded when world > 1) for groups["matrix"], AdamW for "embed" and "scalar" (§4.2).
 
     `cfg` is a TrainConfig: matrix_lr, muon_wd, muon_ns_steps, muon_ns_coeffs, muon_momentum,
-    tied_embed_lr, scalar_lr, beta1, beta2, adam_eps, adam_wd, compile (NS5 compiled on CUDA), and optionally
-    muon_comm_dtype. `dist_info` (pgolf.shared.dist.DistInfo or None) gives the world size and device.
+    muon_row_normalize, tied_embed_lr, embed_wd (the embed group's AdamW decay), scalar_lr, adam_wd
+    (the scalar group's), beta1, beta2, adam_eps, grad_clip_scope, compile (NS5 compiled on CUDA), and
+    optionally muon_comm_dtype. `dist_info` (pgolf.shared.dist.DistInfo or None) gives the world size and device.
     """
     for key in ("matrix", "embed", "scalar"):
         if not groups.get(key):
@@ -591,14 +625,15 @@ def build_optimizers(groups: dict[str, list[Tensor]], cfg, dist_info) -> Optimiz
     compile_ns = cfg.compile and cuda
     mk = dict(lr=cfg.matrix_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_wd,
               ns_steps=cfg.muon_ns_steps, nesterov=True, compile=compile_ns,
-              ns_coeffs=cfg.muon_ns_coeffs)
+              ns_coeffs=cfg.muon_ns_coeffs, row_normalize=cfg.muon_row_normalize)
     if world > 1:
         muon = ParallelMuon(groups["matrix"], comm_dtype=_comm_dtype(cfg), **mk)
     else:
         muon = Muon(groups["matrix"], **mk)
-    adam_kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.adam_wd)
+    adam_kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
     if cuda:
         adam_kw["fused"] = True
-    adams = {name: torch.optim.AdamW(groups[name], lr=lr, **adam_kw)
-             for name, lr in (("embed", cfg.tied_embed_lr), ("scalar", cfg.scalar_lr))}
-    return Optimizers(muon, adams, world)
+    adams = {name: torch.optim.AdamW(groups[name], lr=lr, weight_decay=wd, **adam_kw)
+             for name, lr, wd in (("embed", cfg.tied_embed_lr, cfg.embed_wd),
+                                  ("scalar", cfg.scalar_lr, cfg.adam_wd))}
+    return Optimizers(muon, adams, world, cfg.grad_clip_scope)

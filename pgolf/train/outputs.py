@@ -105,6 +105,7 @@ def train_metrics(run: Counters, ev: dict, eval_s: float, hmeta: dict, overhead:
         "peak_memory_kind": peak_kind,
         "val_loss_float": ev["val_loss"],
         "val_tokens_scored": ev["tokens"],
+        "val_byte_source": ev.get("byte_source", "tables"),  # sidecar: val_bpb_float on original bytes (CaseOps)
         "eval_seconds": round(eval_s, 3),
         **overhead,
         "hessian_accumulations": hmeta["accumulations"],

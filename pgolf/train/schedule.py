@@ -46,7 +46,9 @@ def lr_multiplier(scale: float, cfg: TrainConfig) -> float:
 
 def training_frac(step: int, elapsed_ms: float, cfg: TrainConfig) -> float:
     """How far training is before step `step`: elapsed / cap with a wallclock cap, else
-    step / iterations (the records' rule for switching depth recurrence on)."""
+    step / iterations (the records' rule for switching depth recurrence on). PR #2135 takes
+    GPTQ_RESERVE_SECONDS off its cap for this fraction and for stopping alike, so its 600 s less a
+    0.5 s reserve is max_wallclock_seconds 599.5 here (tests/test_optim_pr2135.py)."""
     cap_ms = cfg.max_wallclock_seconds * 1000.0
     return elapsed_ms / cap_ms if cap_ms > 0 else step / cfg.iterations
 

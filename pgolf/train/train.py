@@ -6,12 +6,18 @@ the weight averages (averages), the Hessian buffers and their schedule (hessian)
 resumes from a matching checkpoint (checkpoint); primes the compiled graphs (priming); then runs
 the steps. A step applies the schedule's triggers (triggers), runs the micro-batches of
 `TrainConfig.batch_split` (bf16 autocast + torch.compile on CUDA, fp32 eager on the CPU), clips
-by the global grad norm, steps the optimizers with the lr multiplier and Muon momentum of
-pgolf.train.schedule, updates the EMA, and may capture Hessians, snapshot SWA, log and save a
-checkpoint. Nothing in a step waits for the device: step times come from CUDA events read lazily
-(timing), the wallclock from the host clock, which stops only after a final synchronisation; the
-elapsed time is all-reduced (MAX) after every step, so every rank computes the same lr scale and
-stops on the same step. `run` ties a run together; its files are pgolf.train.outputs'.
+by the grad norm (global, or per rank: train.grad_clip_scope), steps the optimizers with the lr
+multiplier and Muon momentum of pgolf.train.schedule, updates the EMA, and may capture Hessians,
+snapshot SWA, log and save a checkpoint. Nothing in a step waits for the device: step times come
+from CUDA events read lazily (timing), the wallclock from the host clock, which stops only after a
+final synchronisation; the elapsed time is all-reduced (MAX) after every step, so every rank
+computes the same lr scale and stops on the same step. `run` ties a run together; its files are
+pgolf.train.outputs'.
+
+With train.doc_packing a micro-batch is one packed row of micro_tokens tokens whose attention stays
+within documents (segments cut at every BOS and every seq_len tokens; pgolf.shared.docattn, kernel
+train.doc_attn_backend); the float eval below keeps dense windows of seq_len, as the evaluate stage
+scores, so val_bpb_float compares across both layouts.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from pgolf.config import ModelConfig, TrainConfig
-from pgolf.shared import dist, train_files
+from pgolf.shared import dist, train_files, val_bytes
+from pgolf.shared import docattn
 from pgolf.shared.bpb import eval_nonsliding
 from pgolf.shared.model import GPT
 from pgolf.train import checkpoint, hessian
@@ -53,6 +60,7 @@ class Trainer:
         self.split = cfg.batch_split(info.world_size)  # micro-batches per rank, tokens of one
         self.log = RunLog(info.is_main)
         self.model, self.fwd = self._build_model()
+        self.doc_backend = self._doc_backend()  # train.doc_packing's attention kernel, or None
         self.opt = build_optimizers(self.model.optimizer_groups(), cfg, info)
         self.avg = WeightAverages(self.model, cfg.ema_decay, cfg)
         self.hess = hessian.HessianAccumulator(self.model.hessian_shapes(), self.dev)
@@ -83,6 +91,24 @@ class Trainer:
         if not self.compiled:
             return model, model
         return model, compile_forward(model, cfg.compile_scope)
+
+    def _doc_backend(self) -> str | None:
+        if not self.cfg.doc_packing:
+            return None
+        try:
+            return docattn.resolve(self.cfg.doc_attn_backend, self.dev)
+        except ValueError as e:
+            raise TrainError(f"train.doc_attn_backend: {e}") from None
+
+    def _next_batch(self, seq_len: int) -> tuple[Tensor, Tensor, docattn.DocSegments | None]:
+        """This rank's next micro-batch: (x, y) rows of seq_len (B, T) and no segments, or with
+        train.doc_packing one packed row (1, micro_tokens) and its document segments, each at
+        most seq_len tokens (pgolf.shared.docattn)."""
+        if self.doc_backend is None:
+            x, y = self.loader.next_batch(self.split.micro_tokens, seq_len)  # (B, T)
+            return x, y, None
+        x, y, cu = self.loader.next_packed(self.split.micro_tokens, seq_len)  # (1, N), (1, N), (S,)
+        return x, y, docattn.segments(cu, x.size(1), seq_len, self.doc_backend)
 
     def _new_loader(self) -> DistributedTokenLoader:
         return DistributedTokenLoader(self.inputs.train_shards, self.info.rank, self.info.world_size, self.dev)
@@ -119,12 +145,12 @@ class Trainer:
     def _micro_step(self, seq_len: int, capture: dict[str, Tensor] | None) -> Tensor:
         """One micro-batch's forward and backward -> its loss (detached)."""
         with record_function("pgolf.data"):
-            x, y = self.loader.next_batch(self.split.micro_tokens, seq_len)  # (B, T)
+            x, y, docs = self._next_batch(seq_len)  # (B, T); docs: train.doc_packing's segments
         if capture is not None and self.compiled:  # keep the compiled graph capture-free
-            hessian.capture(self.model, x, capture, self.cuda)
+            hessian.capture(self.model, x, capture, self.cuda, docs)
             capture = None
         with record_function("pgolf.fwd"), autocast(self.cuda):
-            loss = self.fwd(x, y, hessians=capture)  # eager: captured in the training forward
+            loss = self.fwd(x, y, hessians=capture, docs=docs)  # eager: captured in the training forward
         with record_function("pgolf.bwd"):
             (loss / self.split.accum).backward()
         return loss.detach()
@@ -177,7 +203,7 @@ class Trainer:
         if self.resumed_from == 0:
             self.log(f"train: {self.model.num_params():,} params, world {self.info.world_size}, grad_accum "
                      f"{self.split.accum}, {self.cfg.batch_tokens:,} tokens/step, device {self.dev}, "
-                     f"compile {self.compiled}, exported weights: "
+                     f"compile {self.compiled}, doc packing {self.doc_backend or 'off'}, exported weights: "
                      f"{'swa' if self.cfg.swa_enabled else 'ema'}")
         self.clock.start()
         while self.step < self.cfg.iterations:
@@ -259,8 +285,8 @@ class Trainer:
     def _hessians(self) -> tuple[dict[str, Tensor], dict]:
         """The run's Hessians over all ranks (after the schedule's fallback if no step captured)."""
         if self.hess_schedule.needs_fallback():
-            x, _ = self.loader.next_batch(self.split.micro_tokens, self.cfg.seq_len)  # (B, T)
-            hessian.capture_fallback(self.model, x, self.hess, self.cuda)
+            x, _, docs = self._next_batch(self.cfg.seq_len)  # (B, T)
+            hessian.capture_fallback(self.model, x, self.hess, self.cuda, docs)
             self.log(hessian.FALLBACK_NOTE)
         hess, hmeta = self.hess.finalize()
         train_files.validate_hessians(hess, self.model.hessian_shapes(), "online Hessians")
@@ -277,6 +303,7 @@ class Trainer:
         ev = eval_nonsliding(self.model, self.inputs.val_tokens, self.inputs.tables, self.cfg.seq_len,
                              self.cfg.val_batch_seqs, self.dev, self.info.rank, self.info.world_size,
                              autocast=self.cuda, compile=self.cuda and self.cfg.compile)
+        ev["byte_source"] = val_bytes.byte_source(self.inputs.tables)  # sidecar: original bytes (CaseOps data)
         return ev, time.perf_counter() - t0
 
 
