@@ -72,7 +72,7 @@ class Anchor:
 ANCHORS = {
     "pr1072": Anchor("pr1072", "record", SP1024),
     "pr535": Anchor("pr535", "pr535", SP1024, needs_fa3_stub=True),
-    "pr2135": Anchor("pr2135", "pr2135", REPO / "data" / "tokenizers" / CASEOPS_MODEL, PR2135_ENV, step_ms=False,
+    "pr2135": Anchor("pr2135", "pr2135", REPO / "data" / "tokenizer_src" / CASEOPS_MODEL, PR2135_ENV, step_ms=False,
                      needs_fa3_stub=True),
 }
 

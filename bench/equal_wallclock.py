@@ -1,14 +1,17 @@
 """An anchor's script and its pgolf profile at equal wallclock, paired by seed, on one GPU.
 
     python -m bench.equal_wallclock --anchor pr2135 --data DIR --out bench/results/x.json \\
-        [--seconds 180] [--seeds 1337 42] [--stub-dir .devrun/fa3_stub] [--set section.key=value ...]
+        [--seconds 180] [--seeds 1337 42] [--arms reference pgolf] [--stub-dir .devrun/fa3_stub] \\
+        [--set section.key=value ...]
+    python -m bench.equal_wallclock --merge a.json b.json ... --out x.json   # arms run in separate calls
 
 For each seed, the anchor's unmodified script (bench.anchors: its logged runs' settings, the
 shards in DIR, MAX_WALLCLOCK_SECONDS=--seconds, its own batch) and then pgolf's stages params ->
 prepare -> data_check -> train on the anchor's profile (`prepare.source: fineweb` on the same
 shards, one GPU, the same batch and wallclock, the same seed). Each arm: steps, steady ms/step
 (median of logged intervals, as bench_vs_ref), the post-EMA float val_bpb and val_loss on the
-validation shard (the script's own "post-ema" line; pgolf's metrics/train.json val_bpb_float),
+validation shard in 2048-token windows (the script's own "post-ema" line, EVAL_SEQ_LEN=2048;
+pgolf's metrics/train.json val_bpb_float),
 seconds to the first step, run seconds. The script is stopped once its post-EMA line is out
 (what follows, GPTQ and evaluation, is not this bench's). The JSON is rewritten after every arm;
 `comparison` holds the paired test (pgolf.seeds.paired) of pgolf against the script.
@@ -41,6 +44,8 @@ LOG_EVERY = 25
 FIRST_STEADY = 10
 PGOLF_STEP = re.compile(r"^step:(\d+)/\d+ train_loss:([\d.]+) .*step_avg:([\d.]+)ms")
 STAGES = ("params", "prepare", "data_check", "train")
+EVAL_SEQ_LEN = 2048  # both arms' post-EMA score: non-overlapping 2048-token windows (pgolf's train.seq_len;
+# PR #2135's logged runs evaluate at 2560, which here would score the script with more context)
 
 
 def steady(marks: list[tuple[int, float]]) -> float | None:
@@ -56,7 +61,7 @@ def steady(marks: list[tuple[int, float]]) -> float | None:
 def ref_env(anchor: anchors.Anchor, data: Path, seed: int, seconds: float, stub_dir: Path | None) -> dict:
     env = {**os.environ, **SAFE_ENV, **anchor.env, "DATA_PATH": str(data), "TOKENIZER_PATH": str(anchor.tokenizer),
            "SEED": str(seed), "MAX_WALLCLOCK_SECONDS": str(seconds), "TRAIN_LOG_EVERY": str(LOG_EVERY),
-           "VAL_LOSS_EVERY": "0", "RUN_ID": f"wallclock{seed}"}
+           "VAL_LOSS_EVERY": "0", "RUN_ID": f"wallclock{seed}", "EVAL_SEQ_LEN": str(EVAL_SEQ_LEN)}
     if stub_dir is not None:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(stub_dir), env.get("PYTHONPATH", "")) if p)
     return env
@@ -152,8 +157,34 @@ def comparison(results: list[dict]) -> dict:
     return {**test, "no_higher": all(a <= b for a, b in zip(test["arm_val_bpb"], test["base_val_bpb"]))}
 
 
+def merge(paths: list[Path]) -> dict:
+    """One result from several calls' JSONs (arms run one call each on a lent machine): the first
+    one's head, every call's arms, the comparison over all; ValueError unless the calls ran the
+    same anchor, wallclock, batch and GPU."""
+    docs = [json.loads(p.read_text()) for p in paths]
+    for key in ("what", "seconds", "batch_tokens", "device"):
+        values = {json.dumps(d.get(key)) for d in docs}
+        if len(values) > 1:
+            raise ValueError(f"--merge: the files differ in {key!r}: {', '.join(sorted(values))}")
+    results = [r for d in docs for r in d["results"] if "skipped" not in r]
+    head = {k: v for k, v in docs[0].items() if k not in ("results", "comparison", "seeds")}
+    return {**head, "seeds": sorted({r["seed"] for r in results}), "merged_from": [p.name for p in paths],
+            "comparison": comparison(results), "results": results}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "--merge":
+        ap.add_argument("--merge", type=Path, nargs="+", required=True)
+        ap.add_argument("--out", type=Path, required=True)
+        a = ap.parse_args(argv)
+        try:
+            a.out.write_text(json.dumps(merge(a.merge), indent=1) + "\n")
+        except ValueError as e:
+            ap.error(str(e))
+        return 0
     ap.add_argument("--anchor", required=True, help=f"one of {', '.join(anchors.ANCHORS)}")
     ap.add_argument("--data", type=Path, required=True, help="the shards both programs read")
     ap.add_argument("--out", type=Path, required=True)

@@ -93,3 +93,26 @@ def test_pgolf_params_are_the_anchor_profile_on_the_shards_one_gpu_checked(tmp_p
     assert p["prepare"]["corpus"] == str(tmp_path) and p["train"]["log_every"] == 10
     with pytest.raises(ValueError, match="train.nope"):
         W.pgolf_params(anchors.get("pr1072"), tmp_path, 42, 180.0, 786432, {"train.nope": 1})
+
+
+def test_calls_of_single_arms_merge_into_one_paired_result(tmp_path):
+    import json
+
+    head = {"what": "pr2135 script vs pgolf", "seconds": 180.0, "batch_tokens": 786432, "device": "NVIDIA H100"}
+
+    def call(name, arm, seed, bpb):
+        path = tmp_path / name
+        path.write_text(json.dumps({**head, "seeds": [seed], "results": [
+            {"arm": arm, "seed": seed, "post_ema_val_bpb": bpb, "post_ema_val_loss": bpb * math.log(2) * 3.0}]}))
+        return path
+
+    files = [call("a.json", "reference", 1, 1.30), call("b.json", "pgolf", 1, 1.25),
+             call("c.json", "reference", 2, 1.31), call("d.json", "pgolf", 2, 1.27)]
+    out = tmp_path / "all.json"
+    assert W.main(["--merge", *map(str, files), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["seeds"] == [1, 2] and len(res["results"]) == 4 and res["comparison"]["no_higher"]
+    bad = tmp_path / "e.json"
+    bad.write_text(json.dumps({**head, "device": "NVIDIA H200", "results": []}))
+    with pytest.raises(ValueError, match="differ in 'device'"):
+        W.merge(files + [bad])

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The anchors beside pgolf on a lent GPU, from the repository root, each part under 10 minutes:
+#   bash bench/device_anchors.sh smoke OUT                      # attention backends (dense and
+#       # document-packed) at the record shapes, then the PR #2135 script vs pgolf's pr2135 profile,
+#       # 40 steps each at its batch of 786,432 tokens: the steady step ratio
+#   bash bench/device_anchors.sh wallclock OUT ANCHOR ARM SEED  # one arm of bench.equal_wallclock
+#       # (180 s of training); merge the calls' JSONs with `python -m bench.equal_wallclock --merge`
+# Carry (git-ignored): .whl (zstandard, brotli, python-minifier wheels for Python 3.12),
+# .devrun/proxy (the proxy corpus' docs-*.jsonl.zst), .devrun/val (the official sp1024
+# fineweb_val_000000.bin prefix), .devrun/val901 (the 901 validation docs, docs.jsonl.zst),
+# .devrun/anchors (the anchor scripts) and .devrun/fa3_stub (a flash_attn_interface stand-in).
+# Shards, built here from the proxy corpus (NOT FineWeb): CaseOps SP8192 for PR #2135 (validation:
+# the 901 docs, with the byte sidecar), sp1024 for PR #535 / #1072 (validation: the official prefix).
+set -uo pipefail
+part=${1:-} out=${2:-}
+if [[ ! $part =~ ^(smoke|wallclock)$ || -z $out ]]; then
+  echo "usage: bash bench/device_anchors.sh smoke OUT | wallclock OUT ANCHOR ARM SEED" >&2; exit 2
+fi
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+data_for() {  # anchor -> its shard folder, built once per machine
+  if [ "$1" = pr2135 ]; then
+    [ -f .devrun/shards_caseops/proxy_shards.json ] || python3 -m bench.proxy_shards --corpus .devrun/proxy \
+      --val-docs .devrun/val901/docs.jsonl.zst --text-transform caseops --shard-tokens 4000000 --workers 16 \
+      --out .devrun/shards_caseops > "$out/shards_caseops.log" 2>&1
+    echo .devrun/shards_caseops
+  else
+    [ -f .devrun/shards/proxy_shards.json ] || python3 -m bench.proxy_shards --corpus .devrun/proxy \
+      --val .devrun/val --workers 16 --out .devrun/shards > "$out/shards_sp1024.log" 2>&1
+    echo .devrun/shards
+  fi
+}
+case $part in
+  smoke)
+    data=$(data_for pr2135)
+    timeout 150 python3 -m bench.bench_attention --out "$out/attention.json" \
+      --shard "$data/fineweb_train_000000.bin" > "$out/attention.log" 2>&1; tail -4 "$out/attention.log"
+    python3 -m bench.bench_vs_ref --anchor pr2135 --stub-dir .devrun/fa3_stub --batches 786432 --steps 40 \
+      --variants 0 --budget 380 --data "$data" --out "$out/vs_ref_pr2135.json" 2>&1 | tee "$out/vs_ref.log" ;;
+  wallclock)
+    anchor=${3:?anchor} arm=${4:?arm} seed=${5:?seed}
+    data=$(data_for "$anchor")
+    python3 -m bench.equal_wallclock --anchor "$anchor" --arms "$arm" --seeds "$seed" --data "$data" \
+      --stub-dir .devrun/fa3_stub --budget 570 --out "$out/wallclock_${anchor}_${arm}_${seed}.json" 2>&1 \
+      | tee "$out/wallclock_${anchor}_${arm}_${seed}.log" ;;
+esac
