@@ -45,14 +45,14 @@ PEAK_BF16 = 989e12
 SP_MODEL = Path(__file__).resolve().parents[1] / "data" / "tokenizer_src" / "fineweb_1024_bpe.model"
 
 
-def synthetic_data(root: Path, mcfg: ModelConfig, train_tokens: int, seed: int = 0) -> Paths:
-    """Random-token train/val shards + the sp1024 tokenizer files, in challenge layout."""
+def synthetic_data(root: Path, mcfg: ModelConfig, train_tokens: int, seed: int = 0, sp_model: Path = SP_MODEL) -> Paths:
+    """Random-token train/val shards + the tokenizer files (sp1024 by default), in challenge layout."""
     rng = np.random.default_rng(seed)
     shards = root / "shards"
     shards.mkdir(parents=True)
     write_shard(shards / "fineweb_train_000000.bin", rng.integers(0, mcfg.vocab_size, train_tokens, dtype=np.uint16))
     write_shard(shards / "fineweb_val_000000.bin", rng.integers(0, mcfg.vocab_size, 1 << 16, dtype=np.uint16))
-    return shard_paths(root, shards, mcfg)
+    return shard_paths(root, shards, mcfg, sp_model)
 
 
 def shard_paths(root: Path, shards: Path, mcfg: ModelConfig, sp_model: Path = SP_MODEL) -> Paths:

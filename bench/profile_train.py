@@ -225,12 +225,13 @@ def main() -> None:
             "torch": torch.__version__, "triton": triton.__version__, "data": args.data or "random tokens",
             "overrides": args.set, "inductor": args.inductor}
     results = []
+    tok = [Path(args.tokenizer)] if args.tokenizer else []
     with tempfile.TemporaryDirectory() as tmp:
         if args.data:
-            paths = shard_paths(Path(tmp), Path(args.data), mcfg, *([Path(args.tokenizer)] if args.tokenizer else []))
+            paths = shard_paths(Path(tmp), Path(args.data), mcfg, *tok)
         else:
             most = max(args.batch_tokens) * (args.steps + args.warmup + args.profile_steps + 2) + 1
-            paths = synthetic_data(Path(tmp), mcfg, most)
+            paths = synthetic_data(Path(tmp), mcfg, most, 0, *tok)
         for bt in args.batch_tokens:
             results.append(run_batch(mcfg, bench_config(base, bt, args), paths, info, args, trace_dir, T_START))
             r = results[-1]
