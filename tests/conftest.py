@@ -94,3 +94,15 @@ def params_yaml(**sections: dict) -> str:
     for section, values in sections.items():
         doc[section].update(values)
     return yaml.safe_dump(doc, sort_keys=False)
+
+
+def spawn_ranks(tmp_path_factory, worker, world: int = 2) -> list[dict]:
+    """Run `worker(rank, world, init_file, out_dir)` in `world` processes (gloo through a file);
+    each writes out_dir/rank<r>.json; -> those dicts, rank order."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    d = tmp_path_factory.mktemp(worker.__name__.strip("_"))
+    mp.spawn(worker, args=(world, str(d / "init"), str(d)), nprocs=world, join=True)
+    return [json.loads((d / f"rank{r}.json").read_text()) for r in range(world)]

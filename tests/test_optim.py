@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_ranks
 import torch.nn.functional as F
 
 from pgolf.config import TrainConfig
@@ -455,9 +455,7 @@ def _dist_worker(rank, world, init_file, out_dir):
 
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dist")
-    mp.spawn(_dist_worker, args=(2, str(d / "init"), str(d)), nprocs=2, join=True)
-    return [json.loads((d / f"rank{r}.json").read_text()) for r in range(2)]
+    return spawn_ranks(tmp_path_factory, _dist_worker)
 
 
 def test_parallel_muon_two_procs_equals_muon_on_averaged_grads(dist_results):

@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_ranks
 import yaml
 
 from _anchors import anchor_path, load_script
@@ -493,9 +493,7 @@ def _clip_worker(rank, world, init_file, out_dir):
 
 @pytest.fixture(scope="module")
 def clip_results(tmp_path_factory):
-    d = tmp_path_factory.mktemp("clip")
-    mp.spawn(_clip_worker, args=(2, str(d / "init"), str(d)), nprocs=2, join=True)
-    return [json.loads((d / f"rank{r}.json").read_text()) for r in range(2)]
+    return spawn_ranks(tmp_path_factory, _clip_worker)
 
 
 def test_local_clip_is_the_scripts_clip_before_averaging(clip_results):
