@@ -96,13 +96,26 @@ def params_yaml(**sections: dict) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def spawn_ranks(tmp_path_factory, worker, world: int = 2) -> list[dict]:
-    """Run `worker(rank, world, init_file, out_dir)` in `world` processes (gloo through a file);
-    each writes out_dir/rank<r>.json; -> those dicts, rank order."""
+def _rank_main(rank: int, world: int, init_file: str, out_dir: str, scenario) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(scenario(rank, world)))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(tmp_path_factory, scenario, world: int = 2) -> list[dict]:
+    """`scenario(rank, world) -> dict` in `world` processes of one gloo group (set up through a
+    file, one thread each); -> each rank's dict, rank order."""
     import json
 
     import torch.multiprocessing as mp
 
-    d = tmp_path_factory.mktemp(worker.__name__.strip("_"))
-    mp.spawn(worker, args=(world, str(d / "init"), str(d)), nprocs=world, join=True)
+    d = tmp_path_factory.mktemp(scenario.__name__.strip("_"))
+    mp.spawn(_rank_main, args=(world, str(d / "init"), str(d), scenario), nprocs=world, join=True)
     return [json.loads((d / f"rank{r}.json").read_text()) for r in range(world)]

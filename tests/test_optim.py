@@ -4,13 +4,11 @@ and state_dict round trips (including across world sizes)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from conftest import spawn_ranks
 import torch.nn.functional as F
 
@@ -442,20 +440,14 @@ def _optimizers_scenario(rank, world):
     return out
 
 
-def _dist_worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        bf16 = {k + "_bf16comm": v for k, v in _muon_scenario(rank, world, torch.bfloat16).items()}
-        res = {**_muon_scenario(rank, world), **bf16, **_optimizers_scenario(rank, world)}
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
-    finally:
-        dist.destroy_process_group()
+def _dist_scenarios(rank, world):
+    bf16 = {k + "_bf16comm": v for k, v in _muon_scenario(rank, world, torch.bfloat16).items()}
+    return {**_muon_scenario(rank, world), **bf16, **_optimizers_scenario(rank, world)}
 
 
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
-    return spawn_ranks(tmp_path_factory, _dist_worker)
+    return spawn_ranks(tmp_path_factory, _dist_scenarios)
 
 
 def test_parallel_muon_two_procs_equals_muon_on_averaged_grads(dist_results):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import ast
 import inspect
-import json
 import math
 import re
 from dataclasses import replace
@@ -35,7 +34,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from conftest import spawn_ranks
 import yaml
 
@@ -446,54 +444,49 @@ def test_ema_update_equals_script(script, h):
 
 
 # ------------------------------------------------------------------ clip before averaging (2 gloo processes)
-def _clip_worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        res, final = {}, {}
-        for scope in ("local", "global"):
-            torch.manual_seed(4)
-            m, ref = StubGPT(), StubGPT()
-            ref.load_state_dict(m.state_dict())
-            cfg = replace(CFG, grad_clip_scope=scope)
-            opt = build_optimizers(m.groups(), cfg, DistInfo(rank, rank, world, torch.device("cpu")))
-            one = build_optimizers(ref.groups(), cfg, CPU1)
-            for t, (step, scale) in enumerate(STEPS):
-                per_rank = []  # every rank's grads, scaled differently so their norms differ
-                for r in range(world):
-                    g = torch.Generator().manual_seed(100 * t + r)
-                    per_rank.append({n: torch.randn(p.shape, generator=g) * 0.05 * (1 + 3 * r)
-                                     for n, p in m.named_parameters()})
-                for n, p in m.named_parameters():
-                    p.grad = per_rank[rank][n].clone()
-                opt.clip_grad_norm_(cfg.grad_clip)
-                opt.step(lr_multiplier(scale, cfg), muon_momentum_at(step, cfg))
-                opt.zero_grad()
-                # the script's order by hand: each rank clips its own gradients, then they are averaged
-                for gr in per_rank:  # torch's clip_grad_norm_ rule on the bare gradient tensors
-                    norm = torch.nn.utils.get_total_norm(list(gr.values()))
-                    if scope == "local":
-                        for g in gr.values():
-                            g.mul_((cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0))
-                for n, p in ref.named_parameters():
-                    p.grad = sum(gr[n] for gr in per_rank) / world
-                if scope == "global":
-                    one.clip_grad_norm_(cfg.grad_clip)
-                one.step(lr_multiplier(scale, cfg), muon_momentum_at(step, cfg))
-                one.zero_grad()
-            a, b = dict(m.named_parameters()), dict(ref.named_parameters())
-            res[scope] = max((a[n] - b[n]).abs().max().item() for n in a)
-            final[scope] = {n: t.detach().clone() for n, t in a.items()}
-        res["local_vs_global"] = max((final["local"][n] - final["global"][n]).abs().max().item()
-                                     for n in final["local"])
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
-    finally:
-        dist.destroy_process_group()
+def _clip_scenario(rank, world):
+    res, final = {}, {}
+    for scope in ("local", "global"):
+        torch.manual_seed(4)
+        m, ref = StubGPT(), StubGPT()
+        ref.load_state_dict(m.state_dict())
+        cfg = replace(CFG, grad_clip_scope=scope)
+        opt = build_optimizers(m.groups(), cfg, DistInfo(rank, rank, world, torch.device("cpu")))
+        one = build_optimizers(ref.groups(), cfg, CPU1)
+        for t, (step, scale) in enumerate(STEPS):
+            per_rank = []  # every rank's grads, scaled differently so their norms differ
+            for r in range(world):
+                g = torch.Generator().manual_seed(100 * t + r)
+                per_rank.append({n: torch.randn(p.shape, generator=g) * 0.05 * (1 + 3 * r)
+                                 for n, p in m.named_parameters()})
+            for n, p in m.named_parameters():
+                p.grad = per_rank[rank][n].clone()
+            opt.clip_grad_norm_(cfg.grad_clip)
+            opt.step(lr_multiplier(scale, cfg), muon_momentum_at(step, cfg))
+            opt.zero_grad()
+            # the script's order by hand: each rank clips its own gradients, then they are averaged
+            for gr in per_rank:  # torch's clip_grad_norm_ rule on the bare gradient tensors
+                norm = torch.nn.utils.get_total_norm(list(gr.values()))
+                if scope == "local":
+                    for g in gr.values():
+                        g.mul_((cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0))
+            for n, p in ref.named_parameters():
+                p.grad = sum(gr[n] for gr in per_rank) / world
+            if scope == "global":
+                one.clip_grad_norm_(cfg.grad_clip)
+            one.step(lr_multiplier(scale, cfg), muon_momentum_at(step, cfg))
+            one.zero_grad()
+        a, b = dict(m.named_parameters()), dict(ref.named_parameters())
+        res[scope] = max((a[n] - b[n]).abs().max().item() for n in a)
+        final[scope] = {n: t.detach().clone() for n, t in a.items()}
+    res["local_vs_global"] = max((final["local"][n] - final["global"][n]).abs().max().item()
+                                 for n in final["local"])
+    return res
 
 
 @pytest.fixture(scope="module")
 def clip_results(tmp_path_factory):
-    return spawn_ranks(tmp_path_factory, _clip_worker)
+    return spawn_ranks(tmp_path_factory, _clip_scenario)
 
 
 def test_local_clip_is_the_scripts_clip_before_averaging(clip_results):
