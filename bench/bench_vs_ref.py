@@ -108,7 +108,7 @@ def run_ref(script: Path, data: Path, batch: int, timeout: float, steps: int,
     return {"program": "reference", "batch_tokens": batch, "step_ms_steady": round(med, 2),
             "interval_ms_per_step": rates, "tokens_per_second": round(batch / med * 1000.0) if rates else None,
             "seconds_to_first_step": round(first, 1) if first else None, "steps_logged": len(marks),
-            "loss_curve": losses, "log_tail": lines[-6:] if not rates else []}
+            "loss_curve": losses, "log_tail": lines[-40:] if not rates else []}
 
 
 def run_pgolf(batch: int, timeout: float, data: Path, out: Path, extra: list[str], trace_dir: str | None,

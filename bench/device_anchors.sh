@@ -3,6 +3,8 @@
 #   bash bench/device_anchors.sh smoke OUT                      # attention backends (dense and
 #       # document-packed) at the record shapes, then the PR #2135 script vs pgolf's pr2135 profile,
 #       # 40 steps each at its batch of 786,432 tokens: the steady step ratio
+#   bash bench/device_anchors.sh steps OUT ANCHOR STEPS BUDGET  # the script vs its profile, STEPS each
+#       # at 786,432 tokens (bench_vs_ref), within BUDGET seconds
 #   bash bench/device_anchors.sh wallclock OUT ANCHOR ARM SEED  # one arm of bench.equal_wallclock
 #       # (180 s of training); merge the calls' JSONs with `python -m bench.equal_wallclock --merge`
 # Carry (git-ignored): .whl (zstandard, brotli, python-minifier wheels for Python 3.12),
@@ -13,7 +15,7 @@
 # the 901 docs, with the byte sidecar), sp1024 for PR #535 / #1072 (validation: the official prefix).
 set -uo pipefail
 part=${1:-} out=${2:-}
-if [[ ! $part =~ ^(smoke|wallclock)$ || -z $out ]]; then
+if [[ ! $part =~ ^(smoke|steps|wallclock)$ || -z $out ]]; then
   echo "usage: bash bench/device_anchors.sh smoke OUT | wallclock OUT ANCHOR ARM SEED" >&2; exit 2
 fi
 mkdir -p "$out"
@@ -38,6 +40,11 @@ case $part in
       --shard "$data/fineweb_train_000000.bin" > "$out/attention.log" 2>&1; tail -4 "$out/attention.log"
     python3 -m bench.bench_vs_ref --anchor pr2135 --stub-dir .devrun/fa3_stub --batches 786432 --steps 40 \
       --variants 0 --budget 380 --data "$data" --out "$out/vs_ref_pr2135.json" 2>&1 | tee "$out/vs_ref.log" ;;
+  steps)
+    anchor=${3:?anchor} steps=${4:?steps} budget=${5:?budget}
+    data=$(data_for "$anchor")
+    python3 -m bench.bench_vs_ref --anchor "$anchor" --stub-dir .devrun/fa3_stub --batches 786432 --steps "$steps" \
+      --variants 0 --budget "$budget" --data "$data" --out "$out/vs_ref_$anchor.json" 2>&1 | tee "$out/vs_ref_$anchor.log" ;;
   wallclock)
     anchor=${3:?anchor} arm=${4:?arm} seed=${5:?seed}
     data=$(data_for "$anchor")

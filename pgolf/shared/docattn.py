@@ -60,10 +60,10 @@ from pgolf.config import DOC_ATTN_BACKENDS
 CU_BUCKET = 64  # cu_seqlens entries are padded to a multiple of this (PR #2135: 64)
 FLEX_BLOCK = 128  # FlexAttention's block size (its default)
 BACKENDS = tuple(b for b in DOC_ATTN_BACKENDS if b != "auto")  # reference, varlen, flex, fa4, fa3
-# auto on CUDA: the first available. Dense causal attention at the record shapes on an H200
-# (bench/results/attention_h200.json): flex 2.905 ms fwd+bwd, SDPA flash (the kernels varlen_attn
-# runs) 3.698 ms. Reorder from bench_attention's varlen rows (bench/results/attention_varlen_*.json)
-# once measured; fa4/fa3 stay explicit until a measurement puts them here.
+# auto on CUDA: the first available, fastest first as measured on one H100 (torch 2.11,
+# bench/results/attention_h100_docattn.json): one packed row of 98,304 tokens, fwd+bwd, flex
+# 2.77-3.21 ms, varlen_attn 3.17-3.71 ms, reference 16.3 ms. fa4/fa3 stay explicit (not installed
+# on the lent machines, unmeasured).
 AUTO_ORDER = ("flex", "varlen")
 _FLASH_IMPLS = {"fa4": ("FA4", "flash_attn.cute.interface", (9, 10)), "fa3": ("FA3", "flash_attn_interface", (9,))}
 
