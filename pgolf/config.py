@@ -39,7 +39,8 @@ MUON_COMM_DTYPES = ("auto", "bf16", "fp32")
 GRAD_CLIP_SCOPES = ("global", "local")  # train.grad_clip_scope
 NS_SCHEDULES = {"quintic": None, "polar_express": 5}  # Newton-Schulz schedule -> most steps it defines
 BITS_RANGE = (2, 8)  # integer code widths the quantizer supports
-EMBED_MODES = ("int8", "fp16")
+EMBED_MODES = ("int8", "fp16", "gptq")
+CLIP_RULES = ("quantile", "sigma")  # quantize.clip_rule
 CODECS = ("lzma", "zstd", "brotli")
 LAYOUTS = ("flat", "grouped")
 MIN_CHUNK_BYTES = 1 << 16  # compress.*_chunk_bytes: 0 or at least 64 KiB
@@ -285,6 +286,7 @@ class TrainConfig(Section):
     qat_clip_quantile: float = 0.9995  # the clip rule shared with quantize (§6.6)
     hessian_every: int = 25  # online Hessians (§6.5)
     hessian_start_scale: float = 0.8
+    hessian_head: bool = False  # also the tied head's input Gram, as hessians.pgt "tok_emb.weight" (PR #2135)
     val_tokens: int = 0  # tokens for val_bpb_float (0 = all val tokens)
     val_batch_seqs: int = 32
     log_every: int = 200
@@ -360,23 +362,34 @@ class QuantizeConfig(Section):
     act_order: bool = True
     clip_quantiles: tuple[float, ...] = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite set (§6.2)
     passthrough_max_numel: int = 65536  # §6.1 rule 1
-    embed_mode: str = "int8"  # int8 | fp16 for tok_emb
+    embed_mode: str = "int8"  # int8 | fp16 | gptq (at embed_bits; Hessian: train.hessian_head) for tok_emb
+    embed_bits: int = 8  # tok_emb code width under embed_mode gptq (PR #2135: 7)
+    clip_rule: str = "quantile"  # quantile (clip_quantiles, per row the best) | sigma (the *_clip_sigmas, PR #2135)
+    matrix_clip_sigmas: float = 12.85  # clip_rule sigma: clip of any other matrix, in row standard deviations
+    attn_clip_sigmas: float = 13.0  # clip_rule sigma: clip of the attention matrices (c_q, c_k, c_v, proj)
+    mlp_clip_sigmas: float = 10.0  # clip_rule sigma: clip of the MLP matrices (PR #2135: 11.5)
+    embed_clip_sigmas: float = 20.0  # clip_rule sigma: clip of tok_emb under embed_mode gptq (PR #2135: 14.0)
     int8_clip_quantile: float = 0.9999984
     device: str = "auto"
     lqer_enabled: bool = False  # low-rank correction of the quantization error (pgolf.quantize.lqer)
     lqer_top_k: int = 3  # matrices corrected: the K of largest ||W - Ŵ||_F (PR #1855: 3)
     lqer_rank: int = 4  # PR #1855: 4
     lqer_bits: int = 4  # factor codes, symmetric per row, fp16 scales (PR #1855: 4)
+    lqer_asym: bool = False  # A = U S int2 (one scale), B = V^T int4 in groups of lqer_group (PR #2135: true)
+    lqer_group: int = 64  # lqer_asym: values of B per fp16 scale (PR #2135: 32)
 
     def check(self) -> None:
         low, high = BITS_RANGE
-        _each(self, ("bits", "lqer_bits"), lambda b: low <= b <= high, f"must be in the supported range [{low}, {high}]")
+        _each(self, ("bits", "lqer_bits", "embed_bits"), lambda b: low <= b <= high,
+              f"must be in the supported range [{low}, {high}]")
         _one_of(self, "embed_mode", EMBED_MODES)
+        _one_of(self, "clip_rule", CLIP_RULES)
+        _positive_finite(self, "matrix_clip_sigmas", "attn_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas")
         qs = self.clip_quantiles
         if not qs or not all(0.0 < q <= 1.0 for q in qs) or len(set(qs)) < len(qs):
             raise self.bad("clip_quantiles", "must be a list of distinct numbers in (0, 1]")
         _positive_finite(self, "damp")
-        _at_least(self, 1, "block_size", "lqer_top_k", "lqer_rank")
+        _at_least(self, 1, "block_size", "lqer_top_k", "lqer_rank", "lqer_group")
         _at_least(self, 0, "passthrough_max_numel")
         _each(self, ("int8_clip_quantile",), lambda q: 0.0 < q <= 1.0, "must be in (0, 1]")
         _one_of(self, "device", DEVICES)
@@ -442,6 +455,11 @@ class EvaluateConfig(Section):
     ttt_grad_clip: float = 1.0  # 0 = off
     ttt_lr_schedule: str = "cosine"  # cosine (over a rank's chunks) | constant
     ttt_seed: int = 1337  # LoRA init
+    # token-only causal n-gram tilt of the scored softmax (pgolf.evaluate.ngram_tilt; PR #2135)
+    ngram_tilt: bool = False  # on: log_softmax(logits + boost * onehot(hint)) where the hint is confident
+    ngram_order: int = 16  # context of order - 1 tokens (1..33)
+    ngram_threshold: float = 0.8  # tilt where the hint's count / context count >= this
+    ngram_boost: float = 2.625  # logit added to the hinted token before renormalising
 
     def check(self) -> None:
         _at_least(self, 1, "context", "batch_seqs", "nproc_per_node")
@@ -450,6 +468,9 @@ class EvaluateConfig(Section):
               f"must be 0 (all) or >= evaluate.context ({self.context}), one window")
         _one_of(self, "device", DEVICES)
         self._check_ttt()
+        _each(self, ("ngram_order",), lambda n: 1 <= n <= 33, "must be in [1, 33] (contexts of at most 32 tokens)")
+        _fraction(self, "ngram_threshold")
+        _positive_finite(self, "ngram_boost")
 
     def _check_ttt(self) -> None:
         """The ttt_* keys, checked even while TTT is off."""

@@ -36,12 +36,45 @@ def _code_deps(stage: str) -> set[str]:
 
 
 def _imported_files(stage: str) -> set[str]:
-    """The pgolf and stages files `python -m stages.<stage>` imports."""
+    """The pgolf and stages files `python -m stages.<stage>` imports when it loads, and those its
+    code may import later: a module imported inside a function (an optional feature's, under its
+    param) counts too (`_lazy_closure`)."""
     code = (f"import sys, importlib; importlib.import_module('stages.{stage}'); "
             "print('\\n'.join(m.__file__ for n, m in list(sys.modules.items()) "
             "if n.split('.')[0] in ('pgolf', 'stages') and getattr(m, '__file__', None)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return {str(Path(f).resolve().relative_to(ROOT)) for f in out.split()}
+    return _lazy_closure({str(Path(f).resolve().relative_to(ROOT)) for f in out.split()})
+
+
+def _module_file(name: str) -> str | None:
+    """pgolf.a.b -> pgolf/a/b.py or pgolf/a/b/__init__.py (None for a name that is neither)."""
+    base = ROOT / Path(*name.split("."))
+    for f in (base.with_suffix(".py"), base / "__init__.py"):
+        if f.is_file():
+            return str(f.relative_to(ROOT))
+    return None
+
+
+def _lazy_closure(files: set[str]) -> set[str]:
+    """`files` plus every pgolf module they import anywhere in their code (function bodies too),
+    transitively, with the packages above each."""
+    import ast
+
+    todo, seen = list(files), set(files)
+    while todo:
+        tree = ast.parse((ROOT / todo.pop()).read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            for name in names:
+                parts = name.split(".")
+                for i in range(1, len(parts) + 1):
+                    f = _module_file(".".join(parts[:i])) if parts[0] == "pgolf" else None
+                    if f and f not in seen:
+                        seen.add(f)
+                        todo.append(f)
+    return seen
 
 
 def _covered(path: str, deps) -> bool:

@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CFG = EvaluateConfig(context=16, stride=4, batch_seqs=4, max_tokens=200, device="cpu", compile=True,
                      nproc_per_node=1)
 PARAMS = "evaluate:\n  context: 16\n  stride: 4\n  batch_seqs: 4\n  max_tokens: 200\n  device: cpu\n" \
-         "  compile: true\n  nproc_per_node: {nproc}\n" + "".join(  # test-time training keys at their defaults
-             f"  {f.name}: {json.dumps(f.default)}\n" for f in dataclasses.fields(EvaluateConfig) if f.name.startswith("ttt_"))
+         "  compile: true\n  nproc_per_node: {nproc}\n" + "".join(  # test-time training and n-gram tilt keys: defaults
+             f"  {f.name}: {json.dumps(f.default)}\n" for f in dataclasses.fields(EvaluateConfig)
+             if f.name.startswith(("ttt_", "ngram_")))
 
 
 def tables(seed=0, sha=TOKENIZER["sha256"]):
@@ -122,6 +123,27 @@ def test_stride_zero_is_nonsliding_only(tmp_path):
     root = make_workdir(tmp_path, tiny_model(3))
     m = run(dataclasses.replace(CFG, stride=0), paths(root), progress=False)
     assert m["val_bpb"] == m["val_bpb_nonsliding"] and m["stride"] == 0 and m["windows"] == 12
+
+
+def test_ngram_tilt_scores_every_pass_tilted_and_only_when_on(tmp_path):
+    from pgolf.evaluate import ngram_tilt
+
+    model = tiny_model(1)
+    root = make_workdir(tmp_path, model, lossless=True)
+    plain = run(CFG, paths(root), progress=False)
+    assert not any(k.startswith("ngram") for k in plain)  # off (the default): eval.json as before
+    cfg = dataclasses.replace(CFG, ngram_tilt=True, ngram_order=2, ngram_threshold=0.3, ngram_boost=1.5)
+    m = run(cfg, paths(root), progress=False)
+    toks = val_tokens(root)
+    tilt = ngram_tilt.Tilt.for_tokens(toks, 2, 0.3, 1.5)
+    ref = bpb.eval_sliding(model, toks, tables(), 16, 4, 4, "cpu", tilt=tilt)
+    ref_flat = bpb.eval_nonsliding(model, toks, tables(), 16, 4, "cpu", tilt=tilt)
+    assert m["val_bpb"] == pytest.approx(ref["val_bpb"], abs=1e-12) and m["val_bpb"] != plain["val_bpb"]
+    assert m["val_bpb_nonsliding"] == pytest.approx(ref_flat["val_bpb"], abs=1e-12)
+    assert (m["scored_tokens"], m["scored_bytes"]) == (plain["scored_tokens"], plain["scored_bytes"])  # each once
+    assert m["ngram_hinted"] == tilt.hinted > 0 and 0 <= m["ngram_tilt_seconds"] <= m["eval_seconds"]
+    parts = m["load_seconds"] + m["ngram_tilt_seconds"] + m["nonsliding_seconds"] + m["sliding_seconds"]
+    assert 0 <= parts <= m["eval_seconds"] + 0.003
 
 
 def test_load_model_rebuilds_config_and_weights(tmp_path):

@@ -4,15 +4,23 @@ missing train log or seed log), each leaving no folder behind and nothing outsid
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import importlib.metadata
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from _fake_run import finished_run, update_metric
+from pgolf import config
 from pgolf.compress import pack
 from pgolf.shared import checked
 from pgolf.submit import export, summary
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = config.load_all(config.read_doc(ROOT / "params.yaml"))  # the checked sections of the committed params
 
 
 @pytest.fixture
@@ -49,10 +57,41 @@ def test_export_writes_a_records_folder(run, tmp_path):
     text = (out / "README.md").read_text()
     assert "val_bpb 2.40000" in text and "torchrun --standalone --nproc_per_node=8 train_gpt.py" in text
     assert "rules self-check: all 6 passed" in text and "12,345 tokens/s" in text
-    assert "zstandard" in (out / "requirements.txt").read_text()
+    assert (out / "requirements.txt").read_text() == pack.requirements(checked.read_all(pack.BAKED_SECTIONS, run))
     assert json.loads((out / "rules_check.json").read_text())["passed"] is True
     assert (out / "model.ptz").read_bytes() == (run / "artifacts/final/model.ptz").read_bytes()
     assert not [p for p in out.parent.iterdir() if p.name != "x"]  # the temp folder was renamed away
+
+
+def _top_level_packages(files) -> set[str]:
+    """Distributions whose modules `files` import at module level (so whenever they are imported)."""
+    dists = importlib.metadata.packages_distributions()
+    out = set()
+    for rel in files:
+        for node in ast.parse((ROOT / rel).read_text()).body:
+            if isinstance(node, ast.Import):
+                roots = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = [node.module.split(".")[0]]
+            else:
+                continue
+            out |= {dists[r][0] for r in roots if r not in sys.stdlib_module_names and r != "pgolf"}
+    return out
+
+
+@pytest.mark.parametrize("change", [{}, {"train": {"device": "cpu"}, "compress": {"brotli": True}}],
+                         ids=["tiny", "cpu_brotli"])
+def test_requirements_name_the_packages_the_packed_script_imports(change):
+    """requirements.txt for two param sets: the tiny profile (Triton kernels on CUDA, codec auto
+    without brotli) and a CPU run that also tries brotli; each line `name==installed version`, and
+    every package a packed file imports at module level is among them."""
+    cfgs = {**TINY, **{s: dataclasses.replace(TINY[s], **kv) for s, kv in change.items()}}
+    text = pack.requirements(cfgs)
+    lines = text.splitlines()
+    names = [line.split("==")[0] for line in lines]
+    assert names == ["torch", "numpy", "sentencepiece", "PyYAML", "tqdm", "zstandard", *(["brotli"] if change else ["triton"])]
+    assert lines == [f"{n}=={importlib.metadata.version(n)}" for n in names] and text.endswith("\n")
+    assert _top_level_packages(pack.packed_files(cfgs)) <= set(names)
 
 
 def test_refuses_a_non_empty_target_and_force_replaces_it(run, tmp_path):

@@ -116,3 +116,26 @@ def test_one_validator_for_the_file_allows_only_the_optional_extras_given():
         train_files.validate_hessians({"a": good, "b": torch.eye(2)}, {"a": 3})
     with pytest.raises(hessian.HessianError, match=r"x.pgt: b is torch.float32 \(2, 2\), expected float32 \(4, 4\)"):
         train_files.validate_hessians({"a": good, "b": torch.eye(2)}, {"a": 3}, "x.pgt", optional={"b": 4})
+
+
+def test_head_hessian_is_the_gram_of_the_final_norm_output():
+    """train.hessian_head (GPT.head_hessian): hessian_shapes gains the tied head, "tok_emb.weight" ->
+    model_dim, and a capture adds X^T X of forward_hidden's output (the rows the head multiplies)
+    there, leaving every block matrix's Gram as without it; off, the dict has no such entry."""
+    from conftest import tiny_model
+    from pgolf.shared.model import HEAD_HESSIAN
+
+    model = tiny_model(5)
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain = model.zero_hessians()
+    assert HEAD_HESSIAN not in plain and HEAD_HESSIAN not in model.hessian_shapes()
+    model.head_hessian = True
+    assert model.hessian_shapes()[HEAD_HESSIAN] == model.cfg.model_dim
+    sums = model.zero_hessians()
+    with torch.no_grad():
+        hidden = model.forward_hidden(idx, sums)  # (2, 16, D)
+        model.forward_hidden(idx, plain)
+    x = hidden.reshape(-1, hidden.shape[-1]).double()
+    assert torch.allclose(sums[HEAD_HESSIAN].double(), x.T @ x, rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(sums[n], plain[n]) for n in plain)
+    train_files.validate_hessians(sums, model.hessian_shapes(), "head")

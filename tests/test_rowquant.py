@@ -48,3 +48,17 @@ def test_fp16_round_matches_half_cast_also_under_compile():
     assert torch.equal(rowquant.fp16_round(x), ref)
     compiled = torch.compile(rowquant.fp16_round, dynamic=False)
     assert torch.equal(compiled(x), ref)  # inductor would drop a plain .half().float()
+
+
+def test_sigma_scale_is_sigmas_stds_over_qmax_in_fp16_without_the_floor():
+    """quantize.clip_rule sigma: s = fp16(k * std(row) / qmax), the unbiased std, no 1/qmax floor."""
+    w = torch.randn(6, 512, generator=torch.Generator().manual_seed(4)) * 0.02
+    w[0] = 0.0  # an all-zero row keeps a finite positive scale
+    s = rowquant.sigma_scale(w, 12.85, 31)
+    hand = torch.tensor([float(torch.tensor(12.85 * float(r.double().std()) / 31).half()) for r in w[1:]])
+    assert torch.allclose(s[1:], hand, rtol=1e-3)  # fp32 vs fp64 std: at most one fp16 step apart
+    assert torch.equal(s, s.half().float())  # fp16-representable, the stored dtype
+    assert float(s[1:].max()) < 1 / 31  # small weights: the quantile rule's floor would bind here
+    assert float(s[0]) == rowquant.FP16_SUBNORMAL
+    q = rowquant.quantize(w, s, 31)
+    assert int(q.abs().max()) <= 31 and int(q[0].abs().max()) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,3 +100,55 @@ def test_missing_inputs_are_named(run, capsys):
     assert rules.main(["--root", str(run)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("rules: error: ") and "eval.json: lacks eval_seconds, scored_tokens" in err
+
+
+# ----------------------------------------------------------------------------- ngram_causal (evaluate.ngram_tilt)
+
+
+def _tilted(run: Path, shards: bool = True) -> Path:
+    """The fake run with evaluate.ngram_tilt on (params.yaml and its checked values) and val shards
+    whose text repeats (so the tilt hints)."""
+    import yaml
+
+    from pgolf import config
+    from pgolf.shared import checked
+    from pgolf.shared.shards import write_shard
+
+    doc = yaml.safe_load((run / "params.yaml").read_text())
+    doc["evaluate"].update(ngram_tilt=True, ngram_order=4)
+    (run / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    checked.write({"evaluate": config.from_doc(doc, "evaluate")}, run)
+    if shards:
+        rng = np.random.default_rng(0)
+        block = rng.integers(0, 64, 500)
+        toks = np.concatenate([block, rng.integers(0, 64, 100), block, block])
+        write_shard(run / "data/shards/fineweb_val_000000.bin", toks[:800])
+        write_shard(run / "data/shards/fineweb_val_000001.bin", toks[800:])
+    return run
+
+
+def test_ngram_causal_rule_only_with_the_tilt(run):
+    r = _by_name(_tilted(run))
+    assert list(r)[-1] == "ngram_causal" and all(x.passed for x in r.values()), rules.report(list(r.values()))
+    fig = r["ngram_causal"].figure
+    assert fig.startswith("0 earlier hint(s) moved") and "of the first 1,599 validation targets hinted" in fig
+    assert "order 4, threshold 0.8, boost 2.625" in fig and int(fig.split("; ")[1].split(" of")[0]) > 500
+    assert rules.report(list(r.values())).startswith("rules self-check: all 7 passed")
+
+
+def test_ngram_causal_rule_catches_a_leaky_state(run, monkeypatch):
+    from pgolf.evaluate import ngram_tilt
+
+    real = ngram_tilt.stream_hints
+
+    def leaky(tokens, order, threshold):  # hint i sees its own target tokens[i + 1]
+        return np.where(real(tokens, order, threshold) >= 0, np.asarray(tokens[1:], dtype=np.int32), -1)
+
+    monkeypatch.setattr(ngram_tilt, "stream_hints", leaky)
+    r = _by_name(_tilted(run))["ngram_causal"]
+    assert not r.passed and not r.figure.startswith("0 ")
+
+
+def test_ngram_causal_rule_fails_without_validation_tokens(run):
+    r = _by_name(_tilted(run, shards=False))["ngram_causal"]
+    assert not r.passed and "no validation tokens to probe" in r.figure

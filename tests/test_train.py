@@ -534,15 +534,18 @@ def test_swa_exports_the_mean_of_the_snapshots(data_root, tmp_path):
         assert torch.equal(off.export[n], ema_export[n]), n  # without SWA the EMA is exported
 
 
-def _capture_linear_inputs(model: GPT, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Reference X^T X (float64) of every bank-slice matmul, by intercepting F.linear."""
-    ptr_to_name = {v.data_ptr(): n for n, v in model._bank_views().items()}
+def _capture_linear_inputs(model: GPT, x: torch.Tensor, y: torch.Tensor,
+                           head: bool = False) -> dict[str, torch.Tensor]:
+    """Reference X^T X (float64) of every bank-slice matmul (and with `head` of the tied head's,
+    as "tok_emb.weight"), by intercepting F.linear."""
+    views = model._bank_views() | ({"tok_emb.weight": model.tok_emb.weight} if head else {})
+    ptr_to_name = {v.data_ptr(): n for n, v in views.items()}
     grams: dict[str, torch.Tensor] = {}
     orig = F.linear
 
     def spy(inp, w, *a, **k):
         name = ptr_to_name.get(w.data_ptr())
-        if name is not None and tuple(w.shape) == tuple(model._bank_views()[name].shape):
+        if name is not None and tuple(w.shape) == tuple(views[name].shape):
             x2 = inp.detach().reshape(-1, inp.size(-1)).double()
             grams[name] = grams.get(name, 0) + x2.T @ x2
         return orig(inp, w, *a, **k)
@@ -562,9 +565,10 @@ def _snapshot(tr) -> dict:
             "loader": json.loads(json.dumps(tr.loader.state_dict()))}
 
 
-def _assert_hessians_are_hand_xtx(r: T.TrainResult, state: dict, data_root: Path) -> None:
-    """r's Hessians = X^T X / rows of every matrix's inputs, from the model in `state` on the
-    2048-token micro-batch the loader in `state` gives next (the one capture of the run)."""
+def _assert_hessians_are_hand_xtx(r: T.TrainResult, state: dict, data_root: Path, head: bool = False) -> None:
+    """r's Hessians = X^T X / rows of every matrix's inputs (with `head` also the tied head's), from
+    the model in `state` on the 2048-token micro-batch the loader in `state` gives next (the one
+    capture of the run)."""
     assert r.hessian_meta == {"rows": 2048, "accumulations": 1, "world_size": 1}
     model = GPT(mcfg(), train_seq_len=128)
     with torch.no_grad():
@@ -573,8 +577,8 @@ def _assert_hessians_are_hand_xtx(r: T.TrainResult, state: dict, data_root: Path
     loader = DistributedTokenLoader(sorted((data_root / "shards").glob("fineweb_train_*.bin")))
     loader.load_state_dict(state["loader"])
     x, y = loader.next_batch(2048, 128)
-    grams = _capture_linear_inputs(model, x, y)
-    assert sorted(grams) == sorted(model.quantizable_names())
+    grams = _capture_linear_inputs(model, x, y, head)
+    assert sorted(grams) == sorted(r.hessians) == sorted(model.quantizable_names() + ["tok_emb.weight"] * head)
     for n, g in grams.items():
         ref = (g / 2048).float()
         assert torch.allclose(r.hessians[n], ref, rtol=1e-4, atol=1e-6 * ref.abs().max()), n
@@ -590,6 +594,21 @@ def test_hessians_equal_hand_xtx_over_rows(data_root, tmp_path):
     # hessian_every 0: no scheduled capture, so exactly the forced one at the last step
     r = run(data_root, tmp_path, on_step=watch, iterations=3, hessian_every=0, late_qat_threshold=0.0)
     _assert_hessians_are_hand_xtx(r, before, data_root)
+
+
+def test_hessian_head_adds_the_tied_heads_input_gram(data_root, tmp_path):
+    """train.hessian_head: the run's Hessians also hold "tok_emb.weight", X^T X / rows of the rows
+    the tied head multiplies (the final norm's output), for quantize.embed_mode gptq."""
+    before = {}
+
+    def watch(tr):
+        if tr.step == 2:
+            before.update(_snapshot(tr))
+
+    r = run(data_root, tmp_path, on_step=watch, iterations=3, hessian_every=0, late_qat_threshold=0.0,
+            hessian_head=True)
+    assert r.hessians["tok_emb.weight"].shape == (MICRO_MODEL["model_dim"],) * 2
+    _assert_hessians_are_hand_xtx(r, before, data_root, head=True)
 
 
 def test_fallback_capture_after_the_clock_equals_hand_xtx(data_root, tmp_path, monkeypatch):

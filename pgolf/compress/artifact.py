@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.compress import codecs, grouping
+from pgolf.compress import codecs
 from pgolf.config import CompressConfig
 from pgolf.shared import tensorfile
 from pgolf.shared.tensorfile import TensorFileError
@@ -106,6 +106,8 @@ def _encode(tensors: dict[str, torch.Tensor], grouped: bool = False) -> tuple[di
         layout.append(entry)
     stored, perms = dict(codes), {}
     if grouped:
+        from pgolf.compress import grouping  # compress.layout grouped only
+
         blocks, entries = grouping.group(codes)
         for e in layout:
             e.update(entries.get(e["name"], {}))
@@ -129,7 +131,9 @@ def _decode(stored: dict[str, torch.Tensor], layout: list[dict], source: str) ->
             name, shape = e["name"], e["shape"]
             if e["enc"] == "zigzag":
                 out[name] = _unzigzag(stored[name])
-            elif e["enc"] == "group":
+            elif e["enc"] == "group":  # a compress.layout grouped artifact
+                from pgolf.compress import grouping
+
                 out[name] = _unzigzag(grouping.ungroup(stored, e, shape))
             elif e["enc"] == "planes":
                 n = int(np.prod(shape, dtype=np.int64))

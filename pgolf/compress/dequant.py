@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from pgolf.compress.artifact import ArtifactError
-from pgolf.quantize import lqer
 from pgolf.shared.rowquant import dequantize
 
 
@@ -47,18 +46,26 @@ def _codes(tensors: dict[str, torch.Tensor], name: str, kind: str, info, used: s
         raise ArtifactError(f"artifact: {name!r} codes {tuple(q.shape)} / scale {tuple(s.shape)} mismatch")
     w = dequantize(q, s)
     used.update((f"{name}.q", f"{name}.scale"))
-    if isinstance(info, dict) and "lqer" in info:
+    if isinstance(info, dict) and "lqer" in info:  # a quantize.lqer_enabled artifact: lqer imported only then
+        from pgolf.quantize import lqer
+
         w = w + _lqer_correction(tensors, name, tuple(q.shape), info["lqer"])
         used.update(name + x for x in lqer.SUFFIXES)
     return w
 
 
 def _lqer_correction(tensors: dict[str, torch.Tensor], name: str, shape: tuple, info) -> torch.Tensor:
-    """The LQER term of `name` (pgolf.quantize.lqer) named by its quant entry's {"rank", "bits"}."""
+    """The LQER term of `name` (pgolf.quantize.lqer) named by its quant entry's {"rank", "bits"}, or
+    of the asymmetric form {"rank", "form": "asym", "group"}."""
+    from pgolf.quantize import lqer
+
     rank = info.get("rank") if isinstance(info, dict) else None
     if not isinstance(rank, int) or rank < 1:
         raise ArtifactError(f"artifact: tensor {name!r} has a bad LQER entry {info!r}")
+    form, group = info.get("form"), info.get("group")
+    if form not in (None, lqer.ASYM) or (form == lqer.ASYM and (not isinstance(group, int) or group < 1)):
+        raise ArtifactError(f"artifact: tensor {name!r} has a bad LQER entry {info!r}")
     try:
-        return lqer.correction(tensors, name, shape, rank)
+        return lqer.correction_for(tensors, name, shape, info)
     except lqer.LQERError as e:
         raise ArtifactError(f"artifact: {e}") from None

@@ -2,20 +2,35 @@
 `train_gpt.py`), and the raw evaluation files.
 
 The challenge counts the bytes of one file, `train_gpt.py`, that trains, quantizes, compresses and
-evaluates. This module owns that file: `build_script(root, cfgs)` puts every source file of
-`PACKED_FILES` (read from `root`, stripped of comments, docstrings and blank lines by
-`strip_source`: the same syntax tree otherwise, about 40 % fewer code bytes) and the run's baked params (the `model`, `train`, `quantize`,
-`compress` and `evaluate` sections, as the params gate checked them) into one JSON archive,
-compresses it with raw LZMA2 (preset 9 extreme), encodes it in base85 and wraps it in a short
-bootstrap. Run, the bootstrap unpacks the sources into a temp folder, puts it first on
-`sys.path` and calls `main` of ENTRY_MODULE, `pgolf.submit.recipe` (which runs the whole recipe;
-see that module).
+evaluates. This module owns that file: `build_script(root, cfgs)` puts the source files the run
+uses, `packed_files(cfgs)` (read from `root`, stripped of comments, docstrings and blank lines by
+`strip_source`: the same syntax tree otherwise, about 40 % fewer code bytes), and the run's baked
+params (the `model`, `train`, `quantize`, `compress` and `evaluate` sections, as the params gate
+checked them) into one JSON archive, compresses it with raw LZMA2 (preset 9 extreme), encodes it in
+base85 and wraps it in a short bootstrap. Run, the bootstrap unpacks the sources into a temp folder,
+puts it first on `sys.path` and calls `main` of ENTRY_MODULE, `pgolf.submit.recipe` (which runs the
+whole recipe; see that module).
+
+Which files: ALWAYS_FILES, the modules ENTRY_MODULE imports whatever the params, plus each file of
+the one table OPTIONAL (file -> predicate on the checked sections) whose predicate holds: document
+packing (train.doc_packing), LQER (quantize.lqer_enabled), TTT (evaluate.ttt_enabled), the n-gram
+tilt (evaluate.ngram_tilt), the grouped artifact layout (compress.layout) and the Triton kernels
+(train.fused_mlp / fused_qk_norm_rope, on a device other than cpu). Each optional module is
+imported only where its feature runs, under its param, so a feature that is off costs no code
+bytes. Not packed at all: pgolf.prepare.caseops (the script prepares the challenge's pre-tokenized
+shards, never CaseOps text). Always packed, though the data decides whether they run:
+pgolf.shared.val_bytes (the byte sidecar is found in the data folder at run time; the prepare
+section is not baked) and pgolf.compress.prune (pruning runs only over compress.target_bytes).
+PACKED_FILES is every file a script may carry (what the DVC deps of compress must cover).
+`requirements(cfgs)` names the Python packages the script imports with those params (PACKAGES;
+the export's requirements.txt).
 
 The output is a pure function of the sources and the params (sorted keys, no timestamps), so the
 compress stage's count (`metrics/size.json` `code_bytes`) and the exported file are the same bytes;
-the export regenerates it and compares sha256s. A test keeps `PACKED_FILES` equal to the pgolf
-modules ENTRY_MODULE imports, and another keeps them among the DVC deps of compress, the one
-stage that counts code bytes (and prunes to the target they are part of).
+the export regenerates it and compares sha256s. tests/test_pack.py runs packed scripts of micro
+runs with every optional feature off, each on alone and all on, and checks that the pgolf modules
+each imported are exactly `packed_files` of its params; another test keeps PACKED_FILES among the
+DVC deps of compress, the one stage that counts code bytes (and prunes to the target they are part of).
 
 The older, extra count (`code_files`, `metrics/size.json` `code_bytes_eval_files_raw`): the raw
 bytes of `CODE_FILES`, the source a user ships to rebuild the model from the artifact and score
@@ -26,11 +41,13 @@ from __future__ import annotations
 
 import ast
 import base64
+import importlib.metadata
 import io
 import json
 import lzma
 import tokenize
 from pathlib import Path
+from typing import Callable
 
 from pgolf import config
 from pgolf.shared import layout
@@ -52,33 +69,25 @@ SHARED_FILES: tuple[str, ...] = (  # the pgolf/shared modules that rebuild and s
     "pgolf/shared/train_files.py",
     "pgolf/shared/val_bytes.py",
 )
-PACKED_FILES: tuple[str, ...] = (  # every pgolf file ENTRY_MODULE imports (+ the kernels, imported on CUDA)
+ALWAYS_FILES: tuple[str, ...] = (  # the pgolf files ENTRY_MODULE imports, whatever the params
     "pgolf/__init__.py",
     "pgolf/compress/__init__.py",
     "pgolf/compress/artifact.py",
     "pgolf/compress/codecs.py",
     "pgolf/compress/compress.py",
     "pgolf/compress/dequant.py",
-    "pgolf/compress/grouping.py",
     "pgolf/compress/prune.py",
     "pgolf/config.py",
     "pgolf/evaluate/__init__.py",
     "pgolf/evaluate/evaluate.py",
-    "pgolf/evaluate/ttt.py",
     "pgolf/prepare/__init__.py",
-    "pgolf/prepare/caseops.py",
     "pgolf/prepare/corpus.py",
     "pgolf/prepare/prepare.py",
     "pgolf/prepare/tokenizer.py",
     "pgolf/quantize/__init__.py",
     "pgolf/quantize/gptq.py",
-    "pgolf/quantize/lqer.py",
     "pgolf/quantize/quantize.py",
     *SHARED_FILES,
-    "pgolf/shared/docattn.py",  # training only (train.doc_packing)
-    "pgolf/shared/kernels/__init__.py",
-    "pgolf/shared/kernels/fused_mlp.py",
-    "pgolf/shared/kernels/qk_norm_rope.py",
     "pgolf/submit/__init__.py",
     "pgolf/submit/recipe.py",
     "pgolf/train/__init__.py",
@@ -96,6 +105,42 @@ PACKED_FILES: tuple[str, ...] = (  # every pgolf file ENTRY_MODULE imports (+ th
     "pgolf/train/train.py",
     "pgolf/train/triggers.py",
 )
+Sections = dict  # {section: checked dataclass} of the run (BAKED_SECTIONS at least)
+
+
+def _kernels(c: Sections) -> bool:
+    """The Triton kernels: pgolf.shared.model imports them (the package, so all three files) only
+    on CUDA, for train.fused_mlp / train.fused_qk_norm_rope."""
+    t = c["train"]
+    return t.device != "cpu" and (t.fused_mlp or t.fused_qk_norm_rope)
+
+
+# The one table of optional modules: file -> whether the run's checked sections use it. Each is
+# imported only at its use site, under that param, so a run with the feature off never imports it
+# (tests/test_pack.py runs the packed script for sets of params and compares).
+OPTIONAL: dict[str, Callable[[Sections], bool]] = {
+    "pgolf/compress/grouping.py": lambda c: c["compress"].layout == "grouped",
+    "pgolf/evaluate/ngram_tilt.py": lambda c: c["evaluate"].ngram_tilt,
+    "pgolf/evaluate/ttt.py": lambda c: c["evaluate"].ttt_enabled,
+    "pgolf/quantize/lqer.py": lambda c: c["quantize"].lqer_enabled,
+    "pgolf/shared/docattn.py": lambda c: c["train"].doc_packing,
+    "pgolf/shared/kernels/__init__.py": _kernels,
+    "pgolf/shared/kernels/fused_mlp.py": _kernels,
+    "pgolf/shared/kernels/qk_norm_rope.py": _kernels,
+}
+PACKED_FILES: tuple[str, ...] = tuple(sorted({*ALWAYS_FILES, *OPTIONAL}))  # every file a packed script may carry
+# The Python distributions the packed script imports -> whether it does with the run's params
+# (export's requirements.txt pins them at the installed versions).
+PACKAGES: dict[str, Callable[[Sections], bool]] = {
+    "torch": lambda c: True,
+    "numpy": lambda c: True,
+    "sentencepiece": lambda c: True,  # prepare: the tokenizer's byte tables
+    "PyYAML": lambda c: True,  # pgolf.config
+    "tqdm": lambda c: True,  # progress bars when stderr is a terminal
+    "zstandard": lambda c: True,  # compress sizes every body with lzma and zstd, whatever compress.codec
+    "brotli": lambda c: c["compress"].brotli or c["compress"].codec == "brotli",
+    "triton": _kernels,
+}
 CODE_FILES: tuple[str, ...] = (  # every pgolf and stages file `python -m stages.evaluate` imports
     "stages/__init__.py",
     "stages/evaluate.py",
@@ -146,6 +191,24 @@ class PackError(ValueError):
 def baked_params(cfgs: dict) -> dict:
     """{section: {key: value}} of BAKED_SECTIONS from {section: checked dataclass}."""
     return {s: config.to_dict(cfgs[s]) for s in BAKED_SECTIONS}
+
+
+def packed_files(cfgs: Sections) -> tuple[str, ...]:
+    """The files the packed script of the run `cfgs` carries: ALWAYS_FILES and the OPTIONAL ones its params use."""
+    return tuple(f for f in PACKED_FILES if f not in OPTIONAL or OPTIONAL[f](cfgs))
+
+
+def requirements(cfgs: Sections) -> str:
+    """requirements.txt of the run `cfgs`: each PACKAGES distribution its packed script imports,
+    `name==version` as installed here (the name alone where it is not installed), one per line."""
+    lines = []
+    for name, used in PACKAGES.items():
+        if used(cfgs):
+            try:
+                lines.append(f"{name}=={importlib.metadata.version(name)}")
+            except importlib.metadata.PackageNotFoundError:
+                lines.append(name)
+    return "\n".join(lines) + "\n"
 
 
 def _docstrings(tree: ast.Module):
@@ -199,10 +262,10 @@ def strip_source(text: str) -> str:
     return "\n".join(line for row, line in enumerate(out, 1) if line or row in keep) + "\n"
 
 
-def read_sources(root: str | Path = ".") -> dict[str, str]:
-    """{relative path: text} of PACKED_FILES under `root`, as they are (see `packed_sources`)."""
+def read_sources(root: str | Path = ".", files: tuple[str, ...] = PACKED_FILES) -> dict[str, str]:
+    """{relative path: text} of `files` under `root`, as they are (see `packed_sources`)."""
     root, out = Path(root), {}
-    for rel in PACKED_FILES:
+    for rel in files:
         p = root / rel
         if not p.is_file():
             raise PackError(f"{p}: source file of the packed {layout.SCRIPT_FILE} missing")
@@ -213,14 +276,14 @@ def read_sources(root: str | Path = ".") -> dict[str, str]:
     return out
 
 
-def packed_sources(root: str | Path = ".") -> dict[str, str]:
-    """{relative path: text} of PACKED_FILES under `root`, stripped (`strip_source`)."""
-    return {rel: strip_source(text) for rel, text in read_sources(root).items()}
+def packed_sources(root: str | Path = ".", files: tuple[str, ...] = PACKED_FILES) -> dict[str, str]:
+    """{relative path: text} of `files` under `root`, stripped (`strip_source`)."""
+    return {rel: strip_source(text) for rel, text in read_sources(root, files).items()}
 
 
 def build_script(root: str | Path, cfgs: dict) -> bytes:
     """The bytes of the packed train_gpt.py (deterministic) for the checked sections `cfgs`."""
-    archive = json.dumps({"files": packed_sources(root), "params": baked_params(cfgs)}, sort_keys=True,
+    archive = json.dumps({"files": packed_sources(root, packed_files(cfgs)), "params": baked_params(cfgs)}, sort_keys=True,
                          separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     blob = base64.b85encode(lzma.compress(archive, lzma.FORMAT_RAW, filters=_FILTERS)).decode("ascii")
     return _BOOTSTRAP.format(blob=blob, entry=ENTRY_MODULE).encode("ascii")

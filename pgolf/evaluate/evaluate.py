@@ -12,6 +12,10 @@ else from the byte tables; eval.json's `byte_source` says which.
 With evaluate.ttt_enabled, score-first test-time training (pgolf.evaluate.ttt) runs last, on the same
 tokens and windows; its score becomes val_bpb / val_loss (the plain sliding score stays as
 val_bpb_pre_ttt) and its time is ttt_seconds.
+
+With evaluate.ngram_tilt, every scoring pass (non-sliding, sliding, TTT) scores the token n-gram
+tilted softmax of pgolf.evaluate.ngram_tilt (imported only then); its hints are computed inside the
+clock (ngram_tilt_seconds) and ngram_hinted counts the targets that got one.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from pathlib import Path
 
 
 from pgolf.shared import bpb, dist, layout, train_files, val_bytes
-from pgolf.evaluate import ttt
 from pgolf.compress.artifact import MODEL_FILE, ArtifactError, read_artifact
 from pgolf.compress.dequant import dequantize_state
 from pgolf.config import EvaluateConfig
@@ -100,15 +103,16 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths(), progress: bool = True) -> d
                             f"{cfg.max_tokens}) are fewer than one window of evaluate.context {cfg.context}")
     tokens = bpb.truncate(tokens, cfg.context)  # spec §2.2, L = context: whole windows of targets
     common = dict(device=info.device, rank=info.rank, world=info.world_size)
+    tilt, tilt_s = _ngram_tilt(tokens, cfg)  # None unless evaluate.ngram_tilt; inside the clock
     compile_ = cfg.compile and info.device.type == "cuda"
     compile_s = bpb.warm_up(model, cfg.context, cfg.batch_seqs, info.device, compile_)  # both passes' one shape
     t1 = time.perf_counter()
     flat = bpb.eval_nonsliding(model, tokens, tables, cfg.context, cfg.batch_seqs, compile=compile_,
-                               progress=progress and info.is_main, **common)
+                               progress=progress and info.is_main, tilt=tilt, **common)
     t2 = time.perf_counter()
     if cfg.stride > 0:
         ev = bpb.eval_sliding(model, tokens, tables, cfg.context, cfg.stride, cfg.batch_seqs,
-                              progress=progress and info.is_main, compile=compile_, **common)
+                              progress=progress and info.is_main, compile=compile_, tilt=tilt, **common)
     else:
         ev = {"val_loss": flat["val_loss"], "val_bpb": flat["val_bpb"], "scored_tokens": flat["tokens"],
               "scored_bytes": flat["bytes"], "windows": flat["tokens"] // cfg.context}
@@ -118,25 +122,40 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths(), progress: bool = True) -> d
         "eval_seconds": round(time.perf_counter() - t0, 3),  # load + compile + both evaluations
         "sliding_seconds": round(time.perf_counter() - t2, 3) if cfg.stride > 0 else 0.0,
         "nonsliding_seconds": round(t2 - t1, 3), "compile_seconds": compile_s,
-        "load_seconds": round(t1 - t0 - compile_s, 3),
+        "load_seconds": round(t1 - t0 - compile_s - tilt_s, 3),
         "val_bpb_nonsliding": flat["val_bpb"], "val_loss_nonsliding": flat["val_loss"],
         "windows": ev["windows"], "byte_source": val_bytes.byte_source(tables),
         "world_size": info.world_size, "device": str(info.device),
         "artifact_sha256": file_sha256(paths.artifact),
     }
+    if tilt is not None:
+        metrics.update({"ngram_tilt_seconds": round(tilt_s, 3), "ngram_hinted": tilt.hinted})
     if cfg.ttt_enabled:
-        metrics.update(_ttt_metrics(model, tokens, tables, cfg, info, progress, metrics))
+        metrics.update(_ttt_metrics(model, tokens, tables, cfg, info, progress, metrics, tilt))
         metrics["eval_seconds"] = round(time.perf_counter() - t0, 3)
     if info.is_main:
         write_json(paths.metrics, metrics)
     return metrics
 
 
-def _ttt_metrics(model, tokens, tables, cfg: EvaluateConfig, info, progress: bool, plain: dict) -> dict:
+def _ngram_tilt(tokens, cfg: EvaluateConfig):
+    """(pgolf.evaluate.ngram_tilt.Tilt of `tokens`, seconds) with evaluate.ngram_tilt, else (None, 0.0)."""
+    if not cfg.ngram_tilt:
+        return None, 0.0
+    from pgolf.evaluate import ngram_tilt  # evaluate.ngram_tilt only
+
+    t0 = time.perf_counter()
+    tilt = ngram_tilt.Tilt.for_tokens(tokens, cfg.ngram_order, cfg.ngram_threshold, cfg.ngram_boost)
+    return tilt, time.perf_counter() - t0
+
+
+def _ttt_metrics(model, tokens, tables, cfg: EvaluateConfig, info, progress: bool, plain: dict, tilt=None) -> dict:
     """Score-first TTT (adapts `model`): its score as val_loss / val_bpb, the plain one kept beside."""
+    from pgolf.evaluate import ttt  # evaluate.ttt_enabled only (the packed script carries it only then)
+
     t0 = time.perf_counter()
     r = ttt.eval_ttt(model, tokens, tables, cfg, info.device, info.rank, info.world_size,
-                     progress=progress and info.is_main)
+                     progress=progress and info.is_main, tilt=tilt)
     if (r.scored_tokens, r.scored_bytes) != (plain["scored_tokens"], plain["scored_bytes"]):
         raise EvaluateError(f"TTT scored {r.scored_tokens} targets / {r.scored_bytes} bytes, the plain evaluation "
                             f"{plain['scored_tokens']} / {plain['scored_bytes']}")

@@ -180,8 +180,10 @@ class TTTResult:
 
 
 def eval_ttt(model, tokens: np.ndarray, tables: ByteTables, cfg: EvaluateConfig, device, rank: int = 0,
-             world: int = 1, progress: bool = False, record: bool = False) -> TTTResult:
+             world: int = 1, progress: bool = False, record: bool = False, tilt=None) -> TTTResult:
     """Score-first TTT over every target of `tokens` (module docstring); sums all-reduced over ranks.
+    `tilt` (pgolf.evaluate.ngram_tilt.Tilt): the scores are of the n-gram-tilted softmax (adaptation
+    still trains on the plain cross-entropy).
 
     Adapts `model` in place (parametrized banks): build it fresh from the artifact for anything else.
     `tables` is the byte counter (ByteTables, or a byte sidecar's pgolf.shared.val_bytes.SidecarBytes).
@@ -198,6 +200,7 @@ def eval_ttt(model, tokens: np.ndarray, tables: ByteTables, cfg: EvaluateConfig,
     opt = make_optimizer(params, cfg)
     tok = torch.from_numpy(tokens.astype(np.int64)).to(device)  # (N,)
     tab = tables.to(device)
+    tilt = None if tilt is None else tilt.to(device)
     fwd = bpb._hidden_fn(model, device, cfg.compile)
     amp = bpb.autocast_ctx(device)
     per_target = torch.zeros(T, dtype=torch.float64, device=device) if record else None
@@ -207,7 +210,8 @@ def eval_ttt(model, tokens: np.ndarray, tables: ByteTables, cfg: EvaluateConfig,
         steps = track(steps, desc="ttt", unit="chunk")  # a bar on a TTY, else a line every 30 s
     for c in steps:
         win = torch.from_numpy(chunks[c]).to(device)  # (n_c, 3)
-        sums += bpb.local_sums(model, tok, win, cfg.context, tab, cfg.batch_seqs, fwd, amp, per_target=per_target)
+        sums += bpb.local_sums(model, tok, win, cfg.context, tab, cfg.batch_seqs, fwd, amp, per_target=per_target,
+                               tilt=tilt)
         if c < len(chunks) - 1:  # the last chunk's update would score nothing
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, c - lo, hi - lo)

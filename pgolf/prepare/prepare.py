@@ -35,7 +35,7 @@ import numpy as np
 import sentencepiece as spm
 
 from pgolf.shared import byte_tables, layout, shards, tokenizer_meta, val_bytes
-from pgolf.prepare import caseops, tokenizer
+from pgolf.prepare import tokenizer
 from pgolf.config import PrepareConfig
 from pgolf.prepare.corpus import CorpusError, corpus_files, iter_documents
 from pgolf.shared.io import staged_dir, write_json
@@ -101,6 +101,8 @@ def _init_worker(model_path: str) -> None:
 def _original_byte_counts(texts: list[str], encoded: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(ids, original bytes per token) of CaseOps-encoded documents; CaseOpsError if one does not
     decode back to its text or its tokens would credit more bytes than it has."""
+    from pgolf.prepare import caseops  # here and below: prepare.text_transform caseops only
+
     ids, counts = [], []
     for text, enc, m in zip(texts, encoded, _worker_sp.encode(encoded, out_type="offset_mapping")):
         if caseops.decode(enc) != text:
@@ -117,7 +119,11 @@ def _encode_chunk(task: tuple[list[str], bool, str, bool]):
     """Encode raw documents (no strip), CaseOps-encoded first with transform "caseops" -> (ids,
     decoded text lengths with `want_bytes`, original bytes per token with `want_sidecar`)."""
     texts, want_bytes, transform, want_sidecar = task
-    encoded = [caseops.encode(t) for t in texts] if transform == "caseops" else texts
+    encoded = texts
+    if transform == "caseops":
+        from pgolf.prepare import caseops
+
+        encoded = [caseops.encode(t) for t in texts]
     if want_sidecar:
         ids, counts = _original_byte_counts(texts, encoded)
     else:
@@ -193,6 +199,8 @@ def encode_split(docs: Iterable[str], model_path: Path, writer: ShardWriter, wor
 def _write_tokenizer(tdir: Path, sp: spm.SentencePieceProcessor, cfg: PrepareConfig, source: str) -> tuple[str, byte_tables.ByteTables]:
     model = tdir / layout.TOKENIZER_MODEL_FILE
     if cfg.text_transform == "caseops":
+        from pgolf.prepare import caseops
+
         caseops.check_tokenizer(sp, source)
     sha = tokenizer.file_sha256(model)
     meta = {"model_file": model.name, "vocab_size": int(sp.vocab_size()), "sha256": sha, "source": source}
@@ -242,6 +250,8 @@ def _prepare_text(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> dic
     val_docs, train_docs = _doc_sources(cfg, root)
     model = tdir / layout.TOKENIZER_MODEL_FILE
     caps = cfg.text_transform == "caseops"
+    if caps:
+        from pgolf.prepare import caseops
     if cfg.tokenizer == "train":
         docs = train_docs()
         if cfg.tokenizer_train_docs > 0:

@@ -17,7 +17,9 @@ This module owns the math of turning one float matrix W (rows, cols) into intege
    whole GPTQ pass is run for every candidate at once (the candidates are stacked as extra rows:
    GPTQ rows are independent given U), and each row keeps the candidate with the lowest
    Hessian-weighted output error d H d^T (d = that row's w - q*s), i.e. the mean squared output
-   error over the calibration tokens. Ties keep the earlier candidate.
+   error over the calibration tokens. Ties keep the earlier candidate. With `sigmas` > 0 (the
+   sigma rule of PR #2135, `pgolf.shared.rowquant.sigma_scale`) each row has one clip,
+   `sigmas` standard deviations of the row, and there is nothing to choose.
 
 Everything is vectorised over rows, candidates and over all matrices of the same shape (a
 batch dimension M), runs on whatever device the inputs are on, and is deterministic.
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pgolf.shared.rowquant import quantize, row_scale
+from pgolf.shared.rowquant import quantize, row_scale, sigma_scale
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,16 @@ class GPTQSpec:
     block_size: int = 128
     act_order: bool = True
     max_damp_retries: int = 6  # damping x10 per retry: 0.01 -> 1e4 at most
+    sigmas: float = 0.0  # > 0: the sigma clip rule (one clip per row), `quantiles` unused
+
+    @property
+    def k(self) -> int:
+        """Clip candidates per row."""
+        return 1 if self.sigmas > 0 else len(self.quantiles)
+
+    def labels(self) -> tuple[str, ...]:
+        """One name per candidate (table.json's clip_rows keys)."""
+        return (f"sigma={self.sigmas!r}",) if self.sigmas > 0 else tuple(repr(p) for p in self.quantiles)
 
 
 @dataclass
@@ -173,9 +185,11 @@ def row_errors(W: torch.Tensor, Q: torch.Tensor, S: torch.Tensor, H: torch.Tenso
     return (torch.bmm(D, H) * D).sum(-1)
 
 
-def _candidate_scales(W: torch.Tensor, quantiles: tuple[float, ...], qmax: int) -> torch.Tensor:
+def _candidate_scales(W: torch.Tensor, spec: GPTQSpec) -> torch.Tensor:
     """W (M, R, C) -> (M, K*R) scales, candidate-major (rows of candidate k at k*R..k*R+R-1)."""
-    return torch.cat([row_scale(W, p, qmax) for p in quantiles], dim=1)
+    if spec.sigmas > 0:
+        return sigma_scale(W, spec.sigmas, spec.qmax)  # (M, R), K = 1
+    return torch.cat([row_scale(W, p, spec.qmax) for p in spec.quantiles], dim=1)
 
 
 def _pick(err: torch.Tensor, Q: torch.Tensor, S: torch.Tensor, K: int) -> tuple:
@@ -197,8 +211,8 @@ def _counts(best: torch.Tensor, K: int) -> list[list[int]]:
 
 def rtn_batch(W: torch.Tensor, H: torch.Tensor | None, spec: GPTQSpec) -> tuple:
     """Round-to-nearest with per-row best candidate: -> q (M, R, C), s (M, R), err (M, R), best (M, R)."""
-    K = len(spec.quantiles)
-    S = _candidate_scales(W, spec.quantiles, spec.qmax)  # (M, K*R)
+    K = spec.k
+    S = _candidate_scales(W, spec)  # (M, K*R)
     Wk = W.repeat(1, K, 1)  # (M, K*R, C)
     Q = quantize(Wk, S, spec.qmax)  # (M, K*R, C)
     return _pick(row_errors(Wk, Q, S, H), Q, S, K)
@@ -206,13 +220,13 @@ def rtn_batch(W: torch.Tensor, H: torch.Tensor | None, spec: GPTQSpec) -> tuple:
 
 def gptq_batch(W: torch.Tensor, H: torch.Tensor, spec: GPTQSpec) -> list[MatrixResult]:
     """Full GPTQ of M same-shape matrices: W (M, R, C), H (M, C, C) on one device."""
-    K = len(spec.quantiles)
+    K = spec.k
     W, H, dead = fix_dead(W, H)
     perm = act_order_perm(H) if spec.act_order else None  # (M, C)
     U, used, retries = inverse_factor(H if perm is None else permute_sym(H, perm), spec.damp,
                                       spec.max_damp_retries)
     _, _, err_rtn, _ = rtn_batch(W, H, spec)
-    S = _candidate_scales(W, spec.quantiles, spec.qmax)  # (M, K*R), from the unpermuted W
+    S = _candidate_scales(W, spec)  # (M, K*R), from the unpermuted W
     Wk = W.repeat(1, K, 1)  # (M, K*R, C)
     Q = _gptq_codes(Wk, S, U, perm, spec)  # (M, K*R, C)
     q, s, err, best = _pick(row_errors(Wk, Q, S, H), Q, S, K)
@@ -250,7 +264,7 @@ def _result(q, s, method, err, err_rtn, choice, damp, retries, dead) -> MatrixRe
 
 def gptq_lite_batch(W: torch.Tensor, spec: GPTQSpec) -> list[MatrixResult]:
     """GPTQ-lite (no Hessian): round-to-nearest, per row the candidate with the lowest squared error."""
-    K = len(spec.quantiles)
+    K = spec.k
     W = W.float()
     q, s, err, best = rtn_batch(W, None, spec)
     dead = torch.zeros(W.shape[0], W.shape[-1], dtype=torch.bool)

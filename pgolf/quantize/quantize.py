@@ -10,20 +10,27 @@ Treatment of each tensor of the exported state dict, first rule that applies (re
     2. numel <= quantize.passthrough_max_numel     -> passthrough fp16               (method "fp16")
     3. a block matrix (GPT.quantizable_names())    -> int{bits} full GPTQ            (method "gptq")
     4. tok_emb.weight                              -> int8 per row, or fp16 when quantize.embed_mode
-                                                      is "fp16"                     (method "int8_row" | "fp16")
+                                                      is "fp16"                     (method "int8_row" | "fp16"),
+                                                      or with embed_mode "gptq" int{embed_bits} full GPTQ
+                                                      when hessians.pgt holds its Hessian (the tied
+                                                      head's input, train.hessian_head), else
+                                                      GPTQ-lite                     (method "gptq" | "gptq_lite")
     5. any other embedding table (bigram, VE)      -> int8 per row                   (method "int8_row")
     6. any other 2-D float matrix                  -> int{bits} full GPTQ when hessians.pgt holds a
                                                       Hessian for it, else GPTQ-lite (method "gptq_lite")
     7. anything else (e.g. a large 1-D tensor)     -> passthrough fp16               (method "fp16")
 
-The type label of rules 3 and 6 is "int6" whatever quantize.bits is (the contract's name for
-"the low-bit per-row codes"; `bits` says how many). int8 rows use the shared rule of
+The type label of rules 3, 4 (gptq) and 6 is "int6" whatever quantize.bits / embed_bits is (the
+contract's name for "the low-bit per-row codes"; `bits` says how many). int8 rows use the shared rule of
 `pgolf.shared.rowquant` with qmax 127 and clip quantile quantize.int8_clip_quantile; unlike the reference
 `quantize_float_tensor`, values beyond the clip are clamped in the code domain (at ±127 s),
 which only differs from clipping the weight first when the 1/127 scale floor binds.
 
 Clip candidates for GPTQ and GPTQ-lite: quantize.clip_quantiles plus the training-time QAT
-quantile from model.pgt's meta, chosen per row (pgolf.quantize.gptq). Quantize does not prune and counts
+quantile from model.pgt's meta, chosen per row (pgolf.quantize.gptq). With quantize.clip_rule
+"sigma" (PR #2135) each row has one clip instead, `*_clip_sigmas` standard deviations of the row
+(pgolf.shared.rowquant.sigma_scale), by the matrix's class (`clip_class`: tok_emb embed, names with
+".mlp." mlp, with ".attn." attn, any other matrix). Quantize does not prune and counts
 no bytes: the compress stage owns the byte budget (serialisation, codecs, the packed code, the
 ±1 pruning search, the cap). What pruning needs from here is written beside quant.pgt:
 `hdiag.pgt`, the input Hessian diagonal (C,) of every GPTQ matrix (GPTQ-lite ones have none).
@@ -36,7 +43,8 @@ LQER (quantize.lqer_enabled, pgolf.quantize.lqer): after quantization the quanti
 matrices of largest ||W - Q(W)||_F get a rank-quantize.lqer_rank correction of that error in
 quantize.lqer_bits-bit factors; its tensors are part of quant.pgt and of the artifact, so the
 compress stage's size target counts them (pruning later zeroes some ±1 codes of those matrices as
-of any other; the correction is of the error before pruning).
+of any other; the correction is of the error before pruning). quantize.lqer_asym stores them in
+the asymmetric form instead (int2 A, int4 B in groups of quantize.lqer_group; pgolf.quantize.lqer).
 """
 
 from __future__ import annotations
@@ -49,7 +57,6 @@ import torch
 import torch.nn as nn
 
 from pgolf.shared import layout, tensorfile, train_files
-from pgolf.quantize import lqer
 from pgolf.config import ConfigError, ModelConfig, QuantizeConfig
 from pgolf.quantize.gptq import GPTQSpec, MatrixResult, gptq_lite_matrices, gptq_matrices
 from pgolf.shared.rowquant import dequantize, fp16_round, qmax_for, quantize, row_scale
@@ -79,6 +86,25 @@ def resolve_device(cfg: QuantizeConfig) -> torch.device:
 def candidates(cfg: QuantizeConfig, qat_quantile: float) -> tuple[float, ...]:
     """Clip candidates: quantize.clip_quantiles, then the QAT quantile if it is not among them."""
     return tuple(dict.fromkeys(cfg.clip_quantiles + (float(qat_quantile),)))
+
+
+def clip_class(name: str) -> str:
+    """The class whose quantize.*_clip_sigmas clips the low-bit matrix `name`: embed | mlp | attn | matrix."""
+    if name == "tok_emb.weight":
+        return "embed"
+    return "mlp" if ".mlp." in name else "attn" if ".attn." in name else "matrix"
+
+
+def bits_for(name: str, cfg: QuantizeConfig) -> int:
+    """Code width of the low-bit matrix `name`: quantize.embed_bits for tok_emb, else quantize.bits."""
+    return cfg.embed_bits if name == "tok_emb.weight" else cfg.bits
+
+
+def spec_for(name: str, cfg: QuantizeConfig, cands: tuple[float, ...]) -> GPTQSpec:
+    """The GPTQ / GPTQ-lite settings of the low-bit matrix `name` (its bits and its clip rule)."""
+    sigmas = getattr(cfg, f"{clip_class(name)}_clip_sigmas") if cfg.clip_rule == "sigma" else 0.0
+    return GPTQSpec(qmax=qmax_for(bits_for(name, cfg)), quantiles=cands, damp=cfg.damp, block_size=cfg.block_size,
+                    act_order=cfg.act_order, sigmas=sigmas)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -158,6 +184,8 @@ def plan(inp: Inputs, cfg: QuantizeConfig) -> dict[str, tuple[str, str]]:
             out[name] = ("int6", "gptq")
         elif name == "tok_emb.weight" and cfg.embed_mode == "fp16":
             out[name] = ("passthrough", "fp16")
+        elif name == "tok_emb.weight" and cfg.embed_mode == "gptq":
+            out[name] = ("int6", "gptq" if name in inp.hessians else "gptq_lite")
         elif name in embeds and t.dim() == 2:
             out[name] = ("int8", "int8_row")
         elif t.dim() == 2:
@@ -185,19 +213,21 @@ def quantize_model(inp: Inputs, cfg: QuantizeConfig, device: torch.device | str 
     """Apply the treatment plan: GPTQ / GPTQ-lite for int6, int8 rows, passthrough."""
     treat = plan(inp, cfg)
     cands = candidates(cfg, inp.meta["qat_quantile"])
-    spec = GPTQSpec(qmax=qmax_for(cfg.bits), quantiles=cands, damp=cfg.damp, block_size=cfg.block_size,
-                    act_order=cfg.act_order)
-    full = {n: inp.weights[n] for n, (_, m) in treat.items() if m == "gptq"}
-    lite = {n: inp.weights[n] for n, (_, m) in treat.items() if m == "gptq_lite"}
-    results = {**gptq_matrices(full, inp.hessians, spec, device), **gptq_lite_matrices(lite, spec, device)}
+    specs = {n: spec_for(n, cfg, cands) for n, (kind, _) in treat.items() if kind == "int6"}
+    results = {}
+    for spec in dict.fromkeys(specs.values()):  # one pass per distinct spec (one unless bits / clips differ)
+        mine = [n for n, sp in specs.items() if sp == spec]
+        full = {n: inp.weights[n] for n in mine if treat[n][1] == "gptq"}
+        lite = {n: inp.weights[n] for n in mine if treat[n][1] == "gptq_lite"}
+        results |= gptq_matrices(full, inp.hessians, spec, device) | gptq_lite_matrices(lite, spec, device)
     tensors, quant, rows = {}, {}, []
     for name, (kind, method) in treat.items():
         t = inp.weights[name]
         if kind == "int6":
-            r = results[name]
+            r, bits = results[name], bits_for(name, cfg)
             tensors[f"{name}.q"], tensors[f"{name}.scale"] = r.q, r.scale
-            quant[name] = {"type": "int6", "bits": cfg.bits, "method": r.method}
-            rows.append(_row(name, t, "int6", r.method, cfg.bits, r.q, r.scale) | _gptq_row(r, cands, spec.qmax))
+            quant[name] = {"type": "int6", "bits": bits, "method": r.method}
+            rows.append(_row(name, t, "int6", r.method, bits, r.q, r.scale) | _gptq_row(r, specs[name]))
         elif kind == "int8":
             q, s = int8_rows(t, cfg.int8_clip_quantile)
             tensors[f"{name}.q"], tensors[f"{name}.scale"] = q, s
@@ -213,7 +243,7 @@ def quantize_model(inp: Inputs, cfg: QuantizeConfig, device: torch.device | str 
             "tokenizer": inp.meta.get("tokenizer"), "quant": quant}
     hdiag = {n: (torch.diagonal(inp.hessians[n]).float() if results[n].method != "gptq_lite" else None)
              for n in results}
-    qz = Quantized(tensors, meta, rows, results, hdiag, cands)
+    qz = Quantized(tensors, meta, rows, results, hdiag, cands if cfg.clip_rule == "quantile" else ())
     if cfg.lqer_enabled:
         add_lqer(qz, inp.weights, cfg)
     return qz
@@ -221,7 +251,10 @@ def quantize_model(inp: Inputs, cfg: QuantizeConfig, device: torch.device | str 
 
 def add_lqer(qz: Quantized, weights: dict[str, torch.Tensor], cfg: QuantizeConfig) -> None:
     """Rank-r corrections of the top-K quantization errors (module docstring), in place:
-    tensors, quant entries ({"lqer": {"rank", "bits"}}) and table rows (lqer_rank, error norms)."""
+    tensors, quant entries ({"lqer": {"rank", "bits"}}, with quantize.lqer_asym {"lqer": {"rank", "form",
+    "group"}} where it fits) and table rows (lqer_rank, error norms)."""
+    from pgolf.quantize import lqer  # quantize.lqer_enabled only (the packed script carries it only then)
+
     errs = {}
     for name, info in qz.meta["quant"].items():
         if info["type"] in ("int6", "int8"):
@@ -230,11 +263,12 @@ def add_lqer(qz: Quantized, weights: dict[str, torch.Tensor], cfg: QuantizeConfi
     chosen = lqer.select(norms, cfg.lqer_top_k)
     rows = {r["name"]: r for r in qz.rows}
     for name in chosen:
-        block = lqer.pack(name, errs[name], cfg.lqer_rank, cfg.lqer_bits)
+        group = cfg.lqer_group if cfg.lqer_asym else 0
+        block, entry = lqer.pack_for(name, errs[name], cfg.lqer_rank, cfg.lqer_bits, group)
         qz.tensors.update(block)
-        rank = block[name + ".lqer_b"].shape[0]
-        qz.meta["quant"][name]["lqer"] = {"rank": rank, "bits": cfg.lqer_bits}
-        left = errs[name] - lqer.correction(block, name, tuple(errs[name].shape), rank)
+        qz.meta["quant"][name]["lqer"] = entry
+        rank = entry["rank"]
+        left = errs[name] - lqer.correction_for(block, name, tuple(errs[name].shape), entry)
         rows[name].update(lqer_rank=rank, lqer_error=norms[name], lqer_error_after=float(left.norm()),
                           lqer_bytes_raw=sum(t.numel() * t.element_size() for t in block.values()))
         rows[name]["bytes_raw"] += rows[name]["lqer_bytes_raw"]
@@ -251,15 +285,15 @@ def _row(name, t, treatment, method, bits, *stored) -> dict:
             "method": method, "bits": bits, "bytes_raw": sum(x.numel() * x.element_size() for x in stored)}
 
 
-def _gptq_row(r: MatrixResult, cands: tuple[float, ...], qmax: int) -> dict:
+def _gptq_row(r: MatrixResult, spec: GPTQSpec) -> dict:
     """GPTQ diagnostics. rows_at_scale_floor: rows whose scale is the rule's floor 1/qmax (their
     clip is below 1, so every clip candidate gives the same scale and the search cannot help)."""
     ratio = r.err / r.err_rtn if r.err_rtn > 0 else None
-    floor = float(fp16_round(torch.tensor(1.0 / qmax)))
+    floor = float(fp16_round(torch.tensor(1.0 / spec.qmax)))
     return {"damp": r.damp, "damp_retries": r.damp_retries, "dead_columns": r.dead_columns,
             "rows_at_scale_floor": int((r.scale.float() == floor).sum()),
             "output_error": r.err, "output_error_rtn": r.err_rtn, "error_ratio_vs_rtn": ratio,
-            "clip_rows": {repr(p): c for p, c in zip(cands, r.choice)}}
+            "clip_rows": dict(zip(spec.labels(), r.choice))}
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -306,9 +340,12 @@ def run(cfg: QuantizeConfig, train_dir: str | Path = layout.TRAIN, out_dir: str 
 def make_table(qz: Quantized, cfg: QuantizeConfig) -> dict:
     """table.json: one row per source tensor, plus the settings (no timings, so the file is a pure
     function of the inputs)."""
+    sigma = {"clip_rule": "sigma", "clip_sigmas": {c: getattr(cfg, f"{c}_clip_sigmas")
+                                                   for c in ("matrix", "attn", "mlp", "embed")}}
     return {"bits": cfg.bits, "clip_candidates": list(qz.clip_candidates),
             "columns": ["name", "shape", "treatment", "method", "bits", "bytes_raw"],
-            "tensors": qz.rows, "bytes_raw": sum(r["bytes_raw"] for r in qz.rows)}
+            "tensors": qz.rows, "bytes_raw": sum(r["bytes_raw"] for r in qz.rows)} | (
+        sigma if cfg.clip_rule == "sigma" else {})
 
 
 def make_metrics(qz: Quantized, cfg: QuantizeConfig, seconds: float, device: torch.device) -> dict:
@@ -321,6 +358,8 @@ def make_metrics(qz: Quantized, cfg: QuantizeConfig, seconds: float, device: tor
     extra = {"lqer_tensors": len(lq), "lqer_bytes_raw": sum(r["lqer_bytes_raw"] for r in lq),
              "lqer_error_before": sum(r["lqer_error"] for r in lq),
              "lqer_error_after": sum(r["lqer_error_after"] for r in lq)} if cfg.lqer_enabled else {}
+    if cfg.embed_mode == "gptq":  # "gptq_lite": hessians.pgt had no head-input Hessian (train.hessian_head off)
+        extra["embed_method"] = next((r["method"] for r in rows if r["name"] == "tok_emb.weight"), None)
     return extra | {
         "int6_tensors": count("treatment", "int6"),
         "passthrough_tensors": count("treatment", "passthrough"),

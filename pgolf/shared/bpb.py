@@ -160,11 +160,13 @@ def autocast_ctx(device: torch.device, enabled: bool = True):
 
 
 def local_sums(model, tok: torch.Tensor, windows: torch.Tensor, width: int, tab: ByteTables, batch_seqs: int,
-               fwd, amp, progress: bool = False, per_target: torch.Tensor | None = None) -> torch.Tensor:
+               fwd, amp, progress: bool = False, per_target: torch.Tensor | None = None, tilt=None) -> torch.Tensor:
     """This process's float64 sums (nll, tokens, bytes, windows) over `windows` (n, 3), no all-reduce.
 
     tok (N,) int64 and `tab` on the model's device; `fwd` the hidden-state function; `per_target`
     (N-1,) float64, when given, gets every scored target's NLL added at its target index (checks).
+    `tilt` (pgolf.evaluate.ngram_tilt.Tilt on the device), when given, turns each scored row into
+    log_softmax(logits + boost * onehot(hint of its target)) before the NLL.
     """
     sums = torch.zeros(4, dtype=torch.float64, device=tok.device)  # nll, tokens, bytes, windows
     steps = range(0, len(windows), batch_seqs)
@@ -181,6 +183,8 @@ def local_sums(model, tok: torch.Tensor, windows: torch.Tensor, width: int, tab:
             with amp:
                 h = fwd(x)  # (B, width, D)
                 logits = model.logits_from_hidden(h[rows_b, rows_p])  # (M, V)
+            if tilt is not None:
+                logits = tilt.apply(logits.float(), win[rows_b, 0] + rows_p)  # (M, V), target index
             if per_target is not None:
                 nll_t = F.cross_entropy(logits.float(), tgt, reduction="none")  # (M,)
                 per_target.index_add_(0, win[rows_b, 0] + rows_p, nll_t.double())
@@ -195,8 +199,9 @@ def local_sums(model, tok: torch.Tensor, windows: torch.Tensor, width: int, tab:
 
 def score_windows(model, tokens: np.ndarray, windows: np.ndarray, width: int, tables: ByteTables,
                   batch_seqs: int, device, rank: int = 0, world: int = 1, autocast: bool = True,
-                  compile: bool = False, progress: bool = False) -> dict:
-    """Sum NLL (nats), scored targets and bytes over `windows`, split contiguously over ranks.
+                  compile: bool = False, progress: bool = False, tilt=None) -> dict:
+    """Sum NLL (nats), scored targets and bytes over `windows`, split contiguously over ranks
+    (with `tilt`: the n-gram-tilted NLL, see local_sums).
 
     Returns float64 sums all-reduced over the process group: nll, tokens, bytes, windows.
     """
@@ -206,7 +211,8 @@ def score_windows(model, tokens: np.ndarray, windows: np.ndarray, width: int, ta
     mine = torch.from_numpy(windows[lo:hi]).to(device)  # (n, 3)
     tok = torch.from_numpy(tokens.astype(np.int64)).to(device)  # (N,)
     sums = local_sums(model, tok, mine, width, tables.to(device), batch_seqs, _hidden_fn(model, device, compile),
-                      autocast_ctx(device, autocast), progress=progress and rank == 0)
+                      autocast_ctx(device, autocast), progress=progress and rank == 0,
+                      tilt=None if tilt is None else tilt.to(device))
     all_reduce_(sums)
     nll, ntok, nbytes, nwin = sums.tolist()
     return {"nll": nll, "tokens": int(ntok), "bytes": int(nbytes), "windows": int(nwin)}
@@ -219,27 +225,27 @@ def _bpb(nll: float, ntok: int, nbytes: int) -> tuple[float, float]:
 
 def eval_nonsliding(model, tokens: np.ndarray, tables: ByteTables, seq_len: int, batch_seqs: int,
                     device, rank: int = 0, world: int = 1, autocast: bool = True, *,
-                    compile: bool = False, progress: bool = False) -> dict:
-    """Spec §2.3 on tokens truncated per §2.2 -> {val_loss, val_bpb, tokens, bytes}."""
+                    compile: bool = False, progress: bool = False, tilt=None) -> dict:
+    """Spec §2.3 on tokens truncated per §2.2 -> {val_loss, val_bpb, tokens, bytes} (`tilt`: see local_sums)."""
     tokens = truncate(np.asarray(tokens), seq_len)
     windows = nonsliding_windows(len(tokens) - 1, seq_len)
     s = score_windows(model, tokens, windows, seq_len, tables, batch_seqs, device, rank, world,
-                      autocast=autocast, compile=compile, progress=progress)
+                      autocast=autocast, compile=compile, progress=progress, tilt=tilt)
     loss, bpb = _bpb(s["nll"], s["tokens"], s["bytes"])
     return {"val_loss": loss, "val_bpb": bpb, "tokens": s["tokens"], "bytes": s["bytes"]}
 
 
 def eval_sliding(model, tokens: np.ndarray, tables: ByteTables, context: int, stride: int, batch_seqs: int,
                  device, rank: int = 0, world: int = 1, progress: bool = False, *,
-                 autocast: bool = True, compile: bool = True) -> dict:
+                 autocast: bool = True, compile: bool = True, tilt=None) -> dict:
     """Spec §2.4 without tail duplicates, over every target of `tokens` (no truncation here)
-    -> {val_loss, val_bpb, scored_tokens, scored_bytes, windows}."""
+    -> {val_loss, val_bpb, scored_tokens, scored_bytes, windows} (`tilt`: see local_sums)."""
     tokens = np.asarray(tokens)
     if len(tokens) < 2:
         raise ValueError("sliding evaluation needs at least 2 tokens")
     windows = sliding_windows(len(tokens) - 1, context, stride)
     s = score_windows(model, tokens, windows, context, tables, batch_seqs, device, rank, world,
-                      autocast=autocast, compile=compile, progress=progress)
+                      autocast=autocast, compile=compile, progress=progress, tilt=tilt)
     loss, bpb = _bpb(s["nll"], s["tokens"], s["bytes"])
     return {"val_loss": loss, "val_bpb": bpb, "scored_tokens": s["tokens"], "scored_bytes": s["bytes"],
             "windows": s["windows"]}

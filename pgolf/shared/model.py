@@ -63,6 +63,7 @@ QAT_BITS = 6
 BIGRAM_MUL_CUR = 36313
 BIGRAM_MUL_PREV = 27191
 PARALLEL_RESID_INIT = 1.1  # the records' init of the lanes' self-weights (post weights start at 1)
+HEAD_HESSIAN = "tok_emb.weight"  # the tied head's input Gram in a Hessian dict (GPT.head_hessian)
 ATTN_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -473,6 +474,7 @@ class GPT(nn.Module):
         self.ve_start = L - cfg.ve_last_n
         self.parallel_start = cfg.parallel_start_layer if cfg.parallel_start_layer > 0 else L  # L: off
         self.parallel_row0 = 0 if cfg.parallel_lambdas_all_layers else self.parallel_start  # layer of row 0
+        self.head_hessian = False  # hessian_shapes also holds the tied head's input (train.hessian_head)
         self.set_qat_quantile(qat_quantile)
 
         self.tok_emb = nn.Embedding(cfg.vocab_size, D)
@@ -619,7 +621,8 @@ class GPT(nn.Module):
                        docs=None) -> torch.Tensor:
         """idx (B, T) -> final normed hidden states (B, T, D). `docs` (train.doc_packing: a
         pgolf.shared.docattn.DocSegments of the one row, B = 1): attention within its segments,
-        RoPE at the positions within them."""
+        RoPE at the positions within them. `hessians`: the block matrices' input Grams accumulate
+        there, and the output's (the tied head's input) when it holds HEAD_HESSIAN."""
         L = self.cfg.num_layers
         T = idx.size(1)
         # one view per matrix, by unbind: its backward stacks the slices' gradients into one bank
@@ -651,7 +654,10 @@ class GPT(nn.Module):
                 h, lane1 = self._parallel_layer(i, h, lane1, x0, w, cos, sin, ve_i, hessians, docs)
             if pos < n_enc:
                 skips.append(h)
-        return rms_norm(self._final_lane(h, lane1))
+        out = rms_norm(self._final_lane(h, lane1))  # (B, T, D)
+        if hessians is not None and HEAD_HESSIAN in hessians:
+            accumulate_gram(hessians, (HEAD_HESSIAN,), out)  # the rows the tied head multiplies
+        return out
 
     def _front_end(self, idx: torch.Tensor) -> torch.Tensor:
         """idx (B, T) -> x0 (B, T, D): token embeddings (+ BigramHash), then the SmearGate and the
@@ -726,9 +732,11 @@ class GPT(nn.Module):
         return [f"blocks.{i}.{k}.weight" for i in range(self.cfg.num_layers) for k in MATRIX_KINDS]
 
     def hessian_shapes(self) -> dict[str, int]:
-        """name -> in_features of that matrix (its Hessian is (in, in))."""
+        """name -> in_features of that matrix (its Hessian is (in, in)); with `head_hessian` also the
+        tied head, HEAD_HESSIAN -> model_dim (its input: forward_hidden's output)."""
         d, hid = self.cfg.model_dim, self.hidden
-        return {n: (hid if n.endswith("mlp.proj.weight") else d) for n in self.quantizable_names()}
+        shapes = {n: (hid if n.endswith("mlp.proj.weight") else d) for n in self.quantizable_names()}
+        return shapes | ({HEAD_HESSIAN: d} if self.head_hessian else {})
 
     def zero_hessians(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """A fresh fp32 zero Hessian per quantizable name, on `device` (default: the model's)."""

@@ -4,12 +4,16 @@ shared by training-time fake quantization (QAT) and export (GPTQ, the int8 embed
 Codes use `qmax = 2**(bits-1) - 1` levels each side (int6: [-31, 31], int8: [-127, 127]). A row's clip is the `quantile` of its absolute values (1.0 = row
 max), its scale `s = max(clip / qmax, 1 / qmax)` rounded to fp16 (the stored dtype), and
 `q = clamp(round(w / s), -qmax, qmax)`. QAT uses exactly `row_scale` + `fake_quant_values`, so the
-weights trained under QAT are the weights the exporter sees (recipe-spec §4.8, §6.6).
+weights trained under QAT are the weights the exporter sees (recipe-spec §4.8, §6.6). The
+post-training alternative `sigma_scale` (quantize.clip_rule "sigma"; no QAT trains against it)
+takes the clip from the row's standard deviation instead.
 """
 
 from __future__ import annotations
 
 import torch
+
+FP16_SUBNORMAL = 2.0 ** -24  # the smallest positive fp16 value
 
 
 def qmax_for(bits: int) -> int:
@@ -53,6 +57,15 @@ def row_scale(w: torch.Tensor, quantile: float, qmax: int) -> torch.Tensor:
     clip = row_quantile_abs(w, quantile) if quantile < 1.0 else w.abs().float().amax(dim=-1)
     s = torch.clamp(clip / qmax, min=1.0 / qmax)
     return fp16_round(s)
+
+
+def sigma_scale(w: torch.Tensor, sigmas: float, qmax: int) -> torch.Tensor:
+    """Per-row fp16-representable scale of the sigma clip rule (quantize.clip_rule "sigma", PR #2135's
+    GPTQ): the clip is `sigmas` row standard deviations (unbiased), s = sigmas * std / qmax, with no
+    1/qmax floor (only fp16's smallest subnormal, so an all-zero row keeps a usable scale).
+    (..., n) -> (...,) float32; a `.half()` round trip, since subnormal scales are possible here."""
+    s = (sigmas * w.float().std(dim=-1)) / qmax
+    return s.clamp_min(FP16_SUBNORMAL).half().float()
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:

@@ -5,7 +5,9 @@
 
 Reads only the pipeline's outputs (metrics/*.json, params.yaml, dvc.lock, artifacts/final/, the
 train log) and writes: `train_gpt.py` (the packed script whose bytes were counted; it reruns the
-whole recipe in the challenge's data layout), `requirements.txt`, `README.md`, `submission.json`,
+whole recipe in the challenge's data layout), `requirements.txt` (the Python packages that script
+imports with the run's params, pinned at the installed versions: pgolf.compress.pack.requirements),
+`README.md`, `submission.json`,
 `model.ptz` (the scored artifact), the train log, the metrics, `params.yaml`, `rules_check.txt`
 (pgolf.submit.rules) and, with `--seeds`, the seed summary and every seed's log (pgolf.submit.seeds).
 
@@ -44,12 +46,6 @@ NEEDED = {
     "size": ("codec", "model_bytes", "code_bytes", "total_bytes", "cap_bytes", "under_cap", "code_sha256"),
     "eval": ("val_loss", "val_bpb", "stride", "context", "scored_tokens", "artifact_sha256"),
 }
-REQUIREMENTS = """\
-# What train_gpt.py imports beyond the challenge image (torch, numpy, sentencepiece, tqdm):
-pyyaml>=6
-zstandard>=0.22
-brotli>=1.2  # read only when compress.brotli chose it for model.ptz
-"""
 
 
 class ExportError(RuntimeError):
@@ -142,14 +138,22 @@ def check_script(root: Path, m: dict) -> bytes:
     if _sha(script) != want or len(script) != m["size"]["code_bytes"]:
         raise ExportError(f"{counted}: not the script metrics/size.json counted; rerun `dvc repro`")
     try:
-        now = pack.build_script(root, checked.read_all(pack.BAKED_SECTIONS, root))
-    except (pack.PackError, ConfigError) as e:
+        now = pack.build_script(root, baked_configs(root))
+    except pack.PackError as e:
         raise ExportError(str(e)) from None
     if now != script:
         raise ExportError(f"code or params changed since the run was scored: the packed {layout.SCRIPT_FILE} built "
                           f"from the current sources and params.yaml is {len(now):,} bytes (sha256 "
                           f"{_sha(now)[:12]}…), the counted one {len(script):,} ({want[:12]}…); rerun `dvc repro`")
     return script
+
+
+def baked_configs(root: Path) -> dict:
+    """The run's checked BAKED_SECTIONS (the params gate's artifacts/params/), or ExportError."""
+    try:
+        return checked.read_all(pack.BAKED_SECTIONS, root)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
 
 
 def _sha(data: bytes) -> str:
@@ -255,6 +259,7 @@ def export(root: Path, out: Path, name: str, author: str, github_id: str, blurb:
     model = check_artifact(root, m)
     check_params_locked(root)
     script = check_script(root, m)
+    reqs = pack.requirements(baked_configs(root))
     log = root / layout.TRAIN / train_files.LOG_FILE
     if not log.is_file():
         raise ExportError(f"{log}: train log missing (run `dvc repro` or `dvc checkout`)")
@@ -270,14 +275,15 @@ def export(root: Path, out: Path, name: str, author: str, github_id: str, blurb:
     params_text = (root / "params.yaml").read_text()
     text = readme(sub, m, params_text, root / layout.METRICS, rules.report(checked),
                   render_seeds(seed_summary) if seed_summary else None)
-    _write(out, force, lambda tmp: _fill(tmp, root, sub, text, script, model, log, m, checked, seed_summary, seed_logs))
+    _write(out, force, lambda tmp: _fill(tmp, root, sub, text, script, reqs, model, log, m, checked, seed_summary,
+                                         seed_logs))
     return out
 
 
-def _fill(tmp: Path, root: Path, sub: dict, text: str, script: bytes, model: Path, log: Path, m: dict,
+def _fill(tmp: Path, root: Path, sub: dict, text: str, script: bytes, reqs: str, model: Path, log: Path, m: dict,
           checked: list, seed_summary: dict | None, seed_logs: list[Path]) -> None:
     (tmp / layout.SCRIPT_FILE).write_bytes(script)
-    atomic_write_text(tmp / "requirements.txt", REQUIREMENTS)
+    atomic_write_text(tmp / "requirements.txt", reqs)
     write_json(tmp / "submission.json", sub)
     atomic_write_text(tmp / "README.md", text)
     shutil.copy2(model, tmp / artifact.MODEL_FILE)

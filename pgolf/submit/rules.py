@@ -22,6 +22,11 @@ Each rule gives pass/fail and the figure behind it:
   With `evaluate.ttt_enabled` the probe covers the artifact's model before adaptation; the
   score-first order (each chunk scored before the update that saw it, every target once) is
   pgolf.evaluate.ttt's construction, proven by tests/test_ttt.py, and not probed from the files here.
+* `ngram_causal` (only with `evaluate.ngram_tilt`): the n-gram tilt's hints, recomputed with the
+  run's order and threshold on the first NGRAM_PROBE_TOKENS of the run's validation tokens, do not
+  move for any target before position p when every token from p on is replaced (NGRAM_PROBE_CUTS
+  random p): each hint comes from the earlier tokens only (pgolf.evaluate.ngram_tilt). The tilted
+  score is log_softmax(logits + boost * onehot(hint)), renormalised over the full vocabulary.
 
 Figures are measured on the hardware of the run (the rules' limits are for 8xH100).
 """
@@ -44,6 +49,8 @@ TRAIN_LIMIT_S = 600.0
 EVAL_LIMIT_S = 600.0
 HESSIAN_FALLBACK = "hessian: no step captured one"  # pgolf.train.train's line when Hessians came after the clock
 CAUSAL_ATOL = 1e-4
+NGRAM_PROBE_TOKENS = 262_144  # validation tokens the ngram_causal rule re-derives hints on
+NGRAM_PROBE_CUTS = 8
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,23 @@ def check_causal(artifact: Path, context: int) -> Rule:
     return judge_causal(causal_probe(model.forward_logits, vocab, min(context, 64)), vocab)
 
 
+def check_ngram_causal(shards: Path, cfg) -> Rule:
+    """`cfg` the run's evaluate section (ngram_tilt on): ngram_tilt.causality_probe on its val tokens."""
+    from pgolf.evaluate import ngram_tilt
+    from pgolf.shared import bpb
+
+    try:
+        limit = min(NGRAM_PROBE_TOKENS, cfg.max_tokens) if cfg.max_tokens > 0 else NGRAM_PROBE_TOKENS
+        tokens = bpb.load_val_tokens(shards, limit)
+    except (OSError, ValueError) as e:
+        return Rule("ngram_causal", False, f"{shards}: no validation tokens to probe the n-gram tilt on ({e})")
+    p = ngram_tilt.causality_probe(tokens, cfg.ngram_order, cfg.ngram_threshold, cuts=NGRAM_PROBE_CUTS)
+    return Rule("ngram_causal", p["max_changed"] == 0,
+                f"{p['max_changed']} earlier hint(s) moved when the tokens after a cut changed ({p['cuts']} cuts; "
+                f"{p['hinted']:,} of the first {p['targets']:,} validation targets hinted, order {cfg.ngram_order}, "
+                f"threshold {cfg.ngram_threshold}, boost {cfg.ngram_boost}); tilt renormalised over the vocabulary")
+
+
 def check(root: str | Path = ".", max_tokens: int | None = None) -> list[Rule]:
     """Every rule on the finished run under `root` (metrics/, artifacts/, params.yaml)."""
     root = Path(root)
@@ -169,14 +193,17 @@ def check(root: str | Path = ".", max_tokens: int | None = None) -> list[Rule]:
     log = root / layout.TRAIN / train_files.LOG_FILE
     if not log.is_file():
         raise RulesError(f"{log}: train log missing (run `dvc repro` first)")
-    if max_tokens is None:
-        from pgolf.shared import checked
+    from pgolf.shared import checked
 
-        max_tokens = checked.read("evaluate", root).max_tokens
+    ev_cfg = checked.read("evaluate", root)
+    if max_tokens is None:
+        max_tokens = ev_cfg.max_tokens
     script = root / layout.FINAL / layout.SCRIPT_FILE
+    ngram = [check_ngram_causal(root / layout.SHARDS, ev_cfg)] if getattr(ev_cfg, "ngram_tilt", False) else []
     return [check_size(size, script.stat().st_size if script.is_file() else None), check_train_time(train),
             check_eval_time(ev), check_hessians(train, log.read_text(errors="replace")),
-            check_eval_once(ev, prep, max_tokens), check_causal(root / layout.FINAL / artifact.MODEL_FILE, ev["context"])]
+            check_eval_once(ev, prep, max_tokens),
+            check_causal(root / layout.FINAL / artifact.MODEL_FILE, ev["context"]), *ngram]
 
 
 def report(rules: list[Rule]) -> str:

@@ -2,9 +2,10 @@
 
 This module computes the content of `artifacts/train/hessians.pgt` (recipe-spec §6.5, with its
 §12.8 fix; the file itself, its check and its reader are pgolf.shared.train_files'): for every
-matrix name of `GPT.quantizable_names()` the mean per token of x^T x over the rows x that fed that
-matrix, summed over all ranks. It also owns when training captures them, how, and what that costs
-(`HessianSchedule`, `capture`, `hessian_overhead`).
+name of `GPT.hessian_shapes()` (the quantizable matrices; with train.hessian_head also the tied
+head, "tok_emb.weight", whose rows are the final norm's output) the mean per token of x^T x over
+the rows x that fed that matrix, summed over all ranks. It also owns when training captures
+them, how, and what that costs (`HessianSchedule`, `capture`, `hessian_overhead`).
 
 How training uses it (pgolf.train.train): before each step the trainer asks
 `HessianSchedule.due(step, scale, elapsed_ms)`: every `train.hessian_every` steps once the lr
@@ -104,7 +105,8 @@ def capture(model: GPT, x: torch.Tensor, sums: dict[str, torch.Tensor], cuda: bo
     """Add x^T x of micro-batch `x` (B, T) (with train.doc_packing one row and its `docs`
     segments, pgolf.shared.docattn) into `sums` for every quantizable matrix, with one extra
     no-grad forward of the uncompiled `model` (the weights the step's forward sees) up to the final
-    norm (the tied head has no Hessian, so no logits or loss); no second graph is ever compiled.
+    norm (the tied head's Hessian, if any, is that norm's output: no logits or loss); no second
+    graph is ever compiled.
     For compiled training and the fallback; an eager training step captures inside its training
     forward, at no extra cost."""
     with record_function("pgolf.hessian"), autocast(cuda), torch.compiler.set_stance("force_eager"):

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.shared.docattn import build_cu_seqlens, doc_starts
 from pgolf.shared.shards import ShardError, read_shard
 
 
@@ -94,6 +93,8 @@ class DistributedTokenLoader:
         """train.doc_packing: the same tokens as `next_batch` as ONE row, x and y (1, local) int64,
         and the row's segment boundaries cu_seqlens (S,) int32, built on the host from x's BOS
         positions with segments of at most `max_len` tokens (pgolf.shared.docattn.build_cu_seqlens)."""
+        from pgolf.shared.docattn import build_cu_seqlens, doc_starts  # train.doc_packing only
+
         span = self._span(local)
         cu = torch.from_numpy(build_cu_seqlens(doc_starts(span[:-1]), local, max_len))  # (S,)
         mine = self._to_device(torch.from_numpy(span.astype(np.int64)))  # (local+1,)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -34,7 +34,6 @@ from torch.profiler import record_function
 
 from pgolf.config import ModelConfig, TrainConfig
 from pgolf.shared import dist, train_files, val_bytes
-from pgolf.shared import docattn
 from pgolf.shared.bpb import eval_nonsliding
 from pgolf.shared.model import GPT
 from pgolf.train import checkpoint, hessian
@@ -48,6 +47,9 @@ from pgolf.train.priming import Primer, Priming, compile_forward, use_cuda_train
 from pgolf.train.schedule import lr_multiplier, lr_scale, muon_momentum_at
 from pgolf.train.timing import Clock, StepTimer
 from pgolf.train.triggers import Triggers
+
+if TYPE_CHECKING:
+    from pgolf.shared import docattn  # imported where train.doc_packing uses it (the packed script carries it only then)
 
 
 class Trainer:
@@ -85,6 +87,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         model = GPT(self.mcfg, qat_quantile=cfg.qat_clip_quantile, train_seq_len=cfg.seq_len).to(self.dev)
+        model.head_hessian = cfg.hessian_head  # hessians.pgt also gets the tied head's input Gram
         self.compiled = self.cuda and cfg.compile
         if self.cuda:
             use_cuda_training_kernels(model, cfg)
@@ -95,6 +98,8 @@ class Trainer:
     def _doc_backend(self) -> str | None:
         if not self.cfg.doc_packing:
             return None
+        from pgolf.shared import docattn
+
         try:
             return docattn.resolve(self.cfg.doc_attn_backend, self.dev)
         except ValueError as e:
@@ -107,6 +112,8 @@ class Trainer:
         if self.doc_backend is None:
             x, y = self.loader.next_batch(self.split.micro_tokens, seq_len)  # (B, T)
             return x, y, None
+        from pgolf.shared import docattn
+
         x, y, cu = self.loader.next_packed(self.split.micro_tokens, seq_len)  # (1, N), (1, N), (S,)
         return x, y, docattn.segments(cu, x.size(1), seq_len, self.doc_backend)
 
