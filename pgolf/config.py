@@ -37,12 +37,15 @@ COMPILE_SCOPES = ("model", "blocks")
 DOC_ATTN_BACKENDS = ("auto", "reference", "varlen", "flex", "fa4", "fa3")  # pgolf.shared.docattn.BACKENDS + auto
 MUON_COMM_DTYPES = ("auto", "bf16", "fp32")
 GRAD_CLIP_SCOPES = ("global", "local")  # train.grad_clip_scope
+HESSIAN_SOURCES = ("online", "calibration")  # train.hessian_source: what hessians.pgt holds
 NS_SCHEDULES = {"quintic": None, "polar_express": 5}  # Newton-Schulz schedule -> most steps it defines
 BITS_RANGE = (2, 8)  # integer code widths the quantizer supports
 EMBED_MODES = ("int8", "fp16", "gptq")
 CLIP_RULES = ("quantile", "sigma")  # quantize.clip_rule
 CODECS = ("lzma", "zstd", "brotli")
-LAYOUTS = ("flat", "grouped")
+LAYOUTS = ("flat", "grouped", "pergroup")
+ROW_ORDERS = ("pca", "l1")  # compress.row_order (pgolf.compress.grouping)
+PERGROUP_CODECS = ("lzma", "zstd", "brotli", "ppmd", "lrzip")  # compress.pergroup_codecs (pgolf.compress.pergroup)
 MIN_CHUNK_BYTES = 1 << 16  # compress.*_chunk_bytes: 0 or at least 64 KiB
 TTT_MODES = ("lora", "full")
 TTT_OPTIMIZERS = ("sgd", "adam")
@@ -287,6 +290,9 @@ class TrainConfig(Section):
     hessian_every: int = 25  # online Hessians (§6.5)
     hessian_start_scale: float = 0.8
     hessian_head: bool = False  # also the tied head's input Gram, as hessians.pgt "tok_emb.weight" (PR #2135)
+    calibration_batches: int = 0  # Hessians after training on the exported weights, batches (0 = off; PR #2135: 32)
+    calibration_seqs: int = 48  # sequences of seq_len per rank in one calibration batch (PR #2135: 48)
+    hessian_source: str = "online"  # online | calibration (needs calibration_batches > 0): written to hessians.pgt
     val_tokens: int = 0  # tokens for val_bpb_float (0 = all val tokens)
     val_batch_seqs: int = 32
     log_every: int = 200
@@ -299,12 +305,13 @@ class TrainConfig(Section):
         _one_of(self, "doc_attn_backend", DOC_ATTN_BACKENDS)
         _one_of(self, "muon_comm_dtype", MUON_COMM_DTYPES)
         _one_of(self, "grad_clip_scope", GRAD_CLIP_SCOPES)
+        _one_of(self, "hessian_source", HESSIAN_SOURCES)
         _at_least(self, 1, "nproc_per_node", "batch_tokens", "seq_len", "iterations", "muon_ns_steps", "swa_every",
-                  "val_batch_seqs", "max_micro_batch_seqs")
+                  "val_batch_seqs", "max_micro_batch_seqs", "calibration_seqs")
         _at_least(self, 0, "grad_accum_steps", "warmdown_iters", "warmup_steps", "muon_momentum_warmup_steps",
                   "hessian_every", "val_tokens", "log_every", "checkpoint_every", "max_wallclock_seconds",
                   "matrix_lr", "scalar_lr", "tied_embed_lr", "muon_wd", "adam_wd", "embed_wd", "grad_clip",
-                  "hessian_start_scale")
+                  "hessian_start_scale", "calibration_batches")
         _fraction(self, "muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay", closed=False)
         _fraction(self, "swa_threshold", "late_qat_threshold", "min_lr", "loop_enable_frac", "warmdown_frac")
         _one_of(self, "muon_ns_coeffs", NS_SCHEDULES)
@@ -313,6 +320,8 @@ class TrainConfig(Section):
             raise self.bad("muon_ns_steps", f"must be <= {most} with train.muon_ns_coeffs {self.muon_ns_coeffs}")
         _each(self, ("qat_clip_quantile",), lambda q: 0.0 < q <= 1.0, "must be in (0, 1]")
         _each(self, ("adam_eps",), lambda v: v > 0, "must be > 0")
+        if self.hessian_source == "calibration" and self.calibration_batches == 0:
+            raise self.bad("hessian_source", "calibration needs train.calibration_batches > 0")
         if self.checkpoint_every > 0 and not self.checkpoint_dir:
             raise self.bad("checkpoint_dir", "must name a folder when train.checkpoint_every > 0")
         if self.seq_len > self.batch_tokens:
@@ -405,7 +414,10 @@ class CompressConfig(Section):
     brotli: bool = False  # also try brotli (auto keeps the smallest; size.json brotli_bytes)
     brotli_quality: int = 11  # 0..11
     brotli_window: int = 24  # log2 of the window, 10..24 (PR #1855: 24)
-    layout: str = "flat"  # flat | grouped (pgolf.compress.grouping: codes by role, rows ordered, undone at load)
+    layout: str = "flat"  # flat | grouped (pgolf.compress.grouping: codes by role, rows ordered, undone at load) | pergroup
+    # pergroup: the grouped body cut into groups, each compressed by its best codec (pgolf.compress.pergroup)
+    pergroup_codecs: tuple[str, ...] = PERGROUP_CODECS  # tried per piece when present on this machine
+    row_order: str = "pca"  # grouped / pergroup rows: pca (one projection) | l1 (greedy nearest neighbour per tensor)
     cap_bytes: int = 16_000_000  # decimal bytes
     prune: bool = True  # selective ±1 pruning down to target_bytes (pgolf.compress.prune)
     target_bytes: int = 15_950_000  # model (chosen codec) + packed code bytes after pruning (§7)
@@ -420,6 +432,12 @@ class CompressConfig(Section):
                             ("brotli_window", 10, 24)):
             _each(self, (key,), lambda v: lo <= v <= hi, f"must be in [{lo}, {hi}]")
         _one_of(self, "layout", LAYOUTS)
+        _one_of(self, "row_order", ROW_ORDERS)
+        if not self.pergroup_codecs or any(c not in PERGROUP_CODECS for c in self.pergroup_codecs) \
+                or not {"lzma", "zstd"} & set(self.pergroup_codecs):
+            raise self.bad("pergroup_codecs", f"must be a subset of {PERGROUP_CODECS} with lzma or zstd")
+        if self.layout == "pergroup" and self.codec != "auto":
+            raise self.bad("codec", "must be auto with compress.layout pergroup (each group picks its codec)")
         _at_least(self, 1, "cap_bytes", "target_bytes")
         if self.target_bytes > self.cap_bytes:
             raise self.bad("target_bytes", f"must be <= compress.cap_bytes ({self.cap_bytes})")

@@ -51,6 +51,10 @@ def test_the_record_profile_is_the_dataclass_defaults():
     ("prepare", {"workers": 0}, "prepare.workers must be >= 1, got 0"),
     ("model", {"num_kv_heads": 3}, "model.num_kv_heads must divide model.num_heads (4), got 3"),
     ("train", {"ema_decay": 1.0}, "train.ema_decay must be in [0, 1), got 1.0"),
+    ("train", {"hessian_source": "calibration"}, "train.hessian_source calibration needs train.calibration_batches > 0"),
+    ("train", {"hessian_source": "both"}, "train.hessian_source must be one of"),
+    ("train", {"calibration_batches": -1}, "train.calibration_batches must be >= 0, got -1"),
+    ("train", {"calibration_seqs": 0}, "train.calibration_seqs must be >= 1, got 0"),
     ("train", {"batch_tokens": 8000}, "train.batch_tokens must be divisible by world_size * micro-batches * "
                                       "sequence length = 1 * 1 * 256 = 256, got 8000"),
     ("quantize", {"bits": 9}, "quantize.bits must be in the supported range [2, 8], got 9"),

@@ -73,7 +73,7 @@ def test_corrupt_permutation_names_the_file():
 
 
 def test_unknown_layout_is_named():
-    with pytest.raises(ConfigError, match="compress.layout must be one of flat, grouped, got 'sorted'"):
+    with pytest.raises(ConfigError, match="compress.layout must be one of flat, grouped, pergroup, got 'sorted'"):
         config.from_dict("compress", {"layout": "sorted"})
 
 

@@ -64,6 +64,20 @@ def test_hessians_collected_after_the_clock_fail(run):
     assert not r.passed and "after the training clock stopped" in r.figure
 
 
+def test_calibration_hessians_are_reported_after_the_clock(run):
+    """train.hessian_source calibration (PR #2135's GPTQ calibration): the rule passes on >= 1 batch and
+    says they came after the training clock with their seconds; train_time names those seconds too."""
+    update_metric(run, "train", hessian_source="calibration", calibration_batches=32, calibration_seqs=48,
+                  calibration_rows=3_145_728, calibration_seconds=6.9)
+    r = _by_name(run)
+    assert r["hessians"].passed and "32 batch(es) x 48 seqs" in r["hessians"].figure
+    assert "after the training clock stopped (6.9 s, not in train_seconds" in r["hessians"].figure
+    assert "3,145,728 rows" in r["hessians"].figure
+    assert "+ 6.9 s of calibration Hessians after the clock, not included" in r["train_time"].figure
+    update_metric(run, "train", calibration_batches=0)
+    assert not _by_name(run)["hessians"].passed
+
+
 def test_missing_artifact_fails_causal(run):
     (run / "artifacts/final/model.ptz").unlink()
     r = _by_name(run)["causal"]

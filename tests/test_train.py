@@ -624,6 +624,65 @@ def test_fallback_capture_after_the_clock_equals_hand_xtx(data_root, tmp_path, m
     _assert_hessians_are_hand_xtx(r, end, data_root)
 
 
+def test_calibration_hessians_equal_hand_xtx_on_the_exported_weights(data_root, tmp_path):
+    """train.calibration_batches (PR #2135's GPTQ calibration): after training, calibration_batches
+    batches of calibration_seqs rows of the training stream's next tokens through the exported
+    (EMA) weights with the loop on; hessian_source calibration writes their per-row mean X^T X
+    (with train.hessian_head also the tied head's) instead of the online ones."""
+    end = {}
+    m = mcfg(num_loops=1, loop_start=0, loop_end=0)  # a looped layer's matrices see two inputs
+    r = run(data_root, tmp_path, m=m, on_step=lambda tr: end.update(_snapshot(tr)), iterations=3,
+            late_qat_threshold=0.0, hessian_head=True, calibration_batches=2, calibration_seqs=3,
+            hessian_source="calibration")
+    assert r.hessian_meta == {"rows": 2 * 3 * 128, "accumulations": 2, "world_size": 1}
+    assert r.metrics["hessian_source"] == "calibration" and r.metrics["calibration_batches"] == 2
+    assert r.metrics["calibration_rows"] == 768 and r.metrics["calibration_seconds"] >= 0
+    assert r.metrics["hessian_accumulations"] >= 1  # the online ones were still captured (and reported)
+    assert "calibration: 2 batches x 3 seqs of 128" in r.log_text
+    model = GPT(m, train_seq_len=128)
+    model.load_export_state_dict(r.export)
+    model.set_looping(True)
+    loader = DistributedTokenLoader(sorted((data_root / "shards").glob("fineweb_train_*.bin")))
+    loader.load_state_dict(end["loader"])  # where training stopped
+    grams: dict[str, torch.Tensor] = {}
+    for _ in range(2):
+        x, y = loader.next_batch(3 * 128, 128)
+        for n, g in _capture_linear_inputs(model, x, y, head=True).items():
+            grams[n] = grams.get(n, 0) + g
+    assert sorted(grams) == sorted(r.hessians) == sorted(model.quantizable_names() + ["tok_emb.weight"])
+    for n, g in grams.items():
+        ref = (g / 768).float()
+        assert torch.allclose(r.hessians[n], ref, rtol=1e-4, atol=1e-6 * ref.abs().max()), n
+    saved, meta = train_files.load_hessians(tmp_path / "artifacts" / "train" / train_files.HESSIANS_FILE)
+    assert meta == r.hessian_meta and all(torch.equal(saved[n], r.hessians[n]) for n in saved)
+
+
+def test_the_quantize_stage_consumes_calibration_hessians_unchanged(data_root, tmp_path):
+    """hessians.pgt from hessian_source calibration has the online file's format: quantize runs full
+    GPTQ on every quantizable matrix with them (and on tok_emb with the head's, train.hessian_head)."""
+    from pgolf.quantize import quantize as Q
+
+    r = run(data_root, tmp_path, iterations=3, late_qat_threshold=0.0, hessian_head=True,
+            calibration_batches=2, calibration_seqs=2, hessian_source="calibration")
+    q = config.from_dict("quantize", {"passthrough_max_numel": 512, "embed_mode": "gptq"})
+    m = Q.run(q, tmp_path / "artifacts/train", tmp_path / "artifacts/quant", tmp_path / "metrics/quant.json")
+    inp = Q.load_inputs(tmp_path / "artifacts/train")
+    assert all(torch.equal(inp.hessians[n], r.hessians[n]) for n in r.hessians)
+    assert m["gptq_tensors"] == len(r.hessians) and m["embed_method"] == "gptq"
+
+
+def test_calibration_off_or_online_source_leaves_the_outputs_byte_identical(data_root, tmp_path):
+    """calibration_batches 0 (the default) is today's run; with calibration batches and
+    hessian_source online the calibration only adds metrics: model.pgt and hessians.pgt unchanged."""
+    a = run(data_root, tmp_path / "a", iterations=3, late_qat_threshold=0.0)
+    b = run(data_root, tmp_path / "b", iterations=3, late_qat_threshold=0.0, calibration_batches=2,
+            calibration_seqs=2)
+    assert not any(k.startswith("calibration") or k == "hessian_source" for k in a.metrics)
+    assert b.metrics["hessian_source"] == "online" and b.metrics["calibration_batches"] == 2
+    for f in (train_files.MODEL_FILE, train_files.HESSIANS_FILE):
+        assert (tmp_path / "a/artifacts/train" / f).read_bytes() == (tmp_path / "b/artifacts/train" / f).read_bytes()
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -6,7 +6,8 @@ A file is
     1 byte   FORMAT_VERSION
     1 byte   codec id (1 = lzma raw LZMA2 stream, 2 = zstd frame, 3 = brotli stream,
              4 = lzma in independent raw LZMA2 streams, 5 = zstd in independent frames; the
-             chunked forms start with their stream table: pgolf.compress.codecs)
+             chunked forms start with their stream table: pgolf.compress.codecs; 6 = per-group
+             pieces, each by its own codec: pgolf.compress.pergroup)
     4 bytes  uint32 CRC-32 of the uncompressed tensorfile (its JSON header is covered too;
              the container's own sha256 covers only the payload)
     rest     the compressed body
@@ -20,7 +21,8 @@ unpickles, and inflation is bounded by MAX_RAW_BYTES.
 Packing layout (`serialize`):
   * every int8 tensor (int6/int8 codes) is zigzag-mapped to uint8 (0, -1, 1, -2, ... -> 0, 1, 2,
     3, ...), in its original shape; all codes come first, in the quantized file's tensor order
-    (`compress.layout: grouped` stores them by role instead: pgolf.compress.grouping);
+    (`compress.layout: grouped` stores them by role instead: pgolf.compress.grouping; `pergroup`
+    too, its permutations as uint16 where they fit, then compresses each group on its own);
   * all float tensors of one dtype (row scales, passthrough fp16/fp32) are concatenated and split
     into byte planes (all low bytes, then all high bytes), after the codes;
   * anything else (bool, wider ints) is stored as is, last.
@@ -45,7 +47,7 @@ MAGIC = b"PGOLFZ"
 FORMAT_VERSION = 1
 KIND = "artifact"
 MODEL_FILE = "model.ptz"  # the artifact's name in artifacts/final (pgolf.shared.layout.FINAL)
-CODEC_IDS = {"lzma": 1, "zstd": 2, "brotli": 3}
+CODEC_IDS = {"lzma": 1, "zstd": 2, "brotli": 3, "pergroup": 6}  # pergroup: compress.layout pergroup
 LZMA_CHUNKED_ID = 4  # the header's codec id of chunked lzma (its codec name stays "lzma")
 ZSTD_CHUNKED_ID = 5  # the header's codec id of chunked zstd (its codec name stays "zstd")
 CHUNKED_IDS = {LZMA_CHUNKED_ID: "lzma", ZSTD_CHUNKED_ID: "zstd"}
@@ -81,9 +83,10 @@ def _as_bytes(t: torch.Tensor) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8).reshape(t.numel(), t.element_size())
 
 
-def _encode(tensors: dict[str, torch.Tensor], grouped: bool = False) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def _encode(tensors: dict[str, torch.Tensor], grouped: bool = False, compact: bool = False, order: str = "pca") -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Original tensors -> (stored tensors in layout order, layout table in original order);
-    grouped: the 2-D codes go through pgolf.compress.grouping (their permutations are stored last)."""
+    grouped: the 2-D codes go through pgolf.compress.grouping (their permutations are stored last,
+    as uint16 where they fit with `compact`)."""
     layout, codes, others = [], {}, {}
     groups: dict[str, list[np.ndarray]] = {}
     sizes: dict[str, int] = {}
@@ -108,7 +111,7 @@ def _encode(tensors: dict[str, torch.Tensor], grouped: bool = False) -> tuple[di
     if grouped:
         from pgolf.compress import grouping  # compress.layout grouped only
 
-        blocks, entries = grouping.group(codes)
+        blocks, entries = grouping.group(codes, compact=compact, order=order)
         for e in layout:
             e.update(entries.get(e["name"], {}))
         perms = {k: v for k, v in blocks.items() if k.startswith(grouping.PERM)}
@@ -152,14 +155,16 @@ def _decode(stored: dict[str, torch.Tensor], layout: list[dict], source: str) ->
     return out
 
 
-def serialize(tensors: dict[str, torch.Tensor], meta: dict, layout: str = "flat") -> bytes:
+def serialize(tensors: dict[str, torch.Tensor], meta: dict, layout: str = "flat", row_order: str = "pca") -> bytes:
     """The raw (uncompressed) artifact body: a tensorfile of kind "artifact" in the packing layout
-    (`layout` = compress.layout: "flat", or "grouped" by pgolf.compress.grouping).
+    (`layout` = compress.layout: "flat", or "grouped" / "pergroup" by pgolf.compress.grouping, whose rows
+    `row_order` = compress.row_order orders).
 
     `meta` is the quantized file's meta (model, train_seq_len, tokenizer, quant); it is stored
     whole, plus the artifact version and the layout table.
     """
-    stored, layout = _encode(tensors, grouped=layout == "grouped")
+    stored, layout = _encode(tensors, grouped=layout in ("grouped", "pergroup"), compact=layout == "pergroup",
+                             order=row_order)
     full = {**meta, "artifact_version": FORMAT_VERSION, "layout": layout}
     return tensorfile.dumps(stored, kind=KIND, meta=full)
 
@@ -214,6 +219,10 @@ def compress(raw: bytes, codec: str, cfg: CompressConfig) -> bytes:
     if codec not in CODEC_IDS:
         raise ValueError(f"codec must be one of {', '.join(CODEC_IDS)}; got {codec!r}")
     crc = struct.pack("<I", zlib.crc32(raw))
+    if codec == "pergroup":
+        from pgolf.compress import pergroup
+
+        return MAGIC + bytes([FORMAT_VERSION, CODEC_IDS[codec]]) + crc + pergroup.encode(move_head_last(raw), raw, cfg)
     body, chunked = codecs.encode(move_head_last(raw), codec, cfg)
     cid = CHUNKED_ID_OF[codec] if chunked else CODEC_IDS[codec]
     return MAGIC + bytes([FORMAT_VERSION, cid]) + crc + body
@@ -231,7 +240,12 @@ def decompress(blob: bytes, source: str = "<bytes>") -> tuple[str, bytes]:
     codec, body = CODEC_NAMES[cid], blob[HEADER_BYTES:]
     (crc,) = struct.unpack("<I", blob[len(MAGIC) + 2:HEADER_BYTES])
     try:
-        raw = codecs.inflate(codec, body, MAX_RAW_BYTES, chunked=cid in CHUNKED_IDS)
+        if codec == "pergroup":
+            from pgolf.compress import pergroup
+
+            raw = pergroup.inflate(body, MAX_RAW_BYTES)
+        else:
+            raw = codecs.inflate(codec, body, MAX_RAW_BYTES, chunked=cid in CHUNKED_IDS)
     except codecs.CodecError as e:
         raise ArtifactError(f"{source}: {e}") from None
     except Exception as e:  # noqa: BLE001 - lzma / zstd / brotli errors, EOF: all mean corrupt

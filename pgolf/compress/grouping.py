@@ -6,11 +6,16 @@ grouped one puts every code matrix of one role and width (e.g. `blocks.*.mlp.fc.
 layers) into one (R, C) uint8 block and orders its rows by their projection on the block's first
 principal direction (a cheap 1-D ordering: rows with similar projections tend to be similar; the
 records' L1 nearest-neighbour sort, PR #1855, is O(R^2 C)). The permutation is stored beside the
-block (int32, R values) and undone at load, so the decoded codes are bit-identical.
+block (int32, R values; int16 holding uint16 bits when R <= 65536 with `compact`, compress.layout pergroup) and undone at load, so the decoded codes are bit-identical.
 
 Stored names: `.group.<k>` (R, C) uint8 rows in sorted order and `.perm.<k>` (R,) int32 (sorted
 row i is original row perm[i]); a member's layout entry is {"enc": "group", "group": k, "row0": r}
 (its rows are original rows [r, r + rows) of the block).
+
+compress.row_order "l1" instead orders each member's rows on their own by a greedy L1 nearest-neighbour
+walk (from its first row, always to the closest row not yet taken; exact integer distances, ties to
+the lower index), as PR #2135's per-group serialisation does per tensor: O(rows^2 C) per member, so
+members of more than L1_MAX_ROWS rows keep the principal-direction order.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 
 GROUP = ".group."
+L1_MAX_ROWS = 4096  # larger members fall back to row_order (the distance matrix is rows^2)
 PERM = ".perm."
 
 
@@ -44,7 +50,26 @@ def row_order(block: np.ndarray, iters: int = 8) -> np.ndarray:
     return np.argsort(x @ v, kind="stable")
 
 
-def group(codes: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+def l1_order(rows: np.ndarray) -> np.ndarray:
+    """(R, C) uint8 -> (R,) int64 permutation: greedy L1 nearest-neighbour walk from row 0 (row_order
+    past L1_MAX_ROWS rows). Distances are sums of small integers in float32, so exact and deterministic."""
+    n = len(rows)
+    if n > L1_MAX_ROWS:
+        return row_order(rows)
+    if n <= 2:
+        return np.arange(n)
+    x = torch.from_numpy(rows.astype(np.float32))
+    d = torch.cdist(x, x, p=1).numpy()  # (R, R)
+    d[:, 0] = np.inf
+    out, cur = np.zeros(n, dtype=np.int64), 0
+    for i in range(1, n):
+        cur = int(np.argmin(d[cur]))
+        out[i] = cur
+        d[:, cur] = np.inf
+    return out
+
+
+def group(codes: dict[str, torch.Tensor], compact: bool = False, order: str = "pca") -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """2-D uint8 code tensors (file order) -> (stored blocks + permutations, name -> layout fields)."""
     members: dict[tuple[str, int], list[str]] = {}
     for name, t in codes.items():
@@ -53,9 +78,14 @@ def group(codes: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict
     stored, entries = {}, {}
     for k, names in enumerate(members.values()):
         block = np.concatenate([codes[n].numpy() for n in names])  # (R, C)
-        perm = row_order(block)  # (R,)
+        if order == "l1":  # each member on its own (compress.row_order l1)
+            spans = np.cumsum([0] + [codes[n].shape[0] for n in names])
+            perm = np.concatenate([a + l1_order(block[a:b]) for a, b in zip(spans, spans[1:])])
+        else:
+            perm = row_order(block)  # (R,)
         stored[f"{GROUP}{k}"] = torch.from_numpy(np.ascontiguousarray(block[perm]))
-        stored[f"{PERM}{k}"] = torch.from_numpy(perm.astype(np.int32))
+        small = compact and len(perm) <= 1 << 16
+        stored[f"{PERM}{k}"] = torch.from_numpy(perm.astype(np.uint16).view(np.int16) if small else perm.astype(np.int32))
         r0 = 0
         for n in names:
             entries[n] = {"enc": "group", "group": k, "row0": r0}
@@ -65,7 +95,9 @@ def group(codes: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict
 
 def ungroup(stored: dict[str, torch.Tensor], entry: dict, shape: list[int]) -> torch.Tensor:
     """The uint8 (rows, C) of one member: KeyError / ValueError when the tables do not fit."""
-    block, perm = stored[f"{GROUP}{entry['group']}"].numpy(), stored[f"{PERM}{entry['group']}"].numpy()
+    block = stored[f"{GROUP}{entry['group']}"].numpy()
+    perm = stored[f"{PERM}{entry['group']}"].numpy()
+    perm = (perm.view(np.uint16) if perm.dtype == np.int16 else perm).astype(np.int64)  # int32, or uint16 bits (compact)
     if perm.shape != (block.shape[0],) or sorted(perm.tolist()) != list(range(block.shape[0])):
         raise ValueError(f"group {entry['group']}: permutation does not fit its {block.shape[0]} rows")
     original = np.empty_like(block)

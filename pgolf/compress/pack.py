@@ -14,7 +14,7 @@ whole recipe; see that module).
 Which files: ALWAYS_FILES, the modules ENTRY_MODULE imports whatever the params, plus each file of
 the one table OPTIONAL (file -> predicate on the checked sections) whose predicate holds: document
 packing (train.doc_packing), LQER (quantize.lqer_enabled), TTT (evaluate.ttt_enabled), the n-gram
-tilt (evaluate.ngram_tilt), the grouped artifact layout (compress.layout) and the Triton kernels
+tilt (evaluate.ngram_tilt), the grouped and per-group artifact layouts (compress.layout) and the Triton kernels
 (train.fused_mlp / fused_qk_norm_rope, on a device other than cpu). Each optional module is
 imported only where its feature runs, under its param, so a feature that is off costs no code
 bytes. Not packed at all: pgolf.prepare.caseops (the script prepares the challenge's pre-tokenized
@@ -115,11 +115,17 @@ def _kernels(c: Sections) -> bool:
     return t.device != "cpu" and (t.fused_mlp or t.fused_qk_norm_rope)
 
 
+def _pergroup_tries(c: Sections, codec: str) -> bool:
+    """compress.layout pergroup with `codec` among compress.pergroup_codecs (pgolf.compress.pergroup)."""
+    return c["compress"].layout == "pergroup" and codec in c["compress"].pergroup_codecs
+
+
 # The one table of optional modules: file -> whether the run's checked sections use it. Each is
 # imported only at its use site, under that param, so a run with the feature off never imports it
 # (tests/test_pack.py runs the packed script for sets of params and compares).
 OPTIONAL: dict[str, Callable[[Sections], bool]] = {
-    "pgolf/compress/grouping.py": lambda c: c["compress"].layout == "grouped",
+    "pgolf/compress/grouping.py": lambda c: c["compress"].layout in ("grouped", "pergroup"),
+    "pgolf/compress/pergroup.py": lambda c: c["compress"].layout == "pergroup",
     "pgolf/evaluate/ngram_tilt.py": lambda c: c["evaluate"].ngram_tilt,
     "pgolf/evaluate/ttt.py": lambda c: c["evaluate"].ttt_enabled,
     "pgolf/quantize/lqer.py": lambda c: c["quantize"].lqer_enabled,
@@ -138,7 +144,8 @@ PACKAGES: dict[str, Callable[[Sections], bool]] = {
     "PyYAML": lambda c: True,  # pgolf.config
     "tqdm": lambda c: True,  # progress bars when stderr is a terminal
     "zstandard": lambda c: True,  # compress sizes every body with lzma and zstd, whatever compress.codec
-    "brotli": lambda c: c["compress"].brotli or c["compress"].codec == "brotli",
+    "brotli": lambda c: c["compress"].brotli or c["compress"].codec == "brotli" or _pergroup_tries(c, "brotli"),
+    "pyppmd": lambda c: _pergroup_tries(c, "ppmd"),  # optional (pyproject extra "pergroup"): tried when installed
     "triton": _kernels,
 }
 CODE_FILES: tuple[str, ...] = (  # every pgolf and stages file `python -m stages.evaluate` imports
@@ -150,6 +157,7 @@ CODE_FILES: tuple[str, ...] = (  # every pgolf and stages file `python -m stages
     "pgolf/compress/codecs.py",
     "pgolf/compress/dequant.py",
     "pgolf/compress/grouping.py",
+    "pgolf/compress/pergroup.py",
     "pgolf/config.py",
     "pgolf/evaluate/__init__.py",
     "pgolf/evaluate/evaluate.py",

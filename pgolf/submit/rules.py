@@ -10,7 +10,11 @@ Each rule gives pass/fail and the figure behind it:
   runs inside the timed loop, so it is included) <= 600 s;
 * `eval_time`: evaluation wallclock (metrics/eval.json `eval_seconds`) <= 600 s;
 * `hessians`: GPTQ Hessians were accumulated from training batches inside the timed loop (at
-  least one accumulation, and the trainer's after-the-clock fallback absent from train.log);
+  least one accumulation, and the trainer's after-the-clock fallback absent from train.log); with
+  `train.hessian_source: calibration` they come from `train.calibration_batches` (>= 1) batches of
+  training data on the exported weights after the training clock stopped, as PR #2135's GPTQ
+  calibration: the figure says so and gives their seconds (metrics/train.json
+  `calibration_seconds`, never part of `train_seconds`, which `train_time` also names);
 * `eval_once`: every validation target of the evaluated prefix scored exactly once (scored
   tokens = the targets that `evaluate.max_tokens` and whole windows of `evaluate.context` keep,
   from metrics/prepare.json's val_tokens), with stride <= context;
@@ -97,9 +101,11 @@ def check_size(size: dict, script_bytes: int | None) -> Rule:
 
 def check_train_time(train: dict) -> Rule:
     s = train["train_seconds"]
+    cal = train.get("calibration_seconds")
+    after = "" if cal is None else f"; + {cal:.1f} s of calibration Hessians after the clock, not included"
     return Rule("train_time", s <= TRAIN_LIMIT_S,
                 f"{s:.1f} s of training incl. online Hessian capture ({train['steps']} steps, world "
-                f"{train['world_size']}, {train.get('device', '?')}); limit {TRAIN_LIMIT_S:.0f} s")
+                f"{train['world_size']}, {train.get('device', '?')}){after}; limit {TRAIN_LIMIT_S:.0f} s")
 
 
 def check_eval_time(ev: dict) -> Rule:
@@ -108,6 +114,13 @@ def check_eval_time(ev: dict) -> Rule:
 
 
 def check_hessians(train: dict, log_text: str) -> Rule:
+    if train.get("hessian_source") == "calibration":  # train.calibration_batches, as PR #2135's GPTQ calibration
+        n = int(train.get("calibration_batches") or 0)
+        return Rule("hessians", n >= 1,
+                    f"calibration: {n} batch(es) x {train.get('calibration_seqs')} seqs of training data per rank "
+                    f"on the exported weights, after the training clock stopped ({train.get('calibration_seconds')}"
+                    f" s, not in train_seconds, as PR #2135); {int(train.get('calibration_rows') or 0):,} rows; "
+                    f"never validation data")
     n = int(train.get("hessian_accumulations") or 0)
     fallback = HESSIAN_FALLBACK in log_text
     ok = n >= 1 and not fallback

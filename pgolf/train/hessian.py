@@ -21,6 +21,14 @@ captured one, one extra micro-batch after training. At the end `acc.finalize()` 
 row counts over ranks (all_reduce) and divides by the rows; `train_files.validate_hessians` checks
 the result and `train_files.save_hessians` writes it.
 
+Calibration instead (`calibrate`; train.calibration_batches > 0, PR #2135's GPTQ calibration):
+after the training clock stopped and the exported weights are in the model, calibration_batches
+batches of calibration_seqs rows of seq_len (the training stream's next tokens, each rank its
+slice) go through no-grad forwards in eval mode with looping as configured, into a fresh
+accumulator finalised the same way (per-row mean over all ranks); train.hessian_source picks
+which of the two the file holds, and metrics/train.json records both (calibration_seconds: not
+part of train_seconds).
+
 Differences from PR #1072 (deliberate): Hessians are summed over ranks instead of rank 0's only;
 they are normalised by the number of rows (a per-token mean, independent of batch size and of
 how many accumulations happened) instead of by the accumulation count; the data are the training
@@ -118,6 +126,28 @@ def capture_fallback(model: GPT, x: torch.Tensor, acc: HessianAccumulator, cuda:
     micro-batch `x` (and its `docs`) after the clock stopped, and count it."""
     capture(model, x, acc.sums, cuda, docs)
     acc.record(x.numel())
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def calibrate(model: GPT, next_rows, batches: int, cuda: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """train.calibration_batches: Hessians after training (PR #2135's GPTQ calibration), from
+    `batches` calls of `next_rows()` -> (B, T) token rows of training data, each through one no-grad
+    forward of `model` (the exported weights, eval mode, looping as configured) into a fresh
+    accumulator -> `HessianAccumulator.finalize()`: the per-row mean of x^T x over every rank.
+    A collective when distributed. The caller times it (it runs after the training clock)."""
+    acc = HessianAccumulator(model.hessian_shapes(), next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(int(batches)):
+            x = next_rows()  # (B, T)
+            capture(model, x, acc.sums, cuda)
+            acc.record(x.numel())
+    finally:
+        model.train(was_training)
+    return acc.finalize()
 
 
 # ----------------------------------------------------------------------------- the schedule

@@ -281,13 +281,44 @@ class Trainer:
         """Hessians (cross-rank), exported weights into the model, val_bpb_float, metrics."""
         hess, hmeta = self._hessians()
         ev, eval_s = self._evaluate_final()
+        calib = self._calibration() if self.cfg.calibration_batches > 0 else None
         export = {n: t.detach().float().cpu().contiguous() for n, t in self.model.export_state_dict().items()}
         run = Counters(self.step, self.elapsed_ms, self.info.world_size, self.split.accum, self.stopped_by,
                        self.resumed_from, self.checkpoint_status)
         m = train_metrics(run, ev, eval_s, hmeta, self.hess_schedule.overhead(self.step_ms), self.triggers,
                           self.avg, self.priming, self.model, self.cfg, self.info)
+        if calib is not None:
+            chess, cmeta, cal_s = calib
+            m.update(hessian_source=self.cfg.hessian_source, calibration_batches=cmeta["accumulations"],
+                     calibration_seqs=self.cfg.calibration_seqs, calibration_rows=cmeta["rows"],
+                     calibration_seconds=round(cal_s, 3))
+            if self.cfg.hessian_source == "calibration":
+                hess, hmeta = chess, cmeta
         self.log(final_line(m, ev, eval_s))
         return TrainResult(m, export, hess, hmeta, self.log.text(), list(self.log.rows))
+
+    def _calibration(self) -> tuple[dict[str, Tensor], dict, float]:
+        """train.calibration_batches: Hessians of the exported weights (already in the model, QAT
+        off, looping as configured) from calibration_batches batches of calibration_seqs rows of
+        seq_len per rank: the training stream's next tokens, each rank its slice (dense rows, also
+        with train.doc_packing) -> (hessians, meta, seconds). Runs after the training clock stopped;
+        its seconds are reported (metrics calibration_seconds), never added to train_seconds."""
+        seq_len = self.cfg.seq_len
+        local = self.cfg.calibration_seqs * seq_len
+
+        def next_rows() -> Tensor:
+            return self.loader.next_batch(local, seq_len)[0]  # (calibration_seqs, seq_len)
+
+        sync(self.dev)
+        t0 = time.perf_counter()
+        hess, meta = hessian.calibrate(self.model, next_rows, self.cfg.calibration_batches, self.cuda)
+        sync(self.dev)
+        secs = shared_max((time.perf_counter() - t0) * 1000.0, self.info) / 1000.0
+        train_files.validate_hessians(hess, self.model.hessian_shapes(), "calibration Hessians")
+        self.log(f"calibration: {meta['accumulations']} batches x {self.cfg.calibration_seqs} seqs of {seq_len} "
+                 f"per rank, {meta['rows']:,} rows, on the exported weights after the training clock, "
+                 f"{secs:.1f} s (not in train_seconds); hessians.pgt holds the {self.cfg.hessian_source} Hessians")
+        return hess, meta, secs
 
     def _hessians(self) -> tuple[dict[str, Tensor], dict]:
         """The run's Hessians over all ranks (after the schedule's fallback if no step captured)."""

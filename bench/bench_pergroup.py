@@ -1,0 +1,92 @@
+"""Artifact bytes and seconds of the compress modes on a record-scale quantized model: today's flat
+layout with lzma (chunked, the default) and with brotli, the grouped layout (compress.layout grouped,
+lzma and brotli), and compress.layout pergroup (pgolf.compress.pergroup: each group by its best
+codec; the per-piece table is recorded), its rows by compress.row_order pca and l1.
+
+    python -m bench.bench_pergroup --out bench/results/pergroup_cpu.json
+
+The quantized file is bench/bench_quant_loop.py's synthetic record-scale model (--profile, the record's
+by default: trained-like weights and random Hessians, not a trained model) run through pgolf's
+quantize stage on the CPU, cached in --quant-cache. One run per row (no repeats); seconds are wall
+time of serialize + compress, and of decompress + deserialize.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+from bench import overrides
+from bench.timing import timed
+from pgolf.compress import artifact, compress, pergroup
+from pgolf.quantize import quantize
+
+
+def build_quant(cache: Path, profile: str) -> Path:
+    """Synthetic record-scale model -> quantize.run; quant.pgt cached under `cache`."""
+    path = cache / "quant" / quantize.QUANT_FILE
+    if path.is_file():
+        return path
+    from bench.bench_quant_loop import synthetic_data, synthetic_train_dir
+    from pgolf.shared.tokenizer_meta import read_tokenizer_meta
+
+    cfgs = overrides.load(profile)
+    mcfg = cfgs["model"]
+    work = Path(tempfile.mkdtemp(prefix="bench_pergroup_"))
+    _, tok = synthetic_data(work / "data", mcfg.vocab_size, 4096)
+    train = synthetic_train_dir(work / "train", mcfg, cfgs["train"], read_tokenizer_meta(tok))
+    quantize.run(dataclasses.replace(cfgs["quantize"], device="cpu"), train, cache / "quant", cache / "quant.json")
+    return path
+
+
+def row(tensors: dict, meta: dict, layout: str, codec: str, cfg, order: str = "pca") -> dict:
+    cfg = dataclasses.replace(cfg, layout=layout, row_order=order)
+
+    def pack():
+        return artifact.compress(artifact.serialize(tensors, meta, layout, order), codec, cfg)
+
+    blob, seconds = timed(pack)
+    (back, _), load_s = timed(artifact.loads_artifact, blob)
+    assert list(back) == list(tensors) and all(back[k].equal(v) for k, v in tensors.items())  # round trip
+    out = {"layout": layout, "row_order": order if layout != "flat" else None, "codec": codec, "bytes": len(blob), "seconds": round(seconds, 2),
+           "load_seconds": round(load_s, 2)}
+    if codec == "pergroup":
+        out["pieces"] = pergroup.describe(blob[artifact.HEADER_BYTES:])
+        out["codecs_tried"] = pergroup.available(cfg.pergroup_codecs)
+    print(json.dumps({k: v for k, v in out.items() if k != "pieces"}), flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="record")
+    ap.add_argument("--quant-cache", type=Path, default=Path(tempfile.gettempdir()) / "pgolf_bench_pergroup")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    quant, build_s = timed(build_quant, args.quant_cache, args.profile)
+    tensors, meta = compress.load_quant(quant)
+    cfg = overrides.load(args.profile)["compress"]
+    rows = [row(tensors, meta, layout, codec, cfg, order) for layout, codec, order in (
+        ("flat", "lzma", "pca"), ("flat", "brotli", "pca"), ("grouped", "lzma", "pca"), ("grouped", "brotli", "pca"),
+        ("pergroup", "pergroup", "pca"), ("pergroup", "pergroup", "l1"))]
+    result = {"model": f"synthetic {args.profile}-profile model (bench.bench_quant_loop.synthetic_train_dir: "
+                       "trained-like weights, random Hessians; no trained record-size model was available), "
+                       "quantized by pgolf.quantize on the CPU",
+              "quant_build_seconds": round(build_s, 1), "tensors": len(tensors),
+              "compress": {k: v for k, v in dataclasses.asdict(cfg).items()
+                           if k in ("lzma_preset", "lzma_chunk_bytes", "zstd_level", "brotli_quality",
+                                    "brotli_window", "pergroup_codecs", "threads")},
+              "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(), "rows": rows}
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

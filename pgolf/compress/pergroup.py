@@ -1,0 +1,188 @@
+"""Per-group compression of the artifact body (compress.layout "pergroup", the artifact's codec id 6).
+
+The body is the grouped layout's tensorfile (pgolf.compress.grouping: the int codes of one role in
+one block, rows ordered so that similar rows are neighbours, the permutation stored as uint16 when
+it fits; float tensors already split into byte planes by pgolf.compress.artifact, i.e. byte-shuffled),
+with its head moved last. It is cut at the byte ranges of the `.group.*` and `.planes.*` arrays; every
+piece (each group, each plane block, and the runs in between: the remainder) is compressed by each
+codec of compress.pergroup_codecs that this machine has, and the smallest stream is kept (ties: the
+earlier codec in the table below). A codec whose stream does not decode back to its piece is dropped.
+
+Codecs: lzma (raw LZMA2, compress.lzma_preset), zstd (compress.zstd_level), brotli (Python module
+`brotli`, optional), ppmd (PPMd var. H of the optional module `pyppmd`, order PPMD_ORDER, PPMD_MEM
+bytes of model memory) and lrzip (the system program `lrzip -z`, ZPAQ; used only when
+shutil.which finds it). Loading needs the codecs the file names, nothing else.
+
+Body: uint32 k, then k entries (uint8 codec id, uint32 raw length, uint32 stream length), then the k
+streams. `inflate` refuses a table whose raw lengths pass the limit before decoding anything, and
+every stream must decode to exactly its recorded length.
+"""
+
+from __future__ import annotations
+
+import lzma
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+from pgolf.compress import codecs
+from pgolf.compress.codecs import CodecError
+from pgolf.config import CompressConfig
+from pgolf.shared import tensorfile
+
+IDS = {"lzma": 1, "zstd": 2, "brotli": 3, "ppmd": 4, "lrzip": 5}  # a piece's codec id (table order = tie order)
+NAMES = {v: k for k, v in IDS.items()}
+CUT_PREFIXES = (".group.", ".planes.")  # arrays that become pieces of their own
+PPMD_ORDER = 6
+PPMD_MEM = 1 << 26  # 64 MiB (the decoder allocates the same)
+ENTRY = struct.Struct("<BII")
+
+
+# ----------------------------------------------------------------------------- the codecs
+
+
+def _has_module(name: str) -> bool:
+    try:
+        __import__(name)
+    except ImportError:
+        return False
+    return True
+
+
+def available(names: tuple[str, ...]) -> list[str]:
+    """The codecs of `names` this machine can run (lzma, zstd always; the others when found)."""
+    have = {"lzma": True, "zstd": True, "brotli": _has_module("brotli"), "ppmd": _has_module("pyppmd"),
+            "lrzip": shutil.which("lrzip") is not None}
+    return [c for c in IDS if c in names and have[c]]
+
+
+def _lzma_filters(cfg: CompressConfig) -> list[dict]:
+    return codecs._lzma_filters(cfg)
+
+
+def _lrzip(data: bytes, args: list[str]) -> bytes:
+    """Run `lrzip <args>` from a temporary input file to a temporary output file."""
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = os.path.join(d, "in.lrz" if "-d" in args else "in"), os.path.join(d, "out")
+        with open(src, "wb") as f:
+            f.write(data)
+        subprocess.run([shutil.which("lrzip") or "lrzip", *args, "-q", "-f", "-o", dst, src], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(dst, "rb") as f:
+            return f.read()
+
+
+def _encode_one(data: bytes, codec: str, cfg: CompressConfig) -> bytes:
+    if codec == "lzma":
+        return lzma.compress(data, format=lzma.FORMAT_RAW, filters=_lzma_filters(cfg))
+    if codec == "zstd":
+        return codecs._zstd_frame(data, cfg)
+    if codec == "brotli":
+        return codecs._brotli_compress(data, cfg)
+    if codec == "ppmd":
+        import pyppmd
+
+        enc = pyppmd.Ppmd7Encoder(PPMD_ORDER, PPMD_MEM)
+        return enc.encode(data) + enc.flush(endmark=True)  # the decoder stops at the end mark
+    if codec == "lrzip":
+        return _lrzip(data, ["-z"])
+    raise ValueError(f"unknown per-group codec {codec!r}")
+
+
+def _decode_one(stream: bytes, codec: str, n: int) -> bytes:
+    """`stream` decoded by `codec` to exactly `n` bytes (CodecError otherwise)."""
+    if codec in ("lzma", "zstd", "brotli"):
+        out = codecs._INFLATE[codec](stream, n)
+    elif codec == "ppmd":
+        import pyppmd
+
+        out = pyppmd.Ppmd7Decoder(PPMD_ORDER, PPMD_MEM).decode(stream, n)
+    elif codec == "lrzip":
+        if shutil.which("lrzip") is None:
+            raise CodecError("a per-group piece is lrzip-compressed, but the program 'lrzip' is not installed")
+        out = _lrzip(stream, ["-d"])
+    else:
+        raise CodecError(f"unknown per-group codec {codec!r}")
+    if len(out) != n:
+        raise CodecError(f"per-group {codec} piece decodes to {len(out):,} bytes, its table says {n:,}")
+    return out
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def cuts(raw: bytes) -> list[int]:
+    """Cut points (positions in `artifact.move_head_last(raw)`) around the arrays of CUT_PREFIXES: the
+    payload comes first there, so an array's payload offset is its position."""
+    header, start = tensorfile._parse_header(raw, "<body>")
+    n = len(raw) + 4
+    points = {0, n}
+    for e in header["tensors"]:
+        if e["name"].startswith(CUT_PREFIXES):
+            points.update((e["offset"], e["offset"] + e["nbytes"]))
+    return sorted(points)
+
+
+def _best(piece: bytes, names: list[str], cfg: CompressConfig) -> tuple[str, bytes]:
+    """(codec, stream): the smallest stream of `piece` that decodes back to it."""
+    best = None
+    for c in names:
+        try:
+            s = _encode_one(piece, c, cfg)
+            if c in ("ppmd", "lrzip") and _decode_one(s, c, len(piece)) != piece:
+                continue
+        except (OSError, subprocess.SubprocessError, CodecError, ImportError):
+            continue  # an optional codec that fails here is left out; lzma and zstd always run
+        if best is None or len(s) < len(best[1]):
+            best = (c, s)
+    assert best is not None
+    return best
+
+
+def encode(body: bytes, raw: bytes, cfg: CompressConfig) -> bytes:
+    """The per-group body of `body` (= move_head_last(raw)): table + the smallest stream per piece."""
+    points = cuts(raw)
+    pieces = [body[a:b] for a, b in zip(points, points[1:]) if b > a]
+    names = available(tuple(cfg.pergroup_codecs))
+    with ThreadPoolExecutor(max_workers=min(codecs.workers(cfg), len(pieces))) as pool:
+        chosen = list(pool.map(lambda p: _best(p, names, cfg), pieces))
+    table = struct.pack("<I", len(pieces)) + b"".join(
+        ENTRY.pack(IDS[c], len(p), len(s)) for p, (c, s) in zip(pieces, chosen))
+    return table + b"".join(s for _, s in chosen)
+
+
+def describe(body: bytes) -> list[dict]:
+    """The table of a per-group body: [{"codec", "raw_bytes", "bytes"}] (for benches and logs)."""
+    k, entries = _table(body)
+    return [{"codec": NAMES[c], "raw_bytes": n, "bytes": m} for c, n, m in entries]
+
+
+def _table(body: bytes) -> tuple[int, list[tuple[int, int, int]]]:
+    if len(body) < 4:
+        raise CodecError("per-group body too short for its table")
+    (k,) = struct.unpack("<I", body[:4])
+    if k == 0 or len(body) < 4 + ENTRY.size * k:
+        raise CodecError(f"per-group body: bad table ({k} pieces in {len(body)} bytes)")
+    entries = [ENTRY.unpack_from(body, 4 + ENTRY.size * i) for i in range(k)]
+    if any(c not in NAMES for c, _, _ in entries):
+        raise CodecError("per-group body: unknown codec id in its table")
+    if 4 + ENTRY.size * k + sum(m for _, _, m in entries) != len(body):
+        raise CodecError("per-group body: the stream lengths do not add up to the body")
+    return k, entries
+
+
+def inflate(body: bytes, limit: int) -> bytes:
+    """Inverse of `encode`, bounded: CodecError when the table's raw lengths pass `limit` (checked
+    before any decoding) or a stream does not decode to its recorded length."""
+    k, entries = _table(body)
+    total = sum(n for _, n, _ in entries)
+    if total > limit:
+        raise CodecError(f"per-group body expands to {total:,} bytes, more than {limit:,} (the limit for an artifact body)")
+    out, pos = [], 4 + ENTRY.size * k
+    for c, n, m in entries:
+        out.append(_decode_one(body[pos:pos + m], NAMES[c], n))
+        pos += m
+    return b"".join(out)

@@ -1,0 +1,140 @@
+"""Per-group compression (compress.layout "pergroup", pgolf.compress.pergroup): the grouped body cut
+into groups, each by its smallest codec; round trips byte-identical and deterministic (any thread
+count); inflation bounded by the table before decoding; a failing optional codec is left out; the
+config refuses a forced codec; the compress stage writes it and it reads back."""
+
+import dataclasses
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from pgolf.compress import artifact as A
+from pgolf.compress import codecs, grouping, pergroup
+from pgolf import config
+from pgolf.config import CompressConfig, ConfigError
+from pgolf.shared import tensorfile
+from test_artifact import bits_equal
+from test_compress import build, workdir  # noqa: F401 - fixture
+from test_grouping import codes_and_meta
+
+FAST = CompressConfig(lzma_preset=6, zstd_level=19, brotli_quality=9, layout="pergroup")
+
+
+def test_round_trip_is_byte_identical_and_deterministic():
+    tensors, meta = codes_and_meta()
+    raw = A.serialize(tensors, meta, "pergroup")
+    blob = A.compress(raw, "pergroup", FAST)
+    assert blob[len(A.MAGIC) + 1] == A.CODEC_IDS["pergroup"] == 6
+    assert blob == A.compress(raw, "pergroup", dataclasses.replace(FAST, threads=1))  # threads never change bytes
+    codec, back_raw = A.decompress(blob, "m.ptz")
+    assert codec == "pergroup" and back_raw == raw
+    back, _ = A.loads_artifact(blob)
+    assert list(back) == list(tensors) and all(bits_equal(back[k], v) for k, v in tensors.items())
+    table = pergroup.describe(blob[A.HEADER_BYTES:])
+    assert len(table) >= 3 and sum(e["raw_bytes"] for e in table) == len(raw) + 4
+    assert {e["codec"] for e in table} <= set(pergroup.available(FAST.pergroup_codecs))
+
+
+def test_permutations_are_compact_and_the_grouped_layout_keeps_int32():
+    tensors, meta = codes_and_meta()
+    for layout, dtype in (("grouped", "int32"), ("pergroup", "int16")):
+        _, header = tensorfile.loads(A.serialize(tensors, meta, layout), kind="artifact")
+        perms = [e for e in header["tensors"] if e["name"].startswith(grouping.PERM)]
+        assert perms and all(e["dtype"] == dtype for e in perms)
+
+
+def test_large_permutation_round_trips_through_uint16_bits():
+    codes = {"blocks.0.w.q": torch.randint(0, 64, (40000, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))}
+    stored, entries = grouping.group(codes, compact=True)
+    assert stored[".perm.0"].dtype == torch.int16 and int(stored[".perm.0"].min()) < 0  # rows past 32767
+    assert torch.equal(grouping.ungroup(stored, entries["blocks.0.w.q"], [40000, 3]), codes["blocks.0.w.q"])
+
+
+@pytest.mark.parametrize("codec", ["lzma", "zstd", "brotli", "ppmd"])
+def test_each_codec_round_trips_a_piece(codec):
+    if codec not in pergroup.available(tuple(pergroup.IDS)):
+        pytest.skip(f"{codec} not installed")
+    piece = bytes(range(256)) * 50 + b"\x01\x02" * 999
+    s = pergroup._encode_one(piece, codec, FAST)
+    assert pergroup._decode_one(s, codec, len(piece)) == piece
+    with pytest.raises(codecs.CodecError):
+        pergroup._decode_one(s, codec, len(piece) + 1)  # the stream ends before its recorded length
+
+
+def test_failing_optional_codec_is_left_out(monkeypatch):
+    tensors, meta = codes_and_meta()
+    raw = A.serialize(tensors, meta, "pergroup")
+    real = pergroup._encode_one
+
+    def broken(data, codec, cfg):
+        if codec not in ("lzma", "zstd"):
+            raise OSError("codec program missing")
+        return real(data, codec, cfg)
+
+    monkeypatch.setattr(pergroup, "_encode_one", broken)
+    blob = A.compress(raw, "pergroup", FAST)
+    assert {e["codec"] for e in pergroup.describe(blob[A.HEADER_BYTES:])} <= {"lzma", "zstd"}
+    assert A.decompress(blob)[1] == raw
+    monkeypatch.setattr(pergroup.shutil, "which", lambda name: None)
+    assert "lrzip" not in pergroup.available(tuple(pergroup.IDS))
+
+
+def test_inflation_is_bounded_and_corruption_is_named():
+    tensors, meta = codes_and_meta()
+    blob = A.compress(A.serialize(tensors, meta, "pergroup"), "pergroup", FAST)
+    head, body = blob[:A.HEADER_BYTES], blob[A.HEADER_BYTES:]
+    with pytest.raises(codecs.CodecError, match="more than 100"):
+        pergroup.inflate(body, 100)  # refused from the table, before any decoding
+    c, n, m = pergroup.ENTRY.unpack_from(body, 4)
+    forged = body[:4] + pergroup.ENTRY.pack(c, A.MAX_RAW_BYTES + 1, m) + body[4 + pergroup.ENTRY.size:]
+    with pytest.raises(A.ArtifactError, match="m.ptz: per-group body expands"):
+        A.decompress(head + forged, "m.ptz")
+    with pytest.raises(A.ArtifactError, match="m.ptz"):
+        A.decompress(blob[:-5], "m.ptz")
+    bad = bytearray(blob)
+    bad[len(bad) // 2] ^= 0xFF
+    with pytest.raises(A.ArtifactError, match="m.ptz"):
+        A.decompress(bytes(bad), "m.ptz")
+    with pytest.raises(A.ArtifactError, match="bad table"):
+        A.decompress(head + struct.pack("<I", 0), "m.ptz")
+
+
+def test_config_checks():
+    with pytest.raises(ConfigError, match="compress.codec must be auto with compress.layout pergroup"):
+        config.from_dict("compress", {"layout": "pergroup", "codec": "lzma"})
+    with pytest.raises(ConfigError, match="compress.pergroup_codecs must be a subset"):
+        config.from_dict("compress", {"pergroup_codecs": ["bzip2"]})
+    with pytest.raises(ConfigError, match="compress.pergroup_codecs must be a subset"):
+        config.from_dict("compress", {"pergroup_codecs": ["ppmd"]})
+    assert config.from_dict("compress", {"layout": "pergroup"}).pergroup_codecs == config.PERGROUP_CODECS
+
+
+def test_compress_stage_writes_the_pergroup_layout(workdir):  # noqa: F811
+    flat = build(workdir)
+    flat_tensors, _ = A.read_artifact(workdir / "artifacts/final/model.ptz")
+    m = build(workdir, dataclasses.replace(FAST, prune=False))
+    assert m["codec"] == "pergroup" and m["pergroup_bytes"] == m["model_bytes"] and "lzma_bytes" not in m
+    tensors, _ = A.read_artifact(workdir / "artifacts/final/model.ptz")
+    assert list(tensors) == list(flat_tensors) and all(torch.equal(tensors[k], flat_tensors[k]) for k in tensors)
+
+
+def test_l1_order_is_a_greedy_nearest_neighbour_walk(monkeypatch):
+    rows = np.array([[0, 0], [9, 9], [1, 1], [8, 9], [0, 1]], dtype=np.uint8)
+    assert grouping.l1_order(rows).tolist() == [0, 4, 2, 3, 1]  # 0 -> (0,1) -> (1,1) -> (8,9) -> (9,9)
+    monkeypatch.setattr(grouping, "L1_MAX_ROWS", 4)
+    assert grouping.l1_order(rows).tolist() == grouping.row_order(rows).tolist()  # too many rows: the projection
+
+
+def test_l1_row_order_round_trips_per_member():
+    tensors, meta = codes_and_meta()
+    raw = A.serialize(tensors, meta, "pergroup", "l1")
+    assert raw != A.serialize(tensors, meta, "pergroup") and raw == A.serialize(tensors, meta, "pergroup", "l1")
+    back, _ = A.loads_artifact(A.compress(raw, "pergroup", FAST))
+    assert all(bits_equal(back[k], v) for k, v in tensors.items())
+    stored, entries = grouping.group({"blocks.0.w.q": torch.zeros(3, 2, dtype=torch.uint8),
+                                      "blocks.1.w.q": torch.ones(4, 2, dtype=torch.uint8)}, order="l1")
+    assert sorted(stored[".perm.0"][:3].tolist()) == [0, 1, 2]  # each member's rows stay its own
+    with pytest.raises(ConfigError, match="compress.row_order must be one of pca, l1"):
+        config.from_dict("compress", {"row_order": "nn"})
