@@ -47,18 +47,11 @@ MiB = 1 << 20
 
 def build_body(raw_path: Path, profile: str) -> bytes:
     """Synthetic record-scale model -> quantize.run -> artifact.serialize -> move_head_last, cached in raw_path."""
-    from bench.bench_quant_loop import synthetic_data, synthetic_train_dir
-    from pgolf.quantize import quantize
+    from bench.bench_quant_loop import synthetic_quant
     from pgolf.compress import compress
-    from pgolf.shared.tokenizer_meta import read_tokenizer_meta
 
-    cfgs = overrides.load(profile)
-    mcfg = cfgs["model"]
-    work = Path(tempfile.mkdtemp(prefix="bench_codecs_"))
-    _, tok = synthetic_data(work / "data", mcfg.vocab_size, 4096)
-    train = synthetic_train_dir(work / "train", mcfg, cfgs["train"], read_tokenizer_meta(tok))
-    quantize.run(dataclasses.replace(cfgs["quantize"], device="cpu"), train, work / "quant", work / "quant.json")
-    tensors, meta = compress.load_quant(work / "quant" / quantize.QUANT_FILE)
+    quant, cfgs = synthetic_quant(Path(tempfile.mkdtemp(prefix="bench_codecs_")), profile)
+    tensors, meta = compress.load_quant(quant)
     body = artifact.move_head_last(artifact.serialize(tensors, meta, cfgs["compress"].layout))
     raw_path.parent.mkdir(parents=True, exist_ok=True)
     raw_path.write_bytes(body)

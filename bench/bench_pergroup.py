@@ -32,15 +32,13 @@ def build_quant(cache: Path, profile: str) -> Path:
     path = cache / "quant" / quantize.QUANT_FILE
     if path.is_file():
         return path
-    from bench.bench_quant_loop import synthetic_data, synthetic_train_dir
-    from pgolf.shared.tokenizer_meta import read_tokenizer_meta
+    import shutil
 
-    cfgs = overrides.load(profile)
-    mcfg = cfgs["model"]
+    from bench.bench_quant_loop import synthetic_quant
+
     work = Path(tempfile.mkdtemp(prefix="bench_pergroup_"))
-    _, tok = synthetic_data(work / "data", mcfg.vocab_size, 4096)
-    train = synthetic_train_dir(work / "train", mcfg, cfgs["train"], read_tokenizer_meta(tok))
-    quantize.run(dataclasses.replace(cfgs["quantize"], device="cpu"), train, cache / "quant", cache / "quant.json")
+    quant, _ = synthetic_quant(work, profile)
+    shutil.copytree(quant.parent, cache / "quant", dirs_exist_ok=True)
     return path
 
 

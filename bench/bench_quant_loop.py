@@ -106,6 +106,18 @@ def synthetic_data(out: Path, vocab: int, tokens: int) -> tuple[Path, Path]:
     return out / "shards", tok
 
 
+def synthetic_quant(work: Path, profile: str) -> tuple[Path, dict]:
+    """A profile's model with trained-like weights and random Hessians, quantized on the CPU under
+    `work` -> (its quant.pgt, the profile's checked sections)."""
+    from pgolf.shared.tokenizer_meta import read_tokenizer_meta
+
+    cfgs = overrides.load(profile)
+    _, tok = synthetic_data(work / "data", cfgs["model"].vocab_size, 4096)
+    train = synthetic_train_dir(work / "train", cfgs["model"], cfgs["train"], read_tokenizer_meta(tok))
+    quantize.run(dataclasses.replace(cfgs["quantize"], device="cpu"), train, work / "quant", work / "quant.json")
+    return work / "quant" / quantize.QUANT_FILE, cfgs
+
+
 def forced_target(quant: Path, unpruned_total: int, at_least: int) -> int:
     """Unpruned total - the predicted saving of 1.5 x at_least pruned values (k = 1)."""
     tensors, meta = compress.load_quant(quant)
