@@ -473,6 +473,7 @@ class EvaluateConfig(Section):
     ttt_grad_clip: float = 1.0  # 0 = off
     ttt_lr_schedule: str = "cosine"  # cosine (over a rank's chunks) | constant
     ttt_seed: int = 1337  # LoRA init
+    ttt_asym_logit: bool = False  # AsymLogit rescale: TTT also adapts softcap_pos / softcap_neg (model.logit_softcap_learned)
     # token-only causal n-gram tilt of the scored softmax (pgolf.evaluate.ngram_tilt; PR #2135)
     ngram_tilt: bool = False  # on: log_softmax(logits + boost * onehot(hint)) where the hint is confident
     ngram_order: int = 16  # context of order - 1 tokens (1..33)
@@ -514,6 +515,8 @@ def check_across(cfgs: dict[str, Section]) -> None:
     model, ev = cfgs["model"], cfgs["evaluate"]
     if ev.ttt_enabled and ev.ttt_first_layer >= model.num_layers:
         raise ev.bad("ttt_first_layer", f"must be < model.num_layers ({model.num_layers})")
+    if ev.ttt_enabled and ev.ttt_asym_logit and not model.logit_softcap_learned:
+        raise ev.bad("ttt_asym_logit", "needs model.logit_softcap_learned (the softcap scalars it adapts)")
 
 
 # ----------------------------------------------------------------------------- loading

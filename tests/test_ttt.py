@@ -256,3 +256,37 @@ def test_stage_under_torchrun_two_ranks_sums_the_rank_slices(tmp_path):
         nll, nbytes = nll + r.val_loss * r.scored_tokens, nbytes + r.scored_bytes
     assert m["world_size"] == 2 and m["ttt_chunks"] == 4
     assert m["val_bpb"] == pytest.approx(nll / (math.log(2) * nbytes), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- AsymLogit rescale
+
+
+def _softcap_model(seed=1):
+    from conftest import MICRO_CFG
+
+    # caps of 2 bind on the micro model's logits (at 30 they would change nothing visible)
+    return tiny_model(seed, dataclasses.replace(MICRO_CFG, logit_softcap_learned=True, logit_softcap=2.0,
+                                                logit_softcap_neg=2.0))
+
+
+def test_asym_logit_adapts_the_softcaps_score_first_and_only_when_on():
+    cfg = dataclasses.replace(CFG, ttt_asym_logit=True)
+    m = _softcap_model()
+    caps0 = (m.softcap_pos.item(), m.softcap_neg.item())
+    r = ttt.eval_ttt(m, toks(), tiny_tables(), cfg, "cpu", record=True)
+    assert (m.softcap_pos.item(), m.softcap_neg.item()) != caps0  # adapted
+    assert r.trainable_params == run_ttt().trainable_params + 2
+    off = _softcap_model()
+    r_off = ttt.eval_ttt(off, toks(), tiny_tables(), CFG, "cpu", record=True)
+    assert (off.softcap_pos.item(), off.softcap_neg.item()) == caps0  # frozen without the knob
+    torch.testing.assert_close(r.per_target[:24], r_off.per_target[:24], atol=1e-6, rtol=0)  # chunk 0: before any update
+    assert (r.per_target[24:] - r_off.per_target[24:]).abs().max() > 1e-3  # later chunks see the adapted caps
+
+
+def test_asym_logit_without_learned_softcaps_is_refused():
+    from pgolf.config import ConfigError, ModelConfig, check_across
+
+    with pytest.raises(ConfigError, match="evaluate.ttt_asym_logit needs model.logit_softcap_learned"):
+        check_across({"model": ModelConfig(), "evaluate": dataclasses.replace(CFG, ttt_asym_logit=True)})
+    with pytest.raises(ConfigError, match="ttt_asym_logit needs an artifact model with learned softcaps"):
+        run_ttt(dataclasses.replace(CFG, ttt_asym_logit=True))

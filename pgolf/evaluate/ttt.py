@@ -20,7 +20,9 @@ What adapts (`ttt_mode`), on the block matrices of `ttt_targets` (kinds of
   * "full": W + D with D (out, in) zero, i.e. the matrices themselves (weight decay pulls toward
     the artifact's W instead of 0).
 Both are parametrizations of the model's weight banks (`torch.nn.utils.parametrize`), so the
-unchanged GPT forward sees the adapted weights; everything else stays frozen.
+unchanged GPT forward sees the adapted weights; everything else stays frozen, except, with
+`ttt_asym_logit` (AsymLogit rescale, PR #2135), the model's learned softcap scalars
+(`model.logit_softcap_learned`), which the scoring head and the adaptation loss both use.
 
 Several ranks: the chunks are split contiguously, each rank adapts its own copy over its own
 slice starting from the artifact's weights, and only the score sums are all-reduced at the end.
@@ -122,7 +124,21 @@ def attach(model, cfg: EvaluateConfig) -> list[nn.Parameter]:
         delta = BankDelta(w.shape, sorted(slices[bank]), cfg.ttt_mode, cfg.ttt_rank, gen).to(w.device)
         parametrize.register_parametrization(model, bank, delta)
         params += [p for p in delta.parameters()]
-    return params
+    return params + _softcaps(model, cfg)
+
+
+def _softcaps(model, cfg: EvaluateConfig) -> list[nn.Parameter]:
+    """With evaluate.ttt_asym_logit, the model's learned softcap scalars (AsymLogit rescale): adapted
+    with the adapters, score-first like them; [] otherwise."""
+    if not cfg.ttt_asym_logit:
+        return []
+    if getattr(model, "softcap_pos", None) is None:
+        raise ConfigError("evaluate.ttt_asym_logit needs an artifact model with learned softcaps "
+                          "(model.logit_softcap_learned)")
+    caps = [model.softcap_pos, model.softcap_neg]
+    for p in caps:
+        p.requires_grad_(True)
+    return caps
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: EvaluateConfig) -> torch.optim.Optimizer:
