@@ -11,6 +11,7 @@ put a stand-in first on PYTHONPATH (`--stub-dir`, a git-ignored folder), and eve
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,13 @@ ANCHORS = {
     "pr2135": Anchor("pr2135", "pr2135", REPO / "data" / "tokenizer_src" / CASEOPS_MODEL, PR2135_ENV, step_ms=False,
                      needs_fa3_stub=True),
 }
+
+
+def with_stub(env: dict, stub_dir: Path | None) -> dict:
+    """`env` with `stub_dir` (a folder holding a flash_attn_interface stand-in) first on PYTHONPATH."""
+    if stub_dir is None:
+        return env
+    return {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(stub_dir), env.get("PYTHONPATH", "")) if p)}
 
 
 def get(name: str) -> Anchor:

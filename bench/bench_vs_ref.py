@@ -89,8 +89,7 @@ def run_ref(script: Path, data: Path, batch: int, timeout: float, steps: int,
            "TRAIN_BATCH_TOKENS": str(batch), "ITERATIONS": str(steps), "WARMDOWN_ITERS": "0", "WARMDOWN_FRAC": "0",
            "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_LOG_EVERY": str(LOG_EVERY), "VAL_LOSS_EVERY": "0",
            "WARMUP_STEPS": "3", "SEED": "1337", "RUN_ID": f"bench{batch}"}
-    if stub_dir is not None:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(stub_dir), env.get("PYTHONPATH", "")) if p)
+    env = anchors.with_stub(env, stub_dir)
     marks, losses, t0, seen = [], [], time.perf_counter(), {}
 
     def on_line(line: str) -> bool:

@@ -27,8 +27,6 @@ import json
 import math
 import os
 import re
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,7 @@ from pathlib import Path
 import yaml
 
 from bench import anchors, overrides
-from bench.bench_vs_ref import SAFE_ENV, device_info, stream
+from bench.bench_vs_ref import SAFE_ENV, device_info, ref_steady, stream
 
 REPO = Path(__file__).resolve().parents[1]
 LOG_EVERY = 25
@@ -49,22 +47,18 @@ EVAL_SEQ_LEN = 2048  # both arms' post-EMA score: non-overlapping 2048-token win
 
 
 def steady(marks: list[tuple[int, float]]) -> float | None:
-    """Median ms/step over logged intervals from step FIRST_STEADY on, intervals over 1.5x the
-    median (stalls: compiles, evaluations, Hessian passes) dropped."""
-    rates = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(marks, marks[1:]) if s0 >= FIRST_STEADY and s1 > s0]
-    if not rates:
-        return None
-    med = statistics.median(rates)
-    return round(statistics.median([r for r in rates if r <= 1.5 * med]), 2)
+    """bench_vs_ref's steady-state rule (median ms/step over logged intervals from step 10 on,
+    stalls over 1.5x the median dropped) on the marks of increasing steps; None without intervals."""
+    marks = [m for i, m in enumerate(marks) if i == 0 or m[0] > marks[i - 1][0]]
+    med, rates = ref_steady(marks)
+    return round(med, 2) if rates else None
 
 
 def ref_env(anchor: anchors.Anchor, data: Path, seed: int, seconds: float, stub_dir: Path | None) -> dict:
     env = {**os.environ, **SAFE_ENV, **anchor.env, "DATA_PATH": str(data), "TOKENIZER_PATH": str(anchor.tokenizer),
            "SEED": str(seed), "MAX_WALLCLOCK_SECONDS": str(seconds), "TRAIN_LOG_EVERY": str(LOG_EVERY),
            "VAL_LOSS_EVERY": "0", "RUN_ID": f"wallclock{seed}", "EVAL_SEQ_LEN": str(EVAL_SEQ_LEN)}
-    if stub_dir is not None:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(stub_dir), env.get("PYTHONPATH", "")) if p)
-    return env
+    return anchors.with_stub(env, stub_dir)
 
 
 def run_reference(anchor: anchors.Anchor, data: Path, seed: int, seconds: float, batch: int, timeout: float,
