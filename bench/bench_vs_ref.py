@@ -90,10 +90,12 @@ def run_ref(script: Path, data: Path, batch: int, timeout: float, steps: int,
            "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_LOG_EVERY": str(LOG_EVERY), "VAL_LOSS_EVERY": "0",
            "WARMUP_STEPS": "3", "SEED": "1337", "RUN_ID": f"bench{batch}"}
     env = anchors.with_stub(env, stub_dir)
-    marks, losses, t0, seen = [], [], time.perf_counter(), {}
+    marks, losses, t0, seen, timed = [], [], time.perf_counter(), {}, []
 
     def on_line(line: str) -> bool:
         got = anchor.parse_step(line, batch)
+        if not got and not line.startswith("  "):  # its settings dump is indented; the rest is timed
+            timed.append([round(time.perf_counter() - t0, 1), line.rstrip()[:160]])
         if got:
             seen.setdefault("first", time.perf_counter() - t0)
             marks.append((got[0], got[2]))
@@ -107,7 +109,7 @@ def run_ref(script: Path, data: Path, batch: int, timeout: float, steps: int,
     return {"program": "reference", "batch_tokens": batch, "step_ms_steady": round(med, 2),
             "interval_ms_per_step": rates, "tokens_per_second": round(batch / med * 1000.0) if rates else None,
             "seconds_to_first_step": round(first, 1) if first else None, "steps_logged": len(marks),
-            "loss_curve": losses, "log_tail": lines[-40:] if not rates else []}
+            "loss_curve": losses, "timeline": timed[-60:], "log_tail": lines[-40:] if not rates else []}
 
 
 def run_pgolf(batch: int, timeout: float, data: Path, out: Path, extra: list[str], trace_dir: str | None,
@@ -181,11 +183,16 @@ def also_runs(also: list[str], batches: list[int]) -> dict[int, list[list[str]]]
 
 def plan(args) -> list[tuple]:
     """pgolf then the reference at each batch size in the order given (then that batch's `--also`
-    variants), then pgolf again at the first one with a warm compile cache."""
+    variants), then pgolf again at the first one with a warm compile cache; `--programs` keeps only
+    (and orders) the programs it names."""
     x, extra = args.pgolf_extra, also_runs(args.also, args.batches)
     runs = [run for batch in args.batches
             for run in [("pgolf", batch, x), ("reference", batch, None), *[("pgolf", batch, x + v) for v in extra.get(batch, [])]]]
-    return runs + [("pgolf", args.batches[0], x + ["--profile-steps", "0"])][:args.variants]
+    runs += [("pgolf", args.batches[0], x + ["--profile-steps", "0"])][:args.variants]
+    runs = [r for r in runs if r[0] in args.programs]
+    if args.programs[0] == "reference":  # stable: only the reference moves ahead within its batch
+        runs.sort(key=lambda r: (args.batches.index(r[1]), r[0] != "reference"))
+    return runs
 
 
 def main() -> None:
@@ -200,6 +207,9 @@ def main() -> None:
     ap.add_argument("--variants", type=int, default=1, help="1: end with a warm-compile-cache pgolf run")
     ap.add_argument("--batches", type=int, nargs="+", default=[786432, 196608],
                     help="tokens per step, in order (one value: a shorter call)")
+    ap.add_argument("--programs", nargs="+", choices=("pgolf", "reference"), default=["pgolf", "reference"],
+                    help="which programs run, in this order at each batch size (one: a call on a warm machine "
+                         "whose other half ran in the call before)")
     ap.add_argument("--pgolf-extra", nargs="*", default=[], help="more bench.profile_train arguments")
     ap.add_argument("--steps", type=int, default=0,
                     help="training steps of every run (0: 40 at 786,432 tokens, else 100)")

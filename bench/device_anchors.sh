@@ -3,8 +3,9 @@
 #   bash bench/device_anchors.sh smoke OUT                      # attention backends (dense and
 #       # document-packed) at the record shapes, then the PR #2135 script vs pgolf's pr2135 profile,
 #       # 40 steps each at its batch of 786,432 tokens: the steady step ratio
-#   bash bench/device_anchors.sh steps OUT ANCHOR STEPS BUDGET  # the script vs its profile, STEPS each
-#       # at 786,432 tokens (bench_vs_ref), within BUDGET seconds
+#   bash bench/device_anchors.sh steps OUT ANCHOR STEPS BUDGET [PROGRAMS]  # the script vs its profile,
+#       # STEPS each at 786,432 tokens (bench_vs_ref), within BUDGET seconds; PROGRAMS ("reference",
+#       # "pgolf"): one half, the other in the next call on the same warm machine
 #   bash bench/device_anchors.sh wallclock OUT ANCHOR ARM SEED  # one arm of bench.equal_wallclock
 #       # (180 s of training); merge the calls' JSONs with `python -m bench.equal_wallclock --merge`
 # Carry (git-ignored): .whl (zstandard, brotli, python-minifier wheels for Python 3.12),
@@ -41,10 +42,12 @@ case $part in
     python3 -m bench.bench_vs_ref --anchor pr2135 --stub-dir .devrun/fa3_stub --batches 786432 --steps 40 \
       --variants 0 --budget 380 --data "$data" --out "$out/vs_ref_pr2135.json" 2>&1 | tee "$out/vs_ref.log" ;;
   steps)
-    anchor=${3:?anchor} steps=${4:?steps} budget=${5:?budget}
+    anchor=${3:?anchor} steps=${4:?steps} budget=${5:?budget} programs=${6:-pgolf reference}
     data=$(data_for "$anchor")
+    # shellcheck disable=SC2086  # PROGRAMS is a list of words
     python3 -m bench.bench_vs_ref --anchor "$anchor" --stub-dir .devrun/fa3_stub --batches 786432 --steps "$steps" \
-      --variants 0 --budget "$budget" --data "$data" --out "$out/vs_ref_$anchor.json" 2>&1 | tee "$out/vs_ref_$anchor.log" ;;
+      --variants 0 --budget "$budget" --programs $programs --data "$data" --out "$out/vs_ref_${anchor}_${programs// /_}.json" \
+      2>&1 | tee "$out/vs_ref_$anchor.log" ;;
   wallclock)
     anchor=${3:?anchor} arm=${4:?arm} seed=${5:?seed}
     data=$(data_for "$anchor")

@@ -72,17 +72,29 @@ def test_paths_are_resolved_and_checked(tmp_path, monkeypatch):
 
 
 def test_plan_runs_both_programs_per_batch_in_order_then_a_warm_pgolf_run():
-    args = argparse.Namespace(batches=[196608], pgolf_extra=[], variants=1, also=[])
+    args = argparse.Namespace(batches=[196608], pgolf_extra=[], variants=1, also=[], programs=["pgolf", "reference"])
     assert B.plan(args) == [("pgolf", 196608, []), ("reference", 196608, None),
                                        ("pgolf", 196608, ["--profile-steps", "0"])]
-    args = argparse.Namespace(batches=[786432, 196608], pgolf_extra=["--no-hessian"], variants=0, also=[])
+    args = argparse.Namespace(batches=[786432, 196608], pgolf_extra=["--no-hessian"], variants=0, also=[], programs=["pgolf", "reference"])
     assert [(p, b) for p, b, _ in B.plan(args)] == [
         ("pgolf", 786432), ("reference", 786432), ("pgolf", 196608), ("reference", 196608)]
 
 
+def test_programs_keeps_and_orders_the_runs_it_names():
+    args = argparse.Namespace(batches=[786432, 196608], pgolf_extra=[], variants=1, also=[],
+                              programs=["reference", "pgolf"])
+    assert [(p, b) for p, b, _ in B.plan(args)] == [
+        ("reference", 786432), ("pgolf", 786432), ("pgolf", 786432), ("reference", 196608), ("pgolf", 196608)]
+    args.programs = ["reference"]
+    assert [(p, b) for p, b, _ in B.plan(args)] == [("reference", 786432), ("reference", 196608)]
+    args.programs = ["pgolf"]
+    assert all(p == "pgolf" for p, _, _ in B.plan(args)) and len(B.plan(args)) == 3
+
+
 def test_also_adds_pgolf_variants_after_their_batch_pair_and_rejects_bad_entries():
     args = argparse.Namespace(batches=[786432, 196608], pgolf_extra=[], variants=0,
-                              also=["196608 train.grad_accum_steps=2", "786432 train.grad_accum_steps=4"])
+                              also=["196608 train.grad_accum_steps=2", "786432 train.grad_accum_steps=4"],
+                              programs=["pgolf", "reference"])
     assert B.plan(args) == [
         ("pgolf", 786432, []), ("reference", 786432, None),
         ("pgolf", 786432, ["--set", "train.grad_accum_steps=4", "--profile-steps", "0"]),
