@@ -48,6 +48,8 @@ ROW_ORDERS = ("pca", "l1")  # compress.row_order (pgolf.compress.grouping)
 PERGROUP_CODECS = ("lzma", "zstd", "brotli", "ppmd", "lrzip")  # compress.pergroup_codecs (pgolf.compress.pergroup)
 MIN_CHUNK_BYTES = 1 << 16  # compress.*_chunk_bytes: 0 or at least 64 KiB
 TTT_MODES = ("lora", "full")
+TTT_SCHEMES = ("stream", "phased")
+TTT_SITES = ("q", "k", "v", "o", "mlp", "head")  # phased TTT's per-document LoRA sites
 TTT_OPTIMIZERS = ("sgd", "adam")
 TTT_SCHEDULES = ("cosine", "constant")
 
@@ -474,6 +476,23 @@ class EvaluateConfig(Section):
     ttt_lr_schedule: str = "cosine"  # cosine (over a rank's chunks) | constant
     ttt_seed: int = 1337  # LoRA init
     ttt_asym_logit: bool = False  # AsymLogit rescale: TTT also adapts softcap_pos / softcap_neg (model.logit_softcap_learned)
+    # which TTT: stream (the chunks above, over the token stream) | phased (pgolf.evaluate.phased, PR #2135:
+    # per document, batched LoRA; ttt_rank, ttt_lr, ttt_optimizer, ttt_momentum, ttt_beta2, ttt_weight_decay,
+    # ttt_seed apply; then the ttt_global_* pass over the prefix documents once they are scored)
+    ttt_scheme: str = "stream"
+    ttt_sites: tuple[str, ...] = ("q", "v", "o", "mlp", "head")  # phased: LoRA sites (TTT_SITES; PR #2135 K off)
+    ttt_alpha: float = 144.0  # phased: adapter output scaled by alpha / ttt_rank (PR #2135)
+    ttt_doc_batch: int = 64  # phased: documents adapted side by side, each with its own adapters
+    ttt_doc_chunk: int = 48  # phased: targets scored, then trained on, per step within a document
+    ttt_keep_a: bool = True  # phased: each adapter's A carries over to the next document (only B resets)
+    ttt_prefix_docs: int = 2500  # phased: documents scored before the global pass(es) (0 = none)
+    ttt_phases: int = 1  # phased: global passes, at equal steps through the prefix
+    ttt_global_lr: float = 0.001  # phased global pass: SGD on every weight, cosine over its chunks
+    ttt_global_momentum: float = 0.9
+    ttt_global_epochs: int = 1
+    ttt_global_chunk_tokens: int = 32768
+    ttt_global_batch_seqs: int = 32  # sequences of evaluate.context per step
+    ttt_global_grad_clip: float = 1.0  # 0 = off
     # token-only causal n-gram tilt of the scored softmax (pgolf.evaluate.ngram_tilt; PR #2135)
     ngram_tilt: bool = False  # on: log_softmax(logits + boost * onehot(hint)) where the hint is confident
     ngram_order: int = 16  # context of order - 1 tokens (1..33)
@@ -496,7 +515,16 @@ class EvaluateConfig(Section):
         _one_of(self, "ttt_mode", TTT_MODES)
         _one_of(self, "ttt_optimizer", TTT_OPTIMIZERS)
         _one_of(self, "ttt_lr_schedule", TTT_SCHEDULES)
+        _one_of(self, "ttt_scheme", TTT_SCHEMES)
         _distinct_subset(self, "ttt_targets", MATRIX_KINDS)
+        _distinct_subset(self, "ttt_sites", TTT_SITES)
+        _at_least(self, 0, "ttt_prefix_docs", "ttt_global_epochs", "ttt_global_grad_clip")
+        _at_least(self, 1, "ttt_doc_batch", "ttt_doc_chunk", "ttt_phases", "ttt_global_batch_seqs")
+        _positive_finite(self, "ttt_alpha", "ttt_global_lr")
+        _fraction(self, "ttt_global_momentum", closed=False)
+        if self.ttt_global_chunk_tokens < self.context:
+            raise self.bad("ttt_global_chunk_tokens", f"must be >= evaluate.context ({self.context}): a chunk "
+                                                      f"holds whole sequences of it")
         _at_least(self, 0, "ttt_first_layer", "ttt_weight_decay", "ttt_grad_clip")
         _at_least(self, 1, "ttt_rank", "ttt_epochs", "ttt_batch_seqs")
         _fraction(self, "ttt_momentum", "ttt_beta2", closed=False)

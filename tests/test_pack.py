@@ -124,6 +124,8 @@ FEATURES = {  # each optional feature of pack.OPTIONAL that a CPU run can use, o
     "doc_packing": {"train": {"doc_packing": True}},
     "lqer": {"quantize": {"lqer_enabled": True}},
     "ttt": {"evaluate": {"ttt_enabled": True}},
+    "phased": {"evaluate": {"ttt_enabled": True, "ttt_scheme": "phased", "ttt_rank": 2, "ttt_doc_batch": 4,
+                            "ttt_prefix_docs": 2, "ttt_global_chunk_tokens": 128}},  # after ttt: all_on runs it
     "ngram_tilt": {"evaluate": {"ngram_tilt": True}},
     "grouped": {"compress": {"layout": "grouped"}},
     "pergroup": {"compress": {"layout": "pergroup"}},  # after grouped: all_on runs the per-group layout
@@ -203,9 +205,10 @@ def test_optional_files_follow_their_params():
     assert set(pack.packed_files(off)) == set(pack.ALWAYS_FILES)
     for name in FEATURES:
         added = set(pack.packed_files(micro_cfgs([name]))) - set(pack.ALWAYS_FILES)
-        extra = 1 if name == "pergroup" else 0  # the per-group layout also packs grouping.py, which it uses
+        extra = 1 if name in ("pergroup", "phased") else 0  # they also pack grouping.py / docattn.py, which they use
         assert len(added) == 1 + extra and added <= set(pack.OPTIONAL), (name, added)
-    assert set(pack.packed_files(micro_cfgs(list(FEATURES)))) == set(pack.PACKED_FILES) - kernels
+    every = set(pack.packed_files(micro_cfgs(list(FEATURES)))) | set(pack.packed_files(micro_cfgs(["ttt"])))
+    assert every == set(pack.PACKED_FILES) - kernels  # all_on's TTT is phased; the stream one alone
     t = TINY["train"]
     assert t.device != "cpu" and t.fused_mlp and kernels <= set(pack.packed_files(TINY))  # the tiny profile trains with them
     for change in ({"fused_mlp": False, "fused_qk_norm_rope": False}, {"device": "cpu"}):

@@ -166,3 +166,50 @@ def test_ngram_causal_rule_catches_a_leaky_state(run, monkeypatch):
 def test_ngram_causal_rule_fails_without_validation_tokens(run):
     r = _by_name(_tilted(run, shards=False))["ngram_causal"]
     assert not r.passed and "no validation tokens to probe" in r.figure
+
+
+# ----------------------------------------------------------------------------- ttt_score_first (evaluate.ttt_enabled)
+
+TTT_OVER = {"context": 16, "stride": 4, "batch_seqs": 4, "ttt_enabled": True, "ttt_rank": 2, "ttt_lr": 0.05,
+            "ttt_chunk_tokens": 48, "ttt_epochs": 1, "ttt_batch_seqs": 2, "ttt_doc_batch": 4, "ttt_doc_chunk": 8,
+            "ttt_prefix_docs": 0, "ttt_global_chunk_tokens": 64, "ttt_optimizer": "adam", "ttt_alpha": 8.0}
+
+
+def _ttt_run(run: Path, scheme: str) -> Path:
+    """The fake run with evaluate.ttt_enabled (scheme stream or phased, micro settings) and val
+    shards of 1,600 random tokens (documents wherever BOS falls)."""
+    import yaml
+
+    from pgolf import config
+    from pgolf.shared import checked
+    from pgolf.shared.shards import write_shard
+
+    doc = yaml.safe_load((run / "params.yaml").read_text())
+    doc["evaluate"].update(TTT_OVER, ttt_scheme=scheme)
+    (run / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    checked.write({"evaluate": config.from_doc(doc, "evaluate")}, run)
+    write_shard(run / "data/shards/fineweb_val_000000.bin", np.random.default_rng(0).integers(0, 64, 1600))
+    return run
+
+
+@pytest.mark.parametrize("scheme", ["stream", "phased"])
+def test_ttt_score_first_probes_the_runs_own_adaptation(run, scheme):
+    r = _by_name(_ttt_run(run, scheme))["ttt_score_first"]
+    assert r.passed, r.figure
+    assert r.figure.startswith(f"{scheme} TTT run twice on the first 1,585 validation tokens"), r.figure
+    kept = int(r.figure.split(": the ")[1].split(" targets")[0].replace(",", ""))
+    assert 100 < kept < 1584, r.figure  # targets before the cut, and some after it
+
+
+def test_ttt_score_first_catches_a_document_scored_after_training_on_itself(run, monkeypatch):
+    from pgolf.evaluate import phased
+
+    real = phased.run_batch
+
+    def cheat(*args):  # adapt on the whole batch first, then score with those adapters
+        real(*args[:9], None)
+        return real(*args)
+
+    monkeypatch.setattr(phased, "run_batch", cheat)
+    r = _by_name(_ttt_run(run, "phased"))["ttt_score_first"]
+    assert not r.passed and "targets scored before them moved by at most" in r.figure, r.figure

@@ -123,13 +123,18 @@ def _pergroup_tries(c: Sections, codec: str) -> bool:
 # The one table of optional modules: file -> whether the run's checked sections use it. Each is
 # imported only at its use site, under that param, so a run with the feature off never imports it
 # (tests/test_pack.py runs the packed script for sets of params and compares).
+def _phased(c: Sections) -> bool:
+    return c["evaluate"].ttt_enabled and c["evaluate"].ttt_scheme == "phased"
+
+
 OPTIONAL: dict[str, Callable[[Sections], bool]] = {
     "pgolf/compress/grouping.py": lambda c: c["compress"].layout in ("grouped", "pergroup"),
     "pgolf/compress/pergroup.py": lambda c: c["compress"].layout == "pergroup",
     "pgolf/evaluate/ngram_tilt.py": lambda c: c["evaluate"].ngram_tilt,
-    "pgolf/evaluate/ttt.py": lambda c: c["evaluate"].ttt_enabled,
+    "pgolf/evaluate/phased.py": lambda c: _phased(c),
+    "pgolf/evaluate/ttt.py": lambda c: c["evaluate"].ttt_enabled and not _phased(c),
     "pgolf/quantize/lqer.py": lambda c: c["quantize"].lqer_enabled,
-    "pgolf/shared/docattn.py": lambda c: c["train"].doc_packing,
+    "pgolf/shared/docattn.py": lambda c: c["train"].doc_packing or _phased(c),  # phased: its global pass
     "pgolf/shared/kernels/__init__.py": _kernels,
     "pgolf/shared/kernels/fused_mlp.py": _kernels,
     "pgolf/shared/kernels/qk_norm_rope.py": _kernels,

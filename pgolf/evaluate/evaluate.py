@@ -9,8 +9,9 @@ so a model is never scored on tokens of another vocabulary. Bytes come from the 
 sidecar where prepare wrote one (original bytes of CaseOps-transformed data, pgolf.shared.val_bytes),
 else from the byte tables; eval.json's `byte_source` says which.
 
-With evaluate.ttt_enabled, score-first test-time training (pgolf.evaluate.ttt) runs last, on the same
-tokens and windows; its score becomes val_bpb / val_loss (the plain sliding score stays as
+With evaluate.ttt_enabled, score-first test-time training runs last, on the same tokens
+(evaluate.ttt_scheme: stream, pgolf.evaluate.ttt, on the same windows; phased, pgolf.evaluate.phased,
+per document); its score becomes val_bpb / val_loss (the plain sliding score stays as
 val_bpb_pre_ttt) and its time is ttt_seconds.
 
 With evaluate.ngram_tilt, every scoring pass (non-sliding, sliding, TTT) scores the token n-gram
@@ -151,14 +152,23 @@ def _ngram_tilt(tokens, cfg: EvaluateConfig):
 
 def _ttt_metrics(model, tokens, tables, cfg: EvaluateConfig, info, progress: bool, plain: dict, tilt=None) -> dict:
     """Score-first TTT (adapts `model`): its score as val_loss / val_bpb, the plain one kept beside."""
-    from pgolf.evaluate import ttt  # evaluate.ttt_enabled only (the packed script carries it only then)
-
     t0 = time.perf_counter()
-    r = ttt.eval_ttt(model, tokens, tables, cfg, info.device, info.rank, info.world_size,
-                     progress=progress and info.is_main, tilt=tilt)
+    extra = {}
+    if cfg.ttt_scheme == "phased":
+        from pgolf.evaluate import phased  # evaluate.ttt_scheme phased only (packed only then)
+
+        r = phased.eval_phased(model, tokens, tables, cfg, info.device, info.rank, info.world_size,
+                               progress=progress and info.is_main, tilt=tilt)
+        extra = {"ttt_docs": r.docs, "ttt_global_steps": r.global_steps}
+    else:
+        from pgolf.evaluate import ttt  # evaluate.ttt_enabled only (the packed script carries it only then)
+
+        r = ttt.eval_ttt(model, tokens, tables, cfg, info.device, info.rank, info.world_size,
+                         progress=progress and info.is_main, tilt=tilt)
     if (r.scored_tokens, r.scored_bytes) != (plain["scored_tokens"], plain["scored_bytes"]):
         raise EvaluateError(f"TTT scored {r.scored_tokens} targets / {r.scored_bytes} bytes, the plain evaluation "
                             f"{plain['scored_tokens']} / {plain['scored_bytes']}")
     return {"val_loss": r.val_loss, "val_bpb": r.val_bpb, "val_loss_pre_ttt": plain["val_loss"],
             "val_bpb_pre_ttt": plain["val_bpb"], "ttt_seconds": round(time.perf_counter() - t0, 3),
-            "ttt_chunks": r.chunks, "ttt_mode": cfg.ttt_mode, "ttt_trainable_params": r.trainable_params}
+            "ttt_chunks": r.chunks, "ttt_scheme": cfg.ttt_scheme, "ttt_mode": cfg.ttt_mode,
+            "ttt_trainable_params": r.trainable_params, **extra}

@@ -350,16 +350,17 @@ class CausalSelfAttention(nn.Module):
                                                enable_gqa=self.backend == SDPBackend.FLASH_ATTENTION)
         return y.transpose(1, 2)
 
-    def forward(self, x, w_q, w_k, w_v, w_o, cos, sin, ve=None, hessians=None, prefix="", docs=None):
+    def forward(self, x, w_q, w_k, w_v, w_o, cos, sin, ve=None, hessians=None, prefix="", docs=None, ad=None):
         """x (B, T, D) -> (B, T, D); ve (B, T, kvD) already scaled, or None. With `docs` (a
-        pgolf.shared.docattn.DocSegments, B = 1) attention stays within its document segments."""
+        pgolf.shared.docattn.DocSegments, B = 1) attention stays within its document segments.
+        `ad` (per-row adapters of this layer slot, see `adapted`): q/k/v/o get ad.<site>(x) added."""
         B, T, _ = x.shape
         hd = self.head_dim
         if hessians is not None:
             accumulate_gram(hessians, tuple(f"{prefix}.attn.{n}.weight" for n in ("c_q", "c_k", "c_v")), x)
-        q = F.linear(x, w_q).view(B, T, self.num_heads, hd)  # (B, T, H, hd)
-        k = F.linear(x, w_k).view(B, T, self.num_kv_heads, hd)  # (B, T, Hkv, hd)
-        v = F.linear(x, w_v)  # (B, T, kvD)
+        q = adapted(F.linear(x, w_q), ad, "q", x).view(B, T, self.num_heads, hd)  # (B, T, H, hd)
+        k = adapted(F.linear(x, w_k), ad, "k", x).view(B, T, self.num_kv_heads, hd)  # (B, T, Hkv, hd)
+        v = adapted(F.linear(x, w_v), ad, "v", x)  # (B, T, kvD)
         if ve is not None:
             v = v + ve.to(v.dtype)
         v = v.view(B, T, self.num_kv_heads, hd)  # (B, T, Hkv, hd)
@@ -376,7 +377,14 @@ class CausalSelfAttention(nn.Module):
         y = y.reshape(B, T, self.num_heads * hd)  # (B, T, D)
         if hessians is not None:
             accumulate_gram(hessians, (f"{prefix}.attn.proj.weight",), y)
-        return F.linear(y, w_o)
+        return adapted(F.linear(y, w_o), ad, "o", x)
+
+
+def adapted(y: torch.Tensor, ad, site: str, x: torch.Tensor) -> torch.Tensor:
+    """y + ad.<site>(x) when the adapters `ad` (pgolf.evaluate.phased: one layer slot's per-row
+    LoRAs) have that site, else y unchanged; x (B, T, in), y (B, T, out)."""
+    f = None if ad is None else getattr(ad, site, None)
+    return y if f is None else y + f(x).to(y.dtype)
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
@@ -430,31 +438,32 @@ class Block(nn.Module):
         forward of a compiled block does not depend on it."""
         return f"blocks.{self.layer}" if hessians is not None else ""
 
-    def _attn_branch(self, h_in, w, cos, sin, ve, hessians, docs=None):
+    def _attn_branch(self, h_in, w, cos, sin, ve, hessians, docs=None, ad=None):
         """attn_scale * attention(rms_norm(h_in) * ln_scale) -> (B, T, D)."""
         a = rms_norm(h_in) * self.ln_scale
-        attn = self.attn(a, *w[:4], cos, sin, ve=ve, hessians=hessians, prefix=self._prefix(hessians), docs=docs)
+        attn = self.attn(a, *w[:4], cos, sin, ve=ve, hessians=hessians, prefix=self._prefix(hessians), docs=docs,
+                         ad=ad)
         return self.attn_scale.to(h_in.dtype) * attn
 
-    def _mlp_branch(self, h, w, hessians):
-        """mlp_scale * MLP(rms_norm(h) * ln_scale) -> (B, T, D)."""
+    def _mlp_branch(self, h, w, hessians, ad=None):
+        """mlp_scale * (MLP(m) [+ ad.mlp(m)]), m = rms_norm(h) * ln_scale -> (B, T, D)."""
         m = rms_norm(h) * self.ln_scale
-        mlp = self.mlp(m, w[4], w[5], hessians=hessians, prefix=self._prefix(hessians))
+        mlp = adapted(self.mlp(m, w[4], w[5], hessians=hessians, prefix=self._prefix(hessians)), ad, "mlp", m)
         return self.mlp_scale.to(h.dtype) * mlp
 
-    def forward(self, h, x0, w, cos, sin, ve=None, hessians=None, docs=None):
+    def forward(self, h, x0, w, cos, sin, ve=None, hessians=None, docs=None, ad=None):
         """h, x0 (B, T, D); w = (w_q, w_k, w_v, w_o, w_up, w_down) -> (B, T, D)."""
         mix = self.resid_mix.to(h.dtype)
         h_in = mix[0] * h + mix[1] * x0
-        h_mid = h_in + self._attn_branch(h_in, w, cos, sin, ve, hessians, docs)
-        return h_mid + self._mlp_branch(h_mid, w, hessians)
+        h_mid = h_in + self._attn_branch(h_in, w, cos, sin, ve, hessians, docs, ad)
+        return h_mid + self._mlp_branch(h_mid, w, hessians, ad)
 
-    def parallel(self, lane0, lane1, x0, w, cos, sin, ve=None, hessians=None, docs=None):
+    def parallel(self, lane0, lane1, x0, w, cos, sin, ve=None, hessians=None, docs=None, ad=None):
         """Two-lane block: attention reads lane0 (mixed with x0), the MLP reads lane1, side by
         side. lane0, lane1, x0 (B, T, D) -> (attn_out, mlp_out), each (B, T, D), branch-scaled."""
         mix = self.resid_mix.to(lane0.dtype)
-        attn = self._attn_branch(mix[0] * lane0 + mix[1] * x0, w, cos, sin, ve, hessians, docs)
-        return attn, self._mlp_branch(lane1, w, hessians)
+        attn = self._attn_branch(mix[0] * lane0 + mix[1] * x0, w, cos, sin, ve, hessians, docs, ad)
+        return attn, self._mlp_branch(lane1, w, hessians, ad)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -618,11 +627,13 @@ class GPT(nn.Module):
     # -- forward
 
     def forward_hidden(self, idx: torch.Tensor, hessians: dict[str, torch.Tensor] | None = None,
-                       docs=None) -> torch.Tensor:
+                       docs=None, lora=None) -> torch.Tensor:
         """idx (B, T) -> final normed hidden states (B, T, D). `docs` (train.doc_packing: a
         pgolf.shared.docattn.DocSegments of the one row, B = 1): attention within its segments,
         RoPE at the positions within them. `hessians`: the block matrices' input Grams accumulate
-        there, and the output's (the tied head's input) when it holds HEAD_HESSIAN."""
+        there, and the output's (the tied head's input) when it holds HEAD_HESSIAN. `lora`
+        (pgolf.evaluate.phased's per-row adapters): lora[pos] joins the layer at position pos of
+        the layer order (each pass of a looped layer has its own)."""
         L = self.cfg.num_layers
         T = idx.size(1)
         # one view per matrix, by unbind: its backward stacks the slices' gradients into one bank
@@ -648,10 +659,11 @@ class GPT(nn.Module):
                 h = self._skip(j, h, skips.pop())
             ve_i = self.ve_layer_scales[i - self.ve_start] * ve if i >= self.ve_start else None
             w = (qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i])
+            ad = None if lora is None else lora[pos]
             if lane1 is None:
-                h = block(h, x0, w, cos, sin, ve=ve_i, hessians=hessians, docs=docs)
+                h = block(h, x0, w, cos, sin, ve=ve_i, hessians=hessians, docs=docs, ad=ad)
             else:
-                h, lane1 = self._parallel_layer(i, h, lane1, x0, w, cos, sin, ve_i, hessians, docs)
+                h, lane1 = self._parallel_layer(i, h, lane1, x0, w, cos, sin, ve_i, hessians, docs, ad)
             if pos < n_enc:
                 skips.append(h)
         out = rms_norm(self._final_lane(h, lane1))  # (B, T, D)
@@ -678,11 +690,11 @@ class GPT(nn.Module):
             return h + scaled
         return torch.lerp(scaled, h, torch.sigmoid(self.skip_gates[j].to(h.dtype)))
 
-    def _parallel_layer(self, i, lane0, lane1, x0, w, cos, sin, ve, hessians, docs=None):
+    def _parallel_layer(self, i, lane0, lane1, x0, w, cos, sin, ve, hessians, docs=None, ad=None):
         """Both branches of block i on the two lanes; each lane keeps resid[k] of itself and adds
         post[k, branch, lane] of each branch (PR #1530's parallel residuals). -> (lane0, lane1)."""
         k = i - self.parallel_row0
-        attn, mlp = self.blocks[i].parallel(lane0, lane1, x0, w, cos, sin, ve=ve, hessians=hessians, docs=docs)
+        attn, mlp = self.blocks[i].parallel(lane0, lane1, x0, w, cos, sin, ve=ve, hessians=hessians, docs=docs, ad=ad)
         post = self.parallel_post[k].to(lane0.dtype)  # (2 branches, 2 lanes)
         res = self.parallel_resid[k].to(lane0.dtype)  # (2 lanes,)
         lane0_new = res[0] * lane0 + post[0, 0] * attn + post[1, 0] * mlp
@@ -702,11 +714,12 @@ class GPT(nn.Module):
         """idx (B, T) -> softcapped logits (B, T, V)."""
         return self.logits_from_hidden(self.forward_hidden(idx, None))
 
-    def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
+    def logits_from_hidden(self, h: torch.Tensor, lora=None) -> torch.Tensor:
         """h (..., D) -> softcapped tied-head logits (..., V), the scoring head (evaluation, TTT);
         lets callers score only some rows. Capped by the learned softcap_pos / softcap_neg with
-        model.logit_softcap_learned, else by the fixed caps."""
-        logits = F.linear(h, self.tok_emb.weight)  # (B, T, V), tied head
+        model.logit_softcap_learned, else by the fixed caps. `lora.head(h)` (per-row adapters of
+        pgolf.evaluate.phased), when given, is added before the cap."""
+        logits = adapted(F.linear(h, self.tok_emb.weight), lora, "head", h)  # (B, T, V), tied head
         if self.cfg.logit_softcap_learned:
             return softcap(logits, self.softcap_pos, self.softcap_neg)
         return softcap(logits, self.cfg.logit_softcap, self.cfg.logit_softcap_neg)

@@ -23,9 +23,19 @@ Each rule gives pass/fail and the figure behind it:
   finite logit per vocabulary entry (evaluation scores the softmax over them: a normalised
   distribution over the full vocabulary). Without test-time training, scoring happens before
   any update by construction: pgolf.evaluate.evaluate runs the model in eval mode with no optimizer.
-  With `evaluate.ttt_enabled` the probe covers the artifact's model before adaptation; the
-  score-first order (each chunk scored before the update that saw it, every target once) is
-  pgolf.evaluate.ttt's construction, proven by tests/test_ttt.py, and not probed from the files here.
+  With `evaluate.ttt_enabled` this probe covers the artifact's model before adaptation, and
+  `ttt_score_first` the adaptation.
+* `ttt_score_first` (only with `evaluate.ttt_enabled`): the run's own test-time training
+  (evaluate.ttt_scheme stream: pgolf.evaluate.ttt; phased: pgolf.evaluate.phased) run twice from
+  the artifact on the first TTT_PROBE_TOKENS validation tokens (at least two windows of
+  evaluate.context), the second time with the tokens after a cut in its scoring order replaced
+  (stream: every token from the middle on; phased: the rest of the document holding the middle
+  and every document of a later batch; BOS kept, so the documents and their order stay): no
+  target scored before the cut moves, i.e. each was scored before any update that saw a later
+  token. Phased TTT scores documents by batch, longest first, not in stream order. The n-gram
+  tilt stays off here: it only rescores (its own rule is `ngram_causal`), and both schemes adapt
+  on the plain loss. tests/test_ttt.py and tests/test_phased.py prove the same on models built to
+  expose a leak.
 * `ngram_causal` (only with `evaluate.ngram_tilt`): the n-gram tilt's hints, recomputed with the
   run's order and threshold on the first NGRAM_PROBE_TOKENS of the run's validation tokens, do not
   move for any target before position p when every token from p on is replaced (NGRAM_PROBE_CUTS
@@ -55,6 +65,7 @@ HESSIAN_FALLBACK = "hessian: no step captured one"  # pgolf.train.train's line w
 CAUSAL_ATOL = 1e-4
 NGRAM_PROBE_TOKENS = 262_144  # validation tokens the ngram_causal rule re-derives hints on
 NGRAM_PROBE_CUTS = 8
+TTT_PROBE_TOKENS = 8192  # validation tokens the ttt_score_first rule adapts on (at least 2 contexts)
 
 
 @dataclass(frozen=True)
@@ -196,6 +207,80 @@ def check_ngram_causal(shards: Path, cfg) -> Rule:
                 f"threshold {cfg.ngram_threshold}, boost {cfg.ngram_boost}); tilt renormalised over the vocabulary")
 
 
+def ttt_scores(model, tokens, tables, cfg, device) -> torch.Tensor:
+    """Per-target NLL (T,) of the run's TTT scheme on `tokens` (adapts `model`), without the n-gram
+    tilt: the tilt only rescores, the adaptation trains on the plain loss in both schemes."""
+    if cfg.ttt_scheme == "phased":
+        from pgolf.evaluate import phased
+
+        return phased.eval_phased(model, tokens, tables, cfg, device, record=True).per_target
+    from pgolf.evaluate import ttt
+
+    return ttt.eval_ttt(model, tokens, tables, cfg, device, record=True).per_target
+
+
+def ttt_probe_cut(tokens, cfg, cut: int):
+    """(token positions the probe changes, targets allowed to move), in the order the run's TTT
+    scores: stream, the tokens from `cut` on; phased, those of the document holding target cut - 1
+    and every token of the documents of later batches (never a BOS, so the documents and their
+    order stay)."""
+    import numpy as np
+
+    from pgolf.shared.shards import BOS_ID
+
+    n = len(tokens)
+    if cfg.ttt_scheme != "phased":
+        return np.arange(cut, n), np.arange(cut - 1, n - 1)
+    from pgolf.evaluate import phased
+
+    docs = phased.documents(tokens, BOS_ID)
+    groups = phased.batches(docs, cfg.ttt_doc_batch)
+    d = int(np.searchsorted(docs[:, 0], cut - 1, side="right")) - 1  # the document of target cut - 1
+    g = next(i for i, grp in enumerate(groups) if d in grp)
+    # a document (start s, length n): tokens s .. s+n-2 (s+n-1 is the next one's BOS), targets s .. s+n-2
+    spans = [(cut, docs[d].sum() - 1)] + [(docs[e, 0], docs[e].sum() - 1) for grp in groups[g + 1:] for e in grp]
+    pos = np.concatenate([np.arange(a, b) for a, b in spans])
+    return pos, np.concatenate([np.arange(cut - 1, spans[0][1])] + [np.arange(a, b) for a, b in spans[1:]])
+
+
+def check_ttt_score_first(root: Path, cfg, seed: int = 0) -> Rule:
+    """`cfg` the run's evaluate section (ttt_enabled): its TTT twice from the artifact, the second
+    time with the tokens after a cut in its scoring order changed (bytes play no part)."""
+    import numpy as np
+
+    from pgolf.evaluate.evaluate import load_model
+    from pgolf.shared import bpb, dist
+    from pgolf.shared.byte_tables import ByteTables
+    from pgolf.shared.shards import BOS_ID
+
+    art = root / layout.FINAL / artifact.MODEL_FILE
+    try:
+        tokens = bpb.load_val_tokens(root / layout.SHARDS, max(TTT_PROBE_TOKENS, 2 * cfg.context + 1))
+    except (OSError, ValueError) as e:
+        return Rule("ttt_score_first", False, f"no validation tokens to probe TTT on ({e})")
+    if not art.is_file() or len(tokens) < 2 * cfg.context + 1:
+        return Rule("ttt_score_first", False, f"{art}: no artifact, or fewer than two windows of validation tokens")
+    tokens = bpb.truncate(tokens, cfg.context)
+    device = dist.pick_device(cfg.device)
+    V = load_model(art, "cpu")[0].cfg.vocab_size
+    tables = ByteTables(torch.ones(V, dtype=torch.int64), torch.zeros(V, dtype=torch.bool),
+                        torch.zeros(V, dtype=torch.bool))
+    cut = len(tokens) // 2 + 7  # inside a chunk, not on its edge
+    pos, may_move = ttt_probe_cut(tokens, cfg, cut)
+    pos = pos[tokens[pos] != BOS_ID]
+    new = (tokens[pos].astype(np.int64) + np.random.default_rng(seed).integers(1, V, len(pos))) % V
+    other = tokens.copy()
+    other[pos] = np.where(new == BOS_ID, (new + 1) % V, new)
+    a, b = (ttt_scores(load_model(art, device)[0], t, tables, cfg, device) for t in (tokens, other))
+    keep = torch.ones(len(a), dtype=torch.bool)
+    keep[torch.from_numpy(may_move)] = False
+    moved = float((a[keep] - b[keep]).abs().max()) if keep.any() else 0.0
+    return Rule("ttt_score_first", moved <= CAUSAL_ATOL,
+                f"{cfg.ttt_scheme} TTT run twice on the first {len(tokens):,} validation tokens, {len(pos):,} tokens "
+                f"after a cut in its scoring order changed the second time: the {int(keep.sum()):,} targets scored "
+                f"before them moved by at most {moved:.1e} (tolerance {CAUSAL_ATOL:.0e})")
+
+
 def check(root: str | Path = ".", max_tokens: int | None = None) -> list[Rule]:
     """Every rule on the finished run under `root` (metrics/, artifacts/, params.yaml)."""
     root = Path(root)
@@ -213,6 +298,7 @@ def check(root: str | Path = ".", max_tokens: int | None = None) -> list[Rule]:
         max_tokens = ev_cfg.max_tokens
     script = root / layout.FINAL / layout.SCRIPT_FILE
     ngram = [check_ngram_causal(root / layout.SHARDS, ev_cfg)] if getattr(ev_cfg, "ngram_tilt", False) else []
+    ngram += [check_ttt_score_first(root, ev_cfg)] if ev_cfg.ttt_enabled else []
     return [check_size(size, script.stat().st_size if script.is_file() else None), check_train_time(train),
             check_eval_time(ev), check_hessians(train, log.read_text(errors="replace")),
             check_eval_once(ev, prep, max_tokens),

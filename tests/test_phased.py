@@ -1,0 +1,263 @@
+"""pgolf.evaluate.phased: phased per-document score-first TTT is legal and does what it says.
+
+Legality is tested with a micro GPT, documents of a few chunks and a learning rate large enough
+that every update shows in the scores: each target is scored once, in a window of its own
+document only (checked against a one-forward-per-target reference); a document's first chunk is
+the artifact model's own score, later chunks move; changing a token never moves the score of an
+earlier target of its document, of another document of its batch, or of any document scored
+before it, while it does move its document's later chunks (the test has power); the global pass
+runs only after the prefix documents are scored, and moves only the documents after them. Also
+the adapter sites against merged weights, the rank split, the evaluate stage and bad params."""
+
+import dataclasses
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_model
+from pgolf.config import ConfigError, EvaluateConfig, check
+from pgolf.evaluate import phased
+from pgolf.evaluate.evaluate import load_model, run
+from pgolf.shared import bpb
+from pgolf.shared.model import softcap
+from test_bpb import tiny_tables, tiny_tokens
+from test_evaluate import make_workdir, paths, tables as wd_tables, val_tokens
+
+CFG = EvaluateConfig(context=16, stride=4, batch_seqs=4, device="cpu", compile=False, ttt_enabled=True,
+                     ttt_scheme="phased", ttt_rank=4, ttt_alpha=8.0, ttt_optimizer="adam", ttt_lr=0.05,
+                     ttt_momentum=0.0, ttt_beta2=0.99, ttt_weight_decay=0.5, ttt_doc_batch=3, ttt_doc_chunk=5,
+                     ttt_prefix_docs=0, ttt_global_chunk_tokens=32, ttt_global_batch_seqs=2, ttt_global_lr=0.05)
+STILL = dataclasses.replace(CFG, ttt_lr=1e-12)  # adapters that never move: the model's own scores
+N = 241
+BOS = 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+def toks():
+    return tiny_tokens(N)
+
+
+def run_phased(cfg=CFG, tokens=None, seed=1, **kw):
+    return phased.eval_phased(tiny_model(seed), toks() if tokens is None else tokens, tiny_tables(), cfg, "cpu",
+                              record=True, bos_id=BOS, **kw)
+
+
+def doc_of(tokens) -> np.ndarray:
+    """Target index (position - 1) -> its document's row in phased.documents."""
+    docs = phased.documents(tokens, BOS)
+    out = np.empty(len(tokens) - 1, dtype=np.int64)
+    for d, (s, n) in enumerate(docs.tolist()):
+        out[s:s + n - 1] = d
+    return out
+
+
+# ----------------------------------------------------------------------------- documents, order
+
+
+@pytest.mark.parametrize("tokens,want", [
+    ([1, 5, 6, 1, 7, 1, 8, 9], [[0, 4], [3, 3], [5, 3]]),
+    ([4, 5, 1, 7, 8], [[0, 3], [2, 3]]),  # no BOS at 0: the head is a document too
+    ([1, 5, 6, 1], [[0, 4]]),  # a lone trailing BOS is the last target of the document before
+])
+def test_documents_end_at_the_next_bos_and_cover_every_target_once(tokens, want):
+    docs = phased.documents(np.array(tokens), BOS)
+    assert docs.tolist() == want
+    covered = np.concatenate([np.arange(s + 1, s + n) for s, n in docs.tolist()])
+    np.testing.assert_array_equal(covered, np.arange(1, len(tokens)))
+
+
+def test_batches_run_longest_first_and_global_passes_follow_the_prefix():
+    docs = np.array([[0, 5], [5, 9], [14, 2], [16, 9], [25, 7], [32, 3], [35, 4]])
+    groups = phased.batches(docs, 3)  # ascending: 2,5,6 | 0,4,1 | 3; the last two tie at 9: kept in order
+    assert [g.tolist() for g in groups] == [[0, 4, 1], [3], [2, 5, 6]]
+    assert phased.phase_ends(groups, 0, 1) == []
+    assert phased.phase_ends(groups, 4, 1) == [(1, 4)]  # after batch 1: 4 scored
+    assert phased.phase_ends(groups, 2, 1) == [(0, 2)]  # after batch 0: 3 scored, the first 2 trained on
+    assert phased.phase_ends(groups, 100, 2) == [(0, 3), (2, 7)]
+    assert phased.chunk_window(0, 12, 5, 8) == (0, 5, 0)
+    assert phased.chunk_window(2, 12, 5, 8) == (4, 8, 6)  # last chunk: targets 10, 11, window 4..11
+    assert phased.chunk_window(1, 12, 5, 8) == (2, 8, 3)
+
+
+# ----------------------------------------------------------------------------- legality
+
+
+def naive_scores(tokens, cfg=CFG, seed=1) -> torch.Tensor:
+    """Per target: one unpadded forward of the model alone on the window chunk_window gives it
+    (its own document's tokens only), float64 log-softmax over the vocabulary."""
+    model = tiny_model(seed)
+    tok = torch.from_numpy(tokens.astype(np.int64))
+    out = torch.full((len(tokens) - 1,), float("nan"), dtype=torch.float64)
+    with torch.no_grad():
+        for s, n in phased.documents(tokens, BOS).tolist():
+            for c in range(-(-(n - 1) // cfg.ttt_doc_chunk)):
+                ws, wl, off = phased.chunk_window(c, n - 1, cfg.ttt_doc_chunk, cfg.context)
+                logits = model.forward_logits(tok[s + ws:s + ws + wl][None])[0]  # (wl, V)
+                for j in range(off, wl):
+                    assert torch.isnan(out[s + ws + j])  # scored once
+                    out[s + ws + j] = -F.log_softmax(logits[j].double(), -1)[tok[s + ws + j + 1]]
+    return out
+
+
+def test_without_learning_every_target_is_scored_once_in_its_own_document_window():
+    tokens = toks()
+    r = run_phased(STILL)
+    ref = naive_scores(tokens)
+    assert not torch.isnan(ref).any() and r.scored_tokens == N - 1 and r.docs == len(phased.documents(tokens, BOS))
+    torch.testing.assert_close(r.per_target, ref, atol=2e-5, rtol=0)
+    tab = tiny_tables()
+    t = torch.from_numpy(tokens.astype(np.int64))
+    nbytes = int(tab.count(t[:-1], t[1:]).sum())  # every target's bytes, by hand
+    assert r.scored_bytes == nbytes
+    want = float(ref.sum()) / nbytes / np.log(2)
+    assert r.val_bpb == pytest.approx(want, rel=1e-5)
+
+
+def test_each_documents_first_chunk_is_the_models_own_score_and_later_chunks_learn():
+    tokens = toks()
+    r, still = run_phased(), run_phased(STILL)
+    first = np.zeros(N - 1, dtype=bool)
+    for s, n in phased.documents(tokens, BOS).tolist():
+        first[s:s + min(n - 1, CFG.ttt_doc_chunk)] = True
+    torch.testing.assert_close(r.per_target[first], still.per_target[first], atol=1e-6, rtol=0)
+    assert (r.per_target[~first] - still.per_target[~first]).abs().max() > 0.05  # the adapters act
+
+
+@pytest.mark.parametrize("j", [12, 57, 100, 160, 233])
+def test_changing_a_token_never_moves_an_earlier_or_another_documents_score(j):
+    """tokens[j] (never a BOS, never made one) is the label of target j-1: targets before it in its
+    document, the other documents of its batch and every earlier batch score the same; its own
+    document's next chunk moves."""
+    tokens = toks()
+    if tokens[j] == BOS:
+        j += 1
+    other_t = tokens.copy()
+    other_t[j] = (int(tokens[j]) + 17) % 62 + 2
+    base, other = run_phased(tokens=tokens).per_target, run_phased(tokens=other_t).per_target
+    docs = phased.documents(tokens, BOS)
+    groups = phased.batches(docs, CFG.ttt_doc_batch)
+    d = doc_of(tokens)[j - 1]
+    g = next(i for i, grp in enumerate(groups) if d in grp)
+    same = np.zeros(N - 1, dtype=bool)
+    for grp in groups[:g + 1]:
+        for e in grp:
+            s, n = docs[e]
+            same[s:s + n - 1] = e != d
+    same[docs[d, 0]:j - 1] = True  # its own document before target j-1
+    torch.testing.assert_close(other[same], base[same], atol=1e-6, rtol=0)
+    s, n = docs[d]
+    nxt = s + ((j - 1 - s) // CFG.ttt_doc_chunk + 1) * CFG.ttt_doc_chunk  # its next chunk's first target
+    if nxt < s + n - 1:
+        assert (other[nxt:s + n - 1] - base[nxt:s + n - 1]).abs().max() > 1e-4
+
+
+def test_the_global_pass_trains_after_the_prefix_and_moves_only_later_documents():
+    tokens = toks()
+    docs = phased.documents(tokens, BOS)
+    groups = phased.batches(docs, CFG.ttt_doc_batch)
+    cfg = dataclasses.replace(CFG, ttt_prefix_docs=4, ttt_keep_a=False)
+    (last, count), = phased.phase_ends(groups, 4, 1)
+    r, plain = run_phased(cfg), run_phased(dataclasses.replace(cfg, ttt_prefix_docs=0))
+    assert r.global_steps > 0 and plain.global_steps == 0 and count == 4
+    before = np.zeros(N - 1, dtype=bool)
+    for grp in groups[:last + 1]:
+        for e in grp:
+            s, n = docs[e]
+            before[s:s + n - 1] = True
+    torch.testing.assert_close(r.per_target[before], plain.per_target[before], atol=1e-6, rtol=0)
+    assert (r.per_target[~before] - plain.per_target[~before]).abs().max() > 1e-3
+    # a token of a document scored after the pass cannot reach the prefix's scores
+    late = next(i for i in range(1, N) if not before[i - 1] and tokens[i] != BOS)
+    t2 = tokens.copy()
+    t2[late] = (int(tokens[late]) + 17) % 62 + 2
+    torch.testing.assert_close(run_phased(cfg, tokens=t2).per_target[before], r.per_target[before], atol=1e-6, rtol=0)
+
+
+def test_the_global_pass_sees_only_documents_already_scored(monkeypatch):
+    """When each pass runs, every document it trains on (PR #2135's order) was scored before."""
+    tokens = toks()
+    scored, seen = set(), []
+    run_batch, global_pass = phased.run_batch, phased.global_pass
+
+    def batch_spy(model, lora, opt, tok, rows, *a, **k):
+        out = run_batch(model, lora, opt, tok, rows, *a, **k)
+        scored.update(map(tuple, rows.tolist()))
+        return out
+
+    def pass_spy(model, tok, chosen, *a, **k):
+        seen.append((len(chosen), {tuple(r) for r in chosen.tolist()} <= scored))
+        return global_pass(model, tok, chosen, *a, **k)
+
+    monkeypatch.setattr(phased, "run_batch", batch_spy)
+    monkeypatch.setattr(phased, "global_pass", pass_spy)
+    r = phased.eval_phased(tiny_model(1), tokens, tiny_tables(), dataclasses.replace(CFG, ttt_prefix_docs=6, ttt_phases=2),
+                           "cpu", bos_id=BOS)
+    assert seen == [(3, True), (6, True)] and r.global_steps > 0
+
+
+# ----------------------------------------------------------------------------- adapters, ranks
+
+
+def test_q_k_v_and_head_adapters_equal_merged_weights_row_by_row():
+    model = tiny_model(2)
+    cfg = dataclasses.replace(CFG, ttt_sites=("q", "k", "v", "head"))
+    lora = phased.DocLoRA(model, 2, cfg, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.copy_(0.3 * torch.randn_like(p))
+    x = torch.from_numpy(toks()[:24].astype(np.int64)).view(2, 12)
+    with torch.no_grad():
+        got = model.logits_from_hidden(model.forward_hidden(x, lora=lora), lora=lora)  # (2, 12, V)
+        L = model.cfg.num_layers
+        for b in range(2):
+            merged = tiny_model(2)
+            for pos in range(L):  # no loops: slot pos is layer pos
+                for site, (bank, half) in (("q", ("qo_bank", 0)), ("k", ("kv_bank", 0)), ("v", ("kv_bank", 1))):
+                    ad = getattr(lora[pos], site)
+                    getattr(merged, bank)[half * L + pos] += ad.scale * ad.B[b] @ ad.A[b]
+            h = merged.forward_hidden(x[b:b + 1])
+            head = lora.head
+            logits = F.linear(h, merged.tok_emb.weight) + head.scale * h @ head.A[b].T @ head.B[b].T
+            want = softcap(logits, merged.cfg.logit_softcap, merged.cfg.logit_softcap_neg)
+            torch.testing.assert_close(got[b:b + 1], want, atol=1e-5, rtol=1e-5)
+
+
+def test_ranks_split_the_batches_and_together_score_every_target_once():
+    r0, r1 = run_phased(rank=0, world=2), run_phased(rank=1, world=2)
+    done0, done1 = r0.per_target != 0, r1.per_target != 0
+    assert not (done0 & done1).any() and (done0 | done1).all()
+
+
+# ----------------------------------------------------------------------------- stage, params
+
+
+def test_run_reports_the_phased_score_beside_the_plain_one(tmp_path):
+    root = make_workdir(tmp_path, tiny_model(8), lossless=True)
+    cfg = dataclasses.replace(CFG, context=16, stride=4, batch_seqs=4, max_tokens=200, ttt_prefix_docs=2)
+    m = run(cfg, paths(root), progress=False)
+    model, _ = load_model(root / "artifacts/final/model.ptz")
+    ref = phased.eval_phased(model, val_tokens(root), wd_tables(), cfg, "cpu")
+    plain = bpb.eval_sliding(tiny_model(8), val_tokens(root), wd_tables(), 16, 4, 4, "cpu")
+    assert m["val_bpb"] == pytest.approx(ref.val_bpb, abs=1e-12) and m["val_bpb_pre_ttt"] == pytest.approx(
+        plain["val_bpb"], abs=1e-12)
+    assert m["ttt_scheme"] == "phased" and m["ttt_docs"] == ref.docs and m["ttt_global_steps"] == ref.global_steps
+    assert m["scored_tokens"] == ref.scored_tokens == plain["scored_tokens"]
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"ttt_scheme": "perdoc"}, "evaluate.ttt_scheme must be one of stream, phased"),
+    ({"ttt_sites": ("q", "gate")}, "evaluate.ttt_sites must list distinct names among q, k, v, o, mlp, head"),
+    ({"ttt_doc_chunk": 0}, "evaluate.ttt_doc_chunk must be >= 1"),
+    ({"ttt_global_chunk_tokens": 8}, "evaluate.ttt_global_chunk_tokens must be >= evaluate.context (16)"),
+    ({"ttt_global_momentum": 1.0}, "evaluate.ttt_global_momentum must be in [0, 1)"),
+])
+def test_bad_phased_params_are_named(over, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check(dataclasses.replace(CFG, **over))
