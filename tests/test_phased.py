@@ -80,7 +80,7 @@ def test_batches_run_longest_first_and_global_passes_follow_the_prefix():
     assert phased.phase_ends(groups, 0, 1) == []
     assert phased.phase_ends(groups, 4, 1) == [(1, 4)]  # after batch 1: 4 scored
     assert phased.phase_ends(groups, 2, 1) == [(0, 2)]  # after batch 0: 3 scored, the first 2 trained on
-    assert phased.phase_ends(groups, 100, 2) == [(0, 3), (2, 7)]
+    assert phased.phase_ends(groups, 100, 2) == [(0, 3)]  # the second would follow the last batch
     assert phased.chunk_window(0, 12, 5, 8) == (0, 5, 0)
     assert phased.chunk_window(2, 12, 5, 8) == (4, 8, 6)  # last chunk: targets 10, 11, window 4..11
     assert phased.chunk_window(1, 12, 5, 8) == (2, 8, 3)

@@ -206,9 +206,9 @@ def test_ttt_score_first_catches_a_document_scored_after_training_on_itself(run,
 
     real = phased.run_batch
 
-    def cheat(*args):  # adapt on the whole batch first, then score with those adapters
-        real(*args[:9], None)
-        return real(*args)
+    def cheat(*args, **kw):  # adapt on the whole batch first, then score with those adapters
+        real(*args[:9], None, **kw)
+        return real(*args, **kw)
 
     monkeypatch.setattr(phased, "run_batch", cheat)
     r = _by_name(_ttt_run(run, "phased"))["ttt_score_first"]

@@ -81,14 +81,15 @@ def batches(docs: np.ndarray, size: int) -> list[np.ndarray]:
 
 def phase_ends(groups: list[np.ndarray], prefix_docs: int, phases: int) -> list[tuple[int, int]]:
     """For each global pass: (index of the batch after which it runs, documents it trains on).
-    Pass k runs once prefix_docs * (k+1) / phases documents are scored (at least one batch)."""
+    Pass k runs once prefix_docs * (k+1) / phases documents are scored (at least one batch); a
+    pass after the last batch would score nothing and is dropped."""
     counts = np.cumsum([len(g) for g in groups])
     prefix = min(prefix_docs, int(counts[-1]) if len(counts) else 0)
     out = []
     for k in range(phases if prefix > 0 else 0):
         bound = max(1, prefix * (k + 1) // phases)
         out.append((int(np.searchsorted(counts, bound)), bound))
-    return out
+    return [(g, n) for g, n in out if g < len(groups) - 1]
 
 
 def chunk_window(ci: int, n_pred: int, chunk: int, context: int) -> tuple[int, int, int]:
@@ -188,9 +189,9 @@ class ChunkRows:
     train: torch.Tensor
 
 
-def chunk_rows(tok: torch.Tensor, rows: np.ndarray, ci: int, chunk: int, context: int) -> ChunkRows:
-    """Chunk step ci of the documents `rows` (n, 2) (start, length) -> ChunkRows on tok's device;
-    a document without chunk ci has no live targets."""
+def chunk_rows(tok: torch.Tensor, host: np.ndarray, rows: np.ndarray, ci: int, chunk: int, context: int) -> ChunkRows:
+    """Chunk step ci of the documents `rows` (n, 2) (start, length) -> ChunkRows on tok's device
+    (`host`: the same tokens in host memory); a document without chunk ci has no live targets."""
     n = len(rows)
     width = min(context, (ci + 1) * chunk)
     x = np.zeros((n, width), dtype=np.int64)
@@ -198,14 +199,13 @@ def chunk_rows(tok: torch.Tensor, rows: np.ndarray, ci: int, chunk: int, context
     at = np.ones((n, chunk), dtype=np.int64)
     live = np.zeros((n, chunk), dtype=bool)
     train = np.zeros(n, dtype=bool)
-    t = tok.cpu().numpy() if tok.device.type != "cpu" else tok.numpy()
     for b, (start, length) in enumerate(rows.tolist()):
         n_pred = length - 1
         n_chunks = -(-n_pred // chunk)
         if ci >= n_chunks:
             continue
         ws, wl, off = chunk_window(ci, n_pred, chunk, context)
-        x[b, :wl] = t[start + ws:start + ws + wl]
+        x[b, :wl] = host[start + ws:start + ws + wl]
         m = min(chunk, n_pred - ci * chunk)
         pos[b, :m] = off + np.arange(m)
         at[b, :m] = start + ci * chunk + 1 + np.arange(m)  # the targets' stream positions
@@ -218,12 +218,14 @@ def chunk_rows(tok: torch.Tensor, rows: np.ndarray, ci: int, chunk: int, context
 
 
 def run_batch(model, lora: DocLoRA, opt, tok: torch.Tensor, rows: np.ndarray, cfg: EvaluateConfig, tab,
-              amp, tilt=None, per_target: torch.Tensor | None = None) -> torch.Tensor:
-    """Score, then train on, every chunk of the documents `rows`; -> float64 sums (nll, tokens, bytes)."""
+              amp, tilt=None, per_target: torch.Tensor | None = None, host: np.ndarray | None = None) -> torch.Tensor:
+    """Score, then train on, every chunk of the documents `rows`; -> float64 sums (nll, tokens, bytes).
+    `host`: tok in host memory (copied from tok when not given)."""
+    host = tok.cpu().numpy() if host is None else host
     sums = torch.zeros(3, dtype=torch.float64, device=tok.device)
     n_chunks = -(-(int(rows[:, 1].max()) - 1) // cfg.ttt_doc_chunk)
     for ci in range(n_chunks):
-        c = chunk_rows(tok, rows, ci, cfg.ttt_doc_chunk, cfg.context)
+        c = chunk_rows(tok, host, rows, ci, cfg.ttt_doc_chunk, cfg.context)
         train = bool(c.train.any())
         with torch.set_grad_enabled(train), amp:
             h = model.forward_hidden(c.x, lora=lora)  # (B, W, D)
@@ -363,7 +365,7 @@ def eval_phased(model, tokens: np.ndarray, tables: ByteTables, cfg: EvaluateConf
         use = lora if len(rows) == lora.rows else DocLoRA(model, len(rows), cfg, gen).to(device)
         use.reset(cfg.ttt_keep_a, gen)
         opt = make_adapter_optimizer(list(use.parameters()), cfg)
-        sums += run_batch(model, use, opt, tok, rows, cfg, tab, amp, tilt, per_target)
+        sums += run_batch(model, use, opt, tok, rows, cfg, tab, amp, tilt, per_target, host=tokens)
         chunks += -(-(int(rows[:, 1].max()) - 1) // cfg.ttt_doc_chunk)
     while done < len(passes):  # passes after this rank's last batch (collective under several ranks)
         global_steps += _run_pass(model, tok, docs, groups, passes[done], cfg, amp, rank, world)
