@@ -30,7 +30,9 @@ def main() -> int:
         return dist.relaunch_with_torchrun("stages.evaluate", cfg.nproc_per_node)
     m = run(cfg)
     dist.shutdown()
-    dist.print0(f"evaluate: val_bpb {m['val_bpb']:.5f} (sliding, context {m['context']}, stride {m['stride']}, "
+    how = (f"{m['ttt_scheme']} score-first TTT, {m['val_bpb_pre_ttt']:.5f} before; " if "ttt_scheme" in m
+           else "sliding, ")
+    dist.print0(f"evaluate: val_bpb {m['val_bpb']:.5f} ({how}context {m['context']}, stride {m['stride']}, "
                 f"{m['windows']:,} windows), non-sliding {m['val_bpb_nonsliding']:.5f}, "
                 f"{m['scored_tokens']:,} tokens / {m['scored_bytes']:,} bytes, {m['eval_seconds']:.1f} s")
     return 0
