@@ -8,6 +8,8 @@
 #       # "pgolf"): one half, the other in the next call on the same warm machine
 #   bash bench/device_anchors.sh wallclock OUT ANCHOR ARM SEED  # one arm of bench.equal_wallclock
 #       # (180 s of training); merge the calls' JSONs with `python -m bench.equal_wallclock --merge`
+#   bash bench/device_anchors.sh post OUT ANCHOR ARM SEED       # the same arm with its whole
+#       # post-training (equal_wallclock --post): final val_bpb, evaluation seconds, artifact bytes
 # Carry (git-ignored): .whl (zstandard, brotli, python-minifier wheels for Python 3.12),
 # .devrun/proxy (the proxy corpus' docs-*.jsonl.zst), .devrun/val (the official sp1024
 # fineweb_val_000000.bin prefix), .devrun/val901 (the 901 validation docs, docs.jsonl.zst),
@@ -16,8 +18,9 @@
 # the 901 docs, with the byte sidecar), sp1024 for PR #535 / #1072 (validation: the official prefix).
 set -uo pipefail
 part=${1:-} out=${2:-}
-if [[ ! $part =~ ^(smoke|steps|wallclock)$ || -z $out ]]; then
-  echo "usage: bash bench/device_anchors.sh smoke OUT | wallclock OUT ANCHOR ARM SEED" >&2; exit 2
+if [[ ! $part =~ ^(smoke|steps|wallclock|post)$ || -z $out ]]; then
+  echo "usage: bash bench/device_anchors.sh smoke OUT | steps OUT ANCHOR STEPS BUDGET [PROGRAMS] |" \
+       "wallclock|post OUT ANCHOR ARM SEED" >&2; exit 2
 fi
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
@@ -48,10 +51,11 @@ case $part in
     python3 -m bench.bench_vs_ref --anchor "$anchor" --stub-dir .devrun/fa3_stub --batches 786432 --steps "$steps" \
       --variants 0 --budget "$budget" --programs $programs --data "$data" --out "$out/vs_ref_${anchor}_${programs// /_}.json" \
       2>&1 | tee "$out/vs_ref_$anchor.log" ;;
-  wallclock)
+  wallclock|post)
     anchor=${3:?anchor} arm=${4:?arm} seed=${5:?seed}
     data=$(data_for "$anchor")
-    python3 -m bench.equal_wallclock --anchor "$anchor" --arms "$arm" --seeds "$seed" --data "$data" \
-      --stub-dir .devrun/fa3_stub --budget 570 --out "$out/wallclock_${anchor}_${arm}_${seed}.json" 2>&1 \
-      | tee "$out/wallclock_${anchor}_${arm}_${seed}.log" ;;
+    flag=(); [ "$part" = post ] && flag=(--post)
+    python3 -m bench.equal_wallclock --anchor "$anchor" --arms "$arm" --seeds "$seed" --data "$data" "${flag[@]}" \
+      --stub-dir .devrun/fa3_stub --budget 570 --out "$out/${part}_${anchor}_${arm}_${seed}.json" 2>&1 \
+      | tee "$out/${part}_${anchor}_${arm}_${seed}.log" ;;
 esac

@@ -16,6 +16,13 @@ seconds to the first step, run seconds. The script is stopped once its post-EMA 
 (what follows, GPTQ and evaluation, is not this bench's). The JSON is rewritten after every arm;
 `comparison` holds the paired test (pgolf.seeds.paired) of pgolf against the script.
 
+With `--post` each arm runs its whole post-training too (issue "the field's best after
+training"): the script to its end (its own quantization, compression and evaluation, at its logged
+evaluation length), pgolf through quantize -> compress -> evaluate of the profile. Each arm adds
+the final val_bpb / val_loss (the script's last "... val_bpb:... eval_time:...ms" line; pgolf's
+metrics/eval.json), that evaluation's seconds, the artifact's total bytes and every evaluation
+line of the script (`evals`); `comparison` then pairs the final scores.
+
 The pgolf arm writes params.yaml and the pipeline's outputs of this checkout: run it on a lent
 machine or in a scratch clone.
 """
@@ -42,6 +49,9 @@ LOG_EVERY = 25
 FIRST_STEADY = 10
 PGOLF_STEP = re.compile(r"^step:(\d+)/\d+ train_loss:([\d.]+) .*step_avg:([\d.]+)ms")
 STAGES = ("params", "prepare", "data_check", "train")
+POST_STAGES = ("quantize", "compress", "evaluate")
+EVAL_LINE = re.compile(r"^(\S.*?) val_loss:([\d.]+) val_bpb:([\d.]+) eval_time:(\d+)ms")
+TOTAL_LINE = re.compile(r"^Total submission size[^:]*: (\d+) bytes")
 EVAL_SEQ_LEN = 2048  # both arms' post-EMA score: non-overlapping 2048-token windows (pgolf's train.seq_len;
 # PR #2135's logged runs evaluate at 2560, which here would score the script with more context)
 
@@ -54,36 +64,61 @@ def steady(marks: list[tuple[int, float]]) -> float | None:
     return round(med, 2) if rates else None
 
 
-def ref_env(anchor: anchors.Anchor, data: Path, seed: int, seconds: float, stub_dir: Path | None) -> dict:
+def ref_env(anchor: anchors.Anchor, data: Path, seed: int, seconds: float, stub_dir: Path | None,
+            post: bool = False) -> dict:
+    """The script's env: its logged settings, these shards, seed and wallclock; scored in 2048-token
+    windows, or with `post` at its logged evaluation length (its whole evaluation runs)."""
     env = {**os.environ, **SAFE_ENV, **anchor.env, "DATA_PATH": str(data), "TOKENIZER_PATH": str(anchor.tokenizer),
            "SEED": str(seed), "MAX_WALLCLOCK_SECONDS": str(seconds), "TRAIN_LOG_EVERY": str(LOG_EVERY),
-           "VAL_LOSS_EVERY": "0", "RUN_ID": f"wallclock{seed}", "EVAL_SEQ_LEN": str(EVAL_SEQ_LEN)}
+           "VAL_LOSS_EVERY": "0", "RUN_ID": f"wallclock{seed}"}
+    if not post:
+        env["EVAL_SEQ_LEN"] = str(EVAL_SEQ_LEN)
     return anchors.with_stub(env, stub_dir)
 
 
+def read_evals(lines: list[str]) -> tuple[dict, int | None]:
+    """The script's evaluation lines -> ({label: {val_loss, val_bpb, eval_seconds}}, total bytes)."""
+    evals, total = {}, None
+    for line in lines:
+        m = EVAL_LINE.match(line)
+        if m:
+            evals[m.group(1)] = {"val_loss": float(m.group(2)), "val_bpb": float(m.group(3)),
+                                 "eval_seconds": int(m.group(4)) / 1000.0}
+        m = TOTAL_LINE.match(line)
+        if m:
+            total = int(m.group(1))
+    return evals, total
+
+
 def run_reference(anchor: anchors.Anchor, data: Path, seed: int, seconds: float, batch: int, timeout: float,
-                  stub_dir: Path | None) -> dict:
-    """The script until its post-EMA evaluation line (or `timeout`)."""
-    marks, post, t0 = [], {}, time.perf_counter()
+                  stub_dir: Path | None, post: bool = False) -> dict:
+    """The script until its post-EMA evaluation line, or with `post` to its end (or `timeout`)."""
+    marks, seen, t0 = [], {}, time.perf_counter()
 
     def on_line(line: str) -> bool:
         step = anchor.parse_step(line, batch)
         if step:
             marks.append((step[0], step[2]))
-            post.setdefault("first", time.perf_counter() - t0)
+            seen.setdefault("first", time.perf_counter() - t0)
         got = anchor.parse_post_ema(line)
         if got:
-            post.update(val_loss=got[0], val_bpb=got[1])
-        return bool(got)
+            seen.update(val_loss=got[0], val_bpb=got[1])
+        return bool(got) and not post
 
-    env = ref_env(anchor, data, seed, seconds, stub_dir)
+    env = ref_env(anchor, data, seed, seconds, stub_dir, post)
     with tempfile.TemporaryDirectory() as cwd:
         lines, _ = stream([sys.executable, str(anchor.script)], cwd, env, timeout, on_line)
-    return {"arm": "reference", "seed": seed, "steps": marks[-1][0] if marks else 0, "step_ms_steady": steady(marks),
-            "train_seconds": round(marks[-1][1] / 1000.0, 1) if marks else None,
-            "post_ema_val_bpb": post.get("val_bpb"), "post_ema_val_loss": post.get("val_loss"),
-            "seconds_to_first_step": round(post["first"], 1) if "first" in post else None,
-            "log_tail": lines[-8:] if "val_bpb" not in post else []}
+    out = {"arm": "reference", "seed": seed, "steps": marks[-1][0] if marks else 0, "step_ms_steady": steady(marks),
+           "train_seconds": round(marks[-1][1] / 1000.0, 1) if marks else None,
+           "post_ema_val_bpb": seen.get("val_bpb"), "post_ema_val_loss": seen.get("val_loss"),
+           "seconds_to_first_step": round(seen["first"], 1) if "first" in seen else None,
+           "log_tail": lines[-8:] if "val_bpb" not in seen else []}
+    if post:
+        evals, total = read_evals(lines)
+        last = evals[list(evals)[-1]] if evals else {}
+        out.update(final_val_bpb=last.get("val_bpb"), final_val_loss=last.get("val_loss"),
+                   final_eval_seconds=last.get("eval_seconds"), total_bytes=total, evals=evals, log_tail=lines[-8:])
+    return out
 
 
 def pgolf_params(anchor: anchors.Anchor, data: Path, seed: int, seconds: float, batch: int, sets: dict) -> dict:
@@ -100,13 +135,15 @@ def pgolf_params(anchor: anchors.Anchor, data: Path, seed: int, seconds: float, 
     return params
 
 
-def run_pgolf(params: dict, seed: int, timeout: float) -> dict:
-    """pgolf's stages params -> train in this checkout; its train log read as it runs."""
+def run_pgolf(params: dict, seed: int, timeout: float, post: bool = False) -> dict:
+    """pgolf's stages params -> train (with `post`: -> evaluate) in this checkout; its train log read
+    as it runs."""
     (REPO / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     metrics_path = REPO / "metrics" / "train.json"
-    metrics_path.unlink(missing_ok=True)  # a failed stage must not leave an earlier run's figures
+    for name in ("train", "eval", "size"):  # a failed stage must not leave an earlier run's figures
+        (REPO / "metrics" / f"{name}.json").unlink(missing_ok=True)
     t0, marks, first, tail = time.perf_counter(), [], None, []
-    for stage in STAGES:
+    for stage in STAGES + (POST_STAGES if post else ()):
         left = timeout - (time.perf_counter() - t0)
 
         def on_line(line: str) -> bool:
@@ -123,24 +160,34 @@ def run_pgolf(params: dict, seed: int, timeout: float) -> dict:
     m = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     if m.get("config", {}).get("train", {}).get("seed") != seed:
         return {"arm": "pgolf", "seed": seed, "error": "no metrics/train.json from this run", "log_tail": tail}
-    return {"arm": "pgolf", "seed": seed, "steps": m["steps"], "step_ms_steady": steady(marks),
-            "train_seconds": m["train_seconds"], "post_ema_val_bpb": m["val_bpb_float"],
-            "post_ema_val_loss": m["val_loss_float"], "exported_weights": m.get("exported_weights"),
-            "seconds_to_first_step": round(first, 1) if first else None, "model_params": m.get("model_params")}
+    out = {"arm": "pgolf", "seed": seed, "steps": m["steps"], "step_ms_steady": steady(marks),
+           "train_seconds": m["train_seconds"], "post_ema_val_bpb": m["val_bpb_float"],
+           "post_ema_val_loss": m["val_loss_float"], "exported_weights": m.get("exported_weights"),
+           "seconds_to_first_step": round(first, 1) if first else None, "model_params": m.get("model_params")}
+    if post:
+        ev_path, size_path = REPO / "metrics" / "eval.json", REPO / "metrics" / "size.json"
+        if not ev_path.exists() or not size_path.exists():
+            return {**out, "error": "no metrics/eval.json or size.json from this run", "log_tail": tail}
+        ev, size = json.loads(ev_path.read_text()), json.loads(size_path.read_text())
+        out.update(final_val_bpb=ev["val_bpb"], final_val_loss=ev["val_loss"], final_eval_seconds=ev["eval_seconds"],
+                   quantized_val_bpb=ev.get("val_bpb_pre_ttt", ev["val_bpb"]), ttt_seconds=ev.get("ttt_seconds"),
+                   total_bytes=size["total_bytes"])
+    return out
 
 
-def comparison(results: list[dict]) -> dict:
-    """pgolf against the script, paired by seed (seeds.paired: gain in nats per token, one-sided t);
-    `no_higher` is the issue's target, pgolf's post-EMA val_bpb <= the script's on every seed."""
+def comparison(results: list[dict], key: str = "post_ema") -> dict:
+    """pgolf against the script, paired by seed (seeds.paired: gain in nats per token, one-sided t)
+    on `key` (post_ema, or final with --post); `no_higher` is the issues' target, pgolf's val_bpb
+    <= the script's on every seed."""
     from pgolf.submit import seeds
 
     def runs(arm: str) -> list:
         out = []
         for r in results:
-            if r["arm"] == arm and r.get("post_ema_val_bpb") and r.get("post_ema_val_loss"):
-                bpt = r["post_ema_val_loss"] / (r["post_ema_val_bpb"] * math.log(2))  # bytes per token
-                out.append(seeds.Run(f"{arm}_{r['seed']}", "", {"train.seed": r["seed"]}, r["post_ema_val_loss"],
-                                     r["post_ema_val_bpb"], bpt))
+            bpb, loss = r.get(f"{key}_val_bpb"), r.get(f"{key}_val_loss")
+            if r["arm"] == arm and bpb and loss:
+                bpt = loss / (bpb * math.log(2))  # bytes per token
+                out.append(seeds.Run(f"{arm}_{r['seed']}", "", {"train.seed": r["seed"]}, loss, bpb, bpt))
         return out
 
     ref, pg = runs("reference"), runs("pgolf")
@@ -148,7 +195,7 @@ def comparison(results: list[dict]) -> dict:
         test = seeds.paired(ref, pg)
     except seeds.SeedsError as e:
         return {"test": None, "why": str(e)}
-    return {**test, "no_higher": all(a <= b for a, b in zip(test["arm_val_bpb"], test["base_val_bpb"]))}
+    return {**test, "on": key, "no_higher": all(a <= b for a, b in zip(test["arm_val_bpb"], test["base_val_bpb"]))}
 
 
 def merge(paths: list[Path]) -> dict:
@@ -156,14 +203,14 @@ def merge(paths: list[Path]) -> dict:
     one's head, every call's arms, the comparison over all; ValueError unless the calls ran the
     same anchor, wallclock, batch and GPU."""
     docs = [json.loads(p.read_text()) for p in paths]
-    for key in ("what", "seconds", "batch_tokens", "device"):
+    for key in ("what", "seconds", "batch_tokens", "device", "post"):
         values = {json.dumps(d.get(key)) for d in docs}
         if len(values) > 1:
             raise ValueError(f"--merge: the files differ in {key!r}: {', '.join(sorted(values))}")
     results = [r for d in docs for r in d["results"] if "skipped" not in r]
     head = {k: v for k, v in docs[0].items() if k not in ("results", "comparison", "seeds")}
     return {**head, "seeds": sorted({r["seed"] for r in results}), "merged_from": [p.name for p in paths],
-            "comparison": comparison(results), "results": results}
+            "comparison": comparison(results, "final" if docs[0].get("post") else "post_ema"), "results": results}
 
 
 def main(argv=None) -> int:
@@ -189,6 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", nargs="*", default=[], help="pgolf overrides, section.key=value")
     ap.add_argument("--arms", nargs="+", default=["reference", "pgolf"], choices=["reference", "pgolf"])
     ap.add_argument("--budget", type=float, default=0.0, help="seconds for all arms; later arms are skipped")
+    ap.add_argument("--post", action="store_true", help="each arm runs its post-training too; compare final scores")
     a = ap.parse_args(argv)
     try:
         anchor = anchors.get(a.anchor)
@@ -202,7 +250,7 @@ def main(argv=None) -> int:
     stub = a.stub_dir.resolve() if a.stub_dir else None
     head = {"what": f"{a.anchor} script vs pgolf profile {anchor.profile!r}, equal wallclock, paired seeds, one GPU",
             **device_info(), "data": str(a.data), "seconds": a.seconds, "batch_tokens": a.batch_tokens,
-            "seeds": a.seeds, "reference_attention": "FlashAttention-3 stand-in: " + (
+            "seeds": a.seeds, "post": a.post, "reference_attention": "FlashAttention-3 stand-in: " + (
                 (stub / "flash_attn_interface.py").read_text().split('"""')[1].strip() if stub else "none")}
     results, t_all = [], time.perf_counter()
     for seed in a.seeds:
@@ -212,12 +260,14 @@ def main(argv=None) -> int:
                 results.append({"arm": arm, "seed": seed, "skipped": "budget"})
                 continue
             t0 = time.perf_counter()
-            r = (run_reference(anchor, a.data.resolve(), seed, a.seconds, a.batch_tokens, left, stub)
-                 if arm == "reference" else run_pgolf(params[seed], seed, left))
+            r = (run_reference(anchor, a.data.resolve(), seed, a.seconds, a.batch_tokens, left, stub, a.post)
+                 if arm == "reference" else run_pgolf(params[seed], seed, left, a.post))
             r["run_seconds"] = round(time.perf_counter() - t0, 1)
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "log_tail"}), flush=True)
-            a.out.write_text(json.dumps({**head, "comparison": comparison(results), "results": results}, indent=1) + "\n")
+            key = "final" if a.post else "post_ema"
+            a.out.write_text(json.dumps({**head, "comparison": comparison(results, key), "results": results},
+                                        indent=1) + "\n")
     return 0
 
 

@@ -116,3 +116,36 @@ def test_calls_of_single_arms_merge_into_one_paired_result(tmp_path):
     bad.write_text(json.dumps({**head, "device": "NVIDIA H200", "results": []}))
     with pytest.raises(ValueError, match="differ in 'device'"):
         W.merge(files + [bad])
+
+
+FAKE_2135_POST = FAKE_2135.replace("time.sleep(60)  # GPTQ and the rest: not waited for\n", textwrap.dedent("""
+    assert os.environ.get("EVAL_SEQ_LEN", "2560") == "2560"  # its logged length, not the 2048 override
+    print("Total submission size quantized+pergroup: 15947490 bytes", flush=True)
+    print("diagnostic quantized val_loss:2.60000000 val_bpb:1.25000000 eval_time:10347ms", flush=True)
+    print("quantized_ttt_phased val_loss:2.40000000 val_bpb:1.15000000 eval_time:540111ms", flush=True)
+"""))
+assert FAKE_2135_POST != FAKE_2135
+
+
+def test_with_post_the_reference_runs_to_its_end_and_reports_its_final_score(tmp_path, monkeypatch):
+    script = tmp_path / "pr2135" / "train_gpt.py"
+    script.parent.mkdir()
+    script.write_text(FAKE_2135_POST)
+    monkeypatch.setattr(anchors, "ANCHOR_DIR", tmp_path)
+    monkeypatch.setenv("STUB_EXPECTED", str(tmp_path))
+    r = W.run_reference(anchors.get("pr2135"), tmp_path, 1337, 180.0, 786432, timeout=30, stub_dir=tmp_path, post=True)
+    assert r["post_ema_val_bpb"] == 1.2 and r["final_val_bpb"] == 1.15 and r["final_eval_seconds"] == 540.111
+    assert r["total_bytes"] == 15947490 and list(r["evals"]) == [
+        "diagnostic pre-quantization post-ema", "diagnostic quantized", "quantized_ttt_phased"]
+    assert r["evals"]["diagnostic quantized"]["val_bpb"] == 1.25
+
+
+def test_with_post_the_comparison_pairs_the_final_scores():
+    def arm(name, seed, post_ema, final):
+        return {"arm": name, "seed": seed, "post_ema_val_bpb": post_ema, "post_ema_val_loss": post_ema * 2.0,
+                "final_val_bpb": final, "final_val_loss": final * 2.0}
+
+    rows = [arm("reference", 1, 1.2, 1.10), arm("pgolf", 1, 1.3, 1.05), arm("reference", 2, 1.2, 1.11),
+            arm("pgolf", 2, 1.3, 1.07)]
+    assert W.comparison(rows, "final")["no_higher"] and W.comparison(rows, "final")["on"] == "final"
+    assert not W.comparison(rows)["no_higher"]  # post-EMA: pgolf higher
