@@ -10,7 +10,12 @@ runs only after the prefix documents are scored, and moves only the documents af
 the adapter sites against merged weights, the rank split, the evaluate stage and bad params."""
 
 import dataclasses
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +29,9 @@ from pgolf.evaluate.evaluate import load_model, run
 from pgolf.shared import bpb
 from pgolf.shared.model import softcap
 from test_bpb import tiny_tables, tiny_tokens
-from test_evaluate import make_workdir, paths, tables as wd_tables, val_tokens
+from test_evaluate import PARAMS, gate, make_workdir, paths, tables as wd_tables, val_tokens
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CFG = EvaluateConfig(context=16, stride=4, batch_seqs=4, device="cpu", compile=False, ttt_enabled=True,
                      ttt_scheme="phased", ttt_rank=4, ttt_alpha=8.0, ttt_optimizer="adam", ttt_lr=0.05,
@@ -249,6 +256,29 @@ def test_run_reports_the_phased_score_beside_the_plain_one(tmp_path):
         plain["val_bpb"], abs=1e-12)
     assert m["ttt_scheme"] == "phased" and m["ttt_docs"] == ref.docs and m["ttt_global_steps"] == ref.global_steps
     assert m["scored_tokens"] == ref.scored_tokens == plain["scored_tokens"]
+
+
+def test_stage_under_torchrun_two_ranks_with_uneven_global_sequences(tmp_path):
+    """2 gloo ranks: batches dealt round-robin; the global pass (after the first batch: documents of 8
+    and 38 tokens) has 2 trained chunks of one 16-token sequence, which falls to rank 1 alone: both
+    ranks take a step per chunk (rank 0 with zero gradients), so the collectives pair up and the
+    stage ends."""
+    import yaml
+
+    root = make_workdir(tmp_path, tiny_model(9), nproc=2)
+    doc = yaml.safe_load(PARAMS.format(nproc=2))
+    doc["evaluate"].update({"ttt_enabled": True, "ttt_scheme": "phased", "ttt_rank": 2, "ttt_lr": 0.05,
+                            "ttt_optimizer": "adam", "ttt_alpha": 8.0, "ttt_doc_batch": 2, "ttt_doc_chunk": 5,
+                            "ttt_prefix_docs": 2, "ttt_global_chunk_tokens": 16, "ttt_global_batch_seqs": 1})
+    (root / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    gate(root)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "stages.evaluate"], cwd=root, capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    m = json.loads((root / "metrics/eval.json").read_text())
+    assert m["world_size"] == 2 and m["ttt_scheme"] == "phased" and m["ttt_global_steps"] == 2
+    assert m["scored_tokens"] == 192 and m["val_bpb"] != m["val_bpb_pre_ttt"]
 
 
 @pytest.mark.parametrize("over,message", [

@@ -282,29 +282,34 @@ def global_pass(model, tok: torch.Tensor, docs: np.ndarray, cfg: EvaluateConfig,
         a = ci * C
         seqs = (min(a + C, len(stream) - 1) - a) // L
         lo, hi = seqs * rank // world, seqs * (rank + 1) // world
+        B = cfg.ttt_global_batch_seqs
+        n_steps = -(-(-(-seqs // world)) // B)  # the same on every rank (collectives pair up)
         for _ in range(cfg.ttt_global_epochs):
-            for s in range(lo, hi, cfg.ttt_global_batch_seqs):
-                e = min(s + cfg.ttt_global_batch_seqs, hi)
-                row = stream[a + s * L:a + e * L + 1]  # (n + 1,)
+            for i in range(n_steps):
+                s, e = min(lo + i * B, hi), min(lo + (i + 1) * B, hi)  # s == e: this rank has none left
+                row = stream[a + s * L:a + e * L + 1] if e > s else None  # (n + 1,)
                 _global_step(model, row, L, backend, params, opt, cfg, amp, world)
                 steps += 1
     return steps
 
 
 def _global_step(model, row, L, backend, params, opt, cfg: EvaluateConfig, amp, world: int) -> None:
-    """One step on a packed row (n + 1,) of whole sequences of L: loss of the scoring head."""
-    x, y = row[:-1][None], row[1:][None]  # (1, n)
-    docs = docattn.segments_of_row(x, L, backend, x.device)
-    model.train()
-    with amp:
-        logits = model.logits_from_hidden(model.forward_hidden(x, docs=docs))  # (1, n, V)
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
+    """One step on a packed row (n + 1,) of whole sequences of L (None: no sequences on this rank,
+    zero gradients): loss of the scoring head, gradients summed over ranks / world (PR #2135)."""
+    opt.zero_grad(set_to_none=False)
+    if row is not None:
+        x, y = row[:-1][None], row[1:][None]  # (1, n)
+        docs = docattn.segments_of_row(x, L, backend, x.device)
+        model.train()
+        with amp:
+            logits = model.logits_from_hidden(model.forward_hidden(x, docs=docs))  # (1, n, V)
+        F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)).backward()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     if world > 1:
         for p in params:
-            if p.grad is not None:
-                all_reduce_(p.grad).div_(world)
+            all_reduce_(p.grad).div_(world)
     if cfg.ttt_global_grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, cfg.ttt_global_grad_clip)
     opt.step()
