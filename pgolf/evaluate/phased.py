@@ -304,6 +304,7 @@ def _global_step(model, row, L, backend, params, opt, cfg: EvaluateConfig, amp, 
         with amp:
             logits = model.logits_from_hidden(model.forward_hidden(x, docs=docs))  # (1, n, V)
         F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)).backward()
+        model.eval()
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
