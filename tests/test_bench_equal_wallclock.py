@@ -64,13 +64,18 @@ FAKE_2135 = textwrap.dedent("""
 """)
 
 
-def test_the_reference_arm_runs_the_script_with_its_settings_and_stops_at_the_post_ema_line(tmp_path, monkeypatch):
+def fake_pr2135(tmp_path, monkeypatch, text: str) -> anchors.Anchor:
+    """The pr2135 anchor with `text` as its script (under tmp_path, also the stand-in's folder)."""
     script = tmp_path / "pr2135" / "train_gpt.py"
     script.parent.mkdir()
-    script.write_text(FAKE_2135)
+    script.write_text(text)
     monkeypatch.setattr(anchors, "ANCHOR_DIR", tmp_path)
     monkeypatch.setenv("STUB_EXPECTED", str(tmp_path))
-    anchor = anchors.get("pr2135")
+    return anchors.get("pr2135")
+
+
+def test_the_reference_arm_runs_the_script_with_its_settings_and_stops_at_the_post_ema_line(tmp_path, monkeypatch):
+    anchor = fake_pr2135(tmp_path, monkeypatch, FAKE_2135)
     r = W.run_reference(anchor, tmp_path, 1337, 180.0, 786432, timeout=30, stub_dir=tmp_path)
     assert r["steps"] == 200 and r["step_ms_steady"] == 500.0 and r["post_ema_val_bpb"] == 1.2
     assert r["train_seconds"] == 100.0 and r["log_tail"] == []
@@ -128,12 +133,8 @@ assert FAKE_2135_POST != FAKE_2135
 
 
 def test_with_post_the_reference_runs_to_its_end_and_reports_its_final_score(tmp_path, monkeypatch):
-    script = tmp_path / "pr2135" / "train_gpt.py"
-    script.parent.mkdir()
-    script.write_text(FAKE_2135_POST)
-    monkeypatch.setattr(anchors, "ANCHOR_DIR", tmp_path)
-    monkeypatch.setenv("STUB_EXPECTED", str(tmp_path))
-    r = W.run_reference(anchors.get("pr2135"), tmp_path, 1337, 180.0, 786432, timeout=30, stub_dir=tmp_path, post=True)
+    anchor = fake_pr2135(tmp_path, monkeypatch, FAKE_2135_POST)
+    r = W.run_reference(anchor, tmp_path, 1337, 180.0, 786432, timeout=30, stub_dir=tmp_path, post=True)
     assert r["post_ema_val_bpb"] == 1.2 and r["final_val_bpb"] == 1.15 and r["final_eval_seconds"] == 540.111
     assert r["total_bytes"] == 15947490 and list(r["evals"]) == [
         "diagnostic pre-quantization post-ema", "diagnostic quantized", "quantized_ttt_phased"]

@@ -71,6 +71,16 @@ def gate(root: Path) -> None:
     checked.write({"evaluate": config.load("evaluate", root / "params.yaml")}, root)
 
 
+def run_stage(root: Path) -> dict:
+    """`python -m stages.evaluate` in `root` (relaunching itself under torchrun when its params say
+    so); -> metrics/eval.json, asserting it ended well."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "stages.evaluate"], cwd=root, capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return json.loads((root / "metrics/eval.json").read_text())
+
+
 def paths(root: Path) -> Paths:
     return Paths(root / "artifacts/final/model.ptz", root / "data/shards", root / "data/tokenizer",
                  root / "metrics/eval.json")

@@ -10,12 +10,7 @@ runs only after the prefix documents are scored, and moves only the documents af
 the adapter sites against merged weights, the rank split, the evaluate stage and bad params."""
 
 import dataclasses
-import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,9 +24,7 @@ from pgolf.evaluate.evaluate import load_model, run
 from pgolf.shared import bpb
 from pgolf.shared.model import softcap
 from test_bpb import tiny_tables, tiny_tokens
-from test_evaluate import PARAMS, gate, make_workdir, paths, tables as wd_tables, val_tokens
-
-ROOT = Path(__file__).resolve().parents[1]
+from test_evaluate import PARAMS, gate, make_workdir, paths, run_stage, tables as wd_tables, val_tokens
 
 CFG = EvaluateConfig(context=16, stride=4, batch_seqs=4, device="cpu", compile=False, ttt_enabled=True,
                      ttt_scheme="phased", ttt_rank=4, ttt_alpha=8.0, ttt_optimizer="adam", ttt_lr=0.05,
@@ -272,11 +265,7 @@ def test_stage_under_torchrun_two_ranks_with_uneven_global_sequences(tmp_path):
                             "ttt_prefix_docs": 2, "ttt_global_chunk_tokens": 16, "ttt_global_batch_seqs": 1})
     (root / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     gate(root)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "stages.evaluate"], cwd=root, capture_output=True, text=True, env=env,
-                       timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr
-    m = json.loads((root / "metrics/eval.json").read_text())
+    m = run_stage(root)
     assert m["world_size"] == 2 and m["ttt_scheme"] == "phased" and m["ttt_global_steps"] == 2
     assert m["scored_tokens"] == 192 and m["val_bpb"] != m["val_bpb_pre_ttt"]
 

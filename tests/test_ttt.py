@@ -8,14 +8,9 @@ earlier target, while it does move later chunks' scores (the update is visible, 
 power); a train-then-score variant is detected. Also: the window split, one chunk = plain sliding,
 LoRA and full modes, SGD and Adam, rank slices and the 2-rank torchrun stage, bad params."""
 
-import copy
 import dataclasses
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,9 +25,8 @@ from pgolf.config import ConfigError, EvaluateConfig
 from pgolf.evaluate.evaluate import load_model, run
 from stages import evaluate as stage
 from test_bpb import tiny_tables, tiny_tokens
-from test_evaluate import PARAMS, gate, make_workdir, paths, tables as wd_tables, val_tokens
+from test_evaluate import PARAMS, gate, make_workdir, paths, run_stage, tables as wd_tables, val_tokens
 
-ROOT = Path(__file__).resolve().parents[1]
 CFG = EvaluateConfig(context=16, stride=4, batch_seqs=4, device="cpu", compile=False, ttt_enabled=True,
                      ttt_chunk_tokens=24, ttt_lr=0.5, ttt_epochs=2, ttt_rank=4, ttt_batch_seqs=2,
                      ttt_lr_schedule="constant", ttt_momentum=0.0)
@@ -242,11 +236,7 @@ def test_stage_under_torchrun_two_ranks_sums_the_rank_slices(tmp_path):
     root = make_workdir(tmp_path, tiny_model(9), nproc=2)
     (root / "params.yaml").write_text(ttt_params(nproc=2))
     gate(root)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "stages.evaluate"], cwd=root, capture_output=True, text=True, env=env,
-                       timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr
-    m = json.loads((root / "metrics/eval.json").read_text())
+    m = run_stage(root)
     from pgolf import config
     cfg = config.load("evaluate", root / "params.yaml")
     nll = nbytes = 0.0
