@@ -92,10 +92,19 @@ def phase_ends(groups: list[np.ndarray], prefix_docs: int, phases: int) -> list[
     return [(g, n) for g, n in out if g < len(groups) - 1]
 
 
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def batch_chunks(rows: np.ndarray, chunk: int) -> int:
+    """Chunk steps of a batch of documents `rows` (n, 2): those of its longest document."""
+    return ceil_div(int(rows[:, 1].max()) - 1, chunk)
+
+
 def chunk_window(ci: int, n_pred: int, chunk: int, context: int) -> tuple[int, int, int]:
     """Chunk ci of a document of n_pred targets -> (window start, window length, chunk start within
     the window): the window ends at the chunk's end, at most `context` tokens long."""
-    n_chunks = -(-n_pred // chunk)
+    n_chunks = ceil_div(n_pred, chunk)
     end = n_pred if ci == n_chunks - 1 else (ci + 1) * chunk
     start = max(0, end - context)
     return start, end - start, ci * chunk - start
@@ -201,7 +210,7 @@ def chunk_rows(tok: torch.Tensor, host: np.ndarray, rows: np.ndarray, ci: int, c
     train = np.zeros(n, dtype=bool)
     for b, (start, length) in enumerate(rows.tolist()):
         n_pred = length - 1
-        n_chunks = -(-n_pred // chunk)
+        n_chunks = ceil_div(n_pred, chunk)
         if ci >= n_chunks:
             continue
         ws, wl, off = chunk_window(ci, n_pred, chunk, context)
@@ -223,8 +232,7 @@ def run_batch(model, lora: DocLoRA, opt, tok: torch.Tensor, rows: np.ndarray, cf
     `host`: tok in host memory (copied from tok when not given)."""
     host = tok.cpu().numpy() if host is None else host
     sums = torch.zeros(3, dtype=torch.float64, device=tok.device)
-    n_chunks = -(-(int(rows[:, 1].max()) - 1) // cfg.ttt_doc_chunk)
-    for ci in range(n_chunks):
+    for ci in range(batch_chunks(rows, cfg.ttt_doc_chunk)):
         c = chunk_rows(tok, host, rows, ci, cfg.ttt_doc_chunk, cfg.context)
         train = bool(c.train.any())
         with torch.set_grad_enabled(train), amp:
@@ -270,7 +278,7 @@ def global_pass(model, tok: torch.Tensor, docs: np.ndarray, cfg: EvaluateConfig,
     over ranks. -> optimizer steps taken."""
     stream = torch.cat([tok[s:s + n] for s, n in docs.tolist()])  # (N,)
     L, C = cfg.context, cfg.ttt_global_chunk_tokens
-    n_chunks = -(-(len(stream) - 1) // C)
+    n_chunks = ceil_div(len(stream) - 1, C)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.ttt_global_lr, momentum=cfg.ttt_global_momentum)
     backend = docattn.resolve(backend, tok.device)
@@ -283,7 +291,7 @@ def global_pass(model, tok: torch.Tensor, docs: np.ndarray, cfg: EvaluateConfig,
         seqs = (min(a + C, len(stream) - 1) - a) // L
         lo, hi = seqs * rank // world, seqs * (rank + 1) // world
         B = cfg.ttt_global_batch_seqs
-        n_steps = -(-(-(-seqs // world)) // B)  # the same on every rank (collectives pair up)
+        n_steps = ceil_div(ceil_div(seqs, world), B)  # the same on every rank (collectives pair up)
         for _ in range(cfg.ttt_global_epochs):
             for i in range(n_steps):
                 s, e = min(lo + i * B, hi), min(lo + (i + 1) * B, hi)  # s == e: this rank has none left
@@ -372,7 +380,7 @@ def eval_phased(model, tokens: np.ndarray, tables: ByteTables, cfg: EvaluateConf
         use.reset(cfg.ttt_keep_a, gen)
         opt = make_adapter_optimizer(list(use.parameters()), cfg)
         sums += run_batch(model, use, opt, tok, rows, cfg, tab, amp, tilt, per_target, host=tokens)
-        chunks += -(-(int(rows[:, 1].max()) - 1) // cfg.ttt_doc_chunk)
+        chunks += batch_chunks(rows, cfg.ttt_doc_chunk)
     while done < len(passes):  # passes after this rank's last batch (collective under several ranks)
         global_steps += _run_pass(model, tok, docs, groups, passes[done], cfg, amp, rank, world)
         done += 1
