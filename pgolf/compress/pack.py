@@ -131,7 +131,7 @@ OPTIONAL: dict[str, Callable[[Sections], bool]] = {
     "pgolf/compress/grouping.py": lambda c: c["compress"].layout in ("grouped", "pergroup"),
     "pgolf/compress/pergroup.py": lambda c: c["compress"].layout == "pergroup",
     "pgolf/evaluate/ngram_tilt.py": lambda c: c["evaluate"].ngram_tilt,
-    "pgolf/evaluate/phased.py": lambda c: _phased(c),
+    "pgolf/evaluate/phased.py": _phased,
     "pgolf/evaluate/ttt.py": lambda c: c["evaluate"].ttt_enabled and not _phased(c),
     "pgolf/quantize/lqer.py": lambda c: c["quantize"].lqer_enabled,
     "pgolf/shared/docattn.py": lambda c: c["train"].doc_packing or _phased(c),  # phased: its global pass

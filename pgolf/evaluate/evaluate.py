@@ -150,21 +150,25 @@ def _ngram_tilt(tokens, cfg: EvaluateConfig):
     return tilt, time.perf_counter() - t0
 
 
+def run_ttt(model, tokens, tables, cfg: EvaluateConfig, device, rank: int = 0, world: int = 1, **kw):
+    """The TTT scheme of evaluate.ttt_scheme on `tokens` (adapts `model`): pgolf.evaluate.phased's
+    eval_phased or pgolf.evaluate.ttt's eval_ttt, each imported only then (the packed script carries
+    only the one its params use); `kw`: progress, record, tilt."""
+    if cfg.ttt_scheme == "phased":
+        from pgolf.evaluate import phased
+
+        return phased.eval_phased(model, tokens, tables, cfg, device, rank, world, **kw)
+    from pgolf.evaluate import ttt
+
+    return ttt.eval_ttt(model, tokens, tables, cfg, device, rank, world, **kw)
+
+
 def _ttt_metrics(model, tokens, tables, cfg: EvaluateConfig, info, progress: bool, plain: dict, tilt=None) -> dict:
     """Score-first TTT (adapts `model`): its score as val_loss / val_bpb, the plain one kept beside."""
     t0 = time.perf_counter()
-    extra = {}
-    if cfg.ttt_scheme == "phased":
-        from pgolf.evaluate import phased  # evaluate.ttt_scheme phased only (packed only then)
-
-        r = phased.eval_phased(model, tokens, tables, cfg, info.device, info.rank, info.world_size,
-                               progress=progress and info.is_main, tilt=tilt)
-        extra = {"ttt_docs": r.docs, "ttt_global_steps": r.global_steps}
-    else:
-        from pgolf.evaluate import ttt  # evaluate.ttt_enabled only (the packed script carries it only then)
-
-        r = ttt.eval_ttt(model, tokens, tables, cfg, info.device, info.rank, info.world_size,
-                         progress=progress and info.is_main, tilt=tilt)
+    r = run_ttt(model, tokens, tables, cfg, info.device, info.rank, info.world_size,
+                progress=progress and info.is_main, tilt=tilt)
+    extra = {"ttt_docs": r.docs, "ttt_global_steps": r.global_steps} if cfg.ttt_scheme == "phased" else {}
     if (r.scored_tokens, r.scored_bytes) != (plain["scored_tokens"], plain["scored_bytes"]):
         raise EvaluateError(f"TTT scored {r.scored_tokens} targets / {r.scored_bytes} bytes, the plain evaluation "
                             f"{plain['scored_tokens']} / {plain['scored_bytes']}")

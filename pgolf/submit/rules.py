@@ -207,18 +207,6 @@ def check_ngram_causal(shards: Path, cfg) -> Rule:
                 f"threshold {cfg.ngram_threshold}, boost {cfg.ngram_boost}); tilt renormalised over the vocabulary")
 
 
-def ttt_scores(model, tokens, tables, cfg, device) -> torch.Tensor:
-    """Per-target NLL (T,) of the run's TTT scheme on `tokens` (adapts `model`), without the n-gram
-    tilt: the tilt only rescores, the adaptation trains on the plain loss in both schemes."""
-    if cfg.ttt_scheme == "phased":
-        from pgolf.evaluate import phased
-
-        return phased.eval_phased(model, tokens, tables, cfg, device, record=True).per_target
-    from pgolf.evaluate import ttt
-
-    return ttt.eval_ttt(model, tokens, tables, cfg, device, record=True).per_target
-
-
 def ttt_probe_cut(tokens, cfg, cut: int):
     """(token positions the probe changes, targets allowed to move), in the order the run's TTT
     scores: stream, the tokens from `cut` on; phased, those of the document holding target cut - 1
@@ -248,7 +236,7 @@ def check_ttt_score_first(root: Path, cfg, seed: int = 0) -> Rule:
     time with the tokens after a cut in its scoring order changed (bytes play no part)."""
     import numpy as np
 
-    from pgolf.evaluate.evaluate import load_model
+    from pgolf.evaluate.evaluate import load_model, run_ttt
     from pgolf.shared import bpb, dist
     from pgolf.shared.byte_tables import ByteTables
     from pgolf.shared.shards import BOS_ID
@@ -262,7 +250,8 @@ def check_ttt_score_first(root: Path, cfg, seed: int = 0) -> Rule:
         return Rule("ttt_score_first", False, f"{art}: no artifact, or fewer than two windows of validation tokens")
     tokens = bpb.truncate(tokens, cfg.context)
     device = dist.pick_device(cfg.device)
-    V = load_model(art, "cpu")[0].cfg.vocab_size
+    first = load_model(art, device)[0]  # each run adapts a fresh model of the artifact
+    V = first.cfg.vocab_size
     tables = ByteTables(torch.ones(V, dtype=torch.int64), torch.zeros(V, dtype=torch.bool),
                         torch.zeros(V, dtype=torch.bool))
     cut = len(tokens) // 2 + 7  # inside a chunk, not on its edge
@@ -271,7 +260,9 @@ def check_ttt_score_first(root: Path, cfg, seed: int = 0) -> Rule:
     new = (tokens[pos].astype(np.int64) + np.random.default_rng(seed).integers(1, V, len(pos))) % V
     other = tokens.copy()
     other[pos] = np.where(new == BOS_ID, (new + 1) % V, new)
-    a, b = (ttt_scores(load_model(art, device)[0], t, tables, cfg, device) for t in (tokens, other))
+    # without the n-gram tilt: it only rescores, and both schemes adapt on the plain loss
+    a, b = (run_ttt(m, t, tables, cfg, device, record=True).per_target
+            for m, t in ((first, tokens), (load_model(art, device)[0], other)))
     keep = torch.ones(len(a), dtype=torch.bool)
     keep[torch.from_numpy(may_move)] = False
     moved = float((a[keep] - b[keep]).abs().max()) if keep.any() else 0.0
