@@ -1,5 +1,5 @@
 """Artifact bytes and seconds of the compress modes on a record-scale quantized model: today's flat
-layout with lzma (chunked, the default) and with brotli, the grouped layout (compress.layout grouped,
+layout with lzma (chunked, the default), zstd and brotli, the grouped layout (compress.layout grouped,
 lzma and brotli), and compress.layout pergroup (pgolf.compress.pergroup: each group by its best
 codec; the per-piece table is recorded), its rows by compress.row_order pca and l1.
 
@@ -7,7 +7,8 @@ codec; the per-piece table is recorded), its rows by compress.row_order pca and 
 
 The quantized file is bench/bench_quant_loop.py's synthetic record-scale model (--profile, the record's
 by default: trained-like weights and random Hessians, not a trained model) run through pgolf's
-quantize stage on the CPU, cached in --quant-cache. One run per row (no repeats); seconds are wall
+quantize stage on the CPU, cached in --quant-cache; or, with --quant FILE --model TEXT, the quant.pgt of a
+trained model (TEXT says which run made it). One run per row (no repeats); seconds are wall
 time of serialize + compress, and of decompress + deserialize.
 """
 
@@ -64,15 +65,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="record")
     ap.add_argument("--quant-cache", type=Path, default=Path(tempfile.gettempdir()) / "pgolf_bench_pergroup")
+    ap.add_argument("--quant", type=Path, help="a trained model's quant.pgt instead of the synthetic one")
+    ap.add_argument("--model", default="", help="with --quant: which run trained and quantized it")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    quant, build_s = timed(build_quant, args.quant_cache, args.profile)
+    if args.quant and not (args.quant.is_file() and args.model):
+        ap.error(f"--quant {args.quant}: needs an existing quant.pgt file and --model saying where it came from")
+    quant, build_s = (args.quant, 0.0) if args.quant else timed(build_quant, args.quant_cache, args.profile)
     tensors, meta = compress.load_quant(quant)
     cfg = overrides.load(args.profile)["compress"]
     rows = [row(tensors, meta, layout, codec, cfg, order) for layout, codec, order in (
-        ("flat", "lzma", "pca"), ("flat", "brotli", "pca"), ("grouped", "lzma", "pca"), ("grouped", "brotli", "pca"),
+        ("flat", "lzma", "pca"), ("flat", "zstd", "pca"), ("flat", "brotli", "pca"), ("grouped", "lzma", "pca"), ("grouped", "brotli", "pca"),
         ("pergroup", "pergroup", "pca"), ("pergroup", "pergroup", "l1"))]
-    result = {"model": f"synthetic {args.profile}-profile model (bench.bench_quant_loop.synthetic_train_dir: "
+    result = {"model": args.model or f"synthetic {args.profile}-profile model (bench.bench_quant_loop.synthetic_train_dir: "
                        "trained-like weights, random Hessians; no trained record-size model was available), "
                        "quantized by pgolf.quantize on the CPU",
               "quant_build_seconds": round(build_s, 1), "tensors": len(tensors),

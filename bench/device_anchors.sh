@@ -6,8 +6,9 @@
 #   bash bench/device_anchors.sh steps OUT ANCHOR STEPS BUDGET [PROGRAMS]  # the script vs its profile,
 #       # STEPS each at 786,432 tokens (bench_vs_ref), within BUDGET seconds; PROGRAMS ("reference",
 #       # "pgolf"): one half, the other in the next call on the same warm machine
-#   bash bench/device_anchors.sh wallclock OUT ANCHOR ARM SEED  # one arm of bench.equal_wallclock
-#       # (180 s of training); merge the calls' JSONs with `python -m bench.equal_wallclock --merge`
+#   bash bench/device_anchors.sh wallclock OUT ANCHOR ARMS SEED  # arms ("reference", "pgolf", or both
+#       # quoted) of bench.equal_wallclock (180 s of training each); merge the calls' JSONs with
+#       # `python -m bench.equal_wallclock --merge`
 #   bash bench/device_anchors.sh post OUT ANCHOR ARM SEED       # the same arm with its whole
 #       # post-training (equal_wallclock --post): final val_bpb, evaluation seconds, artifact bytes
 # Carry (git-ignored): .whl (zstandard, brotli, python-minifier wheels for Python 3.12),
@@ -55,7 +56,8 @@ case $part in
     anchor=${3:?anchor} arm=${4:?arm} seed=${5:?seed}
     data=$(data_for "$anchor")
     flag=(); [ "$part" = post ] && flag=(--post)
-    python3 -m bench.equal_wallclock --anchor "$anchor" --arms "$arm" --seeds "$seed" --data "$data" "${flag[@]}" \
-      --stub-dir .devrun/fa3_stub --budget 570 --out "$out/${part}_${anchor}_${arm}_${seed}.json" 2>&1 \
-      | tee "$out/${part}_${anchor}_${arm}_${seed}.log" ;;
+    # shellcheck disable=SC2086  # ARMS is a list of words
+    python3 -m bench.equal_wallclock --anchor "$anchor" --arms $arm --seeds "$seed" --data "$data" "${flag[@]}" \
+      --stub-dir .devrun/fa3_stub --budget 570 --out "$out/${part}_${anchor}_${arm// /_}_${seed}.json" 2>&1 \
+      | tee "$out/${part}_${anchor}_${arm// /_}_${seed}.log" ;;
 esac
