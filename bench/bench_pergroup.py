@@ -75,11 +75,13 @@ def main() -> int:
     tensors, meta = compress.load_quant(quant)
     cfg = overrides.load(args.profile)["compress"]
     rows = [row(tensors, meta, layout, codec, cfg, order) for layout, codec, order in (
-        ("flat", "lzma", "pca"), ("flat", "zstd", "pca"), ("flat", "brotli", "pca"), ("grouped", "lzma", "pca"), ("grouped", "brotli", "pca"),
+        ("flat", "lzma", "pca"), ("flat", "zstd", "pca"), ("flat", "brotli", "pca"),
+        ("grouped", "lzma", "pca"), ("grouped", "brotli", "pca"),
         ("pergroup", "pergroup", "pca"), ("pergroup", "pergroup", "l1"))]
-    result = {"model": args.model or f"synthetic {args.profile}-profile model (bench.bench_quant_loop.synthetic_train_dir: "
-                       "trained-like weights, random Hessians; no trained record-size model was available), "
-                       "quantized by pgolf.quantize on the CPU",
+    synthetic = (f"synthetic {args.profile}-profile model (bench.bench_quant_loop.synthetic_train_dir: "
+                 "trained-like weights, random Hessians; no trained record-size model was available), "
+                 "quantized by pgolf.quantize on the CPU")
+    result = {"model": args.model or synthetic,
               "quant_build_seconds": round(build_s, 1), "tensors": len(tensors),
               "compress": {k: v for k, v in dataclasses.asdict(cfg).items()
                            if k in ("lzma_preset", "lzma_chunk_bytes", "zstd_level", "brotli_quality",
