@@ -52,8 +52,8 @@ def row(tensors: dict, meta: dict, layout: str, codec: str, cfg, order: str = "p
     blob, seconds = timed(pack)
     (back, _), load_s = timed(artifact.loads_artifact, blob)
     assert list(back) == list(tensors) and all(back[k].equal(v) for k, v in tensors.items())  # round trip
-    out = {"layout": layout, "row_order": order if layout != "flat" else None, "codec": codec, "bytes": len(blob), "seconds": round(seconds, 2),
-           "load_seconds": round(load_s, 2)}
+    out = {"layout": layout, "row_order": order if layout != "flat" else None, "codec": codec, "bytes": len(blob),
+           "seconds": round(seconds, 2), "load_seconds": round(load_s, 2)}
     if codec == "pergroup":
         out["pieces"] = pergroup.describe(blob[artifact.HEADER_BYTES:])
         out["codecs_tried"] = pergroup.available(cfg.pergroup_codecs)
