@@ -61,14 +61,14 @@ def row(tensors: dict, meta: dict, layout: str, codec: str, cfg, order: str = "p
     return out
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="record")
     ap.add_argument("--quant-cache", type=Path, default=Path(tempfile.gettempdir()) / "pgolf_bench_pergroup")
     ap.add_argument("--quant", type=Path, help="a trained model's quant.pgt instead of the synthetic one")
     ap.add_argument("--model", default="", help="with --quant: which run trained and quantized it")
     ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.quant and not (args.quant.is_file() and args.model):
         ap.error(f"--quant {args.quant}: needs an existing quant.pgt file and --model saying where it came from")
     quant, build_s = (args.quant, 0.0) if args.quant else timed(build_quant, args.quant_cache, args.profile)

@@ -1,0 +1,32 @@
+"""bench.bench_pergroup on a trained model's quant.pgt (--quant): every row round-trips, the JSON names
+the model it was given, and a missing file or provenance is refused before any work."""
+
+import json
+
+import pytest
+
+from bench import bench_pergroup
+from conftest import tiny_model
+from test_compress import write_quant
+
+
+def test_quant_file_rows_and_provenance(tmp_path):
+    quant = write_quant(tmp_path / "quant" / "quant.pgt", tiny_model())
+    out = tmp_path / "pergroup.json"
+    assert bench_pergroup.main(["--profile", "tiny", "--quant", str(quant), "--model", "tiny test model",
+                                "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["model"] == "tiny test model" and r["quant_build_seconds"] == 0.0
+    got = {(row["layout"], row["codec"], row["row_order"]) for row in r["rows"]}
+    assert {("flat", "lzma", None), ("flat", "zstd", None), ("flat", "brotli", None),
+            ("pergroup", "pergroup", "l1")} <= got
+    assert all(row["bytes"] > 0 for row in r["rows"])
+
+
+@pytest.mark.parametrize("model", ["", "some run"])
+def test_quant_needs_a_file_and_its_provenance(tmp_path, model, capsys):
+    quant = write_quant(tmp_path / "quant.pgt", tiny_model()) if model == "" else tmp_path / "missing.pgt"
+    with pytest.raises(SystemExit) as e:
+        bench_pergroup.main(["--quant", str(quant), "--model", model, "--out", str(tmp_path / "x.json")])
+    assert e.value.code == 2 and "--quant" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
