@@ -23,10 +23,9 @@ import numpy as np
 import torch
 
 from bench import overrides
-from bench.bench_eval import FIXTURE, versions
+from bench.bench_eval import FIXTURE, synthetic_tables, versions
 from bench.timing import timed
 from pgolf.evaluate.phased import documents, eval_phased
-from pgolf.shared.byte_tables import ByteTables
 from pgolf.shared.io import write_json
 from pgolf.shared.model import GPT
 from pgolf.shared.shards import BOS_ID, read_shard
@@ -81,8 +80,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not a.small else "cpu")
     mcfg, ecfg = cfgs["model"], cfgs["evaluate"]
     torch.manual_seed(0)
-    v = mcfg.vocab_size
-    tables = ByteTables(torch.full((v,), 2), torch.zeros(v, dtype=torch.bool), torch.zeros(v, dtype=torch.bool))
+    tables = synthetic_tables(mcfg.vocab_size)
 
     def fresh():  # the global pass adapts the model in place: each run takes a new one
         return GPT(mcfg, train_seq_len=ecfg.context).to(device)
