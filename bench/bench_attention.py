@@ -10,8 +10,10 @@ Shapes: H 8, Hkv 4, hd 64, bf16, T 2048; forward+backward; median ms of
 bench.timing.kernel_ms (triton.testing.do_bench) on a GPU.
 
 * dense: (B, T) = (48 or 12, 2048) per backend: SDPA flash, cuDNN and memory-efficient (each with
-  `enable_gqa` and with K/V repeated to H heads), and FlexAttention with a causal block mask; the
-  max abs difference of each output from the flash backend's.
+  `enable_gqa` and with K/V repeated to H heads), FlexAttention with a causal block mask and, where
+  FlashAttention-4 is installed, SDPA's flash backend on FA4's kernels (`sdpa_fa4_gqa`, torch's
+  flash registry) and FA4's own `flash_attn_func` (`cute_fa4_gqa`); the max abs difference of
+  each output from the flash backend's.
 * varlen: one packed row of B*T = 98,304 tokens (train.doc_packing: 786,432 tokens / 8 ranks)
   whose segments come from `pgolf.shared.docattn.build_cu_seqlens` (padded to 64 entries) in
   each layout: `uniform` (48 segments of 2048: the dense 48 x 2048 work, as packed), `docs`
@@ -45,6 +47,7 @@ from pgolf.shared.io import write_json
 
 OUT_TOL = 3e-2  # bf16 output vs the fp32 reference: max abs error
 GRAD_TOL = 3e-2  # each gradient: max abs error / max abs of the reference gradient
+FA4_DENSE = ("sdpa_fa4_gqa", "cute_fa4_gqa")  # dense variants on FlashAttention-4's kernels, run last
 
 
 @dataclass(frozen=True)
@@ -87,11 +90,11 @@ def plan(device, layouts: list[str], with_dense: bool = True) -> dict:
     SDPA's default) and, per varlen layout, the doc-attention backends available there (the
     reference always; flex only where it trains, i.e. CUDA)."""
     cuda = torch.device(device).type == "cuda"
+    backends = D.available(device)
     dense = []
     if with_dense:
         dense = ([f"sdpa_{n}_{g}" for n in ("flash", "cudnn", "efficient") for g in ("gqa", "repeat")] + ["flex_gqa"]
-                 if cuda else ["sdpa_default_gqa"])
-    backends = D.available(device)
+                 + (list(FA4_DENSE) if "fa4" in backends else []) if cuda else ["sdpa_default_gqa"])
     varlen = [b for b in ("varlen", "flex", "fa4", "fa3") if b in backends] + ["reference"]
     return {"dense": dense, "varlen": {layout: list(varlen) for layout in layouts}}
 
@@ -170,11 +173,27 @@ def flex_causal_fn(T: int, device):
     return f
 
 
+def fa4_cute_fn():
+    from flash_attn.cute import flash_attn_func
+
+    def f(q, k, v):  # (B, H, T, hd), (B, Hkv, T, hd) -> (B, H, T, hd); FA4 takes (B, T, H, hd)
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+    return f
+
+
 def dense_variant(name: str, T: int, device):
+    """fn(q, k, v) of a dense variant; `sdpa_fa4_gqa` swaps aten's flash kernels for FA4's,
+    process-wide, until bench_dense restores torch's own."""
     from torch.nn.attention import SDPBackend
 
     if name == "flex_gqa":
         return flex_causal_fn(T, device)
+    if name == "cute_fa4_gqa":
+        return fa4_cute_fn()
+    if name == "sdpa_fa4_gqa":
+        D.use_flash_impl("fa4")
+        return sdpa_fn(SDPBackend.FLASH_ATTENTION, True)
     _, kind, g = name.split("_")
     backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                "efficient": SDPBackend.EFFICIENT_ATTENTION, "default": None}[kind]
@@ -200,6 +219,8 @@ def bench_dense(names: list[str], s: Shapes, device) -> list[dict]:
                        "tflops": round(flops / ms / 1e9, 1), f"max_abs_diff_vs_{names[0]}": err}
             except Exception as e:  # noqa: BLE001 - a backend that cannot run these shapes
                 row = {"batch": B, "variant": name, "error": f"{type(e).__name__}: {str(e)[:160]}"}
+            finally:
+                D.use_flash_impl(None)  # torch's own flash kernels for the next variant
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows

@@ -3,9 +3,10 @@
 #   bash bench/device_anchors.sh smoke OUT                      # attention backends (dense and
 #       # document-packed) at the record shapes, then the PR #2135 script vs pgolf's pr2135 profile,
 #       # 40 steps each at its batch of 786,432 tokens: the steady step ratio
-#   bash bench/device_anchors.sh steps OUT ANCHOR STEPS BUDGET [PROGRAMS]  # the script vs its profile,
-#       # STEPS each at 786,432 tokens (bench_vs_ref), within BUDGET seconds; PROGRAMS ("reference",
-#       # "pgolf"): one half, the other in the next call on the same warm machine
+#   bash bench/device_anchors.sh steps OUT ANCHOR STEPS BUDGET [PROGRAMS [ALSO]]  # the script vs its
+#       # profile, STEPS each at 786,432 tokens (bench_vs_ref), within BUDGET seconds; PROGRAMS
+#       # ("reference", "pgolf"): one half, the other in the next call on the same warm machine;
+#       # ALSO ("section.key=value ..."): one more pgolf run with those params after the pair
 #   bash bench/device_anchors.sh wallclock OUT ANCHOR ARMS SEED  # arms ("reference", "pgolf", or both
 #       # quoted) of bench.equal_wallclock (180 s of training each); merge the calls' JSONs with
 #       # `python -m bench.equal_wallclock --merge`
@@ -25,7 +26,7 @@ if [[ ! $part =~ ^(smoke|steps|wallclock|post)$ || -z $out ]]; then
 fi
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 data_for() {  # anchor -> its shard folder, built once per machine
   if [ "$1" = pr2135 ]; then
     [ -f .devrun/shards_caseops/proxy_shards.json ] || python3 -m bench.proxy_shards --corpus .devrun/proxy \
@@ -46,12 +47,13 @@ case $part in
     python3 -m bench.bench_vs_ref --anchor pr2135 --stub-dir .devrun/fa3_stub --batches 786432 --steps 40 \
       --variants 0 --budget 380 --data "$data" --out "$out/vs_ref_pr2135.json" 2>&1 | tee "$out/vs_ref.log" ;;
   steps)
-    anchor=${3:?anchor} steps=${4:?steps} budget=${5:?budget} programs=${6:-pgolf reference}
+    anchor=${3:?anchor} steps=${4:?steps} budget=${5:?budget} programs=${6:-pgolf reference} also=${7:-}
     data=$(data_for "$anchor")
+    extra=(); [ -n "$also" ] && extra=(--also "786432 $also")
     # shellcheck disable=SC2086  # PROGRAMS is a list of words
     python3 -m bench.bench_vs_ref --anchor "$anchor" --stub-dir .devrun/fa3_stub --batches 786432 --steps "$steps" \
-      --variants 0 --budget "$budget" --programs $programs --data "$data" --out "$out/vs_ref_${anchor}_${programs// /_}.json" \
-      2>&1 | tee "$out/vs_ref_$anchor.log" ;;
+      --variants 0 --budget "$budget" --programs $programs --data "$data" "${extra[@]}" \
+      --out "$out/vs_ref_${anchor}_${programs// /_}.json" 2>&1 | tee "$out/vs_ref_$anchor.log" ;;
   wallclock|post)
     anchor=${3:?anchor} arm=${4:?arm} seed=${5:?seed}
     data=$(data_for "$anchor")

@@ -32,7 +32,7 @@ MATRIX_KINDS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.
 RESIDUAL_DTYPES = ("fp32", "bf16")
 PARALLEL_FINAL_LANES = ("mean", "attn", "mlp")
 SMEAR_FORMS = ("mix", "add")
-ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient")
+ATTN_BACKENDS = ("auto", "flash", "cudnn", "efficient", "fa4")
 COMPILE_SCOPES = ("model", "blocks")
 DOC_ATTN_BACKENDS = ("auto", "reference", "varlen", "flex", "fa4", "fa3")  # pgolf.shared.docattn.BACKENDS + auto
 MUON_COMM_DTYPES = ("auto", "bf16", "fp32")
@@ -177,7 +177,8 @@ class ModelConfig(Section):
     loop_end: int = 0  # last layer of the looped range (inclusive; records: 3..5)
     tied_embed_init_std: float = 0.005
     residual_dtype: str = "bf16"  # fp32 | bf16: the residual stream / embeddings under autocast (CUDA)
-    attn_backend: str = "auto"  # auto (FA3 if importable, else SDPA's choice) | flash | cudnn | efficient
+    attn_backend: str = "auto"  # auto (FA3 if importable, else SDPA's choice) | flash | cudnn | efficient | fa4
+    # (fa4: SDPA's flash backend on FlashAttention-4's kernels, package flash-attn-4, on CUDA)
 
     @property
     def mlp_hidden(self) -> int:
@@ -545,6 +546,10 @@ def check_across(cfgs: dict[str, Section]) -> None:
         raise ev.bad("ttt_first_layer", f"must be < model.num_layers ({model.num_layers})")
     if ev.ttt_enabled and ev.ttt_asym_logit and not model.logit_softcap_learned:
         raise ev.bad("ttt_asym_logit", "needs model.logit_softcap_learned (the softcap scalars it adapts)")
+    tr = cfgs["train"]
+    if model.attn_backend == "fa4" and tr.doc_packing and tr.doc_attn_backend == "fa3":
+        raise tr.bad("doc_attn_backend", "fa3 cannot run beside model.attn_backend fa4 (each swaps aten's "
+                                         "flash kernels for the whole process)")
 
 
 # ----------------------------------------------------------------------------- loading

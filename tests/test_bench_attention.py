@@ -25,6 +25,17 @@ def test_plan_on_a_cpu_is_sdpa_and_the_reference():
     assert B.plan("cpu", ["docs"], with_dense=False)["dense"] == []
 
 
+def test_plan_on_a_gpu_with_flash_attention_4_times_it_last_for_dense_rows(monkeypatch):
+    """FA4's dense variants come after every SDPA and flex variant (the SDPA one swaps aten's flash
+    kernels process-wide, and bench_dense restores torch's own after it)."""
+    monkeypatch.setattr(D, "available", lambda device: ["reference", "varlen", "flex", "fa4"])
+    p = B.plan("cuda", ["docs"])
+    assert p["dense"][-3:] == ["flex_gqa", "sdpa_fa4_gqa", "cute_fa4_gqa"] and len(p["dense"]) == 9
+    assert p["varlen"] == {"docs": ["varlen", "flex", "fa4", "reference"]}
+    monkeypatch.setattr(D, "available", lambda device: ["reference", "varlen", "flex"])
+    assert not any("fa4" in name for name in B.plan("cuda", ["docs"])["dense"])
+
+
 def test_check_passes_the_reference_and_fails_a_wrong_output_or_gradient():
     g = torch.Generator().manual_seed(0)
     out, grads = torch.randn(8, 2, 4, generator=g), tuple(torch.randn(8, 2, 4, generator=g) for _ in range(3))

@@ -84,6 +84,17 @@ def test_the_rules_across_sections_run_with_the_whole_file():
     assert config.load_all(doc, "p.yaml")["evaluate"].ttt_first_layer == 3
 
 
+def test_fa4_dense_attention_refuses_fa3_document_attention():
+    """Both swap aten's flash kernels for the whole process, so they cannot run in one."""
+    doc = config.read_doc(ROOT / "params.yaml")
+    doc["model"]["attn_backend"] = "fa4"
+    doc["train"].update(doc_packing=True, doc_attn_backend="fa3")
+    with pytest.raises(config.ConfigError, match=r"^p.yaml: train.doc_attn_backend .*fa3 cannot run beside model.attn_backend fa4"):
+        config.load_all(doc, "p.yaml")
+    doc["train"]["doc_attn_backend"] = "fa4"
+    assert config.load_all(doc, "p.yaml")["model"].attn_backend == "fa4"
+
+
 def test_wrong_type_names_the_parameter():
     with pytest.raises(config.ConfigError, match=r"prepare\.vocab_size must be int"):
         config.from_dict("prepare", {"vocab_size": "big"})

@@ -79,18 +79,28 @@ def _top_level_packages(files) -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("change", [{}, {"train": {"device": "cpu"}, "compress": {"brotli": True}}],
-                         ids=["tiny", "cpu_brotli"])
+def _installed(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@pytest.mark.parametrize("change", [{}, {"train": {"device": "cpu"}, "compress": {"brotli": True}},
+                                    {"train": {"device": "cpu"}, "model": {"attn_backend": "fa4"}}],
+                         ids=["tiny", "cpu_brotli", "cpu_fa4"])
 def test_requirements_name_the_packages_the_packed_script_imports(change):
-    """requirements.txt for two param sets: the tiny profile (Triton kernels on CUDA, codec auto
-    without brotli) and a CPU run that also tries brotli; each line `name==installed version`, and
-    every package a packed file imports at module level is among them."""
+    """requirements.txt for three param sets: the tiny profile (Triton kernels on CUDA, codec auto
+    without brotli), a CPU run that also tries brotli and one whose attention runs on
+    FlashAttention-4; each line `name==installed version` (the name alone where it is not
+    installed here), and every package a packed file imports at module level is among them."""
     cfgs = {**TINY, **{s: dataclasses.replace(TINY[s], **kv) for s, kv in change.items()}}
     text = pack.requirements(cfgs)
     lines = text.splitlines()
     names = [line.split("==")[0] for line in lines]
-    assert names == ["torch", "numpy", "sentencepiece", "PyYAML", "tqdm", "zstandard", *(["brotli"] if change else ["triton"])]
-    assert lines == [f"{n}=={importlib.metadata.version(n)}" for n in names] and text.endswith("\n")
+    extra = ["flash-attn-4"] if "model" in change else ["brotli"] if change else ["triton"]
+    assert names == ["torch", "numpy", "sentencepiece", "PyYAML", "tqdm", "zstandard", *extra]
+    assert lines == [f"{n}=={_installed(n)}" if _installed(n) else n for n in names] and text.endswith("\n")
     assert _top_level_packages(pack.packed_files(cfgs)) <= set(names)
 
 

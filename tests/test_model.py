@@ -152,9 +152,20 @@ def test_attn_backend_choice_gives_the_same_attention_on_cpu():
     """A named SDPA backend only applies on CUDA; on CPU every choice is the same maths."""
     x, y = batch()
     ref = make_tiny()(x, y)
-    for name in ("flash", "cudnn", "efficient"):
+    for name in ("flash", "cudnn", "efficient", "fa4"):
         got = make_tiny(cfg=dataclasses.replace(TINY, attn_backend=name))(x, y)
         torch.testing.assert_close(got, ref, atol=0, rtol=0)
+
+
+def test_fa4_without_flash_attention_4_is_refused_by_name(monkeypatch):
+    """On a GPU without FlashAttention-4, `model.attn_backend: fa4` stops at the model's build,
+    naming the param and the package, instead of running torch's own flash kernels."""
+    from pgolf.shared import docattn, model as M
+
+    monkeypatch.setattr(M.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(docattn, "flash_impl_available", lambda name, device: False)
+    with pytest.raises(ValueError, match="model.attn_backend fa4: .*flash-attn-4"):
+        make_tiny(cfg=dataclasses.replace(TINY, attn_backend="fa4"))
 
 
 def test_softcap_bounds_logits():

@@ -134,7 +134,8 @@ OPTIONAL: dict[str, Callable[[Sections], bool]] = {
     "pgolf/evaluate/phased.py": _phased,
     "pgolf/evaluate/ttt.py": lambda c: c["evaluate"].ttt_enabled and not _phased(c),
     "pgolf/quantize/lqer.py": lambda c: c["quantize"].lqer_enabled,
-    "pgolf/shared/docattn.py": lambda c: c["train"].doc_packing or _phased(c),  # phased: its global pass
+    # phased: its global pass; fa4: the flash-kernel swap (pgolf.shared.model.use_fa4_kernels)
+    "pgolf/shared/docattn.py": lambda c: c["train"].doc_packing or _phased(c) or c["model"].attn_backend == "fa4",
     "pgolf/shared/kernels/__init__.py": _kernels,
     "pgolf/shared/kernels/fused_mlp.py": _kernels,
     "pgolf/shared/kernels/qk_norm_rope.py": _kernels,
@@ -152,6 +153,7 @@ PACKAGES: dict[str, Callable[[Sections], bool]] = {
     "brotli": lambda c: c["compress"].brotli or c["compress"].codec == "brotli" or _pergroup_tries(c, "brotli"),
     "pyppmd": lambda c: _pergroup_tries(c, "ppmd"),  # optional (pyproject extra "pergroup"): tried when installed
     "triton": _kernels,
+    "flash-attn-4": lambda c: "fa4" in (c["model"].attn_backend, c["train"].doc_packing and c["train"].doc_attn_backend),
 }
 CODE_FILES: tuple[str, ...] = (  # every pgolf and stages file `python -m stages.evaluate` imports
     "stages/__init__.py",

@@ -65,7 +65,7 @@ BIGRAM_MUL_PREV = 27191
 PARALLEL_RESID_INIT = 1.1  # the records' init of the lanes' self-weights (post weights start at 1)
 HEAD_HESSIAN = "tok_emb.weight"  # the tied head's input Gram in a Hessian dict (GPT.head_hessian)
 ATTN_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "fa4": SDPBackend.FLASH_ATTENTION}  # fa4: see use_fa4_kernels
 
 
 def layer_order(cfg: ModelConfig, looping: bool = True) -> list[int]:
@@ -469,6 +469,17 @@ class Block(nn.Module):
 # ----------------------------------------------------------------------------- the model
 
 
+def use_fa4_kernels() -> None:
+    """model.attn_backend fa4: aten's flash kernels, which SDPA's flash backend runs, from
+    FlashAttention-4 (torch's flash registry; process-wide, CUDA only); ValueError when it cannot."""
+    from pgolf.shared import docattn
+
+    if not docattn.flash_impl_available("fa4", "cuda"):
+        raise ValueError("model.attn_backend fa4: FlashAttention-4 cannot run here (needs the package "
+                         "flash-attn-4, torch's flash registry and an SM 9.x/10.x GPU)")
+    docattn.use_flash_impl("fa4")
+
+
 class GPT(nn.Module):
     """The record model. `train_seq_len` only sets where the NTK RoPE rule starts (PR #1072: 2048)."""
 
@@ -519,6 +530,8 @@ class GPT(nn.Module):
         self.use_fused_mlp = False
         self.use_fused_qk = False
         self.use_fa3 = HAS_FA3 and cfg.attn_backend == "auto"
+        if cfg.attn_backend == "fa4" and torch.cuda.is_available():
+            use_fa4_kernels()
         self.reset_parameters()
 
     # -- init / flags
