@@ -94,9 +94,21 @@ def plan(device, layouts: list[str], with_dense: bool = True) -> dict:
     dense = []
     if with_dense:
         dense = ([f"sdpa_{n}_{g}" for n in ("flash", "cudnn", "efficient") for g in ("gqa", "repeat")] + ["flex_gqa"]
-                 + (list(FA4_DENSE) if "fa4" in backends else []) if cuda else ["sdpa_default_gqa"])
+                 + fa4_dense(device, "fa4" in backends) if cuda else ["sdpa_default_gqa"])
     varlen = [b for b in ("varlen", "flex", "fa4", "fa3") if b in backends] + ["reference"]
     return {"dense": dense, "varlen": {layout: list(varlen) for layout in layouts}}
+
+
+def fa4_dense(device, registered: bool) -> list[str]:
+    """FA4's dense variants that can run on `device`: its own entry wherever `flash_attn.cute`
+    imports on an SM 9.x/10.x GPU, SDPA on its kernels only where torch's registry has it too."""
+    if torch.cuda.get_device_capability(torch.device(device))[0] not in (9, 10):
+        return []
+    try:
+        __import__("flash_attn.cute")
+    except Exception:  # noqa: BLE001 - not installed (or not importable here)
+        return []
+    return list(FA4_DENSE) if registered else ["cute_fa4_gqa"]
 
 
 def check(out, grads, ref_out, ref_grads, out_tol: float = OUT_TOL, grad_tol: float = GRAD_TOL) -> dict:

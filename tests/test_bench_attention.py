@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +30,24 @@ def test_plan_on_a_gpu_with_flash_attention_4_times_it_last_for_dense_rows(monke
     """FA4's dense variants come after every SDPA and flex variant (the SDPA one swaps aten's flash
     kernels process-wide, and bench_dense restores torch's own after it)."""
     monkeypatch.setattr(D, "available", lambda device: ["reference", "varlen", "flex", "fa4"])
+    monkeypatch.setattr(B, "fa4_dense", lambda device, registered: list(B.FA4_DENSE) if registered else ["cute_fa4_gqa"])
     p = B.plan("cuda", ["docs"])
     assert p["dense"][-3:] == ["flex_gqa", "sdpa_fa4_gqa", "cute_fa4_gqa"] and len(p["dense"]) == 9
     assert p["varlen"] == {"docs": ["varlen", "flex", "fa4", "reference"]}
-    monkeypatch.setattr(D, "available", lambda device: ["reference", "varlen", "flex"])
-    assert not any("fa4" in name for name in B.plan("cuda", ["docs"])["dense"])
+    monkeypatch.setattr(D, "available", lambda device: ["reference", "varlen", "flex"])  # not in torch's registry
+    assert B.plan("cuda", ["docs"])["dense"][-2:] == ["flex_gqa", "cute_fa4_gqa"]
+
+
+def test_fa4_dense_needs_a_hopper_or_blackwell_gpu_and_the_package(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert B.fa4_dense("cuda", True) == []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # import fails: not installed
+    assert B.fa4_dense("cuda", True) == []
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))  # installed
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", types.ModuleType("flash_attn.cute"))
+    assert B.fa4_dense("cuda", True) == ["sdpa_fa4_gqa", "cute_fa4_gqa"]
+    assert B.fa4_dense("cuda", False) == ["cute_fa4_gqa"]
 
 
 def test_check_passes_the_reference_and_fails_a_wrong_output_or_gradient():
