@@ -12,7 +12,8 @@ This module owns document attention for `train.doc_packing`:
   model's forward needs, built once per micro-batch outside any compiled graph: the cu_seqlens,
   each token's segment id and position within its segment, and the backend's block mask (flex).
   The model only calls `DocSegments.rope` (RoPE tables at the per-segment positions) and
-  `DocSegments.attend` (the attention), so pgolf.shared.model does not import this module.
+  `DocSegments.attend` (the attention), so pgolf.shared.model imports this module only for
+  `model.attn_backend: fa4` (`use_flash_impl`, the process-wide kernel swap this module owns).
 * `doc_attention(q, k, v, docs)`: q (N, H, hd), k/v (N, Hkv, hd) -> (N, H, hd), each query
   attending to the keys of its own segment up to itself, by one of BACKENDS:
 
