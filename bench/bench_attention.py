@@ -100,13 +100,9 @@ def plan(device, layouts: list[str], with_dense: bool = True) -> dict:
 
 
 def fa4_dense(device, registered: bool) -> list[str]:
-    """FA4's dense variants that can run on `device`: its own entry wherever `flash_attn.cute`
-    imports on an SM 9.x/10.x GPU, SDPA on its kernels only where torch's registry has it too."""
-    if torch.cuda.get_device_capability(torch.device(device))[0] not in (9, 10):
-        return []
-    try:
-        __import__("flash_attn.cute")
-    except Exception:  # noqa: BLE001 - not installed (or not importable here)
+    """FA4's dense variants that can run on `device`: its own entry wherever FA4 is installed
+    (docattn.flash_impl_installed), SDPA on its kernels only where torch's registry has it too."""
+    if not D.flash_impl_installed("fa4", device):
         return []
     return list(FA4_DENSE) if registered else ["cute_fa4_gqa"]
 

@@ -42,10 +42,10 @@ def test_fa4_dense_needs_a_hopper_or_blackwell_gpu_and_the_package(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert B.fa4_dense("cuda", True) == []
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # import fails: not installed
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", None)  # import fails: not installed
     assert B.fa4_dense("cuda", True) == []
-    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))  # installed
-    monkeypatch.setitem(sys.modules, "flash_attn.cute", types.ModuleType("flash_attn.cute"))
+    for name in ("flash_attn", "flash_attn.cute", "flash_attn.cute.interface"):  # installed
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     assert B.fa4_dense("cuda", True) == ["sdpa_fa4_gqa", "cute_fa4_gqa"]
     assert B.fa4_dense("cuda", False) == ["cute_fa4_gqa"]
 

@@ -333,19 +333,26 @@ def flex_available(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def flash_impl_available(name: str, device) -> bool:
-    """fa4 / fa3: its module importable and this GPU's compute capability among its kinds."""
-    impl, module, majors = _FLASH_IMPLS[name]
-    if not varlen_available(device):
-        return False
-    if torch.cuda.get_device_capability(torch.device(device))[0] not in majors:
+def flash_impl_installed(name: str, device) -> bool:
+    """fa4 / fa3: a CUDA device whose compute capability is among its kinds, and its module importable."""
+    _, module, majors = _FLASH_IMPLS[name]
+    if torch.device(device).type != "cuda" or torch.cuda.get_device_capability(torch.device(device))[0] not in majors:
         return False
     try:
         __import__(module)
     except Exception:  # noqa: BLE001 - any import failure means "not installed here"
         return False
+    return True
+
+
+def flash_impl_available(name: str, device) -> bool:
+    """fa4 / fa3 as aten's flash kernels: installed here, varlen_attn present and torch's flash
+    registry listing it."""
+    if not (varlen_available(device) and flash_impl_installed(name, device)):
+        return False
     from torch.nn import attention
 
+    impl = _FLASH_IMPLS[name][0]
     return impl in attention.list_flash_attention_impls() if hasattr(attention, "list_flash_attention_impls") else False
 
 
