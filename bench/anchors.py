@@ -4,7 +4,8 @@ Each anchor is an unmodified `train_gpt.py` in ../shared/anchors/<name> (ANCHOR.
 where it came from). An `Anchor` names the script, the pgolf profile that reproduces it, the
 tokenizer both programs use, the environment of the anchor's logged runs (its README command; the
 scripts read every setting from environment variables), and two log formats: its training-step
-line (-> step, loss, training milliseconds) and its post-EMA float evaluation line (-> val_loss,
+line (-> step, loss, training milliseconds), its wallclock-cap line (-> the last step and its
+training milliseconds: the last step is logged only there) and its post-EMA float evaluation line (-> val_loss,
 val_bpb). PR #535 and PR #2135 import FlashAttention-3, which the lent machines lack: the benches
 put a stand-in first on PYTHONPATH (`--stub-dir`, a git-ignored folder), and every result says so.
 """
@@ -26,6 +27,7 @@ CASEOPS_MODEL = "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 
 _MS_STEP = re.compile(r"^step:(\d+)/\d+ train_loss:([\d.]+) train_time:(\d+)ms")  # PR #1072, PR #535
 _TOKS_STEP = re.compile(r"^(\d+)/\d+ train_loss: ([\d.]+) train_time: [\d.]+m tok/s: (\d+)")  # PR #2135
+_STOP = re.compile(r"^stopping_early: wallclock_cap train_time: ?(\d+)ms step: ?(\d+)/")  # all three
 _DIAG_535 = re.compile(r"^DIAGNOSTIC post_ema val_loss:([\d.]+) val_bpb:([\d.]+)")
 _DIAG_2135 = re.compile(r"^diagnostic pre-quantization post-ema val_loss:([\d.]+) val_bpb:([\d.]+)")
 
@@ -63,6 +65,11 @@ class Anchor:
             return None
         step = int(m.group(1))
         return step, float(m.group(2)), step * batch_tokens / int(m.group(3)) * 1000.0
+
+    def parse_stop(self, line: str) -> tuple[int, float] | None:
+        """The wallclock-cap line -> (last step, training ms); None for other lines."""
+        m = _STOP.match(line)
+        return (int(m.group(2)), float(m.group(1))) if m else None
 
     def parse_post_ema(self, line: str) -> tuple[float, float] | None:
         """The post-EMA float evaluation line -> (val_loss, val_bpb); None for other lines."""

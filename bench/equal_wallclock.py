@@ -93,13 +93,14 @@ def read_evals(lines: list[str]) -> tuple[dict, int | None]:
 def run_reference(anchor: anchors.Anchor, data: Path, seed: int, seconds: float, batch: int, timeout: float,
                   stub_dir: Path | None, post: bool = False) -> dict:
     """The script until its post-EMA evaluation line, or with `post` to its end (or `timeout`)."""
-    marks, seen, t0 = [], {}, time.perf_counter()
+    marks, seen, t0 = [], {"stop": None}, time.perf_counter()
 
     def on_line(line: str) -> bool:
         step = anchor.parse_step(line, batch)
         if step:
             marks.append((step[0], step[2]))
             seen.setdefault("first", time.perf_counter() - t0)
+        seen["stop"] = anchor.parse_stop(line) or seen["stop"]
         got = anchor.parse_post_ema(line)
         if got:
             seen.update(val_loss=got[0], val_bpb=got[1])
@@ -108,8 +109,9 @@ def run_reference(anchor: anchors.Anchor, data: Path, seed: int, seconds: float,
     env = ref_env(anchor, data, seed, seconds, stub_dir, post)
     with tempfile.TemporaryDirectory() as cwd:
         lines, _ = stream([sys.executable, str(anchor.script)], cwd, env, timeout, on_line)
-    out = {"arm": "reference", "seed": seed, "steps": marks[-1][0] if marks else 0, "step_ms_steady": steady(marks),
-           "train_seconds": round(marks[-1][1] / 1000.0, 1) if marks else None,
+    last = seen["stop"] or (marks[-1] if marks else (0, None))  # (step, training ms)
+    out = {"arm": "reference", "seed": seed, "steps": last[0], "step_ms_steady": steady(marks),
+           "train_seconds": round(last[1] / 1000.0, 1) if last[1] is not None else None,
            "post_ema_val_bpb": seen.get("val_bpb"), "post_ema_val_loss": seen.get("val_loss"),
            "seconds_to_first_step": round(seen["first"], 1) if "first" in seen else None,
            "log_tail": lines[-8:] if "val_bpb" not in seen else []}

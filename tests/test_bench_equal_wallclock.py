@@ -40,6 +40,9 @@ def test_each_anchors_step_and_post_ema_lines_are_read_from_its_own_log():
     assert ms / 60000 == pytest.approx(0.8, abs=0.05)  # agrees with the minutes it printed
     assert [a2135.parse_post_ema(x) for x in lines if a2135.parse_post_ema(x)] == [(2.32046400, 1.06026908)]
     assert a2135.parse_step("0/20000 val_loss: 9.0076 val_bpb: 4.1158", 786432) is None
+    # the last step is logged only on the wallclock-cap line (PR #2135 puts a space after each colon)
+    assert [a535.parse_stop(x) for x in _log_lines("pr535", "train.log") if a535.parse_stop(x)] == [(6747, 600014.0)]
+    assert [a2135.parse_stop(x) for x in lines if a2135.parse_stop(x)] == [(5001, 599672.0)]
     with pytest.raises(ValueError, match="--anchor 'pr9'"):
         anchors.get("pr9")
 
@@ -59,6 +62,7 @@ FAKE_2135 = textwrap.dedent("""
         if s <= 5 or s % 25 == 0:
             print(f"{s}/20000 train_loss: {3 - s / 1000:.4f} train_time: 0.1m tok/s: {batch * s / (s * 0.5):.0f}",
                   flush=True)
+    print("stopping_early: wallclock_cap train_time: 180012ms step: 212/20000", flush=True)
     print("diagnostic pre-quantization post-ema val_loss:2.50000000 val_bpb:1.20000000 eval_time:1ms", flush=True)
     time.sleep(60)  # GPTQ and the rest: not waited for
 """)
@@ -77,8 +81,8 @@ def fake_pr2135(tmp_path, monkeypatch, text: str) -> anchors.Anchor:
 def test_the_reference_arm_runs_the_script_with_its_settings_and_stops_at_the_post_ema_line(tmp_path, monkeypatch):
     anchor = fake_pr2135(tmp_path, monkeypatch, FAKE_2135)
     r = W.run_reference(anchor, tmp_path, 1337, 180.0, 786432, timeout=30, stub_dir=tmp_path)
-    assert r["steps"] == 200 and r["step_ms_steady"] == 500.0 and r["post_ema_val_bpb"] == 1.2
-    assert r["train_seconds"] == 100.0 and r["log_tail"] == []
+    assert r["steps"] == 212 and r["step_ms_steady"] == 500.0 and r["post_ema_val_bpb"] == 1.2
+    assert r["train_seconds"] == 180.0 and r["log_tail"] == []  # from the wallclock-cap line, not step 200's
 
 
 def test_the_comparison_pairs_seeds_and_states_the_target():
