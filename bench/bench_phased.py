@@ -9,9 +9,15 @@ CPU:  python -m bench.bench_phased --small --docs 8 --out /tmp/bench_phased.json
 Scores the first --docs documents of the shard (cut before the BOS that starts document docs+1) with
 the profile's evaluate.* settings (--set section.key=value overrides them; ttt_prefix_docs is scaled by
 default to the same share of the documents as PR #2135's 2,500 of 50,000, so a global pass runs).
---ops adds torch.profiler's top operators of the timed run. The projection assumes the sample's mix of
-document lengths: seconds x 47,851,520 / tokens / 8 (PR #2135's validation tokens and GPUs; its
-logged phased evaluation took 540.1 s, train_seed42.log).
+--ops adds torch.profiler's top operators of the timed run.
+
+The projection to PR #2135's 47,851,520 validation tokens on 8 GPUs (its logged phased evaluation
+took 540.1 s, train_seed42.log) scales the time by work, not by tokens: a chunk step runs a window
+for every unfinished document of its batch, so a few hundred documents of mixed lengths cost far
+more per token than 50,000 do (each batch of 64 then holds near-equal lengths). Work is the token
+positions the chunk steps run (`row_tokens`); the full set's is that of 50,000 documents drawn
+(seeded) from the lengths of every document in the shard, scaled to 47,851,520 tokens. The global
+pass is not in the projection (a sample's prefix is too small for it to run).
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ import torch
 from bench import overrides
 from bench.bench_eval import FIXTURE, synthetic_tables, versions
 from bench.timing import timed
-from pgolf.evaluate.phased import documents, eval_phased
+from pgolf.evaluate.phased import batch_chunks, batches, documents, done_rows, eval_phased
 from pgolf.shared.io import write_json
 from pgolf.shared.model import GPT
 from pgolf.shared.shards import BOS_ID, read_shard
 
 PR2135_VAL_TOKENS, PR2135_GPUS, PR2135_SECONDS, PR2135_PREFIX_SHARE = 47_851_520, 8, 540.1, 2500 / 50000
+PR2135_DOCS = 50_000
 
 
 def first_docs(tokens: np.ndarray, n: int) -> np.ndarray:
@@ -39,6 +46,24 @@ def first_docs(tokens: np.ndarray, n: int) -> np.ndarray:
     if len(docs) <= n:
         return tokens
     return tokens[:int(docs[n, 0]) + 1]  # +1: the last document's final target is that BOS
+
+
+def row_tokens(docs: np.ndarray, batch: int, chunk: int, context: int) -> int:
+    """Token positions the chunk steps of eval_phased run for the documents `docs` (n, 2) (start,
+    length): per step, the batch's unfinished documents x the window width."""
+    work = 0
+    for g in batches(docs, batch):
+        rows = docs[g]
+        for ci in range(batch_chunks(rows, chunk)):
+            work += (len(rows) - done_rows(rows, ci, chunk)) * min(context, (ci + 1) * chunk)
+    return work
+
+
+def full_set_work(lengths: np.ndarray, batch: int, chunk: int, context: int, seed: int = 0) -> float:
+    """Work per token of PR #2135's validation set: 50,000 documents drawn from `lengths`."""
+    drawn = np.random.default_rng(seed).choice(lengths, PR2135_DOCS)
+    docs = np.stack([np.zeros_like(drawn), drawn], axis=1)
+    return row_tokens(docs, batch, chunk, context) / float((drawn - 1).sum())
 
 
 def ops_table(fn, device) -> list[dict]:
@@ -69,7 +94,8 @@ def main(argv=None) -> int:
     profile = "tiny" if a.small else "pr2135"
     try:
         sets = overrides.parse(a.set, "--set")
-        tokens = first_docs(read_shard(a.tokens or FIXTURE), a.docs)
+        shard = read_shard(a.tokens or FIXTURE)
+        tokens = first_docs(shard, a.docs)
         n_docs = len(documents(tokens, BOS_ID))
         sets.setdefault("evaluate.ttt_scheme", "phased")
         sets.setdefault("evaluate.ttt_enabled", True)
@@ -87,15 +113,19 @@ def main(argv=None) -> int:
 
     r, secs = timed(eval_phased, fresh(), tokens, tables, ecfg, device, sync_device=device)
     T = len(tokens) - 1
-    projected = secs * PR2135_VAL_TOKENS / T / PR2135_GPUS
+    shape = (ecfg.ttt_doc_batch, ecfg.ttt_doc_chunk, ecfg.context)
+    work = row_tokens(documents(tokens, BOS_ID), *shape)
+    per_token = full_set_work(documents(shard, BOS_ID)[:, 1], *shape)
+    projected = secs / work * per_token * PR2135_VAL_TOKENS / PR2135_GPUS
     out = {**versions(), "device": str(device), "profile": profile, "tokens_file": str(a.tokens or FIXTURE),
            "docs": r.docs, "tokens": T, "chunks": r.chunks, "global_steps": r.global_steps,
            "evaluate": {k: getattr(ecfg, k) for k in ("context", "ttt_rank", "ttt_doc_batch", "ttt_doc_chunk",
                                                       "ttt_prefix_docs", "ttt_phases", "ttt_sites")},
            "seconds": round(secs, 3), "tokens_per_second": round(T / secs, 1),
+           "row_tokens": work, "row_tokens_per_token": round(work / T, 2),
            "projection": {"tokens": PR2135_VAL_TOKENS, "gpus": PR2135_GPUS, "seconds": round(projected, 1),
-                          "pr2135_logged_seconds": PR2135_SECONDS,
-                          "how": "seconds x val tokens / sample tokens / GPUs; the sample's document lengths"},
+                          "row_tokens_per_token": round(per_token, 2), "pr2135_logged_seconds": PR2135_SECONDS,
+                          "how": "seconds / sample row tokens x full-set row tokens / GPUs (module docstring)"},
            "note": "random-init weights (timing only); synthetic byte tables, so val_bpb means nothing"}
     write_json(a.out, out)
     if a.ops:  # written first without them, so a run stopped here keeps its timing

@@ -130,6 +130,23 @@ def test_each_documents_first_chunk_is_the_models_own_score_and_later_chunks_lea
     assert (r.per_target[~first] - still.per_target[~first]).abs().max() > 0.05  # the adapters act
 
 
+def test_finished_documents_leave_the_batch_and_no_score_moves(monkeypatch):
+    """Chunk steps drop a batch's leading finished documents: the same scores, with learning, as
+    running every row of the batch each step (done_rows forced to 0), and fewer rows run."""
+    rows = np.array([[0, 6], [6, 12], [18, 30]])  # ascending length: 1, 3 and 6 chunks of 5
+    assert [phased.done_rows(rows, ci, 5) for ci in range(6)] == [0, 1, 1, 2, 2, 2]
+    seen = []
+    chunk_rows = phased.chunk_rows
+    monkeypatch.setattr(phased, "chunk_rows", lambda tok, host, r, *a: seen.append(len(r)) or chunk_rows(tok, host, r, *a))
+    dropped, dropped_rows = run_phased(), sum(seen)
+    seen.clear()
+    monkeypatch.setattr(phased, "done_rows", lambda *a: 0)
+    every, every_rows = run_phased(), sum(seen)
+    assert every_rows > dropped_rows  # the test documents differ in length: rows were dropped
+    torch.testing.assert_close(dropped.per_target, every.per_target, atol=1e-5, rtol=0)
+    assert dropped.val_bpb == pytest.approx(every.val_bpb, rel=1e-6) and dropped.scored_tokens == every.scored_tokens
+
+
 @pytest.mark.parametrize("j", [12, 57, 100, 160, 233])
 def test_changing_a_token_never_moves_an_earlier_or_another_documents_score(j):
     """tokens[j] (never a BOS, never made one) is the label of target j-1: targets before it in its

@@ -101,6 +101,13 @@ def batch_chunks(rows: np.ndarray, chunk: int) -> int:
     return ceil_div(int(rows[:, 1].max()) - 1, chunk)
 
 
+def done_rows(rows: np.ndarray, ci: int, chunk: int) -> int:
+    """How many leading rows of `rows` (n, 2) have no chunk ci: chunk step ci leaves them out (a
+    batch in `batches` order ascends in length, so every finished document leads)."""
+    has = ceil_div(rows[:, 1] - 1, chunk) > ci  # (n,)
+    return int(np.argmax(has))
+
+
 def chunk_window(ci: int, n_pred: int, chunk: int, context: int) -> tuple[int, int, int]:
     """Chunk ci of a document of n_pred targets -> (window start, window length, chunk start within
     the window): the window ends at the chunk's end, at most `context` tokens long."""
@@ -114,7 +121,8 @@ def chunk_window(ci: int, n_pred: int, chunk: int, context: int) -> tuple[int, i
 
 
 class RowLoRA(nn.Module):
-    """Per-row low-rank adapter: x (B, T, in) -> scale * x A_b^T B_b^T (B, T, out); A (B, r, in),
+    """Per-row low-rank adapter: x (B - lo, T, in) -> scale * x A_b^T B_b^T (B - lo, T, out) for the
+    rows b >= lo (`lo`: leading rows whose documents are done, dropped from the step); A (B, r, in),
     B (B, out, r) zero."""
 
     def __init__(self, rows: int, inp: int, out: int, rank: int, scale: float, gen: torch.Generator):
@@ -122,6 +130,7 @@ class RowLoRA(nn.Module):
         self.bound, self.scale = 1.0 / math.sqrt(inp), scale
         self.A = nn.Parameter((torch.rand(rows, rank, inp, generator=gen) * 2 - 1) * self.bound)
         self.B = nn.Parameter(torch.zeros(rows, out, rank))
+        self.lo = 0
 
     def reset(self, keep_a: bool, gen: torch.Generator) -> None:
         with torch.no_grad():
@@ -130,8 +139,8 @@ class RowLoRA(nn.Module):
             self.B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.bmm(x, self.A.transpose(1, 2).to(x.dtype))  # (B, T, r)
-        return torch.bmm(h, self.B.transpose(1, 2).to(x.dtype)) * self.scale  # (B, T, out)
+        h = torch.bmm(x, self.A[self.lo:].transpose(1, 2).to(x.dtype))  # (B - lo, T, r)
+        return torch.bmm(h, self.B[self.lo:].transpose(1, 2).to(x.dtype)) * self.scale  # (B - lo, T, out)
 
 
 class SlotLoRA(nn.Module):
@@ -170,6 +179,13 @@ class DocLoRA(nn.Module):
         for m in self.modules():
             if isinstance(m, RowLoRA):
                 m.reset(keep_a, gen)
+        self.skip(0)
+
+    def skip(self, lo: int) -> None:
+        """Run only rows lo.. (the first lo documents are done)."""
+        for m in self.modules():
+            if isinstance(m, RowLoRA):
+                m.lo = lo
 
 
 def make_adapter_optimizer(params, cfg: EvaluateConfig) -> torch.optim.Optimizer:
@@ -233,7 +249,9 @@ def run_batch(model, lora: DocLoRA, opt, tok: torch.Tensor, rows: np.ndarray, cf
     host = tok.cpu().numpy() if host is None else host
     sums = torch.zeros(3, dtype=torch.float64, device=tok.device)
     for ci in range(batch_chunks(rows, cfg.ttt_doc_chunk)):
-        c = chunk_rows(tok, host, rows, ci, cfg.ttt_doc_chunk, cfg.context)
+        lo = done_rows(rows, ci, cfg.ttt_doc_chunk)
+        lora.skip(lo)
+        c = chunk_rows(tok, host, rows[lo:], ci, cfg.ttt_doc_chunk, cfg.context)
         train = bool(c.train.any())
         with torch.set_grad_enabled(train), amp:
             h = model.forward_hidden(c.x, lora=lora)  # (B, W, D)
