@@ -486,6 +486,7 @@ class EvaluateConfig(Section):
     ttt_doc_batch: int = 64  # phased: documents adapted side by side, each with its own adapters
     ttt_doc_chunk: int = 48  # phased: targets scored, then trained on, per step within a document
     ttt_keep_a: bool = True  # phased: each adapter's A carries over to the next document (only B resets)
+    ttt_compile: bool = False  # phased: the chunk steps' forward under torch.compile(dynamic=True) on CUDA (PR #2135)
     ttt_prefix_docs: int = 2500  # phased: documents scored before the global pass(es) (0 = none)
     ttt_phases: int = 1  # phased: global passes, at equal steps through the prefix
     ttt_global_lr: float = 0.001  # phased global pass: SGD on every weight, cosine over its chunks

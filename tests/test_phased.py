@@ -147,6 +147,27 @@ def test_finished_documents_leave_the_batch_and_no_score_moves(monkeypatch):
     assert dropped.val_bpb == pytest.approx(every.val_bpb, rel=1e-6) and dropped.scored_tokens == every.scored_tokens
 
 
+def test_compiled_chunk_steps_score_as_eager_with_few_graphs(monkeypatch):
+    """evaluate.ttt_compile: chunk_logits under torch.compile(dynamic=True) (aot_eager here: dynamo
+    and autograd's tracing without a C++ compiler) over a whole phased run, rows and widths
+    changing every step, gives the eager scores from a handful of graphs."""
+    from torch._dynamo.utils import counters
+
+    on = dataclasses.replace(CFG, ttt_compile=True)
+    assert phased.chunk_forward(CFG, "cuda") is phased.chunk_logits  # off
+    assert phased.chunk_forward(on, "cpu") is phased.chunk_logits  # CPU: eager
+    assert phased.chunk_forward(on, "cuda") is phased.chunk_forward(on, "cuda") is not phased.chunk_logits
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(phased.chunk_logits, dynamic=True, backend="aot_eager")
+    monkeypatch.setattr(phased, "chunk_forward", lambda cfg, device: compiled)
+    got = run_phased()
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert 1 <= graphs <= 4, graphs  # 9 chunk steps, 1-3 rows, widths 5..16
+    torch.testing.assert_close(got.per_target, run_phased().per_target, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("j", [12, 57, 100, 160, 233])
 def test_changing_a_token_never_moves_an_earlier_or_another_documents_score(j):
     """tokens[j] (never a BOS, never made one) is the label of target j-1: targets before it in its

@@ -121,16 +121,15 @@ def chunk_window(ci: int, n_pred: int, chunk: int, context: int) -> tuple[int, i
 
 
 class RowLoRA(nn.Module):
-    """Per-row low-rank adapter: x (B - lo, T, in) -> scale * x A_b^T B_b^T (B - lo, T, out) for the
-    rows b >= lo (`lo`: leading rows whose documents are done, dropped from the step); A (B, r, in),
-    B (B, out, r) zero."""
+    """Per-row low-rank adapter: x (n, T, in) -> scale * x A_b^T B_b^T (n, T, out) with the last n
+    of its rows (a chunk step leaves out the leading rows, whose documents are done: slicing by
+    x's batch keeps the shapes symbolic under torch.compile); A (rows, r, in), B (rows, out, r) zero."""
 
     def __init__(self, rows: int, inp: int, out: int, rank: int, scale: float, gen: torch.Generator):
         super().__init__()
         self.bound, self.scale = 1.0 / math.sqrt(inp), scale
         self.A = nn.Parameter((torch.rand(rows, rank, inp, generator=gen) * 2 - 1) * self.bound)
         self.B = nn.Parameter(torch.zeros(rows, out, rank))
-        self.lo = 0
 
     def reset(self, keep_a: bool, gen: torch.Generator) -> None:
         with torch.no_grad():
@@ -139,8 +138,9 @@ class RowLoRA(nn.Module):
             self.B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.bmm(x, self.A[self.lo:].transpose(1, 2).to(x.dtype))  # (B - lo, T, r)
-        return torch.bmm(h, self.B[self.lo:].transpose(1, 2).to(x.dtype)) * self.scale  # (B - lo, T, out)
+        n = x.size(0)
+        h = torch.bmm(x, self.A[-n:].transpose(1, 2).to(x.dtype))  # (n, T, r)
+        return torch.bmm(h, self.B[-n:].transpose(1, 2).to(x.dtype)) * self.scale  # (n, T, out)
 
 
 class SlotLoRA(nn.Module):
@@ -179,13 +179,6 @@ class DocLoRA(nn.Module):
         for m in self.modules():
             if isinstance(m, RowLoRA):
                 m.reset(keep_a, gen)
-        self.skip(0)
-
-    def skip(self, lo: int) -> None:
-        """Run only rows lo.. (the first lo documents are done)."""
-        for m in self.modules():
-            if isinstance(m, RowLoRA):
-                m.lo = lo
 
 
 def make_adapter_optimizer(params, cfg: EvaluateConfig) -> torch.optim.Optimizer:
@@ -247,16 +240,13 @@ def run_batch(model, lora: DocLoRA, opt, tok: torch.Tensor, rows: np.ndarray, cf
     """Score, then train on, every chunk of the documents `rows`; -> float64 sums (nll, tokens, bytes).
     `host`: tok in host memory (copied from tok when not given)."""
     host = tok.cpu().numpy() if host is None else host
+    forward = chunk_forward(cfg, tok.device)
     sums = torch.zeros(3, dtype=torch.float64, device=tok.device)
     for ci in range(batch_chunks(rows, cfg.ttt_doc_chunk)):
-        lo = done_rows(rows, ci, cfg.ttt_doc_chunk)
-        lora.skip(lo)
-        c = chunk_rows(tok, host, rows[lo:], ci, cfg.ttt_doc_chunk, cfg.context)
+        c = chunk_rows(tok, host, rows[done_rows(rows, ci, cfg.ttt_doc_chunk):], ci, cfg.ttt_doc_chunk, cfg.context)
         train = bool(c.train.any())
-        with torch.set_grad_enabled(train), amp:
-            h = model.forward_hidden(c.x, lora=lora)  # (B, W, D)
-            h = torch.gather(h, 1, c.pos[..., None].expand(-1, -1, h.size(-1)))  # (B, k, D)
-            logits = model.logits_from_hidden(h, lora=lora).float()  # (B, k, V)
+        with torch.enable_grad(), amp:  # also on a batch's last step: one grad mode, one compiled graph
+            logits = forward(model, lora, c.x, c.pos)  # (B, k, V)
         nll = F.cross_entropy(logits.transpose(1, 2), c.tgt, reduction="none")  # (B, k)
         sums += _score(logits, nll, c, tab, tilt, per_target)
         if train:
@@ -265,6 +255,28 @@ def run_batch(model, lora: DocLoRA, opt, tok: torch.Tensor, rows: np.ndarray, cf
             (per_doc * c.train).sum().backward()
             opt.step()
     return sums
+
+
+def chunk_logits(model, lora: DocLoRA, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Inputs x (B, W) -> float logits (B, k, V) at the window positions pos (B, k), with the last B
+    rows of `lora`."""
+    h = model.forward_hidden(x, lora=lora)  # (B, W, D)
+    h = torch.gather(h, 1, pos[..., None].expand(-1, -1, h.size(-1)))  # (B, k, D)
+    return model.logits_from_hidden(h, lora=lora).float()  # (B, k, V)
+
+
+_COMPILED: list = []  # chunk_logits under torch.compile, built once per process
+
+
+def chunk_forward(cfg: EvaluateConfig, device):
+    """chunk_logits, or with evaluate.ttt_compile on CUDA its torch.compile(dynamic=True): rows and
+    window widths vary from step to step, so the graphs take symbolic shapes (dynamo guards on the
+    model and adapters it is called with)."""
+    if not (cfg.ttt_compile and torch.device(device).type == "cuda"):
+        return chunk_logits
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(chunk_logits, dynamic=True))
+    return _COMPILED[0]
 
 
 def _score(logits, nll, c: ChunkRows, tab, tilt, per_target) -> torch.Tensor:
