@@ -202,17 +202,26 @@ def comparison(results: list[dict], key: str = "post_ema") -> dict:
 
 def merge(paths: list[Path]) -> dict:
     """One result from several calls' JSONs (arms run one call each on a lent machine): the first
-    one's head, every call's arms, the comparison over all; ValueError unless the calls ran the
-    same anchor, wallclock, batch and GPU."""
+    one's head, every call's arms, the comparison over all; a failed arm that a later call reran goes
+    to `retried`. ValueError unless the calls ran the same anchor, wallclock, batch and GPU, or if
+    an arm and seed have results in two files."""
     docs = [json.loads(p.read_text()) for p in paths]
     for key in ("what", "seconds", "batch_tokens", "device", "post"):
         values = {json.dumps(d.get(key)) for d in docs}
         if len(values) > 1:
             raise ValueError(f"--merge: the files differ in {key!r}: {', '.join(sorted(values))}")
-    results = [r for d in docs for r in d["results"] if "skipped" not in r]
+    rows = [r for d in docs for r in d["results"] if "skipped" not in r]
+    results = [r for r in rows if "error" not in r]
+    done = [(r["arm"], r["seed"]) for r in results]
+    twice = sorted({k for k in done if done.count(k) > 1})
+    if twice:
+        raise ValueError(f"--merge: arm and seed {twice[0]} have results in two files")
+    retried = [r for r in rows if "error" in r and (r["arm"], r["seed"]) in done]  # failed, then rerun
+    results += [r for r in rows if "error" in r and (r["arm"], r["seed"]) not in done]
     head = {k: v for k, v in docs[0].items() if k not in ("results", "comparison", "seeds")}
     return {**head, "seeds": sorted({r["seed"] for r in results}), "merged_from": [p.name for p in paths],
-            "comparison": comparison(results, "final" if docs[0].get("post") else "post_ema"), "results": results}
+            "comparison": comparison(results, "final" if docs[0].get("post") else "post_ema"), "results": results,
+            "retried": retried}
 
 
 def main(argv=None) -> int:

@@ -125,6 +125,12 @@ def test_calls_of_single_arms_merge_into_one_paired_result(tmp_path):
     bad.write_text(json.dumps({**head, "device": "NVIDIA H200", "results": []}))
     with pytest.raises(ValueError, match="differ in 'device'"):
         W.merge(files + [bad])
+    failed = tmp_path / "f.json"  # pgolf seed 1 failed in a call before the one that ran it
+    failed.write_text(json.dumps({**head, "results": [{"arm": "pgolf", "seed": 1, "error": "no metrics"}]}))
+    res = W.merge([failed] + files)
+    assert len(res["results"]) == 4 and res["retried"] == [{"arm": "pgolf", "seed": 1, "error": "no metrics"}]
+    with pytest.raises(ValueError, match=r"\('pgolf', 2\) have results in two files"):
+        W.merge(files + [files[-1]])
 
 
 FAKE_2135_POST = FAKE_2135.replace("time.sleep(60)  # GPTQ and the rest: not waited for\n", textwrap.dedent("""
