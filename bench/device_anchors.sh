@@ -12,6 +12,9 @@
 #       # `python -m bench.equal_wallclock --merge`
 #   bash bench/device_anchors.sh post OUT ANCHOR ARM SEED       # the same arm with its whole
 #       # post-training (equal_wallclock --post): final val_bpb, evaluation seconds, artifact bytes
+#   bash bench/device_anchors.sh phased OUT                     # phased TTT's time (bench_phased, the
+#       # pr2135 model, random weights, the first 150 CaseOps validation documents): eager with the
+#       # operator profile, then with evaluate.ttt_compile
 # Carry (git-ignored): .whl (zstandard, brotli, python-minifier wheels for Python 3.12),
 # .devrun/proxy (the proxy corpus' docs-*.jsonl.zst), .devrun/val (the official sp1024
 # fineweb_val_000000.bin prefix), .devrun/val901 (the 901 validation docs, docs.jsonl.zst),
@@ -20,9 +23,9 @@
 # the 901 docs, with the byte sidecar), sp1024 for PR #535 / #1072 (validation: the official prefix).
 set -uo pipefail
 part=${1:-} out=${2:-}
-if [[ ! $part =~ ^(smoke|steps|wallclock|post)$ || -z $out ]]; then
+if [[ ! $part =~ ^(smoke|steps|wallclock|post|phased)$ || -z $out ]]; then
   echo "usage: bash bench/device_anchors.sh smoke OUT | steps OUT ANCHOR STEPS BUDGET [PROGRAMS] |" \
-       "wallclock|post OUT ANCHOR ARM SEED" >&2; exit 2
+       "wallclock|post OUT ANCHOR ARM SEED | phased OUT" >&2; exit 2
 fi
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
@@ -54,6 +57,12 @@ case $part in
     python3 -m bench.bench_vs_ref --anchor "$anchor" --stub-dir .devrun/fa3_stub --batches 786432 --steps "$steps" \
       --variants 0 --budget "$budget" --programs $programs --data "$data" "${extra[@]}" \
       --out "$out/vs_ref_${anchor}_${programs// /_}.json" 2>&1 | tee "$out/vs_ref_$anchor.log" ;;
+  phased)
+    val=$(data_for pr2135)/fineweb_val_000000.bin
+    timeout 240 python3 -m bench.bench_phased --tokens "$val" --docs 150 --ops --out "$out/phased.json" 2>&1 \
+      | tee "$out/phased.log"
+    timeout 300 python3 -m bench.bench_phased --tokens "$val" --docs 150 --set evaluate.ttt_compile=true \
+      --out "$out/phased_compiled.json" 2>&1 | tee "$out/phased_compiled.log" ;;
   wallclock|post)
     anchor=${3:?anchor} arm=${4:?arm} seed=${5:?seed}
     data=$(data_for "$anchor")
