@@ -3,9 +3,9 @@
 Each anchor is an unmodified `train_gpt.py` in ../shared/anchors/<name> (ANCHOR.md there says
 where it came from). An `Anchor` names the script, the pgolf profile that reproduces it, the
 tokenizer both programs use, the environment of the anchor's logged runs (its README command; the
-scripts read every setting from environment variables), and two log formats: its training-step
-line (-> step, loss, training milliseconds), its wallclock-cap line (-> the last step and its
-training milliseconds: the last step is logged only there) and its post-EMA float evaluation line (-> val_loss,
+scripts read every setting from environment variables), and three log lines: its training step
+(-> step, loss, training milliseconds), its wallclock cap (-> the last step and its training
+milliseconds: the last step is logged only there) and its post-EMA float evaluation (-> val_loss,
 val_bpb). PR #535 and PR #2135 import FlashAttention-3, which the lent machines lack: the benches
 put a stand-in first on PYTHONPATH (`--stub-dir`, a git-ignored folder), and every result says so.
 """

@@ -15,6 +15,9 @@ first chunk is scored by the model alone. Then, chunk after chunk of `ttt_doc_ch
     2. TRAIN  one optimizer step of the adapters on the mean NLL of that chunk, already scored,
               for each document that has a later chunk.
 
+A chunk step runs only the documents that have its chunk (the finished ones lead their batch and are
+left out). With `ttt_compile` on CUDA it runs under torch.compile(dynamic=True), as PR #2135's does.
+
 Phases: once the first `ttt_prefix_docs` documents in that order are scored (in `ttt_phases`
 equal steps), a global pass trains every weight of the model (SGD with momentum, cosine over
 chunks of `ttt_global_chunk_tokens`, sequences of `evaluate.context` with attention kept
