@@ -199,7 +199,7 @@ def make_adapter_optimizer(params, cfg: EvaluateConfig) -> torch.optim.Optimizer
 class ChunkRows:
     """One chunk step of a batch: inputs x (B, W), the counted targets' window positions pos
     (B, k), their token ids tgt (B, k), the tokens before them prev (B, k), their stream positions
-    at (B, k), live (B, k) and train (B,)."""
+    at (B, k), live (B, k) and train (B,); trains: any row trains (known on the host, no device sync)."""
 
     x: torch.Tensor
     pos: torch.Tensor
@@ -208,6 +208,7 @@ class ChunkRows:
     at: torch.Tensor
     live: torch.Tensor
     train: torch.Tensor
+    trains: bool
 
 
 def chunk_rows(tok: torch.Tensor, host: np.ndarray, rows: np.ndarray, ci: int, chunk: int, context: int) -> ChunkRows:
@@ -235,7 +236,7 @@ def chunk_rows(tok: torch.Tensor, host: np.ndarray, rows: np.ndarray, ci: int, c
     dev = tok.device
     at_t = torch.from_numpy(at).to(dev)
     return ChunkRows(torch.from_numpy(x).to(dev), torch.from_numpy(pos).to(dev), tok[at_t], tok[at_t - 1], at_t,
-                     torch.from_numpy(live).to(dev), torch.from_numpy(train).to(dev))
+                     torch.from_numpy(live).to(dev), torch.from_numpy(train).to(dev), bool(train.any()))
 
 
 def run_batch(model, lora: DocLoRA, opt, tok: torch.Tensor, rows: np.ndarray, cfg: EvaluateConfig, tab,
@@ -247,12 +248,11 @@ def run_batch(model, lora: DocLoRA, opt, tok: torch.Tensor, rows: np.ndarray, cf
     sums = torch.zeros(3, dtype=torch.float64, device=tok.device)
     for ci in range(batch_chunks(rows, cfg.ttt_doc_chunk)):
         c = chunk_rows(tok, host, rows[done_rows(rows, ci, cfg.ttt_doc_chunk):], ci, cfg.ttt_doc_chunk, cfg.context)
-        train = bool(c.train.any())
         with torch.enable_grad(), amp:  # also on a batch's last step: one grad mode, one compiled graph
             logits = forward(model, lora, c.x, c.pos)  # (B, k, V)
         nll = F.cross_entropy(logits.transpose(1, 2), c.tgt, reduction="none")  # (B, k)
         sums += _score(logits, nll, c, tab, tilt, per_target)
-        if train:
+        if c.trains:
             per_doc = (nll * c.live).sum(1) / c.live.sum(1).clamp(min=1)  # (B,)
             opt.zero_grad(set_to_none=True)
             (per_doc * c.train).sum().backward()
