@@ -32,7 +32,7 @@ import torch
 from bench import overrides
 from bench.bench_eval import FIXTURE, synthetic_tables, versions
 from bench.timing import timed
-from pgolf.evaluate.phased import batch_chunks, batches, documents, done_rows, eval_phased
+from pgolf.evaluate.phased import batch_chunks, batches, documents, done_rows, eval_phased, step_width
 from pgolf.shared.io import write_json
 from pgolf.shared.model import GPT
 from pgolf.shared.shards import BOS_ID, read_shard
@@ -56,7 +56,7 @@ def row_tokens(docs: np.ndarray, batch: int, chunk: int, context: int) -> int:
     for g in batches(docs, batch):
         rows = docs[g]
         for ci in range(batch_chunks(rows, chunk)):
-            work += (len(rows) - done_rows(rows, ci, chunk)) * min(context, (ci + 1) * chunk)
+            work += (len(rows) - done_rows(rows, ci, chunk)) * step_width(ci, chunk, context)
     return work
 
 
@@ -97,7 +97,8 @@ def main(argv=None) -> int:
         sets = overrides.parse(a.set, "--set")
         shard = read_shard(a.tokens or FIXTURE)
         tokens = first_docs(shard, a.docs)
-        n_docs = len(documents(tokens, BOS_ID))
+        docs = documents(tokens, BOS_ID)  # (D, 2) start, length
+        n_docs = len(docs)
         sets.setdefault("evaluate.ttt_scheme", "phased")
         sets.setdefault("evaluate.ttt_enabled", True)
         sets.setdefault("evaluate.ttt_prefix_docs", max(1, round(n_docs * PR2135_PREFIX_SHARE)))
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     r, secs = timed(eval_phased, fresh(), tokens, tables, ecfg, device, sync_device=device)
     T = len(tokens) - 1
     shape = (ecfg.ttt_doc_batch, ecfg.ttt_doc_chunk, ecfg.context)
-    work = row_tokens(documents(tokens, BOS_ID), *shape)
+    work = row_tokens(docs, *shape)
     per_token = full_set_work(documents(shard, BOS_ID)[:, 1], *shape)
     projected = secs / work * per_token * PR2135_VAL_TOKENS / PR2135_GPUS
     out = {**versions(), "device": str(device), "profile": profile, "tokens_file": str(a.tokens or FIXTURE),

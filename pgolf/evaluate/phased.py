@@ -111,6 +111,11 @@ def done_rows(rows: np.ndarray, ci: int, chunk: int) -> int:
     return int(np.argmax(has))
 
 
+def step_width(ci: int, chunk: int, context: int) -> int:
+    """Window width of chunk step ci: every document's window fits (the longest ends at its chunk's end)."""
+    return min(context, (ci + 1) * chunk)
+
+
 def chunk_window(ci: int, n_pred: int, chunk: int, context: int) -> tuple[int, int, int]:
     """Chunk ci of a document of n_pred targets -> (window start, window length, chunk start within
     the window): the window ends at the chunk's end, at most `context` tokens long."""
@@ -215,7 +220,7 @@ def chunk_rows(tok: torch.Tensor, host: np.ndarray, rows: np.ndarray, ci: int, c
     """Chunk step ci of the documents `rows` (n, 2) (start, length) -> ChunkRows on tok's device
     (`host`: the same tokens in host memory); a document without chunk ci has no live targets."""
     n = len(rows)
-    width = min(context, (ci + 1) * chunk)
+    width = step_width(ci, chunk, context)
     x = np.zeros((n, width), dtype=np.int64)
     pos = np.zeros((n, chunk), dtype=np.int64)
     at = np.ones((n, chunk), dtype=np.int64)
