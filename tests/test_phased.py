@@ -137,7 +137,7 @@ def test_finished_documents_leave_the_batch_and_no_score_moves(monkeypatch):
     assert [phased.done_rows(rows, ci, 5) for ci in range(6)] == [0, 1, 1, 2, 2, 2]
     seen = []
     chunk_rows = phased.chunk_rows
-    monkeypatch.setattr(phased, "chunk_rows", lambda tok, host, r, *a: seen.append(len(r)) or chunk_rows(tok, host, r, *a))
+    monkeypatch.setattr(phased, "chunk_rows", lambda tok, r, *a: seen.append(len(r)) or chunk_rows(tok, r, *a))
     dropped, dropped_rows = run_phased(), sum(seen)
     seen.clear()
     monkeypatch.setattr(phased, "done_rows", lambda *a: 0)

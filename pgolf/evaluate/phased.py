@@ -194,7 +194,7 @@ def make_adapter_optimizer(params, cfg: EvaluateConfig) -> torch.optim.Optimizer
     if cfg.ttt_optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum, weight_decay=cfg.ttt_weight_decay)
     return torch.optim.AdamW(params, lr=cfg.ttt_lr, betas=(cfg.ttt_momentum, cfg.ttt_beta2), eps=1e-10,
-                             weight_decay=cfg.ttt_weight_decay)
+                             weight_decay=cfg.ttt_weight_decay, fused=params[0].is_cuda)
 
 
 # ----------------------------------------------------------------------------- one batch
@@ -204,7 +204,8 @@ def make_adapter_optimizer(params, cfg: EvaluateConfig) -> torch.optim.Optimizer
 class ChunkRows:
     """One chunk step of a batch: inputs x (B, W), the counted targets' window positions pos
     (B, k), their token ids tgt (B, k), the tokens before them prev (B, k), their stream positions
-    at (B, k), live (B, k) and train (B,); trains: any row trains (known on the host, no device sync)."""
+    at (B, k), live (B, k) and train (B,); trains: any row trains (known on the host). Rows without
+    a live target at a column hold pos 0 and at 1 there."""
 
     x: torch.Tensor
     pos: torch.Tensor
@@ -216,43 +217,34 @@ class ChunkRows:
     trains: bool
 
 
-def chunk_rows(tok: torch.Tensor, host: np.ndarray, rows: np.ndarray, ci: int, chunk: int, context: int) -> ChunkRows:
-    """Chunk step ci of the documents `rows` (n, 2) (start, length) -> ChunkRows on tok's device
-    (`host`: the same tokens in host memory); a document without chunk ci has no live targets."""
-    n = len(rows)
-    width = step_width(ci, chunk, context)
-    x = np.zeros((n, width), dtype=np.int64)
-    pos = np.zeros((n, chunk), dtype=np.int64)
-    at = np.ones((n, chunk), dtype=np.int64)
-    live = np.zeros((n, chunk), dtype=bool)
-    train = np.zeros(n, dtype=bool)
-    for b, (start, length) in enumerate(rows.tolist()):
-        n_pred = length - 1
-        n_chunks = ceil_div(n_pred, chunk)
-        if ci >= n_chunks:
-            continue
-        ws, wl, off = chunk_window(ci, n_pred, chunk, context)
-        x[b, :wl] = host[start + ws:start + ws + wl]
-        m = min(chunk, n_pred - ci * chunk)
-        pos[b, :m] = off + np.arange(m)
-        at[b, :m] = start + ci * chunk + 1 + np.arange(m)  # the targets' stream positions
-        live[b, :m] = True
-        train[b] = ci < n_chunks - 1
-    dev = tok.device
-    at_t = torch.from_numpy(at).to(dev)
-    return ChunkRows(torch.from_numpy(x).to(dev), torch.from_numpy(pos).to(dev), tok[at_t], tok[at_t - 1], at_t,
-                     torch.from_numpy(live).to(dev), torch.from_numpy(train).to(dev), bool(train.any()))
+def chunk_rows(tok: torch.Tensor, rows: torch.Tensor, ci: int, chunk: int, context: int, trains: bool) -> ChunkRows:
+    """Chunk step ci of the documents `rows` (n, 2) (start, length) on tok's device, built there
+    (no host copy, no sync: the step's kernels queue behind the last); windows as `chunk_window`;
+    a document without chunk ci has no live targets. `trains`: whether any row has a later chunk."""
+    start, n_pred = rows[:, 0], rows[:, 1] - 1  # (n,)
+    n_chunks = (n_pred + chunk - 1) // chunk
+    end = torch.where(n_chunks == ci + 1, n_pred, (ci + 1) * chunk)  # (n,) the window's end
+    ws = (end - context).clamp(min=0)
+    col = torch.arange(step_width(ci, chunk, context), device=tok.device)  # (W,)
+    inside = (col < (end - ws)[:, None]) & (n_chunks > ci)[:, None]  # (n, W)
+    x = torch.where(inside, tok[(start + ws)[:, None] + col * inside], 0)  # (n, W)
+    j = torch.arange(chunk, device=tok.device)  # (k,)
+    live = j < (n_pred - ci * chunk)[:, None]  # (n, k)
+    pos = torch.where(live, (ci * chunk - ws)[:, None] + j, 0)
+    at = torch.where(live, start[:, None] + ci * chunk + 1 + j, 1)  # the targets' stream positions
+    return ChunkRows(x, pos, tok[at], tok[at - 1], at, live, n_chunks > ci + 1, trains)
 
 
 def run_batch(model, lora: DocLoRA, opt, tok: torch.Tensor, rows: np.ndarray, cfg: EvaluateConfig, tab,
-              amp, tilt=None, per_target: torch.Tensor | None = None, host: np.ndarray | None = None) -> torch.Tensor:
-    """Score, then train on, every chunk of the documents `rows`; -> float64 sums (nll, tokens, bytes).
-    `host`: tok in host memory (copied from tok when not given)."""
-    host = tok.cpu().numpy() if host is None else host
+              amp, tilt=None, per_target: torch.Tensor | None = None) -> torch.Tensor:
+    """Score, then train on, every chunk of the documents `rows`; -> float64 sums (nll, tokens, bytes)."""
     forward = chunk_forward(cfg, tok.device)
+    on_dev = torch.from_numpy(rows).to(tok.device)  # (n, 2), once per batch
+    left = ceil_div(rows[:, 1] - 1, cfg.ttt_doc_chunk)  # (n,) chunks of each document
     sums = torch.zeros(3, dtype=torch.float64, device=tok.device)
     for ci in range(batch_chunks(rows, cfg.ttt_doc_chunk)):
-        c = chunk_rows(tok, host, rows[done_rows(rows, ci, cfg.ttt_doc_chunk):], ci, cfg.ttt_doc_chunk, cfg.context)
+        d = done_rows(rows, ci, cfg.ttt_doc_chunk)
+        c = chunk_rows(tok, on_dev[d:], ci, cfg.ttt_doc_chunk, cfg.context, bool((left > ci + 1).any()))
         with torch.enable_grad(), amp:  # also on a batch's last step: one grad mode, one compiled graph
             logits = forward(model, lora, c.x, c.pos)  # (B, k, V)
         nll = F.cross_entropy(logits.transpose(1, 2), c.tgt, reduction="none")  # (B, k)
@@ -288,20 +280,21 @@ def chunk_forward(cfg: EvaluateConfig, device):
 
 
 def _score(logits, nll, c: ChunkRows, tab, tilt, per_target) -> torch.Tensor:
-    """(nll, tokens, bytes) of the live targets of one chunk step (n-gram tilted with `tilt`)."""
+    """(nll, tokens, bytes) of the live targets of one chunk step (n-gram tilted with `tilt`),
+    every row computed and the dead ones weighted 0 (a boolean index would sync with the host)."""
     with torch.no_grad():
-        live = c.live.reshape(-1)
-        at = c.at.reshape(-1)[live]  # (M,) stream positions of the targets
+        live = c.live.reshape(-1)  # (B*k,)
+        at = c.at.reshape(-1)  # (B*k,) stream positions of the targets (1 where dead)
         if tilt is not None:
-            rows = tilt.apply(logits.detach().reshape(-1, logits.size(-1))[live], at - 1)  # (M, V)
-            got = F.cross_entropy(rows, c.tgt.reshape(-1)[live], reduction="none")
+            rows = tilt.apply(logits.detach().reshape(-1, logits.size(-1)), at - 1)  # (B*k, V)
+            got = F.cross_entropy(rows, c.tgt.reshape(-1), reduction="none")
         else:
-            got = nll.detach().reshape(-1)[live]  # (M,)
+            got = nll.detach().reshape(-1)  # (B*k,)
+        got = torch.where(live, got.double(), 0.0)
         if per_target is not None:
-            per_target.index_add_(0, at - 1, got.double())
-        nbytes = tab.count(c.prev.reshape(-1)[live], c.tgt.reshape(-1)[live], at)
-        return torch.stack([got.double().sum(), got.new_tensor(float(len(at)), dtype=torch.float64),
-                            nbytes.double().sum()])
+            per_target.index_add_(0, at - 1, got)
+        nbytes = tab.count(c.prev.reshape(-1), c.tgt.reshape(-1), at) * live
+        return torch.stack([got.sum(), live.sum().double(), nbytes.double().sum()])
 
 
 # ----------------------------------------------------------------------------- the global pass
@@ -417,7 +410,7 @@ def eval_phased(model, tokens: np.ndarray, tables: ByteTables, cfg: EvaluateConf
         use = lora if len(rows) == lora.rows else DocLoRA(model, len(rows), cfg, gen).to(device)
         use.reset(cfg.ttt_keep_a, gen)
         opt = make_adapter_optimizer(list(use.parameters()), cfg)
-        sums += run_batch(model, use, opt, tok, rows, cfg, tab, amp, tilt, per_target, host=tokens)
+        sums += run_batch(model, use, opt, tok, rows, cfg, tab, amp, tilt, per_target)
         chunks += batch_chunks(rows, cfg.ttt_doc_chunk)
     while done < len(passes):  # passes after this rank's last batch (collective under several ranks)
         global_steps += _run_pass(model, tok, docs, groups, passes[done], cfg, amp, rank, world)
