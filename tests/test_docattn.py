@@ -260,6 +260,31 @@ def test_varlen_call_adapts_to_the_signature_of_this_torchs_varlen_attn(monkeypa
     assert seen["heads"] == (2 if signature == "2.12" else 4)
 
 
+@pytest.mark.parametrize("gqa", [False, True])
+def test_flash_impl_call_asks_for_causal_without_a_window(monkeypatch, gqa):
+    """fa4 / fa3 reach varlen_attn's op with is_causal and window (-1, -1): FA4's SM90 backward
+    refuses the right window of 0 that varlen_attn's (-1, 0) becomes. A stand-in op computes the
+    segments' attention from what it is given; K/V are repeated where enable_gqa is not there."""
+    import torch.nn.attention.varlen  # noqa: F401 - registers torch.ops.torch_attn
+
+    seen = {}
+
+    def op(q, k, v, cu_q, cu_k, max_q, max_k, is_causal, scale, window, *rest):
+        assert torch.equal(cu_q, cu_k) and max_q == max_k == 12 and scale is None
+        assert is_causal is True and list(window) == [-1, -1] and list(rest) == ([True] if gqa else [])
+        seen.update(heads=k.size(1))
+        out = masked_attention(q, k, v, seg_of(cu_q.tolist(), q.size(0)))
+        return out, None, None
+
+    monkeypatch.setattr(torch.ops.torch_attn, "_varlen_attn", op)
+    monkeypatch.setattr(D, "_VARLEN_SIG", (True, gqa))
+    cu = D.build_cu_seqlens([0, 5, 20], 30, 12)
+    docs = D.segments(torch.from_numpy(cu), 30, 12)
+    q, k, v = qkv(30, grad=False)
+    torch.testing.assert_close(D.flash_impl_attention(q, k, v, docs), masked_attention(q, k, v, seg_of(cu, 30)))
+    assert seen["heads"] == (2 if gqa else 4)
+
+
 def test_backend_resolution_on_cpu():
     assert D.resolve("auto", "cpu") == "reference"
     assert D.resolve("reference", "cpu") == "reference"

@@ -29,9 +29,10 @@ This module owns document attention for `train.doc_packing`:
     (`flex_block_mask`: block structure from each block's first and last segment, no N x N
     tensor). Fused only inside torch.compile; called eagerly on CUDA (the Hessian capture, an
     uncompiled run) it uses `varlen` instead, as flex's eager path materialises N x N scores.
-  - `fa4` / `fa3`: varlen_attn after torch's flash-attention registry swapped FlashAttention-4
+  - `fa4` / `fa3`: varlen_attn's op after torch's flash-attention registry swapped FlashAttention-4
     (`flash_attn.cute`, package flash-attn-4; SM 9.x/10.x) or -3 (`flash_attn_interface`; SM 9.0)
-    into aten's flash kernels. The swap is process-wide: it also serves SDPA's flash backend.
+    into aten's flash kernels, asked for causal attention without a window (`flash_impl_attention`).
+    The swap is process-wide: it also serves SDPA's flash backend.
 
   `resolve("auto", device)`: `reference` on a CPU; on CUDA the first available of AUTO_ORDER.
 
@@ -240,6 +241,13 @@ def varlen_signature() -> tuple[bool, bool]:
     return _VARLEN_SIG
 
 
+def _heads_for(q: Tensor, k: Tensor, v: Tensor, gqa: bool) -> tuple[Tensor, Tensor]:
+    """k, v as the kernel takes them: as they are with enable_gqa, else repeated to q's heads."""
+    if gqa or k.size(1) == q.size(1):
+        return k, v
+    return k.repeat_interleave(q.size(1) // k.size(1), 1), v.repeat_interleave(q.size(1) // v.size(1), 1)
+
+
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, docs: DocSegments) -> Tensor:
     """torch's varlen_attn over the segments (flash kernels: CUDA, fp16/bf16)."""
     from torch.nn.attention.varlen import varlen_attn
@@ -248,8 +256,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, docs: DocSegments) -> Tens
     kw = {"window_size": (-1, 0)} if by_window else {"is_causal": True}
     if gqa:
         kw["enable_gqa"] = True
-    elif k.size(1) != q.size(1):
-        k, v = k.repeat_interleave(q.size(1) // k.size(1), 1), v.repeat_interleave(q.size(1) // v.size(1), 1)
+    k, v = _heads_for(q, k, v, gqa)
     L = docs.max_len
     return varlen_attn(q, k, v, docs.cu_seqlens, docs.cu_seqlens, L, L, **kw)
 
@@ -264,8 +271,21 @@ def flex_attention_docs(q: Tensor, k: Tensor, v: Tensor, docs: DocSegments) -> T
 
 
 def flash_impl_attention(q: Tensor, k: Tensor, v: Tensor, docs: DocSegments) -> Tensor:
-    """varlen_attn on the flash implementation `use_flash_impl` activated (fa4 / fa3)."""
-    return varlen_attention(q, k, v, docs)
+    """varlen attention on the flash implementation `use_flash_impl` activated (fa4 / fa3), asked
+    for as causal with no window. Where varlen_attn says causal as window (-1, 0), aten hands FA4 a
+    right window of 0, and FA4 4.0.0b18's SM90 backward refuses windowed attention (bench_attention
+    on an H100, 2026-12-07); so this calls varlen_attn's custom op, torch.ops.torch_attn._varlen_attn
+    (its backward registered with it), with is_causal and window (-1, -1): its first ten arguments
+    are the same in every release that has window_size."""
+    by_window, gqa = _VARLEN_SIG or varlen_signature()
+    if not by_window:
+        return varlen_attention(q, k, v, docs)
+    import torch.nn.attention.varlen  # noqa: F401 - registers torch.ops.torch_attn
+
+    k, v = _heads_for(q, k, v, gqa)
+    L, cu = docs.max_len, docs.cu_seqlens
+    gqa_arg = (True,) if gqa else ()
+    return torch.ops.torch_attn._varlen_attn(q, k, v, cu, cu, L, L, True, None, [-1, -1], *gqa_arg)[0]
 
 
 _ATTEND = {"reference": reference_attention, "varlen": varlen_attention, "flex": flex_attention_docs,
