@@ -9,8 +9,8 @@
 #       # piece kept in /tmp/fa4 (outside the checkout, so it stays while the machine is warm)
 #   bash bench/device_fa4.sh install .devrun/fa4/3 OUT   # the last piece: joined, checked, every
 #       # wheel installed into /tmp/site_fa4, then bench_attention (dense and document-packed)
-# Later calls on the same machine reach FA4 with PYTHONPATH=/tmp/site_fa4, e.g.
-#   PYTHONPATH=/tmp/site_fa4 bash bench/device_anchors.sh steps OUT pr1072 25 540 "pgolf reference" \
+# Later calls on the same machine reach FA4 with the PYTHONPATH that install wrote, e.g.
+#   PYTHONPATH=$(cat /tmp/site_fa4.path) bash bench/device_anchors.sh steps OUT pr1072 25 540 "pgolf reference" \
 #       "model.attn_backend=fa4"
 # flash-attn-4 4.0.0b18 is the newest whose _flash_attn_fwd returns (out, lse), what torch's flash
 # registry (torch.nn.attention._fa4) unpacks; from 4.0.0b19 on it returns more and the registry fails.
@@ -37,7 +37,12 @@ case $part in
     (cd /tmp/fa4 && cat piece.* > fa4.tar && sha256sum -c fa4.sha256 && mkdir -p w && tar xf fa4.tar -C w) || exit 1
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_fa4 /tmp/fa4/w/*.whl \
       || exit 1
-    export PYTHONPATH=/tmp/site_fa4 PYTHONUNBUFFERED=1
+    path=/tmp/site_fa4  # plus the wheels' .pth folders (nvidia-cutlass-dsl's python_packages holds `cutlass`):
+    for pth in /tmp/site_fa4/*.pth; do  # a --target folder on PYTHONPATH is not a site dir, so no .pth is read
+      while IFS= read -r l || [ -n "$l" ]; do [[ -z $l || $l == import* || $l == \#* ]] || path+=:/tmp/site_fa4/$l; done < "$pth"
+    done
+    echo "$path" > /tmp/site_fa4.path
+    export PYTHONPATH=$path PYTHONUNBUFFERED=1
     python3 -c "import flash_attn.cute as f, torch; print('flash_attn.cute', f.__version__, torch.__version__)" 2>&1 \
       | tee "$out/fa4_import.log"
     timeout 420 python3 -m bench.bench_attention --out "$out/attention_fa4.json" 2>&1 | tee "$out/attention_fa4.log" ;;
