@@ -12,10 +12,11 @@
 #       # `python -m bench.equal_wallclock --merge`
 #   bash bench/device_anchors.sh post OUT ANCHOR ARM SEED       # the same arm with its whole
 #       # post-training (equal_wallclock --post): final val_bpb, evaluation seconds, artifact bytes
-#   bash bench/device_anchors.sh phased OUT [BASE]              # phased TTT's time (bench_phased, the
-#       # pr2135 model, random weights, the first 150 CaseOps validation documents): eager, then with
-#       # evaluate.ttt_compile and the operator profile; BASE (an older tree's pgolf, bench and
-#       # profiles, carried): the same eager run on its code, for a before/after on one GPU
+#   bash bench/device_anchors.sh phased OUT [BASE]              # phased TTT's time (bench_phased: the
+#       # pr2135 model, random weights, 8 batches of a set modelled on the CaseOps validation
+#       # documents): eager, then with evaluate.ttt_compile and the operator profile; BASE (a folder
+#       # with an older tree's pgolf and profiles, carried, e.g. `git archive REV pgolf profiles`):
+#       # the same eager bench on its code, for a before/after on one GPU
 # Carry (git-ignored): .whl (zstandard, brotli, python-minifier wheels for Python 3.12),
 # .devrun/proxy (the proxy corpus' docs-*.jsonl.zst), .devrun/val (the official sp1024
 # fineweb_val_000000.bin prefix), .devrun/val901 (the 901 validation docs, docs.jsonl.zst),
@@ -59,14 +60,14 @@ case $part in
       --variants 0 --budget "$budget" --programs $programs --data "$data" "${extra[@]}" \
       --out "$out/vs_ref_${anchor}_${programs// /_}.json" 2>&1 | tee "$out/vs_ref_$anchor.log" ;;
   phased)
-    val=$PWD/$(data_for pr2135)/fineweb_val_000000.bin base=${3:-}
+    val=$PWD/$(data_for pr2135)/fineweb_val_000000.bin base=${3:-} root=$PWD
     left() { local n=$(( $1 < 585 - SECONDS ? $1 : 585 - SECONDS )); echo $(( n > 1 ? n : 1 )); }  # within 600 s
-    timeout "$(left 170)" python3 -m bench.bench_phased --tokens "$val" --docs 150 --out "$out/phased.json" 2>&1 \
+    timeout "$(left 200)" python3 -m bench.bench_phased --tokens "$val" --out "$out/phased.json" 2>&1 \
       | tee "$out/phased.log"
-    timeout "$(left 300)" python3 -m bench.bench_phased --tokens "$val" --docs 150 --ops --set evaluate.ttt_compile=true \
+    timeout "$(left 300)" python3 -m bench.bench_phased --tokens "$val" --ops --set evaluate.ttt_compile=true \
       --out "$out/phased_compiled.json" 2>&1 | tee "$out/phased_compiled.log"
-    [ -z "$base" ] || (cd "$base" && PYTHONPATH=/tmp/site:. timeout "$(left 170)" python3 -m bench.bench_phased \
-      --tokens "$val" --docs 150 --out "$out/phased_base.json" 2>&1 | tee "$out/phased_base.log") ;;
+    [ -z "$base" ] || (cd "$base" && ln -sfn "$root/bench" bench && PYTHONPATH=/tmp/site:. timeout "$(left 200)" \
+      python3 -m bench.bench_phased --tokens "$val" --out "$out/phased_base.json" 2>&1 | tee "$out/phased_base.log") ;;
   wallclock|post)
     anchor=${3:?anchor} arm=${4:?arm} seed=${5:?seed}
     data=$(data_for "$anchor")

@@ -1,38 +1,78 @@
-"""bench.bench_phased: the document cut, the work model (by hand) and the CPU smoke run's JSON (its
-projection's arithmetic)."""
+"""bench.bench_phased: the work of a batch (by hand), the modelled set's streams and batches, the fit and
+the projection's arithmetic, and the CPU smoke run's JSON."""
 
 import json
 
 import numpy as np
+import pytest
 
-from bench import bench_phased
+from bench import bench_phased as bp
 from pgolf.evaluate.phased import documents
-from pgolf.shared.shards import BOS_ID
+from pgolf.shared.shards import BOS_ID, read_shard
 
 
-def test_first_docs_cuts_before_the_next_document():
-    b = BOS_ID
-    stream = np.array([b, 5, 6, b, 7, b, 8, 9, 9, b, 4], dtype=np.uint16)
-    two = bench_phased.first_docs(stream, 2)
-    assert two.tolist() == [b, 5, 6, b, 7, b]  # doc 2's last target is the BOS of doc 3
-    assert len(documents(two, b)) == 2
-    assert bench_phased.first_docs(stream, 9) is stream
-
-
-def test_small_run_writes_its_projection(tmp_path):
-    out = tmp_path / "phased.json"
-    assert bench_phased.main(["--small", "--docs", "3", "--out", str(out)]) == 0
-    r = json.loads(out.read_text())
-    assert r["docs"] == 3 and r["device"] == "cpu" and r["chunks"] > 0
-    per_token = r["projection"]["row_tokens_per_token"]
-    expect = r["seconds"] / r["row_tokens"] * per_token * bench_phased.PR2135_VAL_TOKENS / bench_phased.PR2135_GPUS
-    assert abs(r["projection"]["seconds"] - expect) <= 0.05 + 1e-3 * expect
-
-
-def test_work_counts_unfinished_documents_times_the_window():
-    docs = np.array([[0, 6], [6, 12], [18, 30]])  # 5, 11 and 29 targets: 1, 3 and 6 chunks of 5
+def test_batch_work_counts_unfinished_documents_times_the_window():
+    rows = np.array([[0, 6], [6, 12], [18, 30]])  # 5, 11 and 29 targets: 1, 3 and 6 chunks of 5
     # window min(10, 5 (ci + 1)); rows 3, 2, 2, 1, 1, 1 unfinished at steps 0..5
-    assert bench_phased.row_tokens(docs, 3, 5, 10) == 3 * 5 + 2 * 10 + 2 * 10 + 3 * 10
-    assert bench_phased.row_tokens(docs, 1, 5, 10) == 5 + (5 + 10 + 10) + (5 + 10 * 5)  # a batch each: no padding
-    # many documents of one length: the full set's work per token is that length's, exactly
-    assert bench_phased.full_set_work(np.array([11]), 64, 5, 10) == (5 + 10) / 10  # 10 targets, 2 chunks
+    assert bp.batch_work(rows, 5, 10) == (6, 3 * 5 + 2 * 10 + 2 * 10 + 3 * 10)
+    assert bp.batch_work(rows[:1], 5, 10) == (1, 5)
+
+
+def test_stream_of_holds_documents_of_exactly_those_lengths():
+    lengths = np.array([2, 7, 3, 40])
+    s = bp.stream_of(lengths, vocab=8, seed=1)
+    assert documents(s, BOS_ID)[:, 1].tolist() == lengths.tolist()
+    assert (s == BOS_ID).sum() == len(lengths) + 1 and s.min() >= 0 and s.max() < 8
+
+
+def test_set_costs_cut_as_eval_phased_and_pick_spans_the_work():
+    lengths = np.array([30, 3, 12, 6, 50, 9, 2, 21])
+    groups, costs = bp.set_costs(lengths, 3, 5, 10)
+    assert [g.tolist() for g in groups] == [[30, 50], [9, 12, 21], [2, 3, 6]]  # cut in ascending order, the longest first
+    for g, c in zip(groups, costs):
+        assert tuple(c) == bp.batch_work(np.stack([np.zeros_like(g), g], 1), 5, 10)
+    chosen = bp.pick(costs, 2)
+    assert set(chosen.tolist()) == {int(costs[:, 1].argmin()), int(costs[:, 1].argmax())}
+    assert len(bp.pick(costs, 9)) == 3
+    w = np.sort(costs[:, 1])
+    capped = bp.pick(costs, 3, cap=int(w[1]))  # the heaviest is over the cap: never timed
+    assert set(costs[capped, 1].tolist()) == {int(w[0]), int(w[1])}
+    assert costs[bp.pick(costs, 3, cap=0), 1].tolist() == [int(w[0])]
+
+
+def test_fit_finds_the_line_and_the_projection_sums_every_batch():
+    costs = np.array([[10, 1_000], [40, 9_000], [200, 80_000]])
+    seconds = 0.002 * costs[:, 0] + 3e-6 * costs[:, 1]
+    a, b = bp.fit(costs, seconds)
+    assert a == pytest.approx(0.002) and b == pytest.approx(3e-6)
+    want = seconds.sum() * bp.PR2135_VAL_TOKENS / 1_234 / bp.PR2135_GPUS
+    assert bp.project(costs, a, b, 1_234) == pytest.approx(want)
+    # a negative cost per step (more steps, less time): a is dropped and b refitted alone
+    costs = np.array([[10, 10_000], [100, 20_000], [20, 90_000]])
+    seconds = 1e-6 * costs[:, 1] - 2e-5 * costs[:, 0]
+    rows = costs[:, 1].astype(float)
+    assert bp.fit(costs, seconds) == pytest.approx((0.0, rows @ seconds / (rows @ rows)))
+
+
+def test_small_run_writes_each_batch_and_its_projection(tmp_path):
+    out = tmp_path / "phased.json"
+    args = ["--small", "--docs", "8", "--batches", "2", "--set", "evaluate.ttt_doc_batch=4", "--out", str(out)]
+    assert bp.main(args) == 0
+    r = json.loads(out.read_text())
+    assert r["device"] == "cpu" and r["set"]["docs"] == 8 and r["set"]["batches"] == 2 and len(r["timed"]) == 2
+    lengths = documents(read_shard(bp.FIXTURE), BOS_ID)[:, 1]
+    drawn = np.random.default_rng(0).choice(lengths, 8)  # the bench's draw, by hand
+    _, costs = bp.set_costs(drawn, 4, r["evaluate"]["ttt_doc_chunk"], r["evaluate"]["context"])
+    assert [[t["steps"], t["row_tokens"]] for t in r["timed"]] == costs[[t["batch"] for t in r["timed"]]].tolist()
+    p = r["projection"]
+    want = bp.project(costs, p["seconds_per_step"], p["seconds_per_row_token"], int((drawn - 1).sum()))
+    assert p["seconds"] == pytest.approx(want, abs=0.05)
+
+
+@pytest.mark.parametrize("args, why", [(["--batches", "1"], "--batches 1"), (["--docs", "0"], "--docs 0"),
+                                       ([], "--tokens")])
+def test_bad_arguments_are_named(args, why, tmp_path, capsys):
+    small = [] if why == "--tokens" else ["--small"]
+    with pytest.raises(SystemExit):
+        bp.main(small + args + ["--out", str(tmp_path / "x.json")])
+    assert why in capsys.readouterr().err
