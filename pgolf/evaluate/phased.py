@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 
 from pgolf.config import EvaluateConfig
@@ -188,6 +189,14 @@ class DocLoRA(nn.Module):
             if isinstance(m, RowLoRA):
                 m.reset(keep_a, gen)
 
+    def snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.parameters()]
+
+    def restore(self, saved: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, s in zip(self.parameters(), saved):
+                p.copy_(s)
+
 
 def make_adapter_optimizer(params, cfg: EvaluateConfig) -> torch.optim.Optimizer:
     """PR #2135: AdamW(beta1 = ttt_momentum, beta2, eps 1e-10) or SGD with momentum."""
@@ -269,14 +278,23 @@ _COMPILED: list = []  # chunk_logits under torch.compile, built once per process
 
 
 def chunk_forward(cfg: EvaluateConfig, device):
-    """chunk_logits, or with evaluate.ttt_compile on CUDA its torch.compile(dynamic=True): rows and
-    window widths vary from step to step, so the graphs take symbolic shapes (dynamo guards on the
-    model and adapters it is called with)."""
+    """chunk_logits, or with evaluate.ttt_compile on CUDA `compiled_chunk_logits`."""
     if not (cfg.ttt_compile and torch.device(device).type == "cuda"):
         return chunk_logits
     if not _COMPILED:
         _COMPILED.append(torch.compile(chunk_logits, dynamic=True))
-    return _COMPILED[0]
+    return compiled_chunk_logits
+
+
+def compiled_chunk_logits(model, lora: DocLoRA, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """chunk_logits under torch.compile(dynamic=True), one graph for every chunk step of a run: the
+    row count is unbacked (no graph of its own for one row), duck sizing is off (a first step's
+    window is as wide as its chunk, which would tie the two sizes), and a short batch uses the last
+    rows of the batch adapters (the same parameter shapes)."""
+    torch._dynamo.decorators.mark_unbacked(x, 0)
+    torch._dynamo.decorators.mark_unbacked(pos, 0)
+    with fx_config.patch(use_duck_shape=False):
+        return _COMPILED[0](model, lora, x, pos)
 
 
 def _score(logits, nll, c: ChunkRows, tab, tilt, per_target) -> torch.Tensor:
@@ -407,10 +425,13 @@ def eval_phased(model, tokens: np.ndarray, tables: ByteTables, cfg: EvaluateConf
             lora = DocLoRA(model, cfg.ttt_doc_batch, cfg, gen).to(device)
             done += 1
         rows = docs[groups[g]]
-        use = lora if len(rows) == lora.rows else DocLoRA(model, len(rows), cfg, gen).to(device)
-        use.reset(cfg.ttt_keep_a, gen)
-        opt = make_adapter_optimizer(list(use.parameters()), cfg)
-        sums += run_batch(model, use, opt, tok, rows, cfg, tab, amp, tilt, per_target)
+        short = len(rows) < lora.rows  # fresh adapters on the last rows; the carried ones come back after
+        carried = lora.snapshot() if short else None
+        lora.reset(cfg.ttt_keep_a and not short, gen)
+        opt = make_adapter_optimizer(list(lora.parameters()), cfg)
+        sums += run_batch(model, lora, opt, tok, rows, cfg, tab, amp, tilt, per_target)
+        if short:
+            lora.restore(carried)
         chunks += batch_chunks(rows, cfg.ttt_doc_chunk)
     while done < len(passes):  # passes after this rank's last batch (collective under several ranks)
         global_steps += _run_pass(model, tok, docs, groups, passes[done], cfg, amp, rank, world)
