@@ -19,9 +19,10 @@ time. Their sum, scaled to 47,851,520 targets, over 8 GPUs, is the projection. R
 the batch's unfinished documents x the window width (`batch_work`). The global pass (over 2,500 documents
 in PR #2135) is not in it: ttt_prefix_docs is 0 here.
 
-With evaluate.ttt_compile on a GPU, a first run of the lightest chosen batch builds the graphs
-(cold_seconds) and is left out of the fit. Each batch's line is printed and written as it ends, so a run
-stopped early keeps what it measured. --ops adds torch.profiler's top operators over the median chosen batch.
+With evaluate.ttt_compile on a GPU, a first run over a few documents made to need every graph
+(`warm_lengths`) builds them (cold_seconds, graphs_cold); graphs_after says whether the timed runs
+compiled more. Each batch's line is printed and written as it ends, so a run stopped early keeps what
+it measured. --ops adds torch.profiler's top operators over the median chosen batch.
 """
 
 from __future__ import annotations
@@ -82,6 +83,15 @@ def stream_of(lengths: np.ndarray, vocab: int, seed: int = 0) -> np.ndarray:
     return np.concatenate(parts + [[BOS_ID]]).astype(np.int64)
 
 
+def warm_lengths(batch: int, chunk: int, context: int) -> np.ndarray:
+    """Document lengths whose batches meet every shape a compiled chunk step is built for: a first
+    step whose window equals the chunk, wider windows up to `context`, a full batch, a short one,
+    and a last document alone in its batch."""
+    short = [chunk // 2 + 2] * min(5, batch - 1)
+    mid = [2 * chunk + 4] * (batch - 1)
+    return np.array(short + mid + [context + 3 * chunk])
+
+
 def fit(costs: np.ndarray, seconds: np.ndarray) -> tuple[float, float]:
     """Least squares of seconds = a * steps + b * row tokens through the origin, a and b >= 0 (a
     negative one is dropped and the other refitted alone)."""
@@ -97,6 +107,13 @@ def fit(costs: np.ndarray, seconds: np.ndarray) -> tuple[float, float]:
 def project(costs: np.ndarray, a: float, b: float, targets: int) -> float:
     """Seconds of the whole set on PR2135_GPUS, scaled from `targets` to PR #2135's."""
     return float((costs @ np.array([a, b])).sum()) * PR2135_VAL_TOKENS / targets / PR2135_GPUS
+
+
+def graphs() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def ops_table(fn, device) -> list[dict]:
@@ -169,9 +186,11 @@ def main(argv=None) -> int:
                                                                         / costs[:, 1].sum()), 4),
            "cold_seconds": None, "timed": [],
            "note": "random-init weights and random token ids (timing only); no global pass"}
-    if ecfg.ttt_compile and device.type == "cuda":
-        out["cold_seconds"] = round(run(chosen[0]), 3)
-        print(f"bench_phased: cold run (graphs built) {out['cold_seconds']:.1f} s", flush=True)
+    if ecfg.ttt_compile and device.type == "cuda":  # every graph built first, on a set made to need them all
+        warm = stream_of(warm_lengths(ecfg.ttt_doc_batch, ecfg.ttt_doc_chunk, ecfg.context), mcfg.vocab_size)
+        out["cold_seconds"] = round(timed(eval_phased, model, warm, tables, ecfg, device, sync_device=device)[1], 3)
+        out["graphs_cold"] = graphs()
+        print(f"bench_phased: cold run {out['cold_seconds']:.1f} s, {out['graphs_cold']} graphs built", flush=True)
     for g in chosen:
         secs = run(g)
         out["timed"].append({"batch": int(g), "docs": len(groups[g]), "max_length": int(groups[g].max()),
@@ -180,6 +199,7 @@ def main(argv=None) -> int:
         print(f"bench_phased: batch {g} ({len(groups[g])} docs up to {groups[g].max()} tokens, {costs[g, 0]} steps, "
               f"{costs[g, 1]:,} row tokens) {secs:.2f} s", flush=True)
     t = out["timed"]
+    out["graphs_after"] = graphs()  # more than graphs_cold: the timed runs compiled too
     coef = fit(np.array([[r["steps"], r["row_tokens"]] for r in t]), np.array([r["seconds"] for r in t]))
     seconds = project(costs, *coef, out["set"]["targets"])
     out["projection"] = {"seconds_per_step": coef[0], "seconds_per_row_token": coef[1], "gpus": PR2135_GPUS,

@@ -40,6 +40,24 @@ def test_set_costs_cut_as_eval_phased_and_pick_spans_the_work():
     assert costs[bp.pick(costs, 3, cap=0), 1].tolist() == [int(w[0])]
 
 
+def test_warm_lengths_meet_every_step_shape():
+    """The compiled run's first pass: full and short batches, a document alone, the first step's
+    window equal to the chunk, wider ones, and the window capped at the context."""
+    from pgolf.evaluate.phased import batch_chunks, batches, done_rows, step_width
+
+    lengths = bp.warm_lengths(64, 48, 2560)
+    docs = np.stack([np.zeros_like(lengths), lengths], 1)
+    shapes = set()
+    for g in batches(docs, 64):
+        rows = docs[g]
+        shapes |= {(len(rows) - done_rows(rows, ci, 48), step_width(ci, 48, 2560), len(rows))
+                   for ci in range(batch_chunks(rows, 48))}
+    assert {n for _, _, n in shapes} >= {64} and min(n for _, _, n in shapes) < 64  # a full batch and a short one
+    assert any(r == 1 for r, _, _ in shapes) and any(1 < r for r, _, _ in shapes)
+    widths = {w for _, w, _ in shapes}
+    assert {48, 2560} <= widths and any(48 < w < 2560 for w in widths)
+
+
 def test_fit_finds_the_line_and_the_projection_sums_every_batch():
     costs = np.array([[10, 1_000], [40, 9_000], [200, 80_000]])
     seconds = 0.002 * costs[:, 0] + 3e-6 * costs[:, 1]
