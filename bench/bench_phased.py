@@ -134,7 +134,8 @@ def parse(argv):
     ap.add_argument("--tokens", help="a validation shard: its document lengths model the set (default with --small: "
                                      "the test fixture)")
     ap.add_argument("--small", action="store_true", help="CPU smoke test: the tiny profile, batches of 16")
-    ap.add_argument("--docs", type=int, help=f"documents in the modelled set (default {PR2135_DOCS:,}; 64 with --small)")
+    ap.add_argument("--docs", type=int,
+                    help=f"documents in the modelled set (default {PR2135_DOCS:,}; 64 with --small)")
     ap.add_argument("--batches", type=int, default=8, help="batches of the set to time (>= 2)")
     ap.add_argument("--cap", type=int, default=20_000_000, help="time only batches of at most this many row tokens "
                                                                  "(the fit extrapolates to the heavier ones)")

@@ -28,7 +28,7 @@ def test_stream_of_holds_documents_of_exactly_those_lengths():
 def test_set_costs_cut_as_eval_phased_and_pick_spans_the_work():
     lengths = np.array([30, 3, 12, 6, 50, 9, 2, 21])
     groups, costs = bp.set_costs(lengths, 3, 5, 10)
-    assert [g.tolist() for g in groups] == [[30, 50], [9, 12, 21], [2, 3, 6]]  # cut in ascending order, the longest first
+    assert [g.tolist() for g in groups] == [[30, 50], [9, 12, 21], [2, 3, 6]]  # cut ascending, longest first
     for g, c in zip(groups, costs):
         assert tuple(c) == bp.batch_work(np.stack([np.zeros_like(g), g], 1), 5, 10)
     chosen = bp.pick(costs, 2)

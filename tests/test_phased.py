@@ -81,16 +81,40 @@ def test_batches_run_longest_first_and_global_passes_follow_the_prefix():
     assert phased.phase_ends(groups, 4, 1) == [(1, 4)]  # after batch 1: 4 scored
     assert phased.phase_ends(groups, 2, 1) == [(0, 2)]  # after batch 0: 3 scored, the first 2 trained on
     assert phased.phase_ends(groups, 100, 2) == [(0, 3)]  # the second would follow the last batch
-    assert phased.chunk_window(0, 12, 5, 8) == (0, 5, 0)
-    assert phased.chunk_window(2, 12, 5, 8) == (4, 8, 6)  # last chunk: targets 10, 11, window 4..11
-    assert phased.chunk_window(1, 12, 5, 8) == (2, 8, 3)
+
+
+def window(ci: int, n_pred: int, chunk: int, context: int) -> tuple[int, int, int]:
+    """The reference's window of chunk ci of a document of n_pred targets: (start, length, the
+    chunk's first target within it); it ends at the chunk's end, at most `context` long."""
+    end = n_pred if ci == -(-n_pred // chunk) - 1 else (ci + 1) * chunk
+    start = max(0, end - context)
+    return start, end - start, ci * chunk - start
+
+
+def test_chunk_rows_by_hand():
+    """A document of 12 targets at stream position 2 (chunks of 5, context 8) beside one of 3."""
+    tok = torch.arange(20) + 10  # token id = position + 10
+    rows = torch.tensor([[2, 13], [15, 4]])
+    c = phased.chunk_rows(tok, rows, 0, 5, 8, True)
+    assert c.x.tolist() == [list(range(12, 17)), [25, 26, 27, 0, 0]]  # width 5; the second ends at its last target
+    assert c.pos.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 0]] and c.train.tolist() == [True, False]
+    c = phased.chunk_rows(tok, rows, 1, 5, 8, True)
+    assert c.x.tolist() == [list(range(14, 22)), [0] * 8]  # window 2..9 of the first; the second is done
+    assert c.pos.tolist() == [[3, 4, 5, 6, 7], [0] * 5] and c.at.tolist() == [list(range(8, 13)), [1] * 5]
+    assert c.live.tolist() == [[True] * 5, [False] * 5] and c.train.tolist() == [True, False]
+    c = phased.chunk_rows(tok, rows[:1], 2, 5, 8, False)  # last chunk: targets 10, 11, window 4..11
+    assert c.x.tolist() == [list(range(16, 24))] and c.pos.tolist() == [[6, 7, 0, 0, 0]]
+    assert c.at.tolist() == [[13, 14, 1, 1, 1]] and c.tgt.tolist() == [[23, 24, 11, 11, 11]]
+    assert c.prev.tolist() == [[22, 23, 10, 10, 10]] and c.live.tolist() == [[True, True, False, False, False]]
+    assert c.train.tolist() == [False]
+    assert [window(ci, 12, 5, 8) for ci in range(3)] == [(0, 5, 0), (2, 8, 3), (4, 8, 6)]  # the same windows
 
 
 # ----------------------------------------------------------------------------- legality
 
 
 def naive_scores(tokens, cfg=CFG, seed=1) -> torch.Tensor:
-    """Per target: one unpadded forward of the model alone on the window chunk_window gives it
+    """Per target: one unpadded forward of the model alone on the window `window` gives it
     (its own document's tokens only), float64 log-softmax over the vocabulary."""
     model = tiny_model(seed)
     tok = torch.from_numpy(tokens.astype(np.int64))
@@ -98,7 +122,7 @@ def naive_scores(tokens, cfg=CFG, seed=1) -> torch.Tensor:
     with torch.no_grad():
         for s, n in phased.documents(tokens, BOS).tolist():
             for c in range(-(-(n - 1) // cfg.ttt_doc_chunk)):
-                ws, wl, off = phased.chunk_window(c, n - 1, cfg.ttt_doc_chunk, cfg.context)
+                ws, wl, off = window(c, n - 1, cfg.ttt_doc_chunk, cfg.context)
                 logits = model.forward_logits(tok[s + ws:s + ws + wl][None])[0]  # (wl, V)
                 for j in range(off, wl):
                     assert torch.isnan(out[s + ws + j])  # scored once

@@ -117,15 +117,6 @@ def step_width(ci: int, chunk: int, context: int) -> int:
     return min(context, (ci + 1) * chunk)
 
 
-def chunk_window(ci: int, n_pred: int, chunk: int, context: int) -> tuple[int, int, int]:
-    """Chunk ci of a document of n_pred targets -> (window start, window length, chunk start within
-    the window): the window ends at the chunk's end, at most `context` tokens long."""
-    n_chunks = ceil_div(n_pred, chunk)
-    end = n_pred if ci == n_chunks - 1 else (ci + 1) * chunk
-    start = max(0, end - context)
-    return start, end - start, ci * chunk - start
-
-
 # ----------------------------------------------------------------------------- adapters
 
 
@@ -228,8 +219,9 @@ class ChunkRows:
 
 def chunk_rows(tok: torch.Tensor, rows: torch.Tensor, ci: int, chunk: int, context: int, trains: bool) -> ChunkRows:
     """Chunk step ci of the documents `rows` (n, 2) (start, length) on tok's device, built there
-    (no host copy, no sync: the step's kernels queue behind the last); windows as `chunk_window`;
-    a document without chunk ci has no live targets. `trains`: whether any row has a later chunk."""
+    (no host copy, no sync: the step's kernels queue behind the last). A document's window ends at
+    its chunk's end (its last target for its last chunk) and is at most `context` tokens long; a
+    document without chunk ci has no live targets. `trains`: whether any row has a later chunk."""
     start, n_pred = rows[:, 0], rows[:, 1] - 1  # (n,)
     n_chunks = (n_pred + chunk - 1) // chunk
     end = torch.where(n_chunks == ci + 1, n_pred, (ci + 1) * chunk)  # (n,) the window's end
