@@ -174,8 +174,8 @@ def main(argv=None) -> int:
     model = GPT(mcfg, train_seq_len=ecfg.context).to(device)  # no global pass: eval_phased leaves it as it is
     tables = synthetic_tables(mcfg.vocab_size)
 
-    def run(g):
-        return timed(eval_phased, model, stream_of(groups[g], mcfg.vocab_size, seed=int(g)), tables, ecfg, device,
+    def run(lengths, seed=0):  # -> seconds of eval_phased over documents of these lengths
+        return timed(eval_phased, model, stream_of(lengths, mcfg.vocab_size, seed), tables, ecfg, device,
                      sync_device=device)[1]
 
     out = {**versions(), "device": str(device), "profile": "tiny" if a.small else "pr2135",
@@ -188,12 +188,11 @@ def main(argv=None) -> int:
            "cold_seconds": None, "timed": [],
            "note": "random-init weights and random token ids (timing only); no global pass"}
     if ecfg.ttt_compile and device.type == "cuda":  # every graph built first, on a set made to need them all
-        warm = stream_of(warm_lengths(ecfg.ttt_doc_batch, ecfg.ttt_doc_chunk, ecfg.context), mcfg.vocab_size)
-        out["cold_seconds"] = round(timed(eval_phased, model, warm, tables, ecfg, device, sync_device=device)[1], 3)
+        out["cold_seconds"] = round(run(warm_lengths(ecfg.ttt_doc_batch, ecfg.ttt_doc_chunk, ecfg.context)), 3)
         out["graphs_cold"] = graphs()
         print(f"bench_phased: cold run {out['cold_seconds']:.1f} s, {out['graphs_cold']} graphs built", flush=True)
     for g in chosen:
-        secs = run(g)
+        secs = run(groups[g], int(g))
         out["timed"].append({"batch": int(g), "docs": len(groups[g]), "max_length": int(groups[g].max()),
                              "steps": int(costs[g, 0]), "row_tokens": int(costs[g, 1]), "seconds": round(secs, 3)})
         write_json(a.out, out)
@@ -211,7 +210,8 @@ def main(argv=None) -> int:
           f"projected {seconds:.0f} s for {PR2135_VAL_TOKENS:,} targets on {PR2135_GPUS} GPUs "
           f"(PR #2135 logged {PR2135_SECONDS} s) -> {a.out}", flush=True)
     if a.ops:
-        out["ops"] = ops_table(lambda: run(chosen[len(chosen) // 2]), device)
+        g = chosen[len(chosen) // 2]
+        out["ops"] = ops_table(lambda: run(groups[g], int(g)), device)
         write_json(a.out, out)
     return 0
 
