@@ -2,6 +2,7 @@
 window set (every target scored exactly once, enough context, the reference's tail duplicates
 quantified on the spec's numbers), truncation, batching/rank-split invariance, val shards."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CROSS_PATH_RTOL, tiny_model
+from conftest import CROSS_PATH_RTOL, MICRO_CFG, tiny_model
 from pgolf.shared import bpb
 from pgolf.shared.byte_tables import ByteTables
 from pgolf.shared.shards import write_shard
@@ -124,6 +125,32 @@ def test_nonsliding_matches_hand_computation():
     assert (got["tokens"], got["bytes"]) == (n, nbytes) == (48, tables.stream_bytes(tokens[:49]))
     assert got["val_loss"] == pytest.approx(nll / n, rel=1e-5)
     assert got["val_bpb"] == pytest.approx(nll / (math.log(2) * nbytes), rel=1e-5)
+
+
+def test_nonsliding_within_documents_matches_each_segment_scored_alone():
+    """doc_backend: each batch of windows is one row of the stream, cut at the row's start and at
+    every BOS (documents here are shorter than seq_len). With no BigramHash and SmearGate masked at
+    BOS, nothing crosses a cut, so the score is each segment's own dense forward from position 0,
+    its targets the tokens after its inputs; dense windows score differently."""
+    cfg = dataclasses.replace(MICRO_CFG, bigram_buckets=0, smear_bos_mask=True)
+    model, tables = tiny_model(4, cfg), tiny_tables()
+    rng = np.random.default_rng(12)  # no BOS at the rows' starts 32 and 64
+    tokens = rng.integers(2, 64, 16 * 6 + 1).astype(np.uint16)
+    bos = np.cumsum(rng.integers(3, 13, 20))
+    tokens[np.concatenate([[0], bos[bos < len(tokens)]])] = 1  # documents of 3..12 tokens
+    got = bpb.eval_nonsliding(model, tokens, tables, seq_len=16, batch_seqs=2, device="cpu", doc_backend="reference")
+    cuts = sorted(set(range(0, 96, 32)) | set(np.flatnonzero(tokens[:96] == 1).tolist()))  # rows of 2 x 16
+    nll, tok = 0.0, torch.from_numpy(tokens.astype(np.int64))
+    with torch.no_grad():
+        for a, b in zip(cuts, cuts[1:] + [96]):
+            logits = model.forward_logits(tok[a:b][None])[0]  # (b-a, V)
+            nll += float(F.cross_entropy(logits.double(), tok[a + 1:b + 1], reduction="sum"))
+    assert got["tokens"] == 96 and got["bytes"] == tables.stream_bytes(tokens)
+    assert got["val_loss"] == pytest.approx(nll / 96, rel=1e-5)
+    dense = bpb.eval_nonsliding(model, tokens, tables, seq_len=16, batch_seqs=2, device="cpu")
+    assert abs(dense["val_loss"] - got["val_loss"]) > 1e-3
+    with pytest.raises(ValueError, match="non-sliding windows"):
+        bpb.score_windows(model, tokens, bpb.sliding_windows(96, 16, 4), 16, tables, 2, "cpu", doc_backend="reference")
 
 
 @pytest.mark.parametrize("N,context,stride,batch", [(60, 16, 4, 3), (45, 16, 16, 2), (12, 16, 4, 4), (50, 16, 5, 32)])

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from pgolf import config
 from pgolf.config import ModelConfig
+from pgolf.shared import bpb
 from pgolf.shared import docattn as D
 from pgolf.shared.model import GPT, apply_rotary
 from pgolf.shared.shards import BOS_ID, write_shard
@@ -470,3 +471,7 @@ def test_a_training_step_in_the_packed_layout(tmp_path):
     loss = float(tr._step(0, 1.0, cfg.seq_len, None, ema=False))  # 2 micro-batches of one 512-token row
     assert loss == pytest.approx(expect, rel=1e-5)
     assert any(not torch.equal(p, before[n]) for n, p in tr.model.named_parameters())
+    ev, _ = tr._evaluate_final()  # val_bpb_float of a doc-packed run: scored within documents
+    args = (tr.model, tr.inputs.val_tokens, tr.inputs.tables, cfg.seq_len, cfg.val_batch_seqs, "cpu")
+    assert ev["val_loss"] == pytest.approx(bpb.eval_nonsliding(*args, doc_backend="reference")["val_loss"], rel=1e-9)
+    assert abs(ev["val_loss"] - bpb.eval_nonsliding(*args)["val_loss"]) > 1e-5  # dense windows: another score

@@ -15,6 +15,11 @@ Every function taking `tables` takes either counter.
   every target is scored once (the reference re-scores up to context-stride tail targets,
   a ~1e-5 bpb difference).
 
+With `doc_backend` (a model trained with train.doc_packing) a batch of non-sliding windows is laid end
+to end as one row of the stream whose attention stays within documents, as the model was trained
+and as PR #2135's `eval_val` scores: a segment starts at the row's start, at every BOS and every
+`width` tokens from a document's start (`row_segments`).
+
 Only the scored rows go through the tied head (`model.logits_from_hidden` on the gathered
 hidden rows). NLL, token and byte sums are float64 and summed across ranks (windows are split
 contiguously); val_bpb = sum NLL / (ln 2 * sum bytes). On CUDA the forward runs under bf16
@@ -147,6 +152,23 @@ def _batch(tok: torch.Tensor, win: torch.Tensor, width: int):
     return x, rows_b, rows_p, tgt, prev
 
 
+def row_segments(x: torch.Tensor, win: torch.Tensor, width: int, backend: str):
+    """The DocSegments of a batch's inputs x (B, width) laid end to end as one row (B*width,), for
+    windows `win` (b, 3), b <= B, that continue one another (non-sliding), so the row is the token
+    stream: a segment starts at the row's start, at every BOS and every `width` tokens from a
+    document's start. Rows past b (shape padding) come after every scored position. ValueError for
+    windows that do not continue one another: the model's front end (BigramHash, SmearGate) would
+    read the wrong previous token at their seams."""
+    from pgolf.shared import docattn  # only where a doc-packed model is scored
+
+    start, length = win[:, 0].cpu().numpy(), win[:, 1].cpu().numpy()  # (b,), (b,)
+    if not (np.all(start[1:] == start[:-1] + width) and np.all(length[:-1] == width)):
+        raise ValueError("scoring within documents needs non-sliding windows (each continuing the one before)")
+    flat = x.reshape(-1).cpu().numpy()  # (B*width,)
+    cu = docattn.build_cu_seqlens(docattn.doc_starts(flat), flat.size, width)
+    return docattn.segments(torch.from_numpy(cu).to(x.device), flat.size, width, backend)
+
+
 def check_vocab(model, tokens: np.ndarray, tables: ByteTables) -> None:
     """ValueError when a token id is outside the model's or the byte tables' vocabulary."""
     if int(tokens.max()) >= tables.vocab_size or int(tokens.max()) >= model.cfg.vocab_size:
@@ -160,13 +182,15 @@ def autocast_ctx(device: torch.device, enabled: bool = True):
 
 
 def local_sums(model, tok: torch.Tensor, windows: torch.Tensor, width: int, tab: ByteTables, batch_seqs: int,
-               fwd, amp, progress: bool = False, per_target: torch.Tensor | None = None, tilt=None) -> torch.Tensor:
+               fwd, amp, progress: bool = False, per_target: torch.Tensor | None = None, tilt=None,
+               doc_backend: str | None = None) -> torch.Tensor:
     """This process's float64 sums (nll, tokens, bytes, windows) over `windows` (n, 3), no all-reduce.
 
     tok (N,) int64 and `tab` on the model's device; `fwd` the hidden-state function; `per_target`
     (N-1,) float64, when given, gets every scored target's NLL added at its target index (checks).
     `tilt` (pgolf.evaluate.ngram_tilt.Tilt on the device), when given, turns each scored row into
-    log_softmax(logits + boost * onehot(hint of its target)) before the NLL.
+    log_softmax(logits + boost * onehot(hint of its target)) before the NLL. `doc_backend`: each
+    batch as one row with attention within documents (`row_segments`).
     """
     sums = torch.zeros(4, dtype=torch.float64, device=tok.device)  # nll, tokens, bytes, windows
     steps = range(0, len(windows), batch_seqs)
@@ -181,7 +205,11 @@ def local_sums(model, tok: torch.Tensor, windows: torch.Tensor, width: int, tab:
             if len(win) < batch_seqs:  # keep one shape for the compiled graph
                 x = torch.cat([x, x.new_zeros(batch_seqs - len(win), width)])
             with amp:
-                h = fwd(x)  # (B, width, D)
+                if doc_backend is None:
+                    h = fwd(x)  # (B, width, D)
+                else:
+                    docs = row_segments(x, win, width, doc_backend)
+                    h = fwd(x.reshape(1, -1), docs=docs).reshape(x.shape[0], width, -1)  # (B, width, D)
                 logits = model.logits_from_hidden(h[rows_b, rows_p])  # (M, V)
             if tilt is not None:
                 logits = tilt.apply(logits.float(), win[rows_b, 0] + rows_p)  # (M, V), target index
@@ -199,9 +227,9 @@ def local_sums(model, tok: torch.Tensor, windows: torch.Tensor, width: int, tab:
 
 def score_windows(model, tokens: np.ndarray, windows: np.ndarray, width: int, tables: ByteTables,
                   batch_seqs: int, device, rank: int = 0, world: int = 1, autocast: bool = True,
-                  compile: bool = False, progress: bool = False, tilt=None) -> dict:
+                  compile: bool = False, progress: bool = False, tilt=None, doc_backend: str | None = None) -> dict:
     """Sum NLL (nats), scored targets and bytes over `windows`, split contiguously over ranks
-    (with `tilt`: the n-gram-tilted NLL, see local_sums).
+    (with `tilt`: the n-gram-tilted NLL; `doc_backend`: attention within documents; see local_sums).
 
     Returns float64 sums all-reduced over the process group: nll, tokens, bytes, windows.
     """
@@ -212,7 +240,7 @@ def score_windows(model, tokens: np.ndarray, windows: np.ndarray, width: int, ta
     tok = torch.from_numpy(tokens.astype(np.int64)).to(device)  # (N,)
     sums = local_sums(model, tok, mine, width, tables.to(device), batch_seqs, _hidden_fn(model, device, compile),
                       autocast_ctx(device, autocast), progress=progress and rank == 0,
-                      tilt=None if tilt is None else tilt.to(device))
+                      tilt=None if tilt is None else tilt.to(device), doc_backend=doc_backend)
     all_reduce_(sums)
     nll, ntok, nbytes, nwin = sums.tolist()
     return {"nll": nll, "tokens": int(ntok), "bytes": int(nbytes), "windows": int(nwin)}
@@ -225,12 +253,13 @@ def _bpb(nll: float, ntok: int, nbytes: int) -> tuple[float, float]:
 
 def eval_nonsliding(model, tokens: np.ndarray, tables: ByteTables, seq_len: int, batch_seqs: int,
                     device, rank: int = 0, world: int = 1, autocast: bool = True, *,
-                    compile: bool = False, progress: bool = False, tilt=None) -> dict:
-    """Spec §2.3 on tokens truncated per §2.2 -> {val_loss, val_bpb, tokens, bytes} (`tilt`: see local_sums)."""
+                    compile: bool = False, progress: bool = False, tilt=None, doc_backend: str | None = None) -> dict:
+    """Spec §2.3 on tokens truncated per §2.2 -> {val_loss, val_bpb, tokens, bytes} (`tilt`,
+    `doc_backend`: see local_sums)."""
     tokens = truncate(np.asarray(tokens), seq_len)
     windows = nonsliding_windows(len(tokens) - 1, seq_len)
     s = score_windows(model, tokens, windows, seq_len, tables, batch_seqs, device, rank, world,
-                      autocast=autocast, compile=compile, progress=progress, tilt=tilt)
+                      autocast=autocast, compile=compile, progress=progress, tilt=tilt, doc_backend=doc_backend)
     loss, bpb = _bpb(s["nll"], s["tokens"], s["bytes"])
     return {"val_loss": loss, "val_bpb": bpb, "tokens": s["tokens"], "bytes": s["bytes"]}
 

@@ -16,8 +16,9 @@ pgolf.train.outputs'.
 
 With train.doc_packing a micro-batch is one packed row of micro_tokens tokens whose attention stays
 within documents (segments cut at every BOS and every seq_len tokens; pgolf.shared.docattn, kernel
-train.doc_attn_backend); the float eval below keeps dense windows of seq_len, as the evaluate stage
-scores, so val_bpb_float compares across both layouts.
+train.doc_attn_backend); the float eval below scores such a model as it was trained, and as PR
+#2135's script scores it: windows of seq_len, each batch of them one row with attention within
+documents (pgolf.shared.bpb.row_segments).
 """
 
 from __future__ import annotations
@@ -331,7 +332,8 @@ class Trainer:
         return hess, hmeta
 
     def _evaluate_final(self) -> tuple[dict, float]:
-        """The exported weights into the model, then their non-sliding val loss -> (eval, seconds)."""
+        """The exported weights into the model, then their non-sliding val loss (with train.doc_packing
+        attention within documents) -> (eval, seconds)."""
         final = self.avg.final()
         with torch.no_grad():
             for n, p in self.model.named_parameters():
@@ -340,7 +342,7 @@ class Trainer:
         t0 = time.perf_counter()
         ev = eval_nonsliding(self.model, self.inputs.val_tokens, self.inputs.tables, self.cfg.seq_len,
                              self.cfg.val_batch_seqs, self.dev, self.info.rank, self.info.world_size,
-                             autocast=self.cuda, compile=self.cuda and self.cfg.compile)
+                             autocast=self.cuda, compile=self.cuda and self.cfg.compile, doc_backend=self.doc_backend)
         ev["byte_source"] = val_bytes.byte_source(self.inputs.tables)  # sidecar: original bytes (CaseOps data)
         return ev, time.perf_counter() - t0
 
