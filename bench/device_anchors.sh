@@ -17,6 +17,15 @@
 #       # documents): eager, then with evaluate.ttt_compile and the operator profile; BASE (a folder
 #       # with an older tree's pgolf and profiles, carried, e.g. `git archive REV pgolf profiles`):
 #       # the same eager bench on its code, for a before/after on one GPU
+#   bash bench/device_anchors.sh background DIR PART ARGS...   # `device_anchors.sh PART DIR ARGS...` in a
+#       # process session of its own (setsid), which the lent machine keeps running after the call returns
+#       # (the PR #2135 script's cold start alone is about 540 s); DIR, on the machine (e.g. /tmp/bg/ref42),
+#       # gets its files, run.log and, once it ends, `done` (its exit status)
+#   bash bench/device_anchors.sh collect OUT DIR WAIT           # wait up to WAIT s (of this call) for
+#       # DIR/done, then DIR as one tar in OUT
+#   bash bench/device_anchors.sh guarded OUT PART ARGS...       # PART in the foreground (a pgolf arm),
+#       # stopped as soon as a background script logs its first warm-up step: its compile is over and its
+#       # clock about to start, so nothing else may share the GPU
 # Carry (git-ignored): .whl (zstandard, brotli, python-minifier wheels for Python 3.12),
 # .devrun/proxy (the proxy corpus' docs-*.jsonl.zst), .devrun/val (the official sp1024
 # fineweb_val_000000.bin prefix), .devrun/val901 (the 901 validation docs, docs.jsonl.zst),
@@ -25,12 +34,14 @@
 # the 901 docs, with the byte sidecar), sp1024 for PR #535 / #1072 (validation: the official prefix).
 set -uo pipefail
 part=${1:-} out=${2:-}
-if [[ ! $part =~ ^(smoke|steps|wallclock|post|phased)$ || -z $out ]]; then
+if [[ ! $part =~ ^(smoke|steps|wallclock|post|phased|background|collect|guarded)$ || -z $out ]]; then
   echo "usage: bash bench/device_anchors.sh smoke OUT | steps OUT ANCHOR STEPS BUDGET [PROGRAMS] |" \
-       "wallclock|post OUT ANCHOR ARM SEED | phased OUT [BASE]" >&2; exit 2
+       "wallclock|post OUT ANCHOR ARM SEED | phased OUT [BASE] | background DIR PART ARGS... |" \
+       "collect OUT DIR WAIT | guarded OUT PART ARGS..." >&2; exit 2
 fi
 mkdir -p "$out" && out=$(cd "$out" && pwd)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+[ -d /tmp/site/zstandard ] ||  # once per machine (a background part and the foreground would race)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 data_for() {  # anchor -> its shard folder, built once per machine
   if [ "$1" = pr2135 ]; then
@@ -68,6 +79,29 @@ case $part in
       --out "$out/phased_compiled.json" 2>&1 | tee "$out/phased_compiled.log"
     [ -z "$base" ] || (cd "$base" && ln -sfn "$root/bench" bench && PYTHONPATH=/tmp/site:. timeout "$(left 200)" \
       python3 -m bench.bench_phased --tokens "$val" --out "$out/phased_base.json" 2>&1 | tee "$out/phased_base.log") ;;
+  background)
+    sub=${3:?part}
+    [[ $sub =~ ^(steps|wallclock|post)$ ]] && data_for "${4:?anchor}" > /dev/null  # built here, not beside the foreground
+    # shellcheck disable=SC2016  # expanded by the inner shell
+    setsid nohup bash -c 'd=$1; shift; bash bench/device_anchors.sh "$@" > "$d/run.log" 2>&1; echo $? > "$d/done"' \
+      _ "$out" "$sub" "$out" "${@:4}" < /dev/null > /dev/null 2>&1 &
+    echo "background: $sub in $out (pid $!)" ;;
+  collect)
+    dir=${3:?dir} wait=${4:-0}
+    while [ ! -f "$dir/done" ] && [ "$SECONDS" -lt "$wait" ]; do sleep 5; done
+    if [ -f "$dir/done" ]; then echo "collect: $dir ended, exit $(cat "$dir/done")"; else echo "collect: $dir still running"; fi
+    tar -C "$(dirname "$dir")" -czf "$out/$(basename "$dir").tgz" "$(basename "$dir")" ;;
+  guarded)
+    sub=${3:?part}
+    setsid bash bench/device_anchors.sh "$sub" "$out" "${@:4}" & pid=$!
+    while kill -0 "$pid" 2>/dev/null; do
+      if grep -qsE "^warmup_step: 1/" /tmp/tmp*/logs/*.txt; then  # a script's log (RUN_ID.txt in its scratch folder)
+        kill -- -"$pid"; sleep 3; kill -9 -- -"$pid" 2>/dev/null
+        echo "guarded: stopped $sub, a background script's warm-up began"; break
+      fi
+      sleep 1
+    done
+    wait "$pid" ;;
   wallclock|post)
     anchor=${3:?anchor} arm=${4:?arm} seed=${5:?seed}
     data=$(data_for "$anchor")
