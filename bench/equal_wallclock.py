@@ -12,7 +12,8 @@ shards, one GPU, the same batch and wallclock, the same seed). Each arm: steps, 
 (median of logged intervals, as bench_vs_ref), the post-EMA float val_bpb and val_loss on the
 validation shard in 2048-token windows (the script's own "post-ema" line, EVAL_SEQ_LEN=2048;
 pgolf's metrics/train.json val_bpb_float),
-seconds to the first step, run seconds. The script is stopped once its post-EMA line is out
+seconds to the first step, run seconds, the logged training losses (`loss_curve`) and, for the script,
+its last score of the live weights (`live_step_val_loss_val_bpb`, its last-step validation line). The script is stopped once its post-EMA line is out
 (what follows, GPTQ and evaluation, is not this bench's). The JSON is rewritten after every arm;
 `comparison` holds the paired test (pgolf.seeds.paired) of pgolf against the script.
 
@@ -50,6 +51,7 @@ FIRST_STEADY = 10
 PGOLF_STEP = re.compile(r"^step:(\d+)/\d+ train_loss:([\d.]+) .*step_avg:([\d.]+)ms")
 STAGES = ("params", "prepare", "data_check", "train")
 POST_STAGES = ("quantize", "compress", "evaluate")
+LIVE_LINE = re.compile(r"^(?:step:)?(\d+)/\d+ val_loss: ?([\d.]+) val_bpb: ?([\d.]+)")  # the live weights' score
 EVAL_LINE = re.compile(r"^(\S.*?) val_loss:([\d.]+) val_bpb:([\d.]+) eval_time:(\d+)ms")
 TOTAL_LINE = re.compile(r"^Total submission size[^:]*: (\d+) bytes")
 EVAL_SEQ_LEN = 2048  # both arms' post-EMA score: non-overlapping 2048-token windows (pgolf's train.seq_len;
@@ -93,13 +95,17 @@ def read_evals(lines: list[str]) -> tuple[dict, int | None]:
 def run_reference(anchor: anchors.Anchor, data: Path, seed: int, seconds: float, batch: int, timeout: float,
                   stub_dir: Path | None, post: bool = False) -> dict:
     """The script until its post-EMA evaluation line, or with `post` to its end (or `timeout`)."""
-    marks, seen, t0 = [], {"stop": None}, time.perf_counter()
+    marks, curve, seen, t0 = [], [], {"stop": None}, time.perf_counter()
 
     def on_line(line: str) -> bool:
         step = anchor.parse_step(line, batch)
         if step:
             marks.append((step[0], step[2]))
+            curve.append([step[0], step[1]])
             seen.setdefault("first", time.perf_counter() - t0)
+        live = LIVE_LINE.match(line)
+        if live:  # its last one: the live (not averaged) weights at the end of training
+            seen["live"] = (int(live.group(1)), float(live.group(2)), float(live.group(3)))
         seen["stop"] = anchor.parse_stop(line) or seen["stop"]
         got = anchor.parse_post_ema(line)
         if got:
@@ -114,6 +120,7 @@ def run_reference(anchor: anchors.Anchor, data: Path, seed: int, seconds: float,
            "train_seconds": round(last[1] / 1000.0, 1) if last[1] is not None else None,
            "post_ema_val_bpb": seen.get("val_bpb"), "post_ema_val_loss": seen.get("val_loss"),
            "seconds_to_first_step": round(seen["first"], 1) if "first" in seen else None,
+           "live_step_val_loss_val_bpb": seen.get("live"), "loss_curve": curve,
            "log_tail": lines[-8:] if "val_bpb" not in seen else []}
     if post:
         evals, total = read_evals(lines)
@@ -144,7 +151,7 @@ def run_pgolf(params: dict, seed: int, timeout: float, post: bool = False) -> di
     metrics_path = REPO / "metrics" / "train.json"
     for name in ("train", "eval", "size"):  # a failed stage must not leave an earlier run's figures
         (REPO / "metrics" / f"{name}.json").unlink(missing_ok=True)
-    t0, marks, first, tail = time.perf_counter(), [], None, []
+    t0, marks, curve, first, tail = time.perf_counter(), [], [], None, []
     for stage in STAGES + (POST_STAGES if post else ()):
         left = timeout - (time.perf_counter() - t0)
 
@@ -152,6 +159,7 @@ def run_pgolf(params: dict, seed: int, timeout: float, post: bool = False) -> di
             m = PGOLF_STEP.match(line)
             if m:
                 marks.append((int(m.group(1)), int(m.group(1)) * float(m.group(3))))
+                curve.append([int(m.group(1)), float(m.group(2))])
             return False
 
         lines, first_step = stream([sys.executable, "-m", f"stages.{stage}"], REPO, {**os.environ, **SAFE_ENV}, left,
@@ -165,7 +173,8 @@ def run_pgolf(params: dict, seed: int, timeout: float, post: bool = False) -> di
     out = {"arm": "pgolf", "seed": seed, "steps": m["steps"], "step_ms_steady": steady(marks),
            "train_seconds": m["train_seconds"], "post_ema_val_bpb": m["val_bpb_float"],
            "post_ema_val_loss": m["val_loss_float"], "exported_weights": m.get("exported_weights"),
-           "seconds_to_first_step": round(first, 1) if first else None, "model_params": m.get("model_params")}
+           "seconds_to_first_step": round(first, 1) if first else None, "model_params": m.get("model_params"),
+           "loss_curve": curve}
     if post:
         ev_path, size_path = REPO / "metrics" / "eval.json", REPO / "metrics" / "size.json"
         if not ev_path.exists() or not size_path.exists():

@@ -51,6 +51,8 @@ def test_steady_state_drops_the_first_steps_and_stalls():
     marks = [(1, 50.0), (10, 950.0), (35, 3450.0), (60, 5950.0), (85, 9950.0), (110, 12450.0)]
     assert W.steady(marks) == 100.0  # 60 -> 85 holds a 1.5 s stall (an evaluation): dropped
     assert W.steady([(1, 5.0)]) is None
+    line = "step:10/150 train_loss:5.7175 lr_scale:1.0000 tok/s:10,798 step_avg:758.7ms train_time:7.6s eta:106s"
+    assert W.PGOLF_STEP.match(line).groups() == ("10", "5.7175", "758.7")  # pgolf's step line: step, loss, avg ms
 
 
 FAKE_2135 = textwrap.dedent("""
@@ -62,6 +64,7 @@ FAKE_2135 = textwrap.dedent("""
         if s <= 5 or s % 25 == 0:
             print(f"{s}/20000 train_loss: {3 - s / 1000:.4f} train_time: 0.1m tok/s: {batch * s / (s * 0.5):.0f}",
                   flush=True)
+    print("212/20000 val_loss: 2.6000 val_bpb: 1.2500", flush=True)
     print("stopping_early: wallclock_cap train_time: 180012ms step: 212/20000", flush=True)
     print("diagnostic pre-quantization post-ema val_loss:2.50000000 val_bpb:1.20000000 eval_time:1ms", flush=True)
     time.sleep(60)  # GPTQ and the rest: not waited for
@@ -83,6 +86,10 @@ def test_the_reference_arm_runs_the_script_with_its_settings_and_stops_at_the_po
     r = W.run_reference(anchor, tmp_path, 1337, 180.0, 786432, timeout=30, stub_dir=tmp_path)
     assert r["steps"] == 212 and r["step_ms_steady"] == 500.0 and r["post_ema_val_bpb"] == 1.2
     assert r["train_seconds"] == 180.0 and r["log_tail"] == []  # from the wallclock-cap line, not step 200's
+    assert r["live_step_val_loss_val_bpb"] == (212, 2.6, 1.25)  # the live weights, not the post-EMA line
+    assert r["loss_curve"][:2] == [[1, 2.999], [2, 2.998]] and r["loss_curve"][-1] == [200, 2.8]
+    assert W.LIVE_LINE.match("step:4000/20000 val_loss:2.0462 val_bpb:1.2119 train_time:355161ms").groups() == (
+        "4000", "2.0462", "1.2119")  # PR #535's form
 
 
 def test_the_comparison_pairs_seeds_and_states_the_target():
