@@ -13,7 +13,8 @@ shards, one GPU, the same batch and wallclock, the same seed). Each arm: steps, 
 validation shard in 2048-token windows (the script's own "post-ema" line, EVAL_SEQ_LEN=2048;
 pgolf's metrics/train.json val_bpb_float),
 seconds to the first step, run seconds, the logged training losses (`loss_curve`) and, for the script,
-its last score of the live weights (`live_step_val_loss_val_bpb`, its last-step validation line). The script is stopped once its post-EMA line is out
+the last score of the live weights (`live_step_val_loss_val_bpb`: the script's last-step validation
+line, pgolf's train.val_live). The script is stopped once its post-EMA line is out
 (what follows, GPTQ and evaluation, is not this bench's). The JSON is rewritten after every arm;
 `comparison` holds the paired test (pgolf.seeds.paired) of pgolf against the script.
 
@@ -136,7 +137,8 @@ def pgolf_params(anchor: anchors.Anchor, data: Path, seed: int, seconds: float, 
     common = {"prepare.source": "fineweb", "prepare.corpus": str(data), "prepare.val_source": str(data),
               "prepare.tokenizer": str(anchor.tokenizer), "prepare.workers": 16,
               "train.nproc_per_node": 1, "train.seed": seed, "train.batch_tokens": batch,
-              "train.max_wallclock_seconds": seconds, "train.log_every": LOG_EVERY, "train.checkpoint_every": 0}
+              "train.max_wallclock_seconds": seconds, "train.log_every": LOG_EVERY, "train.checkpoint_every": 0,
+              "train.val_live": True}
     overrides.apply(params, {**common, **sets}, "equal_wallclock", source)
     from pgolf import config
 
@@ -174,6 +176,7 @@ def run_pgolf(params: dict, seed: int, timeout: float, post: bool = False) -> di
            "train_seconds": m["train_seconds"], "post_ema_val_bpb": m["val_bpb_float"],
            "post_ema_val_loss": m["val_loss_float"], "exported_weights": m.get("exported_weights"),
            "seconds_to_first_step": round(first, 1) if first else None, "model_params": m.get("model_params"),
+           "live_step_val_loss_val_bpb": [m["steps"], m["val_loss_live"], m["val_bpb_live"]] if "val_bpb_live" in m else None,
            "loss_curve": curve}
     if post:
         ev_path, size_path = REPO / "metrics" / "eval.json", REPO / "metrics" / "size.json"

@@ -298,6 +298,7 @@ class TrainConfig(Section):
     hessian_source: str = "online"  # online | calibration (needs calibration_batches > 0): written to hessians.pgt
     val_tokens: int = 0  # tokens for val_bpb_float (0 = all val tokens)
     val_batch_seqs: int = 32
+    val_live: bool = False  # also score the live (not averaged) weights: val_bpb_live (early in a run EMA still holds the init)
     log_every: int = 200
     checkpoint_every: int = 0  # steps between resumable checkpoints (0 = off)
     checkpoint_dir: str = ".checkpoints/train"  # git-ignored, not a DVC output

@@ -310,6 +310,23 @@ RESUME_KW = dict(iterations=20, warmdown_iters=16, checkpoint_every=4, hessian_e
                  swa_enabled=True, swa_every=2, swa_threshold=0.7, late_qat_threshold=0.35, log_every=5)
 
 
+def test_val_live_scores_the_live_weights_beside_the_exported_ema(data_root, tmp_path):
+    from pgolf.shared import bpb
+
+    seen = {}
+
+    def on_step(tr):
+        if tr.step == 24:  # the last step: these are the live weights finish() scores first
+            tr.model.set_qat(False)
+            seen.update(bpb.eval_nonsliding(tr.model, tr.inputs.val_tokens, tr.inputs.tables, 128, 8, "cpu"))
+
+    m = run(data_root, tmp_path / "on", on_step=on_step, val_live=True, ema_decay=0.9).metrics
+    assert m["exported_weights"] == "ema"
+    assert (m["val_bpb_live"], m["val_loss_live"]) == pytest.approx((seen["val_bpb"], seen["val_loss"]), rel=1e-9)
+    assert abs(m["val_bpb_live"] - m["val_bpb_float"]) > 1e-4  # the EMA is another model
+    assert "val_bpb_live" not in run(data_root, tmp_path / "off", ema_decay=0.9).metrics  # off by default
+
+
 def test_killed_run_resumes_to_identical_weights(data_root, tmp_path):
     a = run(data_root, tmp_path / "a", **RESUME_KW)
 

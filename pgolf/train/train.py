@@ -281,6 +281,7 @@ class Trainer:
     def finish(self) -> TrainResult:
         """Hessians (cross-rank), exported weights into the model, val_bpb_float, metrics."""
         hess, hmeta = self._hessians()
+        live = self._val() if self.cfg.val_live else None  # the live weights, before the exported ones go in
         ev, eval_s = self._evaluate_final()
         calib = self._calibration() if self.cfg.calibration_batches > 0 else None
         export = {n: t.detach().float().cpu().contiguous() for n, t in self.model.export_state_dict().items()}
@@ -288,6 +289,8 @@ class Trainer:
                        self.resumed_from, self.checkpoint_status)
         m = train_metrics(run, ev, eval_s, hmeta, self.hess_schedule.overhead(self.step_ms), self.triggers,
                           self.avg, self.priming, self.model, self.cfg, self.info)
+        if live is not None:
+            m.update(val_bpb_live=live["val_bpb"], val_loss_live=live["val_loss"])
         if calib is not None:
             chess, cmeta, cal_s = calib
             m.update(hessian_source=self.cfg.hessian_source, calibration_batches=cmeta["accumulations"],
@@ -332,19 +335,24 @@ class Trainer:
         return hess, hmeta
 
     def _evaluate_final(self) -> tuple[dict, float]:
-        """The exported weights into the model, then their non-sliding val loss (with train.doc_packing
-        attention within documents) -> (eval, seconds)."""
+        """The exported weights into the model, then their `_val` -> (eval, seconds)."""
         final = self.avg.final()
         with torch.no_grad():
             for n, p in self.model.named_parameters():
                 p.copy_(final[n])
-        self.model.set_qat(False)  # val_bpb_float scores the float weights as exported
         t0 = time.perf_counter()
+        ev = self._val()
+        return ev, time.perf_counter() - t0
+
+    def _val(self) -> dict:
+        """The model's weights as they stand, QAT off: their non-sliding val loss (with
+        train.doc_packing attention within documents)."""
+        self.model.set_qat(False)  # the float weights as they are exported
         ev = eval_nonsliding(self.model, self.inputs.val_tokens, self.inputs.tables, self.cfg.seq_len,
                              self.cfg.val_batch_seqs, self.dev, self.info.rank, self.info.world_size,
                              autocast=self.cuda, compile=self.cuda and self.cfg.compile, doc_backend=self.doc_backend)
         ev["byte_source"] = val_bytes.byte_source(self.inputs.tables)  # sidecar: original bytes (CaseOps data)
-        return ev, time.perf_counter() - t0
+        return ev
 
 
 def run(mcfg: ModelConfig, cfg: TrainConfig, paths: Paths | None = None,
