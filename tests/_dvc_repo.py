@@ -1,5 +1,6 @@
 """A temporary git + DVC copy of this checkout at a micro config, for the end-to-end tests
-(tests/test_pipeline_dvc.py, tests/test_submission.py): helpers to run commands and DVC in it."""
+(tests/test_pipeline_dvc.py, tests/test_submission.py; copy_checkout also tests/test_profiles_run.py):
+helpers to run commands and DVC in it."""
 
 from __future__ import annotations
 
@@ -69,15 +70,21 @@ def commit_all(repo: Path, message: str) -> None:
     run(["git", "commit", "-qm", message], repo)
 
 
-def micro_repo(dst: Path) -> Path:
-    """A fresh git+DVC repo at `dst` holding the tracked files of this checkout, at the micro
-    config, after `dvc repro` and a commit of its results."""
+def copy_checkout(dst: Path) -> Path:
+    """The files of this checkout (tracked, and untracked but not ignored) copied to `dst`."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for rel in files:
         if (ROOT / rel).is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dst / rel)
+    return dst
+
+
+def micro_repo(dst: Path) -> Path:
+    """A fresh git+DVC repo at `dst` holding the tracked files of this checkout, at the micro
+    config, after `dvc repro` and a commit of its results."""
+    copy_checkout(dst)
     set_params(dst, MICRO)
     run(["git", "init", "-q", "-b", "main"], dst)
     commit_all(dst, "micro")

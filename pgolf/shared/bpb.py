@@ -164,9 +164,7 @@ def row_segments(x: torch.Tensor, win: torch.Tensor, width: int, backend: str):
     start, length = win[:, 0].cpu().numpy(), win[:, 1].cpu().numpy()  # (b,), (b,)
     if not (np.all(start[1:] == start[:-1] + width) and np.all(length[:-1] == width)):
         raise ValueError("scoring within documents needs non-sliding windows (each continuing the one before)")
-    flat = x.reshape(-1).cpu().numpy()  # (B*width,)
-    cu = docattn.build_cu_seqlens(docattn.doc_starts(flat), flat.size, width)
-    return docattn.segments(torch.from_numpy(cu).to(x.device), flat.size, width, backend)
+    return docattn.segments_of_row(x.reshape(-1), width, backend, x.device)  # the row (B*width,)
 
 
 def check_vocab(model, tokens: np.ndarray, tables: ByteTables) -> None:

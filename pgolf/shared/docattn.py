@@ -173,7 +173,7 @@ def segments(cu_seqlens: Tensor, n: int, max_len: int, backend: str = "reference
 
 def segments_of_row(tokens, max_len: int, backend: str = "reference", device="cpu",
                     bos_id: int | None = None) -> DocSegments:
-    """`segments` of a row of tokens (1-D) from its BOS positions (tests and benches)."""
+    """`segments` of a row of tokens (1-D) from its BOS positions (host copy: one sync)."""
     tokens = np.asarray(tokens.cpu() if isinstance(tokens, Tensor) else tokens).reshape(-1)
     cu = build_cu_seqlens(doc_starts(tokens, bos_id), tokens.size, max_len)
     check_cu_seqlens(cu, tokens.size, max_len)
