@@ -455,6 +455,7 @@ class EvaluateConfig(Section):
     name: typing.ClassVar[str] = "evaluate"
     context: int = 2048
     stride: int = 64  # 0 = non-sliding only
+    doc_attention: bool = False  # non-sliding windows scored with attention within documents (PR #2135's eval_val); needs stride 0
     batch_seqs: int = 32
     max_tokens: int = 0  # 0 = whole validation split
     device: str = "auto"
@@ -505,6 +506,9 @@ class EvaluateConfig(Section):
     def check(self) -> None:
         _at_least(self, 1, "context", "batch_seqs", "nproc_per_node")
         _each(self, ("stride",), lambda s: 0 <= s <= self.context, f"must be in [0, evaluate.context={self.context}]")
+        if self.doc_attention and self.stride:
+            raise self.bad("stride", "must be 0 with evaluate.doc_attention (a sliding window's seam would feed "
+                                     "the front end the wrong previous token)")
         _each(self, ("max_tokens",), lambda n: n == 0 or n >= self.context,
               f"must be 0 (all) or >= evaluate.context ({self.context}), one window")
         _one_of(self, "device", DEVICES)

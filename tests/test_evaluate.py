@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CFG = EvaluateConfig(context=16, stride=4, batch_seqs=4, max_tokens=200, device="cpu", compile=True,
                      nproc_per_node=1)
 PARAMS = "evaluate:\n  context: 16\n  stride: 4\n  batch_seqs: 4\n  max_tokens: 200\n  device: cpu\n" \
-         "  compile: true\n  nproc_per_node: {nproc}\n" + "".join(  # test-time training and n-gram tilt keys: defaults
+         "  compile: true\n  nproc_per_node: {nproc}\n" + "".join(  # test-time training, n-gram tilt, doc keys: defaults
              f"  {f.name}: {json.dumps(f.default)}\n" for f in dataclasses.fields(EvaluateConfig)
-             if f.name.startswith(("ttt_", "ngram_")))
+             if f.name.startswith(("ttt_", "ngram_", "doc_")))
 
 
 def tables(seed=0, sha=TOKENIZER["sha256"]):
@@ -133,6 +133,20 @@ def test_stride_zero_is_nonsliding_only(tmp_path):
     root = make_workdir(tmp_path, tiny_model(3))
     m = run(dataclasses.replace(CFG, stride=0), paths(root), progress=False)
     assert m["val_bpb"] == m["val_bpb_nonsliding"] and m["stride"] == 0 and m["windows"] == 12
+
+
+def test_doc_attention_scores_the_nonsliding_windows_within_documents(tmp_path):
+    """evaluate.doc_attention (a doc-packed model, PR #2135's eval_val): val_bpb is bpb's
+    within-document score of the artifact's model, not the dense one; it needs stride 0."""
+    model = tiny_model(1)
+    root = make_workdir(tmp_path, model, lossless=True)  # documents of 37 tokens (BOS every 37)
+    dense = run(dataclasses.replace(CFG, stride=0), paths(root), progress=False)
+    m = run(dataclasses.replace(CFG, stride=0, doc_attention=True), paths(root), progress=False)
+    ref = bpb.eval_nonsliding(model, val_tokens(root), tables(), 16, 4, "cpu", doc_backend="reference")
+    assert m["val_bpb"] == m["val_bpb_nonsliding"] == pytest.approx(ref["val_bpb"], abs=1e-12)
+    assert abs(m["val_bpb"] - dense["val_bpb"]) > 1e-4 and m["scored_bytes"] == dense["scored_bytes"]
+    with pytest.raises(config.ConfigError, match="evaluate.stride must be 0 with evaluate.doc_attention"):
+        dataclasses.replace(CFG, doc_attention=True).check()
 
 
 def test_ngram_tilt_scores_every_pass_tilted_and_only_when_on(tmp_path):

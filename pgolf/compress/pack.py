@@ -135,7 +135,8 @@ OPTIONAL: dict[str, Callable[[Sections], bool]] = {
     "pgolf/evaluate/ttt.py": lambda c: c["evaluate"].ttt_enabled and not _phased(c),
     "pgolf/quantize/lqer.py": lambda c: c["quantize"].lqer_enabled,
     # phased: its global pass; fa4: the flash-kernel swap (pgolf.shared.model.use_fa4_kernels)
-    "pgolf/shared/docattn.py": lambda c: c["train"].doc_packing or _phased(c) or c["model"].attn_backend == "fa4",
+    "pgolf/shared/docattn.py": lambda c: (c["train"].doc_packing or c["evaluate"].doc_attention or _phased(c)
+                                         or c["model"].attn_backend == "fa4"),
     "pgolf/shared/kernels/__init__.py": _kernels,
     "pgolf/shared/kernels/fused_mlp.py": _kernels,
     "pgolf/shared/kernels/qk_norm_rope.py": _kernels,

@@ -106,10 +106,11 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths(), progress: bool = True) -> d
     common = dict(device=info.device, rank=info.rank, world=info.world_size)
     tilt, tilt_s = _ngram_tilt(tokens, cfg)  # None unless evaluate.ngram_tilt; inside the clock
     compile_ = cfg.compile and info.device.type == "cuda"
-    compile_s = bpb.warm_up(model, cfg.context, cfg.batch_seqs, info.device, compile_)  # both passes' one shape
+    doc_backend = _doc_backend(cfg, info.device)
+    compile_s = bpb.warm_up(model, cfg.context, cfg.batch_seqs, info.device, compile_, doc_backend)  # one shape
     t1 = time.perf_counter()
     flat = bpb.eval_nonsliding(model, tokens, tables, cfg.context, cfg.batch_seqs, compile=compile_,
-                               progress=progress and info.is_main, tilt=tilt, **common)
+                               progress=progress and info.is_main, tilt=tilt, doc_backend=doc_backend, **common)
     t2 = time.perf_counter()
     if cfg.stride > 0:
         ev = bpb.eval_sliding(model, tokens, tables, cfg.context, cfg.stride, cfg.batch_seqs,
@@ -137,6 +138,15 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths(), progress: bool = True) -> d
     if info.is_main:
         write_json(paths.metrics, metrics)
     return metrics
+
+
+def _doc_backend(cfg: EvaluateConfig, device) -> str | None:
+    """evaluate.doc_attention's document-attention kernel on `device` (pgolf.shared.docattn), or None."""
+    if not cfg.doc_attention:
+        return None
+    from pgolf.shared import docattn  # only where a doc-packed model is scored
+
+    return docattn.resolve("auto", device)
 
 
 def _ngram_tilt(tokens, cfg: EvaluateConfig):

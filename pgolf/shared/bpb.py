@@ -118,17 +118,24 @@ def _hidden_fn(model, device: torch.device, compile: bool):
     return fn
 
 
-def warm_up(model, width: int, batch_seqs: int, device, compile: bool) -> float:
-    """Seconds to compile (and run once) the scoring forward on a zero batch (batch_seqs, width),
-    so that the timed passes after it exclude the one-time compile; 0.0 where nothing compiles."""
+def warm_up(model, width: int, batch_seqs: int, device, compile: bool, doc_backend: str | None = None) -> float:
+    """Seconds to compile (and run once) the scoring forward on a zero batch (batch_seqs, width)
+    (with `doc_backend`: as one row within documents), so that the timed passes after it exclude
+    the one-time compile; 0.0 where nothing compiles."""
     device = torch.device(device)
     if not (compile and device.type == "cuda"):
         return 0.0
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
+    x = torch.zeros(batch_seqs, width, dtype=torch.long, device=device)  # (B, width)
     with torch.inference_mode(), autocast_ctx(device):
-        _hidden_fn(model, device, True)(torch.zeros(batch_seqs, width, dtype=torch.long, device=device))
+        if doc_backend is None:
+            _hidden_fn(model, device, True)(x)
+        else:
+            from pgolf.shared import docattn  # only where a doc-packed model is scored
+            docs = docattn.segments_of_row(x.reshape(-1), width, doc_backend, device)
+            _hidden_fn(model, device, True)(x.reshape(1, -1), docs=docs)
     torch.cuda.synchronize(device)
     model.train(was_training)
     return round(time.perf_counter() - t0, 3)
