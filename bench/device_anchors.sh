@@ -20,12 +20,10 @@
 #   bash bench/device_anchors.sh background DIR PART ARGS...   # `device_anchors.sh PART DIR ARGS...` in a
 #       # process session of its own (setsid), which the lent machine keeps running after the call returns
 #       # (the PR #2135 script's cold start alone is about 540 s); DIR, on the machine (e.g. /tmp/bg/ref42),
-#       # gets its files, run.log and, once it ends, `done` (its exit status)
-#   bash bench/device_anchors.sh collect OUT DIR WAIT           # wait up to WAIT s (of this call) for
-#       # DIR/done, then DIR as one tar in OUT
-#   bash bench/device_anchors.sh guarded OUT PART ARGS...       # PART in the foreground (a pgolf arm),
-#       # stopped as soon as a background script logs its first warm-up step: its compile is over and its
-#       # clock about to start, so nothing else may share the GPU
+#       # gets its files, run.log and, once it ends, `done` (its exit status); nothing that trains may run
+#       # beside it (the script's compile runs its steps: two arms of ~40 GB overflow an 80 GB card)
+#   bash bench/device_anchors.sh collect OUT DIR WAIT           # wait up to WAIT s (from its own start;
+#       # after other parts pass $((570-SECONDS))) for DIR/done, then DIR as one tar in OUT
 # Carry (git-ignored): .whl (zstandard, brotli, python-minifier wheels for Python 3.12),
 # .devrun/proxy (the proxy corpus' docs-*.jsonl.zst), .devrun/val (the official sp1024
 # fineweb_val_000000.bin prefix), .devrun/val901 (the 901 validation docs, docs.jsonl.zst),
@@ -34,10 +32,10 @@
 # the 901 docs, with the byte sidecar), sp1024 for PR #535 / #1072 (validation: the official prefix).
 set -uo pipefail
 part=${1:-} out=${2:-}
-if [[ ! $part =~ ^(smoke|steps|wallclock|post|phased|background|collect|guarded)$ || -z $out ]]; then
+if [[ ! $part =~ ^(smoke|steps|wallclock|post|phased|background|collect)$ || -z $out ]]; then
   echo "usage: bash bench/device_anchors.sh smoke OUT | steps OUT ANCHOR STEPS BUDGET [PROGRAMS] |" \
        "wallclock|post OUT ANCHOR ARM SEED | phased OUT [BASE] | background DIR PART ARGS... |" \
-       "collect OUT DIR WAIT | guarded OUT PART ARGS..." >&2; exit 2
+       "collect OUT DIR WAIT" >&2; exit 2
 fi
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 [ -d /tmp/site/zstandard ] ||  # once per machine (a background part and the foreground would race)
@@ -91,17 +89,6 @@ case $part in
     while [ ! -f "$dir/done" ] && [ "$SECONDS" -lt "$wait" ]; do sleep 5; done
     if [ -f "$dir/done" ]; then echo "collect: $dir ended, exit $(cat "$dir/done")"; else echo "collect: $dir still running"; fi
     tar -C "$(dirname "$dir")" -czf "$out/$(basename "$dir").tgz" "$(basename "$dir")" ;;
-  guarded)
-    sub=${3:?part}
-    setsid bash bench/device_anchors.sh "$sub" "$out" "${@:4}" & pid=$!
-    while kill -0 "$pid" 2>/dev/null; do
-      if grep -qsE "^warmup_step: 1/" /tmp/tmp*/logs/*.txt; then  # a script's log (RUN_ID.txt in its scratch folder)
-        kill -- -"$pid"; sleep 3; kill -9 -- -"$pid" 2>/dev/null
-        echo "guarded: stopped $sub, a background script's warm-up began"; break
-      fi
-      sleep 1
-    done
-    wait "$pid" ;;
   wallclock|post)
     anchor=${3:?anchor} arm=${4:?arm} seed=${5:?seed}
     data=$(data_for "$anchor")
