@@ -295,7 +295,7 @@ class TrainConfig(Section):
     hessian_head: bool = False  # also the tied head's input Gram, as hessians.pgt "tok_emb.weight" (PR #2135)
     calibration_batches: int = 0  # Hessians after training on the exported weights, batches (0 = off; PR #2135: 32)
     calibration_seqs: int = 48  # sequences of seq_len per rank in one calibration batch (PR #2135: 48)
-    hessian_source: str = "online"  # online | calibration (needs calibration_batches > 0): written to hessians.pgt
+    hessian_source: str = "online"  # online | calibration (needs calibration_batches > 0; no online capture): written to hessians.pgt
     val_tokens: int = 0  # tokens for val_bpb_float (0 = all val tokens)
     val_batch_seqs: int = 32
     val_live: bool = False  # also score the live (not averaged) weights: val_bpb_live (early in a run EMA still holds the init)

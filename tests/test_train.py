@@ -645,16 +645,21 @@ def test_calibration_hessians_equal_hand_xtx_on_the_exported_weights(data_root, 
     """train.calibration_batches (PR #2135's GPTQ calibration): after training, calibration_batches
     batches of calibration_seqs rows of the training stream's next tokens through the exported
     (EMA) weights with the loop on; hessian_source calibration writes their per-row mean X^T X
-    (with train.hessian_head also the tied head's) instead of the online ones."""
-    end = {}
+    (with train.hessian_head also the tied head's), and no step captures online ones."""
+    end, captured = {}, []
     m = mcfg(num_loops=1, loop_start=0, loop_end=0)  # a looped layer's matrices see two inputs
-    r = run(data_root, tmp_path, m=m, on_step=lambda tr: end.update(_snapshot(tr)), iterations=3,
-            late_qat_threshold=0.0, hessian_head=True, calibration_batches=2, calibration_seqs=3,
-            hessian_source="calibration")
+
+    def on_step(tr):
+        end.update(_snapshot(tr))
+        captured.append(tr.hess.accumulations)
+
+    r = run(data_root, tmp_path, m=m, on_step=on_step, iterations=3, late_qat_threshold=0.0, hessian_head=True,
+            calibration_batches=2, calibration_seqs=3, hessian_source="calibration")
     assert r.hessian_meta == {"rows": 2 * 3 * 128, "accumulations": 2, "world_size": 1}
     assert r.metrics["hessian_source"] == "calibration" and r.metrics["calibration_batches"] == 2
     assert r.metrics["calibration_rows"] == 768 and r.metrics["calibration_seconds"] >= 0
-    assert r.metrics["hessian_accumulations"] >= 1  # the online ones were still captured (and reported)
+    assert r.metrics["hessian_accumulations"] == 2 and r.metrics["hessian_rows"] == 768  # the calibration's
+    assert captured == [0, 0, 0] and r.metrics["hessian_overhead_pct"] is None  # no step captured online
     assert "calibration: 2 batches x 3 seqs of 128" in r.log_text
     model = GPT(m, train_seq_len=128)
     model.load_export_state_dict(r.export)

@@ -26,8 +26,9 @@ after the training clock stopped and the exported weights are in the model, cali
 batches of calibration_seqs rows of seq_len (the training stream's next tokens, each rank its
 slice) go through no-grad forwards in eval mode with looping as configured, into a fresh
 accumulator finalised the same way (per-row mean over all ranks); train.hessian_source picks
-which of the two the file holds, and metrics/train.json records both (calibration_seconds: not
-part of train_seconds).
+which the file holds (calibration_seconds: not part of train_seconds). With `calibration` no step
+captures online Hessians (they would cost training time and go unused); with `online` the
+calibration only adds its metrics.
 
 Differences from PR #1072 (deliberate): Hessians are summed over ranks instead of rank 0's only;
 they are normalised by the number of rows (a per-token mean, independent of batch size and of
@@ -161,12 +162,14 @@ class HessianSchedule:
 
     `every` = steps between captures once the lr scale is below `start_scale` (0 = never on
     schedule); `iterations` and `max_wallclock_seconds` (0 = no cap) bound the last chance, on
-    which a capture is forced when `acc` has none yet.
+    which a capture is forced when `acc` has none yet. `online` False (train.hessian_source
+    calibration): no step captures and there is no fallback.
     """
 
     def __init__(self, acc: HessianAccumulator, every: int, start_scale: float, iterations: int,
-                 max_wallclock_seconds: float):
+                 max_wallclock_seconds: float, online: bool = True):
         self.acc = acc
+        self.online = bool(online)
         self.every = int(every)
         self.start_scale = float(start_scale)
         self.iterations = int(iterations)
@@ -188,6 +191,8 @@ class HessianSchedule:
 
     def due(self, step: int, scale: float, elapsed_ms: float) -> bool:
         """Capture on step `step` (lr scale `scale`, `elapsed_ms` of training before it)?"""
+        if not self.online:
+            return False
         if self.acc.accumulations == 0 and self.last_chance(step, elapsed_ms):
             return True
         return self.scheduled(step, scale)
@@ -201,7 +206,7 @@ class HessianSchedule:
     def needs_fallback(self) -> bool:
         """No step captured one (cannot happen on the step-based schedule): the trainer then
         feeds one extra micro-batch after the clock stopped."""
-        return self.acc.accumulations == 0
+        return self.online and self.acc.accumulations == 0
 
     def overhead(self, step_ms: list[float]) -> dict:
         return hessian_overhead(step_ms, self.step_kind, self.every)

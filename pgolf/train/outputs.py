@@ -135,7 +135,8 @@ def final_line(m: dict, ev: dict, eval_s: float) -> str:
             f"stopped by {m['stopped_by']}; exported {m['exported_weights']} weights; val_loss_float "
             f"{ev['val_loss']:.4f} val_bpb_float {ev['val_bpb']:.4f} over {ev['tokens']:,} tokens "
             f"({eval_s:.1f} s); Hessians: {m['hessian_accumulations']} accumulations, {m['hessian_rows']:,} rows, "
-            f"overhead {m['hessian_overhead_pct']}% of step time")
+            + (f"overhead {m['hessian_overhead_pct']}% of step time" if m["hessian_overhead_pct"] is not None
+               else "overhead not measured (no capture step, or no other step, during training)"))
 
 
 def _peak_memory_mb(dev: torch.device) -> tuple[float, str]:

@@ -68,7 +68,8 @@ class Trainer:
         self.avg = WeightAverages(self.model, cfg.ema_decay, cfg)
         self.hess = hessian.HessianAccumulator(self.model.hessian_shapes(), self.dev)
         self.hess_schedule = hessian.HessianSchedule(self.hess, cfg.hessian_every, cfg.hessian_start_scale,
-                                                     cfg.iterations, cfg.max_wallclock_seconds)
+                                                     cfg.iterations, cfg.max_wallclock_seconds,
+                                                     online=cfg.hessian_source == "online")
         self.loader = self._new_loader()
         self.fp = checkpoint.fingerprint(mcfg, cfg, info.world_size, inputs.data_id)
         self.step = 0
@@ -280,10 +281,11 @@ class Trainer:
 
     def finish(self) -> TrainResult:
         """Hessians (cross-rank), exported weights into the model, val_bpb_float, metrics."""
-        hess, hmeta = self._hessians()
+        online = self._hessians() if self.hess_schedule.online else None  # (hessians, meta)
         live = self._val() if self.cfg.val_live else None  # the live weights, before the exported ones go in
         ev, eval_s = self._evaluate_final()
         calib = self._calibration() if self.cfg.calibration_batches > 0 else None
+        hess, hmeta = online or calib[:2]  # train.hessian_source: online unless calibration (then no online)
         export = {n: t.detach().float().cpu().contiguous() for n, t in self.model.export_state_dict().items()}
         run = Counters(self.step, self.elapsed_ms, self.info.world_size, self.split.accum, self.stopped_by,
                        self.resumed_from, self.checkpoint_status)
@@ -292,12 +294,10 @@ class Trainer:
         if live is not None:
             m.update(val_bpb_live=live["val_bpb"], val_loss_live=live["val_loss"])
         if calib is not None:
-            chess, cmeta, cal_s = calib
+            _, cmeta, cal_s = calib
             m.update(hessian_source=self.cfg.hessian_source, calibration_batches=cmeta["accumulations"],
                      calibration_seqs=self.cfg.calibration_seqs, calibration_rows=cmeta["rows"],
                      calibration_seconds=round(cal_s, 3))
-            if self.cfg.hessian_source == "calibration":
-                hess, hmeta = chess, cmeta
         self.log(final_line(m, ev, eval_s))
         return TrainResult(m, export, hess, hmeta, self.log.text(), list(self.log.rows))
 
