@@ -192,3 +192,22 @@ def test_fresh_init_has_the_scripts_distribution_per_parameter(script):
         assert float(a.mean()) == pytest.approx(float(b.mean()), abs=0.05 * sd + 1e-6), name
         if a.numel() > 1:
             assert float(b.std()) == pytest.approx(sd, rel=0.05, abs=1e-6), name
+
+
+@pytest.mark.parametrize("looping", [False, True])
+def test_a_training_step_does_the_scripts_matmul_work(pair, looping):
+    """The same matmul FLOPs (forward and backward, torch's FlopCounterMode) as the script's model:
+    pgolf's slower step on a GPU (docs/anchors.md) is not extra matrix work."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ref, m = pair
+    ids = token_ids(2, 256)
+    set_loops(ref, m, looping)
+    flops = []
+    for model in (ref, m):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(ids, torch.roll(ids, -1, dims=1)).backward()
+        model.zero_grad(set_to_none=True)
+        flops.append(counter.get_flop_counts()["Global"])
+    assert flops[0] == flops[1] and sum(flops[1].values()) > 0
