@@ -1,7 +1,7 @@
 """Side-by-side training throughput: an anchor's record script and pgolf, one GPU, one run.
 
     python -m bench.bench_vs_ref --data DIR --out bench/results/vs_ref_h200.json \\
-        [--anchor pr1072|pr535|pr2135] [--stub-dir DIR] [--ref SCRIPT] [--trace-dir DIR]
+        [--anchor pr1072|pr535|pr2135] [--stub-dir DIR] [--ref SCRIPT] [--trace-dir DIR] [--profile-reference]
 
 `--anchor` (bench.anchors; PR #1072 by default) picks the script, its logged runs' settings, its
 log format, the tokenizer of the shards and the pgolf profile trained beside it; PR #535 and PR
@@ -21,7 +21,9 @@ loop). Steady state for both: the median over logged intervals from step 10 on o
 excluded and listed separately. Runs, in order of importance: pgolf 786k (cold compile cache,
 profiled), reference 786k, pgolf 196k (profiled), reference 196k, then pgolf 786k again with a
 warm compile cache. The JSON is rewritten after every run, so a run cut by `--budget` keeps the
-ones before it. Every path is resolved first: the reference runs in a scratch folder.
+ones before it. Every path is resolved first: the reference runs in a scratch folder. pgolf's runs
+end with a few steps under torch.profiler; `--profile-reference` does the same for the script,
+unmodified, through bench.ref_profile, so both step profiles come from one machine.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ STEPS = {786432: 40, 196608: 100}  # other batch sizes (smoke runs): 100 steps
 LOG_EVERY = 5
 FIRST_STEADY = 10
 FIRST_STEP = re.compile(r"^step:1/\d+ ")
+PROFILED = 3  # --profile-reference: the script's steps under torch.profiler, after its timed ones
 
 
 def ref_steady(marks: list[tuple[int, float]]) -> tuple[float, list[float]]:
@@ -82,31 +85,40 @@ def stream(cmd: list[str], cwd, env: dict, timeout: float, on_line=None) -> tupl
 
 
 def run_ref(script: Path, data: Path, batch: int, timeout: float, steps: int,
-            anchor: anchors.Anchor = anchors.ANCHORS["pr1072"], stub_dir: Path | None = None) -> dict:
+            anchor: anchors.Anchor = anchors.ANCHORS["pr1072"], stub_dir: Path | None = None,
+            profile: Path | None = None) -> dict:
     """The unmodified record script on one GPU for `steps` steps at lr scale 1 (no warmdown);
-    stopped once the last is logged."""
+    stopped once the last is logged. With `profile` (a JSON path), PROFILED more steps then run under
+    torch.profiler (bench.ref_profile) and their summary is the result's "profile"."""
+    iterations = steps + (PROFILED if profile else 0)
     env = {**os.environ, **SAFE_ENV, **anchor.env, "DATA_PATH": str(data), "TOKENIZER_PATH": str(anchor.tokenizer),
-           "TRAIN_BATCH_TOKENS": str(batch), "ITERATIONS": str(steps), "WARMDOWN_ITERS": "0", "WARMDOWN_FRAC": "0",
+           "TRAIN_BATCH_TOKENS": str(batch), "ITERATIONS": str(iterations), "WARMDOWN_ITERS": "0", "WARMDOWN_FRAC": "0",
            "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_LOG_EVERY": str(LOG_EVERY), "VAL_LOSS_EVERY": "0",
            "WARMUP_STEPS": "3", "SEED": "1337", "RUN_ID": f"bench{batch}"}
     env = anchors.with_stub(env, stub_dir)
+    cmd = [sys.executable, str(script)]
+    if profile:  # the wrapper is imported from this checkout: the script runs in a scratch folder
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), str(REPO)) if p)
+        cmd = [sys.executable, "-m", "bench.ref_profile", str(script), "--at", str(steps), "--steps", str(PROFILED),
+               "--accum", "8", "--out", str(profile)]  # the scripts: 8 micro-batches a step on one GPU
     marks, losses, t0, seen, timed = [], [], time.perf_counter(), {}, []
 
     def on_line(line: str) -> bool:
         got = anchor.parse_step(line, batch)
         if not got and not line.startswith("  "):  # its settings dump is indented; the rest is timed
             timed.append([round(time.perf_counter() - t0, 1), line.rstrip()[:160]])
-        if got:
+        if got and got[0] <= steps:  # the profiled steps after them are not timed
             seen.setdefault("first", time.perf_counter() - t0)
             marks.append((got[0], got[2]))
             losses.append([got[0], got[1]])
-        return bool(got) and got[0] >= steps
+        return bool(got) and got[0] >= steps and not profile  # the wrapper ends itself after its window
 
     with tempfile.TemporaryDirectory() as cwd:
-        lines, first = stream([sys.executable, str(script)], cwd, env, timeout, on_line)
+        lines, first = stream(cmd, cwd, env, timeout, on_line)
     first = first or seen.get("first")
     med, rates = ref_steady(marks)
-    return {"program": "reference", "batch_tokens": batch, "step_ms_steady": round(med, 2),
+    extra = {"profile": json.loads(profile.read_text())["profile"]} if profile and profile.is_file() else {}
+    return {**extra, "program": "reference", "batch_tokens": batch, "step_ms_steady": round(med, 2),
             "interval_ms_per_step": rates, "tokens_per_second": round(batch / med * 1000.0) if rates else None,
             "seconds_to_first_step": round(first, 1) if first else None, "steps_logged": len(marks),
             "loss_curve": losses, "timeline": timed[-60:], "log_tail": lines[-40:] if not rates else []}
@@ -213,6 +225,9 @@ def main() -> None:
     ap.add_argument("--pgolf-extra", nargs="*", default=[], help="more bench.profile_train arguments")
     ap.add_argument("--steps", type=int, default=0,
                     help="training steps of every run (0: 40 at 786,432 tokens, else 100)")
+    ap.add_argument("--profile-reference", action="store_true",
+                    help=f"after its timed steps, {PROFILED} more of the script's under torch.profiler "
+                         "(bench.ref_profile): its top kernels beside pgolf's")
     ap.add_argument("--also", action="append", default=[],
                     help="an extra pgolf variant after a batch's pair: 'BATCH section.key=value ...' (repeatable)")
     args = ap.parse_args()
@@ -250,7 +265,8 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         if prog == "reference":
-            r = run_ref(Path(args.ref), Path(args.data), batch, left, steps[batch], anchor, stub)
+            r = run_ref(Path(args.ref), Path(args.data), batch, left, steps[batch], anchor, stub,
+                        scratch / f"ref_profile{i}.json" if args.profile_reference else None)
         else:
             trace = args.trace_dir if ("--profile-steps" not in extra and args.trace_dir) else None
             r = run_pgolf(batch, left, Path(args.data), scratch / f"run{i}.json", extra, trace, steps[batch],

@@ -4,7 +4,8 @@
 #       # document-packed) at the record shapes, then the PR #2135 script vs pgolf's pr2135 profile,
 #       # 40 steps each at its batch of 786,432 tokens: the steady step ratio
 #   bash bench/device_anchors.sh steps OUT ANCHOR STEPS BUDGET [PROGRAMS [ALSO]]  # the script vs its
-#       # profile, STEPS each at 786,432 tokens (bench_vs_ref), within BUDGET seconds; PROGRAMS
+#       # profile, STEPS each at 786,432 tokens (bench_vs_ref), then a few more of each under
+#       # torch.profiler (both programs' top kernels), within BUDGET seconds; PROGRAMS
 #       # ("reference", "pgolf"): one half, the other in the next call on the same warm machine;
 #       # ALSO ("section.key=value ..."): one more pgolf run with those params after the pair
 #   bash bench/device_anchors.sh wallclock OUT ANCHOR ARMS SEED  # arms ("reference", "pgolf", or both
@@ -66,7 +67,7 @@ case $part in
     extra=(); [ -n "$also" ] && extra=(--also "786432 $also")
     # shellcheck disable=SC2086  # PROGRAMS is a list of words
     python3 -m bench.bench_vs_ref --anchor "$anchor" --stub-dir .devrun/fa3_stub --batches 786432 --steps "$steps" \
-      --variants 0 --budget "$budget" --programs $programs --data "$data" "${extra[@]}" \
+      --variants 0 --budget "$budget" --programs $programs --data "$data" --profile-reference "${extra[@]}" \
       --out "$out/vs_ref_${anchor}_${programs// /_}.json" 2>&1 | tee "$out/vs_ref_$anchor.log" ;;
   phased)
     val=$PWD/$(data_for pr2135)/fineweb_val_000000.bin base=${3:-} root=$PWD

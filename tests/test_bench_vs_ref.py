@@ -142,3 +142,32 @@ def test_another_anchors_log_format_and_settings_are_used(tmp_path):
     r = B.run_ref(script, tmp_path, 196608, timeout=30, steps=40, anchor=anchors.get("pr2135"))
     assert r["steps_logged"] == 5 + 7 and r["step_ms_steady"] == pytest.approx(40.0)
     assert r["loss_curve"][-1] == [40, 2.6] and r["seconds_to_first_step"] is not None
+
+
+FAKE_MUON = textwrap.dedent("""
+    import os, time, torch
+    n = int(os.environ["ITERATIONS"])
+    class Muon(torch.optim.SGD):
+        pass
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = Muon([w], lr=0.1)
+    saved = opt.state_dict()
+    for _ in range(4):  # its compile warm-up, then the restore
+        (w * w).sum().backward(); opt.step()
+    opt.load_state_dict(saved)
+    for s in range(1, n + 1):
+        (w * w).sum().backward(); opt.step()
+        print(f"step:{s}/{n} train_loss:{7 - s / 100:.4f} train_time:{10 * s}ms step_avg:10.0ms", flush=True)
+    time.sleep(60)  # never reached: the wrapper ends the process after its window
+""")
+
+
+def test_profile_reference_runs_more_steps_under_the_profiler_and_times_only_the_first(tmp_path):
+    script = tmp_path / "train_gpt.py"
+    script.write_text(FAKE_MUON)
+    out = tmp_path / "ref_profile.json"
+    r = B.run_ref(script, tmp_path, 786432, timeout=50, steps=15, profile=out)
+    assert r["loss_curve"][-1][0] == 15 and r["steps_logged"] == 15  # the profiled 16-18 are not timed
+    assert r["step_ms_steady"] == 10.0 and "profile" in r  # {} on a CPU: the summary counts GPU kernels
+    assert __import__("json").loads(out.read_text())["profiled_steps"] == [16, 15 + B.PROFILED]
+    assert r["timeline"][-1][0] < 50  # the wrapper ended the script after its window, not the timeout
