@@ -22,7 +22,8 @@
 #       # process session of its own (setsid), which the lent machine keeps running after the call returns
 #       # (the PR #2135 script's cold start alone is about 540 s); DIR, on the machine (e.g. /tmp/bg/ref42),
 #       # gets its files, run.log and, once it ends, `done` (its exit status); nothing that trains may run
-#       # beside it (the script's compile runs its steps: two arms of ~40 GB overflow an 80 GB card)
+#       # beside it (the script's compile runs its steps: two arms of ~40 GB overflow an 80 GB card), so
+#       # the other parts that use the GPU refuse to start until it is done
 #   bash bench/device_anchors.sh collect OUT DIR WAIT           # wait up to WAIT s (from its own start;
 #       # after other parts pass $((570-SECONDS))) for DIR/done, then DIR as one tar in OUT
 # Carry (git-ignored): .whl (zstandard, brotli, python-minifier wheels for Python 3.12),
@@ -39,6 +40,16 @@ if [[ ! $part =~ ^(smoke|steps|wallclock|post|phased|background|collect)$ || -z 
        "collect OUT DIR WAIT" >&2; exit 2
 fi
 mkdir -p "$out" && out=$(cd "$out" && pwd)
+registry=${TMPDIR:-/tmp}/device_anchors_background  # the folders of background parts, one a line
+if [[ $part =~ ^(smoke|steps|wallclock|post|phased|background)$ && -f $registry ]]; then  # each needs the GPU alone
+  while read -r dir; do
+    if [ "$dir" != "${DEVICE_ANCHORS_SELF:-}" ] && [ ! -f "$dir/done" ]; then
+      echo "device_anchors: a background part still runs in $dir (two training runs overflow one card);" \
+           "wait for it with: bash bench/device_anchors.sh collect OUT $dir WAIT (or, if it died, drop" \
+           "its line from $registry)" >&2; exit 2
+    fi
+  done < "$registry"
+fi
 [ -d /tmp/site/zstandard ] ||  # once per machine (a background part and the foreground would race)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -81,8 +92,10 @@ case $part in
   background)
     sub=${3:?part}
     [[ $sub =~ ^(steps|wallclock|post)$ ]] && data_for "${4:?anchor}" > /dev/null  # built here, not beside the foreground
+    rm -f "$out/done" && echo "$out" >> "$registry"
     # shellcheck disable=SC2016  # expanded by the inner shell
-    setsid nohup bash -c 'd=$1; shift; bash bench/device_anchors.sh "$@" > "$d/run.log" 2>&1; echo $? > "$d/done"' \
+    DEVICE_ANCHORS_SELF=$out setsid nohup bash -c \
+      'd=$1; shift; bash bench/device_anchors.sh "$@" > "$d/run.log" 2>&1; echo $? > "$d/done"' \
       _ "$out" "$sub" "$out" "${@:4}" < /dev/null > /dev/null 2>&1 &
     echo "background: $sub in $out (pid $!)" ;;
   collect)
