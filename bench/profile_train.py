@@ -134,12 +134,18 @@ def profile_steps(trainer: Trainer, n: int, trace_path: Path | None) -> dict:
         for _ in range(n):
             trainer._step(trainer.step, 1.0, trainer.triggers.seq_len, None)
             sync(trainer.dev)
+    return summarise_profiler(prof, n, trainer.split.accum, trace_path)
+
+
+def summarise_profiler(prof, steps: int, accum: int, trace_path: Path | None) -> dict:
+    """`summarise_trace` of a finished torch.profiler run over `steps` steps; the Chrome trace also
+    gzipped to `trace_path` when given."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         raw = Path(f.name).read_bytes()
     if trace_path is not None:
         trace_path.write_bytes(gzip.compress(raw, 6))
-    return summarise_trace(json.loads(raw), n, trainer.split.accum)
+    return summarise_trace(json.loads(raw), steps, accum)
 
 
 def run_batch(mcfg: ModelConfig, cfg: TrainConfig, paths, info, args, trace_dir: Path | None, t_start: float) -> dict:

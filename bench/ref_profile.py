@@ -16,12 +16,10 @@ environment as usual (bench.bench_vs_ref sets them).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import runpy
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -70,19 +68,13 @@ class Window:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.prof.__exit__(None, None, None)
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            self.prof.export_chrome_trace(f.name)
-            raw = Path(f.name).read_bytes()
-        if self.trace is not None:
-            self.trace.write_bytes(gzip.compress(raw, 6))
-        from bench.profile_train import summarise_trace  # after the window: nothing of pgolf's loads before
+        from bench.profile_train import summarise_profiler  # after the window: nothing of pgolf's loads before
 
-        summary = summarise_trace(json.loads(raw), self.steps, self.accum)
+        summary = summarise_profiler(self.prof, self.steps, self.accum, self.trace)
         self.out.write_text(json.dumps({"program": "reference", "optimizer": self.optimizer,
                                         "profiled_steps": [self.at + 1, self.at + self.steps],
                                         "profile": summary}, indent=1) + "\n")
         print(f"ref_profile: steps {self.at + 1}-{self.at + self.steps} profiled -> {self.out}", flush=True)
-        sys.stdout.flush()
         os._exit(0)
 
 
