@@ -2,6 +2,7 @@
 
     python -m bench.bench_vs_ref --data DIR --out bench/results/vs_ref_h200.json \\
         [--anchor pr1072|pr535|pr2135] [--stub-dir DIR] [--ref SCRIPT] [--trace-dir DIR] [--profile-reference]
+    python -m bench.bench_vs_ref --merge a.json b.json --out x.json [--note TEXT]   # halves run in two calls
 
 `--anchor` (bench.anchors; PR #1072 by default) picks the script, its logged runs' settings, its
 log format, the tokenizer of the shards and the pgolf profile trained beside it; PR #535 and PR
@@ -207,7 +208,40 @@ def plan(args) -> list[tuple]:
     return runs
 
 
+MERGE_SAME = ("what", "device", "torch", "triton", "data", "steps", "reference_stub")
+
+
+def merge(paths: list[Path], note: str | None = None) -> dict:
+    """One result from the JSONs of calls that each ran some of the programs (`--programs`) on one
+    warm machine: the first one's head, every call's runs, the ratios over all. ValueError unless
+    the calls ran the same anchor, GPU model, versions, shards and steps."""
+    docs = [json.loads(p.read_text()) for p in paths]
+    for key in MERGE_SAME:
+        values = {json.dumps(d.get(key)) for d in docs}
+        if len(values) > 1:
+            raise ValueError(f"--merge: the files differ in {key!r}: {', '.join(sorted(values))}")
+    results = [r for d in docs for r in d["results"]]
+    batches = sorted({r["batch_tokens"] for r in results}, reverse=True)
+    head = {k: v for k, v in docs[0].items() if k not in ("results", "ratio_tokens_per_second")}
+    return {**head, **({"note": note} if note else {}), "merged_from": [p.name for p in paths],
+            "ratio_tokens_per_second": ratios(results, batches), "results": results}
+
+
+def merge_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description="merge the JSONs of calls that ran the halves of one pair")
+    ap.add_argument("--merge", type=Path, nargs="+", required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--note", default=None, help="where and how the calls ran (the GPU's UUID, the call order)")
+    a = ap.parse_args(argv)
+    try:
+        a.out.write_text(json.dumps(merge(a.merge, a.note), indent=1) + "\n")
+    except ValueError as e:
+        ap.error(str(e))
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--merge"]:
+        return merge_main(sys.argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="folder of fineweb_train_*.bin / fineweb_val_*.bin shards")
     ap.add_argument("--anchor", default="pr1072", help=f"the script run beside pgolf: {', '.join(anchors.ANCHORS)}")

@@ -171,3 +171,30 @@ def test_profile_reference_runs_more_steps_under_the_profiler_and_times_only_the
     assert r["step_ms_steady"] == 10.0 and "profile" in r  # {} on a CPU: the summary counts GPU kernels
     assert __import__("json").loads(out.read_text())["profiled_steps"] == [16, 15 + B.PROFILED]
     assert r["timeline"][-1][0] < 50  # the wrapper ended the script after its window, not the timeout
+
+
+def test_merge_joins_two_calls_halves_and_computes_their_ratio(tmp_path, monkeypatch):
+    """The script's half in one call, pgolf's in the next on the same machine: one JSON whose
+    ratio is pgolf's tokens/s over the script's; files from another GPU are refused by key."""
+    import json
+
+    head = {"what": "w", "device": "NVIDIA H100 80GB HBM3", "torch": "2.11", "triton": "3.6", "data": "/d",
+            "steps": {"786432": 25}, "reference_stub": "/s", "ratio_tokens_per_second": {}}
+    ref = {**head, "results": [{"program": "reference", "batch_tokens": 786432, "variant": None,
+                                "tokens_per_second": 600_000}]}
+    pg = {**head, "results": [{"program": "pgolf", "batch_tokens": 786432, "variant": "default",
+                               "tokens_per_second": 660_000},
+                              {"program": "pgolf", "batch_tokens": 786432, "variant": "--set a.b=1",
+                               "tokens_per_second": 540_000}]}
+    a, b, c, out = (tmp_path / n for n in ("a.json", "b.json", "c.json", "out.json"))
+    a.write_text(json.dumps(ref))
+    b.write_text(json.dumps(pg))
+    monkeypatch.setattr(sys, "argv", ["x", "--merge", str(a), str(b), "--out", str(out), "--note", "GPU-1"])
+    B.main()
+    got = json.loads(out.read_text())
+    assert got["ratio_tokens_per_second"] == {"786432": {"default": 1.1, "--set a.b=1": 0.9}}
+    assert [r["program"] for r in got["results"]] == ["reference", "pgolf", "pgolf"]
+    assert got["note"] == "GPU-1" and got["merged_from"] == ["a.json", "b.json"]
+    c.write_text(json.dumps({**pg, "device": "NVIDIA H200"}))
+    with pytest.raises(ValueError, match="differ in 'device'"):
+        B.merge([a, c])
