@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,8 +109,8 @@ class PrepareConfig(Section):
     name: typing.ClassVar[str] = "prepare"
     source: str = "fineweb"  # embedded | local | fineweb
     corpus: str = "data/fineweb10B_sp1024"  # file or folder of .jsonl / .jsonl.zst / .txt, or the shard folder
-    val_source: str = "data/fineweb10B_sp1024"  # validation documents; "" = first `val_docs` docs of corpus
-    val_docs: int = 0  # used only when val_source is "" (challenge: first 50,000 docs)
+    val_source: str = "data/fineweb10B_sp1024"  # validation documents (fineweb: the val shards' folder); = corpus: its first `val_docs` docs
+    val_docs: int = 0  # used only when val_source is corpus (challenge: first 50,000 docs)
     max_train_docs: int = 0  # 0 = all
     tokenizer: str = "data/fineweb10B_sp1024/fineweb_1024_bpe.model"  # a .model path, or "train"
     vocab_size: int = 1024  # spec §1.3
@@ -120,6 +121,12 @@ class PrepareConfig(Section):
     fineweb_train_shards: int = 80  # train shards to download when fineweb_dir is missing
     workers: int = 16  # processes for tokenization
     text_transform: str = "none"  # none | caseops (PR #2135 lossless caps: needs a CaseOps .model; val_bpb on original bytes)
+
+    @property
+    def val_from_corpus(self) -> bool:
+        """Validation comes from the corpus: its first val_docs documents (text), or the val shards
+        beside the train ones (fineweb)."""
+        return os.path.normpath(self.val_source) == os.path.normpath(self.corpus)
 
     def check(self) -> None:
         _one_of(self, "source", PREPARE_SOURCES)
@@ -132,8 +139,11 @@ class PrepareConfig(Section):
             raise self.bad("corpus", "must name a file or folder")
         if not self.tokenizer:
             raise self.bad("tokenizer", "must be a .model path or 'train'")
-        if self.source != "fineweb" and not self.val_source and self.val_docs == 0:
-            raise self.bad("val_docs", "must be > 0 when prepare.val_source is empty (no validation documents)")
+        if not self.val_source:  # a DVC dependency of prepare: an empty path stops `dvc repro` unexplained
+            raise self.bad("val_source", "must name the validation documents (source fineweb: the folder of the val "
+                                         "shards), or be prepare.corpus itself to hold out its first val_docs documents")
+        if self.source != "fineweb" and self.val_from_corpus and self.val_docs == 0:
+            raise self.bad("val_docs", "must be > 0 when prepare.val_source is prepare.corpus (no validation documents)")
         if self.source == "fineweb" and self.tokenizer == "train":
             raise self.bad("tokenizer", "must be the export's .model file for source 'fineweb' (its shards are "
                                         "pre-tokenized)")

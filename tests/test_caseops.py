@@ -269,13 +269,13 @@ def test_fineweb_source_links_the_sidecar_and_requires_it_for_caseops(tmp_path, 
     first = prepare.run(_cfg(), tmp_path)
     export = tmp_path / "export"
     (tmp_path / "data" / "shards").rename(export)
-    m = prepare.run(_cfg(source="fineweb", corpus="export", val_source=""), tmp_path)
+    m = prepare.run(_cfg(source="fineweb", corpus="export", val_source="export"), tmp_path)
     assert m["val_bytes"] == first["val_bytes"] and m["byte_source"] == "sidecar"
     assert [p.name for p in val_bytes.list_sidecar(tmp_path / "data" / "shards")] == ["fineweb_val_bytes_000000.bin"]
     for p in val_bytes.list_sidecar(export):
         p.unlink()
     with pytest.raises(SidecarError, match=r"export: prepare\.text_transform is caseops but the folder has no byte sidecar"):
-        prepare.run(_cfg(source="fineweb", corpus="export", val_source=""), tmp_path)
+        prepare.run(_cfg(source="fineweb", corpus="export", val_source="export"), tmp_path)
 
 
 # ----------------------------------------------------------------------------- the sidecar and val_bpb
@@ -418,7 +418,7 @@ def test_proxy_shards_builds_a_caseops_folder_prepare_reads(tmp_path, val_texts)
     assert info["val_byte_sidecar"] == [val_bytes.sidecar_name(i) for i in range(len(info["val_shards"]))]
     assert len(info["val_shards"]) > 1 and info["train_shards"] > 1
     assert info["val_bytes"] == sum(len(t.encode()) for t in val_texts[:12])
-    m = prepare.run(_cfg(source="fineweb", corpus="out", val_source=""), tmp_path)
+    m = prepare.run(_cfg(source="fineweb", corpus="out", val_source="out"), tmp_path)
     assert (m["val_bytes"], m["val_tokens"], m["train_tokens"]) == (info["val_bytes"], info["val_tokens"],
                                                                    info["train_tokens"])
     with pytest.raises(SystemExit, match="needs --val-docs"):

@@ -213,3 +213,24 @@ def test_bytecode_in_a_code_folder_is_not_a_dep_change():
     assert repo.dvcignore.is_ignored(repo.fs, str(pyc))
     assert repo.dvcignore.is_ignored(repo.fs, str(ROOT / "pgolf" / "shared" / "stray.pyc"))
     assert not repo.dvcignore.is_ignored(repo.fs, str(ROOT / "pgolf" / "shared" / "io.py"))
+
+
+def test_every_profiles_param_paths_are_dvc_paths():
+    """A `${section.key}` dep takes its path from params.yaml; an empty one stops `dvc repro` with
+    "unexpected error" (pr2135's `prepare.val_source: ""` did, on its first GPU run). Every profile,
+    and the config check of any params.yaml, gives a non-empty path."""
+    from pgolf import config
+    from pgolf.params import profiles
+
+    doc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    keys = {d[2:-1] for s in doc["stages"].values() for d in s.get("deps", []) if d.startswith("${")}
+    assert keys == {"prepare.corpus", "prepare.val_source"}
+    for name in profiles.available(ROOT):
+        params = profiles.resolve(name, ROOT)
+        for key in keys:
+            section, field = key.split(".")
+            assert isinstance(params[section][field], str) and params[section][field].strip(), (name, key)
+    for key in keys:
+        section, field = key.split(".")
+        with pytest.raises(config.ConfigError, match=f"{key} must"):
+            config.from_dict(section, {field: ""})

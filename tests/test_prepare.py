@@ -200,8 +200,12 @@ def test_prepare_param_out_of_range(tmp_path, key, value, msg):
 
 
 def test_no_validation_configured(tmp_path):
-    with pytest.raises(ConfigError, match=r"prepare\.val_docs must be > 0 when prepare\.val_source is empty"):
-        prepare.run(_cfg(val_source="", val_docs=0), tmp_path)
+    with pytest.raises(ConfigError, match=r"prepare\.val_docs must be > 0 when prepare\.val_source is prepare\.corpus"):
+        prepare.run(_cfg(val_source="corpus", val_docs=0), tmp_path)
+    # an empty path would be an empty DVC dependency of prepare, which stops `dvc repro` with no reason given
+    with pytest.raises(ConfigError, match=r"prepare\.val_source must name the validation documents .* or be "
+                                          r"prepare\.corpus itself"):
+        prepare.run(_cfg(val_source="", val_docs=10), tmp_path)
 
 
 # ----------------------------------------------------------------------------- prepare end to end
@@ -244,7 +248,7 @@ def test_prepare_val_docs_from_corpus_with_worker_pool(tmp_path, sp, train_texts
     paragraphs = [p for t in train_texts for p in t.split("\n") if p.strip()]
     docs = (paragraphs * (600 // len(paragraphs) + 1))[:600]  # > 2 chunks of 256 docs: the pool path
     _jsonl(tmp_path / "corpus" / "docs.jsonl", docs)
-    m = prepare.run(_cfg(val_source="", val_docs=300, max_train_docs=250, workers=2), tmp_path)
+    m = prepare.run(_cfg(val_source="./corpus/", val_docs=300, max_train_docs=250, workers=2), tmp_path)  # = corpus
     shard_dir = tmp_path / "data" / "shards"
     assert shards.load_tokens(shards.list_shards(shard_dir, "val")).tolist() == _expected_stream(sp, docs[:300]).tolist()
     assert shards.load_tokens(shards.list_shards(shard_dir, "train")).tolist() == _expected_stream(sp, docs[300:550]).tolist()
@@ -403,7 +407,7 @@ def test_prepare_export_rejects_foreign_shard(tmp_path):
     export.mkdir()
     (export / "fineweb_val_000000.bin").write_bytes(FIXTURE.read_bytes())
     shards.write_shard(export / "fineweb_train_000000.bin", [1, 2000])  # id beyond vocab 1024
-    cfg = _cfg(source="fineweb", corpus=str(export), val_source="", tokenizer=str(OFFICIAL_MODEL))
+    cfg = _cfg(source="fineweb", corpus=str(export), val_source=str(export), tokenizer=str(OFFICIAL_MODEL))
     with pytest.raises(shards.ShardError, match=r"fineweb_train_000000\.bin: token id 2000 >= prepare\.vocab_size 1024"):
         prepare.run(cfg, tmp_path)
     assert not (tmp_path / "data" / "shards").exists()

@@ -217,7 +217,7 @@ def _write_tokenizer(tdir: Path, sp: spm.SentencePieceProcessor, cfg: PrepareCon
 
 def _doc_sources(cfg: PrepareConfig, root: Path):
     corpus = _path(root, cfg.corpus)
-    val_path = _path(root, cfg.val_source) if cfg.val_source else None
+    val_path = None if cfg.val_from_corpus else _path(root, cfg.val_source)
 
     def val_docs():
         if val_path is not None:
@@ -245,7 +245,7 @@ def _check_not_near_empty(split: dict, path: Path, what: str) -> None:
 
 def _prepare_text(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> dict:
     for p in (cfg.corpus, cfg.val_source):  # fail fast on a missing path, before any work
-        if p and not corpus_files(_path(root, p)):
+        if not corpus_files(_path(root, p)):
             raise CorpusError(f"{_path(root, p)}: empty corpus (no .jsonl, .jsonl.zst or .txt files)")
     val_docs, train_docs = _doc_sources(cfg, root)
     model = tdir / layout.TOKENIZER_MODEL_FILE
@@ -274,13 +274,13 @@ def _prepare_text(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> dic
     val = encode_split(val_docs(), model, ShardWriter(sdir, "val", cfg.shard_tokens), cfg.workers,
                        tables=tables, desc="val", transform=cfg.text_transform, sidecar=sidecar)
     if val["docs"] == 0:
-        raise CorpusError(f"{cfg.val_source or cfg.corpus}: no validation documents")
-    _check_not_near_empty(val, _path(root, cfg.val_source or cfg.corpus), "validation")
+        raise CorpusError(f"{cfg.val_source}: no validation documents")
+    _check_not_near_empty(val, _path(root, cfg.val_source), "validation")
     train = encode_split(train_docs(), model, ShardWriter(sdir, "train", cfg.shard_tokens), cfg.workers,
                          desc="train", transform=cfg.text_transform)
     if train["docs"] == 0:
         raise CorpusError(f"{cfg.corpus}: no training documents (after taking {cfg.val_docs} for validation)"
-                          if not cfg.val_source else f"{cfg.corpus}: no training documents")
+                          if cfg.val_from_corpus else f"{cfg.corpus}: no training documents")
     _check_not_near_empty(train, _path(root, cfg.corpus), "training")
     n_bytes = tables.stream_bytes(shards.load_tokens(shards.list_shards(sdir, "val")))
     if n_bytes != val["text_bytes"]:
@@ -310,7 +310,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _prepare_fineweb(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> dict:
-    """Train shards from cfg.corpus, val shards from cfg.val_source (or cfg.corpus), linked unchanged."""
+    """Train shards from cfg.corpus, val shards from cfg.val_source (the same folder or another), linked unchanged."""
     folder = _path(root, cfg.corpus)
     if not folder.is_dir():
         raise CorpusError(f"{folder}: challenge shard folder not found (download it with `pgolf fineweb "
@@ -321,7 +321,7 @@ def _prepare_fineweb(cfg: PrepareConfig, root: Path, sdir: Path, tdir: Path) -> 
     sp = tokenizer.load_tokenizer(tdir / layout.TOKENIZER_MODEL_FILE, cfg.vocab_size)
     sha, tables = _write_tokenizer(tdir, sp, cfg, cfg.tokenizer)
 
-    val_folder = _path(root, cfg.val_source) if cfg.val_source else folder
+    val_folder = _path(root, cfg.val_source)
     sidecar = val_bytes.list_sidecar(val_folder)
     if cfg.text_transform != "none" and not sidecar:
         raise val_bytes.SidecarError(f"{val_folder}: prepare.text_transform is {cfg.text_transform} but the folder has "

@@ -88,7 +88,7 @@ def _barrier(info: dist.DistInfo) -> None:
 
 
 def _prepare(shards: Path, tok: Path, vocab: int, work: Path) -> dict:
-    cfg = config.check(config.PrepareConfig(source="fineweb", corpus=str(shards), val_source="", tokenizer=str(tok),
+    cfg = config.check(config.PrepareConfig(source="fineweb", corpus=str(shards), val_source=str(shards), tokenizer=str(tok),
                                             vocab_size=vocab, workers=1))
     return prepare.run(cfg, root=work)
 
