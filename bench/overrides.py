@@ -12,10 +12,7 @@ profiles/tiny.yaml"). `SMALL_MODEL` is the micro model of the benches' `--small`
 from __future__ import annotations
 
 import argparse
-import copy
 from pathlib import Path
-
-import yaml
 
 from pgolf import config
 from pgolf.params import profiles
@@ -25,27 +22,8 @@ SMALL_MODEL = {"num_layers": 2, "model_dim": 64, "num_heads": 4, "num_kv_heads":
                "bigram_buckets": 64, "bigram_dim": 16, "ve_dim": 16, "ve_last_n": 1, "rope_dims": 8}
 
 
-def parse(items: list[str], flag: str) -> dict[str, object]:
-    """["train.iterations=5", ...] -> {"train.iterations": 5, ...}; ValueError naming `flag` and the
-    item when one is not section.key=value."""
-    out: dict[str, object] = {}
-    for item in items:
-        dotted, eq, value = item.partition("=")
-        section, dot, key = dotted.partition(".")
-        if not (eq and dot and section and key):
-            raise ValueError(f"{flag} {item!r}: want section.key=value")
-        out[dotted] = yaml.safe_load(value)
-    return out
-
-
-def apply(params: dict, sets: dict[str, object], where: str, source: str) -> None:
-    """Write {"section.key": value} into the params document `params` in place; ValueError naming
-    `where` (the flag or row that set it) when a key is not one of `source`'s."""
-    for dotted, value in sets.items():
-        section, _, key = dotted.partition(".")
-        if key not in (params.get(section) or {}):
-            raise ValueError(f"{where}: {dotted!r} is not a key of {source}")
-        params[section][key] = copy.deepcopy(value)
+parse = profiles.parse_sets  # ["section.key=value", ...] -> {"section.key": value}
+apply = profiles.apply_sets  # write them into a complete document, each key checked to exist
 
 
 def resolve(profile: str | Path, root: Path = REPO) -> tuple[str, dict]:

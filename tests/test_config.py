@@ -168,6 +168,28 @@ def test_profile_apply_round_trip(tmp_path):
         profiles.apply("nope", tmp_path)
 
 
+def test_profile_set_writes_values_over_the_profile_and_refuses_bad_ones_untouched(tmp_path, capsys, monkeypatch):
+    """`pgolf profiles record --set ...`: the values land in params.yaml (checked with the rest);
+    an unknown key, a malformed item or a value its check refuses leaves params.yaml as it was."""
+    shutil.copytree(ROOT / "profiles", tmp_path / "profiles")
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    changes = profiles.apply("record", tmp_path, ["train.nproc_per_node=1", "evaluate.stride=16"])
+    assert any(c.startswith("evaluate.stride: ") and c.endswith(" -> 16") for c in changes)
+    assert config.load("train", tmp_path / "params.yaml").nproc_per_node == 1
+    assert config.load("evaluate", tmp_path / "params.yaml").stride == 16
+    before = (tmp_path / "params.yaml").read_text()
+    for sets, message in ((["train.nproc_per_nod=1"], r"--set: 'train.nproc_per_nod' is not a key of .*tiny.yaml"),
+                          (["train=1"], r"--set 'train=1': want section.key=value"),
+                          (["train.nproc_per_node=0"], r"tiny.yaml with --set: train.nproc_per_node must be >= 1")):
+        with pytest.raises(config.ConfigError, match=message):
+            profiles.apply("tiny", tmp_path, sets)
+        assert (tmp_path / "params.yaml").read_text() == before
+    monkeypatch.chdir(tmp_path)
+    assert profiles.main(["tiny", "--set", "train.iterations=7"]) == 0
+    assert "with 1 --set" in capsys.readouterr().out
+    assert config.load("train", tmp_path / "params.yaml").iterations == 7
+
+
 def test_params_yaml_carries_each_fields_comment():
     text = (ROOT / "params.yaml").read_text()
     assert text.startswith("# Written by `pgolf profiles tiny`")

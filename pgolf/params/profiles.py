@@ -9,11 +9,13 @@ is allowed but pointless (tests keep the committed profiles to their differences
 
     pgolf profiles record      # params.yaml <- the record defaults
     pgolf profiles tiny        # back to the CPU profile (the committed params.yaml)
+    pgolf profiles record --set train.nproc_per_node=1 evaluate.nproc_per_node=1   # on one GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 import sys
 from pathlib import Path
@@ -96,14 +98,45 @@ def render(name: str, doc: dict) -> str:
     return text
 
 
+def parse_sets(items: list[str], flag: str) -> dict[str, object]:
+    """["train.iterations=5", ...] -> {"train.iterations": 5, ...} (values read as YAML); ValueError
+    naming `flag` and the item when one is not section.key=value."""
+    out: dict[str, object] = {}
+    for item in items:
+        dotted, eq, value = item.partition("=")
+        section, dot, key = dotted.partition(".")
+        if not (eq and dot and section and key):
+            raise ValueError(f"{flag} {item!r}: want section.key=value")
+        out[dotted] = yaml.safe_load(value)
+    return out
+
+
+def apply_sets(doc: dict, sets: dict[str, object], where: str, source: str) -> None:
+    """Write {"section.key": value} into the complete params document `doc` in place; ValueError
+    naming `where` (the flag or row that set it) when a key is not one of `source`'s."""
+    for dotted, value in sets.items():
+        section, _, key = dotted.partition(".")
+        if key not in (doc.get(section) or {}):
+            raise ValueError(f"{where}: {dotted!r} is not a key of {source}")
+        doc[section][key] = copy.deepcopy(value)
+
+
 def changed_keys(old: dict, new: dict) -> list[str]:
     return [f"{s}.{k}: {(old.get(s) or {}).get(k)!r} -> {v!r}"
             for s in config.SECTIONS for k, v in new[s].items() if (old.get(s) or {}).get(k) != v]
 
 
-def apply(name: str, root: Path = Path(".")) -> list[str]:
-    """Write params.yaml from profiles/<name>.yaml after checking it whole; return the changed keys."""
+def apply(name: str, root: Path = Path("."), sets: list[str] = ()) -> list[str]:
+    """Write params.yaml from profiles/<name>.yaml with `sets` ("section.key=value") over it, after
+    checking it whole; return the changed keys. ConfigError (params.yaml untouched) otherwise."""
     doc = resolve(name, root)
+    if sets:
+        source = str(root / PROFILE_DIR / f"{name}.yaml")
+        try:
+            apply_sets(doc, parse_sets(list(sets), "--set"), "--set", source)
+        except ValueError as e:
+            raise config.ConfigError(str(e)) from None
+        config.load_all(doc, f"{source} with --set")
     params = root / "params.yaml"
     try:
         old = config.read_doc(params)
@@ -117,16 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pgolf profiles", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", nargs="?", help="profile name (a file in profiles/); none: list the profiles")
+    ap.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
+                    help="values over the profile's (YAML), e.g. train.nproc_per_node=1 on one GPU")
     args = ap.parse_args(argv)
     if args.name is None:
         print("\n".join(available()))
         return 0
     try:
-        changes = apply(args.name)
+        changes = apply(args.name, sets=args.set)
     except config.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"params.yaml <- profiles/{args.name}.yaml ({len(changes)} values changed)")
+    over = f" with {len(args.set)} --set" if args.set else ""
+    print(f"params.yaml <- profiles/{args.name}.yaml{over} ({len(changes)} values changed)")
     for line in changes:
         print("  " + line)
     return 0
