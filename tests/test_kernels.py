@@ -102,12 +102,16 @@ CONFIGS = [
     fm.LaunchConfig(32, 32, 32, 4, 2, max_programs=3, tma=True),
     fm.LaunchConfig(32, 64, 16, 4, 2, split_epilogue=True, max_programs=5, tma=True),
     fm.LaunchConfig(32, 32, 32, 4, 2, max_programs=4, tma=True, flatten=True),
+    fm.LaunchConfig(32, 32, 32, 4, 2, max_programs=3, tma=True, tma_store=True),
+    fm.LaunchConfig(32, 64, 16, 4, 2, split_epilogue=True, max_programs=5, tma=True, tma_store=True),
+    fm.LaunchConfig(32, 64, 32, 4, 2, split_epilogue=True, max_programs=4, tma=True, flatten=True, tma_store=True),
 ]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["32x32x32", "32x64x16-split", "64x32x32-split",
                                               "32x32x32-tma", "32x64x16-split-tma",
-                                              "32x32x32-tma-flatten"])
+                                              "32x32x32-tma-flatten", "32x32x32-tma-store",
+                                              "32x64x16-split-tma-store", "32x64x32-split-tma-flatten-store"])
 def test_launchers_write_every_element(cfg):
     """Outputs start as NaN; pre = x@w_up^T, post = act(pre) exactly, dpre = (g@w_down)*act'(pre).
 
@@ -122,6 +126,23 @@ def test_launchers_write_every_element(cfg):
     deriv = torch.where(pre > 0, 2 * pre, 2 * slope**2 * pre).double()
     assert rel(dpre, (g.double() @ w_down.double()) * deriv) < TOL[torch.float32]
     assert torch.equal(post2, post)
+
+
+def test_tma_store_writes_the_outputs_through_descriptors(monkeypatch):
+    """With tma_store the epilogue's three (M, H) tensors get descriptors of one epilogue tile each
+    (half of BLOCK_N when split); recompute-post backward (post None) matches eager too."""
+    boxes = []
+    real = fm.TensorDescriptor.from_tensor
+    monkeypatch.setattr(fm.TensorDescriptor, "from_tensor",
+                        lambda t, block: boxes.append(list(block)) or real(t, block))
+    cfg = fm.LaunchConfig(32, 64, 16, 4, 2, split_epilogue=True, max_programs=5, tma=True, tma_store=True)
+    x, w_up, w_down, g = make_inputs(70, 40, 100, torch.float32, seed=5)
+    pre, post, dpre = (torch.full((70, 100), float("nan"), device=DEVICE) for _ in range(3))
+    fm.launch_up_act(x, w_up, pre, post, 0.5, config=cfg)
+    assert boxes == [[32, 16], [64, 16], [32, 32], [32, 32], [32, 32]]  # a, b, then pre, post, dpre
+    fm.launch_act_bwd(g, w_down, pre, dpre, None, 0.5, config=cfg)
+    deriv = torch.where(pre > 0, 2 * pre, 0.5 * pre).double()
+    assert rel(dpre, (g.double() @ w_down.double()) * deriv) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

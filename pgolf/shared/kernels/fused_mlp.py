@@ -68,6 +68,25 @@ def _act_epilogue(acc, offs_m, offs_n, M, N, pre_ptr, post_ptr, dpre_ptr, slope_
 
 
 @triton.jit
+def _act_epilogue_tma(acc, off_m, off_n, pre_desc, post_desc, dpre_desc, slope_sq,
+                      FORWARD: tl.constexpr, STORE_POST: tl.constexpr):
+    """As _act_epilogue, the (BM, BN') tile at (off_m, off_n) read and written through TMA
+    descriptors (the store clips rows and columns past the tensor's edge)."""
+    out_ty = pre_desc.dtype
+    if FORWARD:
+        pre = acc.to(out_ty)
+        pre_desc.store([off_m, off_n], pre)
+        p = pre.to(tl.float32)
+    else:
+        p = pre_desc.load([off_m, off_n]).to(tl.float32)
+        dpre = acc * tl.where(p > 0, 2.0 * p, (2.0 * slope_sq) * p)
+        dpre_desc.store([off_m, off_n], dpre.to(out_ty))
+    if FORWARD or STORE_POST:
+        post = tl.where(p > 0, p * p, slope_sq * (p * p))
+        post_desc.store([off_m, off_n], post.to(out_ty))
+
+
+@triton.jit
 def _gemm_act_kernel(
     a_ptr, b_ptr, pre_ptr, post_ptr, dpre_ptr,
     M, N, K,
@@ -135,11 +154,13 @@ def _gemm_act_kernel_tma(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_PROGS: tl.constexpr, UPCAST: tl.constexpr,
     SPLIT_EPILOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, B_KMAJOR: tl.constexpr,
-    FLATTEN: tl.constexpr,
+    FLATTEN: tl.constexpr, TMA_STORE: tl.constexpr,
 ):
     """As _gemm_act_kernel, operands through TMA descriptors (out-of-range boxes read zeros).
 
-    a_desc: (M, K) blocks [BM, BK]; b_desc: (N, K) blocks [BN, BK] if B_KMAJOR else (K, N) [BK, BN]."""
+    a_desc: (M, K) blocks [BM, BK]; b_desc: (N, K) blocks [BN, BK] if B_KMAJOR else (K, N) [BK, BN].
+    TMA_STORE: pre/post/dpre are descriptors of (M, N) with blocks [BM, BN'] (BN' = BN/2 with
+    SPLIT_EPILOGUE), else pointers."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     num_tiles = tl.cdiv(M, BLOCK_M) * num_n
@@ -161,7 +182,14 @@ def _gemm_act_kernel_tma(
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         offs_m = off_m + tl.arange(0, BLOCK_M)
-        if SPLIT_EPILOGUE:
+        if TMA_STORE and SPLIT_EPILOGUE:
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _act_epilogue_tma(acc0, off_m, off_n, pre_ptr, post_ptr, dpre_ptr, slope_sq, FORWARD, STORE_POST)
+            _act_epilogue_tma(acc1, off_m, off_n + BLOCK_N // 2, pre_ptr, post_ptr, dpre_ptr, slope_sq,
+                              FORWARD, STORE_POST)
+        elif TMA_STORE:
+            _act_epilogue_tma(acc, off_m, off_n, pre_ptr, post_ptr, dpre_ptr, slope_sq, FORWARD, STORE_POST)
+        elif SPLIT_EPILOGUE:
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
             offs_n0 = off_n + tl.arange(0, BLOCK_N // 2)
             _act_epilogue(acc0, offs_m, offs_n0, M, N, pre_ptr, post_ptr, dpre_ptr, slope_sq,
@@ -190,6 +218,7 @@ class LaunchConfig:
     max_programs: int = 0  # 0: one program per SM (persistent grid)
     tma: bool = False  # operands through TMA descriptors (falls back to pointers if misaligned)
     flatten: bool = False  # TMA kernel only: tl.range(flatten=True) pipelines across tiles
+    tma_store: bool = False  # TMA kernel only: the epilogue reads/writes pre, post, dpre through TMA too
 
 
 # (device class, dtype, direction) -> config. Device classes: "hopper" (sm_90+), "ampere" (sm_80+),
@@ -280,10 +309,10 @@ def _smaller(cfg: LaunchConfig) -> LaunchConfig | None:
     return None
 
 
-def _tma_ok(a: Tensor, b: Tensor) -> bool:
+def _tma_ok(*tensors: Tensor) -> bool:
     return TensorDescriptor is not None and all(
         t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
-        for t in (a, b))
+        for t in tensors)
 
 
 def _check_outputs(shape: tuple[int, int], dtype: torch.dtype, *outs: Tensor) -> None:
@@ -341,9 +370,13 @@ def _launch_cfg(a, b, b_kmajor, N, pre, post, dpre, slope, forward, store_post, 
         a_desc = TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
         b_block = [cfg.block_n, cfg.block_k] if b_kmajor else [cfg.block_k, cfg.block_n]
         b_desc = TensorDescriptor.from_tensor(b, b_block)
-        _gemm_act_kernel_tma[(progs,)](a_desc, b_desc, pre, post, dpre, M, N, K,
+        outs, tma_store = (pre, post, dpre), cfg.tma_store and _tma_ok(pre, post, dpre)
+        if tma_store:  # (M, N) each, one box per epilogue tile
+            box = [cfg.block_m, cfg.block_n // 2 if cfg.split_epilogue else cfg.block_n]
+            outs = tuple(TensorDescriptor.from_tensor(t, box) for t in outs)
+        _gemm_act_kernel_tma[(progs,)](a_desc, b_desc, *outs, M, N, K,
                                        float(slope) ** 2, B_KMAJOR=b_kmajor,
-                                       FLATTEN=cfg.flatten, **common)
+                                       FLATTEN=cfg.flatten, TMA_STORE=tma_store, **common)
         return
     # B[n, k] strides: b (N, K) -> (stride0, stride1); b (K, N) -> (stride1, stride0)
     sbn, sbk = (b.stride(0), b.stride(1)) if b_kmajor else (b.stride(1), b.stride(0))
