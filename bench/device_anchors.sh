@@ -18,6 +18,10 @@
 #       # documents): eager, then with evaluate.ttt_compile and the operator profile; BASE (a folder
 #       # with an older tree's pgolf and profiles, carried, e.g. `git archive REV pgolf profiles`):
 #       # the same eager bench on its code, for a before/after on one GPU
+#   bash bench/device_anchors.sh repro OUT PROFILE [SECTION.KEY=VALUE ...]  # `dvc repro` of a profile end
+#       # to end on this GPU (carry .whl/dvc too: DVC and its needs as wheels), on the shards below, one
+#       # process per stage (nproc_per_node 1), the values given over the profile's (e.g.
+#       # train.max_wallclock_seconds=60); OUT gets params.yaml, dvc.lock, metrics/, the log and the summary
 #   bash bench/device_anchors.sh background DIR PART ARGS...   # `device_anchors.sh PART DIR ARGS...` in a
 #       # process session of its own (setsid), which the lent machine keeps running after the call returns
 #       # (the PR #2135 script's cold start alone is about 540 s); DIR, on the machine (e.g. /tmp/bg/ref42),
@@ -34,14 +38,14 @@
 # the 901 docs, with the byte sidecar), sp1024 for PR #535 / #1072 (validation: the official prefix).
 set -uo pipefail
 part=${1:-} out=${2:-}
-if [[ ! $part =~ ^(smoke|steps|wallclock|post|phased|background|collect)$ || -z $out ]]; then
+if [[ ! $part =~ ^(smoke|steps|wallclock|post|phased|repro|background|collect)$ || -z $out ]]; then
   echo "usage: bash bench/device_anchors.sh smoke OUT | steps OUT ANCHOR STEPS BUDGET [PROGRAMS] |" \
-       "wallclock|post OUT ANCHOR ARM SEED | phased OUT [BASE] | background DIR PART ARGS... |" \
-       "collect OUT DIR WAIT" >&2; exit 2
+       "wallclock|post OUT ANCHOR ARM SEED | phased OUT [BASE] | repro OUT PROFILE [SETS] |" \
+       "background DIR PART ARGS... | collect OUT DIR WAIT" >&2; exit 2
 fi
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 registry=${TMPDIR:-/tmp}/device_anchors_background  # the folders of background parts, one a line
-if [[ $part =~ ^(smoke|steps|wallclock|post|phased|background)$ && -f $registry ]]; then  # each needs the GPU alone
+if [[ $part =~ ^(smoke|steps|wallclock|post|phased|repro|background)$ && -f $registry ]]; then  # each needs the GPU alone
   while read -r dir; do
     if [ "$dir" != "${DEVICE_ANCHORS_SELF:-}" ] && [ ! -f "$dir/done" ]; then
       echo "device_anchors: a background part still runs in $dir (two training runs overflow one card);" \
@@ -89,9 +93,26 @@ case $part in
       --out "$out/phased_compiled.json" 2>&1 | tee "$out/phased_compiled.log"
     [ -z "$base" ] || (cd "$base" && ln -sfn "$root/bench" bench && PYTHONPATH=/tmp/site:. timeout "$(left 200)" \
       python3 -m bench.bench_phased --tokens "$val" --out "$out/phased_base.json" 2>&1 | tee "$out/phased_base.log") ;;
+  repro)
+    profile=${3:?profile}
+    [ -d /tmp/site/dvc ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --target /tmp/site .whl/dvc/*.whl || exit 1
+    data=$(data_for "$profile")
+    sets=("prepare.corpus=$data" "prepare.val_source=$data")  # the val shards beside the train ones
+    [ "$profile" = pr2135 ] || sets+=("prepare.tokenizer=data/tokenizer_src/fineweb_1024_bpe.model")
+    mkdir -p /tmp/bin && ln -sf "$(command -v python3)" /tmp/bin/python && export PATH=/tmp/bin:$PATH  # dvc.yaml's `python`
+    [ -d .git ] || { git init -q && git add -A && git -c user.name=device -c user.email=device@localhost commit -qm copy; }
+    python3 -m pgolf profiles "$profile" --set "${sets[@]}" train.nproc_per_node=1 evaluate.nproc_per_node=1 \
+      "${@:4}" > "$out/profile.log" 2>&1 || { cat "$out/profile.log"; exit 1; }
+    t0=$SECONDS
+    timeout $((590 - SECONDS)) python3 -m dvc repro 2>&1 | while IFS= read -r l; do echo "$((SECONDS - t0)) $l"; done \
+      > "$out/repro.log"  # each line after its second of the run
+    echo "dvc repro: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s"; grep -E "^[0-9]+ (Running stage|ERROR)" "$out/repro.log"
+    cp -r params.yaml dvc.lock metrics "$out/" 2>/dev/null
+    python3 -m pgolf summary 2>&1 | tee "$out/summary.txt" ;;
   background)
     sub=${3:?part}
-    [[ $sub =~ ^(steps|wallclock|post)$ ]] && data_for "${4:?anchor}" > /dev/null  # built here, not beside the foreground
+    [[ $sub =~ ^(steps|wallclock|post|repro)$ ]] && data_for "${4:?anchor}" > /dev/null  # built here, not beside the foreground
     rm -f "$out/done" && echo "$out" >> "$registry"
     # shellcheck disable=SC2016  # expanded by the inner shell
     DEVICE_ANCHORS_SELF=$out setsid nohup bash -c \

@@ -24,6 +24,7 @@ def test_a_training_part_waits_for_a_running_background_part(tmp_path):
     (tmp_path / "bg" / "old").mkdir()
     (tmp_path / "bg" / "old" / "done").write_text("0\n")  # an ended one does not block
     for part in (["wallclock", str(tmp_path / "out"), "pr2135", "pgolf", "42"],
+                 ["repro", str(tmp_path / "out"), "pr2135", "train.max_wallclock_seconds=60"],
                  ["background", str(tmp_path / "bg2"), "wallclock", "pr2135", "reference", "1337"]):
         p = device_anchors(tmp_path, *part)
         assert p.returncode == 2, p.stdout + p.stderr
