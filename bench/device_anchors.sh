@@ -105,7 +105,7 @@ case $part in
     python3 -m pgolf profiles "$profile" --set "${sets[@]}" train.nproc_per_node=1 evaluate.nproc_per_node=1 \
       "${@:4}" > "$out/profile.log" 2>&1 || { cat "$out/profile.log"; exit 1; }
     t0=$SECONDS
-    timeout $((590 - SECONDS)) python3 -m dvc repro 2>&1 | while IFS= read -r l; do echo "$((SECONDS - t0)) $l"; done \
+    timeout $((540 - SECONDS)) python3 -m dvc repro 2>&1 | while IFS= read -r l; do echo "$((SECONDS - t0)) $l"; done \
       > "$out/repro.log"  # each line after its second of the run
     echo "dvc repro: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s"; grep -E "^[0-9]+ (Running stage|ERROR)" "$out/repro.log"
     cp -r params.yaml dvc.lock metrics "$out/" 2>/dev/null
