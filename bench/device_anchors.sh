@@ -100,7 +100,8 @@ case $part in
     data=$(data_for "$profile")
     sets=("prepare.corpus=$data" "prepare.val_source=$data")  # the val shards beside the train ones
     [ "$profile" = pr2135 ] || sets+=("prepare.tokenizer=data/tokenizer_src/fineweb_1024_bpe.model")
-    mkdir -p /tmp/bin && ln -sf "$(command -v python3)" /tmp/bin/python && export PATH=/tmp/bin:$PATH  # dvc.yaml's `python`
+    mkdir -p /tmp/bin && printf '#!/bin/sh\nexec %s "$@"\n' "$(python3 -c 'import sys; print(sys.executable)')" \
+      > /tmp/bin/python && chmod +x /tmp/bin/python && export PATH=/tmp/bin:$PATH  # dvc.yaml's `python`: this one
     [ -d .git ] || { git init -q && git add -A && git -c user.name=device -c user.email=device@localhost commit -qm copy; }
     python3 -m pgolf profiles "$profile" --set "${sets[@]}" train.nproc_per_node=1 evaluate.nproc_per_node=1 \
       "${@:4}" > "$out/profile.log" 2>&1 || { cat "$out/profile.log"; exit 1; }
