@@ -21,7 +21,8 @@
 #   bash bench/device_anchors.sh repro OUT PROFILE [SECTION.KEY=VALUE ...]  # `dvc repro` of a profile end
 #       # to end on this GPU (carry .whl/dvc too: DVC and its needs as wheels), on the shards below, one
 #       # process per stage (nproc_per_node 1), the values given over the profile's (e.g.
-#       # train.max_wallclock_seconds=60); OUT gets params.yaml, dvc.lock, metrics/, the log and the summary
+#       # train.max_wallclock_seconds=60), stopped with all its processes at 540 s; OUT.tgz holds params.yaml,
+#       # dvc.lock, metrics/, the logs and the summary
 #   bash bench/device_anchors.sh background DIR PART ARGS...   # `device_anchors.sh PART DIR ARGS...` in a
 #       # process session of its own (setsid), which the lent machine keeps running after the call returns
 #       # (the PR #2135 script's cold start alone is about 540 s); DIR, on the machine (e.g. /tmp/bg/ref42),
@@ -54,9 +55,10 @@ if [[ $part =~ ^(smoke|steps|wallclock|post|phased|repro|background)$ && -f $reg
     fi
   done < "$registry"
 fi
-[ -d /tmp/site/zstandard ] ||  # once per machine (a background part and the foreground would race)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+site=${TMPDIR:-/tmp}/site  # the carried wheels, installed once per machine
+[ -d "$site/zstandard" ] ||  # (a background part and the foreground would race)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
+export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 data_for() {  # anchor -> its shard folder, built once per machine
   if [ "$1" = pr2135 ]; then
     [ -f .devrun/shards_caseops/proxy_shards.json ] || python3 -m bench.proxy_shards --corpus .devrun/proxy \
@@ -91,26 +93,33 @@ case $part in
       | tee "$out/phased.log"
     timeout "$(left 300)" python3 -m bench.bench_phased --tokens "$val" --ops --set evaluate.ttt_compile=true \
       --out "$out/phased_compiled.json" 2>&1 | tee "$out/phased_compiled.log"
-    [ -z "$base" ] || (cd "$base" && ln -sfn "$root/bench" bench && PYTHONPATH=/tmp/site:. timeout "$(left 200)" \
+    [ -z "$base" ] || (cd "$base" && ln -sfn "$root/bench" bench && PYTHONPATH=$site:. timeout "$(left 200)" \
       python3 -m bench.bench_phased --tokens "$val" --out "$out/phased_base.json" 2>&1 | tee "$out/phased_base.log") ;;
   repro)
-    profile=${3:?profile}
-    [ -d /tmp/site/dvc ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-      --target /tmp/site .whl/dvc/*.whl || exit 1
+    profile=${3:?profile} deadline=${DEVICE_ANCHORS_DEADLINE:-540}  # s of this part: dvc's processes stop there
+    [ -d "$site/dvc" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --target "$site" .whl/dvc/*.whl || exit 1
     data=$(data_for "$profile")
     sets=("prepare.corpus=$data" "prepare.val_source=$data")  # the val shards beside the train ones
     [ "$profile" = pr2135 ] || sets+=("prepare.tokenizer=data/tokenizer_src/fineweb_1024_bpe.model")
-    mkdir -p /tmp/bin && printf '#!/bin/sh\nexec %s "$@"\n' "$(python3 -c 'import sys; print(sys.executable)')" \
-      > /tmp/bin/python && chmod +x /tmp/bin/python && export PATH=/tmp/bin:$PATH  # dvc.yaml's `python`: this one
+    bin=${TMPDIR:-/tmp}/bin  # dvc.yaml's `python`: this python3 (a symlink would lose a venv's packages)
+    mkdir -p "$bin" && printf '#!/bin/sh\nexec %s "$@"\n' "$(python3 -c 'import sys; print(sys.executable)')" \
+      > "$bin/python" && chmod +x "$bin/python" && export PATH=$bin:$PATH
     [ -d .git ] || { git init -q && git add -A && git -c user.name=device -c user.email=device@localhost commit -qm copy; }
     python3 -m pgolf profiles "$profile" --set "${sets[@]}" train.nproc_per_node=1 evaluate.nproc_per_node=1 \
       "${@:4}" > "$out/profile.log" 2>&1 || { cat "$out/profile.log"; exit 1; }
     t0=$SECONDS
-    timeout $((540 - SECONDS)) python3 -m dvc repro 2>&1 | while IFS= read -r l; do echo "$((SECONDS - t0)) $l"; done \
-      > "$out/repro.log"  # each line after its second of the run
-    echo "dvc repro: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s"; grep -E "^[0-9]+ (Running stage|ERROR)" "$out/repro.log"
+    setsid python3 -m dvc repro > "$out/repro.log" 2>&1 &  # its own process group: the stages' processes too
+    pid=$!
+    while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 1; done
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM -- "-$pid"; sleep 3; kill -KILL -- "-$pid" 2>/dev/null
+      echo "dvc repro: stopped at the deadline, ${deadline} s" | tee -a "$out/repro.log"
+    fi
+    wait "$pid"; echo "dvc repro: exit $? after $((SECONDS - t0)) s"; grep -E "^(Running stage|ERROR)" "$out/repro.log"
     cp -r params.yaml dvc.lock metrics "$out/" 2>/dev/null
-    python3 -m pgolf summary 2>&1 | tee "$out/summary.txt" ;;
+    python3 -m pgolf summary > "$out/summary.txt" 2>&1; cat "$out/summary.txt"
+    tar -C "$(dirname "$out")" -czf "$out.tgz" "$(basename "$out")" && rm -rf "$out" ;;  # one file comes back
   background)
     sub=${3:?part}
     [[ $sub =~ ^(steps|wallclock|post|repro)$ ]] && data_for "${4:?anchor}" > /dev/null  # built here, not beside the foreground

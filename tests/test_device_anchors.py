@@ -30,3 +30,44 @@ def test_a_training_part_waits_for_a_running_background_part(tmp_path):
         assert p.returncode == 2, p.stdout + p.stderr
         assert f"a background part still runs in {running}" in p.stderr and "collect OUT" in p.stderr
     assert registry.read_text().count("\n") == 2 and not (tmp_path / "out" / "shards_caseops.log").exists()
+
+
+def test_repro_stops_dvc_and_its_stages_processes_at_the_deadline(tmp_path):
+    """`repro` runs `python3 -m dvc repro` in a process group of its own and stops the whole group at
+    its deadline (session 10 lost a call: `timeout` stopped dvc, a stage's process held the log
+    open and the call ran out), then packs OUT as one .tgz. Fakes: dvc starts a stage process that
+    would outlive it; pgolf only answers; the shards exist."""
+    import shutil
+    import tarfile
+    import time
+
+    repo, site = tmp_path / "repo", tmp_path / "site"
+    (repo / "bench").mkdir(parents=True)
+    shutil.copy(ROOT / "bench" / "device_anchors.sh", repo / "bench")
+    (repo / ".devrun" / "shards").mkdir(parents=True)
+    (repo / ".devrun" / "shards" / "proxy_shards.json").write_text("{}")
+    (repo / "params.yaml").write_text("x: 1\n")
+    for pkg, main in (("zstandard", ""), ("pgolf", "import sys; print('pgolf', *sys.argv[1:])\n"),
+                      ("dvc", "import subprocess, sys, time\nprint(\"Running stage 'train':\", flush=True)\n"
+                              "child = subprocess.Popen(['sleep', '300'], stdout=sys.stdout)\n"
+                              f"open({str(tmp_path / 'child.pid')!r}, 'w').write(str(child.pid))\ntime.sleep(300)\n")):
+        (site / pkg).mkdir(parents=True)
+        (site / pkg / "__init__.py").write_text("")
+        (site / pkg / "__main__.py").write_text(main)
+    env = {**os.environ, "TMPDIR": str(tmp_path), "DEVICE_ANCHORS_DEADLINE": "4"}
+    env.pop("DEVICE_ANCHORS_SELF", None)
+    t0 = time.monotonic()
+    p = subprocess.run(["bash", "bench/device_anchors.sh", "repro", str(tmp_path / "out" / "repro"), "record",
+                        "train.max_wallclock_seconds=60"], cwd=repo, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0 and time.monotonic() - t0 < 30, p.stdout + p.stderr
+    assert "stopped at the deadline, 4 s" in p.stdout and "Running stage 'train':" in p.stdout
+    status = Path(f"/proc/{(tmp_path / 'child.pid').read_text()}/status")  # the stage's process: gone
+    assert not status.exists() or "\nState:\tZ" in status.read_text()  # (or a zombie, where nothing reaps)
+    with tarfile.open(tmp_path / "out" / "repro.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"repro/repro.log", "repro/profile.log", "repro/summary.txt", "repro/params.yaml"} <= names
+    assert not (tmp_path / "out" / "repro").exists()
+    profile_log = "pgolf profiles record --set prepare.corpus=.devrun/shards prepare.val_source=.devrun/shards"
+    with tarfile.open(tmp_path / "out" / "repro.tgz") as tar:
+        assert profile_log in tar.extractfile("repro/profile.log").read().decode()
