@@ -81,6 +81,11 @@ TMA_256_NOSPLIT = (fm.LaunchConfig(128, 256, 64, 8, 4, tma=True),
                    fm.LaunchConfig(128, 256, 64, 8, 3, tma=True))
 TMA_256_STORE = (fm.LaunchConfig(128, 256, 64, 8, 4, True, tma=True, tma_store=True),
                  fm.LaunchConfig(128, 256, 64, 8, 3, True, tma=True, tma_store=True))
+TMA_256_KMAJOR = (fm.LaunchConfig(128, 256, 64, 8, 4, True, tma=True),
+                  fm.LaunchConfig(128, 256, 64, 8, 3, True, tma=True, kmajor_b=True))
+TMA_256_FLAT_STORE_KMAJOR = (fm.LaunchConfig(128, 256, 64, 8, 4, True, tma=True, flatten=True, tma_store=True),
+                             fm.LaunchConfig(128, 256, 64, 8, 3, True, tma=True, flatten=True, tma_store=True,
+                                             kmajor_b=True))
 TMA_256_FLAT_STORE = (fm.LaunchConfig(128, 256, 64, 8, 4, True, tma=True, flatten=True, tma_store=True),
                       fm.LaunchConfig(128, 256, 64, 8, 3, True, tma=True, flatten=True, tma_store=True))
 
@@ -105,6 +110,8 @@ def variants(slope):
         "fused_tma_flatten": (fused, TMA_256_FLAT),
         "fused_tma_store": (fused, TMA_256_STORE),
         "fused_tma_flatten_store": (fused, TMA_256_FLAT_STORE),
+        "fused_tma_bwd_kmajor": (fused, TMA_256_KMAJOR),
+        "fused_tma_flatten_store_bwd_kmajor": (fused, TMA_256_FLAT_STORE_KMAJOR),
         "fused_ptr_128x256": (fused, PTR_256),
         "fused_ptr_128x128": (fused, PTR_128),
         "fused_compiled": (lambda: torch.compile(fused(), fullgraph=True), None),
@@ -201,10 +208,11 @@ def compile_report(name, cfg, forward, store_post, K=512, N=1536):
            "K": "i32", "slope_sq": "fp32"}
     if cfg.tma:
         fn = fm._gemm_act_kernel_tma
-        b_blk = [cfg.block_n, cfg.block_k] if forward else [cfg.block_k, cfg.block_n]
+        kmajor = forward or cfg.kmajor_b
+        b_blk = [cfg.block_n, cfg.block_k] if kmajor else [cfg.block_k, cfg.block_n]
         sig.update(a_desc=f"tensordesc<bf16[{cfg.block_m}, {cfg.block_k}]>",
                    b_desc=f"tensordesc<bf16{b_blk}>")
-        consts.update(B_KMAJOR=forward, FLATTEN=cfg.flatten, TMA_STORE=cfg.tma_store)
+        consts.update(B_KMAJOR=kmajor, FLATTEN=cfg.flatten, TMA_STORE=cfg.tma_store)
         if cfg.tma_store:
             box = [cfg.block_m, cfg.block_n // 2 if cfg.split_epilogue else cfg.block_n]
             sig.update({k: f"tensordesc<bf16{box}>" for k in ("pre_ptr", "post_ptr", "dpre_ptr")})
@@ -251,7 +259,8 @@ def resources(out):
         sys.exit("bench_kernels: --resources needs TRITON_INTERPRET unset")
     table = {d: fm.LAUNCH_TABLE[("hopper", torch.bfloat16, d)] for d in ("fwd", "bwd")}
     cases = {"table": (table["fwd"], table["bwd"]), "tma_flatten": TMA_256_FLAT,
-             "tma_store": TMA_256_STORE, "tma_flatten_store": TMA_256_FLAT_STORE,
+             "tma_store": TMA_256_STORE, "tma_flatten_store": TMA_256_FLAT_STORE, "tma_bwd_kmajor": TMA_256_KMAJOR,
+             "tma_flatten_store_bwd_kmajor": TMA_256_FLAT_STORE_KMAJOR,
              "tma_128x128": TMA_128,
              "tma_128x256_nosplit": TMA_256_NOSPLIT, "ptr_128x256": PTR_256, "ptr_128x128": PTR_128}
     rep = {"triton": triton.__version__}

@@ -105,13 +105,16 @@ CONFIGS = [
     fm.LaunchConfig(32, 32, 32, 4, 2, max_programs=3, tma=True, tma_store=True),
     fm.LaunchConfig(32, 64, 16, 4, 2, split_epilogue=True, max_programs=5, tma=True, tma_store=True),
     fm.LaunchConfig(32, 64, 32, 4, 2, split_epilogue=True, max_programs=4, tma=True, flatten=True, tma_store=True),
+    fm.LaunchConfig(32, 64, 16, 4, 2, split_epilogue=True, max_programs=5, tma=True, kmajor_b=True),
+    fm.LaunchConfig(32, 32, 32, 4, 2, max_programs=3, kmajor_b=True),
 ]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["32x32x32", "32x64x16-split", "64x32x32-split",
                                               "32x32x32-tma", "32x64x16-split-tma",
                                               "32x32x32-tma-flatten", "32x32x32-tma-store",
-                                              "32x64x16-split-tma-store", "32x64x32-split-tma-flatten-store"])
+                                              "32x64x16-split-tma-store", "32x64x32-split-tma-flatten-store",
+                                              "32x64x16-split-tma-kmajor", "32x32x32-kmajor"])
 def test_launchers_write_every_element(cfg):
     """Outputs start as NaN; pre = x@w_up^T, post = act(pre) exactly, dpre = (g@w_down)*act'(pre).
 
@@ -143,6 +146,26 @@ def test_tma_store_writes_the_outputs_through_descriptors(monkeypatch):
     fm.launch_act_bwd(g, w_down, pre, dpre, None, 0.5, config=cfg)
     deriv = torch.where(pre > 0, 2 * pre, 0.5 * pre).double()
     assert rel(dpre, (g.double() @ w_down.double()) * deriv) < TOL[torch.float32]
+
+
+def test_kmajor_b_loads_the_backwards_weight_transposed(monkeypatch):
+    """kmajor_b: the backward kernel reads W_down^T, an (H, D) copy, in [BN, BK] boxes (the script's
+    layout) instead of W_down (D, H) in [BK, BN] boxes; the result is the same dpre."""
+    seen = []
+    real = fm.TensorDescriptor.from_tensor
+    monkeypatch.setattr(fm.TensorDescriptor, "from_tensor",
+                        lambda t, block: seen.append((tuple(t.shape), list(block))) or real(t, block))
+    x, w_up, w_down, g = make_inputs(70, 40, 96, torch.float32, seed=3)
+    pre, post = (torch.empty((70, 96), device=DEVICE) for _ in range(2))
+    fm.launch_up_act(x, w_up, pre, post, 0.5)
+    dpre = {}
+    for kmajor in (False, True):
+        seen.clear()
+        dpre[kmajor] = torch.full_like(pre, float("nan"))
+        cfg = fm.LaunchConfig(32, 32, 16, 4, 2, max_programs=4, tma=True, kmajor_b=kmajor)
+        fm.launch_act_bwd(g, w_down, pre, dpre[kmajor], None, 0.5, config=cfg)
+        assert seen[1] == (((96, 40), [32, 16]) if kmajor else ((40, 96), [16, 32]))
+    assert torch.allclose(dpre[True], dpre[False], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -219,6 +219,7 @@ class LaunchConfig:
     tma: bool = False  # operands through TMA descriptors (falls back to pointers if misaligned)
     flatten: bool = False  # TMA kernel only: tl.range(flatten=True) pipelines across tiles
     tma_store: bool = False  # TMA kernel only: the epilogue reads/writes pre, post, dpre through TMA too
+    kmajor_b: bool = False  # backward: W_down copied to (H, D) first, so its tiles load K-major as W_up's do
 
 
 # (device class, dtype, direction) -> config. Device classes: "hopper" (sm_90+), "ampere" (sm_80+),
@@ -405,7 +406,9 @@ def launch_act_bwd(g: Tensor, w_down: Tensor, pre: Tensor, dpre: Tensor, post: T
     check_runnable(g, w_down, pre, dpre)
     _check_outputs((g.shape[0], w_down.shape[1]), g.dtype, pre, dpre,
                    *(() if post is None else (post,)))
-    _launch(g, w_down, False, w_down.shape[1], pre, dpre if post is None else post, dpre, slope,
+    kmajor = (config or launch_config("bwd", g.dtype, g.device)).kmajor_b
+    b = w_down.t().contiguous() if kmajor else w_down  # (H, D) = (N, K), or (D, H) = (K, N)
+    _launch(g, b, kmajor, w_down.shape[1], pre, dpre if post is None else post, dpre, slope,
             forward=False, store_post=post is not None, config=config)
 
 
