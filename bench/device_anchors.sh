@@ -21,8 +21,8 @@
 #   bash bench/device_anchors.sh repro OUT PROFILE [SECTION.KEY=VALUE ...]  # `dvc repro` of a profile end
 #       # to end on this GPU (carry .whl/dvc too: DVC and its needs as wheels), on the shards below, one
 #       # process per stage (nproc_per_node 1), the values given over the profile's (e.g.
-#       # train.max_wallclock_seconds=60), stopped with all its processes at 540 s; OUT.tgz holds params.yaml,
-#       # dvc.lock, metrics/, the logs and the summary
+#       # train.max_wallclock_seconds=60), stopped with all its processes at 540 s (DEVICE_ANCHORS_DEADLINE);
+#       # OUT/repro.tgz holds params.yaml, dvc.lock, metrics/, the logs and the summary
 #   bash bench/device_anchors.sh background DIR PART ARGS...   # `device_anchors.sh PART DIR ARGS...` in a
 #       # process session of its own (setsid), which the lent machine keeps running after the call returns
 #       # (the PR #2135 script's cold start alone is about 540 s); DIR, on the machine (e.g. /tmp/bg/ref42),
@@ -106,20 +106,21 @@ case $part in
     mkdir -p "$bin" && printf '#!/bin/sh\nexec %s "$@"\n' "$(python3 -c 'import sys; print(sys.executable)')" \
       > "$bin/python" && chmod +x "$bin/python" && export PATH=$bin:$PATH
     [ -d .git ] || { git init -q && git add -A && git -c user.name=device -c user.email=device@localhost commit -qm copy; }
+    files=$out/repro && mkdir -p "$files"  # packed into OUT/repro.tgz at the end (one file comes back)
     python3 -m pgolf profiles "$profile" --set "${sets[@]}" train.nproc_per_node=1 evaluate.nproc_per_node=1 \
-      "${@:4}" > "$out/profile.log" 2>&1 || { cat "$out/profile.log"; exit 1; }
+      "${@:4}" > "$files/profile.log" 2>&1 || { cat "$files/profile.log"; exit 1; }
     t0=$SECONDS
-    setsid python3 -m dvc repro > "$out/repro.log" 2>&1 &  # its own process group: the stages' processes too
+    setsid python3 -m dvc repro > "$files/repro.log" 2>&1 &  # its own process group: the stages' processes too
     pid=$!
     while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 1; done
     if kill -0 "$pid" 2>/dev/null; then
       kill -TERM -- "-$pid"; sleep 3; kill -KILL -- "-$pid" 2>/dev/null
-      echo "dvc repro: stopped at the deadline, ${deadline} s" | tee -a "$out/repro.log"
+      echo "dvc repro: stopped at the deadline, ${deadline} s" | tee -a "$files/repro.log"
     fi
-    wait "$pid"; echo "dvc repro: exit $? after $((SECONDS - t0)) s"; grep -E "^(Running stage|ERROR)" "$out/repro.log"
-    cp -r params.yaml dvc.lock metrics "$out/" 2>/dev/null
-    python3 -m pgolf summary > "$out/summary.txt" 2>&1; cat "$out/summary.txt"
-    tar -C "$(dirname "$out")" -czf "$out.tgz" "$(basename "$out")" && rm -rf "$out" ;;  # one file comes back
+    wait "$pid"; echo "dvc repro: exit $? after $((SECONDS - t0)) s"; grep -E "^(Running stage|ERROR)" "$files/repro.log"
+    cp -r params.yaml dvc.lock metrics "$files/" 2>/dev/null
+    python3 -m pgolf summary > "$files/summary.txt" 2>&1; cat "$files/summary.txt"
+    tar -C "$out" -czf "$out/repro.tgz" repro && rm -rf "$files" ;;
   background)
     sub=${3:?part}
     [[ $sub =~ ^(steps|wallclock|post|repro)$ ]] && data_for "${4:?anchor}" > /dev/null  # built here, not beside the foreground

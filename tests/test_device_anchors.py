@@ -57,7 +57,7 @@ def test_repro_stops_dvc_and_its_stages_processes_at_the_deadline(tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path), "DEVICE_ANCHORS_DEADLINE": "4"}
     env.pop("DEVICE_ANCHORS_SELF", None)
     t0 = time.monotonic()
-    p = subprocess.run(["bash", "bench/device_anchors.sh", "repro", str(tmp_path / "out" / "repro"), "record",
+    p = subprocess.run(["bash", "bench/device_anchors.sh", "repro", str(tmp_path / "out"), "record",
                         "train.max_wallclock_seconds=60"], cwd=repo, env=env, capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 0 and time.monotonic() - t0 < 30, p.stdout + p.stderr
@@ -67,7 +67,17 @@ def test_repro_stops_dvc_and_its_stages_processes_at_the_deadline(tmp_path):
     with tarfile.open(tmp_path / "out" / "repro.tgz") as tar:
         names = set(tar.getnames())
     assert {"repro/repro.log", "repro/profile.log", "repro/summary.txt", "repro/params.yaml"} <= names
-    assert not (tmp_path / "out" / "repro").exists()
+    assert [f.name for f in (tmp_path / "out").iterdir()] == ["repro.tgz"]
     profile_log = "pgolf profiles record --set prepare.corpus=.devrun/shards prepare.val_source=.devrun/shards"
     with tarfile.open(tmp_path / "out" / "repro.tgz") as tar:
         assert profile_log in tar.extractfile("repro/profile.log").read().decode()
+    # in the background (a run longer than one call), collected by a later call
+    env["DEVICE_ANCHORS_DEADLINE"] = "2"
+    bg = tmp_path / "bg" / "repro"
+    for args in (["background", str(bg), "repro", "record"], ["collect", str(tmp_path / "got"), str(bg), "40"]):
+        p = subprocess.run(["bash", "bench/device_anchors.sh", *args], cwd=repo, env=env, capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 0, p.stdout + p.stderr
+    assert f"collect: {bg} ended, exit 0" in p.stdout
+    with tarfile.open(tmp_path / "got" / "repro.tgz") as tar:
+        assert {"repro/repro.tgz", "repro/run.log", "repro/done"} <= set(tar.getnames())
