@@ -14,6 +14,7 @@ Every variant runs inside its own try block: a failure is recorded in the JSON a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import subprocess
@@ -81,13 +82,11 @@ TMA_256_NOSPLIT = (fm.LaunchConfig(128, 256, 64, 8, 4, tma=True),
                    fm.LaunchConfig(128, 256, 64, 8, 3, tma=True))
 TMA_256_STORE = (fm.LaunchConfig(128, 256, 64, 8, 4, True, tma=True, tma_store=True),
                  fm.LaunchConfig(128, 256, 64, 8, 3, True, tma=True, tma_store=True))
-TMA_256_KMAJOR = (fm.LaunchConfig(128, 256, 64, 8, 4, True, tma=True),
-                  fm.LaunchConfig(128, 256, 64, 8, 3, True, tma=True, kmajor_b=True))
-TMA_256_FLAT_STORE_KMAJOR = (fm.LaunchConfig(128, 256, 64, 8, 4, True, tma=True, flatten=True, tma_store=True),
-                             fm.LaunchConfig(128, 256, 64, 8, 3, True, tma=True, flatten=True, tma_store=True,
-                                             kmajor_b=True))
 TMA_256_FLAT_STORE = (fm.LaunchConfig(128, 256, 64, 8, 4, True, tma=True, flatten=True, tma_store=True),
                       fm.LaunchConfig(128, 256, 64, 8, 3, True, tma=True, flatten=True, tma_store=True))
+TMA_256_KMAJOR = (fm.LaunchConfig(128, 256, 64, 8, 4, True, tma=True),  # the backward reads W_down^T
+                  fm.LaunchConfig(128, 256, 64, 8, 3, True, tma=True, kmajor_b=True))
+TMA_256_FLAT_STORE_KMAJOR = (TMA_256_FLAT_STORE[0], dataclasses.replace(TMA_256_FLAT_STORE[1], kmajor_b=True))
 
 
 def variants(slope):

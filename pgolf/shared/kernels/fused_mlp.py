@@ -87,6 +87,34 @@ def _act_epilogue_tma(acc, off_m, off_n, pre_desc, post_desc, dpre_desc, slope_s
 
 
 @triton.jit
+def _store_tile(acc, off_m, off_n, M, N, pre, post, dpre, slope_sq, BM: tl.constexpr, BN: tl.constexpr,
+                FORWARD: tl.constexpr, STORE_POST: tl.constexpr, TMA_STORE: tl.constexpr):
+    """acc: the (BM, BN) tile at (off_m, off_n); pre/post/dpre are TMA descriptors or pointers."""
+    if TMA_STORE:
+        _act_epilogue_tma(acc, off_m, off_n, pre, post, dpre, slope_sq, FORWARD, STORE_POST)
+    else:
+        _act_epilogue(acc, off_m + tl.arange(0, BM), off_n + tl.arange(0, BN), M, N, pre, post, dpre,
+                      slope_sq, FORWARD, STORE_POST)
+
+
+@triton.jit
+def _tile_epilogue(acc, off_m, off_n, M, N, pre, post, dpre, slope_sq,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FORWARD: tl.constexpr,
+                   STORE_POST: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr, TMA_STORE: tl.constexpr):
+    """The epilogue of the (BM, BN) tile at (off_m, off_n): whole, or as two (BM, BN/2) halves
+    (lower register pressure in the epilogue)."""
+    if SPLIT_EPILOGUE:
+        acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        _store_tile(acc0, off_m, off_n, M, N, pre, post, dpre, slope_sq, BLOCK_M, BLOCK_N // 2,
+                    FORWARD, STORE_POST, TMA_STORE)
+        _store_tile(acc1, off_m, off_n + BLOCK_N // 2, M, N, pre, post, dpre, slope_sq, BLOCK_M,
+                    BLOCK_N // 2, FORWARD, STORE_POST, TMA_STORE)
+    else:
+        _store_tile(acc, off_m, off_n, M, N, pre, post, dpre, slope_sq, BLOCK_M, BLOCK_N, FORWARD,
+                    STORE_POST, TMA_STORE)
+
+
+@triton.jit
 def _gemm_act_kernel(
     a_ptr, b_ptr, pre_ptr, post_ptr, dpre_ptr,
     M, N, K,
@@ -133,16 +161,8 @@ def _gemm_act_kernel(
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
-        if SPLIT_EPILOGUE:  # two (BM, BN/2) halves: lower register pressure in the epilogue
-            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            offs_n0 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-            _act_epilogue(acc0, offs_m, offs_n0, M, N, pre_ptr, post_ptr, dpre_ptr, slope_sq,
-                          FORWARD, STORE_POST)
-            _act_epilogue(acc1, offs_m, offs_n0 + BLOCK_N // 2, M, N, pre_ptr, post_ptr, dpre_ptr,
-                          slope_sq, FORWARD, STORE_POST)
-        else:
-            _act_epilogue(acc, offs_m, offs_n, M, N, pre_ptr, post_ptr, dpre_ptr, slope_sq,
-                          FORWARD, STORE_POST)
+        _tile_epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, pre_ptr, post_ptr, dpre_ptr, slope_sq,
+                       BLOCK_M, BLOCK_N, FORWARD, STORE_POST, SPLIT_EPILOGUE, False)
 
 
 @triton.jit
@@ -181,24 +201,8 @@ def _gemm_act_kernel_tma(
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        offs_m = off_m + tl.arange(0, BLOCK_M)
-        if TMA_STORE and SPLIT_EPILOGUE:
-            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            _act_epilogue_tma(acc0, off_m, off_n, pre_ptr, post_ptr, dpre_ptr, slope_sq, FORWARD, STORE_POST)
-            _act_epilogue_tma(acc1, off_m, off_n + BLOCK_N // 2, pre_ptr, post_ptr, dpre_ptr, slope_sq,
-                              FORWARD, STORE_POST)
-        elif TMA_STORE:
-            _act_epilogue_tma(acc, off_m, off_n, pre_ptr, post_ptr, dpre_ptr, slope_sq, FORWARD, STORE_POST)
-        elif SPLIT_EPILOGUE:
-            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            offs_n0 = off_n + tl.arange(0, BLOCK_N // 2)
-            _act_epilogue(acc0, offs_m, offs_n0, M, N, pre_ptr, post_ptr, dpre_ptr, slope_sq,
-                          FORWARD, STORE_POST)
-            _act_epilogue(acc1, offs_m, offs_n0 + BLOCK_N // 2, M, N, pre_ptr, post_ptr, dpre_ptr,
-                          slope_sq, FORWARD, STORE_POST)
-        else:
-            _act_epilogue(acc, offs_m, off_n + tl.arange(0, BLOCK_N), M, N, pre_ptr, post_ptr,
-                          dpre_ptr, slope_sq, FORWARD, STORE_POST)
+        _tile_epilogue(acc, off_m, off_n, M, N, pre_ptr, post_ptr, dpre_ptr, slope_sq, BLOCK_M, BLOCK_N,
+                       FORWARD, STORE_POST, SPLIT_EPILOGUE, TMA_STORE)
 
 
 INTERPRETED = not isinstance(_gemm_act_kernel, triton.runtime.JITFunction)
