@@ -1,5 +1,6 @@
 """A temporary git + DVC copy of this checkout at a micro config, for the end-to-end tests
-(tests/test_pipeline_dvc.py, tests/test_submission.py; copy_checkout also tests/test_profiles_run.py):
+(tests/test_pipeline_dvc.py, tests/test_submission.py; copy_checkout and SHRINK also
+tests/test_profiles_run.py and tests/test_device_anchors.py):
 helpers to run commands and DVC in it."""
 
 from __future__ import annotations
@@ -23,6 +24,20 @@ MICRO = {
               "checkpoint_every": 0},
     "quantize": {"passthrough_max_numel": 1024},
     "evaluate": {"context": 128, "stride": 64, "max_tokens": 8192},
+}
+
+# An anchor profile shrunk to a micro model: the values over it of tests/test_profiles_run.py and of
+# the CPU run of bench/device_anchors.sh repro (tests/test_device_anchors.py).
+SHRINK = {
+    "prepare": {"max_train_docs": 60},
+    "model": {"model_dim": 32, "num_heads": 4, "num_kv_heads": 2, "rope_dims": 4, "bigram_dim": 8, "ve_dim": 8},
+    "train": {"nproc_per_node": 1, "batch_tokens": 1024, "seq_len": 128, "grad_accum_steps": 1, "iterations": 6,
+              "max_wallclock_seconds": 0.0, "warmdown_iters": 2, "warmup_steps": 0, "muon_momentum_warmup_steps": 2,
+              "hessian_every": 2, "hessian_start_scale": 1.0, "val_tokens": 2048, "log_every": 2,
+              "checkpoint_every": 0, "calibration_seqs": 4},
+    "quantize": {"passthrough_max_numel": 1024},
+    "compress": {"prune_slack_bytes": 0, "lzma_chunk_bytes": 0, "zstd_chunk_bytes": 0},
+    "evaluate": {"context": 128, "max_tokens": 2048, "nproc_per_node": 1, "ttt_rank": 4},
 }
 
 

@@ -1,10 +1,15 @@
-"""bench/device_anchors.sh refuses to start a part that trains on the GPU while a background part
-(registered by `background` in $TMPDIR/device_anchors_background) has not written its `done`:
-two training runs overflow one 80 GB card (session 9 lost a run to it). Nothing else runs then."""
+"""bench/device_anchors.sh, the script a GPU session runs its parts with: a part that trains refuses to
+start while a background part (registered by `background` in $TMPDIR/device_anchors_background)
+has not written its `done` (two training runs overflow one 80 GB card: session 9 lost a run to it);
+`repro` stops DVC and every stage process at its deadline and runs `dvc repro` of a profile end to
+end (here on the CPU, at micro sizes)."""
 
+import json
 import os
 import subprocess
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,3 +86,42 @@ def test_repro_stops_dvc_and_its_stages_processes_at_the_deadline(tmp_path):
     assert f"collect: {bg} ended, exit 0" in p.stdout
     with tarfile.open(tmp_path / "got" / "repro.tgz") as tar:
         assert {"repro/repro.tgz", "repro/run.log", "repro/done"} <= set(tar.getnames())
+
+
+def test_repro_runs_dvc_repro_of_pr2135_end_to_end_on_the_cpu(tmp_path):
+    """The part a GPU session runs, with real DVC and real stages, in a copy of this checkout that
+    is no git repository (it makes one): CaseOps shards from the embedded corpus (bench.proxy_shards,
+    as on the device), `pgolf profiles pr2135 --set` with the micro sizes of SHRINK, `dvc repro`
+    of every stage, the metrics and summary packed in repro.tgz. Where the wheels would be
+    installed, links to this interpreter's DVC and zstandard stand in."""
+    import sys
+    import tarfile
+
+    import dvc
+    import zstandard
+    from _dvc_repo import SHRINK, copy_checkout
+
+    repo, site = tmp_path / "repo", tmp_path / "site"
+    repo.mkdir()
+    copy_checkout(repo)
+    for src, dst in ((ROOT / "data" / "corpus" / "train" / "proxy-000-first711.jsonl.zst", ".devrun/proxy/docs.jsonl.zst"),
+                     (ROOT / "data" / "corpus" / "val" / "fineweb_val_first901.jsonl.zst", ".devrun/val901/docs.jsonl.zst")):
+        (repo / dst).parent.mkdir(parents=True, exist_ok=True)
+        (repo / dst).write_bytes(src.read_bytes())
+    site.mkdir()
+    for mod in (dvc, zstandard):
+        (site / mod.__name__).symlink_to(Path(mod.__file__).parent)
+    sets = [f"{s}.{k}={v}" for s, kv in SHRINK.items() if s != "prepare" for k, v in kv.items()]
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1"}
+    env.pop("DEVICE_ANCHORS_SELF", None)
+    p = subprocess.run(["bash", "bench/device_anchors.sh", "repro", str(tmp_path / "out"), "pr2135", *sets], cwd=repo,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "dvc repro: exit 0" in p.stdout, (p.stdout + p.stderr)[-3000:]
+    assert "Running stage 'evaluate':" in p.stdout and "original bytes, byte sidecar" in p.stdout
+    with tarfile.open(tmp_path / "out" / "repro.tgz") as tar:
+        ev = json.loads(tar.extractfile("repro/metrics/eval.json").read())
+        params = yaml.safe_load(tar.extractfile("repro/params.yaml").read())
+    assert ev["stride"] == 0 and "phased" in json.dumps(ev)
+    assert params["prepare"]["val_source"] == params["prepare"]["corpus"] == ".devrun/shards_caseops"
+    assert params["train"]["nproc_per_node"] == 1 and params["model"]["model_dim"] == 32

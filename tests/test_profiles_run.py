@@ -14,23 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from _dvc_repo import copy_checkout
+from _dvc_repo import SHRINK, copy_checkout
 from pgolf.params import profiles
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = [s["cmd"].split()[-1] for s in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values()]
 DATA = ("source", "corpus", "val_source", "fineweb_train_shards", "workers")  # tiny's: the embedded corpus
-SHRINK = {
-    "prepare": {"max_train_docs": 60},
-    "model": {"model_dim": 32, "num_heads": 4, "num_kv_heads": 2, "rope_dims": 4, "bigram_dim": 8, "ve_dim": 8},
-    "train": {"nproc_per_node": 1, "batch_tokens": 1024, "seq_len": 128, "grad_accum_steps": 1, "iterations": 6,
-              "max_wallclock_seconds": 0.0, "warmdown_iters": 2, "warmup_steps": 0, "muon_momentum_warmup_steps": 2,
-              "hessian_every": 2, "hessian_start_scale": 1.0, "val_tokens": 2048, "log_every": 2,
-              "checkpoint_every": 0, "calibration_seqs": 4},
-    "quantize": {"passthrough_max_numel": 1024},
-    "compress": {"prune_slack_bytes": 0, "lzma_chunk_bytes": 0, "zstd_chunk_bytes": 0},
-    "evaluate": {"context": 128, "max_tokens": 2048, "nproc_per_node": 1, "ttt_rank": 4},
-}
 
 
 def shrunk(name: str) -> dict:
