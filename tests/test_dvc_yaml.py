@@ -217,7 +217,7 @@ def test_bytecode_in_a_code_folder_is_not_a_dep_change():
 
 def test_every_profiles_param_paths_are_dvc_paths():
     """A `${section.key}` dep takes its path from params.yaml; an empty one stops `dvc repro` with
-    "unexpected error" (pr2135's `prepare.val_source: ""` did, on its first GPU run). Every profile,
+    "unexpected error" (pr2135's `prepare.val_source: ""` did). Every profile,
     and the config check of any params.yaml, gives a non-empty path."""
     from pgolf import config
     from pgolf.params import profiles
