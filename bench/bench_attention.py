@@ -96,6 +96,8 @@ def plan(device, layouts: list[str], with_dense: bool = True) -> dict:
         dense = ([f"sdpa_{n}_{g}" for n in ("flash", "cudnn", "efficient") for g in ("gqa", "repeat")] + ["flex_gqa"]
                  + fa4_dense(device, "fa4" in backends) if cuda else ["sdpa_default_gqa"])
     varlen = [b for b in ("varlen", "flex", "fa4", "fa3") if b in backends] + ["reference"]
+    if cuda and "flex" in backends:  # its kernels as inductor's autotuning picks them, beside its defaults
+        varlen.insert(varlen.index("flex") + 1, "flex_autotune")
     return {"dense": dense, "varlen": {layout: list(varlen) for layout in layouts}}
 
 
@@ -238,9 +240,11 @@ def bench_dense(names: list[str], s: Shapes, device) -> list[dict]:
 
 
 def varlen_fn(backend: str, docs: D.DocSegments):
-    """(q, k, v) (n, h, hd) -> (n, H, hd) for one backend; flex compiled (as in training)."""
-    if backend == "flex":
-        compiled = torch.compile(D.flex_attention_docs, dynamic=False)
+    """(q, k, v) (n, h, hd) -> (n, H, hd) for one backend; flex compiled (as in training), and
+    flex_autotune compiled with max-autotune (inductor times its flex kernel configs)."""
+    if backend in ("flex", "flex_autotune"):
+        mode = "max-autotune-no-cudagraphs" if backend == "flex_autotune" else None
+        compiled = torch.compile(D.flex_attention_docs, dynamic=False, mode=mode)
         return lambda q, k, v: compiled(q, k, v, docs)
     impl = D._ATTEND[backend]
     return lambda q, k, v: impl(q, k, v, docs)
@@ -271,7 +275,8 @@ def bench_varlen(layouts: dict[str, list[str]], s: Shapes, device, shard: str | 
     swap aten's kernels process-wide (fa3, fa4) come last, so that no other row runs on them."""
     cuda = torch.device(device).type == "cuda"
     cases = {layout: varlen_case(layout, s, device, shard) for layout in layouts}
-    order = [b for b in ("varlen", "flex", "reference", "fa3", "fa4") if any(b in bs for bs in layouts.values())]
+    order = [b for b in ("varlen", "flex", "flex_autotune", "reference", "fa3", "fa4")
+             if any(b in bs for bs in layouts.values())]
     rows = []
     for backend in order:
         for layout, backends in layouts.items():
@@ -284,7 +289,8 @@ def bench_varlen(layouts: dict[str, list[str]], s: Shapes, device, shard: str | 
                 D.use_flash_impl(backend if backend in ("fa4", "fa3") else None)
                 if backend in ("varlen", "fa4", "fa3"):
                     row["flash_impl"] = D.current_flash_impl()
-                fn = varlen_fn(backend, D.segments(c["cu_t"], s.row_tokens, s.T, backend))
+                docs = D.segments(c["cu_t"], s.row_tokens, s.T, "flex" if backend == "flex_autotune" else backend)
+                fn = varlen_fn(backend, docs)
                 row.update(check(*run_with_grads(fn, q, k, v, g), *c["ref"]))
                 if row["ok"]:
                     ms = fwd_bwd_ms(fn, q, k, v, cuda)

@@ -33,7 +33,7 @@ def test_plan_on_a_gpu_with_flash_attention_4_times_it_last_for_dense_rows(monke
     monkeypatch.setattr(B, "fa4_dense", lambda device, registered: list(B.FA4_DENSE) if registered else ["cute_fa4_gqa"])
     p = B.plan("cuda", ["docs"])
     assert p["dense"][-3:] == ["flex_gqa", "sdpa_fa4_gqa", "cute_fa4_gqa"] and len(p["dense"]) == 9
-    assert p["varlen"] == {"docs": ["varlen", "flex", "fa4", "reference"]}
+    assert p["varlen"] == {"docs": ["varlen", "flex", "flex_autotune", "fa4", "reference"]}
     monkeypatch.setattr(D, "available", lambda device: ["reference", "varlen", "flex"])  # not in torch's registry
     assert B.plan("cuda", ["docs"])["dense"][-2:] == ["flex_gqa", "cute_fa4_gqa"]
 
