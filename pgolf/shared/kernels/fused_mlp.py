@@ -334,9 +334,12 @@ def _launch(a: Tensor, b: Tensor, b_kmajor: bool, N: int, pre: Tensor, post: Ten
 
     A config that needs more shared memory than the device has is shrunk (fewer stages, then
     BLOCK_N 128), and a TMA config whose kernel fails to build on CUDA is replaced by the pointer
-    kernel, each with a warning; the substitution is remembered in _FALLBACK."""
+    kernel, each with a warning; the substitution is remembered in _FALLBACK. A kmajor_b config
+    gets an N-major b (K, N) as its (N, K) copy."""
     cfg = config or launch_config("fwd" if forward else "bwd", a.dtype, a.device)
     cfg = _FALLBACK.get(cfg, cfg)
+    if cfg.kmajor_b and not b_kmajor:
+        b, b_kmajor = b.t().contiguous(), True  # (N, K)
     while True:
         try:
             _launch_cfg(a, b, b_kmajor, N, pre, post, dpre, slope, forward, store_post, cfg)
@@ -410,9 +413,7 @@ def launch_act_bwd(g: Tensor, w_down: Tensor, pre: Tensor, dpre: Tensor, post: T
     check_runnable(g, w_down, pre, dpre)
     _check_outputs((g.shape[0], w_down.shape[1]), g.dtype, pre, dpre,
                    *(() if post is None else (post,)))
-    kmajor = (config or launch_config("bwd", g.dtype, g.device)).kmajor_b
-    b = w_down.t().contiguous() if kmajor else w_down  # (H, D) = (N, K), or (D, H) = (K, N)
-    _launch(g, b, kmajor, w_down.shape[1], pre, dpre if post is None else post, dpre, slope,
+    _launch(g, w_down, False, w_down.shape[1], pre, dpre if post is None else post, dpre, slope,
             forward=False, store_post=post is not None, config=config)
 
 
