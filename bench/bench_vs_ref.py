@@ -211,15 +211,22 @@ def plan(args) -> list[tuple]:
 MERGE_SAME = ("what", "device", "torch", "triton", "data", "steps", "reference_stub")
 
 
+def read_alike(paths: list[Path], keys: tuple[str, ...]) -> list[dict]:
+    """The JSON documents of `paths` (one bench's results from several calls, to be merged);
+    ValueError naming the first of `keys` whose value differs between them."""
+    docs = [json.loads(p.read_text()) for p in paths]
+    for key in keys:
+        values = {json.dumps(d.get(key)) for d in docs}
+        if len(values) > 1:
+            raise ValueError(f"--merge: the files differ in {key!r}: {', '.join(sorted(values))}")
+    return docs
+
+
 def merge(paths: list[Path], note: str | None = None) -> dict:
     """One result from the JSONs of calls that each ran some of the programs (`--programs`) on one
     warm machine: the first one's head, every call's runs, the ratios over all. ValueError unless
     the calls ran the same anchor, GPU model, versions, shards and steps."""
-    docs = [json.loads(p.read_text()) for p in paths]
-    for key in MERGE_SAME:
-        values = {json.dumps(d.get(key)) for d in docs}
-        if len(values) > 1:
-            raise ValueError(f"--merge: the files differ in {key!r}: {', '.join(sorted(values))}")
+    docs = read_alike(paths, MERGE_SAME)
     results = [r for d in docs for r in d["results"]]
     batches = sorted({r["batch_tokens"] for r in results}, reverse=True)
     head = {k: v for k, v in docs[0].items() if k not in ("results", "ratio_tokens_per_second")}

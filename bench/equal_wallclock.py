@@ -44,7 +44,7 @@ from pathlib import Path
 import yaml
 
 from bench import anchors, overrides
-from bench.bench_vs_ref import SAFE_ENV, device_info, ref_steady, stream
+from bench.bench_vs_ref import SAFE_ENV, device_info, read_alike, ref_steady, stream
 
 REPO = Path(__file__).resolve().parents[1]
 LOG_EVERY = 25
@@ -217,11 +217,7 @@ def merge(paths: list[Path]) -> dict:
     one's head, every call's arms, the comparison over all; a failed arm that a later call reran goes
     to `retried`. ValueError unless the calls ran the same anchor, wallclock, batch and GPU, or if
     an arm and seed have results in two files."""
-    docs = [json.loads(p.read_text()) for p in paths]
-    for key in ("what", "seconds", "batch_tokens", "device", "post"):
-        values = {json.dumps(d.get(key)) for d in docs}
-        if len(values) > 1:
-            raise ValueError(f"--merge: the files differ in {key!r}: {', '.join(sorted(values))}")
+    docs = read_alike(paths, ("what", "seconds", "batch_tokens", "device", "post"))
     rows = [r for d in docs for r in d["results"] if "skipped" not in r]
     results = [r for r in rows if "error" not in r]
     done = [(r["arm"], r["seed"]) for r in results]
