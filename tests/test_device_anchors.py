@@ -69,13 +69,11 @@ def test_repro_stops_dvc_and_its_stages_processes_at_the_deadline(tmp_path):
     assert "stopped at the deadline, 4 s" in p.stdout and "Running stage 'train':" in p.stdout
     status = Path(f"/proc/{(tmp_path / 'child.pid').read_text()}/status")  # the stage's process: gone
     assert not status.exists() or "\nState:\tZ" in status.read_text()  # (or a zombie, where nothing reaps)
-    with tarfile.open(tmp_path / "out" / "repro.tgz") as tar:
-        names = set(tar.getnames())
-    assert {"repro/repro.log", "repro/profile.log", "repro/summary.txt", "repro/params.yaml"} <= names
-    assert [f.name for f in (tmp_path / "out").iterdir()] == ["repro.tgz"]
     profile_log = "pgolf profiles record --set prepare.corpus=.devrun/shards prepare.val_source=.devrun/shards"
     with tarfile.open(tmp_path / "out" / "repro.tgz") as tar:
+        assert {"repro/repro.log", "repro/profile.log", "repro/summary.txt", "repro/params.yaml"} <= set(tar.getnames())
         assert profile_log in tar.extractfile("repro/profile.log").read().decode()
+    assert [f.name for f in (tmp_path / "out").iterdir()] == ["repro.tgz"]
     # in the background (a run longer than one call), collected by a later call
     env["DEVICE_ANCHORS_DEADLINE"] = "2"
     bg = tmp_path / "bg" / "repro"
