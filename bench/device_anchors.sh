@@ -18,11 +18,12 @@
 #       # documents): eager, then with evaluate.ttt_compile and the operator profile; BASE (a folder
 #       # with an older tree's pgolf and profiles, carried, e.g. `git archive REV pgolf profiles`):
 #       # the same eager bench on its code, for a before/after on one GPU
-#   bash bench/device_anchors.sh repro OUT PROFILE [SECTION.KEY=VALUE ...]  # `dvc repro` of a profile end
-#       # to end on this GPU (carry .whl/dvc too: DVC and its needs as wheels), on the shards below, one
-#       # process per stage (nproc_per_node 1), the values given over the profile's (e.g.
-#       # train.max_wallclock_seconds=60), stopped with all its processes at 540 s (DEVICE_ANCHORS_DEADLINE);
-#       # OUT/repro.tgz holds params.yaml, dvc.lock, metrics/, the logs and the summary
+#   bash bench/device_anchors.sh repro OUT PROFILE[,PROFILE...] [SECTION.KEY=VALUE ...]  # `dvc repro` of each
+#       # profile end to end on this GPU, one after the other (carry .whl/dvc too: DVC and its needs as wheels),
+#       # each in a copy of the tree under $TMPDIR/repro/PROFILE (a later call's tree lands on this one), on the
+#       # shards below, one process per stage (nproc_per_node 1), the values given over the profile's (e.g.
+#       # train.max_wallclock_seconds=60), stopped with all its processes at 540 s each (DEVICE_ANCHORS_DEADLINE);
+#       # OUT/repro_PROFILE.tgz holds params.yaml, dvc.lock, metrics/, the logs and the summary
 #   bash bench/device_anchors.sh background DIR PART ARGS...   # `device_anchors.sh PART DIR ARGS...` in a
 #       # process session of its own (setsid), which the lent machine keeps running after the call returns
 #       # (the PR #2135 script's cold start alone is about 540 s); DIR, on the machine (e.g. /tmp/bg/ref42),
@@ -41,7 +42,7 @@ set -uo pipefail
 part=${1:-} out=${2:-}
 if [[ ! $part =~ ^(smoke|steps|wallclock|post|phased|repro|background|collect)$ || -z $out ]]; then
   echo "usage: bash bench/device_anchors.sh smoke OUT | steps OUT ANCHOR STEPS BUDGET [PROGRAMS] |" \
-       "wallclock|post OUT ANCHOR ARM SEED | phased OUT [BASE] | repro OUT PROFILE [SETS] |" \
+       "wallclock|post OUT ANCHOR ARM SEED | phased OUT [BASE] | repro OUT PROFILE[,...] [SETS] |" \
        "background DIR PART ARGS... | collect OUT DIR WAIT" >&2; exit 2
 fi
 mkdir -p "$out" && out=$(cd "$out" && pwd)
@@ -96,34 +97,45 @@ case $part in
     [ -z "$base" ] || (cd "$base" && ln -sfn "$root/bench" bench && PYTHONPATH=$site:. timeout "$(left 200)" \
       python3 -m bench.bench_phased --tokens "$val" --out "$out/phased_base.json" 2>&1 | tee "$out/phased_base.log") ;;
   repro)
-    profile=${3:?profile} deadline=${DEVICE_ANCHORS_DEADLINE:-540}  # s of this part: dvc's processes stop there
+    profiles=${3:?profile} deadline=${DEVICE_ANCHORS_DEADLINE:-540}  # s per profile: dvc's processes stop there
     [ -d "$site/dvc" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
       --target "$site" .whl/dvc/*.whl || exit 1
-    data=$(data_for "$profile")
-    sets=("prepare.corpus=$data" "prepare.val_source=$data")  # the val shards beside the train ones
-    [ "$profile" = pr2135 ] || sets+=("prepare.tokenizer=data/tokenizer_src/fineweb_1024_bpe.model")
     bin=${TMPDIR:-/tmp}/bin  # dvc.yaml's `python`: this python3 (a symlink would lose a venv's packages)
     mkdir -p "$bin" && printf '#!/bin/sh\nexec %s "$@"\n' "$(python3 -c 'import sys; print(sys.executable)')" \
       > "$bin/python" && chmod +x "$bin/python" && export PATH=$bin:$PATH
-    [ -d .git ] || { git init -q && git add -A && git -c user.name=device -c user.email=device@localhost commit -qm copy; }
-    files=$out/repro && mkdir -p "$files"  # packed into OUT/repro.tgz at the end (one file comes back)
-    python3 -m pgolf profiles "$profile" --set "${sets[@]}" train.nproc_per_node=1 evaluate.nproc_per_node=1 \
-      "${@:4}" > "$files/profile.log" 2>&1 || { cat "$files/profile.log"; exit 1; }
-    t0=$SECONDS
-    setsid python3 -m dvc repro > "$files/repro.log" 2>&1 &  # its own process group: the stages' processes too
-    pid=$!
-    while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 1; done
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM -- "-$pid"; sleep 3; kill -KILL -- "-$pid" 2>/dev/null
-      echo "dvc repro: stopped at the deadline, ${deadline} s" | tee -a "$files/repro.log"
-    fi
-    wait "$pid"; echo "dvc repro: exit $? after $((SECONDS - t0)) s"; grep -E "^(Running stage|ERROR)" "$files/repro.log"
-    cp -r params.yaml dvc.lock metrics "$files/" 2>/dev/null
-    python3 -m pgolf summary > "$files/summary.txt" 2>&1; cat "$files/summary.txt"
-    tar -C "$out" -czf "$out/repro.tgz" repro && rm -rf "$files" ;;
+    root=$PWD status=0
+    for profile in ${profiles//,/ }; do
+      data=$(cd "$root" && data_for "$profile")
+      # a private copy: the next call's tree, copied over this one, must not change a running repro's files
+      work=${TMPDIR:-/tmp}/repro/$profile && rm -rf "$work" && mkdir -p "$work/$(dirname "$data")" || exit 1
+      tar -C "$root" --exclude=./.devrun --exclude=./.whl --exclude=./.venv --exclude=./.git -cf - . \
+        | tar -C "$work" -xf - && cp -r "$root/$data" "$work/$data" || exit 1
+      sets=("prepare.corpus=$data" "prepare.val_source=$data")  # the val shards beside the train ones
+      [ "$profile" = pr2135 ] || sets+=("prepare.tokenizer=data/tokenizer_src/fineweb_1024_bpe.model")
+      files=$out/repro_$profile && mkdir -p "$files"  # packed into OUT/repro_PROFILE.tgz (few files come back)
+      (cd "$work" && git init -q && git add -A && git -c user.name=device -c user.email=device@localhost commit -qm copy \
+        && python3 -m pgolf profiles "$profile" --set "${sets[@]}" train.nproc_per_node=1 evaluate.nproc_per_node=1 \
+          "${@:4}") > "$files/profile.log" 2>&1 || { cat "$files/profile.log"; exit 1; }
+      t0=$SECONDS
+      (cd "$work" && exec setsid python3 -m dvc repro) > "$files/repro.log" 2>&1 &  # a process group: the stages too
+      pid=$!
+      while kill -0 "$pid" 2>/dev/null && [ $((SECONDS - t0)) -lt "$deadline" ]; do sleep 1; done
+      if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM -- "-$pid"; sleep 3; kill -KILL -- "-$pid" 2>/dev/null
+        echo "dvc repro: stopped at the deadline, ${deadline} s" | tee -a "$files/repro.log"
+      fi
+      wait "$pid"; rc=$?; [ "$rc" = 0 ] || status=1
+      echo "dvc repro $profile: exit $rc after $((SECONDS - t0)) s"; grep -E "^(Running stage|ERROR)" "$files/repro.log"
+      (cd "$work" && cp -r params.yaml dvc.lock metrics "$files/" 2>/dev/null
+       python3 -m pgolf summary > "$files/summary.txt" 2>&1); cat "$files/summary.txt"
+      tar -C "$out" -czf "$files.tgz" "repro_$profile" && rm -rf "$files"
+    done
+    exit "$status" ;;
   background)
     sub=${3:?part}
-    [[ $sub =~ ^(steps|wallclock|post|repro)$ ]] && data_for "${4:?anchor}" > /dev/null  # built here, not beside the foreground
+    if [[ $sub =~ ^(steps|wallclock|post|repro)$ ]]; then  # the shards, built here, not beside the foreground
+      a=${4:?anchor}; for anchor in ${a//,/ }; do data_for "$anchor" > /dev/null; done
+    fi
     rm -f "$out/done" && echo "$out" >> "$registry"
     # shellcheck disable=SC2016  # expanded by the inner shell
     DEVICE_ANCHORS_SELF=$out setsid nohup bash -c \

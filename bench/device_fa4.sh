@@ -7,8 +7,9 @@
 #       # Python 3.12 on x86-64 -> .devrun/fa4/1, 2, ... (a piece each; the last also the sha256)
 #   bash bench/device_fa4.sh stage .devrun/fa4/1   # each call but the last (carry that folder): the
 #       # piece kept in /tmp/fa4 (outside the checkout, so it stays while the machine is warm)
-#   bash bench/device_fa4.sh install .devrun/fa4/3 OUT   # the last piece: joined, checked, every
-#       # wheel installed into /tmp/site_fa4, then bench_attention (dense and document-packed)
+#   bash bench/device_fa4.sh install .devrun/fa4/3 OUT [ARGS...]  # the last piece: joined, checked, every
+#       # wheel installed into /tmp/site_fa4, then bench_attention (dense and document-packed; ARGS: its
+#       # options, e.g. --no-dense --layouts docs)
 # Later calls on the same machine reach FA4 with the PYTHONPATH that install wrote, e.g.
 #   PYTHONPATH=$(cat /tmp/site_fa4.path) bash bench/device_anchors.sh steps OUT pr1072 25 540 "pgolf reference" \
 #       "model.attn_backend=fa4"
@@ -32,7 +33,7 @@ case $part in
     [ -d "$dir" ] || { echo "device_fa4.sh stage: no folder $dir" >&2; exit 2; }
     mkdir -p /tmp/fa4 && cp "$dir"/* /tmp/fa4/ && ls -l /tmp/fa4 ;;
   install)
-    [ -d "$dir" ] && [ -n "$out" ] || { echo "usage: bash bench/device_fa4.sh install DIR OUT" >&2; exit 2; }
+    [ -d "$dir" ] && [ -n "$out" ] || { echo "usage: bash bench/device_fa4.sh install DIR OUT [ARGS]" >&2; exit 2; }
     mkdir -p "$out" /tmp/fa4 && cp "$dir"/* /tmp/fa4/ || exit 1
     (cd /tmp/fa4 && cat piece.* > fa4.tar && sha256sum -c fa4.sha256 && mkdir -p w && tar xf fa4.tar -C w) || exit 1
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_fa4 /tmp/fa4/w/*.whl \
@@ -45,7 +46,8 @@ case $part in
     export PYTHONPATH=$path PYTHONUNBUFFERED=1
     python3 -c "import flash_attn.cute as f, torch; print('flash_attn.cute', f.__version__, torch.__version__)" 2>&1 \
       | tee "$out/fa4_import.log"
-    timeout 420 python3 -m bench.bench_attention --out "$out/attention_fa4.json" 2>&1 | tee "$out/attention_fa4.log" ;;
+    timeout 420 python3 -m bench.bench_attention --out "$out/attention_fa4.json" "${@:4}" 2>&1 \
+      | tee "$out/attention_fa4.log" ;;
   *)
-    echo "usage: bash bench/device_fa4.sh fetch | stage DIR | install DIR OUT" >&2; exit 2 ;;
+    echo "usage: bash bench/device_fa4.sh fetch | stage DIR | install DIR OUT [ARGS]" >&2; exit 2 ;;
 esac

@@ -1,8 +1,8 @@
 """bench/device_anchors.sh, the script a GPU session runs its parts with: a part that trains refuses to
 start while a background part (registered by `background` in $TMPDIR/device_anchors_background)
 has not written its `done` (two training runs overflow one 80 GB card: session 9 lost a run to it);
-`repro` stops DVC and every stage process at its deadline and runs `dvc repro` of a profile end to
-end (here on the CPU, at micro sizes)."""
+`repro` stops DVC and every stage process at its deadline and runs `dvc repro` of each profile end to
+end in a copy of the tree that a later call's tree cannot land on (here on the CPU, at micro sizes)."""
 
 import json
 import os
@@ -40,8 +40,9 @@ def test_a_training_part_waits_for_a_running_background_part(tmp_path):
 def test_repro_stops_dvc_and_its_stages_processes_at_the_deadline(tmp_path):
     """`repro` runs `python3 -m dvc repro` in a process group of its own and stops the whole group at
     its deadline (session 10 lost a call: `timeout` stopped dvc, a stage's process held the log
-    open and the call ran out), then packs OUT as one .tgz. Fakes: dvc starts a stage process that
-    would outlive it; pgolf only answers; the shards exist."""
+    open and the call ran out), then packs one .tgz per profile, the next profile after the last
+    one stopped. Fakes: dvc starts a stage process that would outlive it; pgolf only answers; the
+    shards exist."""
     import shutil
     import tarfile
     import time
@@ -59,21 +60,26 @@ def test_repro_stops_dvc_and_its_stages_processes_at_the_deadline(tmp_path):
         (site / pkg).mkdir(parents=True)
         (site / pkg / "__init__.py").write_text("")
         (site / pkg / "__main__.py").write_text(main)
-    env = {**os.environ, "TMPDIR": str(tmp_path), "DEVICE_ANCHORS_DEADLINE": "4"}
+    env = {**os.environ, "TMPDIR": str(tmp_path), "DEVICE_ANCHORS_DEADLINE": "3"}
     env.pop("DEVICE_ANCHORS_SELF", None)
     t0 = time.monotonic()
-    p = subprocess.run(["bash", "bench/device_anchors.sh", "repro", str(tmp_path / "out"), "record",
+    p = subprocess.run(["bash", "bench/device_anchors.sh", "repro", str(tmp_path / "out"), "record,pr535",
                         "train.max_wallclock_seconds=60"], cwd=repo, env=env, capture_output=True, text=True,
                        timeout=60)
-    assert p.returncode == 0 and time.monotonic() - t0 < 30, p.stdout + p.stderr
-    assert "stopped at the deadline, 4 s" in p.stdout and "Running stage 'train':" in p.stdout
+    assert p.returncode == 1 and time.monotonic() - t0 < 40, p.stdout + p.stderr  # neither ended by itself
+    assert p.stdout.count("stopped at the deadline, 3 s") == 2 and "Running stage 'train':" in p.stdout
     status = Path(f"/proc/{(tmp_path / 'child.pid').read_text()}/status")  # the stage's process: gone
     assert not status.exists() or "\nState:\tZ" in status.read_text()  # (or a zombie, where nothing reaps)
-    profile_log = "pgolf profiles record --set prepare.corpus=.devrun/shards prepare.val_source=.devrun/shards"
-    with tarfile.open(tmp_path / "out" / "repro.tgz") as tar:
-        assert {"repro/repro.log", "repro/profile.log", "repro/summary.txt", "repro/params.yaml"} <= set(tar.getnames())
-        assert profile_log in tar.extractfile("repro/profile.log").read().decode()
-    assert [f.name for f in (tmp_path / "out").iterdir()] == ["repro.tgz"]
+    for profile in ("record", "pr535"):
+        profile_log = f"pgolf profiles {profile} --set prepare.corpus=.devrun/shards prepare.val_source=.devrun/shards"
+        with tarfile.open(tmp_path / "out" / f"repro_{profile}.tgz") as tar:
+            names = {f"repro_{profile}/{f}" for f in ("repro.log", "profile.log", "summary.txt", "params.yaml")}
+            assert names <= set(tar.getnames())
+            assert profile_log in tar.extractfile(f"repro_{profile}/profile.log").read().decode()
+        assert (tmp_path / "repro" / profile / ".git").is_dir()  # it ran in its copy, which holds the shards
+        assert (tmp_path / "repro" / profile / ".devrun" / "shards" / "proxy_shards.json").exists()
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["repro_pr535.tgz", "repro_record.tgz"]
+    assert not (repo / ".git").exists()
     # in the background (a run longer than one call), collected by a later call
     env["DEVICE_ANCHORS_DEADLINE"] = "2"
     bg = tmp_path / "bg" / "repro"
@@ -81,9 +87,9 @@ def test_repro_stops_dvc_and_its_stages_processes_at_the_deadline(tmp_path):
         p = subprocess.run(["bash", "bench/device_anchors.sh", *args], cwd=repo, env=env, capture_output=True,
                            text=True, timeout=60)
         assert p.returncode == 0, p.stdout + p.stderr
-    assert f"collect: {bg} ended, exit 0" in p.stdout
+    assert f"collect: {bg} ended, exit 1" in p.stdout  # stopped at its deadline
     with tarfile.open(tmp_path / "got" / "repro.tgz") as tar:
-        assert {"repro/repro.tgz", "repro/run.log", "repro/done"} <= set(tar.getnames())
+        assert {"repro/repro_record.tgz", "repro/run.log", "repro/done"} <= set(tar.getnames())
 
 
 def test_repro_runs_dvc_repro_of_pr2135_end_to_end_on_the_cpu(tmp_path):
@@ -113,13 +119,15 @@ def test_repro_runs_dvc_repro_of_pr2135_end_to_end_on_the_cpu(tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1"}
     env.pop("DEVICE_ANCHORS_SELF", None)
+    before = (repo / "params.yaml").read_bytes()
     p = subprocess.run(["bash", "bench/device_anchors.sh", "repro", str(tmp_path / "out"), "pr2135", *sets], cwd=repo,
                        env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0 and "dvc repro: exit 0" in p.stdout, (p.stdout + p.stderr)[-3000:]
+    assert p.returncode == 0 and "dvc repro pr2135: exit 0" in p.stdout, (p.stdout + p.stderr)[-3000:]
+    assert (repo / "params.yaml").read_bytes() == before and not (repo / ".git").exists()  # it ran in its copy
     assert "Running stage 'evaluate':" in p.stdout and "original bytes, byte sidecar" in p.stdout
-    with tarfile.open(tmp_path / "out" / "repro.tgz") as tar:
-        ev = json.loads(tar.extractfile("repro/metrics/eval.json").read())
-        params = yaml.safe_load(tar.extractfile("repro/params.yaml").read())
+    with tarfile.open(tmp_path / "out" / "repro_pr2135.tgz") as tar:
+        ev = json.loads(tar.extractfile("repro_pr2135/metrics/eval.json").read())
+        params = yaml.safe_load(tar.extractfile("repro_pr2135/params.yaml").read())
     assert ev["stride"] == 0 and "phased" in json.dumps(ev)
     assert params["prepare"]["val_source"] == params["prepare"]["corpus"] == ".devrun/shards_caseops"
     assert params["train"]["nproc_per_node"] == 1 and params["model"]["model_dim"] == 32
