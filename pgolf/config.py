@@ -259,6 +259,7 @@ class TrainConfig(Section):
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = True  # torch.compile on CUDA (ignored on CPU)
     compile_scope: str = "model"  # model: one graph | blocks: each block compiled on its own (regional)
+    compile_autotune: bool = False  # inductor max-autotune without CUDA graphs: kernel configs timed while compiling (slower compile)
     fused_mlp: bool = True  # Triton fused LeakyReLU^2 MLP on CUDA
     fused_qk_norm_rope: bool = True  # Triton fused q/k RMSNorm + partial RoPE + q gain (CUDA, power-of-two head dim)
     doc_packing: bool = False  # micro-batch = 1 row; attention within documents, cut every seq_len (PR #2135)

@@ -1013,3 +1013,17 @@ def test_compiled_training_primes_two_steps_and_learns_as_eager(data_root, tmp_p
         torch.testing.assert_close(compiled.hessians[name], eager.hessians[name], rtol=1e-4, atol=1e-5, msg=name)
     for name in eager.export:
         torch.testing.assert_close(compiled.export[name], eager.export[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compile_autotune_hands_inductor_its_max_autotune_options(monkeypatch):
+    """`train.compile_autotune` reaches torch.compile as inductor options (mode and options cannot
+    both be given): max-autotune and coordinate descent added to pgolf's own, for both scopes."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    for scope in ("model", "blocks"):
+        for autotune in (False, True):
+            seen.clear()
+            priming.compile_forward(GPT(mcfg(), train_seq_len=128), scope, autotune=autotune)
+            assert seen and all(kw["options"]["triton.mix_order_reduction"] is False for kw in seen)
+            assert all(kw["options"].get("max_autotune", False) is autotune for kw in seen)
+            assert all(kw["options"].get("coordinate_descent_tuning", False) is autotune for kw in seen)

@@ -30,7 +30,7 @@ from pgolf.train.device import shared_max, sync
 INDUCTOR_OPTIONS = {"triton.mix_order_reduction": False}
 
 
-def compile_forward(model: GPT, scope: str, backend: str = "inductor") -> Callable:
+def compile_forward(model: GPT, scope: str, backend: str = "inductor", autotune: bool = False) -> Callable:
     """The training forward `(x, y) -> loss` under torch.compile (`train.compile_scope`):
 
     * `model`: one graph of the whole forward and loss;
@@ -40,11 +40,15 @@ def compile_forward(model: GPT, scope: str, backend: str = "inductor") -> Callab
       embedding, lanes) share one compiled graph, so a few block graphs are traced and built
       instead of the whole unrolled model. An uncompiled call of `model` (the Hessian capture)
       must run under `torch.compiler.set_stance("force_eager")`.
+
+    `autotune` (`train.compile_autotune`) adds inductor's max-autotune options without CUDA graphs:
+    matmul, FlexAttention and pointwise kernel configs timed while compiling.
     """
     opts = {"dynamic": False, "fullgraph": True, "backend": backend}
     allow_custom_function_caching()
     if backend == "inductor":
-        opts["options"] = INDUCTOR_OPTIONS
+        autotuned = torch._inductor.list_mode_options("max-autotune-no-cudagraphs") if autotune else {}
+        opts["options"] = {**INDUCTOR_OPTIONS, **autotuned}
     if scope == "model":
         return torch.compile(model, **opts)
     # one compiled code object serves every block: a cache entry per flag combination, sequence

@@ -95,7 +95,7 @@ class Trainer:
             use_cuda_training_kernels(model, cfg)
         if not self.compiled:
             return model, model
-        return model, compile_forward(model, cfg.compile_scope)
+        return model, compile_forward(model, cfg.compile_scope, autotune=cfg.compile_autotune)
 
     def _doc_backend(self) -> str | None:
         if not self.cfg.doc_packing:
