@@ -20,10 +20,14 @@
 #       # the same eager bench on its code, for a before/after on one GPU
 #   bash bench/device_anchors.sh repro OUT PROFILE[,PROFILE...] [SECTION.KEY=VALUE ...]  # `dvc repro` of each
 #       # profile end to end on this GPU, one after the other (carry .whl/dvc too: DVC and its needs as wheels),
-#       # each in a copy of the tree under $TMPDIR/repro/PROFILE (a later call's tree lands on this one), on the
+#       # each in a copy of the tree under $TMPDIR/work/repro_PROFILE (a later call's tree lands on the root), on the
 #       # shards below, one process per stage (nproc_per_node 1), the values given over the profile's (e.g.
 #       # train.max_wallclock_seconds=60), stopped with all its processes at 540 s each (DEVICE_ANCHORS_DEADLINE);
 #       # OUT/repro_PROFILE.tgz holds params.yaml, dvc.lock, metrics/, the logs and the summary
+#   bash bench/device_anchors.sh ablate OUT DATA[,DATA...] ROWS [ARGS...]  # bench.ablate of a rows file (e.g.
+#       # bench/ablation_pr2135_vs_record.yaml; ARGS: its options, e.g. --seeds 1337,42 --resume) in a copy of the
+#       # tree under $TMPDIR/work/ablate holding the shard folders DATA (anchor names, or docs901: sp1024 with the
+#       # 901 validation documents); OUT gets ablate.json (rewritten after every run), ablate.log and logs/
 #   bash bench/device_anchors.sh background DIR PART ARGS...   # `device_anchors.sh PART DIR ARGS...` in a
 #       # process session of its own (setsid), which the lent machine keeps running after the call returns
 #       # (the PR #2135 script's cold start alone is about 540 s); DIR, on the machine (e.g. /tmp/bg/ref42),
@@ -40,14 +44,15 @@
 # the 901 docs, with the byte sidecar), sp1024 for PR #535 / #1072 (validation: the official prefix).
 set -uo pipefail
 part=${1:-} out=${2:-}
-if [[ ! $part =~ ^(smoke|steps|wallclock|post|phased|repro|background|collect)$ || -z $out ]]; then
+if [[ ! $part =~ ^(smoke|steps|wallclock|post|phased|repro|ablate|background|collect)$ || -z $out ]]; then
   echo "usage: bash bench/device_anchors.sh smoke OUT | steps OUT ANCHOR STEPS BUDGET [PROGRAMS] |" \
        "wallclock|post OUT ANCHOR ARM SEED | phased OUT [BASE] | repro OUT PROFILE[,...] [SETS] |" \
+       "ablate OUT DATA[,...] ROWS [ARGS] |" \
        "background DIR PART ARGS... | collect OUT DIR WAIT" >&2; exit 2
 fi
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 registry=${TMPDIR:-/tmp}/device_anchors_background  # the folders of background parts, one a line
-if [[ $part =~ ^(smoke|steps|wallclock|post|phased|repro|background)$ && -f $registry ]]; then  # each needs the GPU alone
+if [[ $part =~ ^(smoke|steps|wallclock|post|phased|repro|ablate|background)$ && -f $registry ]]; then  # each needs the GPU alone
   while read -r dir; do
     if [ "$dir" != "${DEVICE_ANCHORS_SELF:-}" ] && [ ! -f "$dir/done" ]; then
       echo "device_anchors: a background part still runs in $dir (two training runs overflow one card);" \
@@ -60,8 +65,12 @@ site=${TMPDIR:-/tmp}/site  # the carried wheels, installed once per machine
 [ -d "$site/zstandard" ] ||  # (a background part and the foreground would race)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
 export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-data_for() {  # anchor -> its shard folder, built once per machine
-  if [ "$1" = pr2135 ]; then
+data_for() {  # anchor (or docs901) -> its shard folder, built once per machine
+  if [ "$1" = docs901 ]; then  # sp1024, validation the 901 documents (PR #2135's scored text, uncased)
+    [ -f .devrun/shards_901/proxy_shards.json ] || python3 -m bench.proxy_shards --corpus .devrun/proxy \
+      --val-docs .devrun/val901/docs.jsonl.zst --workers 16 --out .devrun/shards_901 > "$out/shards_901.log" 2>&1
+    echo .devrun/shards_901
+  elif [ "$1" = pr2135 ]; then
     [ -f .devrun/shards_caseops/proxy_shards.json ] || python3 -m bench.proxy_shards --corpus .devrun/proxy \
       --val-docs .devrun/val901/docs.jsonl.zst --text-transform caseops --shard-tokens 4000000 --workers 16 \
       --out .devrun/shards_caseops > "$out/shards_caseops.log" 2>&1
@@ -72,6 +81,25 @@ data_for() {  # anchor -> its shard folder, built once per machine
     echo .devrun/shards
   fi
 }
+private_copy() {  # NAME DATA... -> $TMPDIR/work/NAME: the tree (less .devrun, .whl, .venv, .git) and the shard
+  # folders DATA, a git repo (DVC needs one); each call's tree lands on the root, not on a running copy
+  local work=${TMPDIR:-/tmp}/work/$1 d; shift
+  rm -rf "$work" && mkdir -p "$work" || return 1
+  tar -C "$root" --exclude=./.devrun --exclude=./.whl --exclude=./.venv --exclude=./.git -cf - . | tar -C "$work" -xf - \
+    || return 1
+  for d in "$@"; do mkdir -p "$work/$(dirname "$d")" && cp -r "$root/$d" "$work/$d" || return 1; done
+  (cd "$work" && git init -q && git add -A && git -c user.name=device -c user.email=device@localhost commit -qm copy) \
+    || return 1
+  echo "$work"
+}
+dvc_python() {  # dvc.yaml's `python`: this python3 (a symlink would lose a venv's packages), and DVC itself
+  [ -d "$site/dvc" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target "$site" .whl/dvc/*.whl || return 1
+  local bin=${TMPDIR:-/tmp}/bin
+  mkdir -p "$bin" && printf '#!/bin/sh\nexec %s "$@"\n' "$(python3 -c 'import sys; print(sys.executable)')" \
+    > "$bin/python" && chmod +x "$bin/python" && export PATH=$bin:$PATH
+}
+root=$PWD
 case $part in
   smoke)
     data=$(data_for pr2135)
@@ -97,25 +125,15 @@ case $part in
     [ -z "$base" ] || (cd "$base" && ln -sfn "$root/bench" bench && PYTHONPATH=$site:. timeout "$(left 200)" \
       python3 -m bench.bench_phased --tokens "$val" --out "$out/phased_base.json" 2>&1 | tee "$out/phased_base.log") ;;
   repro)
-    profiles=${3:?profile} deadline=${DEVICE_ANCHORS_DEADLINE:-540}  # s per profile: dvc's processes stop there
-    [ -d "$site/dvc" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-      --target "$site" .whl/dvc/*.whl || exit 1
-    bin=${TMPDIR:-/tmp}/bin  # dvc.yaml's `python`: this python3 (a symlink would lose a venv's packages)
-    mkdir -p "$bin" && printf '#!/bin/sh\nexec %s "$@"\n' "$(python3 -c 'import sys; print(sys.executable)')" \
-      > "$bin/python" && chmod +x "$bin/python" && export PATH=$bin:$PATH
-    root=$PWD status=0
+    profiles=${3:?profile} deadline=${DEVICE_ANCHORS_DEADLINE:-540} status=0  # deadline: s per profile
+    dvc_python || exit 1
     for profile in ${profiles//,/ }; do
-      data=$(cd "$root" && data_for "$profile")
-      # a private copy: the next call's tree, copied over this one, must not change a running repro's files
-      work=${TMPDIR:-/tmp}/repro/$profile && rm -rf "$work" && mkdir -p "$work/$(dirname "$data")" || exit 1
-      tar -C "$root" --exclude=./.devrun --exclude=./.whl --exclude=./.venv --exclude=./.git -cf - . \
-        | tar -C "$work" -xf - && cp -r "$root/$data" "$work/$data" || exit 1
+      data=$(data_for "$profile") && work=$(private_copy "repro_$profile" "$data") || exit 1
       sets=("prepare.corpus=$data" "prepare.val_source=$data")  # the val shards beside the train ones
       [ "$profile" = pr2135 ] || sets+=("prepare.tokenizer=data/tokenizer_src/fineweb_1024_bpe.model")
       files=$out/repro_$profile && mkdir -p "$files"  # packed into OUT/repro_PROFILE.tgz (few files come back)
-      (cd "$work" && git init -q && git add -A && git -c user.name=device -c user.email=device@localhost commit -qm copy \
-        && python3 -m pgolf profiles "$profile" --set "${sets[@]}" train.nproc_per_node=1 evaluate.nproc_per_node=1 \
-          "${@:4}") > "$files/profile.log" 2>&1 || { cat "$files/profile.log"; exit 1; }
+      (cd "$work" && python3 -m pgolf profiles "$profile" --set "${sets[@]}" train.nproc_per_node=1 \
+        evaluate.nproc_per_node=1 "${@:4}") > "$files/profile.log" 2>&1 || { cat "$files/profile.log"; exit 1; }
       t0=$SECONDS
       (cd "$work" && exec setsid python3 -m dvc repro) > "$files/repro.log" 2>&1 &  # a process group: the stages too
       pid=$!
@@ -131,9 +149,16 @@ case $part in
       tar -C "$out" -czf "$files.tgz" "repro_$profile" && rm -rf "$files"
     done
     exit "$status" ;;
+  ablate)
+    kinds=${3:?data} rows=${4:?rows}
+    dvc_python || exit 1
+    folders=(); for kind in ${kinds//,/ }; do folders+=("$(data_for "$kind")"); done
+    work=$(private_copy ablate "${folders[@]}") || exit 1
+    cd "$work" && python3 -m bench.ablate --rows "$rows" --out "$out/ablate.json" --log-dir "$out/logs" "${@:5}" \
+      2>&1 | tee "$out/ablate.log" ;;
   background)
     sub=${3:?part}
-    if [[ $sub =~ ^(steps|wallclock|post|repro)$ ]]; then  # the shards, built here, not beside the foreground
+    if [[ $sub =~ ^(steps|wallclock|post|repro|ablate)$ ]]; then  # the shards, built here, not beside the foreground
       a=${4:?anchor}; for anchor in ${a//,/ }; do data_for "$anchor" > /dev/null; done
     fi
     rm -f "$out/done" && echo "$out" >> "$registry"

@@ -76,8 +76,9 @@ def test_repro_stops_dvc_and_its_stages_processes_at_the_deadline(tmp_path):
             names = {f"repro_{profile}/{f}" for f in ("repro.log", "profile.log", "summary.txt", "params.yaml")}
             assert names <= set(tar.getnames())
             assert profile_log in tar.extractfile(f"repro_{profile}/profile.log").read().decode()
-        assert (tmp_path / "repro" / profile / ".git").is_dir()  # it ran in its copy, which holds the shards
-        assert (tmp_path / "repro" / profile / ".devrun" / "shards" / "proxy_shards.json").exists()
+        work = tmp_path / "work" / f"repro_{profile}"
+        assert (work / ".git").is_dir()  # it ran in its copy, which holds the shards
+        assert (work / ".devrun" / "shards" / "proxy_shards.json").exists()
     assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["repro_pr535.tgz", "repro_record.tgz"]
     assert not (repo / ".git").exists()
     # in the background (a run longer than one call), collected by a later call
@@ -131,3 +132,33 @@ def test_repro_runs_dvc_repro_of_pr2135_end_to_end_on_the_cpu(tmp_path):
     assert ev["stride"] == 0 and "phased" in json.dumps(ev)
     assert params["prepare"]["val_source"] == params["prepare"]["corpus"] == ".devrun/shards_caseops"
     assert params["train"]["nproc_per_node"] == 1 and params["model"]["model_dim"] == 32
+
+
+def test_ablate_runs_bench_ablate_in_a_copy_that_holds_its_shards(tmp_path):
+    """`ablate OUT DATA ROWS ARGS` runs bench.ablate (here a fake that records what it saw) in a copy
+    of the tree under $TMPDIR/work/ablate holding the named shard folders and not the rest of .devrun,
+    its JSON and logs written to OUT (what `collect` packs), its options passed on."""
+    repo, site = tmp_path / "repo", tmp_path / "site"
+    (repo / "bench").mkdir(parents=True)
+    (repo / "bench" / "device_anchors.sh").write_bytes((ROOT / "bench" / "device_anchors.sh").read_bytes())
+    (repo / "bench" / "ablate.py").write_text(
+        "import json, os, sys\nargs = sys.argv[1:]\n"
+        "open(args[args.index('--out') + 1], 'w').write(json.dumps({'cwd': os.getcwd(), 'argv': args,"
+        " 'devrun': sorted(os.listdir('.devrun')), 'git': os.path.isdir('.git')}))\n")
+    for folder in ("shards_901", "shards_caseops", "proxy"):
+        (repo / ".devrun" / folder).mkdir(parents=True)
+        (repo / ".devrun" / folder / "proxy_shards.json").write_text("{}")
+    for pkg in ("zstandard", "dvc"):
+        (site / pkg).mkdir(parents=True)
+        (site / pkg / "__init__.py").write_text("")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env.pop("DEVICE_ANCHORS_SELF", None)
+    out = tmp_path / "out"
+    p = subprocess.run(["bash", "bench/device_anchors.sh", "ablate", str(out), "docs901,pr2135", "bench/rows.yaml",
+                        "--seeds", "1337,42"], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    seen = json.loads((out / "ablate.json").read_text())
+    assert seen["cwd"] == str(tmp_path / "work" / "ablate") and seen["git"]
+    assert seen["devrun"] == ["shards_901", "shards_caseops"]  # the proxy text stays behind
+    assert seen["argv"] == ["--rows", "bench/rows.yaml", "--out", str(out / "ablate.json"), "--log-dir",
+                            str(out / "logs"), "--seeds", "1337,42"]
