@@ -47,8 +47,11 @@ def compile_forward(model: GPT, scope: str, backend: str = "inductor", autotune:
     opts = {"dynamic": False, "fullgraph": True, "backend": backend}
     allow_custom_function_caching()
     if backend == "inductor":
-        autotuned = torch._inductor.list_mode_options("max-autotune-no-cudagraphs") if autotune else {}
-        opts["options"] = {**INDUCTOR_OPTIONS, **autotuned}
+        opts["options"] = dict(INDUCTOR_OPTIONS)
+        if autotune:
+            from torch._inductor import list_mode_options
+
+            opts["options"].update(list_mode_options("max-autotune-no-cudagraphs"))
     if scope == "model":
         return torch.compile(model, **opts)
     # one compiled code object serves every block: a cache entry per flag combination, sequence
