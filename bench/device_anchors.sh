@@ -116,7 +116,7 @@ case $part in
       --variants 0 --budget "$budget" --programs $programs --data "$data" --profile-reference "${extra[@]}" \
       --out "$out/vs_ref_${anchor}_${programs// /_}.json" 2>&1 | tee "$out/vs_ref_$anchor.log" ;;
   phased)
-    val=$PWD/$(data_for pr2135)/fineweb_val_000000.bin base=${3:-} root=$PWD
+    val=$root/$(data_for pr2135)/fineweb_val_000000.bin base=${3:-}
     left() { local n=$(( $1 < 585 - SECONDS ? $1 : 585 - SECONDS )); echo $(( n > 1 ? n : 1 )); }  # within 600 s
     timeout "$(left 200)" python3 -m bench.bench_phased --tokens "$val" --out "$out/phased.json" 2>&1 \
       | tee "$out/phased.log"

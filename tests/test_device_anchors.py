@@ -14,11 +14,21 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def device_anchors(tmp_path, *args):
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+def device_anchors(tmp_path, *args, cwd=ROOT, timeout=60, **env):
+    """`bash bench/device_anchors.sh ARGS` in `cwd` with TMPDIR=tmp_path and the variables `env`."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), **env}
     env.pop("DEVICE_ANCHORS_SELF", None)
-    return subprocess.run(["bash", "bench/device_anchors.sh", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(["bash", "bench/device_anchors.sh", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def fake_site(site: Path, mains: dict[str, str]) -> None:
+    """Packages named by `mains` in `site` (where the part would install the carried wheels), each
+    with its `__main__.py` text; their presence skips the install."""
+    for pkg, main in mains.items():
+        (site / pkg).mkdir(parents=True)
+        (site / pkg / "__init__.py").write_text("")
+        (site / pkg / "__main__.py").write_text(main)
 
 
 def test_a_training_part_waits_for_a_running_background_part(tmp_path):
@@ -53,19 +63,13 @@ def test_repro_stops_dvc_and_its_stages_processes_at_the_deadline(tmp_path):
     (repo / ".devrun" / "shards").mkdir(parents=True)
     (repo / ".devrun" / "shards" / "proxy_shards.json").write_text("{}")
     (repo / "params.yaml").write_text("x: 1\n")
-    for pkg, main in (("zstandard", ""), ("pgolf", "import sys; print('pgolf', *sys.argv[1:])\n"),
-                      ("dvc", "import subprocess, sys, time\nprint(\"Running stage 'train':\", flush=True)\n"
-                              "child = subprocess.Popen(['sleep', '300'], stdout=sys.stdout)\n"
-                              f"open({str(tmp_path / 'child.pid')!r}, 'w').write(str(child.pid))\ntime.sleep(300)\n")):
-        (site / pkg).mkdir(parents=True)
-        (site / pkg / "__init__.py").write_text("")
-        (site / pkg / "__main__.py").write_text(main)
-    env = {**os.environ, "TMPDIR": str(tmp_path), "DEVICE_ANCHORS_DEADLINE": "3"}
-    env.pop("DEVICE_ANCHORS_SELF", None)
+    fake_site(site, {"zstandard": "", "pgolf": "import sys; print('pgolf', *sys.argv[1:])\n",
+                     "dvc": "import subprocess, sys, time\nprint(\"Running stage 'train':\", flush=True)\n"
+                            "child = subprocess.Popen(['sleep', '300'], stdout=sys.stdout)\n"
+                            f"open({str(tmp_path / 'child.pid')!r}, 'w').write(str(child.pid))\ntime.sleep(300)\n"})
     t0 = time.monotonic()
-    p = subprocess.run(["bash", "bench/device_anchors.sh", "repro", str(tmp_path / "out"), "record,pr535",
-                        "train.max_wallclock_seconds=60"], cwd=repo, env=env, capture_output=True, text=True,
-                       timeout=60)
+    p = device_anchors(tmp_path, "repro", str(tmp_path / "out"), "record,pr535", "train.max_wallclock_seconds=60",
+                       cwd=repo, DEVICE_ANCHORS_DEADLINE="3")
     assert p.returncode == 1 and time.monotonic() - t0 < 40, p.stdout + p.stderr  # neither ended by itself
     assert p.stdout.count("stopped at the deadline, 3 s") == 2 and "Running stage 'train':" in p.stdout
     status = Path(f"/proc/{(tmp_path / 'child.pid').read_text()}/status")  # the stage's process: gone
@@ -82,11 +86,9 @@ def test_repro_stops_dvc_and_its_stages_processes_at_the_deadline(tmp_path):
     assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["repro_pr535.tgz", "repro_record.tgz"]
     assert not (repo / ".git").exists()
     # in the background (a run longer than one call), collected by a later call
-    env["DEVICE_ANCHORS_DEADLINE"] = "2"
     bg = tmp_path / "bg" / "repro"
     for args in (["background", str(bg), "repro", "record"], ["collect", str(tmp_path / "got"), str(bg), "40"]):
-        p = subprocess.run(["bash", "bench/device_anchors.sh", *args], cwd=repo, env=env, capture_output=True,
-                           text=True, timeout=60)
+        p = device_anchors(tmp_path, *args, cwd=repo, DEVICE_ANCHORS_DEADLINE="2")
         assert p.returncode == 0, p.stdout + p.stderr
     assert f"collect: {bg} ended, exit 1" in p.stdout  # stopped at its deadline
     with tarfile.open(tmp_path / "got" / "repro.tgz") as tar:
@@ -117,12 +119,9 @@ def test_repro_runs_dvc_repro_of_pr2135_end_to_end_on_the_cpu(tmp_path):
     for mod in (dvc, zstandard):
         (site / mod.__name__).symlink_to(Path(mod.__file__).parent)
     sets = [f"{s}.{k}={v}" for s, kv in SHRINK.items() if s != "prepare" for k, v in kv.items()]
-    env = {**os.environ, "TMPDIR": str(tmp_path), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1"}
-    env.pop("DEVICE_ANCHORS_SELF", None)
     before = (repo / "params.yaml").read_bytes()
-    p = subprocess.run(["bash", "bench/device_anchors.sh", "repro", str(tmp_path / "out"), "pr2135", *sets], cwd=repo,
-                       env=env, capture_output=True, text=True, timeout=600)
+    p = device_anchors(tmp_path, "repro", str(tmp_path / "out"), "pr2135", *sets, cwd=repo, timeout=600,
+                       PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
     assert p.returncode == 0 and "dvc repro pr2135: exit 0" in p.stdout, (p.stdout + p.stderr)[-3000:]
     assert (repo / "params.yaml").read_bytes() == before and not (repo / ".git").exists()  # it ran in its copy
     assert "Running stage 'evaluate':" in p.stdout and "original bytes, byte sidecar" in p.stdout
@@ -148,14 +147,10 @@ def test_ablate_runs_bench_ablate_in_a_copy_that_holds_its_shards(tmp_path):
     for folder in ("shards_901", "shards_caseops", "proxy"):
         (repo / ".devrun" / folder).mkdir(parents=True)
         (repo / ".devrun" / folder / "proxy_shards.json").write_text("{}")
-    for pkg in ("zstandard", "dvc"):
-        (site / pkg).mkdir(parents=True)
-        (site / pkg / "__init__.py").write_text("")
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
-    env.pop("DEVICE_ANCHORS_SELF", None)
+    fake_site(site, {"zstandard": "", "dvc": ""})
     out = tmp_path / "out"
-    p = subprocess.run(["bash", "bench/device_anchors.sh", "ablate", str(out), "docs901,pr2135", "bench/rows.yaml",
-                        "--seeds", "1337,42"], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+    p = device_anchors(tmp_path, "ablate", str(out), "docs901,pr2135", "bench/rows.yaml", "--seeds", "1337,42",
+                       cwd=repo)
     assert p.returncode == 0, p.stdout + p.stderr
     seen = json.loads((out / "ablate.json").read_text())
     assert seen["cwd"] == str(tmp_path / "work" / "ablate") and seen["git"]
