@@ -5,6 +5,7 @@ config refuses a forced codec; the compress stage writes it and it reads back.""
 
 import dataclasses
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -79,6 +80,31 @@ def test_failing_optional_codec_is_left_out(monkeypatch):
     assert A.decompress(blob)[1] == raw
     monkeypatch.setattr(pergroup.shutil, "which", lambda name: None)
     assert "lrzip" not in pergroup.available(tuple(pergroup.IDS))
+
+
+def test_codecs_of_one_piece_run_side_by_side_and_the_smallest_stream_is_kept(monkeypatch):
+    """Every (piece, codec) pair is a task, largest piece first: with 2 workers the largest piece's
+    lzma and zstd meet at a barrier (one after the other they would time out); each piece keeps the
+    stream of the codec that is smallest for it alone."""
+    tensors, meta = codes_and_meta()
+    raw = A.serialize(tensors, meta, "pergroup")
+    body = A.move_head_last(raw)
+    points = pergroup.cuts(raw)
+    pieces = [body[a:b] for a, b in zip(points, points[1:]) if b > a]
+    largest, real = max(len(p) for p in pieces), pergroup._encode_one
+    barrier = threading.Barrier(2, timeout=20)
+
+    def meeting(data, codec, cfg):
+        if len(data) == largest and codec in ("lzma", "zstd"):
+            barrier.wait()
+        return real(data, codec, cfg)
+
+    monkeypatch.setattr(pergroup, "_encode_one", meeting)
+    cfg = dataclasses.replace(FAST, threads=2, pergroup_codecs=("lzma", "zstd"))
+    table = pergroup.describe(pergroup.encode(body, raw, cfg))
+    sizes = [{c: len(real(p, c, cfg)) for c in ("lzma", "zstd")} for p in pieces]
+    assert [e["codec"] for e in table] == [min(s, key=s.get) for s in sizes]
+    assert [e["bytes"] for e in table] == [min(s.values()) for s in sizes]
 
 
 def test_inflation_is_bounded_and_corruption_is_named():

@@ -7,6 +7,7 @@ with its head moved last. It is cut at the byte ranges of the `.group.*` and `.p
 piece (each group, each plane block, and the runs in between: the remainder) is compressed by each
 codec of compress.pergroup_codecs that this machine has, and the smallest stream is kept (ties: the
 earlier codec in the table below). A codec whose stream does not decode back to its piece is dropped.
+Every (piece, codec) pair runs as its own task, so the largest piece's codecs run side by side.
 
 Codecs: lzma (raw LZMA2, compress.lzma_preset), zstd (compress.zstd_level), brotli (Python module
 `brotli`, optional), ppmd (PPMd var. H of the optional module `pyppmd`, order PPMD_ORDER, PPMD_MEM
@@ -126,29 +127,32 @@ def cuts(raw: bytes) -> list[int]:
     return sorted(points)
 
 
-def _best(piece: bytes, names: list[str], cfg: CompressConfig) -> tuple[str, bytes]:
-    """(codec, stream): the smallest stream of `piece` that decodes back to it."""
-    best = None
-    for c in names:
-        try:
-            s = _encode_one(piece, c, cfg)
-            if c in ("ppmd", "lrzip") and _decode_one(s, c, len(piece)) != piece:
-                continue
-        except (OSError, subprocess.SubprocessError, CodecError, ImportError):
-            continue  # an optional codec that fails here is left out; lzma and zstd always run
-        if best is None or len(s) < len(best[1]):
-            best = (c, s)
-    assert best is not None
-    return best
+def _try(piece: bytes, codec: str, cfg: CompressConfig) -> bytes | None:
+    """`piece` by `codec`, or None where an optional codec fails here or does not decode back to it."""
+    try:
+        s = _encode_one(piece, codec, cfg)
+        if codec in ("ppmd", "lrzip") and _decode_one(s, codec, len(piece)) != piece:
+            return None
+    except (OSError, subprocess.SubprocessError, CodecError, ImportError):
+        return None  # an optional codec that fails here is left out; lzma and zstd always run
+    return s
+
+
+def _best(streams: list[tuple[str, bytes | None]]) -> tuple[str, bytes]:
+    """(codec, stream): the smallest of one piece's streams (ties: the earlier codec)."""
+    return min(((c, s) for c, s in streams if s is not None), key=lambda cs: len(cs[1]))
 
 
 def encode(body: bytes, raw: bytes, cfg: CompressConfig) -> bytes:
-    """The per-group body of `body` (= move_head_last(raw)): table + the smallest stream per piece."""
+    """The per-group body of `body` (= move_head_last(raw)): table + the smallest stream per piece.
+    Every (piece, codec) pair is one task of the pool, largest pieces first."""
     points = cuts(raw)
     pieces = [body[a:b] for a, b in zip(points, points[1:]) if b > a]
     names = available(tuple(cfg.pergroup_codecs))
-    with ThreadPoolExecutor(max_workers=min(codecs.workers(cfg), len(pieces))) as pool:
-        chosen = list(pool.map(lambda p: _best(p, names, cfg), pieces))
+    tasks = sorted(((i, c) for i in range(len(pieces)) for c in names), key=lambda t: -len(pieces[t[0]]))
+    with ThreadPoolExecutor(max_workers=min(codecs.workers(cfg), len(tasks))) as pool:
+        futures = {t: pool.submit(_try, pieces[t[0]], t[1], cfg) for t in tasks}
+        chosen = [_best([(c, futures[i, c].result()) for c in names]) for i in range(len(pieces))]
     table = struct.pack("<I", len(pieces)) + b"".join(
         ENTRY.pack(IDS[c], len(p), len(s)) for p, (c, s) in zip(pieces, chosen))
     return table + b"".join(s for _, s in chosen)
