@@ -204,6 +204,18 @@ def resumed(old: dict, path: Path, env: dict) -> dict:
     return old
 
 
+def shard_info(spec: dict, rows: list[dict]) -> dict:
+    """{prepare.corpus: its proxy_shards.json} for each shard folder the rows train on that has one
+    (bench.proxy_shards writes it: the corpus, the documents and tokens it holds)."""
+    info = {}
+    for row in rows:
+        corpus = params_for(spec, row)["prepare"]["corpus"]
+        path = REPO / corpus / "proxy_shards.json"
+        if corpus not in info and path.is_file():
+            info[corpus] = json.loads(path.read_text())
+    return info
+
+
 def jobs(rows: list[dict], seeds: list[int]) -> list[tuple[dict, int]]:
     """(row, seed) in run order: every row for the first seed, then every row for the next (the
     arms of one seed run back to back, so a slow spell of the machine hits them alike)."""
@@ -245,9 +257,7 @@ def main(argv=None) -> int:
               "min_train_seconds": a.min_train_seconds, "claims": not a.quick, "rows": []}
     if a.resume and a.out.exists():
         result = resumed(json.loads(a.out.read_text()), a.out, env)
-    data_info = REPO / ".devrun" / "shards" / "proxy_shards.json"
-    if data_info.exists():
-        result["data"] = json.loads(data_info.read_text())
+    result["data"] = shard_info(spec, rows)
     done = {(r["name"], r.get("seed")) for r in result["rows"]}
     t0, prev = time.perf_counter(), None
     for row, seed in jobs(rows, seeds):

@@ -234,3 +234,17 @@ def test_a_baseline_that_is_not_a_row_is_refused(repo, tmp_path):
     rows = rows_file(tmp_path / "rows.yaml", [{"name": "base"}])
     with pytest.raises(A.RowsError, match=r"--baseline 'nope' is not one of the rows run \(base\)"):
         A.main(["--rows", str(rows), "--out", str(tmp_path / "o.json"), "--baseline", "nope"])
+
+
+def test_the_result_records_each_trained_shard_folder_it_can_describe(repo, tmp_path):
+    for name, docs in (("shards_a", 5), ("shards_b", 9)):
+        (repo / name).mkdir()
+        (repo / name / "proxy_shards.json").write_text(json.dumps({"docs": docs}))
+    rows = rows_file(tmp_path / "rows.yaml", [
+        {"name": "a", "set": {"prepare.corpus": "shards_a"}},
+        {"name": "b", "set": {"prepare.corpus": "shards_b"}},
+        {"name": "c", "set": {"prepare.corpus": "shards_none"}},
+    ])
+    out = tmp_path / "out.json"
+    assert A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(tmp_path / "logs"), *QUICK]) == 0
+    assert json.loads(out.read_text())["data"] == {"shards_a": {"docs": 5}, "shards_b": {"docs": 9}}
