@@ -3,7 +3,7 @@ layout with lzma (chunked, the default), zstd and brotli, the grouped layout (co
 lzma and brotli), and compress.layout pergroup (pgolf.compress.pergroup: each group by its best
 codec; the per-piece table is recorded), its rows by compress.row_order pca and l1.
 
-    python -m bench.bench_pergroup --out bench/results/pergroup_cpu.json
+    python -m bench.bench_pergroup --out bench/results/pergroup_cpu.json [--layouts pergroup]
 
 The quantized file is bench/bench_quant_loop.py's synthetic record-scale model (--profile, the record's
 by default: trained-like weights and random Hessians, not a trained model) run through pgolf's
@@ -67,8 +67,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quant-cache", type=Path, default=Path(tempfile.gettempdir()) / "pgolf_bench_pergroup")
     ap.add_argument("--quant", type=Path, help="a trained model's quant.pgt instead of the synthetic one")
     ap.add_argument("--model", default="", help="with --quant: which run trained and quantized it")
+    ap.add_argument("--layouts", default="flat,grouped,pergroup", help="the rows of these layouts only")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    layouts = set(args.layouts.split(","))
+    if not layouts or layouts - {"flat", "grouped", "pergroup"}:
+        ap.error(f"--layouts {args.layouts}: a comma list of flat, grouped, pergroup")
     if args.quant and not (args.quant.is_file() and args.model):
         ap.error(f"--quant {args.quant}: needs an existing quant.pgt file and --model saying where it came from")
     quant, build_s = (args.quant, 0.0) if args.quant else timed(build_quant, args.quant_cache, args.profile)
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
     rows = [row(tensors, meta, layout, codec, cfg, order) for layout, codec, order in (
         ("flat", "lzma", "pca"), ("flat", "zstd", "pca"), ("flat", "brotli", "pca"),
         ("grouped", "lzma", "pca"), ("grouped", "brotli", "pca"),
-        ("pergroup", "pergroup", "pca"), ("pergroup", "pergroup", "l1"))]
+        ("pergroup", "pergroup", "pca"), ("pergroup", "pergroup", "l1")) if layout in layouts]
     synthetic = (f"synthetic {args.profile}-profile model (bench.bench_quant_loop.synthetic_train_dir: "
                  "trained-like weights, random Hessians; no trained record-size model was available), "
                  "quantized by pgolf.quantize on the CPU")

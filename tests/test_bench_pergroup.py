@@ -30,3 +30,14 @@ def test_quant_needs_a_file_and_its_provenance(tmp_path, model, capsys):
         bench_pergroup.main(["--quant", str(quant), "--model", model, "--out", str(tmp_path / "x.json")])
     assert e.value.code == 2 and "--quant" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_layouts_keeps_only_those_rows_and_refuses_an_unknown_one(tmp_path, capsys):
+    quant = write_quant(tmp_path / "quant" / "quant.pgt", tiny_model())
+    out = tmp_path / "pergroup.json"
+    args = ["--profile", "tiny", "--quant", str(quant), "--model", "tiny test model", "--out", str(out)]
+    assert bench_pergroup.main([*args, "--layouts", "pergroup"]) == 0
+    assert {row["layout"] for row in json.loads(out.read_text())["rows"]} == {"pergroup"}
+    with pytest.raises(SystemExit) as e:
+        bench_pergroup.main([*args, "--layouts", "pergroup,zip"])
+    assert e.value.code == 2 and "--layouts" in capsys.readouterr().err
