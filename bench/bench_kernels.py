@@ -76,6 +76,8 @@ PTR_256 = (fm.LaunchConfig(128, 256, 64, 8, 4, split_epilogue=True),
            fm.LaunchConfig(128, 256, 64, 8, 3, split_epilogue=True))
 PTR_128 = (fm.LaunchConfig(128, 128, 64, 8, 4), fm.LaunchConfig(128, 128, 64, 8, 3))
 TMA_128 = (fm.LaunchConfig(128, 128, 64, 8, 4, tma=True), fm.LaunchConfig(128, 128, 64, 8, 3, tma=True))
+TMA_256 = (fm.LaunchConfig(128, 256, 64, 8, 4, True, tma=True),  # the Hopper table until session 12
+           fm.LaunchConfig(128, 256, 64, 8, 3, True, tma=True))
 TMA_256_FLAT = (fm.LaunchConfig(128, 256, 64, 8, 4, True, tma=True, flatten=True),
                 fm.LaunchConfig(128, 256, 64, 8, 3, True, tma=True, flatten=True))
 TMA_256_NOSPLIT = (fm.LaunchConfig(128, 256, 64, 8, 4, tma=True),
@@ -92,7 +94,8 @@ TMA_256_FLAT_STORE_KMAJOR = (TMA_256_FLAT_STORE[0], dataclasses.replace(TMA_256_
 def variants(slope):
     """name -> (build() -> callable(x, w_up, w_down) -> out, (fwd, bwd) config override or None).
 
-    "fused" uses fm.LAUNCH_TABLE (on Hopper: TMA, 128x256x64, split epilogue)."""
+    "fused" uses fm.LAUNCH_TABLE (on Hopper: TMA, 128x256x64, split epilogue, flatten, TMA stores,
+    the backward K-major)."""
     def fused(save_post=True):
         return lambda x, a, b: fm.fused_leaky_relu_sq_mlp(x, a, b, slope, save_post)
 
@@ -105,6 +108,7 @@ def variants(slope):
         "fused": (fused, None),
         "fused_recompute_post": (lambda: fused(save_post=False), None),
         "fused_tma_128x128": (fused, TMA_128),
+        "fused_tma_128x256": (fused, TMA_256),
         "fused_tma_128x256_nosplit": (fused, TMA_256_NOSPLIT),
         "fused_tma_flatten": (fused, TMA_256_FLAT),
         "fused_tma_store": (fused, TMA_256_STORE),

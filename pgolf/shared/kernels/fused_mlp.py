@@ -232,12 +232,16 @@ class LaunchConfig:
 _HALF = (torch.bfloat16, torch.float16)
 LAUNCH_TABLE: dict[tuple[str, torch.dtype, str], LaunchConfig] = {}
 # Hopper: TMA operands (sm_90a compile, triton 3.9: fwd 194 regs / 197 KB smem, bwd 204 regs /
-# 147 KB, no spills; the pointer kernel at 128x256 spills in the backward, 255 regs).
+# 147 KB, no spills; the pointer kernel at 128x256 spills in the backward, 255 regs), tiles
+# pipelined across (flatten), the epilogue through TMA, the backward's W_down K-major: 0.94x the
+# TMA-only table at pr2135's shape, interleaved on one H100
+# (bench/results/kernels_fused_mlp_h100_interleaved.json).
 for _dt in _HALF:
     LAUNCH_TABLE[("hopper", _dt, "fwd")] = LaunchConfig(128, 256, 64, 8, 4, split_epilogue=True,
-                                                        tma=True)
+                                                        tma=True, flatten=True, tma_store=True)
     LAUNCH_TABLE[("hopper", _dt, "bwd")] = LaunchConfig(128, 256, 64, 8, 3, split_epilogue=True,
-                                                        tma=True)
+                                                        tma=True, flatten=True, tma_store=True,
+                                                        kmajor_b=True)
     LAUNCH_TABLE[("ampere", _dt, "fwd")] = LaunchConfig(128, 128, 64, 8, 3)
     LAUNCH_TABLE[("ampere", _dt, "bwd")] = LaunchConfig(128, 128, 64, 8, 3)
 for _cls in ("hopper", "ampere"):
