@@ -89,8 +89,7 @@ def test_codecs_of_one_piece_run_side_by_side_and_the_smallest_stream_is_kept(mo
     tensors, meta = codes_and_meta()
     raw = A.serialize(tensors, meta, "pergroup")
     body = A.move_head_last(raw)
-    points = pergroup.cuts(raw)
-    pieces = [body[a:b] for a, b in zip(points, points[1:]) if b > a]
+    pieces = pergroup.split(body, raw)
     largest, real = max(len(p) for p in pieces), pergroup._encode_one
     barrier = threading.Barrier(2, timeout=20)
 

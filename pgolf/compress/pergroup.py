@@ -127,6 +127,12 @@ def cuts(raw: bytes) -> list[int]:
     return sorted(points)
 
 
+def split(body: bytes, raw: bytes) -> list[bytes]:
+    """The pieces of `body` (= move_head_last(raw)), cut at `cuts(raw)`, empty ones left out."""
+    points = cuts(raw)
+    return [body[a:b] for a, b in zip(points, points[1:]) if b > a]
+
+
 def _try(piece: bytes, codec: str, cfg: CompressConfig) -> bytes | None:
     """`piece` by `codec`, or None where an optional codec fails here or does not decode back to it."""
     try:
@@ -146,8 +152,7 @@ def _best(streams: list[tuple[str, bytes | None]]) -> tuple[str, bytes]:
 def encode(body: bytes, raw: bytes, cfg: CompressConfig) -> bytes:
     """The per-group body of `body` (= move_head_last(raw)): table + the smallest stream per piece.
     Every (piece, codec) pair is one task of the pool, largest pieces first."""
-    points = cuts(raw)
-    pieces = [body[a:b] for a, b in zip(points, points[1:]) if b > a]
+    pieces = split(body, raw)
     names = available(tuple(cfg.pergroup_codecs))
     tasks = sorted(((i, c) for i in range(len(pieces)) for c in names), key=lambda t: -len(pieces[t[0]]))
     with ThreadPoolExecutor(max_workers=min(codecs.workers(cfg), len(tasks))) as pool:
