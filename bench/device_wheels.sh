@@ -17,30 +17,9 @@ shared=${PGOLF_SHARED:-../shared}
 target=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
 in_image="numpy pyyaml tqdm torch triton sentencepiece filelock jinja2 markupsafe networkx sympy mpmath typing-extensions setuptools pip"
-# DVC's dependency closure as .venv resolved it (markers evaluated for CPython 3.12 on Linux x86_64)
-reqs=$(IN_IMAGE=$in_image .venv/bin/python - <<'EOF'
-import os, re
-from importlib import metadata
-from packaging.markers import Marker
-
-env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
-       "platform_system": "Linux", "implementation_name": "cpython", "os_name": "posix",
-       "platform_python_implementation": "CPython", "platform_machine": "x86_64", "extra": ""}
-norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
-skip, seen, todo = set(os.environ["IN_IMAGE"].split()), {}, ["dvc"]
-while todo:
-    name = norm(todo.pop())
-    if name in seen or name in skip:
-        continue
-    dist = metadata.distribution(name)
-    seen[name] = dist.version
-    for req in dist.requires or []:
-        spec, _, marker = req.partition(";")
-        if not marker or Marker(marker).evaluate(env):
-            todo.append(re.split(r"[ <>=!~\[(]", spec.strip())[0])
-print("\n".join(f"{k}=={v}" for k, v in sorted(seen.items())))
-EOF
-)
+# DVC's dependency closure as .venv resolved it, for the image's Python (bench/wheel_closure.py)
+# shellcheck disable=SC2086  # in_image is a list of names
+reqs=$(.venv/bin/python -m bench.wheel_closure dvc --skip $in_image) || exit 1
 rm -rf .whl && mkdir -p .whl/dvc .devrun/proxy .devrun/val901
 pip_q() { python3 -m pip "$@" -q --no-deps 2>&1 | grep -v '^WARNING' || true; }
 for req in $reqs; do
