@@ -9,7 +9,9 @@ The quantized file is bench/bench_quant_loop.py's synthetic record-scale model (
 by default: trained-like weights and random Hessians, not a trained model) run through pgolf's
 quantize stage on the CPU, cached in --quant-cache; or, with --quant FILE --model TEXT, the quant.pgt of a
 trained model (TEXT says which run made it). One run per row (no repeats); seconds are wall
-time of serialize + compress, and of decompress + deserialize.
+time of serialize + compress, and of decompress + deserialize. `--probe N`: one pruning probe of
+the per-group body (the first N ±1 candidates zeroed, as pgolf.compress.compress prunes), compressed
+by every codec per piece, then by each piece's codec of the unpruned body alone (`like`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from bench import overrides
 from bench.timing import timed
-from pgolf.compress import artifact, compress, pergroup
+from pgolf.compress import artifact, compress, pergroup, prune
 from pgolf.quantize import quantize
 
 
@@ -61,6 +63,22 @@ def row(tensors: dict, meta: dict, layout: str, codec: str, cfg, order: str = "p
     return out
 
 
+def probe(tensors: dict, meta: dict, hdiag: dict, cfg, n: int) -> dict:
+    """Seconds of one pruning probe of the pca-ordered per-group body, every codec per piece against
+    each piece's codec of the unpruned file (pergroup.encode's `like`), and the bytes of both."""
+    cfg = dataclasses.replace(cfg, layout="pergroup", row_order="pca")
+    first = artifact.compress(artifact.serialize(tensors, meta, "pergroup", "pca"), "pergroup", cfg)
+    codes, cands = compress.candidates(tensors, meta, hdiag)
+    raw = artifact.serialize({**tensors, **prune.apply(codes, cands, n)}, meta, "pergroup", "pca")
+    every, every_s = timed(artifact.compress, raw, "pergroup", cfg)
+    reused, reused_s = timed(artifact.compress, raw, "pergroup", cfg, like=first)
+    assert artifact.decompress(reused)[1] == raw  # round trip
+    out = {"pruned_values": n, "unpruned_bytes": len(first), "every_codec": {"bytes": len(every), "seconds": round(every_s, 2)},
+           "like_unpruned": {"bytes": len(reused), "seconds": round(reused_s, 2)}, "ratio": round(reused_s / every_s, 3)}
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="record")
@@ -68,6 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quant", type=Path, help="a trained model's quant.pgt instead of the synthetic one")
     ap.add_argument("--model", default="", help="with --quant: which run trained and quantized it")
     ap.add_argument("--layouts", default="flat,grouped,pergroup", help="the rows of these layouts only")
+    ap.add_argument("--probe", type=int, default=0, help="also time one pruning probe of this many ±1 values")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     layouts = set(args.layouts.split(","))
@@ -91,6 +110,9 @@ def main(argv=None) -> int:
                            if k in ("lzma_preset", "lzma_chunk_bytes", "zstd_level", "brotli_quality",
                                     "brotli_window", "pergroup_codecs", "threads")},
               "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(), "rows": rows}
+    if args.probe:
+        hdiag = compress.load_hdiag(quant.parent / compress.HDIAG)
+        result["probe"] = probe(tensors, meta, hdiag, cfg, args.probe)
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

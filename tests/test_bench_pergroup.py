@@ -1,12 +1,16 @@
 """bench.bench_pergroup on a trained model's quant.pgt (--quant): every row round-trips, the JSON names
-the model it was given, and a missing file or provenance is refused before any work."""
+the model it was given, a missing file or provenance is refused before any work, and --probe times
+a pruning probe both ways."""
 
 import json
 
 import pytest
+import torch
 
 from bench import bench_pergroup
 from conftest import tiny_model
+from pgolf.compress import compress
+from pgolf.shared import tensorfile
 from test_compress import write_quant
 
 
@@ -41,3 +45,19 @@ def test_layouts_keeps_only_those_rows_and_refuses_an_unknown_one(tmp_path, caps
     with pytest.raises(SystemExit) as e:
         bench_pergroup.main([*args, "--layouts", "pergroup,zip"])
     assert e.value.code == 2 and "--layouts" in capsys.readouterr().err
+
+
+def test_probe_times_one_pruning_probe_both_ways(tmp_path):
+    """--probe N: the per-group body with N ±1 values pruned, compressed by every codec and by the
+    unpruned body's codec per piece; both round-trip (checked inside) and the JSON has both."""
+    quant = write_quant(tmp_path / "quant" / "quant.pgt", tiny_model())
+    tensors, header = tensorfile.load(quant, kind="quantized")
+    int6 = [n for n, i in header["meta"]["quant"].items() if isinstance(i, dict) and i.get("type") == "int6"]
+    tensorfile.save(quant.parent / compress.HDIAG, {n: torch.ones(tensors[f"{n}.q"].shape[1]) for n in int6},
+                    kind=compress.HDIAG_KIND)
+    out = tmp_path / "pergroup.json"
+    assert bench_pergroup.main(["--profile", "tiny", "--quant", str(quant), "--model", "tiny test model",
+                                "--layouts", "pergroup", "--probe", "100", "--out", str(out)]) == 0
+    p = json.loads(out.read_text())["probe"]
+    assert p["pruned_values"] == 100 and p["unpruned_bytes"] > 0
+    assert p["every_codec"]["bytes"] > 0 and p["like_unpruned"]["bytes"] >= p["every_codec"]["bytes"]

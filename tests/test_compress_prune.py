@@ -15,7 +15,7 @@ from _quant_model import write_train_dir
 from conftest import single_thread
 from pgolf import config
 from pgolf.shared import tensorfile
-from pgolf.compress import artifact, prune
+from pgolf.compress import artifact, pergroup, prune
 from pgolf.compress import compress as C
 from pgolf.quantize import quantize as Q
 from pgolf.config import CompressConfig
@@ -80,6 +80,24 @@ def test_slack_stops_at_the_first_fit_with_few_compressions(quant, tmp_path):
     assert all(p["total_bytes"] > cfg.target_bytes for p in m["prune_probes"][:-1])  # stopped at the first fit
     assert json.loads((tmp_path / "b" / "size.json").read_text()) == m
     assert build(quant, tmp_path / "c", cfg)["model_sha256"] == m["model_sha256"]
+
+
+def test_pergroup_probes_compress_each_piece_by_its_codec_of_the_unpruned_body(quant, tmp_path, monkeypatch):
+    """The per-group codec choice is made once, on the unpruned body: every probe of the search then
+    encodes each piece once (not once per codec), and the file written reads back as the pruned codes."""
+    cfg = dataclasses.replace(CFG, codec="auto", layout="pergroup", lzma_preset=6, brotli_quality=9)
+    full = build(quant, tmp_path / "a", cfg)["total_bytes"]
+    calls, real = [], pergroup._encode_one
+    monkeypatch.setattr(pergroup, "_encode_one", lambda data, codec, c: calls.append(codec) or real(data, codec, c))
+    m = build(quant, tmp_path / "b", dataclasses.replace(cfg, target_bytes=full - 1500))
+    ptz = (tmp_path / "b" / "final" / "model.ptz").read_bytes()
+    k = len(pergroup.describe(ptz[artifact.HEADER_BYTES:]))
+    assert m["prune_compressions"] >= 1 and m["total_bytes"] <= full - 1500
+    assert len(calls) == k * (len(pergroup.available(cfg.pergroup_codecs)) + m["prune_compressions"])
+    tensors, header = tensorfile.load(quant, kind="quantized")
+    codes, cands = C.candidates(tensors, header["meta"], C.load_hdiag(quant.parent / C.HDIAG))
+    back, _ = artifact.read_artifact(tmp_path / "b" / "final" / "model.ptz")
+    assert all(torch.equal(back[key], v) for key, v in prune.apply(codes, cands, m["pruned_values"]).items())
 
 
 def test_unreachable_target_names_the_smallest_size(quant, tmp_path):

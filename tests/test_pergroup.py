@@ -106,6 +106,65 @@ def test_codecs_of_one_piece_run_side_by_side_and_the_smallest_stream_is_kept(mo
     assert [e["bytes"] for e in table] == [min(s.values()) for s in sizes]
 
 
+def _calls(monkeypatch) -> list[tuple[int, str]]:
+    """(piece length, codec) of every per-group encode from now on."""
+    calls, real = [], pergroup._encode_one
+
+    def counted(data, codec, cfg):
+        calls.append((len(data), codec))
+        return real(data, codec, cfg)
+
+    monkeypatch.setattr(pergroup, "_encode_one", counted)
+    return calls
+
+
+def test_a_probe_like_the_unpruned_body_runs_each_piece_by_its_chosen_codec_alone(monkeypatch):
+    """Pruning's probes (`like` = the unpruned file): one encode per piece, by the codec the unpruned
+    body chose for it; the pruned body still reads back exactly."""
+    tensors, meta = codes_and_meta()
+    raw = A.serialize(tensors, meta, "pergroup")
+    first = A.compress(raw, "pergroup", FAST)
+    chosen = [(e["raw_bytes"], e["codec"]) for e in pergroup.describe(first[A.HEADER_BYTES:])]
+    assert len({c for _, c in chosen}) >= 2  # the pieces do not all pick one codec, so reuse is per piece
+    pruned = dict(tensors)
+    q = "blocks.0.mlp.fc.weight.q"
+    pruned[q] = torch.where(tensors[q].abs() == 1, torch.zeros_like(tensors[q]), tensors[q])  # ±1 codes pruned
+    raw2 = A.serialize(pruned, meta, "pergroup")
+    calls = _calls(monkeypatch)
+    probe = A.compress(raw2, "pergroup", FAST, like=first)
+    assert sorted(calls) == sorted(chosen)
+    assert [(e["raw_bytes"], e["codec"]) for e in pergroup.describe(probe[A.HEADER_BYTES:])] == chosen
+    assert A.decompress(probe)[1] == raw2 and probe != first
+
+
+def test_a_probe_falls_back_to_every_codec_where_the_earlier_choice_fails_or_the_layout_differs(monkeypatch):
+    tensors, meta = codes_and_meta()
+    raw = A.serialize(tensors, meta, "pergroup")
+    first = A.compress(raw, "pergroup", FAST)
+    names = pergroup.available(FAST.pergroup_codecs)
+    table = pergroup.describe(first[A.HEADER_BYTES:])
+    failing, piece = table[0]["codec"], pergroup.split(A.move_head_last(raw), raw)[0]
+    real = pergroup._encode_one
+
+    def broken(data, codec, cfg):
+        if codec == failing and data == piece:
+            raise OSError("codec program missing")
+        return real(data, codec, cfg)
+
+    monkeypatch.setattr(pergroup, "_encode_one", broken)
+    again = pergroup.describe(A.compress(raw, "pergroup", FAST, like=first)[A.HEADER_BYTES:])
+    assert again[0]["codec"] != failing and [e["codec"] for e in again[1:]] == [e["codec"] for e in table[1:]]
+    monkeypatch.setattr(pergroup, "_encode_one", real)
+    calls = _calls(monkeypatch)
+    other = dict(tensors)
+    other["blocks.0.mlp.fc.weight.q"] = torch.cat([tensors["blocks.0.mlp.fc.weight.q"]] * 2)  # pieces change length
+    small = A.compress(A.serialize(tensors, meta, "flat"), "zstd", FAST)
+    for like in (A.compress(A.serialize(other, meta, "pergroup"), "pergroup", FAST), small):
+        calls.clear()
+        A.compress(raw, "pergroup", FAST, like=like)
+        assert len(calls) == len(table) * len(names)  # no reuse: every piece by every codec
+
+
 def test_inflation_is_bounded_and_corruption_is_named():
     tensors, meta = codes_and_meta()
     blob = A.compress(A.serialize(tensors, meta, "pergroup"), "pergroup", FAST)

@@ -213,16 +213,19 @@ def move_head_first(plain: bytes, source: str) -> bytes:
     return body[len(body) - n:] + body[:len(body) - n]
 
 
-def compress(raw: bytes, codec: str, cfg: CompressConfig) -> bytes:
+def compress(raw: bytes, codec: str, cfg: CompressConfig, like: bytes | None = None) -> bytes:
     """The artifact file of the body `raw`: header (magic, version, codec id, CRC-32 of `raw`) +
-    `raw` with its head moved last, compressed by `codec` (pgolf.compress.codecs.encode)."""
+    `raw` with its head moved last, compressed by `codec` (pgolf.compress.codecs.encode). `like`: an
+    earlier per-group artifact file of the same layout, whose per-piece codecs a per-group body reuses."""
     if codec not in CODEC_IDS:
         raise ValueError(f"codec must be one of {', '.join(CODEC_IDS)}; got {codec!r}")
     crc = struct.pack("<I", zlib.crc32(raw))
     if codec == "pergroup":
         from pgolf.compress import pergroup
 
-        return MAGIC + bytes([FORMAT_VERSION, CODEC_IDS[codec]]) + crc + pergroup.encode(move_head_last(raw), raw, cfg)
+        earlier = like[HEADER_BYTES:] if like is not None and like[len(MAGIC) + 1] == CODEC_IDS[codec] else None
+        return MAGIC + bytes([FORMAT_VERSION, CODEC_IDS[codec]]) + crc + pergroup.encode(
+            move_head_last(raw), raw, cfg, earlier)
     body, chunked = codecs.encode(move_head_last(raw), codec, cfg)
     cid = CHUNKED_ID_OF[codec] if chunked else CODEC_IDS[codec]
     return MAGIC + bytes([FORMAT_VERSION, cid]) + crc + body

@@ -14,7 +14,8 @@ as the extra key `code_bytes_eval_files_raw`.
 Pruning (compress.prune, pgolf.compress.prune): when model + code bytes exceed compress.target_bytes, the
 cheapest ±1 int6 codes (cost s_i^2 H_jj, with the Hessian diagonals quantize saved in
 artifacts/quant/hdiag.pgt) are zeroed. The codec is chosen on the unpruned body; the search then
-probes with that codec alone (`<codec>_bytes` of the other codecs stay the unpruned sizes), each
+probes with that codec alone (`<codec>_bytes` of the other codecs stay the unpruned sizes; a
+per-group body keeps each piece's codec of the unpruned one, pgolf.compress.pergroup.encode's `like`), each
 probe a real compression, placed by an entropy predictor (pgolf.compress.prune.Entropy). The file written
 is the probe that fitted, so `model_bytes` is its real size.
 """
@@ -130,7 +131,8 @@ def prune_to_target(tensors: dict[str, torch.Tensor], meta: dict, hdiag: dict[st
     def size_of(n: int) -> int:
         if n not in blobs:
             pruned = {**tensors, **prune.apply(codes, cands, n)}  # same keys, same order as quant.pgt
-            blobs[n] = artifact.compress(artifact.serialize(pruned, meta, cfg.layout, cfg.row_order), codec, cfg)
+            blobs[n] = artifact.compress(artifact.serialize(pruned, meta, cfg.layout, cfg.row_order), codec, cfg,
+                                         like=unpruned)
         return len(blobs[n]) + code
 
     res = prune.search(size_of, cands.total, cfg.target_bytes, prune.Entropy(codes, cands), cfg.prune_slack_bytes)

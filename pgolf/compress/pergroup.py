@@ -8,6 +8,8 @@ piece (each group, each plane block, and the runs in between: the remainder) is 
 codec of compress.pergroup_codecs that this machine has, and the smallest stream is kept (ties: the
 earlier codec in the table below). A codec whose stream does not decode back to its piece is dropped.
 Every (piece, codec) pair runs as its own task, so the largest piece's codecs run side by side.
+Pruning's probes pass the unpruned body as `like`: the pieces keep their lengths, so each is
+compressed by the codec chosen for it there alone (one task per piece instead of one per codec).
 
 Codecs: lzma (raw LZMA2, compress.lzma_preset), zstd (compress.zstd_level), brotli (Python module
 `brotli`, optional), ppmd (PPMd var. H of the optional module `pyppmd`, order PPMD_ORDER, PPMD_MEM
@@ -144,20 +146,40 @@ def _try(piece: bytes, codec: str, cfg: CompressConfig) -> bytes | None:
     return s
 
 
-def _best(streams: list[tuple[str, bytes | None]]) -> tuple[str, bytes]:
-    """(codec, stream): the smallest of one piece's streams (ties: the earlier codec)."""
-    return min(((c, s) for c, s in streams if s is not None), key=lambda cs: len(cs[1]))
+def _best(streams: list[tuple[str, bytes | None]]) -> tuple[str, bytes] | None:
+    """(codec, stream): the smallest of one piece's streams (ties: the earlier codec); None if none."""
+    return min(((c, s) for c, s in streams if s is not None), key=lambda cs: len(cs[1]), default=None)
 
 
-def encode(body: bytes, raw: bytes, cfg: CompressConfig) -> bytes:
-    """The per-group body of `body` (= move_head_last(raw)): table + the smallest stream per piece.
-    Every (piece, codec) pair is one task of the pool, largest pieces first."""
-    pieces = split(body, raw)
-    names = available(tuple(cfg.pergroup_codecs))
-    tasks = sorted(((i, c) for i in range(len(pieces)) for c in names), key=lambda t: -len(pieces[t[0]]))
+def _smallest(pieces: list[bytes], tries: list[list[str]], cfg: CompressConfig) -> list[tuple[str, bytes] | None]:
+    """The smallest stream of each piece among its codecs in `tries`. Every (piece, codec) pair is one
+    task of the pool, largest pieces first."""
+    tasks = sorted(((i, c) for i, names in enumerate(tries) for c in names), key=lambda t: -len(pieces[t[0]]))
     with ThreadPoolExecutor(max_workers=min(codecs.workers(cfg), len(tasks))) as pool:
         futures = {t: pool.submit(_try, pieces[t[0]], t[1], cfg) for t in tasks}
-        chosen = [_best([(c, futures[i, c].result()) for c in names]) for i in range(len(pieces))]
+        return [_best([(c, futures[i, c].result()) for c in names]) for i, names in enumerate(tries)]
+
+
+def _reused(like: bytes, pieces: list[bytes], names: list[str]) -> list[list[str]]:
+    """Each piece's codecs to try: the one `like` (a per-group body) chose for the piece of the same
+    length at the same place; every codec of `names` where the tables differ in shape."""
+    _, entries = _table(like)
+    if [n for _, n, _ in entries] != [len(p) for p in pieces]:
+        return [names] * len(pieces)
+    return [[NAMES[c]] if NAMES[c] in names else names for c, _, _ in entries]
+
+
+def encode(body: bytes, raw: bytes, cfg: CompressConfig, like: bytes | None = None) -> bytes:
+    """The per-group body of `body` (= move_head_last(raw)): table + the smallest stream per piece.
+    `like`: an earlier per-group body of the same layout (pruning's probes, pgolf.compress.compress):
+    each piece then tries only the codec chosen for it there, and every codec where that one fails."""
+    pieces = split(body, raw)
+    names = available(tuple(cfg.pergroup_codecs))
+    chosen = _smallest(pieces, [names] * len(pieces) if like is None else _reused(like, pieces, names), cfg)
+    failed = [i for i, ch in enumerate(chosen) if ch is None]
+    if failed:
+        for i, ch in zip(failed, _smallest([pieces[i] for i in failed], [names] * len(failed), cfg)):
+            chosen[i] = ch
     table = struct.pack("<I", len(pieces)) + b"".join(
         ENTRY.pack(IDS[c], len(p), len(s)) for p, (c, s) in zip(pieces, chosen))
     return table + b"".join(s for _, s in chosen)
