@@ -26,7 +26,9 @@ stage seconds.
 The JSON is rewritten after every row, so a run cut short keeps the rows before; `--budget`
 (seconds) skips the rows that would not finish in time, estimated from the slowest row so far
 that ran the same stages; `--resume` continues such a run from its JSON: rows that finished
-(rc 0) are kept and not rerun, and the environment of each call is listed. Rerun in the same
+(rc 0) are kept and not rerun, and the environment of each call is listed. Each row records its
+GPU model: a run resumed on another (an H200 after an H100) makes no claim, since a wallclock-bound
+row trains a different number of steps on each. Rerun in the same
 checkout (DVC's cache still holds the trained weights), a resumed post-training row shows that
 train did not run again. Needs dvc on the PATH of `python -m dvc` and, for the GPU rows, CUDA.
 """
@@ -176,7 +178,8 @@ def _as_run(rec: dict):
 
 def compare(result: dict, baseline: str, min_seconds: float, claims: bool) -> dict:
     """Each row's paired test against `baseline` (seeds.paired) and its verdict: "better" only when
-    claims are on, every run of both arms trained >= min_seconds and the test passed."""
+    claims are on, every run of both arms trained >= min_seconds on one GPU model (a resumed run may
+    have moved machines; a row without `gpu` ran on the result's first environment) and the test passed."""
     from pgolf.submit import seeds
 
     done = [r for r in result["rows"] if r.get("rc") == 0 and "eval.val_loss" in r]
@@ -190,8 +193,10 @@ def compare(result: dict, baseline: str, min_seconds: float, claims: bool) -> di
             out[name] = {"verdict": "no test", "why": str(e)}
             continue
         long_enough = all(r.get("train.train_seconds", 0) >= min_seconds for r in base + arm)
+        gpus = sorted({str(r.get("gpu", result["environment"].get("gpu"))) for r in base + arm})
         verdict = ("better" if test["significant"] else "not shown better") if claims and long_enough else "no claim"
-        out[name] = {**test, "trained_long_enough": long_enough, "verdict": verdict}
+        out[name] = {**test, "trained_long_enough": long_enough, "gpus": gpus,
+                     "verdict": verdict if len(gpus) == 1 else "no claim"}
     return out
 
 
@@ -267,7 +272,7 @@ def main(argv=None) -> int:
         if too_slow(result["rows"], trains(spec, (row, seed), prev), left):
             result["rows"].append({"name": row["name"], "seed": seed, "skipped": f"budget: {left:.0f} s left"})
         else:
-            rec = run_row(spec, row, seed, log_dir)
+            rec = run_row(spec, row, seed, log_dir) | {"gpu": env["gpu"]}
             result["rows"].append(rec)
             prev = (row, seed)
             print(json.dumps({k: rec.get(k) for k in ("name", "seed", "ran", "seconds", "rc", "train.steps",

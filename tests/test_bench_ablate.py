@@ -208,6 +208,26 @@ def test_by_default_every_row_runs_two_seeds_paired_and_is_tested_against_the_ba
     assert damp["verdict"] == "not shown better" and damp["improvement_nats_mean"] < 0
 
 
+def test_a_run_resumed_on_another_gpu_model_makes_no_claim(repo, tmp_path, monkeypatch):
+    """Seed 1337 on one GPU model, seed 42 resumed on another: the test still runs, the verdict is
+    "no claim" and both models are named; rows from before `gpu` was recorded count as the first
+    environment's."""
+    rows = rows_file(tmp_path / "rows.yaml", [{"name": "base"}, {"name": "narrow", "set": {"model.model_dim": 64}}],
+                     common={"train.iterations": 7, "train.max_wallclock_seconds": 180.0})
+    out, args = tmp_path / "out.json", ["--rows", str(rows), "--log-dir", str(tmp_path / "logs")]
+    gpu = {"gpu": "H100"}
+    monkeypatch.setattr(A, "versions", lambda: {"torch": "t", **gpu})
+    A.main([*args, "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["comparisons"]["narrow"]["verdict"] == "better" and res["comparisons"]["narrow"]["gpus"] == ["H100"]
+    res["rows"] = [{k: v for k, v in r.items() if k != "gpu"} for r in res["rows"] if r["seed"] == 1337]
+    out.write_text(json.dumps(res))
+    gpu["gpu"] = "H200"
+    A.main([*args, "--out", str(out), "--resume"])
+    narrow = json.loads(out.read_text())["comparisons"]["narrow"]
+    assert narrow["significant"] and narrow["gpus"] == ["H100", "H200"] and narrow["verdict"] == "no claim"
+
+
 def test_a_plan_below_the_protocol_is_refused_unless_quick_and_quick_makes_no_claims(repo, tmp_path):
     rows = rows_file(tmp_path / "rows.yaml", [{"name": "base"}, {"name": "narrow", "set": {"model.model_dim": 64}}],
                      common={"train.iterations": 7, "train.max_wallclock_seconds": 30.0})
