@@ -21,7 +21,7 @@ from conftest import tiny_model
 from pgolf.config import ConfigError, EvaluateConfig, check
 from pgolf.evaluate import phased
 from pgolf.evaluate.evaluate import load_model, run
-from pgolf.shared import bpb
+from pgolf.shared import bpb, progress
 from pgolf.shared.model import softcap
 from test_bpb import tiny_tables, tiny_tokens
 from test_evaluate import PARAMS, gate, make_workdir, paths, run_stage, tables as wd_tables, val_tokens
@@ -152,6 +152,19 @@ def test_each_documents_first_chunk_is_the_models_own_score_and_later_chunks_lea
         first[s:s + min(n - 1, CFG.ttt_doc_chunk)] = True
     torch.testing.assert_close(r.per_target[first], still.per_target[first], atol=1e-6, rtol=0)
     assert (r.per_target[~first] - still.per_target[~first]).abs().max() > 0.05  # the adapters act
+
+
+def test_progress_counts_targets_from_the_longest_documents_batch_to_every_target(monkeypatch, capsys):
+    """The progress line counts targets, not batches (the batches run longest first, so they are
+    unequal): the first line is the first batch's targets, the last every target of the stream."""
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.0)  # a line at every batch
+    run_phased(STILL, progress=True)
+    lines = capsys.readouterr().err.strip().splitlines()
+    docs = phased.documents(toks(), BOS)
+    group = phased.batches(docs, CFG.ttt_doc_batch)[0]  # the longest document's batch
+    first = int(docs[group, 1].sum()) - len(group)
+    assert lines[0].startswith(f"ttt: {first:,}/{N - 1:,} target (")
+    assert lines[-1].startswith(f"ttt: {N - 1:,}/{N - 1:,} target (100%)") and lines[-1].endswith(", done")
 
 
 def test_finished_documents_leave_the_batch_and_no_score_moves(monkeypatch):

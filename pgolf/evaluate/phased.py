@@ -54,7 +54,7 @@ from pgolf.shared import bpb, docattn
 from pgolf.shared.byte_tables import ByteTables
 from pgolf.shared.dist import all_reduce_
 from pgolf.shared.model import layer_order
-from pgolf.shared.progress import track
+from pgolf.shared.progress import Progress
 
 # site -> (input width, output width) as functions of the model's (dim, kv_dim, vocab)
 SITE_SHAPES = {"q": lambda d, kv, V: (d, d), "k": lambda d, kv, V: (d, kv), "v": lambda d, kv, V: (d, kv),
@@ -408,8 +408,8 @@ def eval_phased(model, tokens: np.ndarray, tables: ByteTables, cfg: EvaluateConf
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     chunks = global_steps = 0
     mine = [g for g in range(len(groups)) if g % world == rank]
-    if progress and rank == 0:
-        mine = track(mine, desc="ttt", unit="batch")
+    # counted in targets, not batches: the longest documents run first, so batches take ever less time
+    bar = Progress("ttt", "target", sum(_targets(docs, groups[g]) for g in mine)) if progress and rank == 0 else None
     done = 0  # global passes run
     for g in mine:
         while done < len(passes) and g > passes[done][0]:
@@ -425,14 +425,23 @@ def eval_phased(model, tokens: np.ndarray, tables: ByteTables, cfg: EvaluateConf
         if short:
             lora.restore(carried)
         chunks += batch_chunks(rows, cfg.ttt_doc_chunk)
+        if bar is not None:
+            bar.update(_targets(docs, groups[g]))
     while done < len(passes):  # passes after this rank's last batch (collective under several ranks)
         global_steps += _run_pass(model, tok, docs, groups, passes[done], cfg, amp, rank, world)
         done += 1
+    if bar is not None:
+        bar.close()
     all_reduce_(sums)
     nll, ntok, nbytes = sums.tolist()
     loss, val_bpb = bpb._bpb(nll, ntok, nbytes)
     return PhasedResult(loss, val_bpb, int(ntok), int(nbytes), chunks, sum(p.numel() for p in lora.parameters()),
                         len(docs), global_steps, per_target.cpu() if record else None)
+
+
+def _targets(docs: np.ndarray, group: np.ndarray) -> int:
+    """The targets the documents `group` score: each document's length less its first token."""
+    return int(docs[group, 1].sum()) - len(group)
 
 
 def _run_pass(model, tok, docs, groups, end: tuple[int, int], cfg: EvaluateConfig, amp, rank, world) -> int:
