@@ -144,16 +144,19 @@ def test_a_probe_falls_back_to_every_codec_where_the_earlier_choice_fails_or_the
     names = pergroup.available(FAST.pergroup_codecs)
     table = pergroup.describe(first[A.HEADER_BYTES:])
     failing, piece = table[0]["codec"], pergroup.split(A.move_head_last(raw), raw)[0]
-    real = pergroup._encode_one
+    real, on_piece = pergroup._encode_one, []
 
     def broken(data, codec, cfg):
-        if codec == failing and data == piece:
-            raise OSError("codec program missing")
+        if data == piece:
+            on_piece.append(codec)
+            if codec == failing:
+                raise OSError("codec program missing")
         return real(data, codec, cfg)
 
     monkeypatch.setattr(pergroup, "_encode_one", broken)
     again = pergroup.describe(A.compress(raw, "pergroup", FAST, like=first)[A.HEADER_BYTES:])
     assert again[0]["codec"] != failing and [e["codec"] for e in again[1:]] == [e["codec"] for e in table[1:]]
+    assert sorted(on_piece) == sorted(names)  # the failed codec once, then each other codec once
     monkeypatch.setattr(pergroup, "_encode_one", real)
     calls = _calls(monkeypatch)
     other = dict(tensors)

@@ -175,10 +175,12 @@ def encode(body: bytes, raw: bytes, cfg: CompressConfig, like: bytes | None = No
     each piece then tries only the codec chosen for it there, and every codec where that one fails."""
     pieces = split(body, raw)
     names = available(tuple(cfg.pergroup_codecs))
-    chosen = _smallest(pieces, [names] * len(pieces) if like is None else _reused(like, pieces, names), cfg)
+    tries = [names] * len(pieces) if like is None else _reused(like, pieces, names)
+    chosen = _smallest(pieces, tries, cfg)
     failed = [i for i, ch in enumerate(chosen) if ch is None]
-    if failed:
-        for i, ch in zip(failed, _smallest([pieces[i] for i in failed], [names] * len(failed), cfg)):
+    if failed:  # the reused codec failed on its new piece: the other codecs, not that one again
+        rest = [[c for c in names if c not in tries[i]] for i in failed]
+        for i, ch in zip(failed, _smallest([pieces[i] for i in failed], rest, cfg)):
             chosen[i] = ch
     table = struct.pack("<I", len(pieces)) + b"".join(
         ENTRY.pack(IDS[c], len(p), len(s)) for p, (c, s) in zip(pieces, chosen))
