@@ -45,7 +45,8 @@ def build_quant(cache: Path, profile: str) -> Path:
     return path
 
 
-def row(tensors: dict, meta: dict, layout: str, codec: str, cfg, order: str = "pca") -> dict:
+def row(tensors: dict, meta: dict, layout: str, codec: str, cfg, order: str = "pca") -> tuple[dict, bytes]:
+    """One layout and codec: its JSON row (bytes, seconds both ways) and the compressed file."""
     cfg = dataclasses.replace(cfg, layout=layout, row_order=order)
 
     def pack():
@@ -60,14 +61,16 @@ def row(tensors: dict, meta: dict, layout: str, codec: str, cfg, order: str = "p
         out["pieces"] = pergroup.describe(blob[artifact.HEADER_BYTES:])
         out["codecs_tried"] = pergroup.available(cfg.pergroup_codecs)
     print(json.dumps({k: v for k, v in out.items() if k != "pieces"}), flush=True)
-    return out
+    return out, blob
 
 
-def probe(tensors: dict, meta: dict, hdiag: dict, cfg, n: int) -> dict:
+def probe(tensors: dict, meta: dict, hdiag: dict, cfg, n: int, first: bytes | None = None) -> dict:
     """Seconds of one pruning probe of the pca-ordered per-group body, every codec per piece against
-    each piece's codec of the unpruned file (pergroup.encode's `like`), and the bytes of both."""
+    each piece's codec of the unpruned file `first` (pergroup.encode's `like`; compressed here when
+    the rows did not), and the bytes of both."""
     cfg = dataclasses.replace(cfg, layout="pergroup", row_order="pca")
-    first = artifact.compress(artifact.serialize(tensors, meta, "pergroup", "pca"), "pergroup", cfg)
+    if first is None:
+        first = artifact.compress(artifact.serialize(tensors, meta, "pergroup", "pca"), "pergroup", cfg)
     codes, cands = compress.candidates(tensors, meta, hdiag)
     raw = artifact.serialize({**tensors, **prune.apply(codes, cands, n)}, meta, "pergroup", "pca")
     every, every_s = timed(artifact.compress, raw, "pergroup", cfg)
@@ -97,7 +100,7 @@ def main(argv=None) -> int:
     quant, build_s = (args.quant, 0.0) if args.quant else timed(build_quant, args.quant_cache, args.profile)
     tensors, meta = compress.load_quant(quant)
     cfg = overrides.load(args.profile)["compress"]
-    rows = [row(tensors, meta, layout, codec, cfg, order) for layout, codec, order in (
+    packed = [(layout, order, *row(tensors, meta, layout, codec, cfg, order)) for layout, codec, order in (
         ("flat", "lzma", "pca"), ("flat", "zstd", "pca"), ("flat", "brotli", "pca"),
         ("grouped", "lzma", "pca"), ("grouped", "brotli", "pca"),
         ("pergroup", "pergroup", "pca"), ("pergroup", "pergroup", "l1")) if layout in layouts]
@@ -109,10 +112,12 @@ def main(argv=None) -> int:
               "compress": {k: v for k, v in dataclasses.asdict(cfg).items()
                            if k in ("lzma_preset", "lzma_chunk_bytes", "zstd_level", "brotli_quality",
                                     "brotli_window", "pergroup_codecs", "threads")},
-              "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(), "rows": rows}
+              "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+              "rows": [r for _, _, r, _ in packed]}
     if args.probe:
         hdiag = compress.load_hdiag(quant.parent / compress.HDIAG)
-        result["probe"] = probe(tensors, meta, hdiag, cfg, args.probe)
+        first = next((b for layout, order, _, b in packed if (layout, order) == ("pergroup", "pca")), None)
+        result["probe"] = probe(tensors, meta, hdiag, cfg, args.probe, first)
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

@@ -47,9 +47,13 @@ def test_layouts_keeps_only_those_rows_and_refuses_an_unknown_one(tmp_path, caps
     assert e.value.code == 2 and "--layouts" in capsys.readouterr().err
 
 
-def test_probe_times_one_pruning_probe_both_ways(tmp_path):
+def test_probe_times_one_pruning_probe_both_ways(tmp_path, monkeypatch):
     """--probe N: the per-group body with N ±1 values pruned, compressed by every codec and by the
-    unpruned body's codec per piece; both round-trip (checked inside) and the JSON has both."""
+    unpruned body's codec per piece; both round-trip (checked inside) and the JSON has both. The
+    unpruned body is the pca row's, not compressed again."""
+    calls, real = [], bench_pergroup.artifact.compress
+    monkeypatch.setattr(bench_pergroup.artifact, "compress",
+                        lambda raw, codec, cfg, **kw: calls.append(codec) or real(raw, codec, cfg, **kw))
     quant = write_quant(tmp_path / "quant" / "quant.pgt", tiny_model())
     tensors, header = tensorfile.load(quant, kind="quantized")
     int6 = [n for n, i in header["meta"]["quant"].items() if isinstance(i, dict) and i.get("type") == "int6"]
@@ -61,3 +65,4 @@ def test_probe_times_one_pruning_probe_both_ways(tmp_path):
     p = json.loads(out.read_text())["probe"]
     assert p["pruned_values"] == 100 and p["unpruned_bytes"] > 0
     assert p["every_codec"]["bytes"] > 0 and p["like_unpruned"]["bytes"] >= p["every_codec"]["bytes"]
+    assert calls == ["pergroup"] * 4  # the pca and l1 rows, then the probe's two
