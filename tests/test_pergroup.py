@@ -168,6 +168,22 @@ def test_a_probe_falls_back_to_every_codec_where_the_earlier_choice_fails_or_the
         assert len(calls) == len(table) * len(names)  # no reuse: every piece by every codec
 
 
+def test_a_piece_no_codec_encodes_is_named(monkeypatch):
+    tensors, meta = codes_and_meta()
+    raw = A.serialize(tensors, meta, "pergroup")
+    piece = pergroup.split(A.move_head_last(raw), raw)[1]
+    real = pergroup._encode_one
+
+    def broken(data, codec, cfg):
+        if data == piece:
+            raise OSError("disk full")
+        return real(data, codec, cfg)
+
+    monkeypatch.setattr(pergroup, "_encode_one", broken)
+    with pytest.raises(codecs.CodecError, match=f"piece 1 \\({len(piece)} bytes\\): no codec"):
+        A.compress(raw, "pergroup", FAST)
+
+
 def test_inflation_is_bounded_and_corruption_is_named():
     tensors, meta = codes_and_meta()
     blob = A.compress(A.serialize(tensors, meta, "pergroup"), "pergroup", FAST)

@@ -155,7 +155,7 @@ def _smallest(pieces: list[bytes], tries: list[list[str]], cfg: CompressConfig) 
     """The smallest stream of each piece among its codecs in `tries`. Every (piece, codec) pair is one
     task of the pool, largest pieces first."""
     tasks = sorted(((i, c) for i, names in enumerate(tries) for c in names), key=lambda t: -len(pieces[t[0]]))
-    with ThreadPoolExecutor(max_workers=min(codecs.workers(cfg), len(tasks))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(codecs.workers(cfg), len(tasks)))) as pool:
         futures = {t: pool.submit(_try, pieces[t[0]], t[1], cfg) for t in tasks}
         return [_best([(c, futures[i, c].result()) for c in names]) for i, names in enumerate(tries)]
 
@@ -181,6 +181,8 @@ def encode(body: bytes, raw: bytes, cfg: CompressConfig, like: bytes | None = No
     if failed:  # the reused codec failed on its new piece: the other codecs, not that one again
         rest = [[c for c in names if c not in tries[i]] for i in failed]
         for i, ch in zip(failed, _smallest([pieces[i] for i in failed], rest, cfg)):
+            if ch is None:
+                raise CodecError(f"per-group piece {i} ({len(pieces[i])} bytes): no codec of {names} encoded it")
             chosen[i] = ch
     table = struct.pack("<I", len(pieces)) + b"".join(
         ENTRY.pack(IDS[c], len(p), len(s)) for p, (c, s) in zip(pieces, chosen))
