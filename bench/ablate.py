@@ -2,6 +2,7 @@
 
     python -m bench.ablate --rows bench/ablation_model.yaml --out results.json [--only a,b] [--budget 560]
         [--common train.grad_accum_steps=2 ...] [--seeds 1337,42] [--baseline ROW] [--quick]
+    python -m bench.ablate --merge seed1337.json seed42.json --out results.json [--baseline ROW]  # separate calls
 
 The protocol (README "Seeds and significance"): a row is "better" than the baseline row (the first
 one unless `--baseline`) only from at least 2 seeds and at least 180 s of training per run, the
@@ -9,7 +10,8 @@ arms paired (every seed runs every row, back to back on this machine), and `pgol
 passed (`seeds.paired`: the one-sided t test of the gain in nats per token). By default the runner
 refuses a plan that cannot meet it (one seed, or a row whose train.max_wallclock_seconds is below
 `--min-train-seconds`); `--quick` runs such a plan anyway and marks the result `claims: false`.
-The JSON's `comparisons` hold each row's paired test against the baseline and its verdict.
+The JSON's `comparisons` hold each row's paired test against the baseline and its verdict, and
+the baseline's against the row (`reverse`: for a row that turns a part off, whether the part helps).
 
 A rows file names a base profile (`profiles/<base>.yaml`: only its differences from the record
 defaults, resolved to every key), `common` overrides for every row (`section.key: value`, e.g. the
@@ -48,6 +50,7 @@ import yaml
 
 from bench import overrides
 from bench.bench_eval import versions
+from bench.bench_vs_ref import read_alike
 from pgolf import config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,27 +180,34 @@ def _as_run(rec: dict):
 
 
 def compare(result: dict, baseline: str, min_seconds: float, claims: bool) -> dict:
-    """Each row's paired test against `baseline` (seeds.paired) and its verdict: "better" only when
-    claims are on, every run of both arms trained >= min_seconds on one GPU model (a resumed run may
-    have moved machines; a row without `gpu` ran on the result's first environment) and the test passed."""
-    from pgolf.submit import seeds
-
+    """Each row's paired test against `baseline` (seeds.paired) and its verdict, and under `reverse`
+    the baseline's test against the row (for a row that turns one part off: whether the part helps).
+    A verdict is "better" only when claims are on, every run of both arms trained >= min_seconds on
+    one GPU model (a resumed run may have moved machines; a row without `gpu` ran on the result's
+    first environment) and the test passed."""
     done = [r for r in result["rows"] if r.get("rc") == 0 and "eval.val_loss" in r]
     base = [r for r in done if r["name"] == baseline]
     out = {}
     for name in dict.fromkeys(r["name"] for r in done if r["name"] != baseline):
         arm = [r for r in done if r["name"] == name]
-        try:
-            test = seeds.paired([_as_run(r) for r in base], [_as_run(r) for r in arm])
-        except seeds.SeedsError as e:
-            out[name] = {"verdict": "no test", "why": str(e)}
-            continue
-        long_enough = all(r.get("train.train_seconds", 0) >= min_seconds for r in base + arm)
-        gpus = sorted({str(r.get("gpu", result["environment"].get("gpu"))) for r in base + arm})
-        verdict = ("better" if test["significant"] else "not shown better") if claims and long_enough else "no claim"
-        out[name] = {**test, "trained_long_enough": long_enough, "gpus": gpus,
-                     "verdict": verdict if len(gpus) == 1 else "no claim"}
+        out[name] = _paired(result, base, arm, min_seconds, claims)
+        if "why" not in out[name]:
+            out[name]["reverse"] = _paired(result, arm, base, min_seconds, claims)
     return out
+
+
+def _paired(result: dict, base: list[dict], arm: list[dict], min_seconds: float, claims: bool) -> dict:
+    from pgolf.submit import seeds
+
+    try:
+        test = seeds.paired([_as_run(r) for r in base], [_as_run(r) for r in arm])
+    except seeds.SeedsError as e:
+        return {"verdict": "no test", "why": str(e)}
+    long_enough = all(r.get("train.train_seconds", 0) >= min_seconds for r in base + arm)
+    gpus = sorted({str(r.get("gpu", result["environment"].get("gpu"))) for r in base + arm})
+    verdict = ("better" if test["significant"] else "not shown better") if claims and long_enough else "no claim"
+    return {**test, "trained_long_enough": long_enough, "gpus": gpus,
+            "verdict": verdict if len(gpus) == 1 else "no claim"}
 
 
 def resumed(old: dict, path: Path, env: dict) -> dict:
@@ -207,6 +217,39 @@ def resumed(old: dict, path: Path, env: dict) -> dict:
     old["rows"] = [r for r in old["rows"] if r.get("rc") == 0]
     old.setdefault("resumed", []).append(env)
     return old
+
+
+MERGE_SAME = ("rows_file", "base", "common", "min_train_seconds")
+
+
+def merge(paths: list[Path], baseline: str = "") -> dict:
+    """One result from the JSONs of several calls that each ran some seeds of one rows file (a lent
+    machine's session holds one seed's trained model in its DVC cache): the first one's head, every
+    call's finished rows (each with its GPU model, from its call's environment where it predates
+    `gpu`), the comparisons against `baseline` (default: the first file's) over all of them. Claims
+    are on when the rows hold at least 2 seeds; `compare` still asks every run's training time and
+    one GPU model. RowsError unless the calls ran the same rows file, base, common and protocol, if a
+    row and seed finished in two, or if no row is the baseline."""
+    try:
+        docs = read_alike(paths, MERGE_SAME)
+    except ValueError as e:
+        raise RowsError(str(e)) from None
+    rows = [{**r, "gpu": r.get("gpu", d["environment"].get("gpu"))}
+            for d in docs for r in d["rows"] if r.get("rc") == 0]
+    done = [(r["name"], r["seed"]) for r in rows]
+    twice = sorted({k for k in done if done.count(k) > 1})
+    if twice:
+        raise RowsError(f"--merge: row {twice[0][0]!r} seed {twice[0][1]} finished in two files")
+    baseline = baseline or docs[0]["baseline"]
+    if baseline not in {r["name"] for r in rows}:
+        names = ", ".join(dict.fromkeys(n for n, _ in done))
+        raise RowsError(f"--baseline {baseline!r} is not one of the merged rows ({names})")
+    head = {k: v for k, v in docs[0].items() if k not in ("rows", "comparisons", "seeds", "claims", "resumed")}
+    seeds = sorted({r["seed"] for r in rows})
+    result = {**head, "baseline": baseline, "seeds": seeds, "claims": len(seeds) >= 2,
+              "merged_from": [p.name for p in paths], "environments": [d["environment"] for d in docs], "rows": rows}
+    result["comparisons"] = compare(result, result["baseline"], result["min_train_seconds"], result["claims"])
+    return result
 
 
 def shard_info(spec: dict, rows: list[dict]) -> dict:
@@ -229,6 +272,16 @@ def jobs(rows: list[dict], seeds: list[int]) -> list[tuple[dict, int]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "--merge":
+        ap.add_argument("--merge", type=Path, nargs="+", required=True)
+        ap.add_argument("--out", type=Path, required=True)
+        ap.add_argument("--baseline", default="", help="the row the others are tested against "
+                        "(default: the first file's)")
+        a = ap.parse_args(argv)
+        a.out.write_text(json.dumps(merge(a.merge, a.baseline), indent=1) + "\n")
+        return 0
     ap.add_argument("--rows", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--only", default="", help="comma-separated row names (default: all, in file order)")

@@ -206,6 +206,10 @@ def test_by_default_every_row_runs_two_seeds_paired_and_is_tested_against_the_ba
     assert narrow["seeds"] == [1337, 42] and narrow["improvement_nats_mean"] == pytest.approx(0.0064 * math.log(2) * 4)
     assert narrow["significant"] and narrow["verdict"] == "better" and narrow["trained_long_enough"]
     assert damp["verdict"] == "not shown better" and damp["improvement_nats_mean"] < 0
+    # reverse: the baseline against each row (does the part a row turns off help?)
+    assert damp["reverse"]["verdict"] == "better" and damp["reverse"]["seeds"] == [1337, 42]
+    assert damp["reverse"]["improvement_nats_mean"] == pytest.approx(-damp["improvement_nats_mean"])
+    assert narrow["reverse"]["verdict"] == "not shown better"
 
 
 def test_a_run_resumed_on_another_gpu_model_makes_no_claim(repo, tmp_path, monkeypatch):
@@ -268,3 +272,42 @@ def test_the_result_records_each_trained_shard_folder_it_can_describe(repo, tmp_
     out = tmp_path / "out.json"
     assert A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(tmp_path / "logs"), *QUICK]) == 0
     assert json.loads(out.read_text())["data"] == {"shards_a": {"docs": 5}, "shards_b": {"docs": 9}}
+
+
+def test_merge_joins_seeds_run_in_separate_calls_and_tests_them_paired(repo, tmp_path, monkeypatch):
+    """Each seed in a call of its own (--quick: one seed, no claims); merged, the rows hold 2 seeds and
+    the paired test gives its verdict. A row without `gpu` takes its own call's GPU model, so seeds
+    from two GPU models make no claim; a row and seed in two files, or another rows file, is refused."""
+    rows = rows_file(tmp_path / "rows.yaml", [{"name": "base"}, {"name": "narrow", "set": {"model.model_dim": 64}}],
+                     common={"train.iterations": 7, "train.max_wallclock_seconds": 180.0})
+    gpu = {"gpu": "H100"}
+    monkeypatch.setattr(A, "versions", lambda: {"torch": "t", **gpu})
+    calls = {}
+    for seed in (1337, 42):
+        calls[seed] = tmp_path / f"s{seed}.json"
+        A.main(["--rows", str(rows), "--log-dir", str(tmp_path / "logs"), "--out", str(calls[seed]), "--quick",
+                "--seeds", str(seed)])
+        assert json.loads(calls[seed].read_text())["comparisons"]["narrow"]["verdict"] == "no test"
+    out = tmp_path / "merged.json"
+    assert A.main(["--merge", str(calls[1337]), str(calls[42]), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["claims"] and res["seeds"] == [42, 1337] and res["merged_from"] == ["s1337.json", "s42.json"]
+    assert res["comparisons"]["narrow"]["seeds"] == [1337, 42] and res["comparisons"]["narrow"]["verdict"] == "better"
+    old = json.loads(calls[1337].read_text())  # from before rows recorded their GPU, on another model
+    old["rows"] = [{k: v for k, v in r.items() if k != "gpu"} for r in old["rows"]]
+    old["environment"]["gpu"] = "H200"
+    calls[1337].write_text(json.dumps(old))
+    A.main(["--merge", str(calls[1337]), str(calls[42]), "--out", str(out)])
+    narrow = json.loads(out.read_text())["comparisons"]["narrow"]
+    assert narrow["gpus"] == ["H100", "H200"] and narrow["verdict"] == "no claim"
+    with pytest.raises(A.RowsError, match=r"row 'base' seed 42 finished in two files"):
+        A.main(["--merge", str(calls[42]), str(calls[42]), "--out", str(tmp_path / "x.json")])
+    other = json.loads(calls[42].read_text()) | {"rows_file": "elsewhere.yaml"}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(A.RowsError, match=r"differ in 'rows_file'"):
+        A.main(["--merge", str(calls[1337]), str(tmp_path / "other.json"), "--out", str(tmp_path / "x.json")])
+    with pytest.raises(A.RowsError, match=r"--baseline 'wide' is not one of the merged rows \(base, narrow\)"):
+        A.main(["--merge", str(calls[1337]), str(calls[42]), "--out", str(tmp_path / "x.json"), "--baseline", "wide"])
+    assert not (tmp_path / "x.json").exists()
+    A.main(["--merge", str(calls[42]), str(calls[1337]), "--out", str(out), "--baseline", "narrow"])
+    assert json.loads(out.read_text())["comparisons"]["base"]["verdict"] == "no claim"  # two GPU models
