@@ -172,7 +172,7 @@ def _reused(like: bytes, pieces: list[bytes], names: list[str]) -> list[list[str
 def encode(body: bytes, raw: bytes, cfg: CompressConfig, like: bytes | None = None) -> bytes:
     """The per-group body of `body` (= move_head_last(raw)): table + the smallest stream per piece.
     `like`: an earlier per-group body of the same layout (pruning's probes, pgolf.compress.compress):
-    each piece then tries only the codec chosen for it there, and every codec where that one fails."""
+    each piece then tries only the codec chosen for it there, and the other codecs where that one fails."""
     pieces = split(body, raw)
     names = available(tuple(cfg.pergroup_codecs))
     tries = [names] * len(pieces) if like is None else _reused(like, pieces, names)

@@ -409,7 +409,8 @@ def eval_phased(model, tokens: np.ndarray, tables: ByteTables, cfg: EvaluateConf
     chunks = global_steps = 0
     mine = [g for g in range(len(groups)) if g % world == rank]
     # counted in targets, not batches: the longest documents run first, so batches take ever less time
-    bar = Progress("ttt", "target", sum(_targets(docs, groups[g]) for g in mine)) if progress and rank == 0 else None
+    targets = {g: _targets(docs, groups[g]) for g in mine}
+    bar = Progress("ttt", "target", sum(targets.values())) if progress and rank == 0 else None
     done = 0  # global passes run
     for g in mine:
         while done < len(passes) and g > passes[done][0]:
@@ -426,7 +427,7 @@ def eval_phased(model, tokens: np.ndarray, tables: ByteTables, cfg: EvaluateConf
             lora.restore(carried)
         chunks += batch_chunks(rows, cfg.ttt_doc_chunk)
         if bar is not None:
-            bar.update(_targets(docs, groups[g]))
+            bar.update(targets[g])
     while done < len(passes):  # passes after this rank's last batch (collective under several ranks)
         global_steps += _run_pass(model, tok, docs, groups, passes[done], cfg, amp, rank, world)
         done += 1
