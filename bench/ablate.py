@@ -28,7 +28,9 @@ stage seconds.
 The JSON is rewritten after every row, so a run cut short keeps the rows before; `--budget`
 (seconds) skips the rows that would not finish in time, estimated from the slowest row so far
 that ran the same stages; `--resume` continues such a run from its JSON: rows that finished
-(rc 0) are kept and not rerun, and the environment of each call is listed. Each row records its
+(rc 0) are kept and not rerun, and the environment of each call is listed; `--merge` joins the
+results of calls that ran different seeds. Each run records `params_md5`, the hash of its complete
+params but the seed, and both refuse to pair runs of one row whose hashes differ. Each row records its
 GPU model: a run resumed on another (an H200 after an H100) makes no claim, since a wallclock-bound
 row trains a different number of steps on each. Rerun in the same
 checkout (DVC's cache still holds the trained weights), a resumed post-training row shows that
@@ -38,6 +40,7 @@ train did not run again. Needs dvc on the PATH of `python -m dvc` and, for the G
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import re
@@ -123,8 +126,16 @@ def train_md5(root: Path) -> str | None:
     return None
 
 
+def params_md5(params: dict) -> str:
+    """The hash of a row's complete params but its seed: equal for every seed of one row, different
+    once a profile or an override changes (`merge` refuses to pair such runs)."""
+    rest = {**params, "train": {k: v for k, v in params["train"].items() if k != "seed"}}
+    return hashlib.md5(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
 def run_row(spec: dict, row: dict, seed: int, log_dir: Path) -> dict:
     params = params_for(spec, row)
+    digest = params_md5(params)
     params["train"]["seed"] = seed
     (REPO / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     t0 = time.perf_counter()
@@ -139,7 +150,8 @@ def run_row(spec: dict, row: dict, seed: int, log_dir: Path) -> dict:
         proc.wait()
     seconds, out = round(time.perf_counter() - t0, 1), "\n".join(lines)
     rec = {"name": row["name"], "seed": seed, "profile": row.get("profile", spec["base"]),
-           "set": row.get("set") or {}, "ran": RAN.findall(out), "seconds": seconds, "rc": proc.returncode}
+           "set": row.get("set") or {}, "params_md5": digest, "ran": RAN.findall(out), "seconds": seconds,
+           "rc": proc.returncode}
     if proc.returncode != 0:  # the metrics files may be an earlier row's: keep none
         return rec | {"error_tail": lines[-15:]}
     return rec | read_metrics(REPO) | {"train_md5": train_md5(REPO)}
@@ -219,6 +231,16 @@ def resumed(old: dict, path: Path, env: dict) -> dict:
     return old
 
 
+def check_resumed_params(done: list[dict], spec: dict, rows: list[dict], path: Path) -> None:
+    """RowsError if a finished row of `path` ran with other params than the rows file gives it now
+    (a profile or override changed since): its seeds and the new ones could not be paired."""
+    now = {row["name"]: params_md5(params_for(spec, row)) for row in rows}
+    for r in done:
+        if r["name"] in now and r.get("params_md5", now[r["name"]]) != now[r["name"]]:
+            raise RowsError(f"{path}: row {r['name']!r} seed {r['seed']} ran with other params than the rows "
+                            f"file gives it now (a profile or override changed); start a new --out")
+
+
 MERGE_SAME = ("rows_file", "base", "common", "min_train_seconds")
 
 
@@ -229,7 +251,8 @@ def merge(paths: list[Path], baseline: str = "") -> dict:
     `gpu`), the comparisons against `baseline` (default: the first file's) over all of them. Claims
     are on when the rows hold at least 2 seeds; `compare` still asks every run's training time and
     one GPU model. RowsError unless the calls ran the same rows file, base, common and protocol, if a
-    row and seed finished in two, or if no row is the baseline."""
+    row and seed finished in two, if a row's params differ between files (`params_md5`; rows from
+    before it was recorded are not checked), or if no row is the baseline."""
     try:
         docs = read_alike(paths, MERGE_SAME)
     except ValueError as e:
@@ -240,6 +263,10 @@ def merge(paths: list[Path], baseline: str = "") -> dict:
     twice = sorted({k for k in done if done.count(k) > 1})
     if twice:
         raise RowsError(f"--merge: row {twice[0][0]!r} seed {twice[0][1]} finished in two files")
+    for name in dict.fromkeys(n for n, _ in done):
+        if len({r["params_md5"] for r in rows if r["name"] == name and "params_md5" in r}) > 1:
+            raise RowsError(f"--merge: row {name!r} ran with different params in the files (a profile or "
+                            f"override changed between them), so its seeds cannot be paired")
     baseline = baseline or docs[0]["baseline"]
     if baseline not in {r["name"] for r in rows}:
         names = ", ".join(dict.fromkeys(n for n, _ in done))
@@ -315,6 +342,7 @@ def main(argv=None) -> int:
               "min_train_seconds": a.min_train_seconds, "claims": not a.quick, "rows": []}
     if a.resume and a.out.exists():
         result = resumed(json.loads(a.out.read_text()), a.out, env)
+        check_resumed_params(result["rows"], spec, rows, a.out)
     result["data"] = shard_info(spec, rows)
     done = {(r["name"], r.get("seed")) for r in result["rows"]}
     t0, prev = time.perf_counter(), None

@@ -167,6 +167,24 @@ def test_resume_keeps_finished_rows_and_runs_only_the_rest(repo, tmp_path):
     assert res["rows"][2]["train_md5"] == first["train_md5"]
 
 
+def test_resume_refuses_rows_that_ran_with_other_params_than_the_rows_file_gives_now(repo, tmp_path):
+    """A profile or override changed between the calls: the finished seed and the new one would not
+    be the same arm. The hash leaves out train.seed, so every seed of one row shares it."""
+    spec = rows_file(tmp_path / "rows.yaml", [{"name": "base"}, {"name": "damp", "set": {"quantize.damp": 0.25}}])
+    out, logs = tmp_path / "out.json", tmp_path / "logs"
+    A.main(["--rows", str(spec), "--out", str(out), "--log-dir", str(logs), *QUICK])
+    A.main(["--rows", str(spec), "--out", str(out), "--log-dir", str(logs), "--resume", "--quick",
+            "--seeds", "1337,42"])
+    res = json.loads(out.read_text())
+    assert len({r["params_md5"] for r in res["rows"] if r["name"] == "damp"}) == 1 and len(res["rows"]) == 4
+    rows_file(spec, [{"name": "base"}, {"name": "damp", "set": {"quantize.damp": 0.3}}])
+    before = out.read_text()
+    with pytest.raises(A.RowsError, match=r"out.json: row 'damp' seed 1337 ran with other params than the rows file"):
+        A.main(["--rows", str(spec), "--out", str(out), "--log-dir", str(logs), "--resume", "--quick",
+                "--seeds", "1337,42,7"])
+    assert out.read_text() == before
+
+
 def test_resume_refuses_a_file_that_is_not_an_ablation_result(repo, tmp_path):
     out = tmp_path / "out.json"
     out.write_text("{}")
@@ -300,6 +318,11 @@ def test_merge_joins_seeds_run_in_separate_calls_and_tests_them_paired(repo, tmp
     A.main(["--merge", str(calls[1337]), str(calls[42]), "--out", str(out)])
     narrow = json.loads(out.read_text())["comparisons"]["narrow"]
     assert narrow["gpus"] == ["H100", "H200"] and narrow["verdict"] == "no claim"
+    changed = json.loads(calls[42].read_text())  # seed 42's narrow row ran with other params
+    changed["rows"][1]["params_md5"] = "0" * 32
+    (tmp_path / "changed.json").write_text(json.dumps(changed))
+    with pytest.raises(A.RowsError, match=r"row 'narrow' ran with different params in the files"):
+        A.main(["--merge", str(calls[1337]), str(tmp_path / "changed.json"), "--out", str(tmp_path / "x.json")])
     with pytest.raises(A.RowsError, match=r"row 'base' seed 42 finished in two files"):
         A.main(["--merge", str(calls[42]), str(calls[42]), "--out", str(tmp_path / "x.json")])
     other = json.loads(calls[42].read_text()) | {"rows_file": "elsewhere.yaml"}
