@@ -16,7 +16,9 @@ the baseline's against the row (`reverse`: for a row that turns a part off, whet
 A rows file names a base profile (`profiles/<base>.yaml`: only its differences from the record
 defaults, resolved to every key), `common` overrides for every row (`section.key: value`, e.g. the
 data folder, one GPU, the wallclock) and the rows, each with its own overrides (and optionally its
-own `profile`); `--common section.key=value` (YAML values) adds to or replaces the file's `common`
+own `profile`, and `score`: which score of its evaluation the tests compare, SCORES: `final`, or
+`pre_ttt` / `untilted`, the same evaluation before TTT or without the n-gram tilt, so a row with no
+overrides measures what TTT or the tilt gives without a run of its own); `--common section.key=value` (YAML values) adds to or replaces the file's `common`
 for one call, and the JSON's `common` is what ran. Every row's params are checked (keys and
 values, as the params stage checks them) before the first run. For each row the runner writes
 the complete params.yaml, runs `dvc repro` and records which stages DVC ran and which it took from
@@ -65,9 +67,15 @@ KEEP = {  # metrics file -> keys copied into a row
               "qat_bits_match"),
     "size": ("codec", "model_bytes", "code_bytes", "total_bytes", "lzma_bytes", "zstd_bytes", "brotli_bytes",
              "under_cap", "compress_seconds", "pruned_values", "prune_compressions", "prune_seconds"),
-    "eval": ("val_bpb", "val_loss", "scored_tokens", "scored_bytes", "val_bpb_nonsliding", "val_bpb_sliding", "scored_tokens", "eval_seconds", "sliding_seconds",
-             "nonsliding_seconds", "ttt_seconds", "ttt_enabled"),
+    "eval": ("val_bpb", "val_loss", "scored_tokens", "scored_bytes", "val_bpb_nonsliding", "val_bpb_sliding",
+             "eval_seconds", "sliding_seconds", "nonsliding_seconds", "ttt_seconds", "ttt_enabled",
+             "val_loss_pre_ttt", "val_bpb_pre_ttt", "val_loss_untilted", "val_bpb_untilted"),
 }
+# a row's `score`: which of its evaluation's scores the tests compare ((loss, bpb) keys of eval.json), and
+# the param that must be on for the evaluation to report it
+SCORES = {"final": ("val_loss", "val_bpb", None),
+          "pre_ttt": ("val_loss_pre_ttt", "val_bpb_pre_ttt", "ttt_enabled"),  # the same run before TTT
+          "untilted": ("val_loss_untilted", "val_bpb_untilted", "ngram_tilt")}  # the same pass without the tilt
 
 
 class RowsError(ValueError):
@@ -82,7 +90,15 @@ def load_rows(path: Path) -> dict:
     names = [r.get("name") for r in spec["rows"]]
     if None in names or len(set(names)) != len(names):
         raise RowsError(f"{path}: every row needs a unique name, got {names}")
+    for r in spec["rows"]:
+        if r.get("score", "final") not in SCORES:
+            raise RowsError(f"{path}: row {r['name']!r} has score {r['score']!r}; one of {', '.join(SCORES)}")
     return spec
+
+
+def score_of(row: dict) -> str:
+    """The row's `score` (SCORES): "final" unless the rows file names another."""
+    return row.get("score", "final")
 
 
 def params_for(spec: dict, row: dict) -> dict:
@@ -97,6 +113,10 @@ def params_for(spec: dict, row: dict) -> dict:
         config.load_all(params, f"{row['name']}: {source} with the overrides")
     except ValueError as e:  # ConfigError too
         raise RowsError(str(e)) from None
+    needs = SCORES[score_of(row)][2]
+    if needs and not params["evaluate"][needs]:
+        raise RowsError(f"{row['name']}: score {score_of(row)!r} needs evaluate.{needs}: true, and its params "
+                        f"have it off (the evaluation would not report that score)")
     return params
 
 
@@ -150,8 +170,8 @@ def run_row(spec: dict, row: dict, seed: int, log_dir: Path) -> dict:
         proc.wait()
     seconds, out = round(time.perf_counter() - t0, 1), "\n".join(lines)
     rec = {"name": row["name"], "seed": seed, "profile": row.get("profile", spec["base"]),
-           "set": row.get("set") or {}, "params_md5": digest, "ran": RAN.findall(out), "seconds": seconds,
-           "rc": proc.returncode}
+           "set": row.get("set") or {}, "score": score_of(row), "params_md5": digest, "ran": RAN.findall(out),
+           "seconds": seconds, "rc": proc.returncode}
     if proc.returncode != 0:  # the metrics files may be an earlier row's: keep none
         return rec | {"error_tail": lines[-15:]}
     return rec | read_metrics(REPO) | {"train_md5": train_md5(REPO)}
@@ -184,11 +204,17 @@ def check_protocol(spec: dict, rows: list[dict], seeds: list[int], min_seconds: 
                             f"{min_seconds} s per arm (--quick to run anyway, without claims)")
 
 
+def _scored(rec: dict) -> bool:
+    """Whether a finished run holds the score its row compares."""
+    return rec.get("rc") == 0 and f"eval.{SCORES[score_of(rec)][0]}" in rec
+
+
 def _as_run(rec: dict):
     from pgolf.submit import seeds
 
-    return seeds.Run(f"{rec['name']}_seed{rec['seed']}", "", {"train.seed": rec["seed"]}, rec["eval.val_loss"],
-                     rec["eval.val_bpb"], rec["eval.scored_bytes"] / rec["eval.scored_tokens"])
+    loss, bpb, _ = SCORES[score_of(rec)]
+    return seeds.Run(f"{rec['name']}_seed{rec['seed']}", "", {"train.seed": rec["seed"]}, rec[f"eval.{loss}"],
+                     rec[f"eval.{bpb}"], rec["eval.scored_bytes"] / rec["eval.scored_tokens"])
 
 
 def compare(result: dict, baseline: str, min_seconds: float, claims: bool) -> dict:
@@ -197,7 +223,7 @@ def compare(result: dict, baseline: str, min_seconds: float, claims: bool) -> di
     A verdict is "better" only when claims are on, every run of both arms trained >= min_seconds on
     one GPU model (a resumed run may have moved machines; a row without `gpu` ran on the result's
     first environment) and the test passed."""
-    done = [r for r in result["rows"] if r.get("rc") == 0 and "eval.val_loss" in r]
+    done = [r for r in result["rows"] if _scored(r)]
     base = [r for r in done if r["name"] == baseline]
     out = {}
     for name in dict.fromkeys(r["name"] for r in done if r["name"] != baseline):
@@ -234,11 +260,11 @@ def resumed(old: dict, path: Path, env: dict) -> dict:
 def check_resumed_params(done: list[dict], spec: dict, rows: list[dict], path: Path) -> None:
     """RowsError if a finished row of `path` ran with other params than the rows file gives it now
     (a profile or override changed since): its seeds and the new ones could not be paired."""
-    now = {row["name"]: params_md5(params_for(spec, row)) for row in rows}
+    now = {row["name"]: (params_md5(params_for(spec, row)), score_of(row)) for row in rows}
     for r in done:
-        if r["name"] in now and r.get("params_md5", now[r["name"]]) != now[r["name"]]:
-            raise RowsError(f"{path}: row {r['name']!r} seed {r['seed']} ran with other params than the rows "
-                            f"file gives it now (a profile or override changed); start a new --out")
+        if r["name"] in now and (r.get("params_md5", now[r["name"]][0]), score_of(r)) != now[r["name"]]:
+            raise RowsError(f"{path}: row {r['name']!r} seed {r['seed']} ran with other params or score than the "
+                            f"rows file gives it now (a profile, override or score changed); start a new --out")
 
 
 MERGE_SAME = ("rows_file", "base", "common", "min_train_seconds")
@@ -267,6 +293,9 @@ def merge(paths: list[Path], baseline: str = "") -> dict:
         if len({r["params_md5"] for r in rows if r["name"] == name and "params_md5" in r}) > 1:
             raise RowsError(f"--merge: row {name!r} ran with different params in the files (a profile or "
                             f"override changed between them), so its seeds cannot be paired")
+        if len({score_of(r) for r in rows if r["name"] == name}) > 1:
+            raise RowsError(f"--merge: row {name!r} compares different scores in the files, so its seeds "
+                            f"cannot be paired")
     baseline = baseline or docs[0]["baseline"]
     if baseline not in {r["name"] for r in rows}:
         names = ", ".join(dict.fromkeys(n for n, _ in done))

@@ -32,6 +32,8 @@ def main() -> int:
     dist.shutdown()
     how = (f"{m['ttt_scheme']} score-first TTT, {m['val_bpb_pre_ttt']:.5f} before; " if "ttt_scheme" in m
            else "sliding, ")
+    if "val_bpb_untilted" in m:
+        how += f"n-gram tilt, {m['val_bpb_untilted']:.5f} without; "
     dist.print0(f"evaluate: val_bpb {m['val_bpb']:.5f} ({how}context {m['context']}, stride {m['stride']}, "
                 f"{m['windows']:,} windows), non-sliding {m['val_bpb_nonsliding']:.5f}, "
                 f"{m['scored_tokens']:,} tokens / {m['scored_bytes']:,} bytes, {m['eval_seconds']:.1f} s")

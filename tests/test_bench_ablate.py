@@ -45,8 +45,15 @@ FAKE_DVC = textwrap.dedent('''
     (m / "train.json").write_text(json.dumps({"steps": p["train"]["iterations"], "val_bpb_float": 1.5,
                                               "train_seconds": p["train"]["max_wallclock_seconds"]}))
     bpb = 1.25 + p["quantize"]["damp"] + (p["model"]["model_dim"] - 128) * 1e-4 + (p["train"]["seed"] - 1337) * 1e-6
-    (m / "eval.json").write_text(json.dumps({"val_bpb": bpb, "val_loss": bpb * 0.693 * 4.0, "scored_tokens": 1000,
-                                             "scored_bytes": 4000, "ignored": 1}))
+    ev = p["evaluate"]
+    ttt, tilt = 0.1 * ev["ttt_enabled"], 0.01 * ev["ngram_tilt"]  # what TTT and the tilt take off
+    out = {"val_bpb": bpb - ttt - tilt, "scored_tokens": 1000, "scored_bytes": 4000, "ignored": 1}
+    if ev["ttt_enabled"]:
+        out["val_bpb_pre_ttt"] = bpb - tilt
+    if ev["ngram_tilt"]:
+        out["val_bpb_untilted"] = bpb - ttt
+    out.update({k.replace("bpb", "loss"): v * 0.693 * 4.0 for k, v in list(out.items()) if "bpb" in k})
+    (m / "eval.json").write_text(json.dumps(out))
 ''')
 
 
@@ -179,7 +186,7 @@ def test_resume_refuses_rows_that_ran_with_other_params_than_the_rows_file_gives
     assert len({r["params_md5"] for r in res["rows"] if r["name"] == "damp"}) == 1 and len(res["rows"]) == 4
     rows_file(spec, [{"name": "base"}, {"name": "damp", "set": {"quantize.damp": 0.3}}])
     before = out.read_text()
-    with pytest.raises(A.RowsError, match=r"out.json: row 'damp' seed 1337 ran with other params than the rows file"):
+    with pytest.raises(A.RowsError, match=r"out.json: row 'damp' seed 1337 ran with other params or score than the rows file"):
         A.main(["--rows", str(spec), "--out", str(out), "--log-dir", str(logs), "--resume", "--quick",
                 "--seeds", "1337,42,7"])
     assert out.read_text() == before
@@ -334,3 +341,52 @@ def test_merge_joins_seeds_run_in_separate_calls_and_tests_them_paired(repo, tmp
     assert not (tmp_path / "x.json").exists()
     A.main(["--merge", str(calls[42]), str(calls[1337]), "--out", str(out), "--baseline", "narrow"])
     assert json.loads(out.read_text())["comparisons"]["base"]["verdict"] == "no claim"  # two GPU models
+
+
+# ----------------------------------------------------------------------------- a row's score
+
+
+def test_a_row_may_compare_the_same_evaluation_before_ttt_or_without_the_tilt(repo, tmp_path):
+    """Rows with `score: pre_ttt` / `untilted` and no overrides rerun nothing: their runs are the base's,
+    scored before TTT or without the tilt, so the reverse test says what TTT and the tilt give."""
+    on = {"train.iterations": 7, "train.max_wallclock_seconds": 180.0, "evaluate.ttt_enabled": True,
+          "evaluate.ngram_tilt": True}
+    rows = rows_file(tmp_path / "rows.yaml", [{"name": "base"}, {"name": "no_ttt", "score": "pre_ttt"},
+                                              {"name": "no_tilt", "score": "untilted"}], common=on)
+    out = tmp_path / "out.json"
+    assert A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(tmp_path / "logs")]) == 0
+    res = json.loads(out.read_text())
+    runs = {(r["name"], r["seed"]): r for r in res["rows"]}
+    assert runs["no_tilt", 42]["ran"] == ["quantize"] and runs["no_tilt", 42]["score"] == "untilted"
+    assert runs["no_tilt", 42]["params_md5"] == runs["base", 42]["params_md5"]
+    nats = math.log(2) * 4  # per bpb, at 4 bytes a token
+    for name, gain in (("no_ttt", 0.1), ("no_tilt", 0.01)):
+        rev = res["comparisons"][name]["reverse"]
+        assert rev["verdict"] == "better" and rev["improvement_nats_mean"] == pytest.approx(gain * nats), name
+    with pytest.raises(A.RowsError, match=r"row 'no_tilt' seed 1337 ran with other params or score"):
+        changed = rows_file(tmp_path / "changed.yaml", [{"name": "base"}, {"name": "no_tilt"}], common=on)
+        A.main(["--rows", str(changed), "--out", str(out), "--resume", "--seeds", "1337,42"])
+
+
+def test_a_score_the_evaluation_would_not_report_or_an_unknown_one_is_refused(repo, tmp_path):
+    rows = rows_file(tmp_path / "rows.yaml", [{"name": "base"}, {"name": "no_tilt", "score": "untilted"}])
+    with pytest.raises(A.RowsError, match=r"no_tilt: score 'untilted' needs evaluate.ngram_tilt: true"):
+        A.main(["--rows", str(rows), "--out", str(tmp_path / "o.json"), *QUICK])
+    rows = rows_file(tmp_path / "rows.yaml", [{"name": "base", "score": "sliding"}])
+    with pytest.raises(A.RowsError, match=r"row 'base' has score 'sliding'; one of final, pre_ttt, untilted"):
+        A.main(["--rows", str(rows), "--out", str(tmp_path / "o.json"), *QUICK])
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_merge_refuses_a_row_whose_score_differs_between_files(repo, tmp_path):
+    on = {"train.iterations": 7, "evaluate.ngram_tilt": True}
+    calls = []
+    for seed, score in ((1337, "final"), (42, "untilted")):
+        rows = rows_file(tmp_path / f"rows{seed}.yaml", [{"name": "base"}, {"name": "b", "score": score}], common=on)
+        calls.append(tmp_path / f"s{seed}.json")
+        A.main(["--rows", str(rows), "--out", str(calls[-1]), "--log-dir", str(tmp_path / "logs"), "--quick",
+                "--seeds", str(seed)])
+        doc = json.loads(calls[-1].read_text()) | {"rows_file": "rows.yaml"}
+        calls[-1].write_text(json.dumps(doc))
+    with pytest.raises(A.RowsError, match=r"row 'b' compares different scores in the files"):
+        A.main(["--merge", *map(str, calls), "--out", str(tmp_path / "x.json")])

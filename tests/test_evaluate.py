@@ -164,10 +164,24 @@ def test_ngram_tilt_scores_every_pass_tilted_and_only_when_on(tmp_path):
     ref_flat = bpb.eval_nonsliding(model, toks, tables(), 16, 4, "cpu", tilt=tilt)
     assert m["val_bpb"] == pytest.approx(ref["val_bpb"], abs=1e-12) and m["val_bpb"] != plain["val_bpb"]
     assert m["val_bpb_nonsliding"] == pytest.approx(ref_flat["val_bpb"], abs=1e-12)
+    assert m["val_bpb_untilted"] == pytest.approx(plain["val_bpb"], abs=1e-12)  # the tilt-off run's, same pass
+    assert m["val_loss_untilted"] == pytest.approx(plain["val_loss"], abs=1e-12) and "val_bpb_untilted" not in plain
     assert (m["scored_tokens"], m["scored_bytes"]) == (plain["scored_tokens"], plain["scored_bytes"])  # each once
     assert m["ngram_hinted"] == tilt.hinted > 0 and 0 <= m["ngram_tilt_seconds"] <= m["eval_seconds"]
     parts = m["load_seconds"] + m["ngram_tilt_seconds"] + m["nonsliding_seconds"] + m["sliding_seconds"]
     assert 0 <= parts <= m["eval_seconds"] + 0.003
+
+
+def test_stage_line_names_the_score_without_the_tilt(tmp_path, monkeypatch, capsys):
+    root = make_workdir(tmp_path, tiny_model(5), lossless=True)
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("ngram_tilt: false", "ngram_tilt: true")
+                      .replace("ngram_order: 16", "ngram_order: 2").replace("ngram_threshold: 0.8", "ngram_threshold: 0.3"))
+    gate(root)
+    rc, out, err = run_main(root, monkeypatch, capsys)
+    m = json.loads((root / "metrics/eval.json").read_text())
+    assert rc == 0, err
+    assert f"n-gram tilt, {m['val_bpb_untilted']:.5f} without; " in out and m["val_bpb_untilted"] != m["val_bpb"]
 
 
 def test_load_model_rebuilds_config_and_weights(tmp_path):

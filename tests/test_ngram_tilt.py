@@ -348,3 +348,34 @@ def test_d_a_leaky_state_would_win_ours_does_not():
     ours = nt.stream_hints(twice, 8, 0.8)
     assert (ours[:512] >= 0).sum() == 0 and (ours[512 + 8:] >= 0).all()
     assert score(twice, ours) < score(twice) - 0.3
+
+
+# ----------------------------------------------------------------------------- (e) the untilted score beside
+
+
+def test_e_the_untilted_score_of_a_tilted_pass_is_a_run_without_the_tilt():
+    """Every scoring path reports, beside its tilted score, the score of the same targets without the
+    tilt; it must equal a second run with the tilt off (TTT adapts on the plain loss, so even the
+    adapted paths agree), while the tilted score moves."""
+    from pgolf.evaluate import phased
+
+    tokens = repetitive(1201, 64, seed=1)
+    tilt = nt.Tilt.for_tokens(tokens, 4, 0.5, 2.625)
+    stream = EvaluateConfig(context=32, stride=8, batch_seqs=4, device="cpu", compile=False, ttt_enabled=True,
+                            ttt_chunk_tokens=300, ttt_epochs=1, ttt_rank=2, ttt_batch_seqs=4, ttt_lr=0.05)
+    per_doc = EvaluateConfig(context=32, stride=8, batch_seqs=4, device="cpu", compile=False, ttt_enabled=True,
+                             ttt_scheme="phased", ttt_rank=2, ttt_alpha=4.0, ttt_lr=0.05, ttt_doc_batch=3,
+                             ttt_doc_chunk=7, ttt_prefix_docs=4, ttt_global_chunk_tokens=64, ttt_global_lr=0.05)
+    paths = {
+        "sliding": lambda t: bpb.eval_sliding(tiny_model(1), tokens, tiny_tables(), 64, 16, 8, "cpu", tilt=t),
+        "nonsliding": lambda t: bpb.eval_nonsliding(tiny_model(1), tokens, tiny_tables(), 64, 8, "cpu", tilt=t),
+        "stream ttt": lambda t: vars(ttt.eval_ttt(tiny_model(1), tokens, tiny_tables(), stream, "cpu", tilt=t)),
+        "phased ttt": lambda t: vars(phased.eval_phased(tiny_model(1), tokens, tiny_tables(), per_doc, "cpu",
+                                                        tilt=t, bos_id=1)),
+    }
+    for name, score in paths.items():
+        on, off = score(tilt), score(None)
+        assert on["val_bpb_untilted"] == pytest.approx(off["val_bpb"], abs=1e-12), name
+        assert on["val_loss_untilted"] == pytest.approx(off["val_loss"], abs=1e-12), name
+        assert off["val_bpb_untilted"] == off["val_bpb"], name  # no tilt: one score
+        assert abs(on["val_bpb"] - off["val_bpb"]) > 1e-3, name  # the tilt did move the score

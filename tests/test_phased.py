@@ -353,6 +353,15 @@ def test_run_reports_the_phased_score_beside_the_plain_one(tmp_path):
     assert m["scored_tokens"] == ref.scored_tokens == plain["scored_tokens"]
 
 
+def test_run_with_the_tilt_reports_the_untilted_phased_score_of_a_run_without_it(tmp_path):
+    root = make_workdir(tmp_path, tiny_model(8), lossless=True)
+    cfg = dataclasses.replace(CFG, max_tokens=200, ttt_prefix_docs=2)
+    off = run(cfg, paths(root), progress=False)
+    on = run(dataclasses.replace(cfg, ngram_tilt=True, ngram_order=2, ngram_threshold=0.3), paths(root), progress=False)
+    assert on["val_bpb_untilted"] == pytest.approx(off["val_bpb"], abs=1e-12) != on["val_bpb"]
+    assert on["val_loss_untilted"] == pytest.approx(off["val_loss"], abs=1e-12)
+
+
 def test_stage_under_torchrun_two_ranks_with_uneven_global_sequences(tmp_path):
     """2 gloo ranks: batches dealt round-robin; the global pass (after the first batch: documents of 8
     and 38 tokens) has 2 trained chunks of one 16-token sequence, which falls to rank 1 alone: both

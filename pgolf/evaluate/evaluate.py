@@ -16,7 +16,9 @@ val_bpb_pre_ttt) and its time is ttt_seconds.
 
 With evaluate.ngram_tilt, every scoring pass (non-sliding, sliding, TTT) scores the token n-gram
 tilted softmax of pgolf.evaluate.ngram_tilt (imported only then); its hints are computed inside the
-clock (ngram_tilt_seconds) and ngram_hinted counts the targets that got one.
+clock (ngram_tilt_seconds) and ngram_hinted counts the targets that got one. The same pass scores
+the rows without the tilt too: val_bpb_untilted / val_loss_untilted is the final score of a run with
+the tilt off (TTT adapts on the untilted loss), so one run measures what the tilt gives.
 """
 
 from __future__ import annotations
@@ -116,8 +118,8 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths(), progress: bool = True) -> d
         ev = bpb.eval_sliding(model, tokens, tables, cfg.context, cfg.stride, cfg.batch_seqs,
                               progress=progress and info.is_main, compile=compile_, tilt=tilt, **common)
     else:
-        ev = {"val_loss": flat["val_loss"], "val_bpb": flat["val_bpb"], "scored_tokens": flat["tokens"],
-              "scored_bytes": flat["bytes"], "windows": flat["tokens"] // cfg.context}
+        ev = {k: flat[k] for k in ("val_loss", "val_bpb", "val_loss_untilted", "val_bpb_untilted")} | {
+            "scored_tokens": flat["tokens"], "scored_bytes": flat["bytes"], "windows": flat["tokens"] // cfg.context}
     metrics = {
         "val_loss": ev["val_loss"], "val_bpb": ev["val_bpb"], "stride": cfg.stride, "context": cfg.context,
         "scored_tokens": ev["scored_tokens"], "scored_bytes": ev["scored_bytes"],
@@ -131,7 +133,8 @@ def run(cfg: EvaluateConfig, paths: Paths = Paths(), progress: bool = True) -> d
         "artifact_sha256": file_sha256(paths.artifact),
     }
     if tilt is not None:
-        metrics.update({"ngram_tilt_seconds": round(tilt_s, 3), "ngram_hinted": tilt.hinted})
+        metrics.update({"ngram_tilt_seconds": round(tilt_s, 3), "ngram_hinted": tilt.hinted,
+                        "val_loss_untilted": ev["val_loss_untilted"], "val_bpb_untilted": ev["val_bpb_untilted"]})
     if cfg.ttt_enabled:
         metrics.update(_ttt_metrics(model, tokens, tables, cfg, info, progress, metrics, tilt))
         metrics["eval_seconds"] = round(time.perf_counter() - t0, 3)
@@ -179,6 +182,8 @@ def _ttt_metrics(model, tokens, tables, cfg: EvaluateConfig, info, progress: boo
     r = run_ttt(model, tokens, tables, cfg, info.device, info.rank, info.world_size,
                 progress=progress and info.is_main, tilt=tilt)
     extra = {"ttt_docs": r.docs, "ttt_global_steps": r.global_steps} if cfg.ttt_scheme == "phased" else {}
+    if tilt is not None:
+        extra.update(val_loss_untilted=r.val_loss_untilted, val_bpb_untilted=r.val_bpb_untilted)
     if (r.scored_tokens, r.scored_bytes) != (plain["scored_tokens"], plain["scored_bytes"]):
         raise EvaluateError(f"TTT scored {r.scored_tokens} targets / {r.scored_bytes} bytes, the plain evaluation "
                             f"{plain['scored_tokens']} / {plain['scored_bytes']}")

@@ -238,11 +238,12 @@ def chunk_rows(tok: torch.Tensor, rows: torch.Tensor, ci: int, chunk: int, conte
 
 def run_batch(model, lora: DocLoRA, opt, tok: torch.Tensor, rows: np.ndarray, cfg: EvaluateConfig, tab,
               amp, tilt=None, per_target: torch.Tensor | None = None) -> torch.Tensor:
-    """Score, then train on, every chunk of the documents `rows`; -> float64 sums (nll, tokens, bytes)."""
+    """Score, then train on, every chunk of the documents `rows`; -> float64 sums (nll, tokens, bytes,
+    untilted nll)."""
     forward = chunk_forward(cfg, tok.device)
     on_dev = torch.from_numpy(rows).to(tok.device)  # (n, 2), once per batch
     left = ceil_div(rows[:, 1] - 1, cfg.ttt_doc_chunk)  # (n,) chunks of each document
-    sums = torch.zeros(3, dtype=torch.float64, device=tok.device)
+    sums = torch.zeros(4, dtype=torch.float64, device=tok.device)
     for ci in range(batch_chunks(rows, cfg.ttt_doc_chunk)):
         d = done_rows(rows, ci, cfg.ttt_doc_chunk)
         c = chunk_rows(tok, on_dev[d:], ci, cfg.ttt_doc_chunk, cfg.context, bool((left > ci + 1).any()))
@@ -290,21 +291,21 @@ def compiled_chunk_logits(model, lora: DocLoRA, x: torch.Tensor, pos: torch.Tens
 
 
 def _score(logits, nll, c: ChunkRows, tab, tilt, per_target) -> torch.Tensor:
-    """(nll, tokens, bytes) of the live targets of one chunk step (n-gram tilted with `tilt`),
-    every row computed and the dead ones weighted 0 (a boolean index would sync with the host)."""
+    """(nll, tokens, bytes, untilted nll) of the live targets of one chunk step (n-gram tilted with
+    `tilt`), every row computed and the dead ones weighted 0 (a boolean index would sync with the
+    host). The adapters train on the untilted nll, so its sum is the score of a run without the tilt."""
     with torch.no_grad():
         live = c.live.reshape(-1)  # (B*k,)
         at = c.at.reshape(-1)  # (B*k,) stream positions of the targets (1 where dead)
+        plain = torch.where(live, nll.detach().reshape(-1).double(), 0.0)  # (B*k,)
+        got = plain
         if tilt is not None:
             rows = tilt.apply(logits.detach().reshape(-1, logits.size(-1)), at - 1)  # (B*k, V)
-            got = F.cross_entropy(rows, c.tgt.reshape(-1), reduction="none")
-        else:
-            got = nll.detach().reshape(-1)  # (B*k,)
-        got = torch.where(live, got.double(), 0.0)
+            got = torch.where(live, F.cross_entropy(rows, c.tgt.reshape(-1), reduction="none").double(), 0.0)
         if per_target is not None:
             per_target.index_add_(0, at - 1, got)
         nbytes = tab.count(c.prev.reshape(-1), c.tgt.reshape(-1), at) * live
-        return torch.stack([got.sum(), live.sum().double(), nbytes.double().sum()])
+        return torch.stack([got.sum(), live.sum().double(), nbytes.double().sum(), plain.sum()])
 
 
 # ----------------------------------------------------------------------------- the global pass
@@ -380,6 +381,8 @@ class PhasedResult:
     docs: int
     global_steps: int
     per_target: torch.Tensor | None = None  # (T,) float64 NLL per target of this rank (record=True)
+    val_loss_untilted: float | None = None  # the same scores without the n-gram tilt
+    val_bpb_untilted: float | None = None
 
 
 def eval_phased(model, tokens: np.ndarray, tables: ByteTables, cfg: EvaluateConfig, device, rank: int = 0,
@@ -405,7 +408,7 @@ def eval_phased(model, tokens: np.ndarray, tables: ByteTables, cfg: EvaluateConf
         p.requires_grad_(False)
     lora = DocLoRA(model, cfg.ttt_doc_batch, cfg, gen).to(device)
     per_target = torch.zeros(len(tokens) - 1, dtype=torch.float64, device=device) if record else None
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nll, tokens, bytes, untilted nll
     chunks = global_steps = 0
     mine = [g for g in range(len(groups)) if g % world == rank]
     # counted in targets, not batches: the longest documents run first, so batches take ever less time
@@ -434,10 +437,11 @@ def eval_phased(model, tokens: np.ndarray, tables: ByteTables, cfg: EvaluateConf
     if bar is not None:
         bar.close()
     all_reduce_(sums)
-    nll, ntok, nbytes = sums.tolist()
-    loss, val_bpb = bpb._bpb(nll, ntok, nbytes)
-    return PhasedResult(loss, val_bpb, int(ntok), int(nbytes), chunks, sum(p.numel() for p in lora.parameters()),
-                        len(docs), global_steps, per_target.cpu() if record else None)
+    nll, ntok, nbytes, plain = sums.tolist()
+    sc = bpb.scores(nll, plain, ntok, nbytes)
+    return PhasedResult(sc["val_loss"], sc["val_bpb"], int(ntok), int(nbytes), chunks,
+                        sum(p.numel() for p in lora.parameters()), len(docs), global_steps,
+                        per_target.cpu() if record else None, sc["val_loss_untilted"], sc["val_bpb_untilted"])
 
 
 def _targets(docs: np.ndarray, group: np.ndarray) -> int:

@@ -193,13 +193,16 @@ class TTTResult:
     chunks: int  # over all ranks
     trainable_params: int
     per_target: torch.Tensor | None = None  # (T,) float64 NLL per target of this rank (record=True)
+    val_loss_untilted: float | None = None  # the same scores without the n-gram tilt
+    val_bpb_untilted: float | None = None
 
 
 def eval_ttt(model, tokens: np.ndarray, tables: ByteTables, cfg: EvaluateConfig, device, rank: int = 0,
              world: int = 1, progress: bool = False, record: bool = False, tilt=None) -> TTTResult:
     """Score-first TTT over every target of `tokens` (module docstring); sums all-reduced over ranks.
     `tilt` (pgolf.evaluate.ngram_tilt.Tilt): the scores are of the n-gram-tilted softmax (adaptation
-    still trains on the plain cross-entropy).
+    still trains on the plain cross-entropy, so the untilted scores beside them are those of a run
+    without the tilt).
 
     Adapts `model` in place (parametrized banks): build it fresh from the artifact for anything else.
     `tables` is the byte counter (ByteTables, or a byte sidecar's pgolf.shared.val_bytes.SidecarBytes).
@@ -220,7 +223,7 @@ def eval_ttt(model, tokens: np.ndarray, tables: ByteTables, cfg: EvaluateConfig,
     fwd = bpb._hidden_fn(model, device, cfg.compile)
     amp = bpb.autocast_ctx(device)
     per_target = torch.zeros(T, dtype=torch.float64, device=device) if record else None
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # as bpb.local_sums
     steps = range(lo, hi)
     if progress and rank == 0:
         steps = track(steps, desc="ttt", unit="chunk")  # a bar on a TTY, else a line every 30 s
@@ -234,7 +237,7 @@ def eval_ttt(model, tokens: np.ndarray, tables: ByteTables, cfg: EvaluateConfig,
             a = c * cfg.ttt_chunk_tokens
             adapt(model, tok, a, min(T, a + cfg.ttt_chunk_tokens), cfg.context, params, opt, cfg, amp)
     all_reduce_(sums)
-    nll, ntok, nbytes, _ = sums.tolist()
-    loss, val_bpb = bpb._bpb(nll, ntok, nbytes)
-    return TTTResult(loss, val_bpb, int(ntok), int(nbytes), len(chunks), sum(p.numel() for p in params),
-                     per_target.cpu() if record else None)
+    nll, ntok, nbytes, _, plain = sums.tolist()
+    sc = bpb.scores(nll, plain, ntok, nbytes)
+    return TTTResult(sc["val_loss"], sc["val_bpb"], int(ntok), int(nbytes), len(chunks), sum(p.numel() for p in params),
+                     per_target.cpu() if record else None, sc["val_loss_untilted"], sc["val_bpb_untilted"])

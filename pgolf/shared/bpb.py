@@ -189,15 +189,17 @@ def autocast_ctx(device: torch.device, enabled: bool = True):
 def local_sums(model, tok: torch.Tensor, windows: torch.Tensor, width: int, tab: ByteTables, batch_seqs: int,
                fwd, amp, progress: bool = False, per_target: torch.Tensor | None = None, tilt=None,
                doc_backend: str | None = None) -> torch.Tensor:
-    """This process's float64 sums (nll, tokens, bytes, windows) over `windows` (n, 3), no all-reduce.
+    """This process's float64 sums (nll, tokens, bytes, windows, untilted nll) over `windows` (n, 3),
+    no all-reduce.
 
     tok (N,) int64 and `tab` on the model's device; `fwd` the hidden-state function; `per_target`
     (N-1,) float64, when given, gets every scored target's NLL added at its target index (checks).
     `tilt` (pgolf.evaluate.ngram_tilt.Tilt on the device), when given, turns each scored row into
-    log_softmax(logits + boost * onehot(hint of its target)) before the NLL. `doc_backend`: each
-    batch as one row with attention within documents (`row_segments`).
+    log_softmax(logits + boost * onehot(hint of its target)) before the NLL; the last sum is the
+    NLL of the same rows without it (= the first without a tilt). `doc_backend`: each batch as one
+    row with attention within documents (`row_segments`).
     """
-    sums = torch.zeros(4, dtype=torch.float64, device=tok.device)  # nll, tokens, bytes, windows
+    sums = torch.zeros(5, dtype=torch.float64, device=tok.device)  # nll, tokens, bytes, windows, untilted nll
     steps = range(0, len(windows), batch_seqs)
     if progress:
         steps = track(steps, desc="eval", unit="batch")  # a bar on a TTY, else a line every 30 s
@@ -216,13 +218,15 @@ def local_sums(model, tok: torch.Tensor, windows: torch.Tensor, width: int, tab:
                     docs = row_segments(x, win, width, doc_backend)
                     h = fwd(x.reshape(1, -1), docs=docs).reshape(x.shape[0], width, -1)  # (B, width, D)
                 logits = model.logits_from_hidden(h[rows_b, rows_p])  # (M, V)
+            plain = F.cross_entropy(logits.float(), tgt, reduction="sum")
             if tilt is not None:
                 logits = tilt.apply(logits.float(), win[rows_b, 0] + rows_p)  # (M, V), target index
             if per_target is not None:
                 nll_t = F.cross_entropy(logits.float(), tgt, reduction="none")  # (M,)
                 per_target.index_add_(0, win[rows_b, 0] + rows_p, nll_t.double())
-            nll = F.cross_entropy(logits.float(), tgt, reduction="sum")
+            nll = plain if tilt is None else F.cross_entropy(logits.float(), tgt, reduction="sum")
             sums[0] += nll.double()
+            sums[4] += plain.double()
             sums[1] += tgt.numel()
             sums[2] += tab.count(prev, tgt, win[rows_b, 0] + rows_p + 1).sum().double()
             sums[3] += len(win)
@@ -236,7 +240,8 @@ def score_windows(model, tokens: np.ndarray, windows: np.ndarray, width: int, ta
     """Sum NLL (nats), scored targets and bytes over `windows`, split contiguously over ranks
     (with `tilt`: the n-gram-tilted NLL; `doc_backend`: attention within documents; see local_sums).
 
-    Returns float64 sums all-reduced over the process group: nll, tokens, bytes, windows.
+    Returns float64 sums all-reduced over the process group: nll, tokens, bytes, windows, and
+    nll_untilted (the NLL without `tilt`).
     """
     device = torch.device(device)
     check_vocab(model, tokens, tables)
@@ -247,8 +252,8 @@ def score_windows(model, tokens: np.ndarray, windows: np.ndarray, width: int, ta
                       autocast_ctx(device, autocast), progress=progress and rank == 0,
                       tilt=None if tilt is None else tilt.to(device), doc_backend=doc_backend)
     all_reduce_(sums)
-    nll, ntok, nbytes, nwin = sums.tolist()
-    return {"nll": nll, "tokens": int(ntok), "bytes": int(nbytes), "windows": int(nwin)}
+    nll, ntok, nbytes, nwin, plain = sums.tolist()
+    return {"nll": nll, "tokens": int(ntok), "bytes": int(nbytes), "windows": int(nwin), "nll_untilted": plain}
 
 
 def _bpb(nll: float, ntok: int, nbytes: int) -> tuple[float, float]:
@@ -256,30 +261,37 @@ def _bpb(nll: float, ntok: int, nbytes: int) -> tuple[float, float]:
     return nll / ntok, nll / (math.log(2) * nbytes)
 
 
+def scores(nll: float, nll_untilted: float, ntok: int, nbytes: int) -> dict:
+    """{val_loss, val_bpb} of `nll`, and {val_loss_untilted, val_bpb_untilted} of the same targets
+    scored without the n-gram tilt (equal to the first two when no tilt ran)."""
+    loss, val_bpb = _bpb(nll, ntok, nbytes)
+    plain_loss, plain_bpb = _bpb(nll_untilted, ntok, nbytes)
+    return {"val_loss": loss, "val_bpb": val_bpb, "val_loss_untilted": plain_loss, "val_bpb_untilted": plain_bpb}
+
+
 def eval_nonsliding(model, tokens: np.ndarray, tables: ByteTables, seq_len: int, batch_seqs: int,
                     device, rank: int = 0, world: int = 1, autocast: bool = True, *,
                     compile: bool = False, progress: bool = False, tilt=None, doc_backend: str | None = None) -> dict:
-    """Spec §2.3 on tokens truncated per §2.2 -> {val_loss, val_bpb, tokens, bytes} (`tilt`,
-    `doc_backend`: see local_sums)."""
+    """Spec §2.3 on tokens truncated per §2.2 -> {val_loss, val_bpb, tokens, bytes, and the untilted
+    pair of `scores`} (`tilt`, `doc_backend`: see local_sums)."""
     tokens = truncate(np.asarray(tokens), seq_len)
     windows = nonsliding_windows(len(tokens) - 1, seq_len)
     s = score_windows(model, tokens, windows, seq_len, tables, batch_seqs, device, rank, world,
                       autocast=autocast, compile=compile, progress=progress, tilt=tilt, doc_backend=doc_backend)
-    loss, bpb = _bpb(s["nll"], s["tokens"], s["bytes"])
-    return {"val_loss": loss, "val_bpb": bpb, "tokens": s["tokens"], "bytes": s["bytes"]}
+    return scores(s["nll"], s["nll_untilted"], s["tokens"], s["bytes"]) | {"tokens": s["tokens"], "bytes": s["bytes"]}
 
 
 def eval_sliding(model, tokens: np.ndarray, tables: ByteTables, context: int, stride: int, batch_seqs: int,
                  device, rank: int = 0, world: int = 1, progress: bool = False, *,
                  autocast: bool = True, compile: bool = True, tilt=None) -> dict:
     """Spec §2.4 without tail duplicates, over every target of `tokens` (no truncation here)
-    -> {val_loss, val_bpb, scored_tokens, scored_bytes, windows} (`tilt`: see local_sums)."""
+    -> {val_loss, val_bpb, scored_tokens, scored_bytes, windows, and the untilted pair of `scores`}
+    (`tilt`: see local_sums)."""
     tokens = np.asarray(tokens)
     if len(tokens) < 2:
         raise ValueError("sliding evaluation needs at least 2 tokens")
     windows = sliding_windows(len(tokens) - 1, context, stride)
     s = score_windows(model, tokens, windows, context, tables, batch_seqs, device, rank, world,
                       autocast=autocast, compile=compile, progress=progress, tilt=tilt)
-    loss, bpb = _bpb(s["nll"], s["tokens"], s["bytes"])
-    return {"val_loss": loss, "val_bpb": bpb, "scored_tokens": s["tokens"], "scored_bytes": s["bytes"],
-            "windows": s["windows"]}
+    return scores(s["nll"], s["nll_untilted"], s["tokens"], s["bytes"]) | {
+        "scored_tokens": s["tokens"], "scored_bytes": s["bytes"], "windows": s["windows"]}
