@@ -29,7 +29,9 @@ stage seconds.
 
 The JSON is rewritten after every row, so a run cut short keeps the rows before; `--budget`
 (seconds) skips the rows that would not finish in time, estimated from the slowest row so far
-that ran the same stages; `--resume` continues such a run from its JSON: rows that finished
+that ran the same stages (a row whose params and seed a finished run of the call had is never
+skipped: DVC takes it from its cache); `--keep-quant DIR` copies the baseline row's quantized model
+(artifacts/quant/quant.pgt) of each seed to DIR, for codec measurements off the GPU; `--resume` continues such a run from its JSON: rows that finished
 (rc 0) are kept and not rerun, and the environment of each call is listed; `--merge` joins the
 results of calls that ran different seeds. Each run records `params_md5`, the hash of its complete
 params but the seed, and both refuse to pair runs of one row whose hashes differ. Each row records its
@@ -46,6 +48,7 @@ import hashlib
 import json
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -181,6 +184,21 @@ def too_slow(rec_so_far: list[dict], trains: bool, left: float) -> bool:
     """True when the slowest finished row of the same kind (trains or not) would not fit in `left`."""
     same = [r["seconds"] for r in rec_so_far if "seconds" in r and ("train" in r["ran"]) == trains]
     return bool(same) and max(same) > left
+
+
+def ran_before(done: list[dict], spec: dict, row: dict, seed: int) -> bool:
+    """Whether a finished run of this call had the row's params and seed: DVC then takes every stage from
+    its cache (a row that only compares another score), so the budget need not fit a run."""
+    digest = params_md5(params_for(spec, row))
+    return any(r.get("rc") == 0 and r.get("seed") == seed and r.get("params_md5") == digest for r in done)
+
+
+def keep_quant(folder: Path, name: str, seed: int) -> Path:
+    """The workspace's artifacts/quant/quant.pgt (the run just finished) copied to folder/NAME_seedSEED.quant.pgt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dst = folder / f"{name}_seed{seed}.quant.pgt"
+    shutil.copyfile(REPO / "artifacts" / "quant" / "quant.pgt", dst)
+    return dst
 
 
 def trains(spec: dict, job: tuple[dict, int], prev: tuple[dict, int] | None) -> bool:
@@ -349,6 +367,8 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", default="", help="the row the others are tested against (default: the first)")
     ap.add_argument("--min-train-seconds", type=float, default=180.0, help="training per run the protocol needs")
     ap.add_argument("--quick", action="store_true", help="run a plan below the protocol; the result makes no claims")
+    ap.add_argument("--keep-quant", type=Path, default=None,
+                    help="copy the baseline row's artifacts/quant/quant.pgt of each seed into this folder")
     a = ap.parse_args(argv)
     spec = with_common(load_rows(a.rows), a.common)
     rows = [r for r in spec["rows"] if not a.only or r["name"] in a.only.split(",")]
@@ -379,12 +399,15 @@ def main(argv=None) -> int:
         if (row["name"], seed) in done:
             continue
         left = a.budget - (time.perf_counter() - t0) if a.budget > 0 else float("inf")
-        if too_slow(result["rows"], trains(spec, (row, seed), prev), left):
+        if not ran_before(result["rows"], spec, row, seed) and too_slow(result["rows"], trains(spec, (row, seed), prev),
+                                                                          left):
             result["rows"].append({"name": row["name"], "seed": seed, "skipped": f"budget: {left:.0f} s left"})
         else:
             rec = run_row(spec, row, seed, log_dir) | {"gpu": env["gpu"]}
             result["rows"].append(rec)
             prev = (row, seed)
+            if a.keep_quant and row["name"] == baseline and rec["rc"] == 0:
+                keep_quant(a.keep_quant, row["name"], seed)
             print(json.dumps({k: rec.get(k) for k in ("name", "seed", "ran", "seconds", "rc", "train.steps",
                                                        "train.val_bpb_float", "eval.val_bpb", "size.total_bytes")}),
                   flush=True)

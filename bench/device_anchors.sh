@@ -35,7 +35,9 @@
 #       # beside it (the script's compile runs its steps: two arms of ~40 GB overflow an 80 GB card), so
 #       # the other parts that use the GPU refuse to start until it is done
 #   bash bench/device_anchors.sh collect OUT DIR WAIT           # wait up to WAIT s (from its own start;
-#       # after other parts pass $((570-SECONDS))) for DIR/done, then DIR as one tar in OUT
+#       # after other parts pass $((570-SECONDS))) for DIR/done, then DIR as one tar in OUT, but for DIR/big,
+#       # whose files come as 15 MiB pieces NAME.partNN and NAME.sha256 (e.g. the ablate part's
+#       # `--keep-quant DIR/big`; here: cat NAME.part* > NAME); a call returns at most 8 files
 # Carry (git-ignored): .whl (zstandard, brotli, python-minifier wheels for Python 3.12),
 # .devrun/proxy (the proxy corpus' docs-*.jsonl.zst), .devrun/val (the official sp1024
 # fineweb_val_000000.bin prefix), .devrun/val901 (the 901 validation docs, docs.jsonl.zst),
@@ -171,7 +173,12 @@ case $part in
     dir=${3:?dir} wait=${4:-0}
     while [ ! -f "$dir/done" ] && [ "$SECONDS" -lt "$wait" ]; do sleep 5; done
     if [ -f "$dir/done" ]; then echo "collect: $dir ended, exit $(cat "$dir/done")"; else echo "collect: $dir still running"; fi
-    tar -C "$(dirname "$dir")" -czf "$out/$(basename "$dir").tgz" "$(basename "$dir")" ;;
+    tar -C "$(dirname "$dir")" --exclude="$(basename "$dir")/big" -czf "$out/$(basename "$dir").tgz" "$(basename "$dir")"
+    for f in "$dir"/big/*; do  # files over the 16 MiB a returned file may hold: 15 MiB pieces beside the tar
+      [ -f "$f" ] || continue
+      split -b 15M -d -a 2 "$f" "$out/$(basename "$f").part" && sha256sum "$f" | cut -d' ' -f1 > "$out/$(basename "$f").sha256"
+      echo "collect: $(basename "$f") ($(stat -c %s "$f") bytes) in $(ls "$out/$(basename "$f")".part* | wc -l) pieces"
+    done ;;
   wallclock|post)
     anchor=${3:?anchor} arm=${4:?arm} seed=${5:?seed}
     data=$(data_for "$anchor")

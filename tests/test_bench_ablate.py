@@ -41,6 +41,8 @@ FAKE_DVC = textwrap.dedent('''
     print("Running stage 'quantize':")
     if p["quantize"]["damp"] > 0.5:
         print("quantize: error: damp"); sys.exit(1)
+    q = pathlib.Path("artifacts/quant"); q.mkdir(parents=True, exist_ok=True)
+    (q / "quant.pgt").write_text(json.dumps([p["quantize"]["damp"], p["train"]["seed"]]))
     m = pathlib.Path("metrics"); m.mkdir(exist_ok=True)
     (m / "train.json").write_text(json.dumps({"steps": p["train"]["iterations"], "val_bpb_float": 1.5,
                                               "train_seconds": p["train"]["max_wallclock_seconds"]}))
@@ -390,3 +392,26 @@ def test_merge_refuses_a_row_whose_score_differs_between_files(repo, tmp_path):
         calls[-1].write_text(json.dumps(doc))
     with pytest.raises(A.RowsError, match=r"row 'b' compares different scores in the files"):
         A.main(["--merge", *map(str, calls), "--out", str(tmp_path / "x.json")])
+
+
+def test_a_row_a_finished_run_already_had_is_never_skipped_for_time(repo, tmp_path):
+    """After the base run, a score row has the base's params and seed (DVC's cache holds it all), so the
+    budget runs it even with no time left; a row that needs a run of its own is skipped."""
+    rows = rows_file(tmp_path / "rows.yaml", [
+        {"name": "base"}, {"name": "damp", "set": {"quantize.damp": 0.25}},
+        {"name": "no_tilt", "score": "untilted"}, {"name": "damp2", "set": {"quantize.damp": 0.3}}],
+        common={"train.iterations": 7, "evaluate.ngram_tilt": True})
+    out = tmp_path / "out.json"
+    A.main(["--rows", str(rows), "--out", str(out), "--log-dir", str(tmp_path / "logs"), "--budget", "1e-6", *QUICK])
+    res = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert res["no_tilt"]["rc"] == 0 and res["damp2"]["skipped"].startswith("budget")
+
+
+def test_keep_quant_copies_the_baseline_rows_quantized_model_of_each_seed(repo, tmp_path):
+    rows = rows_file(tmp_path / "rows.yaml", [{"name": "base"}, {"name": "damp", "set": {"quantize.damp": 0.25}}])
+    keep = tmp_path / "keep"
+    A.main(["--rows", str(rows), "--out", str(tmp_path / "o.json"), "--log-dir", str(tmp_path / "logs"), "--quick",
+            "--seeds", "1337,42", "--keep-quant", str(keep)])
+    damp = QuantizeConfig().damp
+    assert sorted(p.name for p in keep.iterdir()) == ["base_seed1337.quant.pgt", "base_seed42.quant.pgt"]
+    assert json.loads((keep / "base_seed42.quant.pgt").read_text()) == [damp, 42]  # the base's, not damp's

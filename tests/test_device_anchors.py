@@ -157,3 +157,24 @@ def test_ablate_runs_bench_ablate_in_a_copy_that_holds_its_shards(tmp_path):
     assert seen["devrun"] == ["shards_901", "shards_caseops"]  # the proxy text stays behind
     assert seen["argv"] == ["--rows", "bench/rows.yaml", "--out", str(out / "ablate.json"), "--log-dir",
                             str(out / "logs"), "--seeds", "1337,42"]
+
+
+def test_collect_returns_big_files_as_pieces_beside_the_tar(tmp_path):
+    """`collect` packs DIR as one tar but DIR/big, whose files come back as 15 MiB pieces (a returned file
+    holds at most 16 MiB) and their sha256; the pieces joined are the file."""
+    bg = tmp_path / "bg" / "post"
+    (bg / "big").mkdir(parents=True)
+    (bg / "ablate.json").write_text("{}")
+    (bg / "done").write_text("0\n")
+    data = os.urandom(1 << 20) * 33  # 33 MiB: three pieces
+    (bg / "big" / "pr2135_seed1337.quant.pgt").write_bytes(data)
+    out = tmp_path / "out"
+    p = device_anchors(tmp_path, "collect", str(out), str(bg), "1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    pieces = sorted(out.glob("pr2135_seed1337.quant.pgt.part*"))
+    assert [q.name[-6:] for q in pieces] == ["part00", "part01", "part02"]
+    assert all(q.stat().st_size <= 15 << 20 for q in pieces) and b"".join(q.read_bytes() for q in pieces) == data
+    assert (out / "pr2135_seed1337.quant.pgt.sha256").read_text().strip() == __import__("hashlib").sha256(data).hexdigest()
+    names = subprocess.run(["tar", "-tzf", str(out / "post.tgz")], capture_output=True, text=True).stdout.split()
+    assert "post/ablate.json" in names and not any("big" in n for n in names)
+    assert "pr2135_seed1337.quant.pgt (34603008 bytes) in 3 pieces" in p.stdout
