@@ -172,7 +172,7 @@ def test_ngram_tilt_scores_every_pass_tilted_and_only_when_on(tmp_path):
     assert 0 <= parts <= m["eval_seconds"] + 0.003
 
 
-def test_stage_line_names_the_score_without_the_tilt(tmp_path, monkeypatch, capsys):
+def test_stage_line_and_summary_name_the_score_without_the_tilt(tmp_path, monkeypatch, capsys):
     root = make_workdir(tmp_path, tiny_model(5), lossless=True)
     params = root / "params.yaml"
     params.write_text(params.read_text().replace("ngram_tilt: false", "ngram_tilt: true")
@@ -182,6 +182,8 @@ def test_stage_line_names_the_score_without_the_tilt(tmp_path, monkeypatch, caps
     m = json.loads((root / "metrics/eval.json").read_text())
     assert rc == 0, err
     assert f"n-gram tilt, {m['val_bpb_untilted']:.5f} without; " in out and m["val_bpb_untilted"] != m["val_bpb"]
+    from pgolf.submit.summary import render
+    assert f"(sliding; n-gram tilt, {m['val_bpb_untilted']:.4f} without it, context 16" in render(root / "metrics")
 
 
 def test_load_model_rebuilds_config_and_weights(tmp_path):

@@ -28,6 +28,8 @@ def _bytes(source: str | None) -> str:
 def _eval(ev: dict) -> list[str]:
     how = (f"score-first TTT, {ev['ttt_seconds']:.1f} s; {ev['val_bpb_pre_ttt']:.4f} before" if "ttt_seconds" in ev
            else "sliding")
+    if "val_bpb_untilted" in ev:
+        how += f"; n-gram tilt, {ev['val_bpb_untilted']:.4f} without it"
     return [f"  val_bpb        {ev['val_bpb']:.4f}  ({how}, context {ev['context']}, stride {ev['stride']}, "
             f"{ev['scored_tokens']:,} tokens{_bytes(ev.get('byte_source'))})"]
 
