@@ -18,8 +18,9 @@ defaults, resolved to every key), `common` overrides for every row (`section.key
 data folder, one GPU, the wallclock) and the rows, each with its own overrides (and optionally its
 own `profile`, and `score`: which score of its evaluation the tests compare, SCORES: `final`, or
 `pre_ttt` / `untilted`, the same evaluation before TTT or without the n-gram tilt, so a row with no
-overrides measures what TTT or the tilt gives without a run of its own); `--common section.key=value` (YAML values) adds to or replaces the file's `common`
-for one call, and the JSON's `common` is what ran. Every row's params are checked (keys and
+overrides measures what TTT or the tilt gives without a run of its own); `--common
+section.key=value` (YAML values) adds to or replaces the file's `common` for one call, and the
+JSON's `common` is what ran. Every row's params are checked (keys and
 values, as the params stage checks them) before the first run. For each row the runner writes
 the complete params.yaml, runs `dvc repro` and records which stages DVC ran and which it took from
 its cache: a row that changes only quantize/compress/evaluate params reuses the trained weights,
@@ -30,10 +31,11 @@ stage seconds.
 The JSON is rewritten after every row, so a run cut short keeps the rows before; `--budget`
 (seconds) skips the rows that would not finish in time, estimated from the slowest row so far
 that ran the same stages (a row whose params and seed a finished run of the call had is never
-skipped: DVC takes it from its cache); `--keep-quant DIR` copies the baseline row's quantized model
-(artifacts/quant/quant.pgt) of each seed to DIR, for codec measurements off the GPU; `--resume` continues such a run from its JSON: rows that finished
-(rc 0) are kept and not rerun, and the environment of each call is listed; `--merge` joins the
-results of calls that ran different seeds. Each run records `params_md5`, the hash of its complete
+skipped: DVC takes it from its cache); `--keep-quant DIR` copies the baseline row's quantized
+model (artifacts/quant/quant.pgt) of each seed to DIR, for codec measurements off the GPU;
+`--resume` continues such a run from its JSON: rows that finished (rc 0) are kept and not rerun,
+and the environment of each call is listed; `--merge` joins the results of calls that ran
+different seeds. Each run records `params_md5`, the hash of its complete
 params but the seed, and both refuse to pair runs of one row whose hashes differ. Each row records its
 GPU model: a run resumed on another (an H200 after an H100) makes no claim, since a wallclock-bound
 row trains a different number of steps on each. Rerun in the same
@@ -399,8 +401,8 @@ def main(argv=None) -> int:
         if (row["name"], seed) in done:
             continue
         left = a.budget - (time.perf_counter() - t0) if a.budget > 0 else float("inf")
-        if not ran_before(result["rows"], spec, row, seed) and too_slow(result["rows"], trains(spec, (row, seed), prev),
-                                                                          left):
+        cached = ran_before(result["rows"], spec, row, seed)
+        if not cached and too_slow(result["rows"], trains(spec, (row, seed), prev), left):
             result["rows"].append({"name": row["name"], "seed": seed, "skipped": f"budget: {left:.0f} s left"})
         else:
             rec = run_row(spec, row, seed, log_dir) | {"gpu": env["gpu"]}
