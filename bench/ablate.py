@@ -96,7 +96,7 @@ def load_rows(path: Path) -> dict:
     if None in names or len(set(names)) != len(names):
         raise RowsError(f"{path}: every row needs a unique name, got {names}")
     for r in spec["rows"]:
-        if r.get("score", "final") not in SCORES:
+        if score_of(r) not in SCORES:
             raise RowsError(f"{path}: row {r['name']!r} has score {r['score']!r}; one of {', '.join(SCORES)}")
     return spec
 
