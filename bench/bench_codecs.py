@@ -52,7 +52,7 @@ def build_body(raw_path: Path, profile: str) -> bytes:
 
     quant, cfgs = synthetic_quant(Path(tempfile.mkdtemp(prefix="bench_codecs_")), profile)
     tensors, meta = compress.load_quant(quant)
-    body = artifact.move_head_last(artifact.serialize(tensors, meta, cfgs["compress"].layout))
+    body = artifact.move_head_last(artifact.serialize(tensors, meta, cfgs["compress"]))
     raw_path.parent.mkdir(parents=True, exist_ok=True)
     raw_path.write_bytes(body)
     return body

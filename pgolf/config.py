@@ -433,6 +433,8 @@ class CompressConfig(Section):
     # pergroup: the grouped body cut into groups, each compressed by its best codec (pgolf.compress.pergroup)
     pergroup_codecs: tuple[str, ...] = PERGROUP_CODECS  # tried per piece when present on this machine
     row_order: str = "pca"  # grouped / pergroup rows: pca (one projection) | l1 (greedy nearest neighbour per tensor)
+    transpose_groups: bool = False  # grouped / pergroup: each block stored column by column after its row order (PR #2135)
+    lrzip_level: int = 9  # pergroup's lrzip codec: ZPAQ at `lrzip -z -L` this (PR #2135: 9), 1..9
     cap_bytes: int = 16_000_000  # decimal bytes
     prune: bool = True  # selective ±1 pruning down to target_bytes (pgolf.compress.prune)
     target_bytes: int = 15_950_000  # model (chosen codec) + packed code bytes after pruning (§7)
@@ -444,7 +446,7 @@ class CompressConfig(Section):
     def check(self) -> None:
         _one_of(self, "codec", ("auto", *CODECS))
         for key, lo, hi in (("lzma_preset", 0, 9), ("zstd_level", 1, 22), ("brotli_quality", 0, 11),
-                            ("brotli_window", 10, 24)):
+                            ("brotli_window", 10, 24), ("lrzip_level", 1, 9)):
             _each(self, (key,), lambda v: lo <= v <= hi, f"must be in [{lo}, {hi}]")
         _one_of(self, "layout", LAYOUTS)
         _one_of(self, "row_order", ROW_ORDERS)

@@ -21,9 +21,9 @@ def test_quant_file_rows_and_provenance(tmp_path):
                                 "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["model"] == "tiny test model" and r["quant_build_seconds"] == 0.0
-    got = {(row["layout"], row["codec"], row["row_order"]) for row in r["rows"]}
-    assert {("flat", "lzma", None), ("flat", "zstd", None), ("flat", "brotli", None),
-            ("pergroup", "pergroup", "l1")} <= got
+    got = {(row["layout"], row["codec"], row["row_order"], row["transpose_groups"]) for row in r["rows"]}
+    assert {("flat", "lzma", None, None), ("flat", "zstd", None, None), ("flat", "brotli", None, None),
+            ("pergroup", "pergroup", "l1", False), ("pergroup", "pergroup", "l1", True)} <= got
     assert all(row["bytes"] > 0 for row in r["rows"])
 
 
@@ -65,4 +65,4 @@ def test_probe_times_one_pruning_probe_both_ways(tmp_path, monkeypatch):
     p = json.loads(out.read_text())["probe"]
     assert p["pruned_values"] == 100 and p["unpruned_bytes"] > 0
     assert p["every_codec"]["bytes"] > 0 and p["like_unpruned"]["bytes"] >= p["every_codec"]["bytes"]
-    assert calls == ["pergroup"] * 4  # the pca and l1 rows, then the probe's two
+    assert calls == ["pergroup"] * 5  # the pca, l1 and transposed l1 rows, then the probe's two

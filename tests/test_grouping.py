@@ -20,6 +20,7 @@ from test_artifact import bits_equal, every_dtype
 from test_compress import build, quantized, workdir  # noqa: F401 - fixture
 
 FAST = CompressConfig(lzma_preset=6, zstd_level=19)
+GROUPED = CompressConfig(layout="grouped")
 
 
 def codes_and_meta():
@@ -45,8 +46,8 @@ def test_roles_and_row_order():
 
 def test_grouped_round_trip_is_bit_exact_and_deterministic():
     tensors, meta = codes_and_meta()
-    raw = A.serialize(tensors, meta, "grouped")
-    assert raw == A.serialize(tensors, meta, "grouped") and raw != A.serialize(tensors, meta)
+    raw = A.serialize(tensors, meta, GROUPED)
+    assert raw == A.serialize(tensors, meta, GROUPED) and raw != A.serialize(tensors, meta)
     back, meta2 = A.deserialize(raw)
     assert list(back) == list(tensors) and all(bits_equal(back[k], v) for k, v in tensors.items())
     assert dequantize_state(back, meta2).keys() == dequantize_state(tensors, meta).keys()
@@ -56,14 +57,14 @@ def test_grouped_round_trip_is_bit_exact_and_deterministic():
     assert encs["blocks.0.mlp.fc.weight.q"] == encs["blocks.1.mlp.fc.weight.q"] == "group"
     assert len(groups) < sum(e == "group" for e in encs.values())  # layers share blocks
     every = every_dtype()
-    back, _ = A.deserialize(A.serialize(every, {"quant": {}}, "grouped"))
+    back, _ = A.deserialize(A.serialize(every, {"quant": {}}, GROUPED))
     assert all(bits_equal(back[k], v) for k, v in every.items())
 
 
 def test_corrupt_permutation_names_the_file():
     tensors, meta = codes_and_meta()
     from pgolf.shared import tensorfile
-    stored, header = tensorfile.loads(A.serialize(tensors, meta, "grouped"), kind="artifact")
+    stored, header = tensorfile.loads(A.serialize(tensors, meta, GROUPED), kind="artifact")
     k = next(k for k in stored if k.startswith(grouping.PERM))
     stored[k] = torch.zeros_like(stored[k])
     raw = tensorfile.dumps(stored, kind="artifact", meta=header["meta"])

@@ -21,11 +21,12 @@ from test_compress import build, workdir  # noqa: F401 - fixture
 from test_grouping import codes_and_meta
 
 FAST = CompressConfig(lzma_preset=6, zstd_level=19, brotli_quality=9, layout="pergroup")
+L1 = dataclasses.replace(FAST, row_order="l1")
 
 
 def test_round_trip_is_byte_identical_and_deterministic():
     tensors, meta = codes_and_meta()
-    raw = A.serialize(tensors, meta, "pergroup")
+    raw = A.serialize(tensors, meta, FAST)
     blob = A.compress(raw, "pergroup", FAST)
     assert blob[len(A.MAGIC) + 1] == A.CODEC_IDS["pergroup"] == 6
     assert blob == A.compress(raw, "pergroup", dataclasses.replace(FAST, threads=1))  # threads never change bytes
@@ -41,19 +42,19 @@ def test_round_trip_is_byte_identical_and_deterministic():
 def test_permutations_are_compact_and_the_grouped_layout_keeps_int32():
     tensors, meta = codes_and_meta()
     for layout, dtype in (("grouped", "int32"), ("pergroup", "int16")):
-        _, header = tensorfile.loads(A.serialize(tensors, meta, layout), kind="artifact")
+        _, header = tensorfile.loads(A.serialize(tensors, meta, CompressConfig(layout=layout)), kind="artifact")
         perms = [e for e in header["tensors"] if e["name"].startswith(grouping.PERM)]
         assert perms and all(e["dtype"] == dtype for e in perms)
 
 
 def test_large_permutation_round_trips_through_uint16_bits():
     codes = {"blocks.0.w.q": torch.randint(0, 64, (40000, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))}
-    stored, entries = grouping.group(codes, compact=True)
+    stored, entries = grouping.group(codes, FAST)
     assert stored[".perm.0"].dtype == torch.int16 and int(stored[".perm.0"].min()) < 0  # rows past 32767
     assert torch.equal(grouping.ungroup(stored, entries["blocks.0.w.q"], [40000, 3]), codes["blocks.0.w.q"])
 
 
-@pytest.mark.parametrize("codec", ["lzma", "zstd", "brotli", "ppmd"])
+@pytest.mark.parametrize("codec", ["lzma", "zstd", "brotli", "ppmd", "lrzip"])
 def test_each_codec_round_trips_a_piece(codec):
     if codec not in pergroup.available(tuple(pergroup.IDS)):
         pytest.skip(f"{codec} not installed")
@@ -66,7 +67,7 @@ def test_each_codec_round_trips_a_piece(codec):
 
 def test_failing_optional_codec_is_left_out(monkeypatch):
     tensors, meta = codes_and_meta()
-    raw = A.serialize(tensors, meta, "pergroup")
+    raw = A.serialize(tensors, meta, FAST)
     real = pergroup._encode_one
 
     def broken(data, codec, cfg):
@@ -87,7 +88,7 @@ def test_codecs_of_one_piece_run_side_by_side_and_the_smallest_stream_is_kept(mo
     lzma and zstd meet at a barrier (one after the other they would time out); each piece keeps the
     stream of the codec that is smallest for it alone."""
     tensors, meta = codes_and_meta()
-    raw = A.serialize(tensors, meta, "pergroup")
+    raw = A.serialize(tensors, meta, FAST)
     body = A.move_head_last(raw)
     pieces = pergroup.split(body, raw)
     largest, real = max(len(p) for p in pieces), pergroup._encode_one
@@ -122,14 +123,14 @@ def test_a_probe_like_the_unpruned_body_runs_each_piece_by_its_chosen_codec_alon
     """Pruning's probes (`like` = the unpruned file): one encode per piece, by the codec the unpruned
     body chose for it; the pruned body still reads back exactly."""
     tensors, meta = codes_and_meta()
-    raw = A.serialize(tensors, meta, "pergroup")
+    raw = A.serialize(tensors, meta, FAST)
     first = A.compress(raw, "pergroup", FAST)
     chosen = [(e["raw_bytes"], e["codec"]) for e in pergroup.describe(first[A.HEADER_BYTES:])]
     assert len({c for _, c in chosen}) >= 2  # the pieces do not all pick one codec, so reuse is per piece
     pruned = dict(tensors)
     q = "blocks.0.mlp.fc.weight.q"
     pruned[q] = torch.where(tensors[q].abs() == 1, torch.zeros_like(tensors[q]), tensors[q])  # ±1 codes pruned
-    raw2 = A.serialize(pruned, meta, "pergroup")
+    raw2 = A.serialize(pruned, meta, FAST)
     calls = _calls(monkeypatch)
     probe = A.compress(raw2, "pergroup", FAST, like=first)
     assert sorted(calls) == sorted(chosen)
@@ -139,7 +140,7 @@ def test_a_probe_like_the_unpruned_body_runs_each_piece_by_its_chosen_codec_alon
 
 def test_a_probe_falls_back_to_every_codec_where_the_earlier_choice_fails_or_the_layout_differs(monkeypatch):
     tensors, meta = codes_and_meta()
-    raw = A.serialize(tensors, meta, "pergroup")
+    raw = A.serialize(tensors, meta, FAST)
     first = A.compress(raw, "pergroup", FAST)
     names = pergroup.available(FAST.pergroup_codecs)
     table = pergroup.describe(first[A.HEADER_BYTES:])
@@ -161,8 +162,8 @@ def test_a_probe_falls_back_to_every_codec_where_the_earlier_choice_fails_or_the
     calls = _calls(monkeypatch)
     other = dict(tensors)
     other["blocks.0.mlp.fc.weight.q"] = torch.cat([tensors["blocks.0.mlp.fc.weight.q"]] * 2)  # pieces change length
-    small = A.compress(A.serialize(tensors, meta, "flat"), "zstd", FAST)
-    for like in (A.compress(A.serialize(other, meta, "pergroup"), "pergroup", FAST), small):
+    small = A.compress(A.serialize(tensors, meta), "zstd", FAST)
+    for like in (A.compress(A.serialize(other, meta, FAST), "pergroup", FAST), small):
         calls.clear()
         A.compress(raw, "pergroup", FAST, like=like)
         assert len(calls) == len(table) * len(names)  # no reuse: every piece by every codec
@@ -170,7 +171,7 @@ def test_a_probe_falls_back_to_every_codec_where_the_earlier_choice_fails_or_the
 
 def test_a_piece_no_codec_encodes_is_named(monkeypatch):
     tensors, meta = codes_and_meta()
-    raw = A.serialize(tensors, meta, "pergroup")
+    raw = A.serialize(tensors, meta, FAST)
     piece = pergroup.split(A.move_head_last(raw), raw)[1]
     real = pergroup._encode_one
 
@@ -186,7 +187,7 @@ def test_a_piece_no_codec_encodes_is_named(monkeypatch):
 
 def test_inflation_is_bounded_and_corruption_is_named():
     tensors, meta = codes_and_meta()
-    blob = A.compress(A.serialize(tensors, meta, "pergroup"), "pergroup", FAST)
+    blob = A.compress(A.serialize(tensors, meta, FAST), "pergroup", FAST)
     head, body = blob[:A.HEADER_BYTES], blob[A.HEADER_BYTES:]
     with pytest.raises(codecs.CodecError, match="more than 100"):
         pergroup.inflate(body, 100)  # refused from the table, before any decoding
@@ -232,12 +233,94 @@ def test_l1_order_is_a_greedy_nearest_neighbour_walk(monkeypatch):
 
 def test_l1_row_order_round_trips_per_member():
     tensors, meta = codes_and_meta()
-    raw = A.serialize(tensors, meta, "pergroup", "l1")
-    assert raw != A.serialize(tensors, meta, "pergroup") and raw == A.serialize(tensors, meta, "pergroup", "l1")
+    raw = A.serialize(tensors, meta, L1)
+    assert raw != A.serialize(tensors, meta, FAST) and raw == A.serialize(tensors, meta, L1)
     back, _ = A.loads_artifact(A.compress(raw, "pergroup", FAST))
     assert all(bits_equal(back[k], v) for k, v in tensors.items())
     stored, entries = grouping.group({"blocks.0.w.q": torch.zeros(3, 2, dtype=torch.uint8),
-                                      "blocks.1.w.q": torch.ones(4, 2, dtype=torch.uint8)}, order="l1")
+                                      "blocks.1.w.q": torch.ones(4, 2, dtype=torch.uint8)}, L1)
     assert sorted(stored[".perm.0"][:3].tolist()) == [0, 1, 2]  # each member's rows stay its own
     with pytest.raises(ConfigError, match="compress.row_order must be one of pca, l1"):
         config.from_dict("compress", {"row_order": "nn"})
+
+
+@pytest.mark.parametrize("order", ["pca", "l1"])
+def test_transposed_groups_round_trip_column_by_column(order):
+    tensors, meta = codes_and_meta()
+    for layout in ("grouped", "pergroup"):
+        plain = dataclasses.replace(FAST, layout=layout, row_order=order)
+        cfg = dataclasses.replace(plain, transpose_groups=True)
+        raw = A.serialize(tensors, meta, cfg)
+        assert raw != A.serialize(tensors, meta, plain) and raw == A.serialize(tensors, meta, cfg)
+        stored, header = tensorfile.loads(raw, kind="artifact")
+        rows, _ = tensorfile.loads(A.serialize(tensors, meta, plain), kind="artifact")
+        groups = [k for k in stored if k.startswith(grouping.GROUP)]
+        assert groups and all(torch.equal(stored[k], rows[k].T) for k in groups)  # (C, R): the same sorted rows
+        assert all(e.get("transposed") for e in header["meta"]["layout"] if e["enc"] == "group")
+        back, _ = A.loads_artifact(A.compress(raw, "pergroup" if layout == "pergroup" else "lzma", cfg))
+        assert list(back) == list(tensors) and all(bits_equal(back[k], v) for k, v in tensors.items())
+
+
+FAKE_LRZIP = '''#!{python}
+"""A stand-in for the lrzip program: its header (LRZI, 0.6, decoded size) over a zlib stream."""
+import struct, sys, zlib
+args = sys.argv[1:]
+open({log!r}, "a").write(" ".join(a for a in args if not a.startswith("/")) + "\\n")
+if {fail!r}:
+    sys.stderr.write("Warning, low memory\\nfake lrzip: bad stream\\n")
+    sys.exit(2)
+dst, src = args[args.index("-o") + 1], args[-1]
+data = open(src, "rb").read()
+if "-d" in args:
+    out = zlib.decompress(data[14:])
+else:
+    out = b"LRZI" + bytes([0, 6]) + struct.pack("<q", len(data)) + zlib.compress(data, 9)
+open(dst, "wb").write(out)
+'''
+
+
+def fake_lrzip(tmp_path, monkeypatch, fail: bool = False):
+    """Put a stand-in `lrzip` first on PATH; returns the file where it logs its arguments."""
+    import sys
+
+    log, program = tmp_path / "lrzip.log", tmp_path / "bin" / "lrzip"
+    program.parent.mkdir(exist_ok=True)
+    program.write_text(FAKE_LRZIP.format(python=sys.executable, log=str(log), fail=fail))
+    program.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{program.parent}:{__import__('os').environ['PATH']}")
+    return log
+
+
+def test_lrzip_runs_at_its_level_and_refuses_a_stream_of_another_size(tmp_path, monkeypatch):
+    """pgolf's side of the lrzip codec on any machine (a stand-in program): `-z -L level`, the decode,
+    a header that states another size refused before the program runs, a failing program named."""
+    log = fake_lrzip(tmp_path, monkeypatch)
+    assert "lrzip" in pergroup.available(("lzma", "lrzip"))
+    piece = bytes(range(256)) * 50
+    s = pergroup._encode_one(piece, "lrzip", dataclasses.replace(FAST, lrzip_level=7))
+    assert s[:4] == b"LRZI" and pergroup._decode_one(s, "lrzip", len(piece)) == piece
+    assert log.read_text().splitlines() == ["-z -L 7 -q -f -o", "-d -q -f -o"]
+    with pytest.raises(codecs.CodecError, match=f"lrzip piece states {len(piece):,} bytes, its table says"):
+        pergroup._decode_one(s, "lrzip", len(piece) - 1)
+    with pytest.raises(codecs.CodecError, match="no lrzip 0.6 header"):
+        pergroup._decode_one(b"LRZI\x00\x07" + s[6:], "lrzip", len(piece))
+    assert len(log.read_text().splitlines()) == 2  # neither ran the program
+    fake_lrzip(tmp_path, monkeypatch, fail=True)
+    with pytest.raises(codecs.CodecError, match="lrzip -d failed: fake lrzip: bad stream"):
+        pergroup._decode_one(s, "lrzip", len(piece))
+    assert pergroup._try(piece, "lrzip", FAST) is None  # left out of the artifact, as any failing optional codec
+    with pytest.raises(ConfigError, match=r"compress.lrzip_level must be in \[1, 9\], got 0"):
+        config.from_dict("compress", {"lrzip_level": 0})
+
+
+def test_a_pergroup_artifact_with_lrzip_pieces_round_trips(tmp_path, monkeypatch):
+    fake_lrzip(tmp_path, monkeypatch)
+    tensors, meta = codes_and_meta()
+    cfg = dataclasses.replace(FAST, pergroup_codecs=("zstd", "lrzip"), zstd_level=1)
+    raw = A.serialize(tensors, meta, cfg)
+    blob = A.compress(raw, "pergroup", cfg)
+    assert "lrzip" in {e["codec"] for e in pergroup.describe(blob[A.HEADER_BYTES:])}  # zlib-9 beats zstd-1 somewhere
+    assert A.decompress(blob)[1] == raw
+    monkeypatch.setattr(pergroup.shutil, "which", lambda name: None)
+    with pytest.raises(A.ArtifactError, match="m.ptz: a per-group piece is lrzip-compressed, but the program 'lrzip' is not"):
+        A.decompress(blob, "m.ptz")

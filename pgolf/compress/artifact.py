@@ -56,6 +56,7 @@ CODEC_NAMES = {**{v: k for k, v in CODEC_IDS.items()}, **CHUNKED_IDS}
 HEADER_BYTES = len(MAGIC) + 6
 MAX_RAW_BYTES = 1 << 28  # 256 MiB: decompressed-body bound (a record artifact body is ~27 MB)
 PLANES = ".planes."  # stored-name prefix of a float byte-plane group
+FLAT = CompressConfig()  # the default packing: compress.layout flat
 
 
 class ArtifactError(TensorFileError):
@@ -83,10 +84,10 @@ def _as_bytes(t: torch.Tensor) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8).reshape(t.numel(), t.element_size())
 
 
-def _encode(tensors: dict[str, torch.Tensor], grouped: bool = False, compact: bool = False, order: str = "pca") -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Original tensors -> (stored tensors in layout order, layout table in original order);
-    grouped: the 2-D codes go through pgolf.compress.grouping (their permutations are stored last,
-    as uint16 where they fit with `compact`)."""
+def _encode(tensors: dict[str, torch.Tensor], cfg: CompressConfig) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Original tensors -> (stored tensors in layout order, layout table in original order); with
+    compress.layout grouped or pergroup the 2-D codes go through pgolf.compress.grouping (their
+    permutations are stored last)."""
     layout, codes, others = [], {}, {}
     groups: dict[str, list[np.ndarray]] = {}
     sizes: dict[str, int] = {}
@@ -108,10 +109,10 @@ def _encode(tensors: dict[str, torch.Tensor], grouped: bool = False, compact: bo
             others[name] = t.contiguous()
         layout.append(entry)
     stored, perms = dict(codes), {}
-    if grouped:
-        from pgolf.compress import grouping  # compress.layout grouped only
+    if cfg.layout in ("grouped", "pergroup"):
+        from pgolf.compress import grouping  # compress.layout grouped / pergroup only
 
-        blocks, entries = grouping.group(codes, compact=compact, order=order)
+        blocks, entries = grouping.group(codes, cfg)
         for e in layout:
             e.update(entries.get(e["name"], {}))
         perms = {k: v for k, v in blocks.items() if k.startswith(grouping.PERM)}
@@ -155,16 +156,15 @@ def _decode(stored: dict[str, torch.Tensor], layout: list[dict], source: str) ->
     return out
 
 
-def serialize(tensors: dict[str, torch.Tensor], meta: dict, layout: str = "flat", row_order: str = "pca") -> bytes:
-    """The raw (uncompressed) artifact body: a tensorfile of kind "artifact" in the packing layout
-    (`layout` = compress.layout: "flat", or "grouped" / "pergroup" by pgolf.compress.grouping, whose rows
-    `row_order` = compress.row_order orders).
+def serialize(tensors: dict[str, torch.Tensor], meta: dict, cfg: CompressConfig = FLAT) -> bytes:
+    """The raw (uncompressed) artifact body: a tensorfile of kind "artifact" in the packing `cfg`
+    gives: compress.layout "flat", or "grouped" / "pergroup" by pgolf.compress.grouping (with its
+    row_order and transpose_groups).
 
     `meta` is the quantized file's meta (model, train_seq_len, tokenizer, quant); it is stored
     whole, plus the artifact version and the layout table.
     """
-    stored, layout = _encode(tensors, grouped=layout in ("grouped", "pergroup"), compact=layout == "pergroup",
-                             order=row_order)
+    stored, layout = _encode(tensors, cfg)
     full = {**meta, "artifact_version": FORMAT_VERSION, "layout": layout}
     return tensorfile.dumps(stored, kind=KIND, meta=full)
 

@@ -131,7 +131,7 @@ def prune_to_target(tensors: dict[str, torch.Tensor], meta: dict, hdiag: dict[st
     def size_of(n: int) -> int:
         if n not in blobs:
             pruned = {**tensors, **prune.apply(codes, cands, n)}  # same keys, same order as quant.pgt
-            blobs[n] = artifact.compress(artifact.serialize(pruned, meta, cfg.layout, cfg.row_order), codec, cfg,
+            blobs[n] = artifact.compress(artifact.serialize(pruned, meta, cfg), codec, cfg,
                                          like=unpruned)
         return len(blobs[n]) + code
 
@@ -163,7 +163,7 @@ def build(cfg: CompressConfig, script: bytes, quant: Path = layout.QUANT / QUANT
     t0 = time.perf_counter()
     quant = Path(quant)
     tensors, meta = load_quant(quant)
-    raw = artifact.serialize(tensors, meta, cfg.layout, cfg.row_order)
+    raw = artifact.serialize(tensors, meta, cfg)
     blobs = compress_all(raw, cfg)
     codec = pick(blobs, cfg)
     blob, code, pruned = blobs[codec], len(script), None

@@ -10,7 +10,9 @@ block (int32, R values; int16 holding uint16 bits when R <= 65536 with `compact`
 
 Stored names: `.group.<k>` (R, C) uint8 rows in sorted order and `.perm.<k>` (R,) int32 (sorted
 row i is original row perm[i]); a member's layout entry is {"enc": "group", "group": k, "row0": r}
-(its rows are original rows [r, r + rows) of the block).
+(its rows are original rows [r, r + rows) of the block). With compress.transpose_groups the block is
+stored as its (C, R) transpose, column after column of the sorted rows, as PR #2135 stores each
+sorted tensor, so that similar codes sit side by side; the entry then holds "transposed": true.
 
 compress.row_order "l1" instead orders each member's rows on their own by a greedy L1 nearest-neighbour
 walk (from its first row, always to the closest row not yet taken; exact integer distances, ties to
@@ -24,6 +26,8 @@ import re
 
 import numpy as np
 import torch
+
+from pgolf.config import CompressConfig
 
 GROUP = ".group."
 L1_MAX_ROWS = 4096  # larger members fall back to row_order (the distance matrix is rows^2)
@@ -69,8 +73,10 @@ def l1_order(rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def group(codes: dict[str, torch.Tensor], compact: bool = False, order: str = "pca") -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """2-D uint8 code tensors (file order) -> (stored blocks + permutations, name -> layout fields)."""
+def group(codes: dict[str, torch.Tensor], cfg: CompressConfig) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """2-D uint8 code tensors (file order) -> (stored blocks + permutations, name -> layout fields), as
+    compress.layout ("pergroup": compact permutations), row_order and transpose_groups say."""
+    compact, order = cfg.layout == "pergroup", cfg.row_order
     members: dict[tuple[str, int], list[str]] = {}
     for name, t in codes.items():
         if t.dim() == 2 and t.shape[0] > 0:
@@ -83,12 +89,13 @@ def group(codes: dict[str, torch.Tensor], compact: bool = False, order: str = "p
             perm = np.concatenate([a + l1_order(block[a:b]) for a, b in zip(spans, spans[1:])])
         else:
             perm = row_order(block)  # (R,)
-        stored[f"{GROUP}{k}"] = torch.from_numpy(np.ascontiguousarray(block[perm]))
+        rows = block[perm]  # (R, C)
+        stored[f"{GROUP}{k}"] = torch.from_numpy(np.ascontiguousarray(rows.T if cfg.transpose_groups else rows))
         small = compact and len(perm) <= 1 << 16
         stored[f"{PERM}{k}"] = torch.from_numpy(perm.astype(np.uint16).view(np.int16) if small else perm.astype(np.int32))
         r0 = 0
         for n in names:
-            entries[n] = {"enc": "group", "group": k, "row0": r0}
+            entries[n] = {"enc": "group", "group": k, "row0": r0, **({"transposed": True} if cfg.transpose_groups else {})}
             r0 += codes[n].shape[0]
     return stored, entries
 
@@ -96,6 +103,7 @@ def group(codes: dict[str, torch.Tensor], compact: bool = False, order: str = "p
 def ungroup(stored: dict[str, torch.Tensor], entry: dict, shape: list[int]) -> torch.Tensor:
     """The uint8 (rows, C) of one member: KeyError / ValueError when the tables do not fit."""
     block = stored[f"{GROUP}{entry['group']}"].numpy()
+    block = block.T if entry.get("transposed") else block  # (R, C)
     perm = stored[f"{PERM}{entry['group']}"].numpy()
     perm = (perm.view(np.uint16) if perm.dtype == np.int16 else perm).astype(np.int64)  # int32, or uint16 bits (compact)
     if perm.shape != (block.shape[0],) or sorted(perm.tolist()) != list(range(block.shape[0])):

@@ -13,8 +13,9 @@ compressed by the codec chosen for it there alone (one task per piece instead of
 
 Codecs: lzma (raw LZMA2, compress.lzma_preset), zstd (compress.zstd_level), brotli (Python module
 `brotli`, optional), ppmd (PPMd var. H of the optional module `pyppmd`, order PPMD_ORDER, PPMD_MEM
-bytes of model memory) and lrzip (the system program `lrzip -z`, ZPAQ; used only when
-shutil.which finds it). Loading needs the codecs the file names, nothing else.
+bytes of model memory) and lrzip (the system program `lrzip -z -L compress.lrzip_level`, ZPAQ; used
+only when shutil.which finds it; a stream is decoded only when its header states the table's raw
+length). Loading needs the codecs the file names, nothing else.
 
 Body: uint32 k, then k entries (uint8 codec id, uint32 raw length, uint32 stream length), then the k
 streams. `inflate` refuses a table whose raw lengths pass the limit before decoding anything, and
@@ -42,6 +43,7 @@ CUT_PREFIXES = (".group.", ".planes.")  # arrays that become pieces of their own
 PPMD_ORDER = 6
 PPMD_MEM = 1 << 26  # 64 MiB (the decoder allocates the same)
 ENTRY = struct.Struct("<BII")
+LRZIP_HEAD = struct.Struct("<4sBBq")  # magic, major, minor, decoded size
 
 
 # ----------------------------------------------------------------------------- the codecs
@@ -67,15 +69,28 @@ def _lzma_filters(cfg: CompressConfig) -> list[dict]:
 
 
 def _lrzip(data: bytes, args: list[str]) -> bytes:
-    """Run `lrzip <args>` from a temporary input file to a temporary output file."""
+    """Run `lrzip <args>` from a temporary input file to a temporary output file (CodecError when it fails)."""
+    program = shutil.which("lrzip")
+    if program is None:
+        raise CodecError("a per-group piece is lrzip-compressed, but the program 'lrzip' is not installed")
     with tempfile.TemporaryDirectory() as d:
         src, dst = os.path.join(d, "in.lrz" if "-d" in args else "in"), os.path.join(d, "out")
         with open(src, "wb") as f:
             f.write(data)
-        subprocess.run([shutil.which("lrzip") or "lrzip", *args, "-q", "-f", "-o", dst, src], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run = subprocess.run([program, *args, "-q", "-f", "-o", dst, src], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+        if run.returncode != 0 or not os.path.isfile(dst):
+            why = run.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {run.returncode}"]
+            raise CodecError(f"lrzip {' '.join(args)} failed: {why[0]}")
         with open(dst, "rb") as f:
             return f.read()
+
+
+def _lrzip_size(stream: bytes) -> int:
+    """The decoded size an lrzip stream's header states (magic LRZI, version 0.6, int64 LE at byte 6)."""
+    if len(stream) < LRZIP_HEAD.size or stream[:4] != b"LRZI" or stream[4:6] != b"\x00\x06":
+        raise CodecError("per-group lrzip piece has no lrzip 0.6 header")
+    return LRZIP_HEAD.unpack_from(stream)[-1]
 
 
 def _encode_one(data: bytes, codec: str, cfg: CompressConfig) -> bytes:
@@ -91,7 +106,7 @@ def _encode_one(data: bytes, codec: str, cfg: CompressConfig) -> bytes:
         enc = pyppmd.Ppmd7Encoder(PPMD_ORDER, PPMD_MEM)
         return enc.encode(data) + enc.flush(endmark=True)  # the decoder stops at the end mark
     if codec == "lrzip":
-        return _lrzip(data, ["-z"])
+        return _lrzip(data, ["-z", "-L", str(cfg.lrzip_level)])
     raise ValueError(f"unknown per-group codec {codec!r}")
 
 
@@ -104,8 +119,8 @@ def _decode_one(stream: bytes, codec: str, n: int) -> bytes:
 
         out = pyppmd.Ppmd7Decoder(PPMD_ORDER, PPMD_MEM).decode(stream, n)
     elif codec == "lrzip":
-        if shutil.which("lrzip") is None:
-            raise CodecError("a per-group piece is lrzip-compressed, but the program 'lrzip' is not installed")
+        if _lrzip_size(stream) != n:  # the program writes what its header states: refused before it runs
+            raise CodecError(f"per-group lrzip piece states {_lrzip_size(stream):,} bytes, its table says {n:,}")
         out = _lrzip(stream, ["-d"])
     else:
         raise CodecError(f"unknown per-group codec {codec!r}")
