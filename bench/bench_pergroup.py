@@ -1,7 +1,8 @@
 """Artifact bytes and seconds of the compress modes on a record-scale quantized model: today's flat
 layout with lzma (chunked, the default), zstd and brotli, the grouped layout (compress.layout grouped,
 lzma and brotli), and compress.layout pergroup (pgolf.compress.pergroup: each group by its best
-codec; the per-piece table is recorded), its rows by compress.row_order pca and l1.
+codec; the per-piece table is recorded), its rows by compress.row_order pca and l1, and l1 with
+compress.transpose_groups (each group stored column by column, as PR #2135 stores its sorted tensors).
 
     python -m bench.bench_pergroup --out bench/results/pergroup_cpu.json [--layouts pergroup]
 
@@ -45,17 +46,18 @@ def build_quant(cache: Path, profile: str) -> Path:
     return path
 
 
-def row(tensors: dict, meta: dict, layout: str, codec: str, cfg, order: str = "pca") -> tuple[dict, bytes]:
+def row(tensors: dict, meta: dict, layout: str, codec: str, cfg, order: str = "pca", transpose: bool = False) -> tuple[dict, bytes]:
     """One layout and codec: its JSON row (bytes, seconds both ways) and the compressed file."""
-    cfg = dataclasses.replace(cfg, layout=layout, row_order=order)
+    cfg = dataclasses.replace(cfg, layout=layout, row_order=order, transpose_groups=transpose)
 
     def pack():
-        return artifact.compress(artifact.serialize(tensors, meta, layout, order), codec, cfg)
+        return artifact.compress(artifact.serialize(tensors, meta, cfg), codec, cfg)
 
     blob, seconds = timed(pack)
     (back, _), load_s = timed(artifact.loads_artifact, blob)
     assert list(back) == list(tensors) and all(back[k].equal(v) for k, v in tensors.items())  # round trip
-    out = {"layout": layout, "row_order": order if layout != "flat" else None, "codec": codec, "bytes": len(blob),
+    out = {"layout": layout, "row_order": order if layout != "flat" else None,
+           "transpose_groups": transpose if layout != "flat" else None, "codec": codec, "bytes": len(blob),
            "seconds": round(seconds, 2), "load_seconds": round(load_s, 2)}
     if codec == "pergroup":
         out["pieces"] = pergroup.describe(blob[artifact.HEADER_BYTES:])
@@ -68,11 +70,11 @@ def probe(tensors: dict, meta: dict, hdiag: dict, cfg, n: int, first: bytes | No
     """Seconds of one pruning probe of the pca-ordered per-group body, every codec per piece against
     each piece's codec of the unpruned file `first` (pergroup.encode's `like`; compressed here when
     the rows did not), and the bytes of both."""
-    cfg = dataclasses.replace(cfg, layout="pergroup", row_order="pca")
+    cfg = dataclasses.replace(cfg, layout="pergroup", row_order="pca", transpose_groups=False)
     if first is None:
-        first = artifact.compress(artifact.serialize(tensors, meta, "pergroup", "pca"), "pergroup", cfg)
+        first = artifact.compress(artifact.serialize(tensors, meta, cfg), "pergroup", cfg)
     codes, cands = compress.candidates(tensors, meta, hdiag)
-    raw = artifact.serialize({**tensors, **prune.apply(codes, cands, n)}, meta, "pergroup", "pca")
+    raw = artifact.serialize({**tensors, **prune.apply(codes, cands, n)}, meta, cfg)
     every, every_s = timed(artifact.compress, raw, "pergroup", cfg)
     reused, reused_s = timed(artifact.compress, raw, "pergroup", cfg, like=first)
     assert artifact.decompress(reused)[1] == raw  # round trip
@@ -100,10 +102,12 @@ def main(argv=None) -> int:
     quant, build_s = (args.quant, 0.0) if args.quant else timed(build_quant, args.quant_cache, args.profile)
     tensors, meta = compress.load_quant(quant)
     cfg = overrides.load(args.profile)["compress"]
-    packed = [(layout, order, *row(tensors, meta, layout, codec, cfg, order)) for layout, codec, order in (
-        ("flat", "lzma", "pca"), ("flat", "zstd", "pca"), ("flat", "brotli", "pca"),
-        ("grouped", "lzma", "pca"), ("grouped", "brotli", "pca"),
-        ("pergroup", "pergroup", "pca"), ("pergroup", "pergroup", "l1")) if layout in layouts]
+    packed = [(layout, order, *row(tensors, meta, layout, codec, cfg, order, transpose))
+              for layout, codec, order, transpose in (
+                  ("flat", "lzma", "pca", False), ("flat", "zstd", "pca", False), ("flat", "brotli", "pca", False),
+                  ("grouped", "lzma", "pca", False), ("grouped", "brotli", "pca", False),
+                  ("pergroup", "pergroup", "pca", False), ("pergroup", "pergroup", "l1", False),
+                  ("pergroup", "pergroup", "l1", True)) if layout in layouts]
     synthetic = (f"synthetic {args.profile}-profile model (bench.bench_quant_loop.synthetic_train_dir: "
                  "trained-like weights, random Hessians; no trained record-size model was available), "
                  "quantized by pgolf.quantize on the CPU")
@@ -111,12 +115,14 @@ def main(argv=None) -> int:
               "quant_build_seconds": round(build_s, 1), "tensors": len(tensors),
               "compress": {k: v for k, v in dataclasses.asdict(cfg).items()
                            if k in ("lzma_preset", "lzma_chunk_bytes", "zstd_level", "brotli_quality",
-                                    "brotli_window", "pergroup_codecs", "threads")},
+                                    "brotli_window", "pergroup_codecs", "lrzip_level", "threads")},
+              "codecs_here": pergroup.available(cfg.pergroup_codecs),
               "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
               "rows": [r for _, _, r, _ in packed]}
     if args.probe:
         hdiag = compress.load_hdiag(quant.parent / compress.HDIAG)
-        first = next((b for layout, order, _, b in packed if (layout, order) == ("pergroup", "pca")), None)
+        first = next((b for layout, order, r, b in packed
+                      if (layout, order, r["transpose_groups"]) == ("pergroup", "pca", False)), None)
         result["probe"] = probe(tensors, meta, hdiag, cfg, args.probe, first)
     text = json.dumps(result, indent=2)
     if args.out:

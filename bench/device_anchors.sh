@@ -38,7 +38,8 @@
 #       # after other parts pass $((570-SECONDS))) for DIR/done, then DIR as one tar in OUT, but for DIR/big,
 #       # whose files come as 15 MiB pieces NAME.partNN and NAME.sha256 (e.g. the ablate part's
 #       # `--keep-quant DIR/big`; here: cat NAME.part* > NAME); a call returns at most 8 files
-# Carry (git-ignored): .whl (zstandard, brotli, python-minifier wheels for Python 3.12),
+# Carry (git-ignored): .whl (zstandard, brotli, python-minifier wheels for Python 3.12; .whl/lrzip: the
+# lrzip program and its liblzo2, put first on PATH),
 # .devrun/proxy (the proxy corpus' docs-*.jsonl.zst), .devrun/val (the official sp1024
 # fineweb_val_000000.bin prefix), .devrun/val901 (the 901 validation docs, docs.jsonl.zst),
 # .devrun/anchors (the anchor scripts) and .devrun/fa3_stub (a flash_attn_interface stand-in).
@@ -67,6 +68,10 @@ site=${TMPDIR:-/tmp}/site  # the carried wheels, installed once per machine
 [ -d "$site/zstandard" ] ||  # (a background part and the foreground would race)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
 export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if [ -x .whl/lrzip/usr/bin/lrzip ]; then  # lrzip ZPAQ for per-group compression, pgolf's and PR #2135's
+  export PATH=$PWD/.whl/lrzip/usr/bin:$PATH LD_LIBRARY_PATH=$PWD/.whl/lrzip/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  lrzip -V > /dev/null 2>&1 || echo "device_anchors: the carried lrzip does not run here; per-group compression goes without it" >&2
+fi
 data_for() {  # anchor (or docs901) -> its shard folder, built once per machine
   if [ "$1" = docs901 ]; then  # sp1024, validation the 901 documents (PR #2135's scored text, uncased)
     [ -f .devrun/shards_901/proxy_shards.json ] || python3 -m bench.proxy_shards --corpus .devrun/proxy \

@@ -3,6 +3,7 @@
 # (a fresh checkout has none of them), from the repository root after `bash scripts/setup.sh dev`:
 #   bash bench/device_wheels.sh
 # .whl      zstandard, brotli and python-minifier wheels for the lent image's Python 3.12
+# .whl/lrzip  Debian's lrzip program and its liblzo2 (apt-get download, unpacked), for per-group ZPAQ
 # .whl/dvc  DVC and every package it needs that the image lacks, at the versions .venv runs
 #           (a package without a 3.12 wheel, e.g. antlr4-python3-runtime, is built here as a wheel)
 # .devrun/proxy/docs-000.jsonl.zst  the first file of the proxy corpus (../shared/data/proxy_corpus)
@@ -27,6 +28,10 @@ for req in $reqs; do
     || pip_q wheel -w .whl/dvc "$req"  # no 3.12 wheel on the index: build one here
 done
 for req in zstandard brotli python-minifier; do pip_q download "${target[@]}" -d .whl "$req"; done
+debs=$(mktemp -d) && (cd "$debs" && apt-get download -q lrzip liblzo2-2 > /dev/null 2>&1) \
+  && for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" .whl/lrzip; done && rm -rf .whl/lrzip/usr/share \
+  || echo "device_wheels: no lrzip (apt-get download lrzip liblzo2-2 failed); the lent GPU goes without it" >&2
+rm -rf "$debs"
 cp "$shared/data/proxy_corpus/docs-000.jsonl.zst" .devrun/proxy/
 cp data/corpus/val/fineweb_val_first901.jsonl.zst .devrun/val901/docs.jsonl.zst
 missing=$(for req in $reqs; do ls .whl/dvc | grep -qi "^$(echo "${req%%==*}" | tr -- '-' '_')-" || echo "$req"; done)
