@@ -20,7 +20,8 @@ from test_artifact import bits_equal
 from test_compress import build, workdir  # noqa: F401 - fixture
 from test_grouping import codes_and_meta
 
-FAST = CompressConfig(lzma_preset=6, zstd_level=19, brotli_quality=9, layout="pergroup")
+FAST = CompressConfig(lzma_preset=6, zstd_level=19, brotli_quality=9, layout="pergroup",
+                      pergroup_codecs=("lzma", "zstd", "brotli", "ppmd"))  # lrzip: its own tests, any machine
 L1 = dataclasses.replace(FAST, row_order="l1")
 
 
@@ -317,6 +318,7 @@ def test_a_pergroup_artifact_with_lrzip_pieces_round_trips(tmp_path, monkeypatch
     fake_lrzip(tmp_path, monkeypatch)
     tensors, meta = codes_and_meta()
     cfg = dataclasses.replace(FAST, pergroup_codecs=("zstd", "lrzip"), zstd_level=1)
+    monkeypatch.setattr(pergroup, "_join_groups", lambda body, raw, pieces, chosen, cfg: (pieces, chosen))
     raw = A.serialize(tensors, meta, cfg)
     blob = A.compress(raw, "pergroup", cfg)
     assert "lrzip" in {e["codec"] for e in pergroup.describe(blob[A.HEADER_BYTES:])}  # zlib-9 beats zstd-1 somewhere
@@ -324,3 +326,27 @@ def test_a_pergroup_artifact_with_lrzip_pieces_round_trips(tmp_path, monkeypatch
     monkeypatch.setattr(pergroup.shutil, "which", lambda name: None)
     with pytest.raises(A.ArtifactError, match="m.ptz: a per-group piece is lrzip-compressed, but the program 'lrzip' is not"):
         A.decompress(blob, "m.ptz")
+
+
+def test_the_code_groups_become_one_lrzip_piece_where_that_is_smaller(tmp_path, monkeypatch):
+    """Two roles with the same codes: one zlib stream (the stand-in lrzip) over both groups is smaller
+    than zstd-1 on each, so the groups become one piece; it round-trips, and a probe `like` it cuts
+    its body the same way and runs only lrzip on that piece."""
+    fake_lrzip(tmp_path, monkeypatch)
+    codes = torch.randint(-31, 32, (64, 96), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    tensors = {"blocks.0.attn.c_q.weight.q": codes, "blocks.0.attn.proj.weight.q": codes.clone(),
+               "blocks.0.attn.c_q.weight.scale": torch.ones(64, dtype=torch.float16)}
+    cfg = dataclasses.replace(FAST, pergroup_codecs=("zstd", "lrzip"), zstd_level=1)
+    raw = A.serialize(tensors, {"quant": {}}, cfg)
+    body = A.move_head_last(raw)
+    blob = A.compress(raw, "pergroup", cfg)
+    table = pergroup.describe(blob[A.HEADER_BYTES:])
+    groups = [p for p in pergroup.split(body, raw) if len(p) == codes.numel()]
+    assert len(groups) == 2 and len(table) == len(pergroup.split(body, raw)) - 1
+    assert {"codec": "lrzip", "raw_bytes": 2 * codes.numel()} in [{k: e[k] for k in ("codec", "raw_bytes")} for e in table]
+    assert A.decompress(blob)[1] == raw
+    calls = _calls(monkeypatch)
+    probe = A.compress(raw, "pergroup", cfg, like=blob)
+    assert probe == blob and sorted(calls) == sorted((e["raw_bytes"], e["codec"]) for e in table)
+    other = dataclasses.replace(cfg, pergroup_codecs=("zstd",))  # no lrzip: every group its own piece
+    assert len(pergroup.describe(A.compress(raw, "pergroup", other)[A.HEADER_BYTES:])) == len(table) + 1

@@ -8,8 +8,10 @@ piece (each group, each plane block, and the runs in between: the remainder) is 
 codec of compress.pergroup_codecs that this machine has, and the smallest stream is kept (ties: the
 earlier codec in the table below). A codec whose stream does not decode back to its piece is dropped.
 Every (piece, codec) pair runs as its own task, so the largest piece's codecs run side by side.
-Pruning's probes pass the unpruned body as `like`: the pieces keep their lengths, so each is
-compressed by the codec chosen for it there alone (one task per piece instead of one per codec).
+With lrzip here, the run of code groups is also compressed as one lrzip piece, kept where it is
+smaller than its pieces (PR #2135 compresses its code tensors as one lrzip stream). Pruning's probes
+pass the unpruned body as `like`: pruning keeps every array's length, so the body is cut as there
+and each piece compressed by the codec chosen for it there alone (one task per piece).
 
 Codecs: lzma (raw LZMA2, compress.lzma_preset), zstd (compress.zstd_level), brotli (Python module
 `brotli`, optional), ppmd (PPMd var. H of the optional module `pyppmd`, order PPMD_ORDER, PPMD_MEM
@@ -32,6 +34,8 @@ import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from pgolf.compress import codecs
 from pgolf.compress.codecs import CodecError
 from pgolf.config import CompressConfig
@@ -39,7 +43,8 @@ from pgolf.shared import tensorfile
 
 IDS = {"lzma": 1, "zstd": 2, "brotli": 3, "ppmd": 4, "lrzip": 5}  # a piece's codec id (table order = tie order)
 NAMES = {v: k for k, v in IDS.items()}
-CUT_PREFIXES = (".group.", ".planes.")  # arrays that become pieces of their own
+GROUP_PREFIX = ".group."  # pgolf.compress.grouping.GROUP: a block of int codes
+CUT_PREFIXES = (GROUP_PREFIX, ".planes.")  # arrays that become pieces of their own
 PPMD_ORDER = 6
 PPMD_MEM = 1 << 26  # 64 MiB (the decoder allocates the same)
 ENTRY = struct.Struct("<BII")
@@ -119,8 +124,9 @@ def _decode_one(stream: bytes, codec: str, n: int) -> bytes:
 
         out = pyppmd.Ppmd7Decoder(PPMD_ORDER, PPMD_MEM).decode(stream, n)
     elif codec == "lrzip":
-        if _lrzip_size(stream) != n:  # the program writes what its header states: refused before it runs
-            raise CodecError(f"per-group lrzip piece states {_lrzip_size(stream):,} bytes, its table says {n:,}")
+        stated = _lrzip_size(stream)
+        if stated != n:  # the program writes what its header states: refused before it runs
+            raise CodecError(f"per-group lrzip piece states {stated:,} bytes, its table says {n:,}")
         out = _lrzip(stream, ["-d"])
     else:
         raise CodecError(f"unknown per-group codec {codec!r}")
@@ -175,22 +181,46 @@ def _smallest(pieces: list[bytes], tries: list[list[str]], cfg: CompressConfig) 
         return [_best([(c, futures[i, c].result()) for c in names]) for i, names in enumerate(tries)]
 
 
-def _reused(like: bytes, pieces: list[bytes], names: list[str]) -> list[list[str]]:
-    """Each piece's codecs to try: the one `like` (a per-group body) chose for the piece of the same
-    length at the same place; every codec of `names` where the tables differ in shape."""
+def _like(like: bytes, body: bytes, raw: bytes, names: list[str]) -> tuple[list[bytes], list[list[str]]] | None:
+    """The pieces of `body` cut where `like` (a per-group body) cut its own, each with the codec chosen
+    there to try (every codec of `names` where that one is not here); None where its cuts are not
+    cut points of `raw` (another layout)."""
     _, entries = _table(like)
-    if [n for _, n, _ in entries] != [len(p) for p in pieces]:
-        return [names] * len(pieces)
-    return [[NAMES[c]] if NAMES[c] in names else names for c, _, _ in entries]
+    ends = np.cumsum([n for _, n, _ in entries]).tolist()
+    if not ends or ends[-1] != len(body) or not set(ends) <= set(cuts(raw)):
+        return None
+    pieces = [body[a:b] for a, b in zip([0, *ends], ends)]
+    return pieces, [[NAMES[c]] if NAMES[c] in names else names for c, _, _ in entries]
+
+
+def _join_groups(body: bytes, raw: bytes, pieces: list[bytes], chosen: list[tuple[str, bytes]],
+                 cfg: CompressConfig) -> tuple[list[bytes], list[tuple[str, bytes]]]:
+    """The code groups (every `.group.*` array and what lies between them) as one lrzip piece instead,
+    where that stream and its table entry are smaller than theirs piece by piece (PR #2135 compresses
+    its code tensors as one lrzip stream)."""
+    header, _ = tensorfile._parse_header(raw, "<body>")
+    spans = [(e["offset"], e["offset"] + e["nbytes"]) for e in header["tensors"] if e["name"].startswith(GROUP_PREFIX)]
+    ends = np.cumsum([len(p) for p in pieces]).tolist()
+    if len(spans) < 2:
+        return pieces, chosen
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    i, j = ends.index(lo) + 1 if lo else 0, ends.index(hi)  # pieces i..j cover [lo, hi)
+    stream = _try(body[lo:hi], "lrzip", cfg)
+    if stream is None or len(stream) >= sum(len(s) for _, s in chosen[i:j + 1]) + ENTRY.size * (j - i):
+        return pieces, chosen
+    return [*pieces[:i], body[lo:hi], *pieces[j + 1:]], [*chosen[:i], ("lrzip", stream), *chosen[j + 1:]]
 
 
 def encode(body: bytes, raw: bytes, cfg: CompressConfig, like: bytes | None = None) -> bytes:
-    """The per-group body of `body` (= move_head_last(raw)): table + the smallest stream per piece.
+    """The per-group body of `body` (= move_head_last(raw)): table + the smallest stream per piece;
+    with lrzip here, the code groups as one lrzip piece where that is smaller (`_join_groups`).
     `like`: an earlier per-group body of the same layout (pruning's probes, pgolf.compress.compress):
-    each piece then tries only the codec chosen for it there, and the other codecs where that one fails."""
-    pieces = split(body, raw)
+    the pieces are cut as there, each tries only the codec chosen for it there, and the other codecs
+    where that one fails."""
     names = available(tuple(cfg.pergroup_codecs))
-    tries = [names] * len(pieces) if like is None else _reused(like, pieces, names)
+    reused = None if like is None else _like(like, body, raw, names)
+    pieces, tries = reused or (split(body, raw), None)
+    tries = tries or [names] * len(pieces)
     chosen = _smallest(pieces, tries, cfg)
     failed = [i for i, ch in enumerate(chosen) if ch is None]
     if failed:  # the reused codec failed on its new piece: the other codecs, not that one again
@@ -199,6 +229,8 @@ def encode(body: bytes, raw: bytes, cfg: CompressConfig, like: bytes | None = No
             if ch is None:
                 raise CodecError(f"per-group piece {i} ({len(pieces[i])} bytes): no codec of {names} encoded it")
             chosen[i] = ch
+    if reused is None and "lrzip" in names:
+        pieces, chosen = _join_groups(body, raw, pieces, chosen, cfg)
     table = struct.pack("<I", len(pieces)) + b"".join(
         ENTRY.pack(IDS[c], len(p), len(s)) for p, (c, s) in zip(pieces, chosen))
     return table + b"".join(s for _, s in chosen)
