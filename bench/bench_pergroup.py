@@ -28,6 +28,7 @@ from pathlib import Path
 from bench import overrides
 from bench.timing import timed
 from pgolf.compress import artifact, compress, pergroup, prune
+from pgolf.config import ConfigError
 from pgolf.quantize import quantize
 
 
@@ -92,6 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="", help="with --quant: which run trained and quantized it")
     ap.add_argument("--layouts", default="flat,grouped,pergroup", help="the rows of these layouts only")
     ap.add_argument("--probe", type=int, default=0, help="also time one pruning probe of this many ±1 values")
+    ap.add_argument("--codecs", help="compress.pergroup_codecs for the per-group rows (e.g. lzma,zstd,brotli)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     layouts = set(args.layouts.split(","))
@@ -102,6 +104,12 @@ def main(argv=None) -> int:
     quant, build_s = (args.quant, 0.0) if args.quant else timed(build_quant, args.quant_cache, args.profile)
     tensors, meta = compress.load_quant(quant)
     cfg = overrides.load(args.profile)["compress"]
+    if args.codecs:
+        cfg = dataclasses.replace(cfg, pergroup_codecs=tuple(args.codecs.split(",")))
+        try:
+            cfg.check()
+        except ConfigError as e:
+            ap.error(f"--codecs {args.codecs}: {e}")
     packed = [(layout, order, *row(tensors, meta, layout, codec, cfg, order, transpose))
               for layout, codec, order, transpose in (
                   ("flat", "lzma", "pca", False), ("flat", "zstd", "pca", False), ("flat", "brotli", "pca", False),

@@ -45,6 +45,12 @@ def test_layouts_keeps_only_those_rows_and_refuses_an_unknown_one(tmp_path, caps
     with pytest.raises(SystemExit) as e:
         bench_pergroup.main([*args, "--layouts", "pergroup,zip"])
     assert e.value.code == 2 and "--layouts" in capsys.readouterr().err
+    assert bench_pergroup.main([*args, "--layouts", "pergroup", "--codecs", "lzma,zstd"]) == 0
+    r = json.loads(out.read_text())
+    assert r["codecs_here"] == ["lzma", "zstd"] and all(row["codecs_tried"] == ["lzma", "zstd"] for row in r["rows"])
+    with pytest.raises(SystemExit) as e:
+        bench_pergroup.main([*args, "--codecs", "zip"])
+    assert e.value.code == 2 and "--codecs zip: compress.pergroup_codecs must be a subset" in capsys.readouterr().err
 
 
 def test_probe_times_one_pruning_probe_both_ways(tmp_path, monkeypatch):
