@@ -38,13 +38,13 @@ import numpy as np
 
 from pgolf.compress import codecs
 from pgolf.compress.codecs import CodecError
+from pgolf.compress.grouping import GROUP
 from pgolf.config import CompressConfig
 from pgolf.shared import tensorfile
 
 IDS = {"lzma": 1, "zstd": 2, "brotli": 3, "ppmd": 4, "lrzip": 5}  # a piece's codec id (table order = tie order)
 NAMES = {v: k for k, v in IDS.items()}
-GROUP_PREFIX = ".group."  # pgolf.compress.grouping.GROUP: a block of int codes
-CUT_PREFIXES = (GROUP_PREFIX, ".planes.")  # arrays that become pieces of their own
+CUT_PREFIXES = (GROUP, ".planes.")  # arrays that become pieces of their own
 PPMD_ORDER = 6
 PPMD_MEM = 1 << 26  # 64 MiB (the decoder allocates the same)
 ENTRY = struct.Struct("<BII")
@@ -199,7 +199,7 @@ def _join_groups(body: bytes, raw: bytes, pieces: list[bytes], chosen: list[tupl
     where that stream and its table entry are smaller than theirs piece by piece (PR #2135 compresses
     its code tensors as one lrzip stream)."""
     header, _ = tensorfile._parse_header(raw, "<body>")
-    spans = [(e["offset"], e["offset"] + e["nbytes"]) for e in header["tensors"] if e["name"].startswith(GROUP_PREFIX)]
+    spans = [(e["offset"], e["offset"] + e["nbytes"]) for e in header["tensors"] if e["name"].startswith(GROUP)]
     ends = np.cumsum([len(p) for p in pieces]).tolist()
     if len(spans) < 2:
         return pieces, chosen
@@ -219,8 +219,11 @@ def encode(body: bytes, raw: bytes, cfg: CompressConfig, like: bytes | None = No
     where that one fails."""
     names = available(tuple(cfg.pergroup_codecs))
     reused = None if like is None else _like(like, body, raw, names)
-    pieces, tries = reused or (split(body, raw), None)
-    tries = tries or [names] * len(pieces)
+    if reused is None:
+        pieces = split(body, raw)
+        tries = [names] * len(pieces)
+    else:
+        pieces, tries = reused
     chosen = _smallest(pieces, tries, cfg)
     failed = [i for i, ch in enumerate(chosen) if ch is None]
     if failed:  # the reused codec failed on its new piece: the other codecs, not that one again
