@@ -85,7 +85,8 @@ def test_slack_stops_at_the_first_fit_with_few_compressions(quant, tmp_path):
 def test_pergroup_probes_compress_each_piece_by_its_codec_of_the_unpruned_body(quant, tmp_path, monkeypatch):
     """The per-group codec choice is made once, on the unpruned body: every probe of the search then
     encodes each piece once (not once per codec), and the file written reads back as the pruned codes."""
-    cfg = dataclasses.replace(CFG, codec="auto", layout="pergroup", lzma_preset=6, brotli_quality=9)
+    cfg = dataclasses.replace(CFG, codec="auto", layout="pergroup", lzma_preset=6, brotli_quality=9,
+                              pergroup_codecs=("lzma", "zstd", "brotli", "ppmd"))  # lrzip's joined piece: test_pergroup
     full = build(quant, tmp_path / "a", cfg)["total_bytes"]
     calls, real = [], pergroup._encode_one
     monkeypatch.setattr(pergroup, "_encode_one", lambda data, codec, c: calls.append(codec) or real(data, codec, c))
