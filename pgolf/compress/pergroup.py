@@ -204,7 +204,8 @@ def _join_groups(body: bytes, raw: bytes, pieces: list[bytes], chosen: list[tupl
     if len(spans) < 2:
         return pieces, chosen
     lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
-    i, j = ends.index(lo) + 1 if lo else 0, ends.index(hi)  # pieces i..j cover [lo, hi)
+    i = ends.index(lo) + 1 if lo else 0  # the piece that starts at lo ...
+    j = ends.index(hi)  # ... to the one that ends at hi
     stream = _try(body[lo:hi], "lrzip", cfg)
     if stream is None or len(stream) >= sum(len(s) for _, s in chosen[i:j + 1]) + ENTRY.size * (j - i):
         return pieces, chosen
